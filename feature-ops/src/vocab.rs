@@ -1,0 +1,224 @@
+//! Vocabulary lookup tables for `pickcat`.
+//!
+//! Open addressing with linear probing over a power-of-two table at most half full, one flat
+//! allocation per table, so a lookup in a vocabulary of millions touches one or two cache lines.
+//! String tables are keyed by `H(v)` itself, the hash the out-of-vocabulary rule needs anyway, so
+//! a string is hashed once whether or not it is found.
+
+use crate::hash::hash_str;
+
+const EMPTY: u32 = u32::MAX;
+
+/// A finalizer with full avalanche (MurmurHash3's fmix64): integer keys are often small and
+/// dense, and the table index is taken from the low bits.
+#[inline]
+fn mix(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51afd7ed558ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ceb9fe1a85ec53);
+    k ^ (k >> 33)
+}
+
+fn capacity_for(n: usize) -> usize {
+    (n.max(1) * 2).next_power_of_two()
+}
+
+/// Integer vocabulary: value -> position.
+#[derive(Clone, Debug)]
+pub struct IntVocab {
+    /// `(key, index)`; `index == EMPTY` marks a free entry.
+    table: Box<[(i64, u32)]>,
+    mask: usize,
+    len: usize,
+}
+
+impl IntVocab {
+    /// Builds the table. Returns the position of the first duplicate value as the error.
+    pub fn new(values: &[i64]) -> Result<Self, usize> {
+        let cap = capacity_for(values.len());
+        let mut table = vec![(0i64, EMPTY); cap].into_boxed_slice();
+        let mask = cap - 1;
+        for (idx, &v) in values.iter().enumerate() {
+            let mut pos = mix(v as u64) as usize & mask;
+            loop {
+                let entry = &mut table[pos];
+                if entry.1 == EMPTY {
+                    *entry = (v, idx as u32);
+                    break;
+                }
+                if entry.0 == v {
+                    return Err(idx);
+                }
+                pos = (pos + 1) & mask;
+            }
+        }
+        Ok(IntVocab {
+            table,
+            mask,
+            len: values.len(),
+        })
+    }
+
+    /// Position of `v`, if present.
+    #[inline]
+    pub fn get(&self, v: i64) -> Option<u32> {
+        let mut pos = mix(v as u64) as usize & self.mask;
+        loop {
+            let (key, idx) = self.table[pos];
+            if idx == EMPTY {
+                return None;
+            }
+            if key == v {
+                return Some(idx);
+            }
+            pos = (pos + 1) & self.mask;
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// String vocabulary: value -> position, keyed by `H(v)` with the spec's seed.
+#[derive(Clone, Debug)]
+pub struct StrVocab {
+    /// `(H(v), index)`; `index == EMPTY` marks a free entry.
+    table: Box<[(u64, u32)]>,
+    mask: usize,
+    /// All strings back to back; string `i` is `bytes[ends[i-1]..ends[i]]`.
+    bytes: Box<str>,
+    ends: Box<[u32]>,
+    seed: u64,
+}
+
+/// Errors building a [`StrVocab`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum StrVocabError {
+    /// The value at this position repeats an earlier one.
+    Duplicate(usize),
+    /// The strings add up to more than 4 GiB.
+    TooLarge,
+}
+
+impl StrVocab {
+    /// Builds the table.
+    pub fn new<S: AsRef<str>>(values: &[S], seed: u64) -> Result<Self, StrVocabError> {
+        let total: usize = values.iter().map(|s| s.as_ref().len()).sum();
+        if u32::try_from(total).is_err() {
+            return Err(StrVocabError::TooLarge);
+        }
+        let mut bytes = String::with_capacity(total);
+        let mut ends = Vec::with_capacity(values.len());
+        for v in values {
+            bytes.push_str(v.as_ref());
+            ends.push(bytes.len() as u32);
+        }
+        let cap = capacity_for(values.len());
+        let mut vocab = StrVocab {
+            table: vec![(0u64, EMPTY); cap].into_boxed_slice(),
+            mask: cap - 1,
+            bytes: bytes.into_boxed_str(),
+            ends: ends.into_boxed_slice(),
+            seed,
+        };
+        for (idx, v) in values.iter().enumerate() {
+            let v = v.as_ref();
+            let h = hash_str(seed, v);
+            let mut pos = h as usize & vocab.mask;
+            loop {
+                let (key, other) = vocab.table[pos];
+                if other == EMPTY {
+                    vocab.table[pos] = (h, idx as u32);
+                    break;
+                }
+                if key == h && vocab.entry(other) == v {
+                    return Err(StrVocabError::Duplicate(idx));
+                }
+                pos = (pos + 1) & vocab.mask;
+            }
+        }
+        Ok(vocab)
+    }
+
+    fn entry(&self, idx: u32) -> &str {
+        let idx = idx as usize;
+        let start = if idx == 0 {
+            0
+        } else {
+            self.ends[idx - 1] as usize
+        };
+        &self.bytes[start..self.ends[idx] as usize]
+    }
+
+    /// The seed the table was keyed with.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Position of `v`, given `h = H(v)` computed with [`StrVocab::seed`].
+    #[inline]
+    pub fn get_hashed(&self, v: &str, h: u64) -> Option<u32> {
+        let mut pos = h as usize & self.mask;
+        loop {
+            let (key, idx) = self.table[pos];
+            if idx == EMPTY {
+                return None;
+            }
+            if key == h && self.entry(idx) == v {
+                return Some(idx);
+            }
+            pos = (pos + 1) & self.mask;
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int_lookup_finds_every_entry_and_nothing_else() {
+        let values: Vec<i64> = (0..10_000).map(|i| i * 7 - 30_000).collect();
+        let vocab = IntVocab::new(&values).unwrap();
+        for (i, &v) in values.iter().enumerate() {
+            assert_eq!(vocab.get(v), Some(i as u32));
+        }
+        assert_eq!(vocab.get(1), None);
+        assert_eq!(vocab.get(i64::MAX), None);
+        assert_eq!(IntVocab::new(&[3, 4, 3]).unwrap_err(), 2);
+        assert_eq!(IntVocab::new(&[]).unwrap().get(0), None);
+    }
+
+    #[test]
+    fn str_lookup_finds_every_entry_and_nothing_else() {
+        let values: Vec<String> = (0..5_000).map(|i| format!("v{i}")).collect();
+        let vocab = StrVocab::new(&values, 5).unwrap();
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(vocab.get_hashed(v, hash_str(5, v)), Some(i as u32));
+        }
+        assert_eq!(vocab.get_hashed("nope", hash_str(5, "nope")), None);
+        assert_eq!(vocab.get_hashed("", hash_str(5, "")), None);
+        assert_eq!(
+            StrVocab::new(&["a", "b", "a"], 0).unwrap_err(),
+            StrVocabError::Duplicate(2)
+        );
+    }
+}
