@@ -1,0 +1,203 @@
+//! Opening model files: read-only memory map, header, checksum, FlatBuffers verifier, invariants.
+//! After [`ModelFile::open`] returns, weights are read as `&[f32]` straight from the map.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rankd_feature_ops::CompiledSpec;
+
+use crate::error::{FormatError, Result};
+use crate::gen::rankd::fb;
+use crate::layout::{body_checksum, default_threads, Header, HEADER_LEN};
+use crate::spec::{BlobRef, ModelSpec};
+use crate::{fbconv, validate};
+
+/// Whether the body checksum was verified when the file was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Integrity {
+    /// Every byte was hashed and matched the stored checksum.
+    Verified,
+    /// Skipped through [`ModelFile::open_trusted`].
+    Trusted,
+}
+
+/// The header, spec and compiled feature spec of a model, checked.
+#[derive(Clone, Debug)]
+pub struct Parsed {
+    /// The header.
+    pub header: Header,
+    /// The decoded description.
+    pub spec: ModelSpec,
+    /// The compiled feature spec.
+    pub compiled: CompiledSpec,
+}
+
+fn verifier_options() -> flatbuffers::VerifierOptions {
+    flatbuffers::VerifierOptions {
+        max_depth: 64,
+        // Vocabularies of millions of entries are normal; the 2 GiB size cap bounds the work.
+        max_tables: 1 << 31,
+        max_apparent_size: 1 << 31,
+        ignore_missing_null_terminator: false,
+    }
+}
+
+/// Checks a whole model file held in memory: everything [`ModelFile::open`] checks.
+pub fn parse(bytes: &[u8]) -> Result<Parsed> {
+    parse_inner(bytes, true)
+}
+
+fn parse_inner(bytes: &[u8], verify: bool) -> Result<Parsed> {
+    let header = Header::decode(bytes, bytes.len() as u64)?;
+    if verify {
+        let computed = body_checksum(bytes, header.chunk_log2, default_threads());
+        if computed != header.body_checksum {
+            return Err(FormatError::Checksum {
+                part: "body",
+                stored: header.body_checksum,
+                computed,
+            });
+        }
+    }
+    // Header::decode checked that the section lies inside the file.
+    let meta = &bytes[header.meta_offset as usize..(header.meta_offset + header.meta_len) as usize];
+    if meta.len() < 8 || !fb::model_buffer_has_identifier(meta) {
+        return Err(FormatError::Invalid(
+            "metadata section lacks the \"RKM1\" identifier".into(),
+        ));
+    }
+    let model = if verify {
+        fb::root_as_model_with_opts(&verifier_options(), meta)?
+    } else {
+        // SAFETY: only reached from `open_trusted`, whose caller guarantees the file passed
+        // full verification before and has not changed since.
+        unsafe { fb::root_as_model_unchecked(meta) }
+    };
+    let spec = fbconv::decode(model)?;
+    let compiled = validate::validate(&spec, header.meta_offset)?;
+    Ok(Parsed {
+        header,
+        spec,
+        compiled,
+    })
+}
+
+/// An open model file. Share it through `Arc`: it unmaps when the last holder drops it.
+#[derive(Debug)]
+pub struct ModelFile {
+    path: PathBuf,
+    map: Mmap,
+    parsed: Parsed,
+    integrity: Integrity,
+}
+
+impl ModelFile {
+    /// Opens and fully validates a model file: header, body checksum (on every core), FlatBuffers
+    /// verifier, then the format's invariants.
+    pub fn open(path: impl AsRef<Path>) -> Result<ModelFile> {
+        Self::open_with(path.as_ref(), true)
+    }
+
+    /// Opens a model file without the body checksum and without the FlatBuffers verifier; the
+    /// header checksum and the invariants (shapes, blob placement) are still checked.
+    ///
+    /// Verifying the checksum reads every byte of the file, which for a table of tens of GiB
+    /// takes seconds and pulls it all into the page cache; this path exists for daemons that
+    /// reopen a file they (or a deploy step) already verified.
+    ///
+    /// # Safety
+    /// The file must be byte-for-byte one that [`ModelFile::open`] (or `rankd-tool validate`)
+    /// accepted, unchanged since. A corrupt metadata section read without the verifier is
+    /// undefined behaviour.
+    pub unsafe fn open_trusted(path: impl AsRef<Path>) -> Result<ModelFile> {
+        Self::open_with(path.as_ref(), false)
+    }
+
+    fn open_with(path: &Path, verify: bool) -> Result<ModelFile> {
+        let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
+        let len = file.metadata().map_err(|e| FormatError::io(path, e))?.len();
+        if len < HEADER_LEN as u64 {
+            return Err(FormatError::Truncated(format!(
+                "{len} bytes, shorter than the {HEADER_LEN}-byte header"
+            )));
+        }
+        // SAFETY: model files are immutable once deployed: writers create new files under new
+        // names and rename them into place, never modify a served file in place. The map is
+        // read-only.
+        // Verifying reads every byte: prefault the whole map in one call instead of one page
+        // fault per page.
+        let map = unsafe {
+            let mut options = memmap2::MmapOptions::new();
+            if verify {
+                options.populate();
+            }
+            options.map(&file)
+        }
+        .map_err(|e| FormatError::io(path, e))?;
+        let parsed = parse_inner(&map, verify)?;
+        Ok(ModelFile {
+            path: path.to_path_buf(),
+            map,
+            parsed,
+            integrity: if verify {
+                Integrity::Verified
+            } else {
+                Integrity::Trusted
+            },
+        })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The model's description.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.parsed.spec
+    }
+
+    /// The compiled feature spec.
+    pub fn compiled(&self) -> &CompiledSpec {
+        &self.parsed.compiled
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.parsed.header
+    }
+
+    /// Whether the checksum was verified.
+    pub fn integrity(&self) -> Integrity {
+        self.integrity
+    }
+
+    /// Bytes mapped.
+    pub fn mapped_len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// The values of a blob, read in place from the map. `None` if the reference is not inside
+    /// the blob region (never the case for references taken from [`Self::spec`]).
+    pub fn blob(&self, b: BlobRef) -> Option<&[f32]> {
+        let start = usize::try_from(b.offset).ok()?;
+        let end = start.checked_add(usize::try_from(b.byte_len()?).ok()?)?;
+        if start < HEADER_LEN || end as u64 > self.parsed.header.meta_offset {
+            return None;
+        }
+        let bytes = self.map.get(start..end)?;
+        #[cfg(target_endian = "little")]
+        {
+            bytemuck::try_cast_slice(bytes).ok()
+        }
+        #[cfg(target_endian = "big")]
+        compile_error!("rankd model files are little-endian and read in place");
+    }
+
+    /// Like [`Self::blob`] for references from [`Self::spec`], which were validated at open.
+    pub fn weights(&self, b: BlobRef) -> &[f32] {
+        self.blob(b)
+            .expect("blob references from the spec were validated at open")
+    }
+}

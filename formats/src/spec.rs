@@ -1,0 +1,177 @@
+//! The owned description of a model: metadata, feature spec and architecture with references to
+//! the weight blobs. The writer takes one; the reader decodes one from the file's FlatBuffer and
+//! keeps it beside the memory map. It is small: weights stay in the map, only referenced here.
+
+use rankd_feature_ops::FeatureSpec;
+use serde::{Deserialize, Serialize};
+
+/// A run of little-endian f32 in the file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// Byte offset from the start of the file; a multiple of 64.
+    pub offset: u64,
+    /// Number of f32 elements.
+    pub len: u64,
+}
+
+impl BlobRef {
+    /// Byte length.
+    pub fn byte_len(&self) -> Option<u64> {
+        self.len.checked_mul(4)
+    }
+}
+
+/// Who made the model, when, and how good it was.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Model name (the directory name under the model root).
+    pub name: String,
+    /// Version (the version directory name).
+    pub version: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: i64,
+    /// The program that wrote the file, e.g. `rankd-train 0.1.0`.
+    pub producer: String,
+    /// Training and evaluation metrics, e.g. `eval_auc`.
+    pub metrics: Vec<(String, f64)>,
+    /// Free-form key/values.
+    pub properties: Vec<(String, String)>,
+}
+
+/// How the ids of a multi-valued slot are pooled into one embedding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Sum of the rows.
+    #[default]
+    Sum,
+    /// Mean of the rows.
+    Mean,
+}
+
+/// Activation after a dense layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    None,
+    /// max(0, x).
+    Relu,
+}
+
+/// An embedding table for one id slot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingTable {
+    /// The id slot that indexes it.
+    pub slot: String,
+    /// Rows: the slot's `num_ids`.
+    pub rows: u64,
+    /// Embedding dimension.
+    pub dim: u32,
+    /// Pooling over the slot's ids.
+    pub pooling: Pooling,
+    /// `rows * dim` f32, row-major.
+    pub weights: BlobRef,
+}
+
+/// The weights of one wide slot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WideSlot {
+    /// The id slot.
+    pub slot: String,
+    /// One f32 per id.
+    pub weights: BlobRef,
+}
+
+/// The wide (linear) part.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Wide {
+    /// The slots with weights.
+    pub slots: Vec<WideSlot>,
+    /// The bias.
+    pub bias: f32,
+}
+
+/// One dense layer, `y = act(W x + b)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DenseLayer {
+    /// Input width.
+    pub in_dim: u32,
+    /// Output width.
+    pub out_dim: u32,
+    /// Activation.
+    pub activation: Activation,
+    /// `out_dim * in_dim` f32, row-major `[out][in]` (PyTorch `nn.Linear` layout).
+    pub weight: BlobRef,
+    /// `out_dim` f32.
+    pub bias: BlobRef,
+}
+
+/// The network.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    /// Embedding tables; their pooled outputs start the deep input, in this order.
+    pub embeddings: Vec<EmbeddingTable>,
+    /// Dense slots appended to the deep input, in this order.
+    pub dense_inputs: Vec<String>,
+    /// The wide part, if any.
+    pub wide: Option<Wide>,
+    /// The deep MLP; empty for a wide-only model.
+    pub deep: Vec<DenseLayer>,
+    /// Whether the FM term is added.
+    pub fm: bool,
+}
+
+impl Architecture {
+    /// The kind of model, for display.
+    pub fn kind(&self) -> &'static str {
+        match (self.wide.is_some(), !self.deep.is_empty(), self.fm) {
+            (true, true, true) | (false, true, true) => "deepfm",
+            (true, true, false) => "wide_and_deep",
+            (false, true, false) => "deep",
+            (true, false, false) => "wide",
+            (true, false, true) => "wide_fm",
+            (false, false, true) => "fm",
+            (false, false, false) => "empty",
+        }
+    }
+
+    /// Width of the deep input: embedding dims plus dense slots.
+    pub fn deep_input_dim(&self) -> u64 {
+        self.embeddings
+            .iter()
+            .map(|e| u64::from(e.dim))
+            .sum::<u64>()
+            + self.dense_inputs.len() as u64
+    }
+
+    /// Every blob the architecture references, with a name for messages.
+    pub fn blobs(&self) -> Vec<(String, BlobRef)> {
+        let mut out = Vec::new();
+        for e in &self.embeddings {
+            out.push((format!("embedding `{}`", e.slot), e.weights));
+        }
+        if let Some(w) = &self.wide {
+            for s in &w.slots {
+                out.push((format!("wide weights `{}`", s.slot), s.weights));
+            }
+        }
+        for (i, l) in self.deep.iter().enumerate() {
+            out.push((format!("deep layer {i} weight"), l.weight));
+            out.push((format!("deep layer {i} bias"), l.bias));
+        }
+        out
+    }
+}
+
+/// Everything a model file says besides the weights themselves.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// Metadata.
+    pub metadata: Metadata,
+    /// The feature spec (raw features and transforms).
+    pub features: FeatureSpec,
+    /// The network and its blob references.
+    pub architecture: Architecture,
+}

@@ -1,0 +1,314 @@
+//! Synthetic models with deterministic pseudo-random weights, for tests, benchmarks and the
+//! bundled example before a trained one exists. Every model kind can be made, at any size.
+
+use std::path::Path;
+
+use rankd_feature_ops::{
+    CompiledSpec, FeatureSpec, FeatureType, RawFeature, SlotSpec, Transform, Vocabulary,
+};
+
+use crate::error::Result;
+use crate::spec::{
+    Activation, Architecture, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling, Wide,
+    WideSlot,
+};
+use crate::writer::{ModelWriter, Written};
+
+/// Which parts the model has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    /// Logistic regression on the id slots.
+    Wide,
+    /// MLP over embeddings and dense values.
+    Deep,
+    /// Both.
+    WideDeep,
+    /// Wide, deep and the FM term.
+    DeepFm,
+}
+
+/// How big the large table is and how its bytes are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BigTable {
+    /// Random values in every row.
+    Dense,
+    /// Zeros written as a hole (sparse file) except the last row, which is random. Cheap to write
+    /// even at many GiB.
+    SparseExceptLastRow,
+}
+
+/// Options of [`write_synthetic`].
+#[derive(Clone, Debug)]
+pub struct SynthOptions {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u64,
+    /// Kind.
+    pub kind: ModelKind,
+    /// Embedding dimension of every table.
+    pub dim: u32,
+    /// Hidden layer widths of the MLP (the final 1-wide layer is added).
+    pub hidden: Vec<u32>,
+    /// Buckets of the hashed `item_id` slot; its embedding table is the big one.
+    pub item_buckets: u32,
+    /// How the big table is written.
+    pub big_table: BigTable,
+    /// Seed of the weights.
+    pub seed: u64,
+}
+
+impl Default for SynthOptions {
+    fn default() -> Self {
+        SynthOptions {
+            name: "synthetic".into(),
+            version: 1,
+            kind: ModelKind::WideDeep,
+            dim: 8,
+            hidden: vec![32, 16],
+            item_buckets: 1000,
+            big_table: BigTable::Dense,
+            seed: 1,
+        }
+    }
+}
+
+/// xorshift64*: small, deterministic, good enough for weights.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator; any seed works.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// Next raw value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `[-scale, scale)`.
+    pub fn uniform(&mut self, scale: f32) -> f32 {
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        (unit * 2.0 - 1.0) * scale
+    }
+
+    /// `n` values uniform in `[-scale, scale)`.
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(scale)).collect()
+    }
+}
+
+/// The feature spec of synthetic models: a user (age, city, hour) and an item (id, tags, price).
+pub fn synthetic_features(item_buckets: u32) -> FeatureSpec {
+    let f = |name: &str, ty| RawFeature {
+        name: name.into(),
+        ty,
+    };
+    let s = |name: &str, transform| SlotSpec {
+        name: name.into(),
+        transform,
+    };
+    FeatureSpec {
+        hash_seed: 0,
+        features: vec![
+            f("user_age", FeatureType::Float),
+            f("user_city", FeatureType::String),
+            f("hour", FeatureType::Int),
+            f("item_id", FeatureType::Int),
+            f("item_tags", FeatureType::StringList),
+            f("item_price", FeatureType::Float),
+        ],
+        slots: vec![
+            s(
+                "age_bucket",
+                Transform::Piecewise {
+                    input: "user_age".into(),
+                    boundaries: vec![18.0, 25.0, 35.0, 50.0, 65.0],
+                },
+            ),
+            s(
+                "city",
+                Transform::Pickcat {
+                    input: "user_city".into(),
+                    vocabulary: Vocabulary::Str(
+                        ["Beijing", "Paris", "Tokyo", "Lagos", "Lima", "Oslo"]
+                            .map(String::from)
+                            .to_vec(),
+                    ),
+                    oov_buckets: 4,
+                },
+            ),
+            s(
+                "hour",
+                Transform::Pickcat {
+                    input: "hour".into(),
+                    vocabulary: Vocabulary::Int((0..24).collect()),
+                    oov_buckets: 1,
+                },
+            ),
+            s(
+                "item",
+                Transform::Combinehash {
+                    inputs: vec!["item_id".into()],
+                    buckets: item_buckets,
+                },
+            ),
+            s(
+                "tags",
+                Transform::Pickcat {
+                    input: "item_tags".into(),
+                    vocabulary: Vocabulary::Str(
+                        ["news", "sport", "music", "film", "food", "tech", "travel"]
+                            .map(String::from)
+                            .to_vec(),
+                    ),
+                    oov_buckets: 3,
+                },
+            ),
+            s(
+                "age_x_city",
+                Transform::Descartes {
+                    inputs: vec!["age_bucket".into(), "city".into()],
+                },
+            ),
+            s(
+                "age",
+                Transform::Normalize {
+                    input: "user_age".into(),
+                    mean: 38.0,
+                    std: 13.0,
+                    clip: Some(5.0),
+                    log1p: false,
+                },
+            ),
+            s(
+                "price",
+                Transform::Normalize {
+                    input: "item_price".into(),
+                    mean: 3.0,
+                    std: 1.5,
+                    clip: None,
+                    log1p: true,
+                },
+            ),
+        ],
+    }
+}
+
+/// Writes a synthetic model to `path`.
+pub fn write_synthetic(path: &Path, opts: &SynthOptions) -> Result<Written> {
+    let features = synthetic_features(opts.item_buckets);
+    let compiled = CompiledSpec::compile(&features)?;
+    let num_ids = |slot: &str| -> u64 {
+        let i = compiled.slot_index(slot).expect("synthetic slot exists");
+        u64::from(compiled.slots()[i].kind.num_ids().expect("id slot"))
+    };
+    let id_slots = ["age_bucket", "city", "hour", "item", "tags", "age_x_city"];
+    let dense_slots = ["age", "price"];
+    let mut rng = Rng::new(opts.seed);
+    let mut w = ModelWriter::create(path)?;
+    let with_deep = opts.kind != ModelKind::Wide;
+    let with_wide = opts.kind != ModelKind::Deep;
+    let fm = opts.kind == ModelKind::DeepFm;
+
+    let mut embeddings = Vec::new();
+    if with_deep {
+        for slot in id_slots {
+            let rows = num_ids(slot);
+            let n = rows * u64::from(opts.dim);
+            let weights = if slot == "item" && opts.big_table == BigTable::SparseExceptLastRow {
+                let mut sink = w.blob()?;
+                sink.skip_zeros(n - u64::from(opts.dim))?;
+                sink.write(&rng.vec(opts.dim as usize, 0.1))?;
+                sink.finish()
+            } else {
+                let mut sink = w.blob()?;
+                let mut left = n;
+                while left > 0 {
+                    let take = left.min(1 << 20);
+                    sink.write(&rng.vec(take as usize, 0.1))?;
+                    left -= take;
+                }
+                sink.finish()
+            };
+            embeddings.push(EmbeddingTable {
+                slot: slot.into(),
+                rows,
+                dim: opts.dim,
+                pooling: if slot == "tags" {
+                    Pooling::Mean
+                } else {
+                    Pooling::Sum
+                },
+                weights,
+            });
+        }
+    }
+    let wide = if with_wide {
+        let mut slots = Vec::new();
+        for slot in id_slots {
+            let weights = w.write_blob(&rng.vec(num_ids(slot) as usize, 0.5))?;
+            slots.push(WideSlot {
+                slot: slot.into(),
+                weights,
+            });
+        }
+        Some(Wide { slots, bias: -0.3 })
+    } else {
+        None
+    };
+    let mut deep = Vec::new();
+    if with_deep {
+        let mut width =
+            u32::try_from(embeddings.len()).unwrap_or(0) * opts.dim + dense_slots.len() as u32;
+        let widths: Vec<u32> = opts.hidden.iter().copied().chain([1]).collect();
+        for (i, &out) in widths.iter().enumerate() {
+            let scale = (6.0 / (width + out) as f32).sqrt();
+            let weight = w.write_blob(&rng.vec((width * out) as usize, scale))?;
+            let bias = w.write_blob(&rng.vec(out as usize, 0.05))?;
+            deep.push(DenseLayer {
+                in_dim: width,
+                out_dim: out,
+                activation: if i + 1 == widths.len() {
+                    Activation::None
+                } else {
+                    Activation::Relu
+                },
+                weight,
+                bias,
+            });
+            width = out;
+        }
+    }
+    let spec = ModelSpec {
+        metadata: Metadata {
+            name: opts.name.clone(),
+            version: opts.version,
+            created_unix_ms: 1_767_225_600_000,
+            producer: format!("rankd-formats synth {}", env!("CARGO_PKG_VERSION")),
+            metrics: vec![],
+            properties: vec![
+                ("synthetic".into(), "true".into()),
+                ("seed".into(), opts.seed.to_string()),
+            ],
+        },
+        features,
+        architecture: Architecture {
+            embeddings,
+            dense_inputs: if with_deep {
+                dense_slots.map(String::from).to_vec()
+            } else {
+                vec![]
+            },
+            wide,
+            deep,
+            fm,
+        },
+    };
+    w.finish(&spec)
+}

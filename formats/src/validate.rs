@@ -1,0 +1,171 @@
+//! The invariants of a model beyond what the FlatBuffers verifier checks: names resolve, shapes
+//! match, layers chain, blobs are aligned, inside the blob region and disjoint.
+//!
+//! The writer runs the same checks before it writes, so it never produces a file the reader
+//! would reject.
+
+use rankd_feature_ops::{CompiledSpec, SlotKind};
+
+use crate::error::{FormatError, Result};
+use crate::layout::{BLOB_ALIGN, HEADER_LEN};
+use crate::spec::{Activation, BlobRef, ModelSpec};
+
+fn invalid(msg: String) -> FormatError {
+    FormatError::Invalid(msg)
+}
+
+fn id_slot(compiled: &CompiledSpec, slot: &str, what: &str) -> Result<u32> {
+    let idx = compiled
+        .slot_index(slot)
+        .ok_or_else(|| invalid(format!("{what} names slot `{slot}`, which is not defined")))?;
+    compiled.slots()[idx].kind.num_ids().ok_or_else(|| {
+        invalid(format!(
+            "{what} names slot `{slot}`, which is dense; it needs an id slot"
+        ))
+    })
+}
+
+fn expect_len(what: &str, blob: BlobRef, expected: Option<u64>) -> Result<()> {
+    match expected {
+        Some(n) if n == blob.len => Ok(()),
+        Some(n) => Err(invalid(format!(
+            "{what} has {} values, expected {n}",
+            blob.len
+        ))),
+        None => Err(invalid(format!("{what}: shape overflows u64"))),
+    }
+}
+
+/// Checks `spec` for a file whose blob region ends at `blob_end` (the metadata offset) and
+/// returns the compiled feature spec.
+pub fn validate(spec: &ModelSpec, blob_end: u64) -> Result<CompiledSpec> {
+    if spec.metadata.name.is_empty() {
+        return Err(invalid("the model has no name".into()));
+    }
+    let compiled = CompiledSpec::compile(&spec.features)?;
+    let arch = &spec.architecture;
+
+    let mut seen = std::collections::HashSet::new();
+    for e in &arch.embeddings {
+        let what = format!("embedding table `{}`", e.slot);
+        if !seen.insert(e.slot.as_str()) {
+            return Err(invalid(format!("{what} is defined twice")));
+        }
+        let num_ids = id_slot(&compiled, &e.slot, &what)?;
+        if e.rows != u64::from(num_ids) {
+            return Err(invalid(format!(
+                "{what} has {} rows but the slot has {num_ids} ids",
+                e.rows
+            )));
+        }
+        if e.dim == 0 {
+            return Err(invalid(format!("{what} has dimension 0")));
+        }
+        expect_len(&what, e.weights, e.rows.checked_mul(u64::from(e.dim)))?;
+    }
+    for d in &arch.dense_inputs {
+        let idx = compiled
+            .slot_index(d)
+            .ok_or_else(|| invalid(format!("dense input `{d}` is not a defined slot")))?;
+        if compiled.slots()[idx].kind != SlotKind::Dense {
+            return Err(invalid(format!(
+                "dense input `{d}` is an id slot; use a normalize slot"
+            )));
+        }
+    }
+    if let Some(wide) = &arch.wide {
+        if !wide.bias.is_finite() {
+            return Err(invalid(format!("wide bias {} is not finite", wide.bias)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &wide.slots {
+            let what = format!("wide weights of `{}`", s.slot);
+            if !seen.insert(s.slot.as_str()) {
+                return Err(invalid(format!("{what} are defined twice")));
+            }
+            let num_ids = id_slot(&compiled, &s.slot, &what)?;
+            expect_len(&what, s.weights, Some(u64::from(num_ids)))?;
+        }
+    }
+    if arch.fm {
+        let Some(first) = arch.embeddings.first() else {
+            return Err(invalid("the FM term needs embedding tables".into()));
+        };
+        if let Some(e) = arch.embeddings.iter().find(|e| e.dim != first.dim) {
+            return Err(invalid(format!(
+                "the FM term needs equal embedding dims, but `{}` has {} and `{}` has {}",
+                first.slot, first.dim, e.slot, e.dim
+            )));
+        }
+    }
+    if !arch.deep.is_empty() {
+        let mut width = arch.deep_input_dim();
+        for (i, l) in arch.deep.iter().enumerate() {
+            if u64::from(l.in_dim) != width {
+                return Err(invalid(format!(
+                    "deep layer {i} takes {} inputs but receives {width}",
+                    l.in_dim
+                )));
+            }
+            if l.out_dim == 0 {
+                return Err(invalid(format!("deep layer {i} has no outputs")));
+            }
+            expect_len(
+                &format!("deep layer {i} weight"),
+                l.weight,
+                u64::from(l.in_dim).checked_mul(u64::from(l.out_dim)),
+            )?;
+            expect_len(
+                &format!("deep layer {i} bias"),
+                l.bias,
+                Some(u64::from(l.out_dim)),
+            )?;
+            width = u64::from(l.out_dim);
+        }
+        let last = arch.deep.last().expect("non-empty");
+        if last.out_dim != 1 || last.activation != Activation::None {
+            return Err(invalid(
+                "the last deep layer must have one output and no activation".into(),
+            ));
+        }
+    }
+    if arch.wide.is_none() && arch.deep.is_empty() && !arch.fm {
+        return Err(invalid(
+            "the model has neither a wide part, a deep part nor an FM term".into(),
+        ));
+    }
+    validate_blobs(&arch.blobs(), blob_end)?;
+    Ok(compiled)
+}
+
+fn validate_blobs(blobs: &[(String, BlobRef)], blob_end: u64) -> Result<()> {
+    let mut spans = Vec::with_capacity(blobs.len());
+    for (what, b) in blobs {
+        let end = b
+            .byte_len()
+            .and_then(|n| b.offset.checked_add(n))
+            .ok_or_else(|| invalid(format!("{what}: blob {}+{} overflows", b.offset, b.len)))?;
+        if b.offset % BLOB_ALIGN != 0 {
+            return Err(invalid(format!(
+                "{what}: blob offset {} is not a multiple of {BLOB_ALIGN}",
+                b.offset
+            )));
+        }
+        if b.offset < HEADER_LEN as u64 || end > blob_end {
+            return Err(invalid(format!(
+                "{what}: blob bytes {}..{end} are outside the blob region {HEADER_LEN}..{blob_end}",
+                b.offset
+            )));
+        }
+        if b.len > 0 {
+            spans.push((b.offset, end, what));
+        }
+    }
+    spans.sort_unstable();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(invalid(format!("{} and {} overlap", w[0].2, w[1].2)));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! Writing and opening model files, and every way a file can be bad.
+
+use std::path::{Path, PathBuf};
+
+use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
+use rankd_formats::{
+    Activation, BlobRef, FormatError, Integrity, ModelFile, ModelSpec, ModelWriter, HEADER_LEN,
+};
+
+fn synth(dir: &Path, kind: ModelKind) -> PathBuf {
+    let path = dir.join(format!("{kind:?}.rkm"));
+    write_synthetic(
+        &path,
+        &SynthOptions {
+            kind,
+            ..SynthOptions::default()
+        },
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn every_kind_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, name) in [
+        (ModelKind::Wide, "wide"),
+        (ModelKind::Deep, "deep"),
+        (ModelKind::WideDeep, "wide_and_deep"),
+        (ModelKind::DeepFm, "deepfm"),
+    ] {
+        let path = synth(dir.path(), kind);
+        let model = ModelFile::open(&path).unwrap();
+        assert_eq!(model.integrity(), Integrity::Verified);
+        let spec = model.spec();
+        assert_eq!(spec.architecture.kind(), name);
+        assert_eq!(spec.metadata.name, "synthetic");
+        assert_eq!(spec.features.slots.len(), 8);
+        // Weights are read in place: the slice points into the map, 64-byte aligned.
+        for (what, blob) in spec.architecture.blobs() {
+            let w = model.weights(blob);
+            assert_eq!(w.len() as u64, blob.len, "{what}");
+            assert_eq!(w.as_ptr() as usize % 64, 0, "{what}");
+            assert!(w.iter().all(|x| x.is_finite() && x.abs() < 2.0), "{what}");
+        }
+        // No leftovers of the atomic write.
+        assert!(!path.with_extension("rkm.partial").exists());
+    }
+}
+
+#[test]
+fn the_same_options_give_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = synth(dir.path(), ModelKind::DeepFm);
+    let b = dir.path().join("again.rkm");
+    write_synthetic(
+        &b,
+        &SynthOptions {
+            kind: ModelKind::DeepFm,
+            ..SynthOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+}
+
+/// Writes `spec` with freshly written blobs of the sizes it asks for, then returns the error.
+fn write_err(spec: &ModelSpec) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.rkm");
+    let mut w = ModelWriter::create(&path).unwrap();
+    w.write_blob(&vec![0.5; 100_000]).unwrap();
+    let err = w.finish(spec).unwrap_err().to_string();
+    assert!(!path.exists(), "an invalid model must not be written");
+    assert!(!dir.path().join("bad.rkm.partial").exists());
+    err
+}
+
+fn valid_spec(dir: &Path) -> ModelSpec {
+    ModelFile::open(synth(dir, ModelKind::DeepFm))
+        .unwrap()
+        .spec()
+        .clone()
+}
+
+#[test]
+fn the_writer_refuses_inconsistent_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = valid_spec(dir.path());
+    let check = |f: &dyn Fn(&mut ModelSpec), needle: &str| {
+        let mut spec = good.clone();
+        f(&mut spec);
+        let err = write_err(&spec);
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    };
+    check(
+        &|s| s.architecture.embeddings[0].rows += 1,
+        "rows but the slot has",
+    );
+    check(
+        &|s| s.architecture.embeddings[1].slot = "nope".into(),
+        "not defined",
+    );
+    check(
+        &|s| s.architecture.embeddings[0].slot = "age".into(),
+        "dense",
+    );
+    check(
+        &|s| s.architecture.deep[1].in_dim += 1,
+        "deep layer 1 takes",
+    );
+    check(
+        &|s| s.architecture.deep[0].in_dim += 1,
+        "deep layer 0 takes",
+    );
+    check(
+        &|s| s.architecture.deep.last_mut().unwrap().activation = Activation::Relu,
+        "last deep layer",
+    );
+    check(
+        &|s| {
+            let e = &mut s.architecture.embeddings[2];
+            e.dim = 3;
+            e.weights.len = e.rows * 3;
+        },
+        "FM term needs equal",
+    );
+    check(
+        &|s| s.architecture.dense_inputs.push("city".into()),
+        "is an id slot",
+    );
+    check(
+        &|s| s.architecture.wide.as_mut().unwrap().slots[0].weights.len -= 1,
+        "wide weights",
+    );
+    check(
+        &|s| {
+            s.architecture.deep[0].bias = BlobRef {
+                offset: 64,
+                len: 32,
+            }
+        },
+        "overlap",
+    );
+    check(
+        &|s| {
+            s.architecture.deep[0].bias = BlobRef {
+                offset: 96,
+                len: 32,
+            }
+        },
+        "not a multiple of 64",
+    );
+    check(
+        &|s| s.architecture.deep[0].bias.offset = 1 << 40,
+        "outside the blob region",
+    );
+    check(
+        &|s| s.architecture.deep[0].bias.len = u64::MAX,
+        "has 18446744073709551615 values",
+    );
+    check(
+        &|s| {
+            s.architecture.deep.clear();
+            s.architecture.wide = None;
+            s.architecture.fm = false;
+        },
+        "neither",
+    );
+    check(&|s| s.metadata.name.clear(), "no name");
+    check(
+        &|s| {
+            s.features.slots[0].transform = rankd_feature_ops::Transform::Piecewise {
+                input: "user_age".into(),
+                boundaries: vec![2.0, 1.0],
+            }
+        },
+        "strictly increasing",
+    );
+}
+
+fn open_err(bytes: &[u8]) -> FormatError {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.rkm");
+    std::fs::write(&path, bytes).unwrap();
+    ModelFile::open(&path).unwrap_err()
+}
+
+#[test]
+fn bad_files_give_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(synth(dir.path(), ModelKind::WideDeep)).unwrap();
+
+    assert!(matches!(open_err(&[]), FormatError::Truncated(_)));
+    assert!(matches!(open_err(&good[..40]), FormatError::Truncated(_)));
+    let e = open_err(&good[..good.len() - 1]);
+    assert!(matches!(e, FormatError::Truncated(_)), "{e}");
+    assert!(e.to_string().contains("the header says"), "{e}");
+    let e = open_err(&good[..good.len() / 2]);
+    assert!(matches!(e, FormatError::Truncated(_)), "{e}");
+
+    let mut bad = good.clone();
+    bad[0] = b'X';
+    let e = open_err(&bad);
+    assert!(matches!(e, FormatError::BadMagic(_)), "{e}");
+    assert!(e.to_string().contains("not a rankd model file"));
+
+    // A future version is reported as such, not as a checksum failure.
+    let mut bad = good.clone();
+    bad[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let e = open_err(&bad);
+    assert!(
+        matches!(
+            e,
+            FormatError::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            }
+        ),
+        "{e}"
+    );
+
+    let mut bad = good.clone();
+    bad.push(0);
+    assert!(matches!(open_err(&bad), FormatError::Header(_)));
+
+    let garbage: Vec<u8> = (0..5000u32).map(|i| (i * 7919 % 256) as u8).collect();
+    assert!(matches!(open_err(&garbage), FormatError::BadMagic(_)));
+    let mut garbage_with_magic = garbage.clone();
+    garbage_with_magic[..8].copy_from_slice(b"RANKDMDL");
+    garbage_with_magic[8..12].copy_from_slice(&1u32.to_le_bytes());
+    assert!(matches!(
+        open_err(&garbage_with_magic),
+        FormatError::Checksum { part: "header", .. }
+    ));
+}
+
+/// One flipped byte anywhere is caught: in the header by the header checksum, elsewhere by the
+/// body checksum. Sampled positions cover every region of the file.
+#[test]
+fn any_flipped_byte_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(synth(dir.path(), ModelKind::Wide)).unwrap();
+    let meta_offset = u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
+    let mut positions: Vec<usize> = (0..HEADER_LEN + 8).collect();
+    positions.extend((HEADER_LEN..good.len()).step_by(97));
+    positions.extend(meta_offset..meta_offset + 64);
+    positions.push(good.len() - 1);
+    for pos in positions {
+        let mut bad = good.clone();
+        bad[pos] ^= 0x04;
+        let e = rankd_formats::parse(&bad).unwrap_err();
+        let ok = match e {
+            FormatError::Checksum { part, .. } => (part == "header") == (pos < HEADER_LEN),
+            FormatError::BadMagic(_) | FormatError::UnsupportedVersion { .. } => pos < 12,
+            _ => false,
+        };
+        assert!(ok, "flip at {pos} gave {e}");
+    }
+}
+
+/// With the checksum skipped (trusted open), a corrupt blob changes only values, but a corrupt
+/// shape in the metadata is still refused by the invariants.
+#[test]
+fn trusted_open_still_checks_the_header_and_invariants() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), ModelKind::Deep);
+    // SAFETY: the file was just written by the writer and is not modified.
+    let model = unsafe { ModelFile::open_trusted(&path) }.unwrap();
+    assert_eq!(model.integrity(), Integrity::Trusted);
+    let verified = ModelFile::open(&path).unwrap();
+    assert_eq!(model.spec(), verified.spec());
+
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[20] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    // SAFETY: only the header was changed, which is checked on this path.
+    let e = unsafe { ModelFile::open_trusted(&path) }.unwrap_err();
+    assert!(
+        matches!(e, FormatError::Checksum { part: "header", .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn blob_lookup_rejects_foreign_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ModelFile::open(synth(dir.path(), ModelKind::Wide)).unwrap();
+    assert!(model.blob(BlobRef { offset: 0, len: 4 }).is_none());
+    assert!(model
+        .blob(BlobRef {
+            offset: 64,
+            len: u64::MAX
+        })
+        .is_none());
+    assert!(model
+        .blob(BlobRef {
+            offset: model.header().meta_offset,
+            len: 1
+        })
+        .is_none());
+    assert!(model.blob(BlobRef { offset: 65, len: 1 }).is_none());
+}
+
+/// A file written by format version 1 (committed, never regenerated) still opens, with the
+/// same spec and weights. Regenerate only when adding a new version's fixture beside it.
+#[test]
+fn format_v1_fixture_still_opens() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/v1-deepfm.rkm");
+    let model = ModelFile::open(&path).unwrap();
+    let spec = model.spec();
+    assert_eq!(spec.metadata.name, "fixture");
+    assert_eq!(spec.metadata.version, 1);
+    assert_eq!(spec.architecture.kind(), "deepfm");
+    assert_eq!(model.header().version, 1);
+    // Pin a few weights (produced by Rng::new(7)).
+    let first = model.weights(spec.architecture.embeddings[0].weights)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("again.rkm");
+    rankd_formats::synth::write_synthetic(&again, &fixture_options()).unwrap();
+    let fresh = ModelFile::open(&again).unwrap();
+    assert_eq!(fresh.spec().architecture, spec.architecture);
+    assert_eq!(
+        first,
+        fresh.weights(fresh.spec().architecture.embeddings[0].weights)[0]
+    );
+}
+
+fn fixture_options() -> SynthOptions {
+    SynthOptions {
+        name: "fixture".into(),
+        version: 1,
+        kind: ModelKind::DeepFm,
+        dim: 4,
+        hidden: vec![8],
+        item_buckets: 50,
+        seed: 7,
+        ..SynthOptions::default()
+    }
+}
+
+/// Writes the v1 fixture when `RANKD_WRITE_FIXTURE=1` (kept for adding the next version's).
+#[test]
+fn write_fixture_when_asked() {
+    if std::env::var("RANKD_WRITE_FIXTURE").as_deref() != Ok("1") {
+        println!("skipped: set RANKD_WRITE_FIXTURE=1 to rewrite tests/data/v1-deepfm.rkm");
+        return;
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/v1-deepfm.rkm");
+    rankd_formats::synth::write_synthetic(&path, &fixture_options()).unwrap();
+}
