@@ -17,7 +17,7 @@ pub enum FormatError {
     #[error("truncated model file: {0}")]
     Truncated(String),
     /// The first eight bytes are not the rankd magic.
-    #[error("not a rankd model file (bad magic {0:02x?}; expected \"RANKDMDL\")")]
+    #[error("not a rankd model file (starts with \"{}\", expected \"RANKDMDL\")", .0.escape_ascii())]
     BadMagic([u8; 8]),
     /// A format version this build does not read.
     #[error("unsupported model format version {found}; this build reads versions 1..={supported}")]

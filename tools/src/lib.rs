@@ -1,1 +1,313 @@
+//! The logic behind `rankd-tool`: each subcommand is a function here, `main.rs` only parses
+//! arguments. Output goes to a `Write` so tests can read it.
 
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use rankd_feature_ops::{SlotKind, Transform, Vocabulary};
+use rankd_formats::{Integrity, ModelFile};
+use serde::Serialize;
+
+/// Formats milliseconds since the epoch as an RFC 3339 UTC time.
+pub fn format_unix_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn list_preview<T: std::fmt::Display>(items: &[T], max: usize) -> String {
+    let mut s = String::new();
+    for (i, x) in items.iter().take(max).enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let _ = write!(s, "{x}");
+    }
+    if items.len() > max {
+        let _ = write!(s, ", … ({} more)", items.len() - max);
+    }
+    s
+}
+
+/// One line describing a transform and all of its parameters.
+pub fn describe_transform(t: &Transform) -> String {
+    match t {
+        Transform::Piecewise { input, boundaries } => format!(
+            "piecewise({input}; boundaries [{}])",
+            list_preview(boundaries, 12)
+        ),
+        Transform::Pickcat {
+            input,
+            vocabulary,
+            oov_buckets,
+        } => {
+            let vocab = match vocabulary {
+                Vocabulary::Int(v) => format!("{} ints [{}]", v.len(), list_preview(v, 8)),
+                Vocabulary::Str(v) => {
+                    let quoted: Vec<String> = v.iter().take(9).map(|s| format!("{s:?}")).collect();
+                    let mut p = list_preview(&quoted, 8);
+                    if v.len() > 9 {
+                        p = format!(
+                            "{}, … ({} more)",
+                            list_preview(&quoted[..8], 8),
+                            v.len() - 8
+                        );
+                    }
+                    format!("{} strings [{p}]", v.len())
+                }
+            };
+            format!("pickcat({input}; vocabulary {vocab}; oov_buckets {oov_buckets})")
+        }
+        Transform::Descartes { inputs } => format!("descartes({})", inputs.join(", ")),
+        Transform::Combinehash { inputs, buckets } => {
+            format!("combinehash({}; buckets {buckets})", inputs.join(", "))
+        }
+        Transform::Normalize {
+            input,
+            mean,
+            std,
+            clip,
+            log1p,
+        } => {
+            let mut s = format!("normalize({input}; mean {mean}, std {std}");
+            if let Some(c) = clip {
+                let _ = write!(s, ", clip {c}");
+            }
+            if *log1p {
+                s.push_str(", log1p");
+            }
+            s.push(')');
+            s
+        }
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `rankd-tool inspect`, human-readable.
+pub fn inspect_text(model: &ModelFile) -> String {
+    let spec = model.spec();
+    let m = &spec.metadata;
+    let h = model.header();
+    let a = &spec.architecture;
+    let mut s = String::new();
+    let _ = writeln!(s, "model       {} version {}", m.name, m.version);
+    let _ = writeln!(
+        s,
+        "file        {} ({}, format v{}, checksum {:#018x} {})",
+        model.path().display(),
+        human_bytes(h.file_len),
+        h.version,
+        h.body_checksum,
+        match model.integrity() {
+            Integrity::Verified => "verified",
+            Integrity::Trusted => "not verified",
+        }
+    );
+    let _ = writeln!(s, "created     {}", format_unix_ms(m.created_unix_ms));
+    let _ = writeln!(s, "producer    {}", m.producer);
+    let _ = writeln!(s, "kind        {}", a.kind());
+    if !m.metrics.is_empty() {
+        let _ = writeln!(s, "metrics");
+        for (k, v) in &m.metrics {
+            let _ = writeln!(s, "  {k:<24} {v}");
+        }
+    }
+    if !m.properties.is_empty() {
+        let _ = writeln!(s, "properties");
+        for (k, v) in &m.properties {
+            let _ = writeln!(s, "  {k:<24} {v}");
+        }
+    }
+    let compiled = model.compiled();
+    let _ = writeln!(
+        s,
+        "features    {} raw, hash seed {}",
+        spec.features.features.len(),
+        spec.features.hash_seed
+    );
+    for f in &spec.features.features {
+        let _ = writeln!(s, "  {:<24} {}", f.name, f.ty);
+    }
+    let _ = writeln!(s, "slots       {}", spec.features.slots.len());
+    for (slot, info) in spec.features.slots.iter().zip(compiled.slots()) {
+        let out = match info.kind {
+            SlotKind::Ids { num_ids } => format!("{num_ids} ids"),
+            SlotKind::Dense => "dense".into(),
+        };
+        let _ = writeln!(
+            s,
+            "  {:<24} {:<10} {}",
+            slot.name,
+            out,
+            describe_transform(&slot.transform)
+        );
+    }
+    let _ = writeln!(s, "embeddings  {}", a.embeddings.len());
+    for e in &a.embeddings {
+        let _ = writeln!(
+            s,
+            "  {:<24} {} x {} {:?} ({})",
+            e.slot,
+            e.rows,
+            e.dim,
+            e.pooling,
+            human_bytes(e.weights.len * 4)
+        );
+    }
+    match &a.wide {
+        Some(w) => {
+            let _ = writeln!(s, "wide        bias {}, {} slots", w.bias, w.slots.len());
+            for ws in &w.slots {
+                let _ = writeln!(s, "  {:<24} {} weights", ws.slot, ws.weights.len);
+            }
+        }
+        None => {
+            let _ = writeln!(s, "wide        none");
+        }
+    }
+    if a.deep.is_empty() {
+        let _ = writeln!(s, "deep        none");
+    } else {
+        let _ = writeln!(
+            s,
+            "deep        input {} = {} embedding values + {} dense ({})",
+            a.deep_input_dim(),
+            a.deep_input_dim() - a.dense_inputs.len() as u64,
+            a.dense_inputs.len(),
+            a.dense_inputs.join(", ")
+        );
+        for (i, l) in a.deep.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "  layer {i:<18} {} -> {} {:?}",
+                l.in_dim, l.out_dim, l.activation
+            );
+        }
+    }
+    let _ = writeln!(s, "fm          {}", if a.fm { "yes" } else { "no" });
+    s
+}
+
+#[derive(Serialize)]
+struct SlotJson<'a> {
+    name: &'a str,
+    kind: &'static str,
+    num_ids: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct InspectJson<'a> {
+    path: String,
+    file_len: u64,
+    format_version: u32,
+    body_checksum: String,
+    checksum_verified: bool,
+    kind: &'static str,
+    created: String,
+    slots: Vec<SlotJson<'a>>,
+    spec: &'a rankd_formats::ModelSpec,
+}
+
+/// `rankd-tool inspect --json`: one JSON object.
+pub fn inspect_json(model: &ModelFile) -> Result<String> {
+    let spec = model.spec();
+    let j = InspectJson {
+        path: model.path().display().to_string(),
+        file_len: model.header().file_len,
+        format_version: model.header().version,
+        body_checksum: format!("{:#018x}", model.header().body_checksum),
+        checksum_verified: model.integrity() == Integrity::Verified,
+        kind: spec.architecture.kind(),
+        created: format_unix_ms(spec.metadata.created_unix_ms),
+        slots: model
+            .compiled()
+            .slots()
+            .iter()
+            .map(|s| SlotJson {
+                name: &s.name,
+                kind: match s.kind {
+                    SlotKind::Ids { .. } => "ids",
+                    SlotKind::Dense => "dense",
+                },
+                num_ids: s.kind.num_ids(),
+            })
+            .collect(),
+        spec,
+    };
+    Ok(serde_json::to_string_pretty(&j)?)
+}
+
+/// `rankd-tool inspect FILE [--json]`.
+pub fn inspect(path: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
+    let model = ModelFile::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if json {
+        writeln!(out, "{}", inspect_json(&model)?)?;
+    } else {
+        write!(out, "{}", inspect_text(&model))?;
+    }
+    Ok(())
+}
+
+/// `rankd-tool validate FILE...`: a line per file; an error if any is invalid.
+pub fn validate(paths: &[std::path::PathBuf], out: &mut dyn Write) -> Result<()> {
+    let mut bad = 0;
+    for p in paths {
+        let start = Instant::now();
+        match ModelFile::open(p) {
+            Ok(model) => {
+                let spec = model.spec();
+                writeln!(
+                    out,
+                    "ok      {}: {} v{} ({}, {}, checked in {:.1} ms)",
+                    p.display(),
+                    spec.metadata.name,
+                    spec.metadata.version,
+                    spec.architecture.kind(),
+                    human_bytes(model.header().file_len),
+                    start.elapsed().as_secs_f64() * 1e3
+                )?;
+            }
+            Err(e) => {
+                bad += 1;
+                writeln!(out, "invalid {}: {e}", p.display())?;
+            }
+        }
+    }
+    if bad > 0 {
+        anyhow::bail!("{bad} of {} model files are invalid", paths.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! `rankd-tool` as a user runs it: the real binary on real files.
+
+use std::path::Path;
+use std::process::Command;
+
+fn tool(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rankd-tool"))
+        .args(args)
+        .output()
+        .expect("rankd-tool runs");
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn synth(dir: &Path, kind: &str) -> String {
+    let path = dir.join(format!("{kind}.rkm")).display().to_string();
+    let (ok, out, err) = tool(&[
+        "synth",
+        "-o",
+        &path,
+        "--kind",
+        kind,
+        "--name",
+        "demo",
+        "--version",
+        "3",
+    ]);
+    assert!(ok, "{out}{err}");
+    path
+}
+
+#[test]
+fn inspect_prints_every_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "deepfm");
+    let (ok, out, err) = tool(&["inspect", &path]);
+    assert!(ok, "{err}");
+    for needle in [
+        "model       demo version 3",
+        "verified",
+        "kind        deepfm",
+        "user_city                string",
+        "piecewise(user_age; boundaries [18, 25, 35, 50, 65])",
+        "combinehash(item_id; buckets 1000)",
+        "descartes(age_bucket, city)",
+        "normalize(item_price; mean 3, std 1.5, log1p)",
+        "item                     1001 x 8 Sum",
+        "layer 0                  50 -> 32 Relu",
+        "fm          yes",
+    ] {
+        assert!(out.contains(needle), "missing `{needle}` in:\n{out}");
+    }
+}
+
+#[test]
+fn inspect_json_is_one_machine_readable_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "wide");
+    let (ok, out, err) = tool(&["inspect", "--json", &path]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "wide");
+    assert_eq!(v["checksum_verified"], true);
+    assert_eq!(v["spec"]["metadata"]["name"], "demo");
+    assert_eq!(v["spec"]["metadata"]["version"], 3);
+    assert_eq!(v["slots"][3]["num_ids"], 1001);
+    assert_eq!(v["spec"]["features"]["slots"][0]["transform"], "piecewise");
+    assert!(v["spec"]["architecture"]["deep"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn validate_exits_non_zero_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = synth(dir.path(), "deep");
+    let (ok, out, _) = tool(&["validate", &good]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("ok "), "{out}");
+
+    let mut bytes = std::fs::read(&good).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    let bad = dir.path().join("flipped.rkm");
+    std::fs::write(&bad, &bytes).unwrap();
+    let truncated = dir.path().join("truncated.rkm");
+    std::fs::write(&truncated, &bytes[..n - 10]).unwrap();
+    let (ok, out, err) = tool(&[
+        "validate",
+        &good,
+        bad.to_str().unwrap(),
+        truncated.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(out.contains("checksum mismatch in the body"), "{out}");
+    assert!(out.contains("truncated model file"), "{out}");
+    assert!(err.contains("2 of 3 model files are invalid"), "{err}");
+
+    let (ok, _, err) = tool(&["validate", "/nonexistent/model.rkm"]);
+    assert!(!ok);
+    assert!(!err.contains("panicked"), "{err}");
+}
