@@ -50,6 +50,8 @@ pub struct SlotInfo {
     pub kind: SlotKind,
     /// The raw features it depends on, directly or through crossed slots (sorted, unique).
     pub features: Vec<usize>,
+    /// The slots it reads (only `descartes` reads slots), in cross order.
+    pub inputs: Vec<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -142,6 +144,10 @@ impl CompiledSpec {
                 return Err(Error::DuplicateSlot(slot.name.clone()));
             }
             let (op, kind, features) = compiled.compile_slot(&slot.name, &slot.transform)?;
+            let inputs = match &op {
+                Op::Descartes { inputs, .. } => inputs.to_vec(),
+                _ => Vec::new(),
+            };
             compiled
                 .slot_index
                 .insert(slot.name.clone(), compiled.slots.len());
@@ -149,6 +155,7 @@ impl CompiledSpec {
                 name: slot.name.clone(),
                 kind,
                 features,
+                inputs,
             });
             compiled.ops.push(op);
         }
@@ -424,21 +431,46 @@ impl CompiledSpec {
     ///
     /// On error `out` is left exactly as it was before the call.
     pub fn transform_row<R: Row + ?Sized>(&self, row: &R, out: &mut SlotBatch) -> Result<()> {
+        self.transform_row_masked(row, None, out)
+    }
+
+    /// Like [`Self::transform_row`], computing only the slots whose `mask` entry is true; the
+    /// others get an empty row (no ids; dense 0). A `descartes` slot in the mask needs its inputs
+    /// in the mask too.
+    pub fn transform_row_masked<R: Row + ?Sized>(
+        &self,
+        row: &R,
+        mask: Option<&[bool]>,
+        out: &mut SlotBatch,
+    ) -> Result<()> {
         out.ensure_columns(self.slots.len());
         let rows_before = out.rows;
-        let result = self.transform_row_inner(row, out);
+        let result = self.transform_row_inner(row, mask, out);
         if result.is_err() {
-            out.truncate(rows_before);
+            out.cut(rows_before);
         } else {
             out.rows += 1;
         }
         result
     }
 
-    fn transform_row_inner<R: Row + ?Sized>(&self, row: &R, out: &mut SlotBatch) -> Result<()> {
+    fn transform_row_inner<R: Row + ?Sized>(
+        &self,
+        row: &R,
+        mask: Option<&[bool]>,
+        out: &mut SlotBatch,
+    ) -> Result<()> {
         for (s, op) in self.ops.iter().enumerate() {
             let (done, rest) = out.columns.split_at_mut(s);
             let col = &mut rest[0];
+            if mask.is_some_and(|m| !m.get(s).copied().unwrap_or(false)) {
+                if matches!(op, Op::Normalize { .. }) {
+                    col.dense.push(0.0);
+                } else {
+                    col.offsets.push(col.ids.len() as u32);
+                }
+                continue;
+            }
             match op {
                 Op::Piecewise {
                     feature,
@@ -651,7 +683,15 @@ impl SlotBatch {
         }
     }
 
-    fn truncate(&mut self, rows: usize) {
+    /// Drops every row from `rows` on (keeps the first `rows`).
+    pub fn truncate(&mut self, rows: usize) {
+        if rows < self.rows {
+            self.cut(rows);
+        }
+    }
+
+    /// Cuts every column back to `rows` rows, including a partly written row `rows`.
+    fn cut(&mut self, rows: usize) {
         for c in &mut self.columns {
             c.offsets.truncate(rows + 1);
             let end = c.offsets.get(rows).copied().unwrap_or(0) as usize;

@@ -94,7 +94,7 @@ pub struct StrVocab {
     table: Box<[(u64, u32)]>,
     mask: usize,
     /// All strings back to back; string `i` is `bytes[ends[i-1]..ends[i]]`.
-    bytes: Box<str>,
+    bytes: Box<[u8]>,
     ends: Box<[u32]>,
     seed: u64,
 }
@@ -125,7 +125,7 @@ impl StrVocab {
         let mut vocab = StrVocab {
             table: vec![(0u64, EMPTY); cap].into_boxed_slice(),
             mask: cap - 1,
-            bytes: bytes.into_boxed_str(),
+            bytes: bytes.into_bytes().into_boxed_slice(),
             ends: ends.into_boxed_slice(),
             seed,
         };
@@ -139,7 +139,7 @@ impl StrVocab {
                     vocab.table[pos] = (h, idx as u32);
                     break;
                 }
-                if key == h && vocab.entry(other) == v {
+                if key == h && vocab.entry(other) == v.as_bytes() {
                     return Err(StrVocabError::Duplicate(idx));
                 }
                 pos = (pos + 1) & vocab.mask;
@@ -148,7 +148,7 @@ impl StrVocab {
         Ok(vocab)
     }
 
-    fn entry(&self, idx: u32) -> &str {
+    fn entry(&self, idx: u32) -> &[u8] {
         let idx = idx as usize;
         let start = if idx == 0 {
             0
@@ -172,7 +172,7 @@ impl StrVocab {
             if idx == EMPTY {
                 return None;
             }
-            if key == h && self.entry(idx) == v {
+            if key == h && self.entry(idx) == v.as_bytes() {
                 return Some(idx);
             }
             pos = (pos + 1) & self.mask;

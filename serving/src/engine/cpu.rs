@@ -1,0 +1,508 @@
+//! The CPU engine: feature transforms, embedding gather straight from the mapped tables, and the
+//! MLP as batched `gemm` products, one instance per core with scratch reused across calls.
+//!
+//! Per request group (requests that share a plan, see [`super::plan`]):
+//! 1. transform the request-level row once and every item row (item-level slots only);
+//! 2. gather and pool embeddings into X (`[items][k_item]`) and into one user vector per request;
+//! 3. `H1 = X W1_itemᵀ + (W1_user x_user + b1)` with the bracket once per request, then the other
+//!    layers as `gemm` with the bias pre-loaded into the destination and ReLU in place;
+//! 4. add the wide and FM terms and apply the sigmoid.
+//!
+//! In steady state nothing here allocates: every buffer lives in [`CpuEngine`] and only grows.
+
+use std::rc::Rc;
+
+use rankd_feature_ops::SlotBatch;
+
+use super::plan::{Plan, PlanCache};
+use super::{
+    sigmoid, BatchOutput, EngineError, FeatureSet, InferenceBackend, ItemRow, Model, Request,
+    UserRow,
+};
+
+/// Whether request-level slots are computed once per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Split {
+    /// Compute request-level slots and the first layer's request-level part once (default).
+    #[default]
+    RequestLevel,
+    /// Treat every slot as per item (for benchmarks and cross-checks).
+    Off,
+}
+
+#[derive(Debug, Default)]
+struct Scratch {
+    key: FeatureSet,
+    next_key: FeatureSet,
+    user: SlotBatch,
+    items: SlotBatch,
+    x: Vec<f32>,
+    user_vec: Vec<f32>,
+    u: Vec<f32>,
+    wide_user: Vec<f32>,
+    fm_user: Vec<f32>,
+    fm_sum: Vec<f32>,
+    h: Vec<f32>,
+    h2: Vec<f32>,
+    logits: Vec<f32>,
+    segs: Vec<Seg>,
+}
+
+/// One request of a group: where its rows are.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    request: usize,
+    user_row: usize,
+    start: usize,
+    len: usize,
+}
+
+/// The CPU inference backend. One per core.
+#[derive(Debug, Default)]
+pub struct CpuEngine {
+    split: Split,
+    plans: PlanCache,
+    s: Scratch,
+}
+
+impl CpuEngine {
+    /// An engine with the request-level split on.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An engine with the given split mode.
+    pub fn with_split(split: Split) -> Self {
+        CpuEngine {
+            split,
+            ..Self::default()
+        }
+    }
+
+    fn key_for(&self, model: &Model, req: &dyn Request, key: &mut FeatureSet) {
+        let n = model.features().features().len();
+        key.reset(n);
+        match self.split {
+            Split::RequestLevel => req.item_features(key),
+            Split::Off => key.insert_all(n),
+        }
+    }
+
+    fn score_group(
+        &mut self,
+        model: &Model,
+        plan: &Plan,
+        requests: &[&dyn Request],
+        group: std::ops::Range<usize>,
+        out: &mut BatchOutput,
+        base: usize,
+    ) {
+        let s = &mut self.s;
+        let spec = model.features();
+        s.user.clear();
+        s.items.clear();
+        s.segs.clear();
+        for r in group {
+            let req = requests[r];
+            let user_row = s.user.rows();
+            if let Err(e) =
+                spec.transform_row_masked(&UserRow(req), Some(&plan.user_mask), &mut s.user)
+            {
+                out.results[base + r] = Err(EngineError::User(e));
+                continue;
+            }
+            let start = s.items.rows();
+            let mut failed = None;
+            for item in 0..req.num_items() {
+                let row = ItemRow { request: req, item };
+                if let Err(e) = spec.transform_row_masked(&row, Some(&plan.item_mask), &mut s.items)
+                {
+                    failed = Some(EngineError::Item { item, source: e });
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                s.items.truncate(start);
+                s.user.truncate(user_row);
+                out.results[base + r] = Err(e);
+                continue;
+            }
+            s.segs.push(Seg {
+                request: r,
+                user_row,
+                start,
+                len: req.num_items(),
+            });
+        }
+        let rows = s.items.rows();
+        if s.segs.is_empty() {
+            return;
+        }
+
+        // X: pooled item-level embeddings and dense values.
+        let k = plan.k_item;
+        s.x.clear();
+        s.x.resize(rows * k, 0.0);
+        for &(ei, xoff) in &plan.item_emb {
+            let e = &model.emb[ei];
+            let table = model.weights(e.table);
+            let col = s.items.column(e.slot);
+            for row in 0..rows {
+                let dst = &mut s.x[row * k + xoff..row * k + xoff + e.dim];
+                pool(table, e.dim, col.row_ids(row), e.mean, dst);
+            }
+        }
+        for &(di, xoff) in &plan.item_dense {
+            let slot = model.dense[di].0;
+            let dense = &s.items.column(slot).dense;
+            for row in 0..rows {
+                s.x[row * k + xoff] = dense[row];
+            }
+        }
+
+        // Per request: the user vector, its first-layer contribution, wide and FM parts.
+        let out1 = model.layers.first().map_or(0, |l| l.out_dim);
+        let fm_dim = if model.fm { model.emb[0].dim } else { 0 };
+        let nseg = s.segs.len();
+        s.u.clear();
+        s.u.resize(nseg * out1, 0.0);
+        s.wide_user.clear();
+        s.wide_user.resize(nseg, 0.0);
+        s.fm_user.clear();
+        s.fm_user.resize(nseg * (fm_dim + 1), 0.0);
+        for (g, seg) in s.segs.iter().enumerate() {
+            let ku = plan.k_user;
+            s.user_vec.clear();
+            s.user_vec.resize(ku, 0.0);
+            for &(ei, off) in &plan.user_emb {
+                let e = &model.emb[ei];
+                let ids = s.user.ids(e.slot, seg.user_row);
+                pool(
+                    model.weights(e.table),
+                    e.dim,
+                    ids,
+                    e.mean,
+                    &mut s.user_vec[off..off + e.dim],
+                );
+            }
+            for &(di, off) in &plan.user_dense {
+                s.user_vec[off] = s.user.dense(model.dense[di].0, seg.user_row);
+            }
+            if let Some(l0) = model.layers.first() {
+                let u = &mut s.u[g * out1..(g + 1) * out1];
+                u.copy_from_slice(model.weights(l0.bias));
+                for (j, &xj) in s.user_vec.iter().enumerate() {
+                    if xj != 0.0 {
+                        axpy(xj, &plan.w1_user[j * out1..(j + 1) * out1], u);
+                    }
+                }
+            }
+            let mut w = model.wide_bias.unwrap_or(0.0);
+            for &wi in &plan.user_wide {
+                let (slot, blob) = model.wide[wi];
+                let weights = model.weights(blob);
+                for &id in s.user.ids(slot, seg.user_row) {
+                    w += weights[id as usize];
+                }
+            }
+            s.wide_user[g] = w;
+            if model.fm {
+                let acc = &mut s.fm_user[g * (fm_dim + 1)..(g + 1) * (fm_dim + 1)];
+                for &(ei, off) in &plan.user_emb {
+                    let v = &s.user_vec[off..off + model.emb[ei].dim];
+                    for d in 0..fm_dim {
+                        acc[d] += v[d];
+                        acc[fm_dim] += v[d] * v[d];
+                    }
+                }
+            }
+        }
+
+        // Deep part.
+        s.logits.clear();
+        s.logits.resize(rows, 0.0);
+        if let Some(l0) = model.layers.first() {
+            s.h.clear();
+            s.h.resize(rows * out1, 0.0);
+            for (g, seg) in s.segs.iter().enumerate() {
+                let u = &s.u[g * out1..(g + 1) * out1];
+                for row in seg.start..seg.start + seg.len {
+                    s.h[row * out1..(row + 1) * out1].copy_from_slice(u);
+                }
+            }
+            if k > 0 {
+                matmul(
+                    rows,
+                    out1,
+                    k,
+                    &mut s.h,
+                    &s.x,
+                    k,
+                    &plan.w1_item,
+                    out1 as isize,
+                    1,
+                );
+            }
+            if l0.relu {
+                relu(&mut s.h);
+            }
+            let mut width = out1;
+            let last = model.layers.len() - 1;
+            for (i, l) in model.layers.iter().enumerate().skip(1) {
+                let w = model.weights(l.weight);
+                let b = model.weights(l.bias);
+                if i == last {
+                    // The output layer is one wide (validated): a dot product per row.
+                    for row in 0..rows {
+                        let v = dot(&s.h[row * width..(row + 1) * width], w) + b[0];
+                        s.logits[row] = if l.relu { v.max(0.0) } else { v };
+                    }
+                    break;
+                }
+                s.h2.clear();
+                for _ in 0..rows {
+                    s.h2.extend_from_slice(b);
+                }
+                // rhs[kk][o] = W[o][kk]: row stride 1, column stride in_dim.
+                matmul(
+                    rows,
+                    l.out_dim,
+                    width,
+                    &mut s.h2,
+                    &s.h,
+                    width,
+                    w,
+                    1,
+                    l.in_dim as isize,
+                );
+                if l.relu {
+                    relu(&mut s.h2);
+                }
+                std::mem::swap(&mut s.h, &mut s.h2);
+                width = l.out_dim;
+            }
+            if last == 0 {
+                // A single layer: its one-wide output is the logit.
+                s.logits.copy_from_slice(&s.h[..rows]);
+            }
+        }
+
+        // Wide, FM, sigmoid.
+        let fm_sum = &mut s.fm_sum;
+        for (g, seg) in s.segs.iter().enumerate() {
+            let begin = out.scores.len();
+            for row in seg.start..seg.start + seg.len {
+                let mut logit = s.logits[row] + s.wide_user[g];
+                for &wi in &plan.item_wide {
+                    let (slot, blob) = model.wide[wi];
+                    let weights = model.weights(blob);
+                    for &id in s.items.ids(slot, row) {
+                        logit += weights[id as usize];
+                    }
+                }
+                if model.fm {
+                    let user = &s.fm_user[g * (fm_dim + 1)..(g + 1) * (fm_dim + 1)];
+                    fm_sum.clear();
+                    fm_sum.extend_from_slice(&user[..fm_dim]);
+                    let mut sq = user[fm_dim];
+                    for &(ei, xoff) in &plan.item_emb {
+                        let v = &s.x[row * k + xoff..row * k + xoff + model.emb[ei].dim];
+                        for d in 0..fm_dim {
+                            fm_sum[d] += v[d];
+                            sq += v[d] * v[d];
+                        }
+                    }
+                    let total: f32 = fm_sum.iter().map(|x| x * x).sum();
+                    logit += 0.5 * (total - sq);
+                }
+                out.scores.push(sigmoid(logit));
+            }
+            out.results[base + seg.request] = Ok(begin..out.scores.len());
+        }
+    }
+}
+
+impl InferenceBackend for CpuEngine {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn score(&mut self, model: &Model, requests: &[&dyn Request], out: &mut BatchOutput) {
+        let base = out.results.len();
+        out.results.extend(requests.iter().map(|_| Ok(0..0)));
+        let mut start = 0;
+        let mut key = std::mem::take(&mut self.s.key);
+        let mut next = std::mem::take(&mut self.s.next_key);
+        while start < requests.len() {
+            self.key_for(model, requests[start], &mut key);
+            // Extend the group while the next request has the same shape.
+            let mut end = start + 1;
+            while end < requests.len() {
+                self.key_for(model, requests[end], &mut next);
+                if next != key {
+                    break;
+                }
+                end += 1;
+            }
+            let plan: Rc<Plan> = self.plans.get(model, &key);
+            self.score_group(model, &plan, requests, start..end, out, base);
+            start = end;
+        }
+        self.s.key = key;
+        self.s.next_key = next;
+    }
+}
+
+/// Sum (or mean) of the rows `ids` of `table` into `dst`.
+#[inline]
+fn pool(table: &[f32], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
+    dst.fill(0.0);
+    for &id in ids {
+        let start = id as usize * dim;
+        let row = &table[start..start + dim];
+        for (d, v) in dst.iter_mut().zip(row) {
+            *d += v;
+        }
+    }
+    if mean && ids.len() > 1 {
+        let n = ids.len() as f32;
+        for d in dst.iter_mut() {
+            *d /= n;
+        }
+    }
+}
+
+#[inline]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums let the compiler vectorize without reassociating.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+#[inline]
+fn relu(v: &mut [f32]) {
+    for x in v {
+        *x = x.max(0.0);
+    }
+}
+
+/// `dst[m][n] += lhs[m][k] · rhs[k][n]`, with `dst` row-major (row stride `n`), `lhs` row-major
+/// with row stride `lhs_rs`, and `rhs` addressed as `rhs[kk * rhs_rs + j * rhs_cs]`.
+///
+/// # Panics
+/// If a slice is too short for the shape (a bug in the caller, never input-dependent: shapes
+/// come from a validated model).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: &[f32],
+    lhs_rs: usize,
+    rhs: &[f32],
+    rhs_rs: isize,
+    rhs_cs: isize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n, "dst too short");
+    assert!(
+        lhs_rs >= k && lhs.len() >= (m - 1) * lhs_rs + k,
+        "lhs too short"
+    );
+    assert!(rhs_rs > 0 && rhs_cs > 0, "rhs strides must be positive");
+    let rhs_last = (k - 1) * rhs_rs as usize + (n - 1) * rhs_cs as usize;
+    assert!(rhs.len() > rhs_last, "rhs too short");
+    // SAFETY: every element the product reads or writes lies inside the slices, as asserted
+    // above for the given shapes and strides; `dst` is a unique borrow, so it overlaps neither
+    // `lhs` nor `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            lhs.as_ptr(),
+            1,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_matches_a_plain_loop_for_both_rhs_layouts() {
+        let (m, n, k) = (7, 5, 9);
+        let lhs: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.25 - 1.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 * 0.5 - 1.5).collect(); // [n][k]
+        let mut expected = vec![1.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for kk in 0..k {
+                    expected[i * n + j] += lhs[i * k + kk] * w[j * k + kk];
+                }
+            }
+        }
+        let mut dst = vec![1.0f32; m * n];
+        matmul(m, n, k, &mut dst, &lhs, k, &w, 1, k as isize);
+        for (a, b) in dst.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        // Same with rhs transposed to [k][n].
+        let mut wt = vec![0f32; k * n];
+        for j in 0..n {
+            for kk in 0..k {
+                wt[kk * n + j] = w[j * k + kk];
+            }
+        }
+        let mut dst = vec![1.0f32; m * n];
+        matmul(m, n, k, &mut dst, &lhs, k, &wt, n as isize, 1);
+        for (a, b) in dst.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn dot_handles_tails() {
+        for n in [0, 1, 7, 8, 9, 33] {
+            let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.5).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - want).abs() < 1e-3);
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Inference: a [`Model`] (an open model file plus the views the engines need) and the
+//! [`InferenceBackend`] trait that the CPU engine ([`cpu::CpuEngine`]) implements and a cuBLAS
+//! engine will. The daemon and `rankd-tool score` only see the trait.
+//!
+//! The math is in `docs/model.md`. [`reference`] is an independent, deliberately plain f64
+//! implementation the tests compare against.
+
+pub mod cpu;
+mod plan;
+pub mod reference;
+pub mod request;
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rankd_feature_ops::CompiledSpec;
+use rankd_formats::{Activation, BlobRef, ModelFile, Pooling};
+
+pub use request::{FeatureSet, ItemRow, Request, UserRow};
+
+/// Why a request could not be scored.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A request-level feature is bad.
+    #[error("request features: {0}")]
+    User(#[source] rankd_feature_ops::Error),
+    /// An item's feature is bad.
+    #[error("item {item}: {source}")]
+    Item {
+        /// Index of the item in the request.
+        item: usize,
+        /// What is wrong.
+        #[source]
+        source: rankd_feature_ops::Error,
+    },
+}
+
+/// What a backend produced for a batch of requests: one result per request, each a range of
+/// `scores` (one score per item) or the error that stopped that request alone.
+#[derive(Debug, Default)]
+pub struct BatchOutput {
+    /// Scores of all scored requests, back to back.
+    pub scores: Vec<f32>,
+    /// Per request, in input order.
+    pub results: Vec<Result<Range<usize>, EngineError>>,
+}
+
+impl BatchOutput {
+    /// Clears for reuse, keeping the allocations.
+    pub fn clear(&mut self) {
+        self.scores.clear();
+        self.results.clear();
+    }
+
+    /// The scores of request `i`, or its error.
+    pub fn get(&self, i: usize) -> Result<&[f32], &EngineError> {
+        match &self.results[i] {
+            Ok(r) => Ok(&self.scores[r.clone()]),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Scores requests against models. One instance per core: it owns scratch buffers reused
+/// across calls, so it takes `&mut self`.
+pub trait InferenceBackend {
+    /// Short name for logs and metrics (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+
+    /// Scores every request of `requests` against `model`, appending to `out` one result per
+    /// request. A bad request fails alone; the others are scored.
+    fn score(&mut self, model: &Model, requests: &[&dyn Request], out: &mut BatchOutput);
+}
+
+/// An embedding table as the engines use it.
+#[derive(Clone, Debug)]
+pub(crate) struct EmbView {
+    pub slot: usize,
+    pub dim: usize,
+    pub mean: bool,
+    pub table: BlobRef,
+    /// First column of its pooled output in the deep input.
+    pub col: usize,
+}
+
+/// A dense layer as the engines use it.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerView {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    pub relu: bool,
+    pub weight: BlobRef,
+    pub bias: BlobRef,
+}
+
+static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
+
+/// An open model, ready to score. Immutable; share it through `Arc`.
+#[derive(Debug)]
+pub struct Model {
+    id: u64,
+    file: ModelFile,
+    pub(crate) emb: Vec<EmbView>,
+    /// Dense slots and their deep-input column.
+    pub(crate) dense: Vec<(usize, usize)>,
+    pub(crate) wide: Vec<(usize, BlobRef)>,
+    pub(crate) wide_bias: Option<f32>,
+    pub(crate) layers: Vec<LayerView>,
+    pub(crate) fm: bool,
+    pub(crate) deep_in: usize,
+}
+
+impl Model {
+    /// Wraps an opened (and so validated) model file.
+    pub fn new(file: ModelFile) -> Model {
+        let spec = file.spec().clone();
+        let compiled = file.compiled();
+        let slot = |name: &str| {
+            compiled
+                .slot_index(name)
+                .expect("slot names were validated at open")
+        };
+        let mut col = 0;
+        let mut emb = Vec::new();
+        for e in &spec.architecture.embeddings {
+            emb.push(EmbView {
+                slot: slot(&e.slot),
+                dim: e.dim as usize,
+                mean: e.pooling == Pooling::Mean,
+                table: e.weights,
+                col,
+            });
+            col += e.dim as usize;
+        }
+        let mut dense = Vec::new();
+        for d in &spec.architecture.dense_inputs {
+            dense.push((slot(d), col));
+            col += 1;
+        }
+        let wide = spec
+            .architecture
+            .wide
+            .as_ref()
+            .map(|w| w.slots.iter().map(|s| (slot(&s.slot), s.weights)).collect())
+            .unwrap_or_default();
+        let layers = spec
+            .architecture
+            .deep
+            .iter()
+            .map(|l| LayerView {
+                in_dim: l.in_dim as usize,
+                out_dim: l.out_dim as usize,
+                relu: l.activation == Activation::Relu,
+                weight: l.weight,
+                bias: l.bias,
+            })
+            .collect();
+        Model {
+            id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
+            emb,
+            dense,
+            wide,
+            wide_bias: spec.architecture.wide.as_ref().map(|w| w.bias),
+            layers,
+            fm: spec.architecture.fm,
+            deep_in: col,
+            file,
+        }
+    }
+
+    /// Opens and validates a model file.
+    pub fn open(path: impl AsRef<std::path::Path>) -> Result<Model, rankd_formats::FormatError> {
+        Ok(Model::new(ModelFile::open(path)?))
+    }
+
+    /// A process-unique id (engines key their per-model caches by it).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The model file.
+    pub fn file(&self) -> &ModelFile {
+        &self.file
+    }
+
+    /// The compiled feature spec.
+    pub fn features(&self) -> &CompiledSpec {
+        self.file.compiled()
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.file.spec().metadata.name
+    }
+
+    /// The model's version.
+    pub fn version(&self) -> u64 {
+        self.file.spec().metadata.version
+    }
+
+    /// Width of the deep input (pooled embeddings, then dense values).
+    pub fn deep_input_dim(&self) -> usize {
+        self.deep_in
+    }
+
+    /// Multiply-adds per item of the deep part without the request-level split.
+    pub fn deep_macs_per_item(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| (l.in_dim * l.out_dim) as u64)
+            .sum()
+    }
+
+    pub(crate) fn weights(&self, b: BlobRef) -> &[f32] {
+        self.file.weights(b)
+    }
+
+    pub(crate) fn num_slots(&self) -> usize {
+        self.features().slots().len()
+    }
+}
+
+/// The logistic function, computed so that large |x| neither overflows nor loses the sign.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}

@@ -1,0 +1,148 @@
+//! The request-level split: which slots, deep-input columns and first-layer weights are per item
+//! and which are computed once per request, for a given set of item-carried features.
+//!
+//! A slot is *item-level* when any raw feature it depends on is carried by an item of the
+//! request; otherwise it is the same for every item and is computed once. The first deep layer
+//! is split accordingly: `h1 = relu(W_item x_item + (W_user x_user + b))`, the bracket once per
+//! request. Plans are cached per core, keyed by model and feature set, because a client sends
+//! the same shape of request again and again.
+
+use super::{FeatureSet, Model};
+
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// Slots computed per item (item-level slots and the inputs of item-level crosses).
+    pub item_mask: Vec<bool>,
+    /// Slots computed once per request.
+    pub user_mask: Vec<bool>,
+    /// Embedding tables (indices into `Model::emb`) per item / per request, with the column of
+    /// their pooled output in the item matrix X or in the user vector.
+    pub item_emb: Vec<(usize, usize)>,
+    pub user_emb: Vec<(usize, usize)>,
+    /// Dense slots (indices into `Model::dense`) with their column in X / the user vector.
+    pub item_dense: Vec<(usize, usize)>,
+    pub user_dense: Vec<(usize, usize)>,
+    /// Wide slots (indices into `Model::wide`).
+    pub item_wide: Vec<usize>,
+    pub user_wide: Vec<usize>,
+    /// Widths of X (per item) and of the user vector.
+    pub k_item: usize,
+    pub k_user: usize,
+    /// First-layer weights for X's columns, `[k_item][out]` (W1 transposed and gathered).
+    pub w1_item: Vec<f32>,
+    /// First-layer weights for the user vector's columns, `[k_user][out]`.
+    pub w1_user: Vec<f32>,
+}
+
+impl Plan {
+    pub fn new(model: &Model, item_features: &FeatureSet) -> Plan {
+        let spec = model.features();
+        let n = model.num_slots();
+        let mut item_level = vec![false; n];
+        for (s, info) in spec.slots().iter().enumerate() {
+            item_level[s] = info.features.iter().any(|&f| item_features.contains(f));
+        }
+        let mut item_mask = item_level.clone();
+        // Crosses read their inputs' ids from the same batch: item-level crosses need their
+        // inputs per item too. Inputs come before the cross, so one backward pass suffices.
+        for s in (0..n).rev() {
+            if item_mask[s] {
+                for &i in &spec.slots()[s].inputs {
+                    item_mask[i] = true;
+                }
+            }
+        }
+        let user_mask: Vec<bool> = item_level.iter().map(|&x| !x).collect();
+
+        let mut plan = Plan {
+            item_mask,
+            user_mask,
+            item_emb: Vec::new(),
+            user_emb: Vec::new(),
+            item_dense: Vec::new(),
+            user_dense: Vec::new(),
+            item_wide: Vec::new(),
+            user_wide: Vec::new(),
+            k_item: 0,
+            k_user: 0,
+            w1_item: Vec::new(),
+            w1_user: Vec::new(),
+        };
+        // Deep-input columns in model order, split in two.
+        let mut item_cols = Vec::new();
+        let mut user_cols = Vec::new();
+        for (i, e) in model.emb.iter().enumerate() {
+            let (list, cols) = if item_level[e.slot] {
+                (&mut plan.item_emb, &mut item_cols)
+            } else {
+                (&mut plan.user_emb, &mut user_cols)
+            };
+            list.push((i, cols.len()));
+            cols.extend(e.col..e.col + e.dim);
+        }
+        for (i, &(slot, col)) in model.dense.iter().enumerate() {
+            let (list, cols) = if item_level[slot] {
+                (&mut plan.item_dense, &mut item_cols)
+            } else {
+                (&mut plan.user_dense, &mut user_cols)
+            };
+            list.push((i, cols.len()));
+            cols.push(col);
+        }
+        for (i, &(slot, _)) in model.wide.iter().enumerate() {
+            if item_level[slot] {
+                plan.item_wide.push(i);
+            } else {
+                plan.user_wide.push(i);
+            }
+        }
+        plan.k_item = item_cols.len();
+        plan.k_user = user_cols.len();
+        if let Some(l) = model.layers.first() {
+            let w = model.weights(l.weight);
+            let gather = |cols: &[usize]| {
+                let mut out = vec![0f32; cols.len() * l.out_dim];
+                for (j, &c) in cols.iter().enumerate() {
+                    for o in 0..l.out_dim {
+                        out[j * l.out_dim + o] = w[o * l.in_dim + c];
+                    }
+                }
+                out
+            };
+            plan.w1_item = gather(&item_cols);
+            plan.w1_user = gather(&user_cols);
+        }
+        plan
+    }
+}
+
+/// A small per-core cache of plans, least recently used first out.
+#[derive(Debug, Default)]
+pub(crate) struct PlanCache {
+    entries: Vec<(u64, FeatureSet, std::rc::Rc<Plan>)>,
+}
+
+const PLAN_CACHE_LEN: usize = 16;
+
+impl PlanCache {
+    pub fn get(&mut self, model: &Model, key: &FeatureSet) -> std::rc::Rc<Plan> {
+        if let Some(pos) = self
+            .entries
+            .iter()
+            .position(|(id, k, _)| *id == model.id() && k == key)
+        {
+            if pos != 0 {
+                let e = self.entries.remove(pos);
+                self.entries.insert(0, e);
+            }
+            return self.entries[0].2.clone();
+        }
+        let plan = std::rc::Rc::new(Plan::new(model, key));
+        if self.entries.len() == PLAN_CACHE_LEN {
+            self.entries.pop();
+        }
+        self.entries
+            .insert(0, (model.id(), key.clone(), plan.clone()));
+        plan
+    }
+}

@@ -1,0 +1,93 @@
+//! A deliberately plain implementation of the model math in f64: one item at a time, no
+//! request-level split, no batching, weights read from the file's own description. Tests compare
+//! the engines against it; it is far too slow to serve.
+
+use rankd_feature_ops::SlotBatch;
+use rankd_formats::{Activation, Pooling};
+
+use super::{EngineError, ItemRow, Model, Request, UserRow};
+
+/// Scores every item of `req` in f64.
+pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> {
+    let spec = model.file().spec();
+    let compiled = model.features();
+    let arch = &spec.architecture;
+    let slot = |name: &str| compiled.slot_index(name).expect("validated slot");
+    // Request-level values must be valid even when every item overrides them.
+    compiled
+        .transform_row(&UserRow(req), &mut SlotBatch::new())
+        .map_err(EngineError::User)?;
+    let mut scores = Vec::with_capacity(req.num_items());
+    for item in 0..req.num_items() {
+        let mut b = SlotBatch::new();
+        compiled
+            .transform_row(&ItemRow { request: req, item }, &mut b)
+            .map_err(|source| EngineError::Item { item, source })?;
+        let mut x: Vec<f64> = Vec::new();
+        let mut fields: Vec<Vec<f64>> = Vec::new();
+        for e in &arch.embeddings {
+            let table = model.file().weights(e.weights);
+            let ids = b.ids(slot(&e.slot), 0);
+            let dim = e.dim as usize;
+            let mut v = vec![0f64; dim];
+            for &id in ids {
+                for d in 0..dim {
+                    v[d] += f64::from(table[id as usize * dim + d]);
+                }
+            }
+            if e.pooling == Pooling::Mean {
+                for d in v.iter_mut() {
+                    *d /= ids.len() as f64;
+                }
+            }
+            x.extend_from_slice(&v);
+            fields.push(v);
+        }
+        for d in &arch.dense_inputs {
+            x.push(f64::from(b.dense(slot(d), 0)));
+        }
+        let mut logit = 0f64;
+        if !arch.deep.is_empty() {
+            let mut h = x;
+            for l in &arch.deep {
+                let w = model.file().weights(l.weight);
+                let bias = model.file().weights(l.bias);
+                let (i_n, o_n) = (l.in_dim as usize, l.out_dim as usize);
+                let mut next = vec![0f64; o_n];
+                for o in 0..o_n {
+                    let mut acc = f64::from(bias[o]);
+                    for i in 0..i_n {
+                        acc += f64::from(w[o * i_n + i]) * h[i];
+                    }
+                    next[o] = match l.activation {
+                        Activation::Relu => acc.max(0.0),
+                        Activation::None => acc,
+                    };
+                }
+                h = next;
+            }
+            logit += h[0];
+        }
+        if let Some(wide) = &arch.wide {
+            logit += f64::from(wide.bias);
+            for s in &wide.slots {
+                let w = model.file().weights(s.weights);
+                for &id in b.ids(slot(&s.slot), 0) {
+                    logit += f64::from(w[id as usize]);
+                }
+            }
+        }
+        if arch.fm {
+            let dim = fields[0].len();
+            let mut fm = 0f64;
+            for d in 0..dim {
+                let sum: f64 = fields.iter().map(|f| f[d]).sum();
+                let sq: f64 = fields.iter().map(|f| f[d] * f[d]).sum();
+                fm += sum * sum - sq;
+            }
+            logit += 0.5 * fm;
+        }
+        scores.push(1.0 / (1.0 + (-logit).exp()));
+    }
+    Ok(scores)
+}

@@ -1,0 +1,129 @@
+//! What the engines read a request through: request-level (user) values and per-item values,
+//! by model feature index. Adapters over FlatBuffers bodies and JSON lines resolve feature names
+//! to indices once per request.
+
+use rankd_feature_ops::{Row, Value};
+
+/// One scoring request: one user, many items.
+pub trait Request {
+    /// Request-level value of model feature `feature`.
+    fn user_value(&self, feature: usize) -> Value<'_>;
+    /// Number of items.
+    fn num_items(&self) -> usize;
+    /// Value of model feature `feature` on item `item` (missing if the item does not carry it).
+    fn item_value(&self, item: usize, feature: usize) -> Value<'_>;
+    /// Adds to `set` every model feature that at least one item carries.
+    fn item_features(&self, set: &mut FeatureSet);
+}
+
+/// A set of feature indices (a bitset); the key of the engines' plan caches.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FeatureSet {
+    words: Vec<u64>,
+}
+
+impl FeatureSet {
+    /// An empty set sized for `n` features.
+    pub fn with_capacity(n: usize) -> Self {
+        FeatureSet {
+            words: vec![0; n.div_ceil(64)],
+        }
+    }
+
+    /// Empties the set and sizes it for `n` features, keeping the allocation.
+    pub fn reset(&mut self, n: usize) {
+        self.words.clear();
+        self.words.resize(n.div_ceil(64), 0);
+    }
+
+    /// Adds feature `i`.
+    #[inline]
+    pub fn insert(&mut self, i: usize) {
+        let w = i / 64;
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+        }
+        self.words[w] |= 1 << (i % 64);
+    }
+
+    /// Whether feature `i` is in the set.
+    #[inline]
+    pub fn contains(&self, i: usize) -> bool {
+        self.words
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Adds features `0..n`.
+    pub fn insert_all(&mut self, n: usize) {
+        for i in 0..n {
+            self.insert(i);
+        }
+    }
+}
+
+/// The row of item `item`: its own value where it has one, else the request-level value.
+#[allow(missing_debug_implementations)] // holds only a `dyn Request`
+#[derive(Clone, Copy)]
+pub struct ItemRow<'a> {
+    /// The request.
+    pub request: &'a dyn Request,
+    /// The item.
+    pub item: usize,
+}
+
+impl Row for ItemRow<'_> {
+    #[inline]
+    fn value(&self, feature: usize) -> Value<'_> {
+        match self.request.item_value(self.item, feature) {
+            Value::Missing => self.request.user_value(feature),
+            v => v,
+        }
+    }
+}
+
+/// The request-level row.
+#[allow(missing_debug_implementations)] // holds only a `dyn Request`
+#[derive(Clone, Copy)]
+pub struct UserRow<'a>(pub &'a dyn Request);
+
+impl Row for UserRow<'_> {
+    #[inline]
+    fn value(&self, feature: usize) -> Value<'_> {
+        self.0.user_value(feature)
+    }
+}
+
+/// A request held as plain vectors indexed by model feature: for tests, benchmarks and callers
+/// that already have values in model order.
+#[derive(Debug, Default, Clone)]
+pub struct DenseRequest<'a> {
+    /// Request-level values, by model feature index.
+    pub user: Vec<Value<'a>>,
+    /// Per item, values by model feature index.
+    pub items: Vec<Vec<Value<'a>>>,
+}
+
+impl Request for DenseRequest<'_> {
+    fn user_value(&self, feature: usize) -> Value<'_> {
+        self.user.get(feature).copied().unwrap_or_default()
+    }
+
+    fn num_items(&self) -> usize {
+        self.items.len()
+    }
+
+    fn item_value(&self, item: usize, feature: usize) -> Value<'_> {
+        self.items[item].get(feature).copied().unwrap_or_default()
+    }
+
+    fn item_features(&self, set: &mut FeatureSet) {
+        for item in &self.items {
+            for (f, v) in item.iter().enumerate() {
+                if !matches!(v, Value::Missing) {
+                    set.insert(f);
+                }
+            }
+        }
+    }
+}

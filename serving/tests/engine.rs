@@ -1,0 +1,200 @@
+//! The CPU engine against the plain f64 reference, for every model kind, with multi-valued
+//! slots, missing values, unknown categories, request-level overrides, split on and off, and
+//! several requests per batch.
+
+use rankd_feature_ops::Value;
+use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
+use rankd_serving::engine::cpu::{CpuEngine, Split};
+use rankd_serving::engine::request::DenseRequest;
+use rankd_serving::engine::{
+    reference, BatchOutput, EngineError, InferenceBackend, Model, Request,
+};
+
+const TOLERANCE: f64 = 1e-5;
+
+fn model(kind: ModelKind, dir: &std::path::Path) -> Model {
+    let path = dir.join(format!("{kind:?}.rkm"));
+    write_synthetic(
+        &path,
+        &SynthOptions {
+            kind,
+            dim: 8,
+            hidden: vec![24, 12],
+            item_buckets: 500,
+            seed: 42,
+            ..SynthOptions::default()
+        },
+    )
+    .unwrap();
+    Model::open(&path).unwrap()
+}
+
+/// Feature order of the synthetic spec: user_age, user_city, hour, item_id, item_tags, item_price.
+struct Owned {
+    tags: Vec<Vec<String>>,
+}
+
+fn owned(n: usize) -> Owned {
+    let pool = ["news", "sport", "unknown-tag", "film", "zzz"];
+    Owned {
+        tags: (0..n)
+            .map(|i| {
+                (0..(i % 4))
+                    .map(|j| pool[(i + j) % pool.len()].to_string())
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+fn request<'a>(o: &'a Owned, n: usize, variant: usize) -> DenseRequest<'a> {
+    let cities = ["Paris", "Atlantis", "Tokyo"];
+    let user = vec![
+        if variant % 3 == 2 {
+            Value::Missing
+        } else {
+            Value::F64(31.5 + variant as f64)
+        },
+        Value::Str(cities[variant % 3]),
+        Value::Int((variant as i64 * 5) % 30),
+        Value::Missing,
+        Value::Missing,
+        Value::Missing,
+    ];
+    let items = (0..n)
+        .map(|i| {
+            let mut v = vec![Value::Missing; 6];
+            v[3] = if i % 7 == 6 {
+                Value::Missing
+            } else {
+                Value::Int(i as i64 * 7919)
+            };
+            v[4] = Value::StrList(&o.tags[i]);
+            v[5] = if i % 5 == 4 {
+                Value::Missing
+            } else {
+                Value::F64(i as f64 * 0.37)
+            };
+            if i % 6 == 1 {
+                // An item overriding a request-level feature.
+                v[1] = Value::Str("Lima");
+            }
+            v
+        })
+        .collect();
+    DenseRequest { user, items }
+}
+
+fn check(model: &Model, engine: &mut CpuEngine, reqs: &[&dyn Request]) {
+    let mut out = BatchOutput::default();
+    engine.score(model, reqs, &mut out);
+    assert_eq!(out.results.len(), reqs.len());
+    for (i, r) in reqs.iter().enumerate() {
+        let want = reference::score(model, *r).unwrap();
+        let got = out.get(i).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= TOLERANCE,
+                "{} request {i} item {j}: engine {g} vs reference {w}",
+                model.file().spec().architecture.kind()
+            );
+        }
+    }
+}
+
+#[test]
+fn engine_matches_reference_for_every_kind_and_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(64);
+    for kind in [
+        ModelKind::Wide,
+        ModelKind::Deep,
+        ModelKind::WideDeep,
+        ModelKind::DeepFm,
+    ] {
+        let m = model(kind, dir.path());
+        for split in [Split::RequestLevel, Split::Off] {
+            let mut engine = CpuEngine::with_split(split);
+            for (n, variant) in [(1, 0), (17, 1), (64, 2), (3, 3)] {
+                let r = request(&o, n, variant);
+                check(&m, &mut engine, &[&r]);
+            }
+            // Several requests in one call, with different shapes (one carries no item
+            // override, so its plan differs).
+            let a = request(&o, 9, 0);
+            let b = request(&o, 2, 1);
+            let mut c = request(&o, 5, 2);
+            for item in &mut c.items {
+                item[1] = Value::Missing;
+            }
+            let d = request(&o, 30, 4);
+            check(&m, &mut engine, &[&a, &b, &c, &d]);
+        }
+    }
+}
+
+#[test]
+fn the_split_does_not_change_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(50);
+    let m = model(ModelKind::DeepFm, dir.path());
+    let r = request(&o, 50, 1);
+    let mut a = BatchOutput::default();
+    let mut b = BatchOutput::default();
+    CpuEngine::with_split(Split::RequestLevel).score(&m, &[&r], &mut a);
+    CpuEngine::with_split(Split::Off).score(&m, &[&r], &mut b);
+    let (a, b) = (a.get(0).unwrap(), b.get(0).unwrap());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+    }
+    // Scores vary across items (the test is not comparing constants).
+    assert!(a.iter().any(|&x| (x - a[0]).abs() > 1e-4));
+}
+
+#[test]
+fn a_bad_request_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(10);
+    let m = model(ModelKind::WideDeep, dir.path());
+    let good = request(&o, 10, 0);
+    let mut bad_item = request(&o, 10, 1);
+    bad_item.items[4][3] = Value::Str("not-an-int");
+    let mut bad_user = request(&o, 3, 2);
+    bad_user.user[0] = Value::Str("old");
+    let mut engine = CpuEngine::new();
+    let mut out = BatchOutput::default();
+    engine.score(&m, &[&good, &bad_item, &bad_user, &good], &mut out);
+    match &out.results[1] {
+        Err(EngineError::Item { item: 4, source }) => {
+            assert!(source.to_string().contains("`item_id`"), "{source}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(&out.results[2], Err(EngineError::User(_))));
+    let want = reference::score(&m, &good).unwrap();
+    for i in [0, 3] {
+        let got = out.get(i).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((f64::from(*g) - w).abs() <= TOLERANCE);
+        }
+    }
+    // The engine is reusable after errors.
+    out.clear();
+    engine.score(&m, &[&good], &mut out);
+    assert_eq!(out.get(0).unwrap().len(), 10);
+}
+
+#[test]
+fn empty_requests_and_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(1);
+    let m = model(ModelKind::Deep, dir.path());
+    let empty = request(&o, 0, 0);
+    let mut out = BatchOutput::default();
+    CpuEngine::new().score(&m, &[&empty], &mut out);
+    assert_eq!(out.get(0).unwrap(), &[] as &[f32]);
+    out.clear();
+    CpuEngine::new().score(&m, &[], &mut out);
+    assert!(out.results.is_empty());
+}
