@@ -46,6 +46,9 @@ pub enum FormatError {
     /// The feature spec does not compile.
     #[error(transparent)]
     FeatureSpec(#[from] rankd_feature_ops::Error),
+    /// A model config (TOML) or a set of tensors does not fit together.
+    #[error("model config: {0}")]
+    Config(String),
     /// The model breaks one of the format's invariants (shapes, names, blob placement).
     #[error("invalid model: {0}")]
     Invalid(String),

@@ -10,6 +10,7 @@
 //!   in place through [`ModelFile::weights`], never copied.
 //! - [`ModelSpec`] is the owned description both sides share.
 
+pub mod config;
 mod error;
 mod fbconv;
 mod layout;

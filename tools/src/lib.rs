@@ -1,6 +1,9 @@
 //! The logic behind `rankd-tool`: each subcommand is a function here, `main.rs` only parses
 //! arguments. Output goes to a `Write` so tests can read it.
 
+pub mod import;
+pub mod score;
+
 use std::fmt::Write as _;
 use std::io::Write;
 use std::path::Path;

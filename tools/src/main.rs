@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
 
@@ -42,6 +42,35 @@ enum Command {
         /// Model files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Build a model file from a model config (TOML) and PyTorch weights (safetensors).
+    Import {
+        /// Model config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Weights: embedding.<slot>, wide.<slot>, wide.bias, deep.<i>.weight, deep.<i>.bias.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Model name.
+        #[arg(long)]
+        name: String,
+        /// Model version.
+        #[arg(long)]
+        version: u64,
+        /// Output model file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Score JSON-lines requests offline; one {"scores": [...]} line per request.
+    Score {
+        /// The model file.
+        model: PathBuf,
+        /// Requests, one JSON object per line: {"user": {...}, "items": [{...}, ...]}.
+        #[arg(long)]
+        requests: PathBuf,
+        /// Where to write the results (default: standard output).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
     /// Write a model with synthetic weights (for tests, benchmarks and demos).
     Synth {
@@ -81,10 +110,61 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let mut stdout = std::io::stdout().lock();
     match cli.command {
-        Command::Inspect { file, json } => rankd_tools::inspect(&file, json, &mut stdout),
-        Command::Validate { files } => rankd_tools::validate(&files, &mut stdout),
+        Command::Inspect { file, json } => {
+            rankd_tools::inspect(&file, json, &mut std::io::stdout().lock())
+        }
+        Command::Validate { files } => rankd_tools::validate(&files, &mut std::io::stdout().lock()),
+        Command::Import {
+            config,
+            weights,
+            name,
+            version,
+            output,
+        } => {
+            let written = rankd_tools::import::import(&rankd_tools::import::ImportOptions {
+                config: &config,
+                weights: &weights,
+                name,
+                version,
+                output: &output,
+            })?;
+            println!("wrote {} ({} bytes)", output.display(), written.file_len);
+            Ok(())
+        }
+        Command::Score {
+            model,
+            requests,
+            output,
+        } => {
+            let model = rankd_serving::engine::Model::open(&model)
+                .with_context(|| format!("cannot open {}", model.display()))?;
+            let input = std::fs::File::open(&requests)
+                .with_context(|| format!("cannot open {}", requests.display()))?;
+            let mut input = std::io::BufReader::new(input);
+            let mut out: Box<dyn std::io::Write> = match &output {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("cannot create {}", p.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let summary = rankd_tools::score::score(
+                &model,
+                &mut input,
+                &mut out,
+                &mut std::io::stderr().lock(),
+            )?;
+            out.flush()?;
+            if summary.failed > 0 {
+                anyhow::bail!(
+                    "{} of {} requests failed (see the error lines)",
+                    summary.failed,
+                    summary.ok + summary.failed
+                );
+            }
+            Ok(())
+        }
         Command::Synth {
             output,
             name,

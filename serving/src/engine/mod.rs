@@ -6,6 +6,7 @@
 //! implementation the tests compare against.
 
 pub mod cpu;
+pub mod json;
 mod plan;
 pub mod reference;
 pub mod request;
