@@ -534,6 +534,19 @@ impl CompiledSpec {
                     self.check_row_len(s, combos)?;
                     cross(done, inputs, strides, row_idx, &mut col.ids);
                 }
+                Op::Combinehash { features, buckets } if features.len() == 1 => {
+                    // One scalar input: hash it directly, without the incremental builder.
+                    let h = match self.value(row, features[0])? {
+                        Value::Int(v) => Some(hash_int(self.seed, v)),
+                        Value::Str(v) => Some(hash_str(self.seed, v)),
+                        Value::Missing => None,
+                        v => Some(self.hash_values(&[v])),
+                    };
+                    col.ids.push(match h {
+                        Some(h) => (h % u64::from(*buckets)) as u32,
+                        None => *buckets,
+                    });
+                }
                 Op::Combinehash { features, buckets } => {
                     let mut hasher = ValueHasher::new(self.seed);
                     let mut missing = false;
@@ -571,6 +584,21 @@ impl CompiledSpec {
             col.offsets.push(col.ids.len() as u32);
         }
         Ok(())
+    }
+
+    /// `H` over the elements of `values` (scalars and lists), in order.
+    fn hash_values(&self, values: &[Value<'_>]) -> u64 {
+        let mut hasher = ValueHasher::new(self.seed);
+        for v in values {
+            match *v {
+                Value::Int(v) => hasher.int(v),
+                Value::Str(v) => hasher.str(v),
+                Value::IntList(l) => (0..l.len()).for_each(|i| hasher.int(l.get(i))),
+                Value::StrList(l) => (0..l.len()).for_each(|i| hasher.str(l.get(i))),
+                Value::Missing | Value::F32(_) | Value::F64(_) => {}
+            }
+        }
+        hasher.finish()
     }
 
     fn check_row_len(&self, slot: usize, count: u64) -> Result<()> {

@@ -142,7 +142,7 @@ impl ModelConfig {
             )));
         }
         let mut table = table;
-        table.retain(|k, _| KEYS.contains(&k.as_ref()));
+        table.retain(|k, _| KEYS.contains(&k));
         let config: ModelConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| FormatError::Config(e.to_string()))?;
@@ -350,4 +350,25 @@ pub fn write_model(
         },
     };
     w.finish(&spec)
+}
+
+/// In-memory tensors by name: `(shape, values)`. What the trainer and benchmarks hand to
+/// [`write_model`].
+pub type TensorMap = std::collections::BTreeMap<String, (Vec<u64>, Vec<f32>)>;
+
+impl Tensors for TensorMap {
+    fn shape(&self, name: &str) -> Option<Vec<u64>> {
+        self.get(name).map(|(s, _)| s.clone())
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
+
+    fn read(&self, name: &str, f: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let (_, values) = self
+            .get(name)
+            .ok_or_else(|| FormatError::Config(format!("tensor `{name}` is missing")))?;
+        f(values)
+    }
 }

@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+type Mutation = Box<dyn Fn(&mut Tensors)>;
+
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/numpy")
@@ -79,7 +82,7 @@ fn imported_model_scores_like_numpy() {
 }
 
 /// Writes a safetensors file by hand (header length, JSON header, data).
-fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+fn write_safetensors(path: &Path, tensors: &Tensors) {
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
     for (name, (shape, values)) in tensors {
@@ -103,7 +106,7 @@ fn write_safetensors(path: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f3
 }
 
 /// The numpy case's tensors, read back from its safetensors file.
-fn numpy_tensors() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+fn numpy_tensors() -> Tensors {
     let bytes = std::fs::read(data("weights.safetensors")).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
@@ -138,10 +141,7 @@ fn numpy_tensors() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
 fn import_names_the_tensor_that_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let good = numpy_tensors();
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(&mut BTreeMap<String, (Vec<usize>, Vec<f32>)>)>,
-    )> = vec![
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "tensor `deep.1.bias` is missing; expected shape [8]",
             Box::new(|t| {

@@ -141,8 +141,8 @@ impl CpuEngine {
 
         // X: pooled item-level embeddings and dense values.
         let k = plan.k_item;
-        s.x.clear();
-        s.x.resize(rows * k, 0.0);
+        // Every element of X is written below: grow only, never clear.
+        grow(&mut s.x, rows * k);
         for &(ei, xoff) in &plan.item_emb {
             let e = &model.emb[ei];
             let table = model.weights(e.table);
@@ -155,8 +155,8 @@ impl CpuEngine {
         for &(di, xoff) in &plan.item_dense {
             let slot = model.dense[di].0;
             let dense = &s.items.column(slot).dense;
-            for row in 0..rows {
-                s.x[row * k + xoff] = dense[row];
+            for (row, &v) in dense.iter().enumerate().take(rows) {
+                s.x[row * k + xoff] = v;
             }
         }
 
@@ -222,84 +222,49 @@ impl CpuEngine {
         s.logits.clear();
         s.logits.resize(rows, 0.0);
         if let Some(l0) = model.layers.first() {
-            s.h.clear();
-            s.h.resize(rows * out1, 0.0);
+            grow(&mut s.h, rows * out1);
+            matmul(
+                rows,
+                out1,
+                k,
+                &mut s.h,
+                &s.x,
+                k,
+                &plan.w1_item,
+                out1 as isize,
+                1,
+                false,
+            );
+            // The request-level part (bias included) is added with the activation, per request.
             for (g, seg) in s.segs.iter().enumerate() {
                 let u = &s.u[g * out1..(g + 1) * out1];
-                for row in seg.start..seg.start + seg.len {
-                    s.h[row * out1..(row + 1) * out1].copy_from_slice(u);
-                }
-            }
-            if k > 0 {
-                matmul(
-                    rows,
-                    out1,
-                    k,
-                    &mut s.h,
-                    &s.x,
-                    k,
-                    &plan.w1_item,
-                    out1 as isize,
-                    1,
+                bias_act(
+                    &mut s.h[seg.start * out1..(seg.start + seg.len) * out1],
+                    u,
+                    l0.relu,
                 );
             }
-            if l0.relu {
-                relu(&mut s.h);
-            }
-            let mut width = out1;
-            let last = model.layers.len() - 1;
-            for (i, l) in model.layers.iter().enumerate().skip(1) {
-                let w = model.weights(l.weight);
-                let b = model.weights(l.bias);
-                if i == last {
-                    // The output layer is one wide (validated): a dot product per row.
-                    for row in 0..rows {
-                        let v = dot(&s.h[row * width..(row + 1) * width], w) + b[0];
-                        s.logits[row] = if l.relu { v.max(0.0) } else { v };
-                    }
-                    break;
+            upper_layers(model, &mut s.h, &mut s.h2, &mut s.logits, rows);
+        }
+
+        // Wide: slot by slot, so each table is resolved once.
+        for &wi in &plan.item_wide {
+            let (slot, blob) = model.wide[wi];
+            let weights = model.weights(blob);
+            let col = s.items.column(slot);
+            for (row, logit) in s.logits.iter_mut().enumerate() {
+                for &id in col.row_ids(row) {
+                    *logit += weights[id as usize];
                 }
-                s.h2.clear();
-                for _ in 0..rows {
-                    s.h2.extend_from_slice(b);
-                }
-                // rhs[kk][o] = W[o][kk]: row stride 1, column stride in_dim.
-                matmul(
-                    rows,
-                    l.out_dim,
-                    width,
-                    &mut s.h2,
-                    &s.h,
-                    width,
-                    w,
-                    1,
-                    l.in_dim as isize,
-                );
-                if l.relu {
-                    relu(&mut s.h2);
-                }
-                std::mem::swap(&mut s.h, &mut s.h2);
-                width = l.out_dim;
-            }
-            if last == 0 {
-                // A single layer: its one-wide output is the logit.
-                s.logits.copy_from_slice(&s.h[..rows]);
             }
         }
 
-        // Wide, FM, sigmoid.
+        // FM, the request-level wide part, sigmoid.
         let fm_sum = &mut s.fm_sum;
         for (g, seg) in s.segs.iter().enumerate() {
             let begin = out.scores.len();
             for row in seg.start..seg.start + seg.len {
                 let mut logit = s.logits[row] + s.wide_user[g];
-                for &wi in &plan.item_wide {
-                    let (slot, blob) = model.wide[wi];
-                    let weights = model.weights(blob);
-                    for &id in s.items.ids(slot, row) {
-                        logit += weights[id as usize];
-                    }
-                }
                 if model.fm {
                     let user = &s.fm_user[g * (fm_dim + 1)..(g + 1) * (fm_dim + 1)];
                     fm_sum.clear();
@@ -353,6 +318,96 @@ impl InferenceBackend for CpuEngine {
     }
 }
 
+/// Runs layers `1..` on `h` (the first layer's activated output, `rows` rows) and writes the
+/// final one-wide output to `logits`.
+fn upper_layers(
+    model: &Model,
+    h: &mut Vec<f32>,
+    h2: &mut Vec<f32>,
+    logits: &mut [f32],
+    rows: usize,
+) {
+    let mut width = model.layers[0].out_dim;
+    let last = model.layers.len() - 1;
+    if last == 0 {
+        // A single layer: its one-wide output is the logit.
+        logits.copy_from_slice(&h[..rows]);
+        return;
+    }
+    for (i, l) in model.layers.iter().enumerate().skip(1) {
+        let w = model.weights(l.weight);
+        let b = model.weights(l.bias);
+        if i == last {
+            // The output layer is one wide (validated): a dot product per row.
+            for (row, logit) in logits.iter_mut().enumerate().take(rows) {
+                let v = dot(&h[row * width..(row + 1) * width], w) + b[0];
+                *logit = if l.relu { v.max(0.0) } else { v };
+            }
+            return;
+        }
+        grow(h2, rows * l.out_dim);
+        // rhs[kk][o] = W[o][kk]: row stride 1, column stride in_dim.
+        matmul(
+            rows,
+            l.out_dim,
+            width,
+            h2,
+            h,
+            width,
+            w,
+            1,
+            l.in_dim as isize,
+            false,
+        );
+        bias_act(&mut h2[..rows * l.out_dim], b, l.relu);
+        std::mem::swap(h, h2);
+        width = l.out_dim;
+    }
+}
+
+impl CpuEngine {
+    /// Runs only the deep layers on a ready input matrix `x` (`rows` rows of
+    /// [`Model::deep_input_dim`] values), without the split, and writes one logit per row to
+    /// `out`. For benchmarks of the dense math alone and for cross-checking other backends.
+    ///
+    /// # Panics
+    /// If the model has no deep part or `x` is shorter than `rows` rows.
+    pub fn forward_dense(&mut self, model: &Model, x: &[f32], rows: usize, out: &mut Vec<f32>) {
+        let l0 = model.layers.first().expect("the model has a deep part");
+        let s = &mut self.s;
+        grow(&mut s.h, rows * l0.out_dim);
+        matmul(
+            rows,
+            l0.out_dim,
+            l0.in_dim,
+            &mut s.h,
+            x,
+            l0.in_dim,
+            model.weights(l0.weight),
+            1,
+            l0.in_dim as isize,
+            false,
+        );
+        bias_act(
+            &mut s.h[..rows * l0.out_dim],
+            model.weights(l0.bias),
+            l0.relu,
+        );
+        out.clear();
+        out.resize(rows, 0.0);
+        upper_layers(model, &mut s.h, &mut s.h2, out, rows);
+    }
+}
+
+/// Makes `v` at least `n` long without touching existing elements: for buffers whose first `n`
+/// elements are about to be overwritten.
+#[inline]
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
 /// Sum (or mean) of the rows `ids` of `table` into `dst`.
 #[inline]
 fn pool(table: &[f32], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
@@ -396,14 +451,26 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// Adds `bias` to every row of `v` (rows of `bias.len()`) and applies ReLU if asked: one pass
+/// over the layer's output while it is still in cache.
 #[inline]
-fn relu(v: &mut [f32]) {
-    for x in v {
-        *x = x.max(0.0);
+fn bias_act(v: &mut [f32], bias: &[f32], relu: bool) {
+    if relu {
+        for row in v.chunks_exact_mut(bias.len()) {
+            for (x, b) in row.iter_mut().zip(bias) {
+                *x = (*x + b).max(0.0);
+            }
+        }
+    } else {
+        for row in v.chunks_exact_mut(bias.len()) {
+            for (x, b) in row.iter_mut().zip(bias) {
+                *x += b;
+            }
+        }
     }
 }
 
-/// `dst[m][n] += lhs[m][k] · rhs[k][n]`, with `dst` row-major (row stride `n`), `lhs` row-major
+/// `dst[m][n] = lhs[m][k] · rhs[k][n]` (or `+=` when `accumulate`), with `dst` row-major (row stride `n`), `lhs` row-major
 /// with row stride `lhs_rs`, and `rhs` addressed as `rhs[kk * rhs_rs + j * rhs_cs]`.
 ///
 /// # Panics
@@ -420,8 +487,15 @@ fn matmul(
     rhs: &[f32],
     rhs_rs: isize,
     rhs_cs: isize,
+    accumulate: bool,
 ) {
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
         return;
     }
     assert!(dst.len() >= m * n, "dst too short");
@@ -443,14 +517,14 @@ fn matmul(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            true,
+            accumulate,
             lhs.as_ptr(),
             1,
             lhs_rs as isize,
             rhs.as_ptr(),
             rhs_cs,
             rhs_rs,
-            1.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -478,7 +552,7 @@ mod tests {
             }
         }
         let mut dst = vec![1.0f32; m * n];
-        matmul(m, n, k, &mut dst, &lhs, k, &w, 1, k as isize);
+        matmul(m, n, k, &mut dst, &lhs, k, &w, 1, k as isize, true);
         for (a, b) in dst.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
@@ -490,7 +564,7 @@ mod tests {
             }
         }
         let mut dst = vec![1.0f32; m * n];
-        matmul(m, n, k, &mut dst, &lhs, k, &wt, n as isize, 1);
+        matmul(m, n, k, &mut dst, &lhs, k, &wt, n as isize, 1, true);
         for (a, b) in dst.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
