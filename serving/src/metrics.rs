@@ -1,0 +1,151 @@
+//! Process-wide metrics, rendered in the Prometheus text format by the admin endpoint.
+//!
+//! Counters by (model, version, outcome) are updated once per engine batch under one short lock;
+//! latency and batch-size histograms are plain atomics.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Upper bounds of the latency buckets, in microseconds.
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    50, 100, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 10_000, 20_000, 50_000,
+    100_000, 1_000_000,
+];
+
+/// Upper bounds of the batch-size buckets, in items.
+pub const BATCH_BUCKETS: [u64; 10] = [1, 8, 32, 64, 128, 256, 512, 1024, 2048, 8192];
+
+/// A histogram with fixed bucket bounds.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    counts: Vec<AtomicU64>,
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [u64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, v: u64) {
+        let i = self.bounds.partition_point(|&b| b < v);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(v, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut acc = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            acc += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {acc}");
+        }
+        acc += self.counts[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {acc}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+/// All metrics of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u64, &'static str), u64>>,
+    /// Request latency from the full frame read to the response queued, microseconds.
+    pub latency_us: Histogram,
+    /// Items per engine call.
+    pub batch_items: Histogram,
+    /// Open connections.
+    pub connections: AtomicI64,
+    /// Connections closed for a framing error or a stalled frame.
+    pub frame_errors: AtomicU64,
+    /// Model files rejected while loading.
+    pub load_failures: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Mutex::new(BTreeMap::new()),
+            latency_us: Histogram::new(&LATENCY_BUCKETS_US),
+            batch_items: Histogram::new(&BATCH_BUCKETS),
+            connections: AtomicI64::new(0),
+            frame_errors: AtomicU64::new(0),
+            load_failures: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Adds `n` requests of `model`/`version` with `outcome` (`ok` or an error code's name).
+    pub fn count(&self, model: &str, version: u64, outcome: &'static str, n: u64) {
+        let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((model.to_owned(), version, outcome)).or_insert(0) += n;
+    }
+
+    /// The Prometheus text exposition, with the registry's loaded versions.
+    pub fn render(&self, registry: &crate::registry::Registry) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP rankd_requests_total Score requests by model, version and outcome.\n# TYPE rankd_requests_total counter\n");
+        {
+            let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+            for ((model, version, outcome), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "rankd_requests_total{{model=\"{model}\",version=\"{version}\",outcome=\"{outcome}\"}} {n}"
+                );
+            }
+        }
+        self.latency_us.render(
+            &mut out,
+            "rankd_request_latency_us",
+            "Server-side latency of score requests in microseconds.",
+        );
+        self.batch_items
+            .render(&mut out, "rankd_batch_items", "Items per engine call.");
+        out.push_str(
+            "# HELP rankd_model_loaded Loaded model versions.\n# TYPE rankd_model_loaded gauge\n",
+        );
+        out.push_str("# HELP rankd_model_mapped_bytes Bytes memory-mapped per loaded model version.\n# TYPE rankd_model_mapped_bytes gauge\n");
+        for (name, e) in &registry.models {
+            for (v, m) in &e.versions {
+                let _ = writeln!(
+                    out,
+                    "rankd_model_loaded{{model=\"{name}\",version=\"{v}\"}} 1"
+                );
+                let _ = writeln!(
+                    out,
+                    "rankd_model_mapped_bytes{{model=\"{name}\",version=\"{v}\"}} {}",
+                    m.file().mapped_len()
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE rankd_connections gauge\nrankd_connections {}",
+            self.connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE rankd_frame_errors_total counter\nrankd_frame_errors_total {}",
+            self.frame_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE rankd_model_load_failures_total counter\nrankd_model_load_failures_total {}",
+            self.load_failures.load(Ordering::Relaxed)
+        );
+        out
+    }
+}

@@ -1,0 +1,268 @@
+//! The model registry: which model versions are loaded, their labels and traffic split, and
+//! how a request's version selector picks one.
+//!
+//! A registry is an immutable snapshot; each core holds its own `Arc` to the current one (the
+//! models inside are shared read-only: their weights are one memory map). A new snapshot is
+//! built off the request path and handed to the cores as a message.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{ModelPolicy, ServerConfig, VersionPolicy};
+use crate::engine::Model;
+use crate::protocol::ErrorCode;
+
+/// One model with its loaded versions.
+#[derive(Debug, Default)]
+pub struct ModelEntry {
+    /// Loaded versions.
+    pub versions: BTreeMap<u64, Arc<Model>>,
+    /// Labels that point at loaded versions.
+    pub labels: BTreeMap<String, u64>,
+    /// Label weights of the traffic split (labels that point at loaded versions).
+    pub split: Vec<(String, u32)>,
+}
+
+impl ModelEntry {
+    /// The version served when the request names neither a version nor a label, for
+    /// `routing_key`.
+    pub fn route(&self, routing_key: &[u8]) -> Option<u64> {
+        let total: u64 = self.split.iter().map(|(_, w)| u64::from(*w)).sum();
+        if total > 0 {
+            let mut point = xxhash_rust::xxh3::xxh3_64(routing_key) % total;
+            for (label, w) in &self.split {
+                if point < u64::from(*w) {
+                    return self.labels.get(label).copied();
+                }
+                point -= u64::from(*w);
+            }
+        }
+        self.versions.keys().next_back().copied()
+    }
+}
+
+/// A snapshot of everything being served.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Models by name.
+    pub models: BTreeMap<String, ModelEntry>,
+    /// Models the config names (for readiness).
+    pub configured: Vec<String>,
+}
+
+/// A problem found while loading, reported and skipped.
+#[derive(Debug, Clone)]
+pub struct LoadProblem {
+    /// The path.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// What a request's selector resolved to.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    /// The model.
+    pub model: Arc<Model>,
+    /// Its version.
+    pub version: u64,
+}
+
+fn versions_on_disk(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(v) = name.to_str().and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        if e.path().is_dir() {
+            out.push((v, e.path()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The model file of a version directory: `model.rkm`, else the only `*.rkm` file.
+pub fn model_file(version_dir: &Path) -> Result<PathBuf, String> {
+    let preferred = version_dir.join("model.rkm");
+    if preferred.is_file() {
+        return Ok(preferred);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(version_dir)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rkm") && p.is_file())
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Err("no .rkm model file".into()),
+        1 => Ok(found.remove(0)),
+        _ => Err(format!(
+            "{} .rkm files; expected one (or model.rkm)",
+            found.len()
+        )),
+    }
+}
+
+fn wanted(policy: &ModelPolicy, on_disk: &[(u64, PathBuf)]) -> Vec<u64> {
+    let all: Vec<u64> = on_disk.iter().map(|(v, _)| *v).collect();
+    let mut out: Vec<u64> = match &policy.versions {
+        VersionPolicy::List(list) => all.iter().copied().filter(|v| list.contains(v)).collect(),
+        VersionPolicy::Named(n) if n == "all" => all.clone(),
+        VersionPolicy::Named(_) => {
+            let n = policy.latest.unwrap_or(1);
+            all.iter().rev().take(n).copied().collect()
+        }
+    };
+    // Labelled versions are always loaded.
+    for v in policy.labels.values() {
+        if all.contains(v) && !out.contains(v) {
+            out.push(*v);
+        }
+    }
+    out.sort();
+    out
+}
+
+impl Registry {
+    /// Scans the model root and loads (opens and fully verifies) every version the policies
+    /// want. Versions already open in `previous` are reused, not reopened. Problems are
+    /// returned beside the registry; they never stop the other models.
+    pub fn load(
+        config: &ServerConfig,
+        previous: Option<&Registry>,
+    ) -> (Registry, Vec<LoadProblem>) {
+        let mut problems = Vec::new();
+        let mut reg = Registry {
+            configured: config.model.keys().cloned().collect(),
+            ..Registry::default()
+        };
+        let Ok(entries) = std::fs::read_dir(&config.models) else {
+            problems.push(LoadProblem {
+                path: config.models.clone(),
+                message: "cannot read the model root".into(),
+            });
+            return (reg, problems);
+        };
+        let mut names: Vec<(String, PathBuf)> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| Some((e.file_name().to_str()?.to_owned(), e.path())))
+            .filter(|(n, _)| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        for (name, dir) in names {
+            let policy = config.model.get(&name).cloned().unwrap_or_default();
+            let on_disk = versions_on_disk(&dir);
+            let mut entry = ModelEntry::default();
+            for v in wanted(&policy, &on_disk) {
+                let vdir = &on_disk.iter().find(|(x, _)| *x == v).expect("listed").1;
+                if let Some(m) = previous
+                    .and_then(|p| p.models.get(&name))
+                    .and_then(|e| e.versions.get(&v))
+                {
+                    entry.versions.insert(v, m.clone());
+                    continue;
+                }
+                let file = match model_file(vdir) {
+                    Ok(f) => f,
+                    Err(message) => {
+                        problems.push(LoadProblem {
+                            path: vdir.clone(),
+                            message,
+                        });
+                        continue;
+                    }
+                };
+                match Model::open(&file) {
+                    Ok(m) => {
+                        entry.versions.insert(v, Arc::new(m));
+                    }
+                    Err(e) => problems.push(LoadProblem {
+                        path: file,
+                        message: e.to_string(),
+                    }),
+                }
+            }
+            for (label, v) in &policy.labels {
+                if entry.versions.contains_key(v) {
+                    entry.labels.insert(label.clone(), *v);
+                } else {
+                    problems.push(LoadProblem {
+                        path: dir.clone(),
+                        message: format!(
+                            "label `{label}` points at version {v}, which is not loaded"
+                        ),
+                    });
+                }
+            }
+            entry.split = policy
+                .split
+                .iter()
+                .filter(|(l, _)| entry.labels.contains_key(*l))
+                .map(|(l, w)| (l.clone(), *w))
+                .collect();
+            if !entry.versions.is_empty() {
+                reg.models.insert(name, entry);
+            }
+        }
+        (reg, problems)
+    }
+
+    /// Ready when every configured model (or, with none configured, at least one model) has a
+    /// servable version.
+    pub fn ready(&self) -> bool {
+        if self.configured.is_empty() {
+            !self.models.is_empty()
+        } else {
+            self.configured.iter().all(|m| self.models.contains_key(m))
+        }
+    }
+
+    /// Resolves a request's selector.
+    pub fn select(
+        &self,
+        model: &str,
+        version: u64,
+        label: &str,
+        routing_key: &[u8],
+    ) -> Result<Selected, (ErrorCode, String)> {
+        let entry = self
+            .models
+            .get(model)
+            .ok_or_else(|| (ErrorCode::UnknownModel, format!("unknown model `{model}`")))?;
+        let v = if version != 0 {
+            version
+        } else if !label.is_empty() {
+            *entry.labels.get(label).ok_or_else(|| {
+                (
+                    ErrorCode::UnknownVersion,
+                    format!("model `{model}` has no label `{label}`"),
+                )
+            })?
+        } else {
+            entry.route(routing_key).ok_or_else(|| {
+                (
+                    ErrorCode::UnknownVersion,
+                    format!("model `{model}` has no servable version"),
+                )
+            })?
+        };
+        let m = entry.versions.get(&v).ok_or_else(|| {
+            (
+                ErrorCode::UnknownVersion,
+                format!("model `{model}` has no loaded version {v}"),
+            )
+        })?;
+        Ok(Selected {
+            model: m.clone(),
+            version: v,
+        })
+    }
+}

@@ -1,0 +1,813 @@
+//! The daemon: one monoio runtime per core (io_uring, or epoll where io_uring is unavailable),
+//! each with its own SO_REUSEPORT listener, its own engine and its own batcher. Cores share
+//! nothing mutable; the model registry reaches each core as an immutable snapshot.
+//!
+//! Per connection: a reader task parses frames out of a buffer (pipelined requests), answers
+//! pings, status and bad requests at once, and queues score requests on the core's batcher; a
+//! writer task sends whatever responses are ready, in completion order (matched by request id).
+//! The batcher merges queued requests of the same model version into one engine call.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use flatbuffers::FlatBufferBuilder;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+
+use crate::config::ServerConfig;
+use crate::engine::cpu::CpuEngine;
+use crate::engine::{BatchOutput, InferenceBackend, Request};
+use crate::fbrequest::FbRequest;
+use crate::gen::rankd::rpc as fb;
+use crate::metrics::Metrics;
+use crate::protocol::{write_frame, ErrorCode, FrameHeader, MessageType, HEADER_LEN};
+use crate::registry::{Registry, Selected};
+
+/// State shared by every core and the admin thread.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration.
+    pub config: ServerConfig,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The registry snapshot being served.
+    pub registry: Mutex<Arc<Registry>>,
+    /// Set on SIGTERM/SIGINT.
+    pub shutdown: AtomicBool,
+    /// Requests read but not yet answered, all cores.
+    pub inflight: AtomicUsize,
+}
+
+impl Shared {
+    /// The current registry snapshot.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A one-waiter wake-up flag for tasks on the same core.
+#[derive(Default)]
+struct Notify {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Notify {
+    fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    fn notified(&self) -> Notified<'_> {
+        Notified(self)
+    }
+}
+
+struct Notified<'a>(&'a Notify);
+
+impl Future for Notified<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.set.replace(false) {
+            Poll::Ready(())
+        } else {
+            *self.0.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+/// The outgoing side of a connection: frames ready to send.
+#[derive(Default)]
+struct ConnOut {
+    buf: RefCell<Vec<u8>>,
+    notify: Notify,
+    closed: Cell<bool>,
+    inflight: Cell<usize>,
+}
+
+impl ConnOut {
+    fn push(&self, msg: MessageType, id: u64, body: &[u8]) {
+        if self.closed.get() {
+            return;
+        }
+        write_frame(&mut self.buf.borrow_mut(), msg, id, body);
+        self.notify.notify();
+    }
+}
+
+fn error_body(fbb: &mut FlatBufferBuilder<'_>, code: ErrorCode, message: &str) -> Vec<u8> {
+    fbb.reset();
+    let m = fbb.create_string(message);
+    let e = fb::ErrorResponse::create(
+        fbb,
+        &fb::ErrorResponseArgs {
+            code: code as u16,
+            message: Some(m),
+        },
+    );
+    fbb.finish(e, None);
+    fbb.finished_data().to_vec()
+}
+
+/// A queued score request.
+struct Pending {
+    selected: Selected,
+    body: Vec<u8>,
+    id: u64,
+    items: usize,
+    out: Rc<ConnOut>,
+    received: Instant,
+    deadline: Option<Instant>,
+}
+
+/// Per-core batcher.
+struct Batcher {
+    queue: RefCell<Vec<Pending>>,
+    notify: Notify,
+}
+
+struct Core {
+    shared: Arc<Shared>,
+    registry: RefCell<Arc<Registry>>,
+    batcher: Batcher,
+    connections: Cell<usize>,
+    inflight: Cell<usize>,
+}
+
+fn verifier_options() -> flatbuffers::VerifierOptions {
+    flatbuffers::VerifierOptions {
+        max_depth: 64,
+        max_tables: 10_000_000,
+        max_apparent_size: 1 << 31,
+        ignore_missing_null_terminator: false,
+    }
+}
+
+impl Core {
+    fn finish_request(&self, out: &ConnOut) {
+        out.inflight.set(out.inflight.get().saturating_sub(1));
+        self.inflight.set(self.inflight.get().saturating_sub(1));
+        self.shared.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Handles one complete frame. Returns false when the connection must close.
+    fn handle_frame(
+        &self,
+        header: FrameHeader,
+        body: Vec<u8>,
+        out: &Rc<ConnOut>,
+        fbb: &mut FlatBufferBuilder<'_>,
+    ) {
+        let id = header.request_id;
+        match MessageType::from_u8(header.msg_type) {
+            Some(MessageType::Ping) => out.push(MessageType::Pong, id, &[]),
+            Some(MessageType::StatusRequest) => {
+                let filter = flatbuffers::root_with_opts::<fb::StatusRequest<'_>>(
+                    &verifier_options(),
+                    &body,
+                )
+                .ok()
+                .and_then(|r| r.model().map(str::to_owned))
+                .unwrap_or_default();
+                let body = status_body(fbb, &self.registry.borrow(), &filter);
+                out.push(MessageType::StatusResponse, id, &body);
+            }
+            Some(MessageType::ScoreRequest) => self.score_request(id, body, out, fbb),
+            _ => {
+                let e = error_body(
+                    fbb,
+                    ErrorCode::UnsupportedMessage,
+                    &format!("message type {} is not a request", header.msg_type),
+                );
+                out.push(MessageType::Error, id, &e);
+            }
+        }
+    }
+
+    fn reject(
+        &self,
+        out: &ConnOut,
+        id: u64,
+        fbb: &mut FlatBufferBuilder<'_>,
+        model: &str,
+        code: ErrorCode,
+        msg: &str,
+    ) {
+        self.shared.metrics.count(model, 0, code.as_str(), 1);
+        let e = error_body(fbb, code, msg);
+        out.push(MessageType::Error, id, &e);
+    }
+
+    fn score_request(
+        &self,
+        id: u64,
+        body: Vec<u8>,
+        out: &Rc<ConnOut>,
+        fbb: &mut FlatBufferBuilder<'_>,
+    ) {
+        let received = Instant::now();
+        let limits = &self.shared.config.limits;
+        let req =
+            match flatbuffers::root_with_opts::<fb::ScoreRequest<'_>>(&verifier_options(), &body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return self.reject(
+                        out,
+                        id,
+                        fbb,
+                        "",
+                        ErrorCode::MalformedRequest,
+                        &format!("the body is not a ScoreRequest: {e}"),
+                    )
+                }
+            };
+        let model = req.model().to_owned();
+        if self.shared.shutdown.load(Ordering::Relaxed) {
+            return self.reject(
+                out,
+                id,
+                fbb,
+                &model,
+                ErrorCode::ShuttingDown,
+                "the server is shutting down",
+            );
+        }
+        let items = req.num_items() as usize;
+        if items > limits.max_items {
+            return self.reject(
+                out,
+                id,
+                fbb,
+                &model,
+                ErrorCode::LimitExceeded,
+                &format!("{items} items, more than the limit of {}", limits.max_items),
+            );
+        }
+        let features = req.user().map_or(0, |u| u.len()) + req.items().map_or(0, |u| u.len());
+        if features > limits.max_features {
+            return self.reject(
+                out,
+                id,
+                fbb,
+                &model,
+                ErrorCode::LimitExceeded,
+                &format!(
+                    "{features} features, more than the limit of {}",
+                    limits.max_features
+                ),
+            );
+        }
+        let selected = match self.registry.borrow().select(
+            &model,
+            req.version(),
+            req.label().unwrap_or(""),
+            req.routing_key().unwrap_or("").as_bytes(),
+        ) {
+            Ok(s) => s,
+            Err((code, msg)) => return self.reject(out, id, fbb, &model, code, &msg),
+        };
+        let deadline = match req.deadline_us() {
+            0 => None,
+            us => Some(received + Duration::from_micros(us)),
+        };
+        out.inflight.set(out.inflight.get() + 1);
+        self.inflight.set(self.inflight.get() + 1);
+        self.shared.inflight.fetch_add(1, Ordering::Relaxed);
+        self.batcher.queue.borrow_mut().push(Pending {
+            selected,
+            body,
+            id,
+            items,
+            out: out.clone(),
+            received,
+            deadline,
+        });
+        self.batcher.notify.notify();
+    }
+
+    /// Scores everything queued, in engine calls of at most `max_batch_items` items.
+    fn run_batches(
+        &self,
+        engine: &mut CpuEngine,
+        output: &mut BatchOutput,
+        fbb: &mut FlatBufferBuilder<'_>,
+    ) {
+        let max_items = self.shared.config.batching.max_batch_items.max(1);
+        loop {
+            let batch: Vec<Pending> = {
+                let mut q = self.batcher.queue.borrow_mut();
+                if q.is_empty() {
+                    return;
+                }
+                // Take the first request's model version and every queued request of the same
+                // version, up to the item budget.
+                let model = q[0].selected.model.clone();
+                let mut taken = Vec::new();
+                let mut items = 0;
+                let mut i = 0;
+                while i < q.len() {
+                    if Arc::ptr_eq(&q[i].selected.model, &model)
+                        && (taken.is_empty() || items + q[i].items <= max_items)
+                    {
+                        items += q[i].items;
+                        taken.push(q.remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+                taken
+            };
+            self.score_batch(batch, engine, output, fbb);
+        }
+    }
+
+    fn score_batch(
+        &self,
+        batch: Vec<Pending>,
+        engine: &mut CpuEngine,
+        output: &mut BatchOutput,
+        fbb: &mut FlatBufferBuilder<'_>,
+    ) {
+        let model = batch[0].selected.model.clone();
+        let version = batch[0].selected.version;
+        let name = model.name().to_owned();
+        let now = Instant::now();
+        let mut views: Vec<Option<FbRequest<'_>>> = Vec::with_capacity(batch.len());
+        let mut failures: Vec<Option<(ErrorCode, String)>> = Vec::with_capacity(batch.len());
+        for p in &batch {
+            if p.deadline.is_some_and(|d| d < now) {
+                views.push(None);
+                failures.push(Some((
+                    ErrorCode::DeadlineExceeded,
+                    "the deadline passed before the request was scored".into(),
+                )));
+                continue;
+            }
+            // SAFETY: the body was accepted by the FlatBuffers verifier in `score_request` and
+            // has not been modified since (it moved here by value).
+            let req = unsafe { flatbuffers::root_unchecked::<fb::ScoreRequest<'_>>(&p.body) };
+            match FbRequest::new(model.features(), req) {
+                Ok(v) => {
+                    views.push(Some(v));
+                    failures.push(None);
+                }
+                Err(e) => {
+                    views.push(None);
+                    failures.push(Some((ErrorCode::BadFeature, e.0)));
+                }
+            }
+        }
+        let reqs: Vec<&dyn Request> = views
+            .iter()
+            .filter_map(|v| v.as_ref().map(|v| v as &dyn Request))
+            .collect();
+        output.clear();
+        let items: usize = reqs.iter().map(|r| r.num_items()).sum();
+        engine.score(&model, &reqs, output);
+        self.shared.metrics.batch_items.observe(items as u64);
+        let mut next = 0;
+        let mut ok = 0u64;
+        let mut errors: Vec<&'static str> = Vec::new();
+        for (p, failure) in batch.iter().zip(failures) {
+            let result = match failure {
+                Some(f) => Err(f),
+                None => {
+                    let r = output
+                        .get(next)
+                        .map_err(|e| (ErrorCode::BadFeature, e.to_string()));
+                    next += 1;
+                    r
+                }
+            };
+            match result {
+                Ok(scores) => {
+                    fbb.reset();
+                    let m = fbb.create_string(&name);
+                    let s = fbb.create_vector(scores);
+                    let r = fb::ScoreResponse::create(
+                        fbb,
+                        &fb::ScoreResponseArgs {
+                            model: Some(m),
+                            version,
+                            scores: Some(s),
+                        },
+                    );
+                    fbb.finish(r, None);
+                    p.out
+                        .push(MessageType::ScoreResponse, p.id, fbb.finished_data());
+                    ok += 1;
+                }
+                Err((code, msg)) => {
+                    let e = error_body(fbb, code, &msg);
+                    p.out.push(MessageType::Error, p.id, &e);
+                    errors.push(code.as_str());
+                }
+            }
+            self.shared
+                .metrics
+                .latency_us
+                .observe(p.received.elapsed().as_micros() as u64);
+            self.finish_request(&p.out);
+        }
+        if ok > 0 {
+            self.shared.metrics.count(&name, version, "ok", ok);
+        }
+        for code in errors {
+            self.shared.metrics.count(&name, version, code, 1);
+        }
+    }
+}
+
+fn status_body(fbb: &mut FlatBufferBuilder<'_>, reg: &Registry, filter: &str) -> Vec<u8> {
+    fbb.reset();
+    let mut models = Vec::new();
+    for (name, e) in &reg.models {
+        if !filter.is_empty() && filter != name {
+            continue;
+        }
+        let versions: Vec<_> = e
+            .versions
+            .iter()
+            .map(|(v, m)| {
+                let state = fbb.create_string("serving");
+                let kind = fbb.create_string(m.file().spec().architecture.kind());
+                fb::VersionStatus::create(
+                    fbb,
+                    &fb::VersionStatusArgs {
+                        version: *v,
+                        state: Some(state),
+                        mapped_bytes: m.file().mapped_len(),
+                        kind: Some(kind),
+                    },
+                )
+            })
+            .collect();
+        let versions = fbb.create_vector(&versions);
+        let labels: Vec<_> = e
+            .labels
+            .iter()
+            .map(|(l, v)| {
+                let weight = e.split.iter().find(|(s, _)| s == l).map_or(0, |(_, w)| *w);
+                let n = fbb.create_string(l);
+                fb::Label::create(
+                    fbb,
+                    &fb::LabelArgs {
+                        name: Some(n),
+                        version: *v,
+                        weight,
+                    },
+                )
+            })
+            .collect();
+        let labels = fbb.create_vector(&labels);
+        let n = fbb.create_string(name);
+        models.push(fb::ModelStatus::create(
+            fbb,
+            &fb::ModelStatusArgs {
+                name: Some(n),
+                versions: Some(versions),
+                labels: Some(labels),
+                default_version: e.route(b"").unwrap_or(0),
+            },
+        ));
+    }
+    let models = fbb.create_vector(&models);
+    let r = fb::StatusResponse::create(
+        fbb,
+        &fb::StatusResponseArgs {
+            models: Some(models),
+        },
+    );
+    fbb.finish(r, None);
+    fbb.finished_data().to_vec()
+}
+
+async fn writer_task(mut wr: monoio::net::tcp::TcpOwnedWriteHalf, out: Rc<ConnOut>) {
+    let mut spare = Vec::with_capacity(64 << 10);
+    loop {
+        if out.buf.borrow().is_empty() {
+            if out.closed.get() {
+                break;
+            }
+            out.notify.notified().await;
+            continue;
+        }
+        std::mem::swap(&mut spare, &mut *out.buf.borrow_mut());
+        let (res, buf) = wr.write_all(spare).await;
+        spare = buf;
+        spare.clear();
+        if res.is_err() {
+            out.closed.set(true);
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn connection(core: Rc<Core>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    let out = Rc::new(ConnOut::default());
+    let writer = monoio::spawn(writer_task(wr, out.clone()));
+    let limits = core.shared.config.limits.clone();
+    let read_timeout = Duration::from_millis(limits.read_timeout_ms.max(1));
+    let mut inbuf: Vec<u8> = Vec::with_capacity(64 << 10);
+    let mut start = 0usize;
+    let mut chunk: Vec<u8> = Vec::with_capacity(64 << 10);
+    let mut fbb = FlatBufferBuilder::with_capacity(1024);
+    'conn: loop {
+        // Every complete frame in the buffer.
+        loop {
+            let avail = inbuf.len() - start;
+            if avail < HEADER_LEN {
+                break;
+            }
+            let hb: &[u8; HEADER_LEN] = inbuf[start..start + HEADER_LEN]
+                .try_into()
+                .expect("HEADER_LEN bytes");
+            let header = match FrameHeader::decode(hb, limits.max_frame_bytes) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("rankd: closing connection: {e}");
+                    core.shared
+                        .metrics
+                        .frame_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    break 'conn;
+                }
+            };
+            let total = HEADER_LEN + header.body_len as usize;
+            if avail < total {
+                // Make room for the whole frame at once.
+                inbuf.reserve(total - avail);
+                break;
+            }
+            let body = inbuf[start + HEADER_LEN..start + total].to_vec();
+            start += total;
+            core.handle_frame(header, body, &out, &mut fbb);
+        }
+        if start == inbuf.len() {
+            inbuf.clear();
+            start = 0;
+        } else if start > (inbuf.capacity() / 2) {
+            inbuf.drain(..start);
+            start = 0;
+        }
+        if core.shared.shutdown.load(Ordering::Relaxed) && out.inflight.get() == 0 {
+            break;
+        }
+        // Backpressure: stop reading while too many requests of this connection are queued.
+        while out.inflight.get() >= limits.max_pipelined && !out.closed.get() {
+            monoio::time::sleep(Duration::from_micros(100)).await;
+        }
+        chunk.clear();
+        let partial = inbuf.len() > start;
+        let (res, c) = if partial {
+            match monoio::time::timeout(read_timeout, rd.read(chunk)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    eprintln!(
+                        "rankd: closing connection: a frame stalled for {} ms",
+                        read_timeout.as_millis()
+                    );
+                    core.shared
+                        .metrics
+                        .frame_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    // The read future owned the chunk; it is gone with the connection.
+                    break 'conn;
+                }
+            }
+        } else {
+            rd.read(chunk).await
+        };
+        chunk = c;
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+        }
+        if out.closed.get() {
+            break;
+        }
+    }
+    // Let queued requests of this connection finish, then stop the writer.
+    while out.inflight.get() > 0 {
+        monoio::time::sleep(Duration::from_micros(200)).await;
+    }
+    out.closed.set(true);
+    out.notify.notify();
+    let _ = writer.await;
+    core.connections
+        .set(core.connections.get().saturating_sub(1));
+    core.shared
+        .metrics
+        .connections
+        .fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn batcher_task(core: Rc<Core>) {
+    let mut engine = CpuEngine::new();
+    let mut output = BatchOutput::default();
+    let mut fbb = FlatBufferBuilder::with_capacity(64 << 10);
+    let max_wait = Duration::from_micros(core.shared.config.batching.max_wait_us);
+    loop {
+        core.batcher.notify.notified().await;
+        if !max_wait.is_zero() {
+            let queued: usize = core.batcher.queue.borrow().iter().map(|p| p.items).sum();
+            if queued < core.shared.config.batching.max_batch_items {
+                monoio::time::sleep(max_wait).await;
+            }
+        }
+        core.run_batches(&mut engine, &mut output, &mut fbb);
+    }
+}
+
+async fn serve_core(core: Rc<Core>, listener: TcpListener) {
+    monoio::spawn(batcher_task(core.clone()));
+    let grace = Duration::from_millis(core.shared.config.shutdown_grace_ms);
+    loop {
+        if core.shared.shutdown.load(Ordering::Relaxed) {
+            break;
+        }
+        let accepted = monoio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+        let Ok(accepted) = accepted else { continue };
+        match accepted {
+            Ok((stream, _)) => {
+                if core.connections.get() >= core.shared.config.limits.max_connections {
+                    eprintln!("rankd: connection limit reached; refusing a connection");
+                    drop(stream);
+                    continue;
+                }
+                core.connections.set(core.connections.get() + 1);
+                core.shared
+                    .metrics
+                    .connections
+                    .fetch_add(1, Ordering::Relaxed);
+                monoio::spawn(connection(core.clone(), stream));
+            }
+            Err(e) => {
+                eprintln!("rankd: accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    drop(listener);
+    // Finish what was read before the signal.
+    let stop = Instant::now();
+    while core.inflight.get() > 0 && stop.elapsed() < grace {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn pin_to_core(i: usize) {
+    // SAFETY: `set` is a plain bit set on a zeroed cpu_set_t and sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(i, &mut set);
+        let _ = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Binds `addr` with SO_REUSEPORT on the calling core's runtime.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind_with_config(addr, &ListenerOpts::new().reuse_port(true))
+}
+
+/// Runs one core until shutdown. `ready` reports the bind result once.
+fn run_core(
+    shared: Arc<Shared>,
+    index: usize,
+    addr: std::net::SocketAddr,
+    ready: std::sync::mpsc::Sender<std::io::Result<std::net::SocketAddr>>,
+) {
+    if shared.config.pin_cores {
+        pin_to_core(index);
+    }
+    let body = move || async move {
+        let listener = match bind(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let local = listener.local_addr();
+        let _ = ready.send(local);
+        let registry = shared.registry();
+        let core = Rc::new(Core {
+            shared,
+            registry: RefCell::new(registry),
+            batcher: Batcher {
+                queue: RefCell::new(Vec::new()),
+                notify: Notify::default(),
+            },
+            connections: Cell::new(0),
+            inflight: Cell::new(0),
+        });
+        serve_core(core, listener).await;
+    };
+    let uring = !shared_force_epoll() && io_uring_available();
+    if uring {
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+        {
+            Ok(mut rt) => return rt.block_on(body()),
+            Err(e) => eprintln!("rankd: core {index}: io_uring runtime failed ({e}); using epoll"),
+        }
+    }
+    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+    {
+        Ok(mut rt) => rt.block_on(body()),
+        Err(e) => eprintln!("rankd: core {index}: cannot build a runtime: {e}"),
+    }
+}
+
+thread_local! {
+    static FORCE_EPOLL: Cell<bool> = const { Cell::new(false) };
+}
+
+fn shared_force_epoll() -> bool {
+    FORCE_EPOLL.with(Cell::get)
+}
+
+/// Whether this kernel lets us create an io_uring.
+pub fn io_uring_available() -> bool {
+    monoio::utils::detect_uring()
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    /// Shared state (metrics, registry, shutdown flag).
+    pub shared: Arc<Shared>,
+    /// The bound RPC address (with the real port when 0 was asked).
+    pub addr: std::net::SocketAddr,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds every core's listener and starts serving `registry`.
+    pub fn start(config: ServerConfig, registry: Registry) -> std::io::Result<Server> {
+        let shared = Arc::new(Shared {
+            metrics: Metrics::default(),
+            registry: Mutex::new(Arc::new(registry)),
+            shutdown: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            config,
+        });
+        let n = shared.config.worker_threads();
+        let mut addr = shared.config.listen;
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let s = shared.clone();
+            let force_epoll = shared.config.force_epoll;
+            let bind_addr = addr;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("rankd-core-{i}"))
+                    .spawn(move || {
+                        FORCE_EPOLL.with(|f| f.set(force_epoll));
+                        run_core(s, i, bind_addr, tx)
+                    })?,
+            );
+            let bound = rx
+                .recv()
+                .map_err(|_| std::io::Error::other("a core exited before binding"))??;
+            // Later cores bind the port the first one got (for port 0).
+            addr = bound;
+        }
+        Ok(Server {
+            shared,
+            addr,
+            threads,
+        })
+    }
+
+    /// Asks every core to stop accepting and finish in-flight requests.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for every core to finish.
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
