@@ -2,7 +2,7 @@
 # Runs the engine benchmarks and their peers back to back on this machine, so ratios compare
 # numbers from the same run. Installs the peers (onnxruntime, onnx, numpy) into benches/.venv.
 #   benches/run.sh                 engine + peers
-#   benches/run.sh all             every criterion bench + peers
+#   benches/run.sh all             every criterion bench + peers + the daemon bench (rpc_bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=benches/.venv
@@ -12,6 +12,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "${1:-}" = "all" ]; then
   cargo bench -p rankd-benches
+  cargo run --release -p rankd-benches --bin rpc_bench -- 5
 else
   cargo bench -p rankd-benches --bench engine
 fi
