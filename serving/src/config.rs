@@ -116,6 +116,11 @@ pub struct ServerConfig {
     pub model: BTreeMap<String, ModelPolicy>,
     /// Most time to finish in-flight requests after SIGTERM/SIGINT, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// Watch the model root (and the config file) for changes.
+    pub watch: bool,
+    /// Rescan the model root (and reread the config file) this often, in milliseconds, as a
+    /// fallback to file-system events. 0: never.
+    pub rescan_interval_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -131,6 +136,8 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             model: BTreeMap::new(),
             shutdown_grace_ms: 10_000,
+            watch: true,
+            rescan_interval_ms: 2_000,
         }
     }
 }

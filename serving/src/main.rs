@@ -71,7 +71,8 @@ fn config(cli: &Cli) -> Result<ServerConfig> {
 
 fn run(cli: Cli) -> Result<()> {
     let config = config(&cli)?;
-    let (registry, problems) = Registry::load(&config, None);
+    let mut rejected = rankd_serving::registry::RejectCache::new();
+    let (registry, problems) = Registry::load(&config, None, &mut rejected);
     for p in &problems {
         eprintln!("rankd: skipped {}: {}", p.path.display(), p.message);
     }
@@ -103,6 +104,8 @@ fn run(cli: Cli) -> Result<()> {
         "rankd: serving on {} ({threads} cores, {driver}); admin on http://{admin}",
         server.addr
     );
+    rankd_serving::reload::start(server.shared.clone(), cli.config.clone(), rejected)
+        .context("cannot start the model watcher")?;
     let shared = server.shared.clone();
     ctrlc::set_handler(move || {
         eprintln!("rankd: shutting down: finishing in-flight requests");

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub frame_errors: AtomicU64,
     /// Model files rejected while loading.
     pub load_failures: AtomicU64,
+    /// Registry snapshots published after the first.
+    pub reloads: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -83,6 +85,7 @@ impl Default for Metrics {
             connections: AtomicI64::new(0),
             frame_errors: AtomicU64::new(0),
             load_failures: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
         }
     }
 }
@@ -145,6 +148,11 @@ impl Metrics {
             out,
             "# TYPE rankd_model_load_failures_total counter\nrankd_model_load_failures_total {}",
             self.load_failures.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE rankd_registry_reloads_total counter\nrankd_registry_reloads_total {}",
+            self.reloads.load(Ordering::Relaxed)
         );
         out
     }

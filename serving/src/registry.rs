@@ -60,6 +60,28 @@ pub struct LoadProblem {
     pub message: String,
 }
 
+/// Model files that failed to load, by path, with the length and modification time they had:
+/// an unchanged file is not reopened (and not reported again) on the next scan.
+pub type RejectCache = std::collections::HashMap<PathBuf, (u64, Option<std::time::SystemTime>)>;
+
+fn file_stamp(path: &Path) -> (u64, Option<std::time::SystemTime>) {
+    std::fs::metadata(path).map_or((0, None), |m| (m.len(), m.modified().ok()))
+}
+
+/// Opens a model and scores one empty item with it, so that its tables, plans and the pages the
+/// first requests touch are ready before it serves.
+pub fn open_and_warm(path: &Path) -> Result<Model, rankd_formats::FormatError> {
+    use crate::engine::{cpu::CpuEngine, request::DenseRequest, BatchOutput, InferenceBackend};
+    let model = Model::open(path)?;
+    let req = DenseRequest {
+        user: Vec::new(),
+        items: vec![Vec::new()],
+    };
+    let mut out = BatchOutput::default();
+    CpuEngine::new().score(&model, &[&req], &mut out);
+    Ok(model)
+}
+
 /// What a request's selector resolved to.
 #[derive(Debug, Clone)]
 pub struct Selected {
@@ -110,24 +132,17 @@ pub fn model_file(version_dir: &Path) -> Result<PathBuf, String> {
     }
 }
 
-fn wanted(policy: &ModelPolicy, on_disk: &[(u64, PathBuf)]) -> Vec<u64> {
+/// The versions to try, in order, and how many of them to load.
+fn wanted(policy: &ModelPolicy, on_disk: &[(u64, PathBuf)]) -> (Vec<u64>, usize) {
     let all: Vec<u64> = on_disk.iter().map(|(v, _)| *v).collect();
-    let mut out: Vec<u64> = match &policy.versions {
-        VersionPolicy::List(list) => all.iter().copied().filter(|v| list.contains(v)).collect(),
-        VersionPolicy::Named(n) if n == "all" => all.clone(),
-        VersionPolicy::Named(_) => {
-            let n = policy.latest.unwrap_or(1);
-            all.iter().rev().take(n).copied().collect()
-        }
-    };
-    // Labelled versions are always loaded.
-    for v in policy.labels.values() {
-        if all.contains(v) && !out.contains(v) {
-            out.push(*v);
-        }
+    match &policy.versions {
+        VersionPolicy::List(list) => (
+            all.iter().copied().filter(|v| list.contains(v)).collect(),
+            usize::MAX,
+        ),
+        VersionPolicy::Named(n) if n == "all" => (all, usize::MAX),
+        VersionPolicy::Named(_) => (all.into_iter().rev().collect(), policy.latest.unwrap_or(1)),
     }
-    out.sort();
-    out
 }
 
 impl Registry {
@@ -137,6 +152,7 @@ impl Registry {
     pub fn load(
         config: &ServerConfig,
         previous: Option<&Registry>,
+        rejected: &mut RejectCache,
     ) -> (Registry, Vec<LoadProblem>) {
         let mut problems = Vec::new();
         let mut reg = Registry {
@@ -161,14 +177,16 @@ impl Registry {
             let policy = config.model.get(&name).cloned().unwrap_or_default();
             let on_disk = versions_on_disk(&dir);
             let mut entry = ModelEntry::default();
-            for v in wanted(&policy, &on_disk) {
-                let vdir = &on_disk.iter().find(|(x, _)| *x == v).expect("listed").1;
+            let mut try_load = |v: u64, entry: &mut ModelEntry| -> bool {
+                let Some((_, vdir)) = on_disk.iter().find(|(x, _)| *x == v) else {
+                    return false;
+                };
                 if let Some(m) = previous
                     .and_then(|p| p.models.get(&name))
                     .and_then(|e| e.versions.get(&v))
                 {
                     entry.versions.insert(v, m.clone());
-                    continue;
+                    return true;
                 }
                 let file = match model_file(vdir) {
                     Ok(f) => f,
@@ -177,23 +195,50 @@ impl Registry {
                             path: vdir.clone(),
                             message,
                         });
-                        continue;
+                        return false;
                     }
                 };
-                match Model::open(&file) {
+                let stamp = file_stamp(&file);
+                if rejected.get(&file) == Some(&stamp) {
+                    return false;
+                }
+                match open_and_warm(&file) {
                     Ok(m) => {
+                        rejected.remove(&file);
                         entry.versions.insert(v, Arc::new(m));
+                        true
                     }
-                    Err(e) => problems.push(LoadProblem {
-                        path: file,
-                        message: e.to_string(),
-                    }),
+                    Err(e) => {
+                        rejected.insert(file.clone(), stamp);
+                        problems.push(LoadProblem {
+                            path: file,
+                            message: e.to_string(),
+                        });
+                        false
+                    }
+                }
+            };
+            // "latest N" means the N newest versions that load: a rejected newest version
+            // leaves the previous one serving.
+            let (candidates, limit) = wanted(&policy, &on_disk);
+            let mut loaded = 0;
+            for v in candidates {
+                if loaded >= limit {
+                    break;
+                }
+                if try_load(v, &mut entry) {
+                    loaded += 1;
+                }
+            }
+            for &v in policy.labels.values() {
+                if !entry.versions.contains_key(&v) {
+                    try_load(v, &mut entry);
                 }
             }
             for (label, v) in &policy.labels {
                 if entry.versions.contains_key(v) {
                     entry.labels.insert(label.clone(), *v);
-                } else {
+                } else if previous.is_none() {
                     problems.push(LoadProblem {
                         path: dir.clone(),
                         message: format!(
@@ -213,6 +258,25 @@ impl Registry {
             }
         }
         (reg, problems)
+    }
+
+    /// Whether two snapshots serve the same things (same model objects, labels and split).
+    pub fn same_as(&self, other: &Registry) -> bool {
+        self.models.len() == other.models.len()
+            && self
+                .models
+                .iter()
+                .zip(&other.models)
+                .all(|((na, a), (nb, b))| {
+                    na == nb
+                        && a.labels == b.labels
+                        && a.split == b.split
+                        && a.versions.len() == b.versions.len()
+                        && a.versions
+                            .iter()
+                            .zip(&b.versions)
+                            .all(|((va, ma), (vb, mb))| va == vb && Arc::ptr_eq(ma, mb))
+                })
     }
 
     /// Ready when every configured model (or, with none configured, at least one model) has a

@@ -42,6 +42,8 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Requests read but not yet answered, all cores.
     pub inflight: AtomicUsize,
+    /// Bumped whenever a new registry snapshot is published.
+    pub generation: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -141,6 +143,8 @@ struct Batcher {
 struct Core {
     shared: Arc<Shared>,
     registry: RefCell<Arc<Registry>>,
+    /// The generation of `registry`.
+    generation: Cell<u64>,
     batcher: Batcher,
     connections: Cell<usize>,
     inflight: Cell<usize>,
@@ -156,6 +160,15 @@ fn verifier_options() -> flatbuffers::VerifierOptions {
 }
 
 impl Core {
+    /// Takes the newest registry snapshot if one was published since the last request.
+    fn refresh(&self) {
+        let g = self.shared.generation.load(Ordering::Acquire);
+        if g != self.generation.get() {
+            *self.registry.borrow_mut() = self.shared.registry();
+            self.generation.set(g);
+        }
+    }
+
     fn finish_request(&self, out: &ConnOut) {
         out.inflight.set(out.inflight.get().saturating_sub(1));
         self.inflight.set(self.inflight.get().saturating_sub(1));
@@ -171,6 +184,7 @@ impl Core {
         fbb: &mut FlatBufferBuilder<'_>,
     ) {
         let id = header.request_id;
+        self.refresh();
         match MessageType::from_u8(header.msg_type) {
             Some(MessageType::Ping) => out.push(MessageType::Pong, id, &[]),
             Some(MessageType::StatusRequest) => {
@@ -705,10 +719,12 @@ fn run_core(
         };
         let local = listener.local_addr();
         let _ = ready.send(local);
+        let generation = shared.generation.load(Ordering::Acquire);
         let registry = shared.registry();
         let core = Rc::new(Core {
             shared,
             registry: RefCell::new(registry),
+            generation: Cell::new(generation),
             batcher: Batcher {
                 queue: RefCell::new(Vec::new()),
                 notify: Notify::default(),
@@ -768,6 +784,7 @@ impl Server {
             registry: Mutex::new(Arc::new(registry)),
             shutdown: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            generation: std::sync::atomic::AtomicU64::new(0),
             config,
         });
         let n = shared.config.worker_threads();

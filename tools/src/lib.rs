@@ -1,6 +1,7 @@
 //! The logic behind `rankd-tool`: each subcommand is a function here, `main.rs` only parses
 //! arguments. Output goes to a `Write` so tests can read it.
 
+pub mod deploy;
 pub mod import;
 pub mod score;
 

@@ -25,6 +25,8 @@ enum Kind {
     Deep,
     WideDeep,
     Deepfm,
+    /// The feed benchmark model (docs/benchmarks.md); `--dim` and `--item-buckets` are ignored.
+    Feed,
 }
 
 #[derive(Subcommand)]
@@ -71,6 +73,21 @@ enum Command {
         /// Where to write the results (default: standard output).
         #[arg(short, long)]
         output: Option<PathBuf>,
+    },
+    /// Put a model file into a model root atomically (validate, copy to a hidden directory,
+    /// sync, rename to ROOT/NAME/VERSION); a running rankd picks it up.
+    Deploy {
+        /// The model file.
+        file: PathBuf,
+        /// The model root.
+        #[arg(long)]
+        root: PathBuf,
+        /// Model name (default: from the file's metadata).
+        #[arg(long)]
+        name: Option<String>,
+        /// Version (default: from the file's metadata).
+        #[arg(long)]
+        version: Option<u64>,
     },
     /// Write a model with synthetic weights (for tests, benchmarks and demos).
     Synth {
@@ -165,6 +182,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Deploy {
+            file,
+            root,
+            name,
+            version,
+        } => {
+            let dir = rankd_tools::deploy::deploy(&file, &root, name.as_deref(), version)?;
+            println!("deployed {}", dir.display());
+            Ok(())
+        }
         Command::Synth {
             output,
             name,
@@ -174,7 +201,13 @@ fn run(cli: Cli) -> Result<()> {
             item_buckets,
             seed,
         } => {
+            if matches!(kind, Kind::Feed) {
+                rankd_formats::synth::feed::write_version(&output, version, seed)?;
+                println!("wrote {}", output.display());
+                return Ok(());
+            }
             let kind = match kind {
+                Kind::Feed => unreachable!("handled above"),
                 Kind::Wide => ModelKind::Wide,
                 Kind::Deep => ModelKind::Deep,
                 Kind::WideDeep => ModelKind::WideDeep,

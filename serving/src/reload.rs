@@ -1,0 +1,166 @@
+//! Hot reload: a background thread watches the model root (notify) and rescans it periodically
+//! as a fallback, rereads the config file when it changes, builds a new registry snapshot off
+//! the request path (new versions are opened, fully verified and warmed there), and publishes it.
+//! Cores pick the new snapshot up before their next request; requests already queued keep the
+//! version they started with, which is unmapped when the last of them is answered.
+//!
+//! A directory renamed into the tree produces one event for the directory and none for its
+//! contents, so any event triggers a full rescan of the root rather than a reaction to the
+//! event's path.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use notify::{RecursiveMode, Watcher};
+
+use crate::config::ServerConfig;
+use crate::registry::{Registry, RejectCache};
+use crate::server::Shared;
+
+fn config_stamp(path: &Option<PathBuf>) -> Option<SystemTime> {
+    path.as_ref()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .and_then(|m| m.modified().ok())
+}
+
+/// Reloads the model policies of `current` from `path`; everything else needs a restart.
+fn reread_config(current: &mut ServerConfig, path: &PathBuf) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("rankd: config reload: cannot read {}: {e}", path.display());
+            return;
+        }
+    };
+    match ServerConfig::from_toml(&text) {
+        Ok(new) => {
+            if new.model != current.model {
+                eprintln!("rankd: config reload: model policies changed");
+            }
+            current.model = new.model;
+        }
+        Err(e) => eprintln!(
+            "rankd: config reload: {} is invalid, keeping the previous policies: {e}",
+            path.display()
+        ),
+    }
+}
+
+/// One scan: build a snapshot from the current one and publish it if anything changed.
+pub fn rescan(shared: &Shared, config: &ServerConfig, rejected: &mut RejectCache) -> bool {
+    let current = shared.registry();
+    let (next, problems) = Registry::load(config, Some(&current), rejected);
+    for p in &problems {
+        eprintln!("rankd: rejected {}: {}", p.path.display(), p.message);
+    }
+    shared
+        .metrics
+        .load_failures
+        .fetch_add(problems.len() as u64, Ordering::Relaxed);
+    if next.same_as(&current) {
+        return false;
+    }
+    for (name, e) in &next.models {
+        let versions: Vec<String> = e.versions.keys().map(u64::to_string).collect();
+        eprintln!(
+            "rankd: model `{name}`: now serving versions [{}]",
+            versions.join(", ")
+        );
+    }
+    for name in current
+        .models
+        .keys()
+        .filter(|n| !next.models.contains_key(*n))
+    {
+        eprintln!("rankd: model `{name}`: unloaded");
+    }
+    *shared.registry.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+    shared.generation.fetch_add(1, Ordering::SeqCst);
+    shared.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// Starts the watcher thread.
+pub fn start(
+    shared: Arc<Shared>,
+    config_path: Option<PathBuf>,
+    mut rejected: RejectCache,
+) -> std::io::Result<()> {
+    let (tx, rx) = channel::<()>();
+    let mut config = shared.config.clone();
+    let watcher = if config.watch {
+        let tx = tx.clone();
+        let w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if ev.is_ok() {
+                let _ = tx.send(());
+            }
+        });
+        match w {
+            Ok(mut w) => match w.watch(&config.models, RecursiveMode::Recursive) {
+                Ok(()) => {
+                    // The config file may live elsewhere: watch its directory too.
+                    if let Some(dir) = config_path.as_ref().and_then(|p| p.parent()) {
+                        let dir = if dir.as_os_str().is_empty() {
+                            std::path::Path::new(".")
+                        } else {
+                            dir
+                        };
+                        let _ = w.watch(dir, RecursiveMode::NonRecursive);
+                    }
+                    Some(w)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "rankd: cannot watch {} ({e}); relying on the periodic rescan",
+                        config.models.display()
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                eprintln!("rankd: no file watcher ({e}); relying on the periodic rescan");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    std::thread::Builder::new()
+        .name("rankd-reload".into())
+        .spawn(move || {
+            let _watcher = watcher;
+            let interval = match config.rescan_interval_ms {
+                0 => Duration::from_secs(3600 * 24 * 365),
+                ms => Duration::from_millis(ms),
+            };
+            let mut stamp = config_stamp(&config_path);
+            loop {
+                match rx.recv_timeout(interval) {
+                    Ok(()) => {
+                        // Let a burst of events (a copy, a rename) settle, then scan once.
+                        std::thread::sleep(Duration::from_millis(10));
+                        while rx.try_recv().is_ok() {}
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                if shared.shutdown.load(Ordering::Relaxed) {
+                    return;
+                }
+                let now = config_stamp(&config_path);
+                if now != stamp {
+                    stamp = now;
+                    if let Some(p) = &config_path {
+                        reread_config(&mut config, p);
+                    }
+                }
+                rescan(&shared, &config, &mut rejected);
+            }
+        })?;
+    // Keep the sender alive in the thread's absence of events: the watcher holds a clone.
+    drop(tx);
+    Ok(())
+}

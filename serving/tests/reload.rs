@@ -1,0 +1,197 @@
+//! Hot reload on the real daemon: a version renamed into the root goes live, a corrupt one is
+//! rejected without disturbing what is served, a removed one is unloaded, and the config's labels
+//! follow edits of the config file.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
+use rankd_serving::client::{Connection, FeatureValue, ScoreRequest};
+
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(root: &Path, config: &Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rankd"))
+        .args([
+            "--models",
+            root.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("rankd exited before serving");
+        };
+        if let Some(rest) = line.strip_prefix("rankd: serving on ") {
+            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            let admin = line.rsplit("http://").next().unwrap().parse().unwrap();
+            std::thread::spawn(move || for _ in lines {});
+            return Daemon { child, addr, admin };
+        }
+    }
+}
+
+/// Deploys like `rankd-tool deploy`: write into a hidden directory, then rename into place.
+fn deploy(root: &Path, version: u64, corrupt: bool) {
+    let model_dir = root.join("feed");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let tmp = model_dir.join(format!(".tmp-{version}"));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let file = tmp.join("model.rkm");
+    write_synthetic(
+        &file,
+        &SynthOptions {
+            name: "feed".into(),
+            version,
+            kind: ModelKind::WideDeep,
+            seed: version,
+            ..SynthOptions::default()
+        },
+    )
+    .unwrap();
+    if corrupt {
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+    }
+    std::fs::rename(&tmp, model_dir.join(version.to_string())).unwrap();
+}
+
+fn request() -> ScoreRequest {
+    ScoreRequest {
+        model: "feed".into(),
+        user: vec![("user_age".into(), FeatureValue::F64(40.0))],
+        items: vec![vec![("item_id".into(), FeatureValue::I64(3))]; 3],
+        ..ScoreRequest::default()
+    }
+}
+
+fn wait_for_version(c: &mut Connection, want: u64, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = c.score(&request()).unwrap().version;
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "still on version {got}, waiting for {want}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn metrics(admin: SocketAddr) -> String {
+    let mut s = TcpStream::connect(admin).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn versions_come_and_go_without_a_failed_request() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join(".rankd.toml");
+    // The periodic rescan is long: the file watcher alone must notice renames quickly.
+    std::fs::write(
+        &config,
+        "rescan_interval_ms = 60000\n[model.feed]\nversions = \"latest\"\n",
+    )
+    .unwrap();
+    deploy(root.path(), 1, false);
+    let d = start(root.path(), &config);
+    let mut c = Connection::connect(d.addr).unwrap();
+    assert_eq!(c.score(&request()).unwrap().version, 1);
+
+    // A client hammering the daemon during every change below must see no error.
+    let addr = d.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c = Connection::connect(addr).unwrap();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.score(&request())
+                    .expect("no request may fail during reloads");
+                n += 1;
+            }
+            n
+        })
+    };
+
+    deploy(root.path(), 2, false);
+    let took = wait_for_version(&mut c, 2, Duration::from_secs(5));
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // A corrupt version 3 is rejected; version 2 keeps serving.
+    deploy(root.path(), 3, true);
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..10 {
+        assert_eq!(c.score(&request()).unwrap().version, 2);
+    }
+    let m = metrics(d.admin);
+    assert!(m.contains("rankd_model_load_failures_total 1"), "{m}");
+
+    // Removing version 3 (the corrupt one) and 2 falls back to 1.
+    std::fs::remove_dir_all(root.path().join("feed/3")).unwrap();
+    std::fs::remove_dir_all(root.path().join("feed/2")).unwrap();
+    wait_for_version(&mut c, 1, Duration::from_secs(5));
+
+    // Config edits: keep every version, label version 4 as canary.
+    deploy(root.path(), 4, false);
+    wait_for_version(&mut c, 4, Duration::from_secs(5));
+    std::fs::write(
+        &config,
+        "rescan_interval_ms = 60000\n[model.feed]\nversions = \"all\"\nlabels = { stable = 1, canary = 4 }\n",
+    )
+    .unwrap();
+    let start = Instant::now();
+    loop {
+        let mut r = request();
+        r.label = "stable".into();
+        match c.score(&r) {
+            Ok(res) if res.version == 1 => break,
+            _ => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "labels never applied"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served = load.join().unwrap();
+    assert!(served > 10, "the load thread scored only {served} requests");
+}
