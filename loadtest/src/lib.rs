@@ -1,2 +1,339 @@
-//! The load generator library (placeholder: see `main.rs`).
-#![forbid(unsafe_code)]
+//! `rankd-load`: an open-loop load generator for rankd.
+//!
+//! Requests are sent at a target rate (constant or Poisson arrivals) over N connections with
+//! pipelining, whether or not earlier answers came back; each latency is measured from the
+//! request's *intended* send time into an HdrHistogram, so a stalled server cannot hide its
+//! stall (no coordinated omission).
+
+pub mod synth;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use rankd_formats::synth::Rng;
+use rankd_serving::client::Response;
+use rankd_serving::protocol::{write_frame, FrameHeader, MessageType, HEADER_LEN};
+
+/// Arrival process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrivals {
+    /// Evenly spaced.
+    Constant,
+    /// Exponential gaps.
+    Poisson,
+}
+
+/// One run's settings.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Server address.
+    pub addr: SocketAddr,
+    /// Requests per second.
+    pub rate: f64,
+    /// Seconds.
+    pub duration: f64,
+    /// Connections.
+    pub connections: usize,
+    /// Arrival process.
+    pub arrivals: Arrivals,
+    /// Print a progress line per second to stderr.
+    pub progress: bool,
+}
+
+/// What a run measured.
+#[derive(Debug)]
+pub struct Report {
+    /// Successful responses.
+    pub ok: u64,
+    /// Error responses, plus requests unanswered at the end.
+    pub errors: u64,
+    /// Errors by code name (`unanswered` for requests with no response in time).
+    pub errors_by_code: BTreeMap<String, u64>,
+    /// Responses by the version that served them.
+    pub versions: BTreeMap<u64, u64>,
+    /// First response of each version, milliseconds since the Unix epoch.
+    pub first_seen_ms: BTreeMap<u64, u64>,
+    /// Latency histogram in microseconds (successful responses).
+    pub latency: Histogram<u64>,
+    /// Responses per second over the run.
+    pub achieved_rate: f64,
+    /// Requests sent.
+    pub sent: u64,
+}
+
+impl Report {
+    /// The summary as one JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        let q = |p: f64| self.latency.value_at_quantile(p);
+        serde_json::json!({
+            "ok": self.ok,
+            "errors": self.errors,
+            "sent": self.sent,
+            "rate": self.achieved_rate,
+            "p50_us": q(0.5),
+            "p90_us": q(0.9),
+            "p99_us": q(0.99),
+            "p999_us": q(0.999),
+            "max_us": self.latency.max(),
+            "errors_by_code": self.errors_by_code,
+            "versions": self.versions.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
+            "first_seen_ms": self.first_seen_ms.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
+        })
+    }
+
+    /// The summary for people.
+    pub fn text(&self) -> String {
+        let q = |p: f64| self.latency.value_at_quantile(p);
+        format!(
+            "sent {} ok {} errors {} rate {:.1}/s\nlatency us: p50 {} p90 {} p99 {} p99.9 {} max {}\nerrors by code: {:?}\nversions: {:?}",
+            self.sent,
+            self.ok,
+            self.errors,
+            self.achieved_rate,
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            q(0.999),
+            self.latency.max(),
+            self.errors_by_code,
+            self.versions
+        )
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    versions: BTreeMap<u64, u64>,
+    first_seen: BTreeMap<u64, u64>,
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h)?;
+    let header = FrameHeader::decode(&h, u32::MAX).map_err(std::io::Error::other)?;
+    let mut body = vec![0u8; header.body_len as usize];
+    s.read_exact(&mut body)?;
+    Ok(Response {
+        msg_type: header.msg_type,
+        request_id: header.request_id,
+        body,
+    })
+}
+
+/// Runs open-loop load with the given encoded request bodies (cycled).
+pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
+    assert!(!bodies.is_empty(), "no requests to send");
+    let total = (opts.rate * opts.duration).ceil().max(1.0) as usize;
+    let intended: Arc<Vec<AtomicU64>> = Arc::new((0..=total).map(|_| AtomicU64::new(0)).collect());
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let second = Arc::new(Mutex::new(new_hist()));
+    let answered = Arc::new(AtomicU64::new(0));
+    let base = Instant::now() + Duration::from_millis(20);
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for _ in 0..opts.connections.max(1) {
+        let s = TcpStream::connect(opts.addr)?;
+        s.set_nodelay(true)?;
+        let mut r = s.try_clone()?;
+        r.set_read_timeout(Some(Duration::from_secs(10)))?;
+        writers.push(s);
+        let (intended, tally, second, answered) = (
+            intended.clone(),
+            tally.clone(),
+            second.clone(),
+            answered.clone(),
+        );
+        readers.push(std::thread::spawn(move || {
+            let mut hist = new_hist();
+            while let Ok(resp) = read_response(&mut r) {
+                let now = base.elapsed().as_nanos() as u64;
+                let sent = intended
+                    .get(resp.request_id as usize)
+                    .map_or(now, |a| a.load(Ordering::Relaxed));
+                let us = (now.saturating_sub(sent) / 1000).max(1);
+                answered.fetch_add(1, Ordering::Relaxed);
+                match resp.into_score() {
+                    Ok(res) => {
+                        let _ = hist.record(us);
+                        let _ = second.lock().unwrap_or_else(|e| e.into_inner()).record(us);
+                        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+                        t.ok += 1;
+                        *t.versions.entry(res.version).or_insert(0) += 1;
+                        t.first_seen.entry(res.version).or_insert_with(now_ms);
+                    }
+                    Err(e) => {
+                        let code = match &e {
+                            rankd_serving::client::ClientError::Server {
+                                code: Some(c), ..
+                            } => c.as_str().to_owned(),
+                            rankd_serving::client::ClientError::Server { raw_code, .. } => {
+                                format!("code_{raw_code}")
+                            }
+                            _ => "protocol".to_owned(),
+                        };
+                        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+                        *t.errors.entry(code).or_insert(0) += 1;
+                    }
+                }
+            }
+            hist
+        }));
+    }
+    // The sender: one thread, intended times computed up front of each send.
+    let progress = opts.progress;
+    let mut rng = Rng::new(0x5eed);
+    let mut at = 0f64;
+    let mut frame = Vec::with_capacity(bodies[0].len() + 32);
+    let mut last_report = 0u64;
+    let mut sent = 0u64;
+    let ok_before = |t: &Mutex<Tally>| t.lock().unwrap_or_else(|e| e.into_inner()).ok;
+    for k in 1..=total {
+        let gap = match opts.arrivals {
+            Arrivals::Constant => 1.0 / opts.rate,
+            Arrivals::Poisson => {
+                let u = (f64::from(rng.uniform(0.5)) + 0.5).clamp(1e-9, 1.0);
+                -u.ln() / opts.rate
+            }
+        };
+        let due = Duration::from_secs_f64(at);
+        at += gap;
+        let now = base.elapsed();
+        if due > now + Duration::from_micros(200) {
+            std::thread::sleep(due - now - Duration::from_micros(150));
+        }
+        while base.elapsed() < due {
+            std::hint::spin_loop();
+        }
+        intended[k].store(due.as_nanos() as u64, Ordering::Relaxed);
+        frame.clear();
+        write_frame(
+            &mut frame,
+            MessageType::ScoreRequest,
+            k as u64,
+            &bodies[k % bodies.len()],
+        );
+        let conn = k % writers.len();
+        if writers[conn].write_all(&frame).is_err() {
+            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+            *t.errors.entry("send_failed".into()).or_insert(0) += 1;
+        }
+        sent += 1;
+        let secs = base.elapsed().as_secs();
+        if progress && secs > last_report {
+            last_report = secs;
+            let mut h = second.lock().unwrap_or_else(|e| e.into_inner());
+            eprintln!(
+                "t={secs}s sent={sent} ok={} p50_us={} p99_us={} (last second)",
+                ok_before(&tally),
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99)
+            );
+            h.reset();
+        }
+    }
+    // Wait for the answers (at most 5 s past the end), then close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while answered.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = base.elapsed().as_secs_f64();
+    for w in &writers {
+        let _ = w.shutdown(std::net::Shutdown::Both);
+    }
+    let mut latency = new_hist();
+    for r in readers {
+        if let Ok(h) = r.join() {
+            let _ = latency.add(&h);
+        }
+    }
+    let t = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut errors_by_code = t.errors;
+    let unanswered = sent.saturating_sub(answered.load(Ordering::Relaxed));
+    if unanswered > 0 {
+        errors_by_code.insert("unanswered".into(), unanswered);
+    }
+    let errors = errors_by_code.values().sum();
+    Ok(Report {
+        ok: t.ok,
+        errors,
+        errors_by_code,
+        versions: t.versions,
+        first_seen_ms: t.first_seen,
+        latency,
+        achieved_rate: t.ok as f64 / elapsed.max(1e-9),
+        sent,
+    })
+}
+
+/// Finds the highest rate whose p99 stays under `p99_us` with no errors: doubles from `start`
+/// until a trial fails, then bisects. Returns `(rate, report of that rate)`.
+pub fn find_max_rate(
+    opts: &RunOptions,
+    bodies: &[Vec<u8>],
+    p99_us: u64,
+    trial_secs: f64,
+) -> std::io::Result<(f64, Option<Report>)> {
+    let trial = |rate: f64| -> std::io::Result<Report> {
+        let o = RunOptions {
+            rate,
+            duration: trial_secs,
+            progress: false,
+            ..opts.clone()
+        };
+        run(&o, bodies)
+    };
+    let passes = |r: &Report| r.errors == 0 && r.latency.value_at_quantile(0.99) <= p99_us;
+    let mut lo = 0.0;
+    let mut best = None;
+    let mut hi = opts.rate.max(1.0);
+    loop {
+        let r = trial(hi)?;
+        eprintln!(
+            "trial {hi:.0}/s: p99 {} us, errors {}",
+            r.latency.value_at_quantile(0.99),
+            r.errors
+        );
+        if !passes(&r) {
+            break;
+        }
+        lo = hi;
+        best = Some(r);
+        hi *= 2.0;
+        if hi > 1e7 {
+            break;
+        }
+    }
+    for _ in 0..5 {
+        let mid = (lo + hi) / 2.0;
+        let r = trial(mid)?;
+        eprintln!(
+            "trial {mid:.0}/s: p99 {} us, errors {}",
+            r.latency.value_at_quantile(0.99),
+            r.errors
+        );
+        if passes(&r) {
+            lo = mid;
+            best = Some(r);
+        } else {
+            hi = mid;
+        }
+    }
+    Ok((lo, best))
+}

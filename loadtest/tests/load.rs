@@ -1,0 +1,132 @@
+//! rankd-load against an in-process rankd: every synthesized request is valid for the model, the
+//! open loop reaches its rate, and `--json` ends with the summary object.
+
+use std::process::Command;
+
+use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
+use rankd_loadtest::synth::{default_user_level, Synth};
+use rankd_loadtest::{run, Arrivals, RunOptions};
+use rankd_serving::config::ServerConfig;
+use rankd_serving::registry::Registry;
+use rankd_serving::server::Server;
+
+fn server(root: &std::path::Path) -> Server {
+    let dir = root.join("m/3");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_synthetic(
+        &dir.join("model.rkm"),
+        &SynthOptions {
+            name: "m".into(),
+            version: 3,
+            kind: ModelKind::DeepFm,
+            ..SynthOptions::default()
+        },
+    )
+    .unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        threads: 1,
+        models: root.to_path_buf(),
+        ..ServerConfig::default()
+    };
+    let (reg, problems) = Registry::load(&config, None, &mut Default::default());
+    assert!(problems.is_empty());
+    Server::start(config, reg).unwrap()
+}
+
+#[test]
+fn synthesized_requests_are_valid_and_the_rate_is_reached() {
+    let root = tempfile::tempdir().unwrap();
+    let s = server(root.path());
+    let model = rankd_formats::ModelFile::open(root.path().join("m/3/model.rkm")).unwrap();
+    let mut synth = Synth::new("m", &model.spec().features, &default_user_level, 7);
+    let bodies: Vec<Vec<u8>> = (0..16)
+        .map(|i| synth.request(10, i).encode().unwrap())
+        .collect();
+    for arrivals in [Arrivals::Constant, Arrivals::Poisson] {
+        let report = run(
+            &RunOptions {
+                addr: s.addr,
+                rate: 400.0,
+                duration: 1.0,
+                connections: 3,
+                arrivals,
+                progress: false,
+            },
+            &bodies,
+        )
+        .unwrap();
+        assert_eq!(report.errors, 0, "{:?}", report.errors_by_code);
+        assert_eq!(report.ok, report.sent);
+        assert_eq!(report.sent, 400);
+        assert_eq!(report.versions.get(&3), Some(&400));
+        assert!(report.achieved_rate > 250.0, "{}", report.achieved_rate);
+        assert!(report.latency.value_at_quantile(0.5) > 0);
+    }
+    s.shutdown();
+}
+
+#[test]
+fn the_binary_ends_with_a_json_summary() {
+    let root = tempfile::tempdir().unwrap();
+    let s = server(root.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_rankd-load"))
+        .args(["--addr", &s.addr.to_string(), "--model", "m"])
+        .args([
+            "--model-file",
+            root.path().join("m/3/model.rkm").to_str().unwrap(),
+        ])
+        .args([
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--items",
+            "5",
+            "--connections",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in [
+        "ok", "errors", "rate", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "versions",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {last}");
+    }
+    assert_eq!(v["ok"], 200);
+    assert_eq!(v["errors"], 0);
+    assert_eq!(v["versions"]["3"], 200);
+
+    // Unknown model: every request is an error, counted by code.
+    let out = Command::new(env!("CARGO_BIN_EXE_rankd-load"))
+        .args(["--addr", &s.addr.to_string(), "--model", "nope"])
+        .args([
+            "--model-file",
+            root.path().join("m/3/model.rkm").to_str().unwrap(),
+        ])
+        .args([
+            "--rate",
+            "50",
+            "--duration",
+            "0.5",
+            "--items",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["ok"], 0);
+    assert_eq!(v["errors_by_code"]["unknown_model"], 25);
+    s.shutdown();
+}
