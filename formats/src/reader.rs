@@ -45,13 +45,15 @@ fn verifier_options() -> flatbuffers::VerifierOptions {
 
 /// Checks a whole model file held in memory: everything [`ModelFile::open`] checks.
 pub fn parse(bytes: &[u8]) -> Result<Parsed> {
-    parse_inner(bytes, true)
+    parse_inner(bytes, Some(default_threads()))
 }
 
-fn parse_inner(bytes: &[u8], verify: bool) -> Result<Parsed> {
+/// `verify`: the number of threads for the body checksum, or `None` to skip the checksum and
+/// the FlatBuffers verifier.
+fn parse_inner(bytes: &[u8], verify: Option<usize>) -> Result<Parsed> {
     let header = Header::decode(bytes, bytes.len() as u64)?;
-    if verify {
-        let computed = body_checksum(bytes, header.chunk_log2, default_threads());
+    if let Some(threads) = verify {
+        let computed = body_checksum(bytes, header.chunk_log2, threads);
         if computed != header.body_checksum {
             return Err(FormatError::Checksum {
                 part: "body",
@@ -67,7 +69,7 @@ fn parse_inner(bytes: &[u8], verify: bool) -> Result<Parsed> {
             "metadata section lacks the \"RKM1\" identifier".into(),
         ));
     }
-    let model = if verify {
+    let model = if verify.is_some() {
         fb::root_as_model_with_opts(&verifier_options(), meta)?
     } else {
         // SAFETY: only reached from `open_trusted`, whose caller guarantees the file passed
@@ -96,7 +98,13 @@ impl ModelFile {
     /// Opens and fully validates a model file: header, body checksum (on every core), FlatBuffers
     /// verifier, then the format's invariants.
     pub fn open(path: impl AsRef<Path>) -> Result<ModelFile> {
-        Self::open_with(path.as_ref(), true)
+        Self::open_with(path.as_ref(), Some(default_threads()))
+    }
+
+    /// Like [`ModelFile::open`], hashing on at most `threads` threads: a daemon reloading in the
+    /// background uses one, so that the cores serving requests are left alone.
+    pub fn open_with_threads(path: impl AsRef<Path>, threads: usize) -> Result<ModelFile> {
+        Self::open_with(path.as_ref(), Some(threads.max(1)))
     }
 
     /// Opens a model file without the body checksum and without the FlatBuffers verifier; the
@@ -111,10 +119,10 @@ impl ModelFile {
     /// accepted, unchanged since. A corrupt metadata section read without the verifier is
     /// undefined behaviour.
     pub unsafe fn open_trusted(path: impl AsRef<Path>) -> Result<ModelFile> {
-        Self::open_with(path.as_ref(), false)
+        Self::open_with(path.as_ref(), None)
     }
 
-    fn open_with(path: &Path, verify: bool) -> Result<ModelFile> {
+    fn open_with(path: &Path, verify: Option<usize>) -> Result<ModelFile> {
         let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
         let len = file.metadata().map_err(|e| FormatError::io(path, e))?.len();
         if len < HEADER_LEN as u64 {
@@ -129,7 +137,7 @@ impl ModelFile {
         // fault per page.
         let map = unsafe {
             let mut options = memmap2::MmapOptions::new();
-            if verify {
+            if verify.is_some() {
                 options.populate();
             }
             options.map(&file)
@@ -140,7 +148,7 @@ impl ModelFile {
             path: path.to_path_buf(),
             map,
             parsed,
-            integrity: if verify {
+            integrity: if verify.is_some() {
                 Integrity::Verified
             } else {
                 Integrity::Trusted

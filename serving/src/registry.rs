@@ -70,9 +70,11 @@ fn file_stamp(path: &Path) -> (u64, Option<std::time::SystemTime>) {
 
 /// Opens a model and scores one empty item with it, so that its tables, plans and the pages the
 /// first requests touch are ready before it serves.
-pub fn open_and_warm(path: &Path) -> Result<Model, rankd_formats::FormatError> {
+///
+/// `threads` bounds the threads that verify the checksum.
+pub fn open_and_warm(path: &Path, threads: usize) -> Result<Model, rankd_formats::FormatError> {
     use crate::engine::{cpu::CpuEngine, request::DenseRequest, BatchOutput, InferenceBackend};
-    let model = Model::open(path)?;
+    let model = Model::new(rankd_formats::ModelFile::open_with_threads(path, threads)?);
     let req = DenseRequest {
         user: Vec::new(),
         items: vec![Vec::new()],
@@ -202,7 +204,13 @@ impl Registry {
                 if rejected.get(&file) == Some(&stamp) {
                     return false;
                 }
-                match open_and_warm(&file) {
+                // At startup use every core; a background reload uses one thread only.
+                let threads = if previous.is_some() {
+                    1
+                } else {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                };
+                match open_and_warm(&file, threads) {
                     Ok(m) => {
                         rejected.remove(&file);
                         entry.versions.insert(v, Arc::new(m));

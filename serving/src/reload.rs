@@ -83,6 +83,26 @@ pub fn rescan(shared: &Shared, config: &ServerConfig, rejected: &mut RejectCache
     true
 }
 
+/// Keeps reload work (checksums, warm-up) off the serving cores: below their priority, and off
+/// their CPUs when they are pinned.
+fn background_priority(config: &ServerConfig) {
+    // SAFETY: plain syscalls on the calling thread with valid arguments; failures are ignored
+    // (the reload then merely competes with the cores).
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = config.worker_threads();
+        if config.pin_cores && workers < cpus {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for c in workers..cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
 /// Starts the watcher thread.
 pub fn start(
     shared: Arc<Shared>,
@@ -132,6 +152,7 @@ pub fn start(
         .name("rankd-reload".into())
         .spawn(move || {
             let _watcher = watcher;
+            background_priority(&config);
             let interval = match config.rescan_interval_ms {
                 0 => Duration::from_secs(3600 * 24 * 365),
                 ms => Duration::from_millis(ms),

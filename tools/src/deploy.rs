@@ -9,14 +9,23 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use rankd_formats::ModelFile;
 
-/// Deploys `file` under `root`. Name and version default to the file's metadata. Returns the
-/// version directory.
+/// Where and when a model was deployed.
+#[derive(Debug, Clone)]
+pub struct Deployed {
+    /// The version directory.
+    pub dir: PathBuf,
+    /// When the rename happened, milliseconds since the Unix epoch.
+    pub renamed_at_ms: u128,
+}
+
+/// Deploys `file` under `root`. Name and version default to the file's metadata. Returns where
+/// it landed and when it was renamed into place.
 pub fn deploy(
     file: &Path,
     root: &Path,
     name: Option<&str>,
     version: Option<u64>,
-) -> Result<PathBuf> {
+) -> Result<Deployed> {
     let model = ModelFile::open(file)
         .with_context(|| format!("{} is not a valid model", file.display()))?;
     let name = name.unwrap_or(&model.spec().metadata.name).to_owned();
@@ -38,6 +47,7 @@ pub fn deploy(
     let tmp = model_dir.join(format!(".deploy-{version}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut renamed_at_ms = 0;
     let result = (|| -> Result<()> {
         let dst = tmp.join("model.rkm");
         std::fs::copy(file, &dst).with_context(|| format!("cannot copy to {}", dst.display()))?;
@@ -45,6 +55,9 @@ pub fn deploy(
         File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &target)
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), target.display()))?;
+        renamed_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
         File::open(&model_dir)?.sync_all()?;
         Ok(())
     })();
@@ -52,5 +65,8 @@ pub fn deploy(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    Ok(target)
+    Ok(Deployed {
+        dir: target,
+        renamed_at_ms,
+    })
 }

@@ -188,8 +188,12 @@ fn run(cli: Cli) -> Result<()> {
             name,
             version,
         } => {
-            let dir = rankd_tools::deploy::deploy(&file, &root, name.as_deref(), version)?;
-            println!("deployed {}", dir.display());
+            let d = rankd_tools::deploy::deploy(&file, &root, name.as_deref(), version)?;
+            println!(
+                "deployed {} renamed_at_ms={}",
+                d.dir.display(),
+                d.renamed_at_ms
+            );
             Ok(())
         }
         Command::Synth {

@@ -104,3 +104,45 @@ fn validate_exits_non_zero_with_the_reason() {
     assert!(!ok);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn deploy_renames_a_validated_copy_into_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = synth(dir.path(), "wide");
+    let root = dir.path().join("root");
+    let (ok, out, err) = tool(&["deploy", &file, "--root", root.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("renamed_at_ms="), "{out}");
+    // Name and version come from the metadata (synth used demo / 3).
+    let placed = root.join("demo/3/model.rkm");
+    assert_eq!(
+        std::fs::read(&placed).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+    // No hidden leftovers; deploying the same version again is refused.
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("demo"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty());
+    let (ok, _, err) = tool(&["deploy", &file, "--root", root.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("already exists"), "{err}");
+    // A corrupt file is refused before anything is copied.
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.truncate(bytes.len() - 5);
+    let bad = dir.path().join("bad.rkm");
+    std::fs::write(&bad, &bytes).unwrap();
+    let (ok, _, err) = tool(&[
+        "deploy",
+        bad.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--version",
+        "4",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("not a valid model"), "{err}");
+    assert!(!root.join("demo/4").exists());
+}

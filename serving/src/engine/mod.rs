@@ -100,6 +100,7 @@ static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub struct Model {
     id: u64,
+    alive: std::sync::Arc<()>,
     file: ModelFile,
     pub(crate) emb: Vec<EmbView>,
     /// Dense slots and their deep-input column.
@@ -158,6 +159,7 @@ impl Model {
             .collect();
         Model {
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
+            alive: std::sync::Arc::new(()),
             emb,
             dense,
             wide,
@@ -172,6 +174,12 @@ impl Model {
     /// Opens and validates a model file.
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Model, rankd_formats::FormatError> {
         Ok(Model::new(ModelFile::open(path)?))
+    }
+
+    /// A token that lives as long as the model: per-core caches keep a weak reference to it
+    /// and drop their entries for models that are gone.
+    pub(crate) fn alive(&self) -> std::sync::Weak<()> {
+        std::sync::Arc::downgrade(&self.alive)
     }
 
     /// A process-unique id (engines key their per-model caches by it).

@@ -119,7 +119,7 @@ impl Plan {
 /// A small per-core cache of plans, least recently used first out.
 #[derive(Debug, Default)]
 pub(crate) struct PlanCache {
-    entries: Vec<(u64, FeatureSet, std::rc::Rc<Plan>)>,
+    entries: Vec<(u64, std::sync::Weak<()>, FeatureSet, std::rc::Rc<Plan>)>,
 }
 
 const PLAN_CACHE_LEN: usize = 16;
@@ -129,20 +129,23 @@ impl PlanCache {
         if let Some(pos) = self
             .entries
             .iter()
-            .position(|(id, k, _)| *id == model.id() && k == key)
+            .position(|(id, _, k, _)| *id == model.id() && k == key)
         {
             if pos != 0 {
                 let e = self.entries.remove(pos);
                 self.entries.insert(0, e);
             }
-            return self.entries[0].2.clone();
+            return self.entries[0].3.clone();
         }
         let plan = std::rc::Rc::new(Plan::new(model, key));
+        // Plans of unloaded models hold copies of their first layer: drop them now.
+        self.entries
+            .retain(|(_, alive, _, _)| alive.strong_count() > 0);
         if self.entries.len() == PLAN_CACHE_LEN {
             self.entries.pop();
         }
         self.entries
-            .insert(0, (model.id(), key.clone(), plan.clone()));
+            .insert(0, (model.id(), model.alive(), key.clone(), plan.clone()));
         plan
     }
 }
