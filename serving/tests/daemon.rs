@@ -28,16 +28,17 @@ impl Drop for Daemon {
 }
 
 fn start(root: &Path, config: Option<&str>) -> Daemon {
+    start_with(root, config, &[])
+}
+
+fn start_with(root: &Path, config: Option<&str>, extra: &[&str]) -> Daemon {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankd"));
+    cmd.args(extra);
+    if !extra.contains(&"--threads") {
+        cmd.args(["--threads", "2"]);
+    }
     cmd.args(["--models", root.to_str().unwrap()])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--threads",
-            "2",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stderr(Stdio::piped())
         .stdout(Stdio::null());
     if let Some(text) = config {
@@ -411,4 +412,52 @@ fn sigterm_finishes_and_exits_zero() {
     }
     let code = d.child.wait().unwrap();
     assert!(code.success(), "{code:?}");
+}
+
+#[test]
+fn the_epoll_driver_serves_the_same_scores() {
+    let root = tempfile::tempdir().unwrap();
+    synth(root.path(), "feed", 1, 3);
+    let d = start_with(root.path(), None, &["--force-epoll"]);
+    let mut c = Connection::connect(d.addr).unwrap();
+    let r = c.score(&request("feed", 12)).unwrap();
+    let want = reference_scores(&root.path().join("feed/1/model.rkm"), 12);
+    for (g, w) in r.scores.iter().zip(&want) {
+        assert!((f64::from(*g) - w).abs() < 1e-5, "{g} vs {w}");
+    }
+}
+
+#[test]
+fn connection_limit_and_deadlines() {
+    let root = tempfile::tempdir().unwrap();
+    synth(root.path(), "feed", 1, 1);
+    // One worker, at most two connections on it.
+    let d = start_with(
+        root.path(),
+        Some("threads = 1\n[limits]\nmax_connections = 2\n"),
+        &["--threads", "1"],
+    );
+    let mut a = Connection::connect(d.addr).unwrap();
+    let mut b = Connection::connect(d.addr).unwrap();
+    a.ping().unwrap();
+    b.ping().unwrap();
+    let mut third = Connection::connect(d.addr).unwrap();
+    third.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(
+        third.ping().is_err(),
+        "a connection over the limit is refused"
+    );
+    // The two admitted connections are unaffected; closing one admits a new one.
+    a.ping().unwrap();
+    drop(b);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = Connection::connect(d.addr).unwrap();
+    fourth.ping().unwrap();
+
+    // A deadline of 1 microsecond cannot be met: the request is answered, not scored.
+    let mut r = request("feed", 50);
+    r.deadline_us = 1;
+    assert_eq!(server_error(a.score(&r)).0, ErrorCode::DeadlineExceeded);
+    r.deadline_us = 5_000_000;
+    assert_eq!(a.score(&r).unwrap().scores.len(), 50);
 }
