@@ -175,7 +175,7 @@ impl Core {
         self.shared.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Handles one complete frame. Returns false when the connection must close.
+    /// Handles one complete frame: answers it at once or queues it on the batcher.
     fn handle_frame(
         &self,
         header: FrameHeader,

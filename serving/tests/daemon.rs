@@ -1,10 +1,10 @@
 //! The real `rankd` binary on ephemeral ports: scoring, pipelining, versions, labels and the
 //! traffic split, the admin port, bad input of every kind, and graceful shutdown.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use rankd_feature_ops::Value;
@@ -14,58 +14,20 @@ use rankd_serving::engine::request::DenseRequest;
 use rankd_serving::engine::{reference, Model};
 use rankd_serving::protocol::{ErrorCode, MessageType};
 
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::{start_daemon, Daemon};
 
 fn start(root: &Path, config: Option<&str>) -> Daemon {
     start_with(root, config, &[])
 }
 
 fn start_with(root: &Path, config: Option<&str>, extra: &[&str]) -> Daemon {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankd"));
-    cmd.args(extra);
-    if !extra.contains(&"--threads") {
-        cmd.args(["--threads", "2"]);
-    }
-    cmd.args(["--models", root.to_str().unwrap()])
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null());
-    if let Some(text) = config {
+    let path = config.map(|text| {
         let path = root.join(".rankd.toml");
         std::fs::write(&path, text).unwrap();
-        cmd.args(["--config", path.to_str().unwrap()]);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let mut log = String::new();
-    loop {
-        let Some(Ok(line)) = lines.next() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("rankd exited before serving:\n{log}");
-        };
-        log.push_str(&line);
-        log.push('\n');
-        if let Some(rest) = line.strip_prefix("rankd: serving on ") {
-            let addr: SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
-            let admin: SocketAddr = line.rsplit("http://").next().unwrap().parse().unwrap();
-            // Keep draining stderr so the daemon never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return Daemon { child, addr, admin };
-        }
-    }
+        path
+    });
+    start_daemon(root, path.as_deref(), extra)
 }
 
 fn synth(root: &Path, name: &str, version: u64, seed: u64) {

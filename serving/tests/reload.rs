@@ -2,62 +2,19 @@
 //! rejected without disturbing what is served, a removed one is unloaded, and the config's labels
 //! follow edits of the config file.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
 use rankd_serving::client::{Connection, FeatureValue, ScoreRequest};
 
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::{start_daemon, Daemon};
 
 fn start(root: &Path, config: &Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rankd"))
-        .args([
-            "--models",
-            root.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--threads",
-            "2",
-        ])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    loop {
-        let Some(Ok(line)) = lines.next() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("rankd exited before serving");
-        };
-        if let Some(rest) = line.strip_prefix("rankd: serving on ") {
-            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-            let admin = line.rsplit("http://").next().unwrap().parse().unwrap();
-            std::thread::spawn(move || for _ in lines {});
-            return Daemon { child, addr, admin };
-        }
-    }
+    start_daemon(root, Some(config), &[])
 }
 
 /// Deploys like `rankd-tool deploy`: write into a hidden directory, then rename into place.

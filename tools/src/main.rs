@@ -205,13 +205,12 @@ fn run(cli: Cli) -> Result<()> {
             item_buckets,
             seed,
         } => {
-            if matches!(kind, Kind::Feed) {
-                rankd_formats::synth::feed::write_version(&output, version, seed)?;
-                println!("wrote {}", output.display());
-                return Ok(());
-            }
             let kind = match kind {
-                Kind::Feed => unreachable!("handled above"),
+                Kind::Feed => {
+                    rankd_formats::synth::feed::write_version(&output, version, seed)?;
+                    println!("wrote {}", output.display());
+                    return Ok(());
+                }
                 Kind::Wide => ModelKind::Wide,
                 Kind::Deep => ModelKind::Deep,
                 Kind::WideDeep => ModelKind::WideDeep,

@@ -1,0 +1,56 @@
+//! Starting the real `rankd` binary for integration tests.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A running daemon, killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `rankd` on ephemeral ports over `root`, with an optional config file and extra flags
+/// (two worker threads unless `extra` sets `--threads`), and waits until it serves.
+pub fn start_daemon(root: &Path, config: Option<&Path>, extra: &[&str]) -> Daemon {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankd"));
+    cmd.args(extra);
+    if !extra.contains(&"--threads") {
+        cmd.args(["--threads", "2"]);
+    }
+    if let Some(path) = config {
+        cmd.args(["--config", path.to_str().unwrap()]);
+    }
+    cmd.args(["--models", root.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("rankd exited before serving:\n{log}");
+        };
+        log.push_str(&line);
+        log.push('\n');
+        if let Some(rest) = line.strip_prefix("rankd: serving on ") {
+            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            let admin = line.rsplit("http://").next().unwrap().parse().unwrap();
+            // Keep draining stderr so the daemon never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return Daemon { child, addr, admin };
+        }
+    }
+}
