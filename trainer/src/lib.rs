@@ -1,2 +1,160 @@
-//! The trainer library (placeholder: see `main.rs`).
+//! `rankd-train`: trains wide, deep, wide & deep and DeepFM models from CSV data with the very
+//! feature spec and model math the daemon serves, and writes the model file `rankd` loads.
+//!
+//! Today: one process, one worker ([`model::CpuCompute`] behind the [`model::Compute`] trait),
+//! synchronous steps. The parameter server and multiple workers are the next step of the trainer
+//! issue.
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod data;
+mod error;
+pub mod metrics;
+pub mod model;
+
+use std::path::Path;
+use std::time::Instant;
+
+use rankd_feature_ops::CompiledSpec;
+use rankd_formats::config::write_model;
+use rankd_formats::synth::Rng;
+use rankd_formats::Metadata;
+
+pub use config::TrainConfig;
+pub use error::{Result, TrainError};
+use metrics::{evaluate, EvalMetrics};
+use model::{Compute, CpuCompute, Grads, Layout, Optimizer, Params};
+
+/// What a training run produced.
+#[derive(Debug)]
+pub struct Trained {
+    /// Final parameters.
+    pub params: Params,
+    /// The layout.
+    pub layout: Layout,
+    /// Eval metrics after each epoch.
+    pub history: Vec<EvalMetrics>,
+    /// Final eval predictions, in eval-row order.
+    pub eval_predictions: Vec<f32>,
+    /// The eval data.
+    pub eval: data::Dataset,
+    /// Training examples per second over the run.
+    pub samples_per_second: f64,
+}
+
+/// Trains per `config`; progress goes to `log`.
+pub fn train(config: &TrainConfig, log: &mut dyn std::io::Write) -> Result<Trained> {
+    let spec = CompiledSpec::compile(&config.model.feature_spec())?;
+    let s = &config.train;
+    let train = data::load(&s.train_files, &spec, s)?;
+    let eval_files = if s.eval_files.is_empty() {
+        &s.train_files
+    } else {
+        &s.eval_files
+    };
+    let eval = data::load(eval_files, &spec, s)?;
+    let layout = Layout::new(&config.model, &spec)?;
+    let base_rate = train.labels.iter().sum::<f32>() / train.labels.len() as f32;
+    let mut params = Params::init(&layout, s.seed, base_rate);
+    let mut opt = Optimizer::new(&params, s.lr_dense, s.lr_sparse, s.l2);
+    let mut compute = CpuCompute::default();
+    let mut grads = Grads::new(&layout);
+    let mut order: Vec<usize> = (0..train.labels.len()).collect();
+    let mut rng = Rng::new(s.seed.wrapping_add(1));
+    let eval_rows: Vec<usize> = (0..eval.labels.len()).collect();
+    let mut history = Vec::new();
+    let mut best = (f64::NEG_INFINITY, params.clone(), 0usize);
+    let mut trained = 0usize;
+    let mut busy = 0f64;
+    let mut preds = Vec::new();
+    for epoch in 0..s.epochs {
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let start = Instant::now();
+        let mut loss = 0f64;
+        for batch in order.chunks(s.batch_size) {
+            loss += compute.step(
+                &layout,
+                &params,
+                &train.slots,
+                &train.labels,
+                batch,
+                &mut grads,
+            );
+            opt.apply(&mut params, &grads);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        busy += secs;
+        trained += order.len();
+        preds.clear();
+        for chunk in eval_rows.chunks(4096) {
+            compute.predict(&layout, &params, &eval.slots, chunk, &mut preds);
+        }
+        let m = evaluate(&preds, &eval.labels);
+        let _ = writeln!(
+            log,
+            "epoch {}: train logloss {:.4}, {:.0} samples/s; eval auc {:.4} logloss {:.4} accuracy {:.4} calibration {:.3}",
+            epoch + 1,
+            loss / order.len() as f64,
+            order.len() as f64 / secs,
+            m.auc,
+            m.logloss,
+            m.accuracy,
+            m.calibration
+        );
+        history.push(m);
+        if m.auc > best.0 {
+            best = (m.auc, params.clone(), epoch);
+        } else if s.early_stopping > 0 && epoch - best.2 >= s.early_stopping {
+            let _ = writeln!(
+                log,
+                "early stop: no better eval auc for {} epochs",
+                s.early_stopping
+            );
+            break;
+        }
+    }
+    if s.early_stopping > 0 {
+        params = best.1;
+    }
+    preds.clear();
+    for chunk in eval_rows.chunks(4096) {
+        compute.predict(&layout, &params, &eval.slots, chunk, &mut preds);
+    }
+    Ok(Trained {
+        params,
+        layout,
+        history,
+        eval_predictions: preds,
+        eval,
+        samples_per_second: trained as f64 / busy.max(1e-9),
+    })
+}
+
+/// Writes the trained model with its final eval metrics in the metadata.
+pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_formats::Written> {
+    let m = evaluate(&t.eval_predictions, &t.eval.labels);
+    let metadata = Metadata {
+        name: config.train.name.clone(),
+        version: config.train.version,
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+        producer: format!("rankd-train {}", env!("CARGO_PKG_VERSION")),
+        metrics: vec![
+            ("eval_auc".into(), m.auc),
+            ("eval_logloss".into(), m.logloss),
+            ("eval_accuracy".into(), m.accuracy),
+            ("eval_calibration".into(), m.calibration),
+            ("epochs".into(), t.history.len() as f64),
+        ],
+        properties: vec![("seed".into(), config.train.seed.to_string())],
+    };
+    Ok(write_model(
+        &config.model,
+        metadata,
+        &t.params.tensors(&t.layout),
+        path,
+    )?)
+}

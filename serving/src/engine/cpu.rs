@@ -477,7 +477,7 @@ fn bias_act(v: &mut [f32], bias: &[f32], relu: bool) {
 /// If a slice is too short for the shape (a bug in the caller, never input-dependent: shapes
 /// come from a validated model).
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub fn matmul(
     m: usize,
     n: usize,
     k: usize,

@@ -1,0 +1,138 @@
+//! The trainer's config: a model config (`rankd_formats::config::ModelConfig`, the same TOML
+//! `rankd-tool import` reads) plus a `[train]` table.
+
+use std::path::PathBuf;
+
+use rankd_formats::config::ModelConfig;
+use serde::Deserialize;
+
+use crate::error::{Result, TrainError};
+
+/// Training settings (`[train]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Training data files (CSV with a header).
+    pub train_files: Vec<PathBuf>,
+    /// Evaluation data files.
+    #[serde(default)]
+    pub eval_files: Vec<PathBuf>,
+    /// The label column (0/1).
+    #[serde(default = "default_label")]
+    pub label: String,
+    /// Field delimiter.
+    #[serde(default = "default_delimiter")]
+    pub delimiter: char,
+    /// Values that mean "missing" besides the empty cell.
+    #[serde(default = "default_missing")]
+    pub missing: Vec<String>,
+    /// Separator of list values inside a cell.
+    #[serde(default = "default_list_separator")]
+    pub list_separator: char,
+    /// Passes over the training data.
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Examples per step.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Adam learning rate of the dense layers.
+    #[serde(default = "default_lr_dense")]
+    pub lr_dense: f32,
+    /// Adagrad learning rate of embeddings and wide weights.
+    #[serde(default = "default_lr_sparse")]
+    pub lr_sparse: f32,
+    /// L2 penalty on the weights a step touches.
+    #[serde(default)]
+    pub l2: f32,
+    /// Seed of the initialization and the shuffling.
+    #[serde(default)]
+    pub seed: u64,
+    /// Stop after this many epochs without a better eval AUC (0: never).
+    #[serde(default)]
+    pub early_stopping: usize,
+    /// Model name written into the file.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Model version written into the file.
+    #[serde(default = "default_version")]
+    pub version: u64,
+    /// Output model file (overridden by `--output`).
+    #[serde(default)]
+    pub output: Option<PathBuf>,
+}
+
+fn default_label() -> String {
+    "label".into()
+}
+fn default_delimiter() -> char {
+    ','
+}
+fn default_missing() -> Vec<String> {
+    vec!["?".into(), "NA".into()]
+}
+fn default_list_separator() -> char {
+    '|'
+}
+fn default_epochs() -> usize {
+    5
+}
+fn default_batch() -> usize {
+    256
+}
+fn default_lr_dense() -> f32 {
+    1e-3
+}
+fn default_lr_sparse() -> f32 {
+    0.05
+}
+fn default_name() -> String {
+    "model".into()
+}
+fn default_version() -> u64 {
+    1
+}
+
+/// The whole training config.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// The model.
+    pub model: ModelConfig,
+    /// The training settings.
+    pub train: TrainSettings,
+}
+
+#[derive(Deserialize)]
+struct TrainOnly {
+    train: TrainSettings,
+}
+
+impl TrainConfig {
+    /// Parses a config; relative data paths are taken from `base` (the config's directory).
+    pub fn from_toml(text: &str, base: &std::path::Path) -> Result<TrainConfig> {
+        let model = ModelConfig::from_toml(text, &["train"])?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| TrainError::Config(e.to_string()))?;
+        let mut only = toml::Table::new();
+        if let Some(t) = table.get("train") {
+            only.insert("train".into(), t.clone());
+        } else {
+            return Err(TrainError::Config("the config has no [train] table".into()));
+        }
+        let TrainOnly { mut train } = toml::Value::Table(only)
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        train.train_files.iter_mut().for_each(fix);
+        train.eval_files.iter_mut().for_each(fix);
+        if train.batch_size == 0 || train.epochs == 0 {
+            return Err(TrainError::Config(
+                "batch_size and epochs must be at least 1".into(),
+            ));
+        }
+        Ok(TrainConfig { model, train })
+    }
+}

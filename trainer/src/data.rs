@@ -1,0 +1,146 @@
+//! Training data: CSV/TSV files with a header, parsed by the declared feature types and run
+//! through the model's own feature spec once (the same `CompiledSpec` the daemon runs), so every
+//! epoch reuses the slots.
+
+use std::path::Path;
+
+use rankd_feature_ops::{CompiledSpec, FeatureType, SlotBatch, Value};
+
+use crate::config::TrainSettings;
+use crate::error::{Result, TrainError};
+
+/// One parsed cell.
+#[derive(Clone, Debug)]
+pub enum Cell {
+    /// Empty or a missing marker.
+    Missing,
+    /// A number.
+    Num(f64),
+    /// An integer.
+    Int(i64),
+    /// A string.
+    Str(String),
+    /// A list of integers.
+    Ints(Vec<i64>),
+    /// A list of strings.
+    Strs(Vec<String>),
+}
+
+impl Cell {
+    /// The borrowed value.
+    pub fn value(&self) -> Value<'_> {
+        match self {
+            Cell::Missing => Value::Missing,
+            Cell::Num(v) => Value::F64(*v),
+            Cell::Int(v) => Value::Int(*v),
+            Cell::Str(s) => Value::Str(s),
+            Cell::Ints(v) => Value::IntList(v),
+            Cell::Strs(v) => Value::StrList(v),
+        }
+    }
+}
+
+/// Examples after the feature transforms.
+#[derive(Debug)]
+pub struct Dataset {
+    /// Raw cells per row, in model feature order (kept for checks against the engine).
+    pub rows: Vec<Vec<Cell>>,
+    /// Labels (0 or 1).
+    pub labels: Vec<f32>,
+    /// The slots of every row.
+    pub slots: SlotBatch,
+}
+
+fn parse_cell(text: &str, ty: FeatureType, s: &TrainSettings) -> std::result::Result<Cell, String> {
+    let t = text.trim();
+    if t.is_empty() || s.missing.iter().any(|m| m == t) {
+        return Ok(Cell::Missing);
+    }
+    Ok(match ty {
+        FeatureType::Float => Cell::Num(t.parse().map_err(|_| format!("{t:?} is not a number"))?),
+        FeatureType::Int => Cell::Int(t.parse().map_err(|_| format!("{t:?} is not an integer"))?),
+        FeatureType::String => Cell::Str(t.to_owned()),
+        FeatureType::IntList => Cell::Ints(
+            t.split(s.list_separator)
+                .map(|x| {
+                    x.trim()
+                        .parse()
+                        .map_err(|_| format!("{x:?} is not an integer"))
+                })
+                .collect::<std::result::Result<_, _>>()?,
+        ),
+        FeatureType::StringList => Cell::Strs(
+            t.split(s.list_separator)
+                .map(|x| x.trim().to_owned())
+                .collect(),
+        ),
+    })
+}
+
+/// Reads `files` against `spec`: every declared feature must be a column; other columns are
+/// ignored; the label must be 0 or 1.
+pub fn load(files: &[impl AsRef<Path>], spec: &CompiledSpec, s: &TrainSettings) -> Result<Dataset> {
+    let mut rows = Vec::new();
+    let mut labels = Vec::new();
+    let mut slots = SlotBatch::new();
+    for file in files {
+        let path = file.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .ok_or_else(|| TrainError::Data(format!("{}: empty file", path.display())))?
+            .split(s.delimiter)
+            .map(str::trim)
+            .collect();
+        let col = |name: &str| header.iter().position(|h| *h == name);
+        let label_col = col(&s.label).ok_or_else(|| {
+            TrainError::Data(format!("{}: no label column `{}`", path.display(), s.label))
+        })?;
+        let mut cols = Vec::with_capacity(spec.features().len());
+        for f in spec.features() {
+            cols.push(col(&f.name).ok_or_else(|| {
+                TrainError::Data(format!(
+                    "{}: no column for feature `{}`",
+                    path.display(),
+                    f.name
+                ))
+            })?);
+        }
+        for (i, line) in lines.enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = line.split(s.delimiter).collect();
+            let at = |c: usize| fields.get(c).copied().unwrap_or("");
+            let ctx =
+                |msg: String| TrainError::Data(format!("{}:{}: {msg}", path.display(), i + 2));
+            let label = match at(label_col).trim() {
+                "0" | "0.0" => 0.0,
+                "1" | "1.0" => 1.0,
+                other => return Err(ctx(format!("label {other:?} is not 0 or 1"))),
+            };
+            let mut row = Vec::with_capacity(cols.len());
+            for (f, &c) in spec.features().iter().zip(&cols) {
+                row.push(
+                    parse_cell(at(c), f.ty, s)
+                        .map_err(|e| ctx(format!("feature `{}`: {e}", f.name)))?,
+                );
+            }
+            let values: Vec<Value<'_>> = row.iter().map(Cell::value).collect();
+            spec.transform_row(&values, &mut slots)
+                .map_err(|e| ctx(e.to_string()))?;
+            rows.push(row);
+            labels.push(label);
+        }
+    }
+    if rows.is_empty() {
+        return Err(TrainError::Data("no examples".into()));
+    }
+    Ok(Dataset {
+        rows,
+        labels,
+        slots,
+    })
+}

@@ -1,0 +1,720 @@
+//! Parameters, the forward and backward passes ([`Compute`], with the CPU implementation
+//! [`CpuCompute`]) and the optimizers: Adam for the dense layers, Adagrad applied sparsely (only
+//! the rows a batch touched) for embeddings and wide weights.
+//!
+//! The math is the serving math of `docs/model.md`; the test `served_scores_equal_trainer_eval`
+//! proves the written model scores the same in `rankd`.
+
+use std::collections::HashMap;
+
+use rankd_feature_ops::{CompiledSpec, SlotBatch};
+use rankd_formats::config::{ModelConfig, TensorMap};
+use rankd_formats::synth::Rng;
+use rankd_formats::Pooling;
+use rankd_serving::engine::cpu::matmul;
+
+use crate::error::{Result, TrainError};
+
+/// An embedding table's place in the network.
+#[derive(Clone, Debug)]
+pub struct EmbSpec {
+    /// Its slot.
+    pub slot: usize,
+    /// Slot name.
+    pub name: String,
+    /// Rows (the slot's id count).
+    pub rows: usize,
+    /// Dimension.
+    pub dim: usize,
+    /// Mean pooling (else sum).
+    pub mean: bool,
+    /// First column in the deep input.
+    pub col: usize,
+}
+
+/// The shapes of the network, from the model config.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Embedding tables.
+    pub emb: Vec<EmbSpec>,
+    /// Dense slots and their deep-input column.
+    pub dense: Vec<(usize, usize)>,
+    /// Wide slots: (slot, name, rows).
+    pub wide: Vec<(usize, String, usize)>,
+    /// Whether there is a wide part (and so a wide bias).
+    pub has_wide: bool,
+    /// Deep layers (in, out).
+    pub layers: Vec<(usize, usize)>,
+    /// The FM term.
+    pub fm: bool,
+    /// Deep input width.
+    pub deep_in: usize,
+}
+
+impl Layout {
+    /// The layout of `config` over the compiled spec.
+    pub fn new(config: &ModelConfig, spec: &CompiledSpec) -> Result<Layout> {
+        config.tensors()?;
+        let slot = |n: &str| spec.slot_index(n).expect("checked by ModelConfig::tensors");
+        let ids = |s: usize| spec.slots()[s].kind.num_ids().unwrap_or(0) as usize;
+        let mut col = 0;
+        let mut emb = Vec::new();
+        for e in &config.embeddings {
+            let s = slot(&e.slot);
+            emb.push(EmbSpec {
+                slot: s,
+                name: e.slot.clone(),
+                rows: ids(s),
+                dim: e.dim as usize,
+                mean: e.pooling == Pooling::Mean,
+                col,
+            });
+            col += e.dim as usize;
+        }
+        let mut dense = Vec::new();
+        let mut layers = Vec::new();
+        if let Some(d) = &config.deep {
+            for n in &d.dense {
+                dense.push((slot(n), col));
+                col += 1;
+            }
+            let mut width = col;
+            for &out in &d.layers {
+                layers.push((width, out as usize));
+                width = out as usize;
+            }
+        }
+        let wide = config
+            .wide
+            .as_ref()
+            .map(|w| {
+                w.slots
+                    .iter()
+                    .map(|n| (slot(n), n.clone(), ids(slot(n))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if config.fm && emb.windows(2).any(|w| w[0].dim != w[1].dim) {
+            return Err(TrainError::Config("fm needs equal embedding dims".into()));
+        }
+        Ok(Layout {
+            emb,
+            dense,
+            wide,
+            has_wide: config.wide.is_some(),
+            layers,
+            fm: config.fm,
+            deep_in: col,
+        })
+    }
+}
+
+/// All trainable parameters.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Embedding tables, row-major.
+    pub emb: Vec<Vec<f32>>,
+    /// Wide weights per wide slot.
+    pub wide: Vec<Vec<f32>>,
+    /// Wide bias.
+    pub wide_bias: f32,
+    /// Layer weights `[out][in]`.
+    pub w: Vec<Vec<f32>>,
+    /// Layer biases.
+    pub b: Vec<Vec<f32>>,
+}
+
+impl Params {
+    /// Random initialization: small uniform embeddings, zero wide weights, Glorot-uniform
+    /// layers, and the wide bias at the logit of `base_rate`.
+    pub fn init(layout: &Layout, seed: u64, base_rate: f32) -> Params {
+        let mut rng = Rng::new(seed ^ 0x7261_6e6b);
+        let p = base_rate.clamp(1e-4, 1.0 - 1e-4);
+        Params {
+            emb: layout
+                .emb
+                .iter()
+                .map(|e| rng.vec(e.rows * e.dim, 0.05))
+                .collect(),
+            wide: layout.wide.iter().map(|(_, _, n)| vec![0.0; *n]).collect(),
+            wide_bias: if layout.has_wide {
+                (p / (1.0 - p)).ln()
+            } else {
+                0.0
+            },
+            w: layout
+                .layers
+                .iter()
+                .map(|&(i, o)| rng.vec(i * o, (6.0 / (i + o) as f32).sqrt()))
+                .collect(),
+            b: layout.layers.iter().map(|&(_, o)| vec![0.0; o]).collect(),
+        }
+    }
+
+    /// The tensors `rankd_formats::config::write_model` expects.
+    pub fn tensors(&self, layout: &Layout) -> TensorMap {
+        let mut t = TensorMap::new();
+        for (e, v) in layout.emb.iter().zip(&self.emb) {
+            t.insert(
+                format!("embedding.{}", e.name),
+                (vec![e.rows as u64, e.dim as u64], v.clone()),
+            );
+        }
+        for ((_, name, n), v) in layout.wide.iter().zip(&self.wide) {
+            t.insert(format!("wide.{name}"), (vec![*n as u64], v.clone()));
+        }
+        if layout.has_wide {
+            t.insert("wide.bias".into(), (vec![1], vec![self.wide_bias]));
+        }
+        for (i, (&(inp, out), (w, b))) in layout
+            .layers
+            .iter()
+            .zip(self.w.iter().zip(&self.b))
+            .enumerate()
+        {
+            t.insert(
+                format!("deep.{i}.weight"),
+                (vec![out as u64, inp as u64], w.clone()),
+            );
+            t.insert(format!("deep.{i}.bias"), (vec![out as u64], b.clone()));
+        }
+        t
+    }
+}
+
+/// Gradients of the rows of one table that a batch touched.
+#[derive(Clone, Debug, Default)]
+pub struct SparseGrad {
+    dim: usize,
+    index: HashMap<u32, usize>,
+    /// Touched rows, in first-touch order.
+    pub rows: Vec<u32>,
+    /// Their gradients, `rows.len() * dim`.
+    pub values: Vec<f32>,
+}
+
+impl SparseGrad {
+    fn new(dim: usize) -> Self {
+        SparseGrad {
+            dim,
+            ..Default::default()
+        }
+    }
+
+    fn clear(&mut self) {
+        self.index.clear();
+        self.rows.clear();
+        self.values.clear();
+    }
+
+    fn add(&mut self, row: u32, scale: f32, g: &[f32]) {
+        let dim = self.dim;
+        let at = *self.index.entry(row).or_insert_with(|| {
+            self.rows.push(row);
+            self.values.resize(self.values.len() + dim, 0.0);
+            self.rows.len() - 1
+        });
+        for (d, v) in self.values[at * dim..(at + 1) * dim].iter_mut().zip(g) {
+            *d += scale * v;
+        }
+    }
+}
+
+/// The gradients of one step.
+#[derive(Clone, Debug)]
+pub struct Grads {
+    /// Per embedding table.
+    pub emb: Vec<SparseGrad>,
+    /// Per wide slot.
+    pub wide: Vec<SparseGrad>,
+    /// Wide bias.
+    pub wide_bias: f32,
+    /// Layer weights.
+    pub w: Vec<Vec<f32>>,
+    /// Layer biases.
+    pub b: Vec<Vec<f32>>,
+}
+
+impl Grads {
+    /// Zero gradients for `layout`.
+    pub fn new(layout: &Layout) -> Grads {
+        Grads {
+            emb: layout.emb.iter().map(|e| SparseGrad::new(e.dim)).collect(),
+            wide: layout.wide.iter().map(|_| SparseGrad::new(1)).collect(),
+            wide_bias: 0.0,
+            w: layout
+                .layers
+                .iter()
+                .map(|&(i, o)| vec![0.0; i * o])
+                .collect(),
+            b: layout.layers.iter().map(|&(_, o)| vec![0.0; o]).collect(),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.emb.iter_mut().for_each(SparseGrad::clear);
+        self.wide.iter_mut().for_each(SparseGrad::clear);
+        self.wide_bias = 0.0;
+        self.w.iter_mut().for_each(|g| g.fill(0.0));
+        self.b.iter_mut().for_each(|g| g.fill(0.0));
+    }
+}
+
+/// Worker compute: the forward and backward passes of a batch. The CPU implementation is
+/// [`CpuCompute`]; a cuBLAS one can take its place.
+pub trait Compute {
+    /// Computes the gradients of the mean log loss over `rows` into `grads` (cleared first)
+    /// and returns the summed loss.
+    fn step(
+        &mut self,
+        layout: &Layout,
+        params: &Params,
+        slots: &SlotBatch,
+        labels: &[f32],
+        rows: &[usize],
+        grads: &mut Grads,
+    ) -> f64;
+    /// Predicted probabilities of `rows`.
+    fn predict(
+        &mut self,
+        layout: &Layout,
+        params: &Params,
+        slots: &SlotBatch,
+        rows: &[usize],
+        out: &mut Vec<f32>,
+    );
+}
+
+/// The CPU worker, with its activations kept between forward and backward.
+#[derive(Debug, Default)]
+pub struct CpuCompute {
+    x: Vec<f32>,
+    hs: Vec<Vec<f32>>,
+    logits: Vec<f32>,
+    fm_sum: Vec<f32>,
+    dz: Vec<f32>,
+    dzt: Vec<f32>,
+    dh: Vec<f32>,
+}
+
+fn sigmoid(x: f32) -> f32 {
+    rankd_serving::engine::sigmoid(x)
+}
+
+impl CpuCompute {
+    fn forward(&mut self, l: &Layout, p: &Params, slots: &SlotBatch, rows: &[usize]) {
+        let n = rows.len();
+        let k = l.deep_in;
+        self.x.clear();
+        self.x.resize(n * k, 0.0);
+        for (t, e) in l.emb.iter().enumerate() {
+            let table = &p.emb[t];
+            for (b, &r) in rows.iter().enumerate() {
+                let ids = slots.ids(e.slot, r);
+                let dst = &mut self.x[b * k + e.col..b * k + e.col + e.dim];
+                for &id in ids {
+                    let row = &table[id as usize * e.dim..(id as usize + 1) * e.dim];
+                    dst.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+                }
+                if e.mean && ids.len() > 1 {
+                    let c = ids.len() as f32;
+                    dst.iter_mut().for_each(|d| *d /= c);
+                }
+            }
+        }
+        for &(slot, col) in &l.dense {
+            for (b, &r) in rows.iter().enumerate() {
+                self.x[b * k + col] = slots.dense(slot, r);
+            }
+        }
+        self.logits.clear();
+        self.logits.resize(n, 0.0);
+        self.hs.resize(l.layers.len(), Vec::new());
+        for (i, &(inp, out)) in l.layers.iter().enumerate() {
+            let (prev, rest) = self.hs.split_at_mut(i);
+            let input: &[f32] = if i == 0 { &self.x } else { &prev[i - 1] };
+            let h = &mut rest[0];
+            h.clear();
+            for _ in 0..n {
+                h.extend_from_slice(&p.b[i]);
+            }
+            matmul(n, out, inp, h, input, inp, &p.w[i], 1, inp as isize, true);
+            if i + 1 < l.layers.len() {
+                h.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        }
+        if let Some(last) = self.hs.last() {
+            self.logits.copy_from_slice(&last[..n]);
+        }
+        if l.has_wide {
+            for (b, &r) in rows.iter().enumerate() {
+                let mut w = p.wide_bias;
+                for (j, (slot, _, _)) in l.wide.iter().enumerate() {
+                    for &id in slots.ids(*slot, r) {
+                        w += p.wide[j][id as usize];
+                    }
+                }
+                self.logits[b] += w;
+            }
+        }
+        if l.fm {
+            let dim = l.emb[0].dim;
+            self.fm_sum.clear();
+            self.fm_sum.resize(n * dim, 0.0);
+            for b in 0..n {
+                let mut sq = 0.0;
+                for e in &l.emb {
+                    let v = &self.x[b * k + e.col..b * k + e.col + dim];
+                    let acc = &mut self.fm_sum[b * dim..(b + 1) * dim];
+                    for (a, x) in acc.iter_mut().zip(v) {
+                        *a += x;
+                        sq += x * x;
+                    }
+                }
+                let total: f32 = self.fm_sum[b * dim..(b + 1) * dim]
+                    .iter()
+                    .map(|s| s * s)
+                    .sum();
+                self.logits[b] += 0.5 * (total - sq);
+            }
+        }
+    }
+}
+
+impl Compute for CpuCompute {
+    fn step(
+        &mut self,
+        l: &Layout,
+        p: &Params,
+        slots: &SlotBatch,
+        labels: &[f32],
+        rows: &[usize],
+        g: &mut Grads,
+    ) -> f64 {
+        g.clear();
+        self.forward(l, p, slots, rows);
+        let n = rows.len();
+        let k = l.deep_in;
+        let inv = 1.0 / n as f32;
+        let mut loss = 0f64;
+        // dL/dlogit per example.
+        let mut dlogit = vec![0f32; n];
+        for (b, &r) in rows.iter().enumerate() {
+            let y = labels[r];
+            let z = self.logits[b];
+            let pr = sigmoid(z);
+            // log(1 + e^-|z|) + max(z, 0) - y z: the stable form of the log loss.
+            loss += f64::from((-z.abs()).exp().ln_1p() + z.max(0.0) - y * z);
+            dlogit[b] = (pr - y) * inv;
+        }
+        // Wide.
+        if l.has_wide {
+            g.wide_bias = dlogit.iter().sum();
+            for (j, (slot, _, _)) in l.wide.iter().enumerate() {
+                for (b, &r) in rows.iter().enumerate() {
+                    for &id in slots.ids(*slot, r) {
+                        g.wide[j].add(id, dlogit[b], &[1.0]);
+                    }
+                }
+            }
+        }
+        // Deep, from the top.
+        let mut dx = vec![0f32; n * k];
+        if !l.layers.is_empty() {
+            self.dz.clear();
+            self.dz.extend_from_slice(&dlogit);
+            for i in (0..l.layers.len()).rev() {
+                let (inp, out) = l.layers[i];
+                let input: &[f32] = if i == 0 { &self.x } else { &self.hs[i - 1] };
+                // dW = dZᵀ H_in; dZᵀ is made contiguous first.
+                self.dzt.clear();
+                self.dzt.resize(out * n, 0.0);
+                for b in 0..n {
+                    for o in 0..out {
+                        self.dzt[o * n + b] = self.dz[b * out + o];
+                    }
+                }
+                matmul(
+                    out,
+                    inp,
+                    n,
+                    &mut g.w[i],
+                    &self.dzt,
+                    n,
+                    input,
+                    inp as isize,
+                    1,
+                    false,
+                );
+                for (o, gb) in g.b[i].iter_mut().enumerate() {
+                    *gb = self.dzt[o * n..(o + 1) * n].iter().sum();
+                }
+                // dH_in = dZ W.
+                self.dh.clear();
+                self.dh.resize(n * inp, 0.0);
+                matmul(
+                    n,
+                    inp,
+                    out,
+                    &mut self.dh,
+                    &self.dz,
+                    out,
+                    &p.w[i],
+                    inp as isize,
+                    1,
+                    false,
+                );
+                if i == 0 {
+                    dx.copy_from_slice(&self.dh);
+                } else {
+                    // Through the ReLU of the layer below.
+                    let below = &self.hs[i - 1];
+                    self.dz.clear();
+                    self.dz.extend(
+                        self.dh
+                            .iter()
+                            .zip(below)
+                            .map(|(d, h)| if *h > 0.0 { *d } else { 0.0 }),
+                    );
+                }
+            }
+        }
+        // FM: d fm / d e_f = S - e_f.
+        if l.fm {
+            let dim = l.emb[0].dim;
+            for b in 0..n {
+                for e in &l.emb {
+                    for d in 0..dim {
+                        let v = self.x[b * k + e.col + d];
+                        dx[b * k + e.col + d] += dlogit[b] * (self.fm_sum[b * dim + d] - v);
+                    }
+                }
+            }
+        }
+        // Scatter into the embedding rows.
+        for (t, e) in l.emb.iter().enumerate() {
+            for (b, &r) in rows.iter().enumerate() {
+                let ids = slots.ids(e.slot, r);
+                let scale = if e.mean { 1.0 / ids.len() as f32 } else { 1.0 };
+                let gv = &dx[b * k + e.col..b * k + e.col + e.dim];
+                for &id in ids {
+                    g.emb[t].add(id, scale, gv);
+                }
+            }
+        }
+        loss
+    }
+
+    fn predict(
+        &mut self,
+        l: &Layout,
+        p: &Params,
+        slots: &SlotBatch,
+        rows: &[usize],
+        out: &mut Vec<f32>,
+    ) {
+        self.forward(l, p, slots, rows);
+        out.extend(self.logits.iter().map(|&z| sigmoid(z)));
+    }
+}
+
+/// Optimizer state: Adam for the dense layers, Adagrad for embeddings and wide weights.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    mb: Vec<Vec<f32>>,
+    vb: Vec<Vec<f32>>,
+    t: i32,
+    acc_emb: Vec<Vec<f32>>,
+    acc_wide: Vec<Vec<f32>>,
+    acc_bias: f32,
+    lr_dense: f32,
+    lr_sparse: f32,
+    l2: f32,
+}
+
+impl Optimizer {
+    /// State for `params`.
+    pub fn new(params: &Params, lr_dense: f32, lr_sparse: f32, l2: f32) -> Optimizer {
+        let zeros = |v: &Vec<Vec<f32>>| v.iter().map(|x| vec![0.0; x.len()]).collect::<Vec<_>>();
+        Optimizer {
+            m: zeros(&params.w),
+            v: zeros(&params.w),
+            mb: zeros(&params.b),
+            vb: zeros(&params.b),
+            t: 0,
+            acc_emb: params.emb.iter().map(|x| vec![0.1; x.len()]).collect(),
+            acc_wide: params.wide.iter().map(|x| vec![0.1; x.len()]).collect(),
+            acc_bias: 0.1,
+            lr_dense,
+            lr_sparse,
+            l2,
+        }
+    }
+
+    /// Applies one step of gradients.
+    pub fn apply(&mut self, p: &mut Params, g: &Grads) {
+        self.t += 1;
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        let c1 = 1.0 - b1.powi(self.t);
+        let c2 = 1.0 - b2.powi(self.t);
+        let lr = self.lr_dense;
+        let l2 = self.l2;
+        let adam = |w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool| {
+            for i in 0..w.len() {
+                let gi = g[i] + if decay { l2 * w[i] } else { 0.0 };
+                m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                w[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+            }
+        };
+        for i in 0..p.w.len() {
+            adam(&mut p.w[i], &g.w[i], &mut self.m[i], &mut self.v[i], true);
+            adam(
+                &mut p.b[i],
+                &g.b[i],
+                &mut self.mb[i],
+                &mut self.vb[i],
+                false,
+            );
+        }
+        let lr = self.lr_sparse;
+        let adagrad = |w: &mut [f32], acc: &mut [f32], sg: &SparseGrad, dim: usize| {
+            for (j, &row) in sg.rows.iter().enumerate() {
+                let base = row as usize * dim;
+                for d in 0..dim {
+                    let i = base + d;
+                    let gi = sg.values[j * dim + d] + l2 * w[i];
+                    acc[i] += gi * gi;
+                    w[i] -= lr * gi / acc[i].sqrt();
+                }
+            }
+        };
+        for (t, sg) in g.emb.iter().enumerate() {
+            adagrad(&mut p.emb[t], &mut self.acc_emb[t], sg, sg.dim);
+        }
+        for (t, sg) in g.wide.iter().enumerate() {
+            adagrad(&mut p.wide[t], &mut self.acc_wide[t], sg, 1);
+        }
+        self.acc_bias += g.wide_bias * g.wide_bias;
+        p.wide_bias -= lr * g.wide_bias / self.acc_bias.sqrt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Finite-difference checks of every gradient.
+
+    use super::*;
+    use rankd_feature_ops::Value;
+    use rankd_formats::config::{DeepConfig, EmbeddingConfig, WideConfig};
+    use rankd_formats::synth::synthetic_features;
+
+    fn setup() -> (Layout, Params, SlotBatch, Vec<f32>) {
+        let features = synthetic_features(40);
+        let config = ModelConfig {
+            hash_seed: 0,
+            features: features.features.clone(),
+            slots: features.slots.clone(),
+            embeddings: ["age_bucket", "city", "tags", "item"]
+                .iter()
+                .map(|s| EmbeddingConfig {
+                    slot: (*s).into(),
+                    dim: 3,
+                    pooling: if *s == "tags" {
+                        Pooling::Mean
+                    } else {
+                        Pooling::Sum
+                    },
+                })
+                .collect(),
+            wide: Some(WideConfig {
+                slots: vec!["age_x_city".into(), "hour".into()],
+            }),
+            deep: Some(DeepConfig {
+                dense: vec!["age".into(), "price".into()],
+                layers: vec![5, 4, 1],
+            }),
+            fm: true,
+        };
+        let spec = CompiledSpec::compile(&config.feature_spec()).unwrap();
+        let layout = Layout::new(&config, &spec).unwrap();
+        let mut params = Params::init(&layout, 3, 0.3);
+        let mut rng = Rng::new(9);
+        for w in &mut params.wide {
+            for v in w.iter_mut() {
+                *v = rng.uniform(0.3);
+            }
+        }
+        let mut slots = SlotBatch::new();
+        let tags = [
+            vec!["news", "film"],
+            vec![],
+            vec!["zzz"],
+            vec!["sport", "news", "food"],
+        ];
+        let cities = ["Paris", "Oslo", "Nowhere", "Lima"];
+        for i in 0..4 {
+            let row = vec![
+                Value::F64(20.0 + 11.0 * i as f64),
+                Value::Str(cities[i]),
+                Value::Int(i as i64 * 5),
+                Value::Int(i as i64),
+                Value::StrList(&tags[i]),
+                Value::F64(i as f64),
+            ];
+            spec.transform_row(&row, &mut slots).unwrap();
+        }
+        (layout, params, slots, vec![1.0, 0.0, 0.0, 1.0])
+    }
+
+    fn loss(l: &Layout, p: &Params, s: &SlotBatch, y: &[f32]) -> f64 {
+        let mut c = CpuCompute::default();
+        let mut g = Grads::new(l);
+        c.step(l, p, s, y, &[0, 1, 2, 3], &mut g) / 4.0
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (l, p, s, y) = setup();
+        let mut c = CpuCompute::default();
+        let mut g = Grads::new(&l);
+        c.step(&l, &p, &s, &y, &[0, 1, 2, 3], &mut g);
+        let h = 1e-2f32;
+        let check = |analytic: f32, f: &dyn Fn(&mut Params, f32)| {
+            let mut a = p.clone();
+            f(&mut a, h);
+            let mut b = p.clone();
+            f(&mut b, -h);
+            let numeric =
+                ((loss(&l, &a, &s, &y) - loss(&l, &b, &s, &y)) / (2.0 * f64::from(h))) as f32;
+            assert!(
+                (numeric - analytic).abs() <= 2e-3 + 0.02 * numeric.abs(),
+                "numeric {numeric} vs analytic {analytic}"
+            );
+        };
+        for i in 0..l.layers.len() {
+            for j in [0, g.w[i].len() / 2, g.w[i].len() - 1] {
+                check(g.w[i][j], &|p, d| p.w[i][j] += d);
+            }
+            check(g.b[i][0], &|p, d| p.b[i][0] += d);
+        }
+        check(g.wide_bias, &|p, d| p.wide_bias += d);
+        for (t, sg) in g.wide.iter().enumerate() {
+            for (j, &row) in sg.rows.iter().enumerate() {
+                check(sg.values[j], &|p, d| p.wide[t][row as usize] += d);
+            }
+        }
+        for (t, sg) in g.emb.iter().enumerate() {
+            let dim = l.emb[t].dim;
+            for (j, &row) in sg.rows.iter().enumerate() {
+                for k in 0..dim {
+                    check(sg.values[j * dim + k], &|p, d| {
+                        p.emb[t][row as usize * dim + k] += d
+                    });
+                }
+            }
+        }
+    }
+}

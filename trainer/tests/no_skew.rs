@@ -1,0 +1,90 @@
+//! The trained model, written to a file and scored by the serving engine, gives the trainer's
+//! own eval predictions: no training/serving skew. On a slice of Adult (../shared/data).
+
+use std::path::{Path, PathBuf};
+
+use rankd_feature_ops::Value;
+use rankd_serving::engine::cpu::CpuEngine;
+use rankd_serving::engine::request::DenseRequest;
+use rankd_serving::engine::{BatchOutput, InferenceBackend, Model};
+use rankd_trainer::TrainConfig;
+
+fn adult() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/adult");
+    p.join("train.csv").exists().then_some(p)
+}
+
+/// The first `n` lines (plus the header) of a CSV, written to `dir`.
+fn head(src: &Path, n: usize, dir: &Path, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(src).unwrap();
+    let out: Vec<&str> = text.lines().take(n + 1).collect();
+    let path = dir.join(name);
+    std::fs::write(&path, out.join("\n")).unwrap();
+    path
+}
+
+#[test]
+fn served_scores_equal_trainer_eval() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let train = head(&data.join("train.csv"), 3000, dir.path(), "train.csv");
+    let eval = head(&data.join("test.csv"), 1000, dir.path(), "test.csv");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
+    let mut text = std::fs::read_to_string(&example).unwrap();
+    let i = text.find("[train]").unwrap();
+    text.truncate(i);
+    text.push_str(&format!(
+        "[train]\ntrain_files = [{:?}]\neval_files = [{:?}]\nepochs = 2\nbatch_size = 128\nseed = 3\nname = \"adult\"\n",
+        train.display().to_string(),
+        eval.display().to_string()
+    ));
+    let config = TrainConfig::from_toml(&text, dir.path()).unwrap();
+    let mut log = Vec::new();
+    let trained = rankd_trainer::train(&config, &mut log).unwrap();
+    assert_eq!(trained.history.len(), 2);
+    let auc = trained.history[1].auc;
+    assert!(
+        auc > 0.8,
+        "a model trained on 3000 rows should rank well: auc {auc}"
+    );
+    let path = dir.path().join("adult.rkm");
+    rankd_trainer::write(&config, &trained, &path).unwrap();
+
+    let model = Model::open(&path).unwrap();
+    let metrics = &model.file().spec().metadata.metrics;
+    let stored = metrics.iter().find(|(k, _)| k == "eval_auc").unwrap().1;
+    let recomputed =
+        rankd_trainer::metrics::evaluate(&trained.eval_predictions, &trained.eval.labels).auc;
+    assert_eq!(stored, recomputed);
+
+    // Every eval row as a request: half with the features at the request level, half on the
+    // item, so both paths of the engine are compared.
+    let mut engine = CpuEngine::new();
+    let mut out = BatchOutput::default();
+    let mut worst = 0f32;
+    for (i, row) in trained.eval.rows.iter().enumerate() {
+        let values: Vec<Value<'_>> = row.iter().map(|c| c.value()).collect();
+        let req = if i % 2 == 0 {
+            DenseRequest {
+                user: values,
+                items: vec![vec![]],
+            }
+        } else {
+            DenseRequest {
+                user: vec![],
+                items: vec![values],
+            }
+        };
+        out.clear();
+        engine.score(&model, &[&req], &mut out);
+        let served = out.get(0).unwrap()[0];
+        worst = worst.max((served - trained.eval_predictions[i]).abs());
+    }
+    assert!(
+        worst <= 1e-5,
+        "served scores differ from the trainer's by up to {worst}"
+    );
+}
