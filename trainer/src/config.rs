@@ -59,6 +59,15 @@ pub struct TrainSettings {
     /// Output model file (overridden by `--output`).
     #[serde(default)]
     pub output: Option<PathBuf>,
+    /// Slots whose vocabulary or boundaries are computed from the training data.
+    #[serde(default)]
+    pub fit: Vec<crate::fit::FitRule>,
+    /// Write a checkpoint every this many epochs (0: never).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Where checkpoints go (default: `<output>.ckpt`).
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
 }
 
 fn default_label() -> String {

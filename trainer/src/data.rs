@@ -77,12 +77,23 @@ fn parse_cell(text: &str, ty: FeatureType, s: &TrainSettings) -> std::result::Re
     })
 }
 
-/// Reads `files` against `spec`: every declared feature must be a column; other columns are
-/// ignored; the label must be 0 or 1.
-pub fn load(files: &[impl AsRef<Path>], spec: &CompiledSpec, s: &TrainSettings) -> Result<Dataset> {
-    let mut rows = Vec::new();
-    let mut labels = Vec::new();
-    let mut slots = SlotBatch::new();
+/// Raw rows (cells in the order of `features`) and their labels.
+#[derive(Debug, Default)]
+pub struct RawData {
+    /// Cells per row.
+    pub rows: Vec<Vec<Cell>>,
+    /// Labels (0 or 1).
+    pub labels: Vec<f32>,
+}
+
+/// Reads `files`: every feature of `features` must be a column; other columns are ignored; the
+/// label must be 0 or 1.
+pub fn read(
+    files: &[impl AsRef<Path>],
+    features: &[rankd_feature_ops::RawFeature],
+    s: &TrainSettings,
+) -> Result<RawData> {
+    let mut out = RawData::default();
     for file in files {
         let path = file.as_ref();
         let text = std::fs::read_to_string(path)
@@ -98,8 +109,8 @@ pub fn load(files: &[impl AsRef<Path>], spec: &CompiledSpec, s: &TrainSettings) 
         let label_col = col(&s.label).ok_or_else(|| {
             TrainError::Data(format!("{}: no label column `{}`", path.display(), s.label))
         })?;
-        let mut cols = Vec::with_capacity(spec.features().len());
-        for f in spec.features() {
+        let mut cols = Vec::with_capacity(features.len());
+        for f in features {
             cols.push(col(&f.name).ok_or_else(|| {
                 TrainError::Data(format!(
                     "{}: no column for feature `{}`",
@@ -122,25 +133,38 @@ pub fn load(files: &[impl AsRef<Path>], spec: &CompiledSpec, s: &TrainSettings) 
                 other => return Err(ctx(format!("label {other:?} is not 0 or 1"))),
             };
             let mut row = Vec::with_capacity(cols.len());
-            for (f, &c) in spec.features().iter().zip(&cols) {
+            for (f, &c) in features.iter().zip(&cols) {
                 row.push(
                     parse_cell(at(c), f.ty, s)
                         .map_err(|e| ctx(format!("feature `{}`: {e}", f.name)))?,
                 );
             }
-            let values: Vec<Value<'_>> = row.iter().map(Cell::value).collect();
-            spec.transform_row(&values, &mut slots)
-                .map_err(|e| ctx(e.to_string()))?;
-            rows.push(row);
-            labels.push(label);
+            out.rows.push(row);
+            out.labels.push(label);
         }
     }
-    if rows.is_empty() {
+    if out.rows.is_empty() {
         return Err(TrainError::Data("no examples".into()));
     }
+    Ok(out)
+}
+
+/// Runs raw rows through the feature spec.
+pub fn transform(raw: RawData, spec: &CompiledSpec) -> Result<Dataset> {
+    let mut slots = SlotBatch::new();
+    for (i, row) in raw.rows.iter().enumerate() {
+        let values: Vec<Value<'_>> = row.iter().map(Cell::value).collect();
+        spec.transform_row(&values, &mut slots)
+            .map_err(|e| TrainError::Data(format!("row {}: {e}", i + 1)))?;
+    }
     Ok(Dataset {
-        rows,
-        labels,
+        rows: raw.rows,
+        labels: raw.labels,
         slots,
     })
+}
+
+/// Reads `files` and runs them through `spec`.
+pub fn load(files: &[impl AsRef<Path>], spec: &CompiledSpec, s: &TrainSettings) -> Result<Dataset> {
+    transform(read(files, spec.features(), s)?, spec)
 }

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod data;
 mod error;
+pub mod fit;
 pub mod metrics;
 pub mod model;
 
@@ -40,20 +41,33 @@ pub struct Trained {
     pub eval: data::Dataset,
     /// Training examples per second over the run.
     pub samples_per_second: f64,
+    /// The model config with fitted vocabularies and boundaries: what the model file holds.
+    pub model: rankd_formats::config::ModelConfig,
 }
 
 /// Trains per `config`; progress goes to `log`.
 pub fn train(config: &TrainConfig, log: &mut dyn std::io::Write) -> Result<Trained> {
-    let spec = CompiledSpec::compile(&config.model.feature_spec())?;
     let s = &config.train;
-    let train = data::load(&s.train_files, &spec, s)?;
+    let mut fitted = config.model.clone();
+    let raw = data::read(&s.train_files, &fitted.features, s)?;
+    if !s.fit.is_empty() {
+        fit::fit(&mut fitted, &s.fit, &raw)?;
+        let _ = writeln!(
+            log,
+            "fitted {} slots from {} rows",
+            s.fit.len(),
+            raw.rows.len()
+        );
+    }
+    let spec = CompiledSpec::compile(&fitted.feature_spec())?;
+    let train = data::transform(raw, &spec)?;
     let eval_files = if s.eval_files.is_empty() {
         &s.train_files
     } else {
         &s.eval_files
     };
     let eval = data::load(eval_files, &spec, s)?;
-    let layout = Layout::new(&config.model, &spec)?;
+    let layout = Layout::new(&fitted, &spec)?;
     let base_rate = train.labels.iter().sum::<f32>() / train.labels.len() as f32;
     let mut params = Params::init(&layout, s.seed, base_rate);
     let mut opt = Optimizer::new(&params, s.lr_dense, s.lr_sparse, s.l2);
@@ -129,6 +143,7 @@ pub fn train(config: &TrainConfig, log: &mut dyn std::io::Write) -> Result<Train
         eval_predictions: preds,
         eval,
         samples_per_second: trained as f64 / busy.max(1e-9),
+        model: fitted,
     })
 }
 
@@ -152,7 +167,7 @@ pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_for
         properties: vec![("seed".into(), config.train.seed.to_string())],
     };
     Ok(write_model(
-        &config.model,
+        &t.model,
         metadata,
         &t.params.tensors(&t.layout),
         path,

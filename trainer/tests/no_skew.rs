@@ -33,15 +33,12 @@ fn served_scores_equal_trainer_eval() {
     let train = head(&data.join("train.csv"), 3000, dir.path(), "train.csv");
     let eval = head(&data.join("test.csv"), 1000, dir.path(), "test.csv");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
-    let mut text = std::fs::read_to_string(&example).unwrap();
-    let i = text.find("[train]").unwrap();
-    text.truncate(i);
-    text.push_str(&format!(
-        "[train]\ntrain_files = [{:?}]\neval_files = [{:?}]\nepochs = 2\nbatch_size = 128\nseed = 3\nname = \"adult\"\n",
-        train.display().to_string(),
-        eval.display().to_string()
-    ));
-    let config = TrainConfig::from_toml(&text, dir.path()).unwrap();
+    let text = std::fs::read_to_string(&example).unwrap();
+    let mut config = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
+    config.train.train_files = vec![train];
+    config.train.eval_files = vec![eval];
+    config.train.epochs = 2;
+    config.train.batch_size = 128;
     let mut log = Vec::new();
     let trained = rankd_trainer::train(&config, &mut log).unwrap();
     assert_eq!(trained.history.len(), 2);
