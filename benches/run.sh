@@ -8,11 +8,12 @@ cd "$(dirname "$0")/.."
 venv=benches/.venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet onnxruntime onnx numpy threadpoolctl
+  "$venv/bin/pip" install --quiet onnxruntime onnx numpy threadpoolctl torch
 fi
 if [ "${1:-}" = "all" ]; then
   cargo bench -p rankd-benches
   cargo run --release -p rankd-benches --bin rpc_bench -- 5
+  cargo run --release -p rankd-benches --bin train_bench -- 5
 else
   cargo bench -p rankd-benches --bench engine
 fi
@@ -20,3 +21,6 @@ fi
 # docs/benchmarks.md), so it is unset here, for the peers only.
 env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
   "$venv/bin/python" benches/peers.py
+if [ "${1:-}" = "all" ]; then
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 "$venv/bin/python" benches/torch_train.py
+fi
