@@ -83,6 +83,17 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
+    /// The generator's state, to resume it later with [`Rng::from_state`].
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
+    /// A generator continuing from `state`.
+    pub fn from_state(state: u64) -> Self {
+        // A running generator's state is never 0 (xorshift's only fixed point).
+        Rng(if state == 0 { 1 } else { state })
+    }
+
     /// Next raw value.
     pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;

@@ -6,6 +6,7 @@
 //! issue.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 mod error;
@@ -47,6 +48,16 @@ pub struct Trained {
 
 /// Trains per `config`; progress goes to `log`.
 pub fn train(config: &TrainConfig, log: &mut dyn std::io::Write) -> Result<Trained> {
+    train_from(config, None, log)
+}
+
+/// Like [`train`], writing a checkpoint every `checkpoint_every` epochs to `checkpoint`, and
+/// first resuming from it when `resume` is true and it exists.
+pub fn train_from(
+    config: &TrainConfig,
+    checkpoint: Option<(&Path, bool)>,
+    log: &mut dyn std::io::Write,
+) -> Result<Trained> {
     let s = &config.train;
     let mut fitted = config.model.clone();
     let raw = data::read(&s.train_files, &fitted.features, s)?;
@@ -81,7 +92,27 @@ pub fn train(config: &TrainConfig, log: &mut dyn std::io::Write) -> Result<Train
     let mut trained = 0usize;
     let mut busy = 0f64;
     let mut preds = Vec::new();
-    for epoch in 0..s.epochs {
+    let mut first_epoch = 0;
+    if let Some((path, true)) = checkpoint {
+        if path.exists() {
+            let pos = checkpoint::load(path, &mut params, &mut opt)?;
+            opt.sync_step();
+            rng = Rng::from_state(pos.rng_state);
+            first_epoch = pos.epochs_done as usize;
+            best = (pos.best_auc, params.clone(), pos.best_epoch as usize);
+            let _ = writeln!(
+                log,
+                "resumed from {} after epoch {first_epoch}",
+                path.display()
+            );
+        }
+    }
+    for epoch in first_epoch..s.epochs {
+        // Each epoch's order depends only on the generator's state, so a resumed run shuffles
+        // exactly as an uninterrupted one.
+        for (i, o) in order.iter_mut().enumerate() {
+            *o = i;
+        }
         for i in (1..order.len()).rev() {
             order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
@@ -118,9 +149,24 @@ pub fn train(config: &TrainConfig, log: &mut dyn std::io::Write) -> Result<Train
             m.calibration
         );
         history.push(m);
-        if m.auc > best.0 {
+        let stop = if m.auc > best.0 {
             best = (m.auc, params.clone(), epoch);
-        } else if s.early_stopping > 0 && epoch - best.2 >= s.early_stopping {
+            false
+        } else {
+            s.early_stopping > 0 && epoch - best.2 >= s.early_stopping
+        };
+        if let Some((path, _)) = checkpoint {
+            if s.checkpoint_every > 0 && (epoch + 1) % s.checkpoint_every == 0 {
+                let pos = checkpoint::Position {
+                    epochs_done: epoch as u64 + 1,
+                    rng_state: rng.state(),
+                    best_auc: best.0,
+                    best_epoch: best.2 as u64,
+                };
+                checkpoint::save(path, pos, &mut params, &mut opt)?;
+            }
+        }
+        if stop {
             let _ = writeln!(
                 log,
                 "early stop: no better eval auc for {} epochs",

@@ -16,6 +16,9 @@ struct Cli {
     /// Output model file (default: [train].output).
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Continue from the checkpoint ([train].checkpoint, default `<output>.ckpt`) if it exists.
+    #[arg(long)]
+    resume: bool,
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -28,7 +31,13 @@ fn run(cli: Cli) -> Result<()> {
         .output
         .or_else(|| config.train.output.clone())
         .context("give --output or [train].output")?;
-    let trained = rankd_trainer::train(&config, &mut std::io::stderr())?;
+    let ckpt = config.train.checkpoint.clone().unwrap_or_else(|| {
+        let mut p = output.clone().into_os_string();
+        p.push(".ckpt");
+        PathBuf::from(p)
+    });
+    let trained =
+        rankd_trainer::train_from(&config, Some((&ckpt, cli.resume)), &mut std::io::stderr())?;
     let written = rankd_trainer::write(&config, &trained, &output)?;
     let last = trained.history.last().copied();
     println!(

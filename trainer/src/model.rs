@@ -151,6 +151,18 @@ impl Params {
         }
     }
 
+    /// Every parameter tensor, in a fixed order (for checkpoints). The wide bias is a
+    /// one-element slice.
+    pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
+        let mut v: Vec<&mut [f32]> = Vec::new();
+        v.extend(self.emb.iter_mut().map(|t| t.as_mut_slice()));
+        v.extend(self.wide.iter_mut().map(|t| t.as_mut_slice()));
+        v.push(std::slice::from_mut(&mut self.wide_bias));
+        v.extend(self.w.iter_mut().map(|t| t.as_mut_slice()));
+        v.extend(self.b.iter_mut().map(|t| t.as_mut_slice()));
+        v
+    }
+
     /// The tensors `rankd_formats::config::write_model` expects.
     pub fn tensors(&self, layout: &Layout) -> TensorMap {
         let mut t = TensorMap::new();
@@ -529,6 +541,7 @@ pub struct Optimizer {
     acc_emb: Vec<Vec<f32>>,
     acc_wide: Vec<Vec<f32>>,
     acc_bias: f32,
+    t_f32: f32,
     lr_dense: f32,
     lr_sparse: f32,
     l2: f32,
@@ -547,10 +560,36 @@ impl Optimizer {
             acc_emb: params.emb.iter().map(|x| vec![0.1; x.len()]).collect(),
             acc_wide: params.wide.iter().map(|x| vec![0.1; x.len()]).collect(),
             acc_bias: 0.1,
+            t_f32: 0.0,
             lr_dense,
             lr_sparse,
             l2,
         }
+    }
+
+    /// Every state tensor, in a fixed order (for checkpoints); the step count and the bias
+    /// accumulator travel as one-element slices (the step as f32: exact up to 2^24 steps).
+    pub fn tensors_mut(&mut self) -> Vec<&mut [f32]> {
+        self.t_f32 = self.t as f32;
+        let mut v: Vec<&mut [f32]> = Vec::new();
+        for group in [
+            &mut self.m,
+            &mut self.v,
+            &mut self.mb,
+            &mut self.vb,
+            &mut self.acc_emb,
+            &mut self.acc_wide,
+        ] {
+            v.extend(group.iter_mut().map(|t| t.as_mut_slice()));
+        }
+        v.push(std::slice::from_mut(&mut self.acc_bias));
+        v.push(std::slice::from_mut(&mut self.t_f32));
+        v
+    }
+
+    /// Takes the step count back after [`Self::tensors_mut`] was loaded.
+    pub fn sync_step(&mut self) {
+        self.t = self.t_f32 as i32;
     }
 
     /// Applies one step of gradients.

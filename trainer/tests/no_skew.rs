@@ -85,3 +85,46 @@ fn served_scores_equal_trainer_eval() {
         "served scores differ from the trainer's by up to {worst}"
     );
 }
+
+#[test]
+fn resume_from_a_checkpoint_equals_an_uninterrupted_run() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let train = head(&data.join("train.csv"), 1500, dir.path(), "train.csv");
+    let eval = head(&data.join("test.csv"), 500, dir.path(), "test.csv");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let mut config = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
+    config.train.train_files = vec![train];
+    config.train.eval_files = vec![eval];
+    config.train.batch_size = 128;
+    config.train.checkpoint_every = 1;
+    config.train.early_stopping = 0;
+    config.train.epochs = 3;
+    let mut log = Vec::new();
+    let straight =
+        rankd_trainer::train_from(&config, Some((&dir.path().join("a.ckpt"), false)), &mut log)
+            .unwrap();
+
+    // Stop after two epochs, then resume to three.
+    let ckpt = dir.path().join("b.ckpt");
+    config.train.epochs = 2;
+    rankd_trainer::train_from(&config, Some((&ckpt, false)), &mut log).unwrap();
+    assert!(ckpt.exists());
+    config.train.epochs = 3;
+    let resumed = rankd_trainer::train_from(&config, Some((&ckpt, true)), &mut log).unwrap();
+    assert_eq!(
+        resumed.history.len(),
+        1,
+        "only the third epoch runs after resuming"
+    );
+    assert_eq!(straight.eval_predictions, resumed.eval_predictions);
+
+    // A checkpoint of another model config is refused with a message.
+    std::fs::write(&ckpt, b"RKDCKPT1 and then garbage that is long enough").unwrap();
+    let err = rankd_trainer::train_from(&config, Some((&ckpt, true)), &mut log).unwrap_err();
+    assert!(err.to_string().contains("checkpoint"), "{err}");
+}
