@@ -59,6 +59,13 @@ pub struct TrainSettings {
     /// Output model file (overridden by `--output`).
     #[serde(default)]
     pub output: Option<PathBuf>,
+    /// Data-parallel workers (threads); 1: a single worker.
+    #[serde(default = "one_worker")]
+    pub workers: usize,
+    /// `sync` (gradients of every worker combined per step; deterministic for a given seed and
+    /// worker count) or `async` (each worker applies its own gradients as it goes).
+    #[serde(default)]
+    pub mode: Mode,
     /// Slots whose vocabulary or boundaries are computed from the training data.
     #[serde(default)]
     pub fit: Vec<crate::fit::FitRule>,
@@ -68,6 +75,21 @@ pub struct TrainSettings {
     /// Where checkpoints go (default: `<output>.ckpt`).
     #[serde(default)]
     pub checkpoint: Option<PathBuf>,
+}
+
+/// How workers combine their gradients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// One combined update per step.
+    #[default]
+    Sync,
+    /// Each worker updates the shared parameters on its own.
+    Async,
+}
+
+fn one_worker() -> usize {
+    1
 }
 
 fn default_label() -> String {

@@ -13,6 +13,7 @@ mod error;
 pub mod fit;
 pub mod metrics;
 pub mod model;
+pub mod parallel;
 
 use std::path::Path;
 use std::time::Instant;
@@ -84,6 +85,9 @@ pub fn train_from(
     let mut opt = Optimizer::new(&params, s.lr_dense, s.lr_sparse, s.l2);
     let mut compute = CpuCompute::default();
     let mut grads = Grads::new(&layout);
+    let mut workers_state: Vec<(CpuCompute, Grads)> = (0..s.workers.max(1))
+        .map(|_| (CpuCompute::default(), Grads::new(&layout)))
+        .collect();
     let mut order: Vec<usize> = (0..train.labels.len()).collect();
     let mut rng = Rng::new(s.seed.wrapping_add(1));
     let eval_rows: Vec<usize> = (0..eval.labels.len()).collect();
@@ -117,18 +121,42 @@ pub fn train_from(
             order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
         let start = Instant::now();
-        let mut loss = 0f64;
-        for batch in order.chunks(s.batch_size) {
-            loss += compute.step(
+        let loss = match (s.workers.max(1), s.mode) {
+            (1, _) => {
+                let mut loss = 0f64;
+                for batch in order.chunks(s.batch_size) {
+                    loss += compute.step(
+                        &layout,
+                        &params,
+                        &train.slots,
+                        &train.labels,
+                        batch,
+                        &mut grads,
+                    );
+                    opt.apply(&mut params, &grads);
+                }
+                loss
+            }
+            (k, config::Mode::Sync) => parallel::sync_epoch(
                 &layout,
-                &params,
-                &train.slots,
-                &train.labels,
-                batch,
-                &mut grads,
-            );
-            opt.apply(&mut params, &grads);
-        }
+                &mut params,
+                &mut opt,
+                &train,
+                &order,
+                s.batch_size,
+                &mut workers_state,
+                k,
+            ),
+            (k, config::Mode::Async) => parallel::async_epoch(
+                &layout,
+                &mut params,
+                &mut opt,
+                &train,
+                &order,
+                s.batch_size,
+                k,
+            ),
+        };
         let secs = start.elapsed().as_secs_f64();
         busy += secs;
         trained += order.len();

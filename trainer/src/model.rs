@@ -110,7 +110,7 @@ impl Layout {
 }
 
 /// All trainable parameters.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Params {
     /// Embedding tables, row-major.
     pub emb: Vec<Vec<f32>>,
@@ -219,6 +219,17 @@ impl SparseGrad {
         self.values.clear();
     }
 
+    /// Adds `scale` times every row of `other`.
+    pub fn merge(&mut self, other: &SparseGrad, scale: f32) {
+        for (j, &row) in other.rows.iter().enumerate() {
+            self.add(
+                row,
+                scale,
+                &other.values[j * other.dim..(j + 1) * other.dim],
+            );
+        }
+    }
+
     fn add(&mut self, row: u32, scale: f32, g: &[f32]) {
         let dim = self.dim;
         let at = *self.index.entry(row).or_insert_with(|| {
@@ -260,6 +271,36 @@ impl Grads {
                 .map(|&(i, o)| vec![0.0; i * o])
                 .collect(),
             b: layout.layers.iter().map(|&(_, o)| vec![0.0; o]).collect(),
+        }
+    }
+
+    /// Adds `scale` times `other` (the gradients of another worker's shard).
+    pub fn merge(&mut self, other: &Grads, scale: f32) {
+        for (a, b) in self.emb.iter_mut().zip(&other.emb) {
+            a.merge(b, scale);
+        }
+        for (a, b) in self.wide.iter_mut().zip(&other.wide) {
+            a.merge(b, scale);
+        }
+        self.wide_bias += scale * other.wide_bias;
+        for (a, b) in self
+            .w
+            .iter_mut()
+            .chain(self.b.iter_mut())
+            .zip(other.w.iter().chain(&other.b))
+        {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += scale * y);
+        }
+    }
+
+    /// Multiplies every gradient by `scale`.
+    pub fn scale(&mut self, scale: f32) {
+        for g in self.emb.iter_mut().chain(self.wide.iter_mut()) {
+            g.values.iter_mut().for_each(|v| *v *= scale);
+        }
+        self.wide_bias *= scale;
+        for a in self.w.iter_mut().chain(self.b.iter_mut()) {
+            a.iter_mut().for_each(|v| *v *= scale);
         }
     }
 
@@ -531,7 +572,7 @@ impl Compute for CpuCompute {
 }
 
 /// Optimizer state: Adam for the dense layers, Adagrad for embeddings and wide weights.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Optimizer {
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,

@@ -128,3 +128,43 @@ fn resume_from_a_checkpoint_equals_an_uninterrupted_run() {
     let err = rankd_trainer::train_from(&config, Some((&ckpt, true)), &mut log).unwrap_err();
     assert!(err.to_string().contains("checkpoint"), "{err}");
 }
+
+#[test]
+fn two_sync_workers_are_deterministic_and_learn_like_one() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let train = head(&data.join("train.csv"), 3000, dir.path(), "train.csv");
+    let eval = head(&data.join("test.csv"), 1000, dir.path(), "test.csv");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let mut config = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
+    config.train.train_files = vec![train];
+    config.train.eval_files = vec![eval];
+    config.train.epochs = 2;
+    config.train.batch_size = 128;
+    config.train.early_stopping = 0;
+    let mut log = Vec::new();
+    let one = rankd_trainer::train(&config, &mut log).unwrap();
+    config.train.workers = 2;
+    let a = rankd_trainer::train(&config, &mut log).unwrap();
+    let b = rankd_trainer::train(&config, &mut log).unwrap();
+    assert_eq!(
+        a.eval_predictions, b.eval_predictions,
+        "sync mode is deterministic"
+    );
+    // The same gradients up to float summation order: the same model within a small tolerance.
+    let worst = one
+        .eval_predictions
+        .iter()
+        .zip(&a.eval_predictions)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 0.02, "two workers drifted from one by {worst}");
+    config.train.mode = rankd_trainer::config::Mode::Async;
+    let c = rankd_trainer::train(&config, &mut log).unwrap();
+    let auc = c.history.last().unwrap().auc;
+    assert!(auc > 0.8, "async training still learns: auc {auc}");
+}

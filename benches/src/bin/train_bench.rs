@@ -79,4 +79,44 @@ fn main() {
     }
     let rate = samples as f64 / start.elapsed().as_secs_f64();
     println!("rankd_train_samples_per_s {rate:.0} (deep 128-256-128-1, batch 512, Adam, 1 worker)");
+
+    // Two synchronous workers (threads) on the same batches.
+    let data = rankd_trainer::data::Dataset {
+        rows: Vec::new(),
+        labels,
+        slots,
+    };
+    let mut workers: Vec<(CpuCompute, Grads)> = (0..2)
+        .map(|_| (CpuCompute::default(), Grads::new(&layout)))
+        .collect();
+    rankd_trainer::parallel::sync_epoch(
+        &layout,
+        &mut params,
+        &mut opt,
+        &data,
+        &order[..4096],
+        batch,
+        &mut workers,
+        2,
+    );
+    let start = Instant::now();
+    let mut samples2 = 0usize;
+    while start.elapsed().as_secs_f64() < secs {
+        rankd_trainer::parallel::sync_epoch(
+            &layout,
+            &mut params,
+            &mut opt,
+            &data,
+            &order,
+            batch,
+            &mut workers,
+            2,
+        );
+        samples2 += order.len();
+    }
+    let rate2 = samples2 as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "rankd_train_2_workers_samples_per_s {rate2:.0} speedup {:.2}x",
+        rate2 / rate
+    );
 }
