@@ -1,9 +1,9 @@
 //! `rankd-train`: trains wide, deep, wide & deep and DeepFM models from CSV data with the very
 //! feature spec and model math the daemon serves, and writes the model file `rankd` loads.
 //!
-//! Today: one process, one worker ([`model::CpuCompute`] behind the [`model::Compute`] trait),
-//! synchronous steps. The parameter server and multiple workers are the next step of the trainer
-//! issue.
+//! Workers ([`model::CpuCompute`] behind the [`model::Compute`] trait) run as threads of one
+//! process, synchronously or asynchronously ([`parallel`]), with the calling thread as the
+//! parameter server. Processes over TCP are the next step of the trainer issue.
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
