@@ -2,13 +2,14 @@
 //! feature spec and model math the daemon serves, and writes the model file `rankd` loads.
 //!
 //! Workers ([`model::CpuCompute`] behind the [`model::Compute`] trait) run as threads of one
-//! process, synchronously or asynchronously ([`parallel`]), with the calling thread as the
-//! parameter server. Processes over TCP are the next step of the trainer issue.
+//! process, synchronously or asynchronously ([`parallel`]), or as processes talking to a
+//! parameter server over TCP ([`dist`]).
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 mod error;
 pub mod fit;
 pub mod metrics;
@@ -59,6 +60,21 @@ pub fn train_from(
     checkpoint: Option<(&Path, bool)>,
     log: &mut dyn std::io::Write,
 ) -> Result<Trained> {
+    train_with(config, checkpoint, None, log)
+}
+
+/// The training data, the model config with fitted slots, and the network layout: what the
+/// server and every worker compute identically from the same config and files.
+#[allow(clippy::type_complexity)]
+pub fn prepare(
+    config: &TrainConfig,
+    log: &mut dyn std::io::Write,
+) -> Result<(
+    rankd_formats::config::ModelConfig,
+    CompiledSpec,
+    data::Dataset,
+    Layout,
+)> {
     let s = &config.train;
     let mut fitted = config.model.clone();
     let raw = data::read(&s.train_files, &fitted.features, s)?;
@@ -73,13 +89,25 @@ pub fn train_from(
     }
     let spec = CompiledSpec::compile(&fitted.feature_spec())?;
     let train = data::transform(raw, &spec)?;
+    let layout = Layout::new(&fitted, &spec)?;
+    Ok((fitted, spec, train, layout))
+}
+
+/// Like [`train_from`], with the steps run by remote worker processes when `remote` is given.
+pub fn train_with(
+    config: &TrainConfig,
+    checkpoint: Option<(&Path, bool)>,
+    mut remote: Option<&mut dist::Remote>,
+    log: &mut dyn std::io::Write,
+) -> Result<Trained> {
+    let s = &config.train;
+    let (fitted, spec, train, layout) = prepare(config, log)?;
     let eval_files = if s.eval_files.is_empty() {
         &s.train_files
     } else {
         &s.eval_files
     };
     let eval = data::load(eval_files, &spec, s)?;
-    let layout = Layout::new(&fitted, &spec)?;
     let base_rate = train.labels.iter().sum::<f32>() / train.labels.len() as f32;
     let mut params = Params::init(&layout, s.seed, base_rate);
     let mut opt = Optimizer::new(&params, s.lr_dense, s.lr_sparse, s.l2);
@@ -121,7 +149,18 @@ pub fn train_from(
             order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
         let start = Instant::now();
+        if let Some(r) = remote.as_deref_mut() {
+            r.sync(&params, &opt)?;
+        }
         let loss = match (s.workers.max(1), s.mode) {
+            _ if remote.is_some() => {
+                let r = remote.as_deref_mut().expect("checked");
+                let mut loss = 0f64;
+                for batch in order.chunks(s.batch_size) {
+                    loss += r.step(&mut params, &mut opt, batch)?;
+                }
+                loss
+            }
             (1, _) => {
                 let mut loss = 0f64;
                 for batch in order.chunks(s.batch_size) {

@@ -219,6 +219,25 @@ impl SparseGrad {
         self.values.clear();
     }
 
+    /// Replaces the contents (gradients received from another process).
+    pub fn set(&mut self, rows: Vec<u32>, values: Vec<f32>) -> std::result::Result<(), String> {
+        if values.len() != rows.len() * self.dim {
+            return Err(format!(
+                "{} values for {} rows of dim {}",
+                values.len(),
+                rows.len(),
+                self.dim
+            ));
+        }
+        self.index = rows.iter().enumerate().map(|(i, &r)| (r, i)).collect();
+        if self.index.len() != rows.len() {
+            return Err("a row appears twice".into());
+        }
+        self.rows = rows;
+        self.values = values;
+        Ok(())
+    }
+
     /// Adds `scale` times every row of `other`.
     pub fn merge(&mut self, other: &SparseGrad, scale: f32) {
         for (j, &row) in other.rows.iter().enumerate() {

@@ -1,0 +1,468 @@
+//! Training across processes: a parameter server (`rankd-train ps`), K workers
+//! (`rankd-train worker`) over TCP, and a launcher (`rankd-train --processes K`) that starts
+//! them and fails loudly when one dies.
+//!
+//! Every process reads the same files and fits the same slots, so they agree on the data and the
+//! layout without shipping either. The server owns the epoch order, the checkpoints and the
+//! authoritative parameters. Each step it sends worker i the rows of its shard together with the
+//! combined gradients of the previous step; the worker applies those with its own copy of the
+//! optimizer (the same deterministic update the server applies, so the replicas stay equal),
+//! computes its shard's gradients and sends them back. The server combines the K gradients
+//! (weighted by shard size, in worker order) and applies them. Synchronous and deterministic for
+//! a given seed and K.
+//!
+//! Messages: a u32 length, a type byte, then the payload; integers little-endian.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::error::{Result, TrainError};
+use crate::model::{Compute, CpuCompute, Grads, Optimizer, Params, SparseGrad};
+use crate::TrainConfig;
+
+const HELLO: u8 = 1;
+const INIT: u8 = 2;
+const STEP: u8 = 3;
+const GRADS: u8 = 4;
+const STOP: u8 = 5;
+
+fn net(what: &str, e: std::io::Error) -> TrainError {
+    TrainError::Data(format!("{what}: {e}"))
+}
+
+#[derive(Default)]
+struct Buf(Vec<u8>);
+
+impl Buf {
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f64(&mut self, v: f64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32s(&mut self, v: &[f32]) {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    fn sparse(&mut self, g: &SparseGrad) {
+        self.u64(g.rows.len() as u64);
+        for &r in &g.rows {
+            self.u32(r);
+        }
+        self.f32s(&g.values);
+    }
+    fn grads(&mut self, g: &Grads) {
+        g.emb.iter().for_each(|s| self.sparse(s));
+        g.wide.iter().for_each(|s| self.sparse(s));
+        self.f32s(&[g.wide_bias]);
+        g.w.iter().chain(&g.b).for_each(|t| self.f32s(t));
+    }
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        if self.0.len() < n {
+            return Err(TrainError::Data("truncated message".into()));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn f64(&mut self) -> Result<f64> {
+        Ok(f64::from_bits(self.u64()?))
+    }
+    fn f32s_into(&mut self, out: &mut [f32]) -> Result<()> {
+        let n = self.u64()? as usize;
+        if n != out.len() {
+            return Err(TrainError::Data(format!(
+                "tensor of {n} values where {} were expected",
+                out.len()
+            )));
+        }
+        let bytes = self.take(4 * n)?;
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(())
+    }
+    fn f32s(&mut self) -> Result<Vec<f32>> {
+        let n = self.u64()? as usize;
+        let bytes = self.take(4 * n)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+    fn sparse(&mut self, g: &mut SparseGrad) -> Result<()> {
+        let n = self.u64()? as usize;
+        let mut rows = Vec::with_capacity(n);
+        for _ in 0..n {
+            rows.push(self.u32()?);
+        }
+        let values = self.f32s()?;
+        g.set(rows, values)
+            .map_err(|e| TrainError::Data(format!("bad sparse gradient: {e}")))
+    }
+    fn grads(&mut self, g: &mut Grads) -> Result<()> {
+        for s in g.emb.iter_mut().chain(g.wide.iter_mut()) {
+            self.sparse(s)?;
+        }
+        let mut bias = [0f32];
+        self.f32s_into(&mut bias)?;
+        g.wide_bias = bias[0];
+        for t in g.w.iter_mut().chain(g.b.iter_mut()) {
+            self.f32s_into(t)?;
+        }
+        Ok(())
+    }
+}
+
+fn send(w: &mut impl Write, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+    w.write_all(&((payload.len() + 1) as u32).to_le_bytes())?;
+    w.write_all(&[kind])?;
+    w.write_all(payload)?;
+    w.flush()
+}
+
+fn recv(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > 1 << 31 {
+        return Err(std::io::Error::other("bad message length"));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    let kind = body.remove(0);
+    Ok((kind, body))
+}
+
+fn state_payload(params: &Params, opt: &Optimizer) -> Vec<u8> {
+    let mut b = Buf::default();
+    let (mut p, mut o) = (params.clone(), opt.clone());
+    for t in p.tensors_mut().into_iter().chain(o.tensors_mut()) {
+        b.f32s(t);
+    }
+    b.0
+}
+
+struct Link {
+    r: BufReader<TcpStream>,
+    w: BufWriter<TcpStream>,
+}
+
+/// The server's side of the workers.
+pub struct Remote {
+    links: Vec<Link>,
+    pending: Option<Grads>,
+    scratch: Vec<Grads>,
+    synced: bool,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("workers", &self.links.len())
+            .finish()
+    }
+}
+
+impl Remote {
+    /// Accepts `k` workers on `listener` (each says which index it is).
+    pub fn accept(
+        listener: &TcpListener,
+        k: usize,
+        layout: &crate::model::Layout,
+    ) -> Result<Remote> {
+        let mut links: Vec<Option<Link>> = (0..k).map(|_| None).collect();
+        for _ in 0..k {
+            let (s, _) = listener.accept().map_err(|e| net("accept", e))?;
+            s.set_nodelay(true).map_err(|e| net("socket", e))?;
+            let mut r = BufReader::new(s.try_clone().map_err(|e| net("socket", e))?);
+            let (kind, body) = recv(&mut r).map_err(|e| net("hello", e))?;
+            let i = (kind == HELLO && body.len() == 8)
+                .then(|| u64::from_le_bytes(body[..8].try_into().expect("8 bytes")) as usize)
+                .filter(|&i| i < k && links[i].is_none())
+                .ok_or_else(|| TrainError::Data("a worker sent a bad hello".into()))?;
+            links[i] = Some(Link {
+                r,
+                w: BufWriter::new(s),
+            });
+        }
+        Ok(Remote {
+            links: links
+                .into_iter()
+                .map(|l| l.expect("every index connected"))
+                .collect(),
+            pending: None,
+            scratch: (0..k).map(|_| Grads::new(layout)).collect(),
+            synced: false,
+        })
+    }
+
+    /// Sends the full state once (at the start, or after resuming from a checkpoint).
+    pub fn sync(&mut self, params: &Params, opt: &Optimizer) -> Result<()> {
+        if self.synced {
+            return Ok(());
+        }
+        let payload = state_payload(params, opt);
+        for (i, l) in self.links.iter_mut().enumerate() {
+            send(&mut l.w, INIT, &payload).map_err(|e| net(&format!("worker {i}"), e))?;
+        }
+        self.pending = None;
+        self.synced = true;
+        Ok(())
+    }
+
+    /// One synchronous step over `batch`; returns the summed loss.
+    pub fn step(
+        &mut self,
+        params: &mut Params,
+        opt: &mut Optimizer,
+        batch: &[usize],
+    ) -> Result<f64> {
+        let k = self.links.len();
+        let per = batch.len().div_ceil(k);
+        let shards: Vec<&[usize]> = batch.chunks(per).collect();
+        let mut prefix = Buf::default();
+        match &self.pending {
+            Some(g) => {
+                prefix.0.push(1);
+                prefix.grads(g);
+            }
+            None => prefix.0.push(0),
+        }
+        for (i, l) in self.links.iter_mut().enumerate() {
+            let mut b = Buf(prefix.0.clone());
+            let shard: &[usize] = shards.get(i).copied().unwrap_or(&[]);
+            b.u64(shard.len() as u64);
+            for &r in shard {
+                b.u32(r as u32);
+            }
+            send(&mut l.w, STEP, &b.0).map_err(|e| net(&format!("worker {i} is gone"), e))?;
+        }
+        let mut loss = 0f64;
+        for (i, l) in self.links.iter_mut().enumerate() {
+            let (kind, body) =
+                recv(&mut l.r).map_err(|e| net(&format!("worker {i} is gone"), e))?;
+            if kind != GRADS {
+                return Err(TrainError::Data(format!("worker {i} sent message {kind}")));
+            }
+            let mut c = Cursor(&body);
+            loss += c.f64()?;
+            c.grads(&mut self.scratch[i])?;
+        }
+        let n = batch.len() as f32;
+        let (first, rest) = self.scratch.split_at_mut(1);
+        let total = &mut first[0];
+        total.scale(shards[0].len() as f32 / n);
+        for (g, shard) in rest.iter().zip(&shards[1..]) {
+            total.merge(g, shard.len() as f32 / n);
+        }
+        opt.apply(params, total);
+        self.pending = Some(total.clone());
+        Ok(loss)
+    }
+
+    /// Tells every worker to exit.
+    pub fn stop(&mut self) {
+        for l in &mut self.links {
+            let _ = send(&mut l.w, STOP, &[]);
+        }
+    }
+}
+
+/// Runs the parameter server: accepts `workers` workers on `listener`, trains, writes the model.
+pub fn run_ps(
+    config: &TrainConfig,
+    listener: &TcpListener,
+    workers: usize,
+    output: &std::path::Path,
+    checkpoint: &std::path::Path,
+    resume: bool,
+    log: &mut dyn Write,
+) -> Result<f64> {
+    // The layout is needed before training starts; `prepare` is cheap next to training.
+    let (_, _, _, layout) = crate::prepare(config, &mut std::io::sink())?;
+    let mut remote = Remote::accept(listener, workers, &layout)?;
+    let trained = crate::train_with(config, Some((checkpoint, resume)), Some(&mut remote), log)?;
+    remote.stop();
+    crate::write(config, &trained, output)?;
+    Ok(trained.history.last().map_or(f64::NAN, |m| m.auc))
+}
+
+/// Runs a worker until the server says stop.
+pub fn run_worker(config: &TrainConfig, ps: SocketAddr, index: usize) -> Result<()> {
+    let (_, _, data, layout) = crate::prepare(config, &mut std::io::sink())?;
+    let s = TcpStream::connect(ps).map_err(|e| net("connect to the server", e))?;
+    s.set_nodelay(true).map_err(|e| net("socket", e))?;
+    let mut r = BufReader::new(s.try_clone().map_err(|e| net("socket", e))?);
+    let mut w = BufWriter::new(s);
+    send(&mut w, HELLO, &(index as u64).to_le_bytes()).map_err(|e| net("hello", e))?;
+    let mut params = Params::default();
+    let mut opt = Optimizer::default();
+    let mut compute = CpuCompute::default();
+    let mut grads = Grads::new(&layout);
+    let mut pending = Grads::new(&layout);
+    let mut rows = Vec::new();
+    loop {
+        let (kind, body) = recv(&mut r).map_err(|e| net("the server is gone", e))?;
+        let mut c = Cursor(&body);
+        match kind {
+            INIT => {
+                params = Params::init(&layout, 0, 0.5);
+                opt = Optimizer::new(
+                    &params,
+                    config.train.lr_dense,
+                    config.train.lr_sparse,
+                    config.train.l2,
+                );
+                for t in params.tensors_mut().into_iter().chain(opt.tensors_mut()) {
+                    c.f32s_into(t)?;
+                }
+                opt.sync_step();
+            }
+            STEP => {
+                if c.take(1)?[0] == 1 {
+                    c.grads(&mut pending)?;
+                    opt.apply(&mut params, &pending);
+                }
+                let n = c.u64()? as usize;
+                rows.clear();
+                for _ in 0..n {
+                    let r = c.u32()? as usize;
+                    if r >= data.labels.len() {
+                        return Err(TrainError::Data(format!("row {r} is out of range")));
+                    }
+                    rows.push(r);
+                }
+                let loss = if rows.is_empty() {
+                    0.0
+                } else {
+                    compute.step(
+                        &layout,
+                        &params,
+                        &data.slots,
+                        &data.labels,
+                        &rows,
+                        &mut grads,
+                    )
+                };
+                let mut b = Buf::default();
+                b.f64(loss);
+                b.grads(&grads);
+                send(&mut w, GRADS, &b.0).map_err(|e| net("the server is gone", e))?;
+            }
+            STOP => return Ok(()),
+            other => return Err(TrainError::Data(format!("unexpected message {other}"))),
+        }
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+/// Starts a server and `k` workers as processes of `exe` and waits for them. Any process that
+/// fails makes the launcher stop the others and return an error naming it.
+pub fn launch(
+    exe: &std::path::Path,
+    config_path: &std::path::Path,
+    k: usize,
+    output: &std::path::Path,
+    resume: bool,
+) -> Result<()> {
+    let mut ps_cmd = Command::new(exe);
+    ps_cmd
+        .args(["ps", "--config"])
+        .arg(config_path)
+        .args([
+            "--workers",
+            &k.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--output",
+        ])
+        .arg(output)
+        .stdout(Stdio::piped());
+    if resume {
+        ps_cmd.arg("--resume");
+    }
+    let mut ps = ps_cmd.spawn().map_err(|e| net("start the server", e))?;
+    // The server's first line of output is its address.
+    let mut line = String::new();
+    {
+        let out = ps.stdout.as_mut().expect("piped");
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).map_err(|e| net("server output", e))? == 1 && byte[0] != b'\n' {
+            line.push(byte[0] as char);
+        }
+    }
+    let addr = line
+        .trim()
+        .strip_prefix("ps listening on ")
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .ok_or_else(|| {
+            let _ = ps.kill();
+            TrainError::Data(format!("the server did not start (said {line:?})"))
+        })?;
+    let mut children: Vec<(String, Child)> = vec![("server".into(), ps)];
+    for i in 0..k {
+        let child = Command::new(exe)
+            .args(["worker", "--config"])
+            .arg(config_path)
+            .args(["--ps", &addr.to_string(), "--index", &i.to_string()])
+            .spawn()
+            .map_err(|e| net("start a worker", e))?;
+        eprintln!("rankd-train: started worker {i} (pid {})", child.id());
+        children.push((format!("worker {i}"), child));
+    }
+    eprintln!("rankd-train: server pid {}", children[0].1.id());
+    let mut done = vec![false; children.len()];
+    loop {
+        for (j, (name, child)) in children.iter_mut().enumerate() {
+            if done[j] {
+                continue;
+            }
+            if let Some(status) = child.try_wait().map_err(|e| net("wait", e))? {
+                done[j] = true;
+                if !status.success() {
+                    let msg = format!("{name} failed ({}); stopping the others", describe(status));
+                    for (_, c) in children.iter_mut() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    return Err(TrainError::Data(msg));
+                }
+            }
+        }
+        if done.iter().all(|&d| d) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
