@@ -41,6 +41,15 @@ pub struct TrainSettings {
     /// Adagrad learning rate of embeddings and wide weights.
     #[serde(default = "default_lr_sparse")]
     pub lr_sparse: f32,
+    /// Linear learning-rate warm-up over this many steps (0: none).
+    #[serde(default)]
+    pub warmup_steps: u32,
+    /// Multiply both learning rates by this every `lr_decay_steps` steps (1: no decay).
+    #[serde(default = "no_decay")]
+    pub lr_decay: f32,
+    /// See `lr_decay`.
+    #[serde(default = "decay_steps")]
+    pub lr_decay_steps: u32,
     /// L2 penalty on the weights a step touches.
     #[serde(default)]
     pub l2: f32,
@@ -86,6 +95,13 @@ pub enum Mode {
     Sync,
     /// Each worker updates the shared parameters on its own.
     Async,
+}
+
+fn no_decay() -> f32 {
+    1.0
+}
+fn decay_steps() -> u32 {
+    1000
 }
 
 fn one_worker() -> usize {
@@ -138,6 +154,16 @@ struct TrainOnly {
 }
 
 impl TrainConfig {
+    /// The optimizer these settings describe.
+    pub fn optimizer(&self, params: &crate::model::Params) -> crate::model::Optimizer {
+        let s = &self.train;
+        crate::model::Optimizer::new(params, s.lr_dense, s.lr_sparse, s.l2).with_schedule(
+            s.warmup_steps,
+            s.lr_decay,
+            s.lr_decay_steps,
+        )
+    }
+
     /// Parses a config; relative data paths are taken from `base` (the config's directory).
     pub fn from_toml(text: &str, base: &std::path::Path) -> Result<TrainConfig> {
         let model = ModelConfig::from_toml(text, &["train"])?;

@@ -330,12 +330,7 @@ pub fn run_worker(config: &TrainConfig, ps: SocketAddr, index: usize) -> Result<
         match kind {
             INIT => {
                 params = Params::init(&layout, 0, 0.5);
-                opt = Optimizer::new(
-                    &params,
-                    config.train.lr_dense,
-                    config.train.lr_sparse,
-                    config.train.l2,
-                );
+                opt = config.optimizer(&params);
                 for t in params.tensors_mut().into_iter().chain(opt.tensors_mut()) {
                     c.f32s_into(t)?;
                 }

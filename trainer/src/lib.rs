@@ -27,7 +27,7 @@ use rankd_formats::Metadata;
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
 use metrics::{evaluate, EvalMetrics};
-use model::{Compute, CpuCompute, Grads, Layout, Optimizer, Params};
+use model::{Compute, CpuCompute, Grads, Layout, Params};
 
 /// What a training run produced.
 #[derive(Debug)]
@@ -110,7 +110,7 @@ pub fn train_with(
     let eval = data::load(eval_files, &spec, s)?;
     let base_rate = train.labels.iter().sum::<f32>() / train.labels.len() as f32;
     let mut params = Params::init(&layout, s.seed, base_rate);
-    let mut opt = Optimizer::new(&params, s.lr_dense, s.lr_sparse, s.l2);
+    let mut opt = config.optimizer(&params);
     let mut compute = CpuCompute::default();
     let mut grads = Grads::new(&layout);
     let mut workers_state: Vec<(CpuCompute, Grads)> = (0..s.workers.max(1))

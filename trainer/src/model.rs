@@ -604,6 +604,9 @@ pub struct Optimizer {
     t_f32: f32,
     lr_dense: f32,
     lr_sparse: f32,
+    warmup_steps: u32,
+    decay: f32,
+    decay_steps: u32,
     l2: f32,
 }
 
@@ -623,8 +626,32 @@ impl Optimizer {
             t_f32: 0.0,
             lr_dense,
             lr_sparse,
+            warmup_steps: 0,
+            decay: 1.0,
+            decay_steps: 1,
             l2,
         }
+    }
+
+    /// A learning-rate schedule, a function of the step count only (so worker replicas and
+    /// resumed runs follow it exactly): linear warm-up over `warmup_steps`, then a factor of
+    /// `decay` every `decay_steps` steps.
+    pub fn with_schedule(mut self, warmup_steps: u32, decay: f32, decay_steps: u32) -> Self {
+        self.warmup_steps = warmup_steps;
+        self.decay = decay;
+        self.decay_steps = decay_steps.max(1);
+        self
+    }
+
+    /// The learning-rate multiplier at step `t` (1-based).
+    pub fn lr_factor(&self, t: i32) -> f32 {
+        let t = t.max(1) as f32;
+        let warm = if self.warmup_steps > 0 {
+            (t / self.warmup_steps as f32).min(1.0)
+        } else {
+            1.0
+        };
+        warm * self.decay.powf(t / self.decay_steps as f32)
     }
 
     /// Every state tensor, in a fixed order (for checkpoints); the step count and the bias
@@ -658,7 +685,8 @@ impl Optimizer {
         let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
         let c1 = 1.0 - b1.powi(self.t);
         let c2 = 1.0 - b2.powi(self.t);
-        let lr = self.lr_dense;
+        let factor = self.lr_factor(self.t);
+        let lr = self.lr_dense * factor;
         let l2 = self.l2;
         let adam = |w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool| {
             for i in 0..w.len() {
@@ -678,7 +706,7 @@ impl Optimizer {
                 false,
             );
         }
-        let lr = self.lr_sparse;
+        let lr = self.lr_sparse * factor;
         let adagrad = |w: &mut [f32], acc: &mut [f32], sg: &SparseGrad, dim: usize| {
             for (j, &row) in sg.rows.iter().enumerate() {
                 let base = row as usize * dim;
@@ -772,6 +800,18 @@ mod tests {
         let mut c = CpuCompute::default();
         let mut g = Grads::new(l);
         c.step(l, p, s, y, &[0, 1, 2, 3], &mut g) / 4.0
+    }
+
+    #[test]
+    fn learning_rate_schedule() {
+        let (_, p, _, _) = setup();
+        let opt = Optimizer::new(&p, 1.0, 1.0, 0.0).with_schedule(10, 0.5, 100);
+        assert!((opt.lr_factor(1) - 0.1 * 0.5f32.powf(0.01)).abs() < 1e-6);
+        assert!((opt.lr_factor(10) - 0.5f32.powf(0.1)).abs() < 1e-6);
+        assert!((opt.lr_factor(200) - 0.25).abs() < 1e-6);
+        let flat = Optimizer::new(&p, 1.0, 1.0, 0.0);
+        assert_eq!(flat.lr_factor(1), 1.0);
+        assert_eq!(flat.lr_factor(12345), 1.0);
     }
 
     #[test]

@@ -14,6 +14,39 @@ fn adult() -> Option<PathBuf> {
     p.join("train.csv").exists().then_some(p)
 }
 
+/// Scores every eval row of `trained` with the serving engine from the model file at `path`, half
+/// with the features at the request level and half on the item, and compares with the trainer.
+fn assert_served_equal(path: &Path, trained: &rankd_trainer::Trained) {
+    let model = Model::open(path).unwrap();
+    // Every eval row as a request: half with the features at the request level, half on the
+    // item, so both paths of the engine are compared.
+    let mut engine = CpuEngine::new();
+    let mut out = BatchOutput::default();
+    let mut worst = 0f32;
+    for (i, row) in trained.eval.rows.iter().enumerate() {
+        let values: Vec<Value<'_>> = row.iter().map(|c| c.value()).collect();
+        let req = if i % 2 == 0 {
+            DenseRequest {
+                user: values,
+                items: vec![vec![]],
+            }
+        } else {
+            DenseRequest {
+                user: vec![],
+                items: vec![values],
+            }
+        };
+        out.clear();
+        engine.score(&model, &[&req], &mut out);
+        let served = out.get(0).unwrap()[0];
+        worst = worst.max((served - trained.eval_predictions[i]).abs());
+    }
+    assert!(
+        worst <= 1e-5,
+        "served scores differ from the trainer's by up to {worst}"
+    );
+}
+
 /// The first `n` lines (plus the header) of a CSV, written to `dir`.
 fn head(src: &Path, n: usize, dir: &Path, name: &str) -> PathBuf {
     let text = std::fs::read_to_string(src).unwrap();
@@ -57,33 +90,7 @@ fn served_scores_equal_trainer_eval() {
         rankd_trainer::metrics::evaluate(&trained.eval_predictions, &trained.eval.labels).auc;
     assert_eq!(stored, recomputed);
 
-    // Every eval row as a request: half with the features at the request level, half on the
-    // item, so both paths of the engine are compared.
-    let mut engine = CpuEngine::new();
-    let mut out = BatchOutput::default();
-    let mut worst = 0f32;
-    for (i, row) in trained.eval.rows.iter().enumerate() {
-        let values: Vec<Value<'_>> = row.iter().map(|c| c.value()).collect();
-        let req = if i % 2 == 0 {
-            DenseRequest {
-                user: values,
-                items: vec![vec![]],
-            }
-        } else {
-            DenseRequest {
-                user: vec![],
-                items: vec![values],
-            }
-        };
-        out.clear();
-        engine.score(&model, &[&req], &mut out);
-        let served = out.get(0).unwrap()[0];
-        worst = worst.max((served - trained.eval_predictions[i]).abs());
-    }
-    assert!(
-        worst <= 1e-5,
-        "served scores differ from the trainer's by up to {worst}"
-    );
+    assert_served_equal(&path, &trained);
 }
 
 #[test]
@@ -167,4 +174,53 @@ fn two_sync_workers_are_deterministic_and_learn_like_one() {
     let c = rankd_trainer::train(&config, &mut log).unwrap();
     let auc = c.history.last().unwrap().auc;
     assert!(auc > 0.8, "async training still learns: auc {auc}");
+}
+
+#[test]
+fn every_model_kind_trains_and_serves_the_same() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let train = head(&data.join("train.csv"), 2000, dir.path(), "train.csv");
+    let eval = head(&data.join("test.csv"), 500, dir.path(), "test.csv");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let base = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
+    for kind in ["wide", "deep", "deepfm"] {
+        let mut config = base.clone();
+        config.train.train_files = vec![train.clone()];
+        config.train.eval_files = vec![eval.clone()];
+        config.train.epochs = 1;
+        config.train.batch_size = 64;
+        config.train.warmup_steps = 10;
+        config.train.lr_decay = 0.9;
+        match kind {
+            "wide" => {
+                config.model.deep = None;
+                config.model.embeddings.clear();
+            }
+            "deep" => config.model.wide = None,
+            _ => config.model.fm = true,
+        }
+        let mut log = Vec::new();
+        let trained = rankd_trainer::train(&config, &mut log).unwrap();
+        let auc = trained.history[0].auc;
+        assert!(auc > 0.75, "{kind}: auc {auc}");
+        let path = dir.path().join(format!("{kind}.rkm"));
+        rankd_trainer::write(&config, &trained, &path).unwrap();
+        let m = rankd_formats::ModelFile::open(&path).unwrap();
+        assert_eq!(
+            m.spec().architecture.kind(),
+            if kind == "wide" {
+                "wide"
+            } else if kind == "deep" {
+                "deep"
+            } else {
+                "deepfm"
+            }
+        );
+        assert_served_equal(&path, &trained);
+    }
 }
