@@ -539,7 +539,6 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
     let read_timeout = Duration::from_millis(limits.read_timeout_ms.max(1));
     let mut inbuf: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut start = 0usize;
-    let mut chunk: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut fbb = FlatBufferBuilder::with_capacity(1024);
     'conn: loop {
         // Every complete frame in the buffer.
@@ -586,10 +585,15 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
         while out.inflight.get() >= limits.max_pipelined && !out.closed.get() {
             monoio::time::sleep(Duration::from_micros(100)).await;
         }
-        chunk.clear();
+        // Read straight into the spare capacity of the frame buffer: no intermediate copy.
+        if inbuf.capacity() - inbuf.len() < 16 << 10 {
+            inbuf.reserve(64 << 10);
+        }
         let partial = inbuf.len() > start;
-        let (res, c) = if partial {
-            match monoio::time::timeout(read_timeout, rd.read(chunk)).await {
+        let (len, cap) = (inbuf.len(), inbuf.capacity());
+        let slice = monoio::buf::SliceMut::new(inbuf, len, cap);
+        let (res, slice) = if partial {
+            match monoio::time::timeout(read_timeout, rd.read(slice)).await {
                 Ok(r) => r,
                 Err(_) => {
                     eprintln!(
@@ -600,17 +604,16 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
                         .metrics
                         .frame_errors
                         .fetch_add(1, Ordering::Relaxed);
-                    // The read future owned the chunk; it is gone with the connection.
+                    // The read future owned the buffer; it is gone with the connection.
                     break 'conn;
                 }
             }
         } else {
-            rd.read(chunk).await
+            rd.read(slice).await
         };
-        chunk = c;
-        match res {
-            Ok(0) | Err(_) => break,
-            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+        inbuf = slice.into_inner();
+        if matches!(res, Ok(0) | Err(_)) {
+            break;
         }
         if out.closed.get() {
             break;
