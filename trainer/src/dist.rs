@@ -9,7 +9,9 @@
 //! optimizer (the same deterministic update the server applies, so the replicas stay equal),
 //! computes its shard's gradients and sends them back. The server combines the K gradients
 //! (weighted by shard size, in worker order) and applies them. Synchronous and deterministic for
-//! a given seed and K.
+//! a given seed and K. In asynchronous mode (`mode = "async"`) the batches are dealt
+//! round-robin; the server sends the current parameters with each one and applies each worker's
+//! gradients as they come, without a barrier.
 //!
 //! Messages: a u32 length, a type byte, then the payload; integers little-endian.
 
@@ -27,6 +29,7 @@ const INIT: u8 = 2;
 const STEP: u8 = 3;
 const GRADS: u8 = 4;
 const STOP: u8 = 5;
+const ASTEP: u8 = 6;
 
 fn net(what: &str, e: std::io::Error) -> TrainError {
     TrainError::Data(format!("{what}: {e}"))
@@ -283,6 +286,70 @@ impl Remote {
         Ok(loss)
     }
 
+    /// One asynchronous epoch: the batches are dealt round-robin to the workers; for each one
+    /// the server sends the current parameters and the rows, and applies the returned gradients
+    /// as soon as they arrive, without waiting for the other workers. Returns the summed loss.
+    pub fn async_epoch(
+        &mut self,
+        params: &mut Params,
+        opt: &mut Optimizer,
+        order: &[usize],
+        batch_size: usize,
+    ) -> Result<f64> {
+        use std::sync::{Mutex, RwLock};
+        let k = self.links.len();
+        let batches: Vec<&[usize]> = order.chunks(batch_size).collect();
+        let shared = RwLock::new(std::mem::take(params));
+        let optimizer = Mutex::new(std::mem::take(opt));
+        let results: Vec<Result<f64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .links
+                .iter_mut()
+                .zip(self.scratch.iter_mut())
+                .enumerate()
+                .map(|(i, (link, grads))| {
+                    let (shared, optimizer, batches) = (&shared, &optimizer, &batches);
+                    scope.spawn(move || -> Result<f64> {
+                        let gone = |e| net(&format!("worker {i} is gone"), e);
+                        let mut loss = 0f64;
+                        for batch in batches.iter().skip(i).step_by(k) {
+                            let mut b = Buf::default();
+                            {
+                                let p = shared.read().unwrap_or_else(|e| e.into_inner());
+                                let mut snapshot = p.clone();
+                                for t in snapshot.tensors_mut() {
+                                    b.f32s(t);
+                                }
+                            }
+                            b.u64(batch.len() as u64);
+                            for &r in batch.iter() {
+                                b.u32(r as u32);
+                            }
+                            send(&mut link.w, ASTEP, &b.0).map_err(gone)?;
+                            let (kind, body) = recv(&mut link.r).map_err(gone)?;
+                            if kind != GRADS {
+                                return Err(TrainError::Data(format!("worker {i} sent message {kind}")));
+                            }
+                            let mut c = Cursor(&body);
+                            loss += c.f64()?;
+                            c.grads(grads)?;
+                            let mut p = shared.write().unwrap_or_else(|e| e.into_inner());
+                            optimizer.lock().unwrap_or_else(|e| e.into_inner()).apply(&mut p, grads);
+                        }
+                        Ok(loss)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("server thread panicked")).collect()
+        });
+        *params = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+        *opt = optimizer.into_inner().unwrap_or_else(|e| e.into_inner());
+        // Replicas of the sync protocol are stale now; a later sync step starts over.
+        self.synced = false;
+        self.pending = None;
+        results.into_iter().sum()
+    }
+
     /// Tells every worker to exit.
     pub fn stop(&mut self) {
         for l in &mut self.links {
@@ -362,6 +429,29 @@ pub fn run_worker(config: &TrainConfig, ps: SocketAddr, index: usize) -> Result<
                         &mut grads,
                     )
                 };
+                let mut b = Buf::default();
+                b.f64(loss);
+                b.grads(&grads);
+                send(&mut w, GRADS, &b.0).map_err(|e| net("the server is gone", e))?;
+            }
+            ASTEP => {
+                // Asynchronous mode: the parameters come with the step.
+                if params.emb.is_empty() && params.w.is_empty() && params.wide.is_empty() {
+                    params = Params::init(&layout, 0, 0.5);
+                }
+                for t in params.tensors_mut() {
+                    c.f32s_into(t)?;
+                }
+                let n = c.u64()? as usize;
+                rows.clear();
+                for _ in 0..n {
+                    let r = c.u32()? as usize;
+                    if r >= data.labels.len() {
+                        return Err(TrainError::Data(format!("row {r} is out of range")));
+                    }
+                    rows.push(r);
+                }
+                let loss = compute.step(&layout, &params, &data.slots, &data.labels, &rows, &mut grads);
                 let mut b = Buf::default();
                 b.f64(loss);
                 b.grads(&grads);

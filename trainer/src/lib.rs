@@ -153,13 +153,17 @@ pub fn train_with(
             r.sync(&params, &opt)?;
         }
         let loss = match (s.workers.max(1), s.mode) {
-            _ if remote.is_some() => {
+            (_, mode) if remote.is_some() => {
                 let r = remote.as_deref_mut().expect("checked");
-                let mut loss = 0f64;
-                for batch in order.chunks(s.batch_size) {
-                    loss += r.step(&mut params, &mut opt, batch)?;
+                if mode == config::Mode::Async {
+                    r.async_epoch(&mut params, &mut opt, &order, s.batch_size)?
+                } else {
+                    let mut loss = 0f64;
+                    for batch in order.chunks(s.batch_size) {
+                        loss += r.step(&mut params, &mut opt, batch)?;
+                    }
+                    loss
                 }
-                loss
             }
             (1, _) => {
                 let mut loss = 0f64;

@@ -140,3 +140,20 @@ fn killed_worker_fails_the_run_and_resume_finishes_it() {
         "resumed {auc_resumed} vs uninterrupted {auc_straight}"
     );
 }
+
+#[test]
+fn asynchronous_worker_processes_learn() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &data);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("[train]\n", "[train]\nmode = \"async\"\n")).unwrap();
+    let model = dir.path().join("async.rkm");
+    let out = train(&cfg, &model, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let auc = eval_auc(&model);
+    assert!(auc > 0.85, "async training with two processes: auc {auc}");
+}
