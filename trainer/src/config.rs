@@ -75,6 +75,10 @@ pub struct TrainSettings {
     /// worker count) or `async` (each worker applies its own gradients as it goes).
     #[serde(default)]
     pub mode: Mode,
+    /// Shards of the parameter server: dense tensors by name, embedding and wide rows by id
+    /// range, each updated by its own thread.
+    #[serde(default = "one_worker")]
+    pub ps_shards: usize,
     /// Slots whose vocabulary or boundaries are computed from the training data.
     #[serde(default)]
     pub fit: Vec<crate::fit::FitRule>,
@@ -157,11 +161,9 @@ impl TrainConfig {
     /// The optimizer these settings describe.
     pub fn optimizer(&self, params: &crate::model::Params) -> crate::model::Optimizer {
         let s = &self.train;
-        crate::model::Optimizer::new(params, s.lr_dense, s.lr_sparse, s.l2).with_schedule(
-            s.warmup_steps,
-            s.lr_decay,
-            s.lr_decay_steps,
-        )
+        crate::model::Optimizer::new(params, s.lr_dense, s.lr_sparse, s.l2)
+            .with_schedule(s.warmup_steps, s.lr_decay, s.lr_decay_steps)
+            .with_shards(s.ps_shards)
     }
 
     /// Parses a config; relative data paths are taken from `base` (the config's directory).

@@ -328,19 +328,27 @@ impl Remote {
                             send(&mut link.w, ASTEP, &b.0).map_err(gone)?;
                             let (kind, body) = recv(&mut link.r).map_err(gone)?;
                             if kind != GRADS {
-                                return Err(TrainError::Data(format!("worker {i} sent message {kind}")));
+                                return Err(TrainError::Data(format!(
+                                    "worker {i} sent message {kind}"
+                                )));
                             }
                             let mut c = Cursor(&body);
                             loss += c.f64()?;
                             c.grads(grads)?;
                             let mut p = shared.write().unwrap_or_else(|e| e.into_inner());
-                            optimizer.lock().unwrap_or_else(|e| e.into_inner()).apply(&mut p, grads);
+                            optimizer
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .apply(&mut p, grads);
                         }
                         Ok(loss)
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("server thread panicked")).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("server thread panicked"))
+                .collect()
         });
         *params = shared.into_inner().unwrap_or_else(|e| e.into_inner());
         *opt = optimizer.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -451,7 +459,14 @@ pub fn run_worker(config: &TrainConfig, ps: SocketAddr, index: usize) -> Result<
                     }
                     rows.push(r);
                 }
-                let loss = compute.step(&layout, &params, &data.slots, &data.labels, &rows, &mut grads);
+                let loss = compute.step(
+                    &layout,
+                    &params,
+                    &data.slots,
+                    &data.labels,
+                    &rows,
+                    &mut grads,
+                );
                 let mut b = Buf::default();
                 b.f64(loss);
                 b.grads(&grads);

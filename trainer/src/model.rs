@@ -590,6 +590,56 @@ impl Compute for CpuCompute {
     }
 }
 
+/// One step's constants.
+struct Hyper {
+    c1: f32,
+    c2: f32,
+    lr_dense: f32,
+    lr_sparse: f32,
+    l2: f32,
+}
+
+/// A dense tensor's update: weights, gradient, Adam moments, whether L2 applies.
+type DenseWork<'a> = (
+    &'a mut Vec<f32>,
+    &'a Vec<f32>,
+    &'a mut Vec<f32>,
+    &'a mut Vec<f32>,
+    bool,
+);
+/// A row range of a sparse table: weights, Adagrad accumulators, first row, the gradients.
+type SparseWork<'a> = (&'a mut [f32], &'a mut [f32], u32, &'a SparseGrad);
+
+/// Applies one shard's updates: Adam on its dense tensors, Adagrad on the touched rows of its
+/// row ranges.
+fn run_shard(h: &Hyper, dense: Vec<DenseWork<'_>>, sparse: Vec<SparseWork<'_>>) {
+    let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+    for (w, g, m, v, decay) in dense {
+        for i in 0..w.len() {
+            let gi = g[i] + if decay { h.l2 * w[i] } else { 0.0 };
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            w[i] -= h.lr_dense * (m[i] / h.c1) / ((v[i] / h.c2).sqrt() + eps);
+        }
+    }
+    for (w, acc, first, sg) in sparse {
+        let dim = sg.dim.max(1);
+        let rows = (w.len() / dim) as u32;
+        for (j, &row) in sg.rows.iter().enumerate() {
+            if row < first || row >= first + rows {
+                continue;
+            }
+            let base = (row - first) as usize * dim;
+            for d in 0..dim {
+                let i = base + d;
+                let gi = sg.values[j * dim + d] + h.l2 * w[i];
+                acc[i] += gi * gi;
+                w[i] -= h.lr_sparse * gi / acc[i].sqrt();
+            }
+        }
+    }
+}
+
 /// Optimizer state: Adam for the dense layers, Adagrad for embeddings and wide weights.
 #[derive(Debug, Clone, Default)]
 pub struct Optimizer {
@@ -607,6 +657,7 @@ pub struct Optimizer {
     warmup_steps: u32,
     decay: f32,
     decay_steps: u32,
+    shards: usize,
     l2: f32,
 }
 
@@ -629,6 +680,7 @@ impl Optimizer {
             warmup_steps: 0,
             decay: 1.0,
             decay_steps: 1,
+            shards: 1,
             l2,
         }
     }
@@ -679,53 +731,78 @@ impl Optimizer {
         self.t = self.t_f32 as i32;
     }
 
+    /// Hold and update the parameters as `shards` shards (dense tensors by name, embedding and
+    /// wide rows by id range), each shard updated by its own thread. The result is the same as
+    /// one shard: every element's update is independent of the others.
+    pub fn with_shards(mut self, shards: usize) -> Self {
+        self.shards = shards.max(1);
+        self
+    }
+
     /// Applies one step of gradients.
     pub fn apply(&mut self, p: &mut Params, g: &Grads) {
         self.t += 1;
-        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
-        let c1 = 1.0 - b1.powi(self.t);
-        let c2 = 1.0 - b2.powi(self.t);
+        let (b1, b2) = (0.9f32, 0.999f32);
         let factor = self.lr_factor(self.t);
-        let lr = self.lr_dense * factor;
-        let l2 = self.l2;
-        let adam = |w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool| {
-            for i in 0..w.len() {
-                let gi = g[i] + if decay { l2 * w[i] } else { 0.0 };
-                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                w[i] -= lr * (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
-            }
+        let h = Hyper {
+            c1: 1.0 - b1.powi(self.t),
+            c2: 1.0 - b2.powi(self.t),
+            lr_dense: self.lr_dense * factor,
+            lr_sparse: self.lr_sparse * factor,
+            l2: self.l2,
         };
-        for i in 0..p.w.len() {
-            adam(&mut p.w[i], &g.w[i], &mut self.m[i], &mut self.v[i], true);
-            adam(
-                &mut p.b[i],
-                &g.b[i],
-                &mut self.mb[i],
-                &mut self.vb[i],
-                false,
+        // Dense tensors, dealt to the shards by name (their index).
+        let mut dense: Vec<Vec<DenseWork<'_>>> = (0..self.shards).map(|_| Vec::new()).collect();
+        let layers =
+            p.w.iter_mut()
+                .zip(&g.w)
+                .zip(self.m.iter_mut().zip(self.v.iter_mut()));
+        for (i, ((w, g), (m, v))) in layers.enumerate() {
+            dense[(2 * i) % self.shards].push((w, g, m, v, true));
+        }
+        let biases =
+            p.b.iter_mut()
+                .zip(&g.b)
+                .zip(self.mb.iter_mut().zip(self.vb.iter_mut()));
+        for (i, ((w, g), (m, v))) in biases.enumerate() {
+            dense[(2 * i + 1) % self.shards].push((w, g, m, v, false));
+        }
+        // Sparse tables, cut into one contiguous row range per shard.
+        let mut sparse: Vec<Vec<SparseWork<'_>>> = (0..self.shards).map(|_| Vec::new()).collect();
+        let tables = p
+            .emb
+            .iter_mut()
+            .zip(self.acc_emb.iter_mut())
+            .zip(&g.emb)
+            .chain(p.wide.iter_mut().zip(self.acc_wide.iter_mut()).zip(&g.wide));
+        for ((w, acc), sg) in tables {
+            let dim = sg.dim.max(1);
+            let rows = w.len() / dim;
+            let per = rows.div_ceil(self.shards).max(1);
+            for (s, (wc, ac)) in w
+                .chunks_mut(per * dim)
+                .zip(acc.chunks_mut(per * dim))
+                .enumerate()
+            {
+                sparse[s].push((wc, ac, (s * per) as u32, sg));
+            }
+        }
+        if self.shards == 1 {
+            run_shard(
+                &h,
+                dense.pop().unwrap_or_default(),
+                sparse.pop().unwrap_or_default(),
             );
-        }
-        let lr = self.lr_sparse * factor;
-        let adagrad = |w: &mut [f32], acc: &mut [f32], sg: &SparseGrad, dim: usize| {
-            for (j, &row) in sg.rows.iter().enumerate() {
-                let base = row as usize * dim;
-                for d in 0..dim {
-                    let i = base + d;
-                    let gi = sg.values[j * dim + d] + l2 * w[i];
-                    acc[i] += gi * gi;
-                    w[i] -= lr * gi / acc[i].sqrt();
+        } else {
+            std::thread::scope(|scope| {
+                for (d, sp) in dense.into_iter().zip(sparse) {
+                    let h = &h;
+                    scope.spawn(move || run_shard(h, d, sp));
                 }
-            }
-        };
-        for (t, sg) in g.emb.iter().enumerate() {
-            adagrad(&mut p.emb[t], &mut self.acc_emb[t], sg, sg.dim);
-        }
-        for (t, sg) in g.wide.iter().enumerate() {
-            adagrad(&mut p.wide[t], &mut self.acc_wide[t], sg, 1);
+            });
         }
         self.acc_bias += g.wide_bias * g.wide_bias;
-        p.wide_bias -= lr * g.wide_bias / self.acc_bias.sqrt();
+        p.wide_bias -= h.lr_sparse * g.wide_bias / self.acc_bias.sqrt();
     }
 }
 
@@ -800,6 +877,29 @@ mod tests {
         let mut c = CpuCompute::default();
         let mut g = Grads::new(l);
         c.step(l, p, s, y, &[0, 1, 2, 3], &mut g) / 4.0
+    }
+
+    #[test]
+    fn sharded_updates_equal_one_shard() {
+        let (l, p, s, y) = setup();
+        let mut c = CpuCompute::default();
+        let mut g = Grads::new(&l);
+        c.step(&l, &p, &s, &y, &[0, 1, 2, 3], &mut g);
+        let mut one = (p.clone(), Optimizer::new(&p, 0.01, 0.1, 1e-3));
+        let mut three = (
+            p.clone(),
+            Optimizer::new(&p, 0.01, 0.1, 1e-3).with_shards(3),
+        );
+        for _ in 0..3 {
+            one.1.apply(&mut one.0, &g);
+            three.1.apply(&mut three.0, &g);
+        }
+        assert_eq!(one.0.emb, three.0.emb);
+        assert_eq!(one.0.wide, three.0.wide);
+        assert_eq!(one.0.w, three.0.w);
+        assert_eq!(one.0.b, three.0.b);
+        assert_eq!(one.0.wide_bias, three.0.wide_bias);
+        assert_ne!(one.0.w, p.w, "the updates changed something");
     }
 
     #[test]

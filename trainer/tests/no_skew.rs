@@ -196,6 +196,7 @@ fn every_model_kind_trains_and_serves_the_same() {
         config.train.batch_size = 64;
         config.train.warmup_steps = 10;
         config.train.lr_decay = 0.9;
+        config.train.ps_shards = 3;
         match kind {
             "wide" => {
                 config.model.deep = None;

@@ -150,10 +150,18 @@ fn asynchronous_worker_processes_learn() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), &data);
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("[train]\n", "[train]\nmode = \"async\"\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[train]\n", "[train]\nmode = \"async\"\n"),
+    )
+    .unwrap();
     let model = dir.path().join("async.rkm");
     let out = train(&cfg, &model, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let auc = eval_auc(&model);
     assert!(auc > 0.85, "async training with two processes: auc {auc}");
 }
