@@ -295,6 +295,7 @@ impl Remote {
         opt: &mut Optimizer,
         order: &[usize],
         batch_size: usize,
+        done: &std::sync::atomic::AtomicUsize,
     ) -> Result<f64> {
         use std::sync::{Mutex, RwLock};
         let k = self.links.len();
@@ -340,6 +341,7 @@ impl Remote {
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .apply(&mut p, grads);
+                            done.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
                         }
                         Ok(loss)
                     })

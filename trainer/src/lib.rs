@@ -16,7 +16,9 @@ pub mod metrics;
 pub mod model;
 pub mod parallel;
 
+use std::io::IsTerminal;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use rankd_feature_ops::CompiledSpec;
@@ -152,54 +154,84 @@ pub fn train_with(
         if let Some(r) = remote.as_deref_mut() {
             r.sync(&params, &opt)?;
         }
-        let loss = match (s.workers.max(1), s.mode) {
-            (_, mode) if remote.is_some() => {
-                let r = remote.as_deref_mut().expect("checked");
-                if mode == config::Mode::Async {
-                    r.async_epoch(&mut params, &mut opt, &order, s.batch_size)?
-                } else {
-                    let mut loss = 0f64;
-                    for batch in order.chunks(s.batch_size) {
-                        loss += r.step(&mut params, &mut opt, batch)?;
+        let done = AtomicUsize::new(0);
+        let finished = AtomicBool::new(false);
+        let total = order.len();
+        let loss = std::thread::scope(|scope| -> Result<f64> {
+            // A progress line on a terminal: percent of the epoch and samples per second.
+            if std::io::stderr().is_terminal() {
+                let (done, finished) = (&done, &finished);
+                scope.spawn(move || {
+                    while !finished.load(Ordering::Relaxed) {
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        let n = done.load(Ordering::Relaxed);
+                        eprint!(
+                            "\repoch {}: {:>3}% {:>9.0} samples/s",
+                            epoch + 1,
+                            100 * n / total.max(1),
+                            n as f64 / start.elapsed().as_secs_f64()
+                        );
                     }
-                    loss
-                }
+                    eprint!("\r{:60}\r", "");
+                });
             }
-            (1, _) => {
-                let mut loss = 0f64;
-                for batch in order.chunks(s.batch_size) {
-                    loss += compute.step(
+            let loss = (|| -> Result<f64> {
+                Ok(match (s.workers.max(1), s.mode) {
+                    (_, mode) if remote.is_some() => {
+                        let r = remote.as_deref_mut().expect("checked");
+                        if mode == config::Mode::Async {
+                            r.async_epoch(&mut params, &mut opt, &order, s.batch_size, &done)?
+                        } else {
+                            let mut loss = 0f64;
+                            for batch in order.chunks(s.batch_size) {
+                                loss += r.step(&mut params, &mut opt, batch)?;
+                                done.fetch_add(batch.len(), Ordering::Relaxed);
+                            }
+                            loss
+                        }
+                    }
+                    (1, _) => {
+                        let mut loss = 0f64;
+                        for batch in order.chunks(s.batch_size) {
+                            loss += compute.step(
+                                &layout,
+                                &params,
+                                &train.slots,
+                                &train.labels,
+                                batch,
+                                &mut grads,
+                            );
+                            opt.apply(&mut params, &grads);
+                            done.fetch_add(batch.len(), Ordering::Relaxed);
+                        }
+                        loss
+                    }
+                    (k, config::Mode::Sync) => parallel::sync_epoch(
                         &layout,
-                        &params,
-                        &train.slots,
-                        &train.labels,
-                        batch,
-                        &mut grads,
-                    );
-                    opt.apply(&mut params, &grads);
-                }
-                loss
-            }
-            (k, config::Mode::Sync) => parallel::sync_epoch(
-                &layout,
-                &mut params,
-                &mut opt,
-                &train,
-                &order,
-                s.batch_size,
-                &mut workers_state,
-                k,
-            ),
-            (k, config::Mode::Async) => parallel::async_epoch(
-                &layout,
-                &mut params,
-                &mut opt,
-                &train,
-                &order,
-                s.batch_size,
-                k,
-            ),
-        };
+                        &mut params,
+                        &mut opt,
+                        &train,
+                        &order,
+                        s.batch_size,
+                        &mut workers_state,
+                        k,
+                        &done,
+                    ),
+                    (k, config::Mode::Async) => parallel::async_epoch(
+                        &layout,
+                        &mut params,
+                        &mut opt,
+                        &train,
+                        &order,
+                        s.batch_size,
+                        k,
+                        &done,
+                    ),
+                })
+            })();
+            finished.store(true, Ordering::Relaxed);
+            loss
+        })?;
         let secs = start.elapsed().as_secs_f64();
         busy += secs;
         trained += order.len();

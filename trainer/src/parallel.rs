@@ -8,6 +8,7 @@
 //!   current parameters and applies its own update under the server's lock, without waiting for
 //!   the others (Hogwild-style; not deterministic).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::data::Dataset;
@@ -24,6 +25,7 @@ pub fn sync_epoch(
     batch_size: usize,
     workers: &mut [(CpuCompute, Grads)],
     k: usize,
+    done: &AtomicUsize,
 ) -> f64 {
     let mut loss = 0f64;
     let k = k.min(workers.len()).max(1);
@@ -58,11 +60,13 @@ pub fn sync_epoch(
             total.merge(g, shard.len() as f32 / n);
         }
         opt.apply(params, total);
+        done.fetch_add(batch.len(), Ordering::Relaxed);
     }
     loss
 }
 
 /// One asynchronous epoch over `order`; returns the summed loss.
+#[allow(clippy::too_many_arguments)]
 pub fn async_epoch(
     layout: &Layout,
     params: &mut Params,
@@ -71,6 +75,7 @@ pub fn async_epoch(
     order: &[usize],
     batch_size: usize,
     k: usize,
+    done: &AtomicUsize,
 ) -> f64 {
     // The server's state moves behind locks for the epoch and back after it.
     let shared = RwLock::new(std::mem::take(params));
@@ -101,6 +106,7 @@ pub fn async_epoch(
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .apply(&mut p, &grads);
+                        done.fetch_add(batch.len(), Ordering::Relaxed);
                     }
                     loss
                 })

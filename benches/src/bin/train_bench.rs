@@ -86,6 +86,7 @@ fn main() {
         labels,
         slots,
     };
+    let done = std::sync::atomic::AtomicUsize::new(0);
     let mut workers: Vec<(CpuCompute, Grads)> = (0..2)
         .map(|_| (CpuCompute::default(), Grads::new(&layout)))
         .collect();
@@ -98,6 +99,7 @@ fn main() {
         batch,
         &mut workers,
         2,
+        &done,
     );
     let start = Instant::now();
     let mut samples2 = 0usize;
@@ -111,6 +113,7 @@ fn main() {
             batch,
             &mut workers,
             2,
+            &done,
         );
         samples2 += order.len();
     }
