@@ -8,7 +8,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use rankd_serving::config::ServerConfig;
 use rankd_serving::registry::Registry;
-use rankd_serving::server::Server;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use rankd_serving::server::{Server, Shared};
 
 /// Serve ranking models over a low-latency binary RPC.
 ///
@@ -92,28 +95,40 @@ fn run(cli: Cli) -> Result<()> {
         "io_uring"
     };
     let threads = config.worker_threads();
+    // The signal handler goes in before anything is announced: a SIGTERM that arrives while the
+    // server starts must still mean "finish and exit 0", not the default kill.
+    let target: Arc<OnceLock<Arc<Shared>>> = Arc::new(OnceLock::new());
+    let early = Arc::new(AtomicBool::new(false));
+    {
+        let (target, early) = (target.clone(), early.clone());
+        ctrlc::set_handler(move || {
+            eprintln!("rankd: shutting down: finishing in-flight requests");
+            early.store(true, Ordering::SeqCst);
+            if let Some(shared) = target.get() {
+                shared.shutdown.store(true, Ordering::SeqCst);
+            }
+        })
+        .context("cannot install the signal handler")?;
+    }
     let server = Server::start(config, registry).context("cannot start the server")?;
+    let _ = target.set(server.shared.clone());
+    if early.load(Ordering::SeqCst) {
+        server.shared.shutdown.store(true, Ordering::SeqCst);
+    }
     server
         .shared
         .metrics
         .load_failures
-        .fetch_add(problems.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        .fetch_add(problems.len() as u64, Ordering::Relaxed);
     let admin =
         rankd_serving::admin::start(server.shared.clone()).context("cannot bind the admin port")?;
+    // The watcher runs before the announcement, so nothing deployed after it is missed.
+    rankd_serving::reload::start(server.shared.clone(), cli.config.clone(), rejected)
+        .context("cannot start the model watcher")?;
     eprintln!(
         "rankd: serving on {} ({threads} cores, {driver}); admin on http://{admin}",
         server.addr
     );
-    rankd_serving::reload::start(server.shared.clone(), cli.config.clone(), rejected)
-        .context("cannot start the model watcher")?;
-    let shared = server.shared.clone();
-    ctrlc::set_handler(move || {
-        eprintln!("rankd: shutting down: finishing in-flight requests");
-        shared
-            .shutdown
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    })
-    .context("cannot install the signal handler")?;
     server.join();
     eprintln!("rankd: stopped");
     Ok(())

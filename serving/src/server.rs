@@ -148,6 +148,29 @@ struct Core {
     batcher: Batcher,
     connections: Cell<usize>,
     inflight: Cell<usize>,
+    /// Set once this core stops accepting; connections waiting to read are woken through
+    /// their entry in `stop_notifies`.
+    stopping: Cell<bool>,
+    stop_notifies: RefCell<Vec<std::rc::Weak<Notify>>>,
+}
+
+/// Awaits `read`, or returns `None` (dropping it) as soon as the core is stopping.
+async fn read_or_stop<F: Future>(read: F, stop: &Notify, core: &Core) -> Option<F::Output> {
+    let mut read = std::pin::pin!(read);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = read.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if core.stopping.get() {
+            return Poll::Ready(None);
+        }
+        let mut notified = std::pin::pin!(stop.notified());
+        match notified.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 fn verifier_options() -> flatbuffers::VerifierOptions {
@@ -535,6 +558,12 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
     let (mut rd, wr) = stream.into_split();
     let out = Rc::new(ConnOut::default());
     let writer = monoio::spawn(writer_task(wr, out.clone()));
+    let stop = Rc::new(Notify::default());
+    {
+        let mut list = core.stop_notifies.borrow_mut();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Rc::downgrade(&stop));
+    }
     let limits = core.shared.config.limits.clone();
     let read_timeout = Duration::from_millis(limits.read_timeout_ms.max(1));
     let mut inbuf: Vec<u8> = Vec::with_capacity(64 << 10);
@@ -578,9 +607,6 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
             inbuf.drain(..start);
             start = 0;
         }
-        if core.shared.shutdown.load(Ordering::Relaxed) && out.inflight.get() == 0 {
-            break;
-        }
         // Backpressure: stop reading while too many requests of this connection are queued.
         while out.inflight.get() >= limits.max_pipelined && !out.closed.get() {
             monoio::time::sleep(Duration::from_micros(100)).await;
@@ -592,7 +618,14 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
         let partial = inbuf.len() > start;
         let (len, cap) = (inbuf.len(), inbuf.capacity());
         let slice = monoio::buf::SliceMut::new(inbuf, len, cap);
-        let (res, slice) = if partial {
+        let (res, slice) = if core.stopping.get() {
+            // Stopping: take only what the client has already sent (those requests are answered
+            // with ShuttingDown), then close.
+            match monoio::time::timeout(Duration::from_millis(20), rd.read(slice)).await {
+                Ok(r) => r,
+                Err(_) => break 'conn,
+            }
+        } else if partial {
             match monoio::time::timeout(read_timeout, rd.read(slice)).await {
                 Ok(r) => r,
                 Err(_) => {
@@ -609,7 +642,16 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
                 }
             }
         } else {
-            rd.read(slice).await
+            match read_or_stop(rd.read(slice), &stop, &core).await {
+                Some(r) => r,
+                None => {
+                    // Woken by the stop signal: the cancelled read took the buffer; keep what was
+                    // parsed so far and loop to drain what the client already sent.
+                    inbuf = Vec::with_capacity(64 << 10);
+                    start = 0;
+                    continue;
+                }
+            }
         };
         inbuf = slice.into_inner();
         if matches!(res, Ok(0) | Err(_)) {
@@ -681,9 +723,15 @@ async fn serve_core(core: Rc<Core>, listener: TcpListener) {
         }
     }
     drop(listener);
-    // Finish what was read before the signal.
+    core.stopping.set(true);
+    for n in core.stop_notifies.borrow_mut().drain(..) {
+        if let Some(n) = n.upgrade() {
+            n.notify();
+        }
+    }
+    // Finish what was read before the signal and let every connection flush and close.
     let stop = Instant::now();
-    while core.inflight.get() > 0 && stop.elapsed() < grace {
+    while (core.inflight.get() > 0 || core.connections.get() > 0) && stop.elapsed() < grace {
         monoio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -734,6 +782,8 @@ fn run_core(
             },
             connections: Cell::new(0),
             inflight: Cell::new(0),
+            stopping: Cell::new(false),
+            stop_notifies: RefCell::new(Vec::new()),
         });
         serve_core(core, listener).await;
     };
