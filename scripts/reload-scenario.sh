@@ -65,7 +65,7 @@ for v in $(seq 2 21); do
     mv "$root/feed/.tmp-11" "$root/feed/11"
     echo "11 $(date +%s%3N) corrupt" >> "$out/deploys.txt"
   else
-    ms=$(taskset -c 1 nice -n 10 "$bin/rankd-tool" deploy "$work/v$v.rkm" --root "$root" | sed 's/.*renamed_at_ms=//')
+    ms=$(taskset -c 1 chrt -i 0 "$bin/rankd-tool" deploy "$work/v$v.rkm" --root "$root" | sed 's/.*renamed_at_ms=//')
     echo "$v $ms ok" >> "$out/deploys.txt"
   fi
   sleep 2

@@ -49,8 +49,46 @@ fn reread_config(current: &mut ServerConfig, path: &PathBuf) {
     }
 }
 
+/// Snapshots replaced by newer ones, kept here until nothing else holds their models, so that
+/// unmapping a model (a page-table teardown of its whole file) happens on the reload thread and
+/// never on a core serving requests.
+#[derive(Debug, Default)]
+pub struct Retired(Vec<Arc<Registry>>);
+
+impl Retired {
+    /// Drops the snapshots no core holds any more and whose models are either gone from every
+    /// request or still part of `current`.
+    pub fn reap(&mut self, current: &Registry) {
+        self.0.retain(|r| {
+            if Arc::strong_count(r) > 1 {
+                return true;
+            }
+            r.models.iter().any(|(name, e)| {
+                e.versions.iter().any(|(v, m)| {
+                    let live = current
+                        .models
+                        .get(name)
+                        .and_then(|c| c.versions.get(v))
+                        .is_some_and(|cm| Arc::ptr_eq(cm, m));
+                    !live && Arc::strong_count(m) > 1
+                })
+            })
+        });
+    }
+
+    /// Whether anything waits to be dropped.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// One scan: build a snapshot from the current one and publish it if anything changed.
-pub fn rescan(shared: &Shared, config: &ServerConfig, rejected: &mut RejectCache) -> bool {
+pub fn rescan(
+    shared: &Shared,
+    config: &ServerConfig,
+    rejected: &mut RejectCache,
+    retired: &mut Retired,
+) -> bool {
     let current = shared.registry();
     let (next, problems) = Registry::load(config, Some(&current), rejected);
     for p in &problems {
@@ -77,20 +115,28 @@ pub fn rescan(shared: &Shared, config: &ServerConfig, rejected: &mut RejectCache
     {
         eprintln!("rankd: model `{name}`: unloaded");
     }
-    *shared.registry.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+    let previous = std::mem::replace(
+        &mut *shared.registry.lock().unwrap_or_else(|e| e.into_inner()),
+        Arc::new(next),
+    );
+    retired.0.push(previous);
     shared.generation.fetch_add(1, Ordering::SeqCst);
     shared.metrics.reloads.fetch_add(1, Ordering::Relaxed);
     true
 }
 
-/// Keeps reload work (checksums, warm-up) off the serving cores: below their priority, and off
-/// their CPUs when they are pinned.
+/// Keeps reload work (checksums, warm-up) off the serving cores: idle priority, and off their
+/// CPUs when they are pinned.
 fn background_priority(config: &ServerConfig) {
     // SAFETY: plain syscalls on the calling thread with valid arguments; failures are ignored
     // (the reload then merely competes with the cores).
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        // SCHED_IDLE: run only when nothing else wants the CPU; fall back to a high nice value.
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let workers = config.worker_threads();
         if config.pin_cores && workers < cpus {
@@ -158,16 +204,30 @@ pub fn start(
                 ms => Duration::from_millis(ms),
             };
             let mut stamp = config_stamp(&config_path);
+            let mut retired = Retired::default();
+            let mut last_scan = std::time::Instant::now();
             loop {
-                match rx.recv_timeout(interval) {
+                // While old snapshots wait to be dropped, wake up often to reap them.
+                let wait = if retired.is_empty() {
+                    interval
+                } else {
+                    Duration::from_millis(50)
+                };
+                match rx.recv_timeout(wait) {
                     Ok(()) => {
                         // Let a burst of events (a copy, a rename) settle, then scan once.
                         std::thread::sleep(Duration::from_millis(10));
                         while rx.try_recv().is_ok() {}
                     }
-                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Timeout) => {
+                        retired.reap(&shared.registry());
+                        if last_scan.elapsed() < interval {
+                            continue;
+                        }
+                    }
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
+                last_scan = std::time::Instant::now();
                 if shared.shutdown.load(Ordering::Relaxed) {
                     return;
                 }
@@ -178,7 +238,8 @@ pub fn start(
                         reread_config(&mut config, p);
                     }
                 }
-                rescan(&shared, &config, &mut rejected);
+                rescan(&shared, &config, &mut rejected, &mut retired);
+                retired.reap(&shared.registry());
             }
         })?;
     // Keep the sender alive in the thread's absence of events: the watcher holds a clone.
