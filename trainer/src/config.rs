@@ -17,6 +17,10 @@ pub struct TrainSettings {
     /// Evaluation data files.
     #[serde(default)]
     pub eval_files: Vec<PathBuf>,
+    /// Without eval files: hold out this fraction of the training rows for evaluation
+    /// (chosen by a hash of the row number and the seed, so every process agrees).
+    #[serde(default)]
+    pub eval_split: Option<f64>,
     /// The label column (0/1).
     #[serde(default = "default_label")]
     pub label: String,
@@ -152,6 +156,55 @@ pub struct TrainConfig {
     pub train: TrainSettings,
 }
 
+/// Whether `name` matches `pattern` (`*`: any run of characters, `?`: any one character).
+fn wildcard(pattern: &[u8], name: &[u8]) -> bool {
+    match (pattern.first(), name.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            wildcard(&pattern[1..], name) || (!name.is_empty() && wildcard(pattern, &name[1..]))
+        }
+        (Some(b'?'), Some(_)) => wildcard(&pattern[1..], &name[1..]),
+        (Some(p), Some(n)) if p == n => wildcard(&pattern[1..], &name[1..]),
+        _ => false,
+    }
+}
+
+/// Resolves paths against `base` and expands globs in their file names (sorted).
+fn expand(paths: &[PathBuf], base: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let p = if p.is_relative() {
+            base.join(p)
+        } else {
+            p.clone()
+        };
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !name.contains(['*', '?']) {
+            out.push(p);
+            continue;
+        }
+        let dir = p.parent().unwrap_or(std::path::Path::new("."));
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", dir.display())))?
+            .flatten()
+            .filter(|e| wildcard(name.as_bytes(), e.file_name().to_string_lossy().as_bytes()))
+            .map(|e| e.path())
+            .collect();
+        if found.is_empty() {
+            return Err(TrainError::Config(format!(
+                "{} matches no file",
+                p.display()
+            )));
+        }
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
+}
+
 #[derive(Deserialize)]
 struct TrainOnly {
     train: TrainSettings,
@@ -180,18 +233,35 @@ impl TrainConfig {
         let TrainOnly { mut train } = toml::Value::Table(only)
             .try_into()
             .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
+        train.train_files = expand(&train.train_files, base)?;
+        train.eval_files = expand(&train.eval_files, base)?;
+        if let Some(f) = train.eval_split {
+            if !(f > 0.0 && f < 1.0) {
+                return Err(TrainError::Config(format!(
+                    "eval_split {f} must be between 0 and 1"
+                )));
             }
-        };
-        train.train_files.iter_mut().for_each(fix);
-        train.eval_files.iter_mut().for_each(fix);
+        }
         if train.batch_size == 0 || train.epochs == 0 {
             return Err(TrainError::Config(
                 "batch_size and epochs must be at least 1".into(),
             ));
         }
         Ok(TrainConfig { model, train })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wildcard;
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard(b"part-*.csv", b"part-00001.csv"));
+        assert!(wildcard(b"*", b""));
+        assert!(wildcard(b"a?c", b"abc"));
+        assert!(!wildcard(b"a?c", b"ac"));
+        assert!(!wildcard(b"*.csv", b"data.tsv"));
+        assert!(wildcard(b"*a*b*", b"xxaxxbxx"));
     }
 }

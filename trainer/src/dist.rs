@@ -379,7 +379,7 @@ pub fn run_ps(
     log: &mut dyn Write,
 ) -> Result<f64> {
     // The layout is needed before training starts; `prepare` is cheap next to training.
-    let (_, _, _, layout) = crate::prepare(config, &mut std::io::sink())?;
+    let layout = crate::prepare(config, &mut std::io::sink())?.layout;
     let mut remote = Remote::accept(listener, workers, &layout)?;
     let trained = crate::train_with(config, Some((checkpoint, resume)), Some(&mut remote), log)?;
     remote.stop();
@@ -389,7 +389,11 @@ pub fn run_ps(
 
 /// Runs a worker until the server says stop.
 pub fn run_worker(config: &TrainConfig, ps: SocketAddr, index: usize) -> Result<()> {
-    let (_, _, data, layout) = crate::prepare(config, &mut std::io::sink())?;
+    let crate::Prepared {
+        train: data,
+        layout,
+        ..
+    } = crate::prepare(config, &mut std::io::sink())?;
     let s = TcpStream::connect(ps).map_err(|e| net("connect to the server", e))?;
     s.set_nodelay(true).map_err(|e| net("socket", e))?;
     let mut r = BufReader::new(s.try_clone().map_err(|e| net("socket", e))?);

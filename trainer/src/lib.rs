@@ -67,19 +67,30 @@ pub fn train_from(
 
 /// The training data, the model config with fitted slots, and the network layout: what the
 /// server and every worker compute identically from the same config and files.
-#[allow(clippy::type_complexity)]
-pub fn prepare(
-    config: &TrainConfig,
-    log: &mut dyn std::io::Write,
-) -> Result<(
-    rankd_formats::config::ModelConfig,
-    CompiledSpec,
-    data::Dataset,
-    Layout,
-)> {
+pub fn prepare(config: &TrainConfig, log: &mut dyn std::io::Write) -> Result<Prepared> {
     let s = &config.train;
     let mut fitted = config.model.clone();
-    let raw = data::read(&s.train_files, &fitted.features, s)?;
+    let mut raw = data::read(&s.train_files, &fitted.features, s)?;
+    // A held-out split, chosen by a hash of the row number and the seed.
+    let mut held_out = None;
+    if let (Some(frac), true) = (s.eval_split, s.eval_files.is_empty()) {
+        let threshold = (frac * u64::MAX as f64) as u64;
+        let mut train = data::RawData::default();
+        let mut eval = data::RawData::default();
+        for (i, (row, label)) in raw.rows.into_iter().zip(raw.labels).enumerate() {
+            let h = Rng::new(s.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64();
+            let part = if h < threshold { &mut eval } else { &mut train };
+            part.rows.push(row);
+            part.labels.push(label);
+        }
+        if train.rows.is_empty() || eval.rows.is_empty() {
+            return Err(TrainError::Config(
+                "eval_split leaves no training or no eval rows".into(),
+            ));
+        }
+        raw = train;
+        held_out = Some(eval);
+    }
     if !s.fit.is_empty() {
         fit::fit(&mut fitted, &s.fit, &raw)?;
         let _ = writeln!(
@@ -92,7 +103,28 @@ pub fn prepare(
     let spec = CompiledSpec::compile(&fitted.feature_spec())?;
     let train = data::transform(raw, &spec)?;
     let layout = Layout::new(&fitted, &spec)?;
-    Ok((fitted, spec, train, layout))
+    Ok(Prepared {
+        model: fitted,
+        spec,
+        train,
+        layout,
+        held_out,
+    })
+}
+
+/// What [`prepare`] computes.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The model config with fitted slots.
+    pub model: rankd_formats::config::ModelConfig,
+    /// Its compiled feature spec.
+    pub spec: CompiledSpec,
+    /// The training examples.
+    pub train: data::Dataset,
+    /// The network layout.
+    pub layout: Layout,
+    /// Rows held out by `eval_split`, not yet transformed.
+    pub held_out: Option<data::RawData>,
 }
 
 /// Like [`train_from`], with the steps run by remote worker processes when `remote` is given.
@@ -103,13 +135,18 @@ pub fn train_with(
     log: &mut dyn std::io::Write,
 ) -> Result<Trained> {
     let s = &config.train;
-    let (fitted, spec, train, layout) = prepare(config, log)?;
-    let eval_files = if s.eval_files.is_empty() {
-        &s.train_files
-    } else {
-        &s.eval_files
+    let Prepared {
+        model: fitted,
+        spec,
+        train,
+        layout,
+        held_out,
+    } = prepare(config, log)?;
+    let eval = match held_out {
+        Some(raw) => data::transform(raw, &spec)?,
+        None if s.eval_files.is_empty() => data::load(&s.train_files, &spec, s)?,
+        None => data::load(&s.eval_files, &spec, s)?,
     };
-    let eval = data::load(eval_files, &spec, s)?;
     let base_rate = train.labels.iter().sum::<f32>() / train.labels.len() as f32;
     let mut params = Params::init(&layout, s.seed, base_rate);
     let mut opt = config.optimizer(&params);

@@ -225,3 +225,43 @@ fn every_model_kind_trains_and_serves_the_same() {
         assert_served_equal(&path, &trained);
     }
 }
+
+#[test]
+fn globs_and_a_held_out_split() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(data.join("train.csv")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for (k, part) in lines[1..3001].chunks(1500).enumerate() {
+        let mut body = vec![lines[0]];
+        body.extend_from_slice(part);
+        std::fs::write(dir.path().join(format!("part-{k}.csv")), body.join("\n")).unwrap();
+    }
+    std::fs::write(dir.path().join("notes.txt"), "not data").unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
+    let mut text = std::fs::read_to_string(&example).unwrap();
+    let i = text.find("\n[train]\n").unwrap() + 1;
+    let fits = text[text.find("\n[[train.fit]]\n").unwrap() + 1..].to_owned();
+    text.truncate(i);
+    text.push_str("[train]\ntrain_files = [\"part-*.csv\"]\neval_split = 0.2\nepochs = 1\nbatch_size = 64\nseed = 5\n\n");
+    text.push_str(&fits);
+    let config = TrainConfig::from_toml(&text, dir.path()).unwrap();
+    assert_eq!(
+        config.train.train_files.len(),
+        2,
+        "{:?}",
+        config.train.train_files
+    );
+    let mut log = Vec::new();
+    let trained = rankd_trainer::train(&config, &mut log).unwrap();
+    let held = trained.eval.labels.len();
+    assert!((450..=750).contains(&held), "held out {held} of 3000 rows");
+    assert!(trained.history[0].auc > 0.75, "{}", trained.history[0].auc);
+
+    let bad = text.replace("part-*.csv", "nothing-*.csv");
+    let err = TrainConfig::from_toml(&bad, dir.path()).unwrap_err();
+    assert!(err.to_string().contains("matches no file"), "{err}");
+}
