@@ -417,10 +417,21 @@ pub fn run_worker(config: &TrainConfig, ps: SocketAddr, index: usize) -> Result<
                 }
                 opt.sync_step();
             }
-            STEP => {
-                if c.take(1)?[0] == 1 {
-                    c.grads(&mut pending)?;
-                    opt.apply(&mut params, &pending);
+            STEP | ASTEP => {
+                if kind == STEP {
+                    // Sync: bring the replica up to date with the previous step's update.
+                    if c.take(1)?[0] == 1 {
+                        c.grads(&mut pending)?;
+                        opt.apply(&mut params, &pending);
+                    }
+                } else {
+                    // Async: the parameters come with the step.
+                    if params.emb.is_empty() && params.w.is_empty() && params.wide.is_empty() {
+                        params = Params::init(&layout, 0, 0.5);
+                    }
+                    for t in params.tensors_mut() {
+                        c.f32s_into(t)?;
+                    }
                 }
                 let n = c.u64()? as usize;
                 rows.clear();
@@ -443,36 +454,6 @@ pub fn run_worker(config: &TrainConfig, ps: SocketAddr, index: usize) -> Result<
                         &mut grads,
                     )
                 };
-                let mut b = Buf::default();
-                b.f64(loss);
-                b.grads(&grads);
-                send(&mut w, GRADS, &b.0).map_err(|e| net("the server is gone", e))?;
-            }
-            ASTEP => {
-                // Asynchronous mode: the parameters come with the step.
-                if params.emb.is_empty() && params.w.is_empty() && params.wide.is_empty() {
-                    params = Params::init(&layout, 0, 0.5);
-                }
-                for t in params.tensors_mut() {
-                    c.f32s_into(t)?;
-                }
-                let n = c.u64()? as usize;
-                rows.clear();
-                for _ in 0..n {
-                    let r = c.u32()? as usize;
-                    if r >= data.labels.len() {
-                        return Err(TrainError::Data(format!("row {r} is out of range")));
-                    }
-                    rows.push(r);
-                }
-                let loss = compute.step(
-                    &layout,
-                    &params,
-                    &data.slots,
-                    &data.labels,
-                    &rows,
-                    &mut grads,
-                );
                 let mut b = Buf::default();
                 b.f64(loss);
                 b.grads(&grads);

@@ -56,6 +56,19 @@ fn head(src: &Path, n: usize, dir: &Path, name: &str) -> PathBuf {
     path
 }
 
+/// The Adult example config on the first `train_rows` / `eval_rows` rows of the official split,
+/// copied into `dir`.
+fn slice_config(data: &Path, dir: &Path, train_rows: usize, eval_rows: usize) -> TrainConfig {
+    let train = head(&data.join("train.csv"), train_rows, dir, "train.csv");
+    let eval = head(&data.join("test.csv"), eval_rows, dir, "test.csv");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let mut config = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
+    config.train.train_files = vec![train];
+    config.train.eval_files = vec![eval];
+    config
+}
+
 #[test]
 fn served_scores_equal_trainer_eval() {
     let Some(data) = adult() else {
@@ -63,13 +76,7 @@ fn served_scores_equal_trainer_eval() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let train = head(&data.join("train.csv"), 3000, dir.path(), "train.csv");
-    let eval = head(&data.join("test.csv"), 1000, dir.path(), "test.csv");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
-    let text = std::fs::read_to_string(&example).unwrap();
-    let mut config = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
-    config.train.train_files = vec![train];
-    config.train.eval_files = vec![eval];
+    let mut config = slice_config(&data, dir.path(), 3000, 1000);
     config.train.epochs = 2;
     config.train.batch_size = 128;
     let mut log = Vec::new();
@@ -100,13 +107,7 @@ fn resume_from_a_checkpoint_equals_an_uninterrupted_run() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let train = head(&data.join("train.csv"), 1500, dir.path(), "train.csv");
-    let eval = head(&data.join("test.csv"), 500, dir.path(), "test.csv");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
-    let text = std::fs::read_to_string(&example).unwrap();
-    let mut config = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
-    config.train.train_files = vec![train];
-    config.train.eval_files = vec![eval];
+    let mut config = slice_config(&data, dir.path(), 1500, 500);
     config.train.batch_size = 128;
     config.train.checkpoint_every = 1;
     config.train.early_stopping = 0;
@@ -143,13 +144,7 @@ fn two_sync_workers_are_deterministic_and_learn_like_one() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let train = head(&data.join("train.csv"), 3000, dir.path(), "train.csv");
-    let eval = head(&data.join("test.csv"), 1000, dir.path(), "test.csv");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
-    let text = std::fs::read_to_string(&example).unwrap();
-    let mut config = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
-    config.train.train_files = vec![train];
-    config.train.eval_files = vec![eval];
+    let mut config = slice_config(&data, dir.path(), 3000, 1000);
     config.train.epochs = 2;
     config.train.batch_size = 128;
     config.train.early_stopping = 0;
@@ -183,15 +178,9 @@ fn every_model_kind_trains_and_serves_the_same() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let train = head(&data.join("train.csv"), 2000, dir.path(), "train.csv");
-    let eval = head(&data.join("test.csv"), 500, dir.path(), "test.csv");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
-    let text = std::fs::read_to_string(&example).unwrap();
-    let base = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
+    let base = slice_config(&data, dir.path(), 2000, 500);
     for kind in ["wide", "deep", "deepfm"] {
         let mut config = base.clone();
-        config.train.train_files = vec![train.clone()];
-        config.train.eval_files = vec![eval.clone()];
         config.train.epochs = 1;
         config.train.batch_size = 64;
         config.train.warmup_steps = 10;
