@@ -1,0 +1,105 @@
+//! The engine's steady state: after a warm-up call, scoring the same shape of request again
+//! allocates only what the `gemm` crate allocates for its packing buffers inside each matrix
+//! product (its public API takes no caller buffer); rankd's own code allocates nothing. A
+//! counting global allocator watches.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use rankd_feature_ops::Value;
+use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
+use rankd_serving::engine::cpu::CpuEngine;
+use rankd_serving::engine::request::DenseRequest;
+use rankd_serving::engine::{BatchOutput, InferenceBackend, Model};
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+static SIZES: [AtomicUsize; 8] = [const { AtomicUsize::new(0) }; 8];
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            let n = ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            if n < 8 {
+                SIZES[n].store(layout.size(), Ordering::Relaxed);
+            }
+        }
+        // SAFETY: the caller's contract is passed through to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn scoring_in_steady_state_does_not_allocate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.rkm");
+    write_synthetic(
+        &path,
+        &SynthOptions {
+            kind: ModelKind::DeepFm,
+            ..SynthOptions::default()
+        },
+    )
+    .unwrap();
+    let model = Model::open(&path).unwrap();
+    let tags: Vec<Vec<String>> = (0..50)
+        .map(|i| vec![format!("t{i}"), "news".into()])
+        .collect();
+    let req = DenseRequest {
+        user: vec![Value::F64(30.0), Value::Str("Paris"), Value::Int(9)],
+        items: (0..50)
+            .map(|i| {
+                vec![
+                    Value::Missing,
+                    Value::Missing,
+                    Value::Missing,
+                    Value::Int(i),
+                    Value::StrList(&tags[i as usize]),
+                    Value::F64(i as f64),
+                ]
+            })
+            .collect(),
+    };
+    let mut engine = CpuEngine::new();
+    let mut out = BatchOutput::default();
+    for _ in 0..3 {
+        out.clear();
+        engine.score(&model, &[&req, &req], &mut out);
+    }
+    let mut per_call = Vec::new();
+    for _ in 0..10 {
+        out.clear();
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        COUNTING.store(true, Ordering::SeqCst);
+        engine.score(&model, &[&req, &req], &mut out);
+        COUNTING.store(false, Ordering::SeqCst);
+        per_call.push(ALLOCATIONS.load(Ordering::SeqCst) - before);
+    }
+    assert_eq!(out.get(1).unwrap().len(), 50);
+    let sizes: Vec<usize> = SIZES.iter().map(|s| s.load(Ordering::SeqCst)).collect();
+    // The synthetic model has two gemm products per call (the third layer is a dot product);
+    // gemm allocates at most two packing buffers per product.
+    assert!(
+        per_call.iter().all(|&n| n == per_call[0] && n <= 4),
+        "allocations per call {per_call:?}; first sizes {sizes:?}"
+    );
+}
