@@ -48,14 +48,15 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-#[test]
-fn scoring_in_steady_state_does_not_allocate() {
+/// Allocations of each of ten steady-state calls scoring two 50-item requests on a model of
+/// `kind`.
+fn allocations_per_call(kind: ModelKind) -> Vec<usize> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.rkm");
     write_synthetic(
         &path,
         &SynthOptions {
-            kind: ModelKind::DeepFm,
+            kind,
             ..SynthOptions::default()
         },
     )
@@ -95,11 +96,22 @@ fn scoring_in_steady_state_does_not_allocate() {
         per_call.push(ALLOCATIONS.load(Ordering::SeqCst) - before);
     }
     assert_eq!(out.get(1).unwrap().len(), 50);
+    per_call
+}
+
+#[test]
+fn scoring_in_steady_state_does_not_allocate() {
+    // Without deep layers there is no gemm call: nothing at all is allocated.
+    let wide = allocations_per_call(ModelKind::Wide);
     let sizes: Vec<usize> = SIZES.iter().map(|s| s.load(Ordering::SeqCst)).collect();
-    // The synthetic model has two gemm products per call (the third layer is a dot product);
-    // gemm allocates at most two packing buffers per product.
     assert!(
-        per_call.iter().all(|&n| n == per_call[0] && n <= 4),
-        "allocations per call {per_call:?}; first sizes {sizes:?}"
+        wide.iter().all(|&n| n == 0),
+        "wide model: {wide:?}; sizes {sizes:?}"
+    );
+    // With them, only gemm's packing buffers: the same few per call, never growing.
+    let deep = allocations_per_call(ModelKind::DeepFm);
+    assert!(
+        deep.iter().all(|&n| n == deep[0] && n <= 4),
+        "deepfm model: {deep:?}"
     );
 }
