@@ -21,5 +21,5 @@ pub use compile::{
 };
 pub use error::{Error, Result};
 pub use spec::{FeatureSpec, RawFeature, SlotSpec, Transform, Vocabulary};
-pub use value::{FeatureType, IntList, Row, StrList, Value};
+pub use value::{FeatureType, IntList, OwnedValue, Row, StrList, Value};
 pub use vocab::{IntVocab, StrVocab};

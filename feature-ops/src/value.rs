@@ -200,6 +200,39 @@ impl Value<'_> {
     }
 }
 
+/// An owned raw value: what parsed text formats (JSON lines, CSV) hold so that [`Value`]s can
+/// borrow from it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum OwnedValue {
+    /// Absent.
+    #[default]
+    Missing,
+    /// A number.
+    Float(f64),
+    /// An integer.
+    Int(i64),
+    /// A string.
+    Str(String),
+    /// A list of integers.
+    IntList(Vec<i64>),
+    /// A list of strings.
+    StrList(Vec<String>),
+}
+
+impl OwnedValue {
+    /// The borrowed value.
+    pub fn value(&self) -> Value<'_> {
+        match self {
+            OwnedValue::Missing => Value::Missing,
+            OwnedValue::Float(v) => Value::F64(*v),
+            OwnedValue::Int(v) => Value::Int(*v),
+            OwnedValue::Str(s) => Value::Str(s),
+            OwnedValue::IntList(v) => Value::IntList(v),
+            OwnedValue::StrList(v) => Value::StrList(v),
+        }
+    }
+}
+
 /// Random access to one row's raw values by feature index (the order of the spec's features).
 ///
 /// Implemented by the serving layer over request bytes, by the trainer over parsed CSV records and

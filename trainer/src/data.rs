@@ -4,63 +4,40 @@
 
 use std::path::Path;
 
-use rankd_feature_ops::{CompiledSpec, FeatureType, SlotBatch, Value};
+use rankd_feature_ops::{CompiledSpec, FeatureType, OwnedValue, SlotBatch, Value};
 
 use crate::config::TrainSettings;
 use crate::error::{Result, TrainError};
-
-/// One parsed cell.
-#[derive(Clone, Debug)]
-pub enum Cell {
-    /// Empty or a missing marker.
-    Missing,
-    /// A number.
-    Num(f64),
-    /// An integer.
-    Int(i64),
-    /// A string.
-    Str(String),
-    /// A list of integers.
-    Ints(Vec<i64>),
-    /// A list of strings.
-    Strs(Vec<String>),
-}
-
-impl Cell {
-    /// The borrowed value.
-    pub fn value(&self) -> Value<'_> {
-        match self {
-            Cell::Missing => Value::Missing,
-            Cell::Num(v) => Value::F64(*v),
-            Cell::Int(v) => Value::Int(*v),
-            Cell::Str(s) => Value::Str(s),
-            Cell::Ints(v) => Value::IntList(v),
-            Cell::Strs(v) => Value::StrList(v),
-        }
-    }
-}
 
 /// Examples after the feature transforms.
 #[derive(Debug)]
 pub struct Dataset {
     /// Raw cells per row, in model feature order (kept for checks against the engine).
-    pub rows: Vec<Vec<Cell>>,
+    pub rows: Vec<Vec<OwnedValue>>,
     /// Labels (0 or 1).
     pub labels: Vec<f32>,
     /// The slots of every row.
     pub slots: SlotBatch,
 }
 
-fn parse_cell(text: &str, ty: FeatureType, s: &TrainSettings) -> std::result::Result<Cell, String> {
+fn parse_cell(
+    text: &str,
+    ty: FeatureType,
+    s: &TrainSettings,
+) -> std::result::Result<OwnedValue, String> {
     let t = text.trim();
     if t.is_empty() || s.missing.iter().any(|m| m == t) {
-        return Ok(Cell::Missing);
+        return Ok(OwnedValue::Missing);
     }
     Ok(match ty {
-        FeatureType::Float => Cell::Num(t.parse().map_err(|_| format!("{t:?} is not a number"))?),
-        FeatureType::Int => Cell::Int(t.parse().map_err(|_| format!("{t:?} is not an integer"))?),
-        FeatureType::String => Cell::Str(t.to_owned()),
-        FeatureType::IntList => Cell::Ints(
+        FeatureType::Float => {
+            OwnedValue::Float(t.parse().map_err(|_| format!("{t:?} is not a number"))?)
+        }
+        FeatureType::Int => {
+            OwnedValue::Int(t.parse().map_err(|_| format!("{t:?} is not an integer"))?)
+        }
+        FeatureType::String => OwnedValue::Str(t.to_owned()),
+        FeatureType::IntList => OwnedValue::IntList(
             t.split(s.list_separator)
                 .map(|x| {
                     x.trim()
@@ -69,7 +46,7 @@ fn parse_cell(text: &str, ty: FeatureType, s: &TrainSettings) -> std::result::Re
                 })
                 .collect::<std::result::Result<_, _>>()?,
         ),
-        FeatureType::StringList => Cell::Strs(
+        FeatureType::StringList => OwnedValue::StrList(
             t.split(s.list_separator)
                 .map(|x| x.trim().to_owned())
                 .collect(),
@@ -81,7 +58,7 @@ fn parse_cell(text: &str, ty: FeatureType, s: &TrainSettings) -> std::result::Re
 #[derive(Debug, Default)]
 pub struct RawData {
     /// Cells per row.
-    pub rows: Vec<Vec<Cell>>,
+    pub rows: Vec<Vec<OwnedValue>>,
     /// Labels (0 or 1).
     pub labels: Vec<f32>,
 }
@@ -153,7 +130,7 @@ pub fn read(
 pub fn transform(raw: RawData, spec: &CompiledSpec) -> Result<Dataset> {
     let mut slots = SlotBatch::new();
     for (i, row) in raw.rows.iter().enumerate() {
-        let values: Vec<Value<'_>> = row.iter().map(Cell::value).collect();
+        let values: Vec<Value<'_>> = row.iter().map(OwnedValue::value).collect();
         spec.transform_row(&values, &mut slots)
             .map_err(|e| TrainError::Data(format!("row {}: {e}", i + 1)))?;
     }

@@ -5,11 +5,11 @@
 
 use std::collections::HashMap;
 
-use rankd_feature_ops::{Transform, Vocabulary};
+use rankd_feature_ops::{OwnedValue, Transform, Vocabulary};
 use rankd_formats::config::ModelConfig;
 use serde::Deserialize;
 
-use crate::data::{Cell, RawData};
+use crate::data::RawData;
 use crate::error::{Result, TrainError};
 
 /// One `[[train.fit]]` rule.
@@ -49,10 +49,10 @@ fn vocabulary(raw: &RawData, col: usize, rule: &FitRule) -> Vocabulary {
     let mut ints: HashMap<i64, usize> = HashMap::new();
     for row in &raw.rows {
         match &row[col] {
-            Cell::Str(s) => *strs.entry(s).or_default() += 1,
-            Cell::Strs(l) => l.iter().for_each(|s| *strs.entry(s).or_default() += 1),
-            Cell::Int(v) => *ints.entry(*v).or_default() += 1,
-            Cell::Ints(l) => l.iter().for_each(|v| *ints.entry(*v).or_default() += 1),
+            OwnedValue::Str(s) => *strs.entry(s).or_default() += 1,
+            OwnedValue::StrList(l) => l.iter().for_each(|s| *strs.entry(s).or_default() += 1),
+            OwnedValue::Int(v) => *ints.entry(*v).or_default() += 1,
+            OwnedValue::IntList(l) => l.iter().for_each(|v| *ints.entry(*v).or_default() += 1),
             _ => {}
         }
     }
@@ -84,8 +84,8 @@ fn quantiles(raw: &RawData, col: usize, buckets: usize) -> Vec<f64> {
         .rows
         .iter()
         .filter_map(|r| match &r[col] {
-            Cell::Num(v) if v.is_finite() => Some(*v),
-            Cell::Int(v) => Some(*v as f64),
+            OwnedValue::Float(v) if v.is_finite() => Some(*v),
+            OwnedValue::Int(v) => Some(*v as f64),
             _ => None,
         })
         .collect();
@@ -177,7 +177,7 @@ mod tests {
             rows: words
                 .iter()
                 .enumerate()
-                .map(|(i, w)| vec![Cell::Str((*w).into()), Cell::Num(i as f64)])
+                .map(|(i, w)| vec![OwnedValue::Str((*w).into()), OwnedValue::Float(i as f64)])
                 .collect(),
             labels: vec![0.0; words.len()],
         };

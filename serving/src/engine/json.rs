@@ -2,94 +2,67 @@
 //! `{"user": {...}, "items": [{...}, ...]}`, each value a number, a string, an array of integers
 //! or of strings, or null/absent for missing. Names the model does not know are ignored.
 
-use rankd_feature_ops::{CompiledSpec, FeatureType, Value};
+use rankd_feature_ops::{CompiledSpec, FeatureType, OwnedValue, Value};
 use serde_json::Value as Json;
 
 use super::{FeatureSet, Request};
 
-#[derive(Debug, Clone, Default)]
-enum Cell {
-    #[default]
-    Missing,
-    Float(f64),
-    Int(i64),
-    Str(String),
-    Ints(Vec<i64>),
-    Strs(Vec<String>),
-}
-
-impl Cell {
-    fn value(&self) -> Value<'_> {
-        match self {
-            Cell::Missing => Value::Missing,
-            Cell::Float(v) => Value::F64(*v),
-            Cell::Int(v) => Value::Int(*v),
-            Cell::Str(v) => Value::Str(v),
-            Cell::Ints(v) => Value::IntList(v),
-            Cell::Strs(v) => Value::StrList(v),
+/// JSON to an owned value, guided by the declared type for empty lists.
+fn from_json(v: Json, name: &str, declared: FeatureType) -> Result<OwnedValue, String> {
+    Ok(match v {
+        Json::Null => OwnedValue::Missing,
+        Json::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => OwnedValue::Int(i),
+            (None, Some(f)) if n.is_f64() => OwnedValue::Float(f),
+            _ => {
+                return Err(format!(
+                    "feature `{name}`: integer {n} is out of the i64 range"
+                ))
+            }
+        },
+        Json::String(s) => OwnedValue::Str(s),
+        Json::Array(a) if a.is_empty() => match declared {
+            FeatureType::StringList => OwnedValue::StrList(Vec::new()),
+            _ => OwnedValue::IntList(Vec::new()),
+        },
+        Json::Array(a) => {
+            if a.iter().all(|x| x.as_i64().is_some()) {
+                OwnedValue::IntList(a.iter().filter_map(Json::as_i64).collect())
+            } else if a.iter().all(Json::is_string) {
+                OwnedValue::StrList(
+                    a.into_iter()
+                        .filter_map(|x| match x {
+                            Json::String(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect(),
+                )
+            } else {
+                return Err(format!(
+                    "feature `{name}`: a list must hold only integers or only strings"
+                ));
+            }
         }
-    }
-
-    fn from_json(v: Json, name: &str, declared: FeatureType) -> Result<Cell, String> {
-        Ok(match v {
-            Json::Null => Cell::Missing,
-            Json::Number(n) => match (n.as_i64(), n.as_f64()) {
-                (Some(i), _) => Cell::Int(i),
-                (None, Some(f)) if n.is_f64() => Cell::Float(f),
-                _ => {
-                    return Err(format!(
-                        "feature `{name}`: integer {n} is out of the i64 range"
-                    ))
-                }
-            },
-            Json::String(s) => Cell::Str(s),
-            Json::Array(a) if a.is_empty() => match declared {
-                FeatureType::StringList => Cell::Strs(Vec::new()),
-                _ => Cell::Ints(Vec::new()),
-            },
-            Json::Array(a) => {
-                if a.iter().all(|x| x.as_i64().is_some()) {
-                    Cell::Ints(a.iter().filter_map(Json::as_i64).collect())
-                } else if a.iter().all(Json::is_string) {
-                    Cell::Strs(
-                        a.into_iter()
-                            .filter_map(|x| match x {
-                                Json::String(s) => Some(s),
-                                _ => None,
-                            })
-                            .collect(),
-                    )
-                } else {
-                    return Err(format!(
-                        "feature `{name}`: a list must hold only integers or only strings"
-                    ));
-                }
-            }
-            Json::Bool(_) => {
-                return Err(format!("feature `{name}`: booleans are not a feature type"))
-            }
-            Json::Object(_) => {
-                return Err(format!("feature `{name}`: objects are not a feature type"))
-            }
-        })
-    }
+        Json::Bool(_) => return Err(format!("feature `{name}`: booleans are not a feature type")),
+        Json::Object(_) => return Err(format!("feature `{name}`: objects are not a feature type")),
+    })
 }
 
 /// One parsed JSON request, values stored by model feature index.
 #[derive(Debug, Clone)]
 pub struct JsonRequest {
-    user: Vec<Cell>,
-    items: Vec<Vec<Cell>>,
+    user: Vec<OwnedValue>,
+    items: Vec<Vec<OwnedValue>>,
 }
 
 fn features_of(
     spec: &CompiledSpec,
     obj: serde_json::Map<String, Json>,
-    into: &mut [Cell],
+    into: &mut [OwnedValue],
 ) -> Result<(), String> {
     for (name, v) in obj {
         if let Some(f) = spec.feature_index(&name) {
-            into[f] = Cell::from_json(v, &name, spec.features()[f].ty)?;
+            into[f] = from_json(v, &name, spec.features()[f].ty)?;
         }
     }
     Ok(())
@@ -103,7 +76,7 @@ impl JsonRequest {
             return Err("a request must be a JSON object".into());
         };
         let n = spec.features().len();
-        let mut user = vec![Cell::Missing; n];
+        let mut user = vec![OwnedValue::Missing; n];
         match obj.remove("user") {
             None | Some(Json::Null) => {}
             Some(Json::Object(u)) => features_of(spec, u, &mut user)?,
@@ -119,7 +92,7 @@ impl JsonRequest {
             let Json::Object(fields) = item else {
                 return Err(format!("item {i} is not an object"));
             };
-            let mut cells = vec![Cell::Missing; n];
+            let mut cells = vec![OwnedValue::Missing; n];
             features_of(spec, fields, &mut cells).map_err(|e| format!("item {i}: {e}"))?;
             out.push(cells);
         }
@@ -143,7 +116,7 @@ impl Request for JsonRequest {
     fn item_features(&self, set: &mut FeatureSet) {
         for item in &self.items {
             for (f, c) in item.iter().enumerate() {
-                if !matches!(c, Cell::Missing) {
+                if !matches!(c, OwnedValue::Missing) {
                     set.insert(f);
                 }
             }
