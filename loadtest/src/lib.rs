@@ -8,7 +8,7 @@
 pub mod synth;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use rankd_formats::synth::Rng;
-use rankd_serving::client::Response;
-use rankd_serving::protocol::{write_frame, FrameHeader, MessageType, HEADER_LEN};
+use rankd_serving::client::read_response;
+use rankd_serving::protocol::{write_frame, MessageType};
 
 /// Arrival process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,19 +122,6 @@ struct Tally {
 
 fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
-}
-
-fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
-    let mut h = [0u8; HEADER_LEN];
-    s.read_exact(&mut h)?;
-    let header = FrameHeader::decode(&h, u32::MAX).map_err(std::io::Error::other)?;
-    let mut body = vec![0u8; header.body_len as usize];
-    s.read_exact(&mut body)?;
-    Ok(Response {
-        msg_type: header.msg_type,
-        request_id: header.request_id,
-        body,
-    })
 }
 
 /// Runs open-loop load with the given encoded request bodies (cycled).

@@ -289,6 +289,21 @@ impl Response {
     }
 }
 
+/// Reads one whole response frame from `r`.
+pub fn read_response(r: &mut impl Read) -> Result<Response, ClientError> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h)?;
+    let header =
+        FrameHeader::decode(&h, u32::MAX).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut body = vec![0u8; header.body_len as usize];
+    r.read_exact(&mut body)?;
+    Ok(Response {
+        msg_type: header.msg_type,
+        request_id: header.request_id,
+        body,
+    })
+}
+
 /// One connection. Requests may be pipelined: [`Connection::send`] many, then
 /// [`Connection::recv`] the answers in whatever order the server sends them.
 #[derive(Debug)]
@@ -335,17 +350,7 @@ impl Connection {
     }
 
     fn read_frame(&mut self) -> Result<Response, ClientError> {
-        let mut h = [0u8; HEADER_LEN];
-        self.stream.read_exact(&mut h)?;
-        let header =
-            FrameHeader::decode(&h, u32::MAX).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let mut body = vec![0u8; header.body_len as usize];
-        self.stream.read_exact(&mut body)?;
-        Ok(Response {
-            msg_type: header.msg_type,
-            request_id: header.request_id,
-            body,
-        })
+        read_response(&mut self.stream)
     }
 
     /// Receives the next response, whatever its id.
