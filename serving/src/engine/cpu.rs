@@ -14,6 +14,7 @@ use std::rc::Rc;
 
 use rankd_feature_ops::SlotBatch;
 
+use super::kernel::{self, Isa};
 use super::plan::{Plan, PlanCache};
 use super::{
     sigmoid, BatchOutput, EngineError, FeatureSet, InferenceBackend, ItemRow, Model, Request,
@@ -46,6 +47,8 @@ struct Scratch {
     h2: Vec<f32>,
     logits: Vec<f32>,
     segs: Vec<Seg>,
+    /// For each item row of the group, the index of its request in `segs`.
+    row_seg: Vec<u32>,
 }
 
 /// One request of a group: where its rows are.
@@ -61,6 +64,7 @@ struct Seg {
 #[derive(Debug, Default)]
 pub struct CpuEngine {
     split: Split,
+    isa: Isa,
     plans: PlanCache,
     s: Scratch,
 }
@@ -77,6 +81,16 @@ impl CpuEngine {
             split,
             ..Self::default()
         }
+    }
+
+    /// The same engine running the dense kernel compiled for `isa` instead of the widest the
+    /// CPU has (for tests and benchmarks of the narrower builds).
+    ///
+    /// # Panics
+    /// Later, on the first request, if the CPU lacks `isa`.
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        self.isa = isa;
+        self
     }
 
     fn key_for(&self, model: &Model, req: &dyn Request, key: &mut FeatureSet) {
@@ -223,28 +237,26 @@ impl CpuEngine {
         s.logits.resize(rows, 0.0);
         if let Some(l0) = model.layers.first() {
             grow(&mut s.h, rows * out1);
-            matmul(
+            s.row_seg.clear();
+            for (g, seg) in s.segs.iter().enumerate() {
+                s.row_seg.extend(std::iter::repeat_n(g as u32, seg.len));
+            }
+            // The request-level part (bias included) is each row's bias.
+            let (u, row_seg) = (&s.u, &s.row_seg);
+            kernel::dense(
+                self.isa,
                 rows,
-                out1,
-                k,
-                &mut s.h,
                 &s.x,
                 k,
                 &plan.w1_item,
-                out1 as isize,
-                1,
-                false,
+                |i| {
+                    let g = row_seg[i] as usize;
+                    &u[g * out1..(g + 1) * out1]
+                },
+                l0.relu,
+                &mut s.h,
             );
-            // The request-level part (bias included) is added with the activation, per request.
-            for (g, seg) in s.segs.iter().enumerate() {
-                let u = &s.u[g * out1..(g + 1) * out1];
-                bias_act(
-                    &mut s.h[seg.start * out1..(seg.start + seg.len) * out1],
-                    u,
-                    l0.relu,
-                );
-            }
-            upper_layers(model, &mut s.h, &mut s.h2, &mut s.logits, rows);
+            upper_layers(model, self.isa, &mut s.h, &mut s.h2, &mut s.logits, rows);
         }
 
         // Wide: slot by slot, so each table is resolved once.
@@ -322,6 +334,7 @@ impl InferenceBackend for CpuEngine {
 /// final one-wide output to `logits`.
 fn upper_layers(
     model: &Model,
+    isa: Isa,
     h: &mut Vec<f32>,
     h2: &mut Vec<f32>,
     logits: &mut [f32],
@@ -346,20 +359,7 @@ fn upper_layers(
             return;
         }
         grow(h2, rows * l.out_dim);
-        // rhs[kk][o] = W[o][kk]: row stride 1, column stride in_dim.
-        matmul(
-            rows,
-            l.out_dim,
-            width,
-            h2,
-            h,
-            width,
-            w,
-            1,
-            l.in_dim as isize,
-            false,
-        );
-        bias_act(&mut h2[..rows * l.out_dim], b, l.relu);
+        kernel::dense(isa, rows, h, width, &model.packed[i], |_| b, l.relu, h2);
         std::mem::swap(h, h2);
         width = l.out_dim;
     }
@@ -374,28 +374,29 @@ impl CpuEngine {
     /// If the model has no deep part or `x` is shorter than `rows` rows.
     pub fn forward_dense(&mut self, model: &Model, x: &[f32], rows: usize, out: &mut Vec<f32>) {
         let l0 = model.layers.first().expect("the model has a deep part");
+        // The unsplit plan packs the whole first layer in model column order.
+        let mut key = std::mem::take(&mut self.s.key);
+        let n = model.features().features().len();
+        key.reset(n);
+        key.insert_all(n);
+        let plan = self.plans.get(model, &key);
+        self.s.key = key;
         let s = &mut self.s;
         grow(&mut s.h, rows * l0.out_dim);
-        matmul(
+        let bias = model.weights(l0.bias);
+        kernel::dense(
+            self.isa,
             rows,
-            l0.out_dim,
-            l0.in_dim,
-            &mut s.h,
             x,
             l0.in_dim,
-            model.weights(l0.weight),
-            1,
-            l0.in_dim as isize,
-            false,
-        );
-        bias_act(
-            &mut s.h[..rows * l0.out_dim],
-            model.weights(l0.bias),
+            &plan.w1_item,
+            |_| bias,
             l0.relu,
+            &mut s.h,
         );
         out.clear();
         out.resize(rows, 0.0);
-        upper_layers(model, &mut s.h, &mut s.h2, out, rows);
+        upper_layers(model, self.isa, &mut s.h, &mut s.h2, out, rows);
     }
 }
 
@@ -449,25 +450,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += a[i] * b[i];
     }
     sum
-}
-
-/// Adds `bias` to every row of `v` (rows of `bias.len()`) and applies ReLU if asked: one pass
-/// over the layer's output while it is still in cache.
-#[inline]
-fn bias_act(v: &mut [f32], bias: &[f32], relu: bool) {
-    if relu {
-        for row in v.chunks_exact_mut(bias.len()) {
-            for (x, b) in row.iter_mut().zip(bias) {
-                *x = (*x + b).max(0.0);
-            }
-        }
-    } else {
-        for row in v.chunks_exact_mut(bias.len()) {
-            for (x, b) in row.iter_mut().zip(bias) {
-                *x += b;
-            }
-        }
-    }
 }
 
 /// `dst[m][n] = lhs[m][k] · rhs[k][n]` (or `+=` when `accumulate`), with `dst` row-major (row stride `n`), `lhs` row-major

@@ -6,6 +6,7 @@
 //! implementation the tests compare against.
 
 pub mod cpu;
+pub mod kernel;
 pub mod json;
 mod plan;
 pub mod reference;
@@ -108,6 +109,10 @@ pub struct Model {
     pub(crate) wide: Vec<(usize, BlobRef)>,
     pub(crate) wide_bias: Option<f32>,
     pub(crate) layers: Vec<LayerView>,
+    /// The weights of the hidden layers after the first, packed for the kernel; empty for the
+    /// first (packed per request shape by the plans) and the one-wide output layer (a dot
+    /// product per row).
+    pub(crate) packed: Vec<kernel::Packed>,
     pub(crate) fm: bool,
     pub(crate) deep_in: usize,
 }
@@ -145,7 +150,7 @@ impl Model {
             .as_ref()
             .map(|w| w.slots.iter().map(|s| (slot(&s.slot), s.weights)).collect())
             .unwrap_or_default();
-        let layers = spec
+        let layers: Vec<LayerView> = spec
             .architecture
             .deep
             .iter()
@@ -157,6 +162,18 @@ impl Model {
                 bias: l.bias,
             })
             .collect();
+        let last = layers.len().saturating_sub(1);
+        let packed = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if i == 0 || i == last {
+                    kernel::Packed::default()
+                } else {
+                    kernel::Packed::from_out_in(file.weights(l.weight), l.out_dim, l.in_dim)
+                }
+            })
+            .collect();
         Model {
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             alive: std::sync::Arc::new(()),
@@ -165,6 +182,7 @@ impl Model {
             wide,
             wide_bias: spec.architecture.wide.as_ref().map(|w| w.bias),
             layers,
+            packed,
             fm: spec.architecture.fm,
             deep_in: col,
             file,

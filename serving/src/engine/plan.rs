@@ -7,6 +7,7 @@
 //! request. Plans are cached per core, keyed by model and feature set, because a client sends
 //! the same shape of request again and again.
 
+use super::kernel::Packed;
 use super::{FeatureSet, Model};
 
 #[derive(Debug)]
@@ -28,8 +29,8 @@ pub(crate) struct Plan {
     /// Widths of X (per item) and of the user vector.
     pub k_item: usize,
     pub k_user: usize,
-    /// First-layer weights for X's columns, `[k_item][out]` (W1 transposed and gathered).
-    pub w1_item: Vec<f32>,
+    /// First-layer weights for X's columns, packed for the kernel.
+    pub w1_item: Packed,
     /// First-layer weights for the user vector's columns, `[k_user][out]`.
     pub w1_user: Vec<f32>,
 }
@@ -65,7 +66,7 @@ impl Plan {
             user_wide: Vec::new(),
             k_item: 0,
             k_user: 0,
-            w1_item: Vec::new(),
+            w1_item: Packed::default(),
             w1_user: Vec::new(),
         };
         // Deep-input columns in model order, split in two.
@@ -109,7 +110,9 @@ impl Plan {
                 }
                 out
             };
-            plan.w1_item = gather(&item_cols);
+            plan.w1_item = Packed::new(item_cols.len(), l.out_dim, |kk, o| {
+                w[o * l.in_dim + item_cols[kk]]
+            });
             plan.w1_user = gather(&user_cols);
         }
         plan

@@ -1,0 +1,436 @@
+//! Dense layers on weights packed once, with the bias and ReLU fused into the product.
+//!
+//! The deep layers of a ranking model are skinny products: a few hundred item rows times a
+//! weight matrix of a few hundred columns. A general GEMM packs both operands on every call;
+//! here the weights are packed once (per model, or per request shape for the first layer) into
+//! panels of [`NR`] output columns, 64-byte aligned, and the item rows are read in place. The
+//! micro-kernel keeps an `MR x NR` block of the output in registers over the whole inner
+//! dimension and writes it once, bias added and ReLU applied.
+//!
+//! The kernel is one portable Rust function compiled three times: with AVX-512, with AVX2+FMA
+//! and without either; the widest the CPU has is picked at run time.
+
+/// Output columns per packed panel (two AVX-512 vectors).
+pub const NR: usize = 32;
+
+/// One packed row of a panel: `NR` weights, cache-line aligned.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Lane([f32; NR]);
+
+/// A `k x n` weight matrix in panels of [`NR`] columns: panel `p` holds, for each `kk` in
+/// `0..k`, the weights of columns `p * NR .. p * NR + NR` (zero past `n`).
+#[derive(Clone, Debug, Default)]
+pub struct Packed {
+    k: usize,
+    n: usize,
+    lanes: Vec<Lane>,
+}
+
+impl Packed {
+    /// Packs the matrix whose element `(kk, j)` (input `kk`, output `j`) is `get(kk, j)`.
+    pub fn new(k: usize, n: usize, get: impl Fn(usize, usize) -> f32) -> Packed {
+        let panels = n.div_ceil(NR);
+        let mut lanes = vec![Lane([0.0; NR]); panels * k];
+        for p in 0..panels {
+            for kk in 0..k {
+                let lane = &mut lanes[p * k + kk].0;
+                for (jj, w) in lane.iter_mut().enumerate() {
+                    let j = p * NR + jj;
+                    if j < n {
+                        *w = get(kk, j);
+                    }
+                }
+            }
+        }
+        Packed { k, n, lanes }
+    }
+
+    /// Packs a PyTorch `nn.Linear` weight: `w[o][i]`, `out x inp`, row-major.
+    pub fn from_out_in(w: &[f32], out: usize, inp: usize) -> Packed {
+        Packed::new(inp, out, |kk, j| w[j * inp + kk])
+    }
+
+    /// Inner dimension (inputs).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Output columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// The instruction sets the kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F.
+    Avx512,
+    /// AVX2 with FMA.
+    Avx2,
+    /// Whatever the target baseline has.
+    Generic,
+}
+
+impl Default for Isa {
+    fn default() -> Isa {
+        Isa::detect()
+    }
+}
+
+impl Isa {
+    /// The widest the running CPU supports.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Generic
+    }
+
+    /// Every instruction set this CPU can run (for tests that cover all of them).
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Generic];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                v.push(Isa::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+}
+
+/// `c[i][j] = act(Σ_kk a[i * a_rs + kk] · B[kk][j] + bias(i)[j])` for `i < m`, `j < b.n()`, with
+/// `c` row-major of row stride `b.n()` and `act` ReLU when `relu`. `bias(i)` is the bias row of
+/// output row `i` (at least `b.n()` long): one vector for a plain layer, the per-request part
+/// for the split first layer.
+///
+/// # Panics
+/// If `a` or `c` is too short for `m` rows, or `a_rs < b.k()`.
+pub fn dense<'b>(
+    isa: Isa,
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &Packed,
+    bias: impl Fn(usize) -> &'b [f32],
+    relu: bool,
+    c: &mut [f32],
+) {
+    if m == 0 || b.n == 0 {
+        return;
+    }
+    assert!(a_rs >= b.k && a.len() >= (m - 1) * a_rs + b.k, "a too short");
+    assert!(c.len() >= m * b.n, "c too short");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(std::arch::is_x86_feature_detected!("avx512f"));
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            unsafe { x86::dense_avx512(m, a, a_rs, b, &bias, relu, c) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            );
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            unsafe { x86::dense_avx2(m, a, a_rs, b, &bias, relu, c) }
+        }
+        _ => dense_generic(m, a, a_rs, b, &bias, relu, c),
+    }
+}
+
+/// Splits the output into register blocks: for each panel, blocks of up to `max_rows` rows.
+/// `block(i0, rows, panel, p)` computes rows `i0..i0 + rows` against panel `p`.
+#[inline(always)]
+fn for_blocks(m: usize, b: &Packed, max_rows: usize, mut block: impl FnMut(usize, usize, &[Lane], usize)) {
+    let k = b.k;
+    for p in 0..b.n.div_ceil(NR) {
+        let panel = &b.lanes[p * k..(p + 1) * k];
+        let mut i = 0;
+        while i < m {
+            let r = max_rows.min(m - i);
+            block(i, r, panel, p);
+            i += r;
+        }
+    }
+}
+
+/// The epilogue of one output row: `out[j] = act(acc[j] + bias[j])` for the first `out.len()`
+/// columns of a panel.
+#[inline(always)]
+fn finish_row(acc: &[f32; NR], bias: &[f32], relu: bool, out: &mut [f32]) {
+    for ((o, &a), &b) in out.iter_mut().zip(acc).zip(bias) {
+        let v = a + b;
+        *o = if relu { v.max(0.0) } else { v };
+    }
+}
+
+/// Portable kernel (no SIMD assumed): the reference the vector kernels are tested against.
+fn dense_generic<'b>(
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &Packed,
+    bias: &impl Fn(usize) -> &'b [f32],
+    relu: bool,
+    c: &mut [f32],
+) {
+    let (k, n) = (b.k, b.n);
+    for_blocks(m, b, 1, |i, _, panel, p| {
+        let row = &a[i * a_rs..i * a_rs + k];
+        let mut acc = [0f32; NR];
+        for (x, lane) in row.iter().zip(panel) {
+            for (acc, w) in acc.iter_mut().zip(&lane.0) {
+                *acc += x * w;
+            }
+        }
+        let col0 = p * NR;
+        let cols = NR.min(n - col0);
+        finish_row(&acc, &bias(i)[col0..col0 + cols], relu, &mut c[i * n + col0..i * n + col0 + cols]);
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The vector kernels. Each keeps `R` rows x [`NR`] columns of accumulators in registers
+    //! over the whole inner dimension: per inner index, the panel's lane is loaded once and
+    //! every row's input is broadcast into fused multiply-adds.
+
+    use std::arch::x86_64::*;
+
+    use super::{finish_row, for_blocks, Lane, Packed, NR};
+
+    /// Rows per block: 8 x 2 zmm accumulators.
+    const MR_512: usize = 8;
+    /// Rows per block: 2 x 4 ymm accumulators.
+    const MR_256: usize = 2;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn dense_avx512<'b>(
+        m: usize,
+        a: &[f32],
+        a_rs: usize,
+        b: &Packed,
+        bias: &impl Fn(usize) -> &'b [f32],
+        relu: bool,
+        c: &mut [f32],
+    ) {
+        let (k, n) = (b.k, b.n);
+        for_blocks(m, b, MR_512, |i0, rows, panel, p| {
+            let col0 = p * NR;
+            let cols = NR.min(n - col0);
+            macro_rules! go {
+                ($r:literal) => {{
+                    let acc = block512::<$r>(a, a_rs, i0, k, panel);
+                    for (r, acc) in acc.iter().enumerate() {
+                        let i = i0 + r;
+                        let out = &mut c[i * n + col0..i * n + col0 + cols];
+                        let bias = &bias(i)[col0..col0 + cols];
+                        store512(acc, bias, relu, out);
+                    }
+                }};
+            }
+            match rows {
+                8 => go!(8),
+                7 => go!(7),
+                6 => go!(6),
+                5 => go!(5),
+                4 => go!(4),
+                3 => go!(3),
+                2 => go!(2),
+                _ => go!(1),
+            }
+        });
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn block512<const R: usize>(
+        a: &[f32],
+        a_rs: usize,
+        i0: usize,
+        k: usize,
+        panel: &[Lane],
+    ) -> [[__m512; 2]; R] {
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(i0 + r) * a_rs..(i0 + r) * a_rs + k]);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for (kk, lane) in panel[..k].iter().enumerate() {
+            // SAFETY: a lane is NR = 32 floats, 64-byte aligned: two full vectors.
+            let (w0, w1) = unsafe {
+                let ptr = lane.0.as_ptr();
+                (_mm512_load_ps(ptr), _mm512_load_ps(ptr.add(16)))
+            };
+            for r in 0..R {
+                let x = _mm512_set1_ps(rows[r][kk]);
+                acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
+            }
+        }
+        acc
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn store512(acc: &[__m512; 2], bias: &[f32], relu: bool, out: &mut [f32]) {
+        if out.len() == NR && bias.len() == NR {
+            for (h, acc) in acc.iter().enumerate() {
+                // SAFETY: `bias` and `out` hold NR = 32 floats: two full unaligned vectors.
+                unsafe {
+                    let mut v = _mm512_add_ps(*acc, _mm512_loadu_ps(bias.as_ptr().add(16 * h)));
+                    if relu {
+                        v = _mm512_max_ps(v, _mm512_setzero_ps());
+                    }
+                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v);
+                }
+            }
+        } else {
+            let mut tmp = [0f32; NR];
+            // SAFETY: `tmp` holds NR = 32 floats: two full unaligned vectors.
+            unsafe {
+                _mm512_storeu_ps(tmp.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(tmp.as_mut_ptr().add(16), acc[1]);
+            }
+            finish_row(&tmp, bias, relu, out);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dense_avx2<'b>(
+        m: usize,
+        a: &[f32],
+        a_rs: usize,
+        b: &Packed,
+        bias: &impl Fn(usize) -> &'b [f32],
+        relu: bool,
+        c: &mut [f32],
+    ) {
+        let (k, n) = (b.k, b.n);
+        for_blocks(m, b, MR_256, |i0, rows, panel, p| {
+            let col0 = p * NR;
+            let cols = NR.min(n - col0);
+            macro_rules! go {
+                ($r:literal) => {{
+                    let acc = block256::<$r>(a, a_rs, i0, k, panel);
+                    for (r, acc) in acc.iter().enumerate() {
+                        let i = i0 + r;
+                        let mut tmp = [0f32; NR];
+                        for (h, v) in acc.iter().enumerate() {
+                            // SAFETY: `tmp` holds NR = 32 floats: four full vectors.
+                            unsafe { _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * h), *v) };
+                        }
+                        finish_row(
+                            &tmp,
+                            &bias(i)[col0..col0 + cols],
+                            relu,
+                            &mut c[i * n + col0..i * n + col0 + cols],
+                        );
+                    }
+                }};
+            }
+            match rows {
+                2 => go!(2),
+                _ => go!(1),
+            }
+        });
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn block256<const R: usize>(
+        a: &[f32],
+        a_rs: usize,
+        i0: usize,
+        k: usize,
+        panel: &[Lane],
+    ) -> [[__m256; 4]; R] {
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(i0 + r) * a_rs..(i0 + r) * a_rs + k]);
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        for (kk, lane) in panel[..k].iter().enumerate() {
+            // SAFETY: a lane is NR = 32 floats, 64-byte aligned: four full aligned vectors.
+            let w: [__m256; 4] =
+                std::array::from_fn(|h| unsafe { _mm256_load_ps(lane.0.as_ptr().add(8 * h)) });
+            for r in 0..R {
+                let x = _mm256_set1_ps(rows[r][kk]);
+                for h in 0..4 {
+                    acc[r][h] = _mm256_fmadd_ps(x, w[h], acc[r][h]);
+                }
+            }
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, k: usize, n: usize, a: &[f32], w: &[f32], bias: &[f32], relu: bool) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = f64::from(bias[j]);
+                for kk in 0..k {
+                    s += f64::from(a[i * k + kk]) * f64::from(w[j * k + kk]);
+                }
+                c[i * n + j] = if relu { s.max(0.0) as f32 } else { s as f32 };
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn every_isa_matches_a_plain_loop_on_odd_shapes() {
+        for isa in Isa::available() {
+            for &(m, k, n) in &[(1, 1, 1), (5, 0, 40), (7, 5, 3), (8, 33, 32), (9, 64, 65), (23, 17, 100), (200, 40, 256)] {
+                let a: Vec<f32> = (0..m * k).map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.1).collect();
+                let w: Vec<f32> = (0..n * k).map(|i| ((i * 11) % 19) as f32 * 0.05 - 0.45).collect();
+                let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.3).collect();
+                let packed = Packed::from_out_in(&w, n, k);
+                for relu in [false, true] {
+                    let want = naive(m, k, n, &a, &w, &bias, relu);
+                    let mut c = vec![f32::NAN; m * n];
+                    dense(isa, m, &a, k, &packed, |_| &bias, relu, &mut c);
+                    for (x, y) in c.iter().zip(&want) {
+                        assert!((x - y).abs() < 1e-4, "{isa:?} {m}x{k}x{n}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn row_stride_and_per_row_bias_are_honoured() {
+        let (m, k, n, rs) = (11, 6, 40, 9);
+        let a: Vec<f32> = (0..m * rs).map(|i| (i % 7) as f32 - 3.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
+        let biases: Vec<Vec<f32>> = (0..m).map(|i| vec![i as f32; n]).collect();
+        let packed = Packed::from_out_in(&w, n, k);
+        for isa in Isa::available() {
+            let mut c = vec![0f32; m * n];
+            dense(isa, m, &a, rs, &packed, |i| &biases[i], false, &mut c);
+            for i in 0..m {
+                for j in 0..n {
+                    let s: f32 = (0..k).map(|kk| a[i * rs + kk] * w[j * k + kk]).sum::<f32>() + i as f32;
+                    assert!((c[i * n + j] - s).abs() < 1e-4, "{isa:?} ({i},{j})");
+                }
+            }
+        }
+    }
+}
