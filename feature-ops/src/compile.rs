@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::hash::{hash_int, hash_str, ValueHasher};
 use crate::spec::{FeatureSpec, RawFeature, Transform, Vocabulary};
-use crate::value::{FeatureType, Row, Value};
+use crate::value::{FeatureType, OneRow, Row, Rows, Value};
 use crate::vocab::{IntVocab, StrVocab, StrVocabError};
 
 /// The largest id count a slot may have (ids are `u32`, and crosses must stay indexable).
@@ -413,8 +413,13 @@ impl CompiledSpec {
     }
 
     #[inline]
-    fn value<'r, R: Row + ?Sized>(&self, row: &'r R, feature: usize) -> Result<Value<'r>> {
-        let v = row.value(feature);
+    fn value<'r, R: Rows + ?Sized>(
+        &self,
+        rows: &'r R,
+        row: usize,
+        feature: usize,
+    ) -> Result<Value<'r>> {
+        let v = rows.value(row, feature);
         let ty = self.features[feature].ty;
         if v.fits(ty) {
             Ok(v)
@@ -443,45 +448,80 @@ impl CompiledSpec {
         mask: Option<&[bool]>,
         out: &mut SlotBatch,
     ) -> Result<()> {
-        out.ensure_columns(self.slots.len());
-        let rows_before = out.rows;
-        let result = self.transform_row_inner(row, mask, out);
-        if result.is_err() {
-            out.cut(rows_before);
-        } else {
-            out.rows += 1;
-        }
-        result
+        self.transform_rows_masked(&OneRow(row), mask, out)
+            .map_err(|e| e.error)
     }
 
-    fn transform_row_inner<R: Row + ?Sized>(
+    /// Transforms every row of `rows` and appends their outputs to `out`, slot by slot (each
+    /// slot's loop over the rows runs with its tables and constants at hand). `mask` as in
+    /// [`Self::transform_row_masked`].
+    ///
+    /// On error `out` is left exactly as it was before the call and the error names the row
+    /// (the first failing row of the first slot that fails).
+    pub fn transform_rows_masked<R: Rows + ?Sized>(
         &self,
-        row: &R,
+        rows: &R,
         mask: Option<&[bool]>,
         out: &mut SlotBatch,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), RowsError> {
+        out.ensure_columns(self.slots.len());
+        let rows_before = out.rows;
+        match self.transform_rows_inner(rows, mask, out) {
+            Ok(()) => {
+                out.rows += rows.num_rows();
+                Ok(())
+            }
+            Err((row, error)) => {
+                out.cut(rows_before);
+                Err(RowsError { row, error })
+            }
+        }
+    }
+
+    fn transform_rows_inner<R: Rows + ?Sized>(
+        &self,
+        rows: &R,
+        mask: Option<&[bool]>,
+        out: &mut SlotBatch,
+    ) -> std::result::Result<(), (usize, Error)> {
+        let count = rows.num_rows();
+        let base = out.rows;
         for (s, op) in self.ops.iter().enumerate() {
             let (done, rest) = out.columns.split_at_mut(s);
             let col = &mut rest[0];
             if mask.is_some_and(|m| !m.get(s).copied().unwrap_or(false)) {
                 if matches!(op, Op::Normalize { .. }) {
-                    col.dense.push(0.0);
+                    col.dense.extend(std::iter::repeat_n(0.0, count));
                 } else {
-                    col.offsets.push(col.ids.len() as u32);
+                    let end = col.ids.len() as u32;
+                    col.offsets.extend(std::iter::repeat_n(end, count));
                 }
                 continue;
+            }
+            // Runs `$body` for every row `$r`, turning its errors into `(row, error)`, then
+            // closes the row in the column.
+            macro_rules! each_row {
+                (|$r:ident| $body:expr) => {
+                    for $r in 0..count {
+                        #[allow(clippy::redundant_closure_call)]
+                        let result: Result<()> = (|| $body)();
+                        result.map_err(|e| ($r, e))?;
+                        col.offsets.push(col.ids.len() as u32);
+                    }
+                };
             }
             match op {
                 Op::Piecewise {
                     feature,
                     boundaries,
-                } => {
-                    let id = match self.value(row, *feature)?.as_f64() {
+                } => each_row!(|r| {
+                    let id = match self.value(rows, r, *feature)?.as_f64() {
                         Some(x) if !x.is_nan() => boundaries.partition_point(|&b| b <= x),
                         _ => boundaries.len() + 1,
                     };
                     col.ids.push(id as u32);
-                }
+                    Ok(())
+                }),
                 Op::PickcatInt {
                     feature,
                     vocab,
@@ -493,14 +533,17 @@ impl CompiledSpec {
                         Some(i) => i,
                         None => n + (hash_int(self.seed, v) % u64::from(m)) as u32,
                     };
-                    match self.value(row, *feature)? {
-                        Value::Int(v) => col.ids.push(map(v)),
-                        Value::IntList(l) if !l.is_empty() => {
-                            self.check_row_len(s, l.len() as u64)?;
-                            col.ids.extend((0..l.len()).map(|i| map(l.get(i))));
+                    each_row!(|r| {
+                        match self.value(rows, r, *feature)? {
+                            Value::Int(v) => col.ids.push(map(v)),
+                            Value::IntList(l) if !l.is_empty() => {
+                                self.check_row_len(s, l.len() as u64)?;
+                                col.ids.extend((0..l.len()).map(|i| map(l.get(i))));
+                            }
+                            _ => col.ids.push(n + m),
                         }
-                        _ => col.ids.push(n + m),
-                    }
+                        Ok(())
+                    })
                 }
                 Op::PickcatStr {
                     feature,
@@ -516,42 +559,50 @@ impl CompiledSpec {
                             None => n + (h % u64::from(m)) as u32,
                         }
                     };
-                    match self.value(row, *feature)? {
-                        Value::Str(v) => col.ids.push(map(v)),
-                        Value::StrList(l) if !l.is_empty() => {
-                            self.check_row_len(s, l.len() as u64)?;
-                            col.ids.extend((0..l.len()).map(|i| map(l.get(i))));
+                    each_row!(|r| {
+                        match self.value(rows, r, *feature)? {
+                            Value::Str(v) => col.ids.push(map(v)),
+                            Value::StrList(l) if !l.is_empty() => {
+                                self.check_row_len(s, l.len() as u64)?;
+                                col.ids.extend((0..l.len()).map(|i| map(l.get(i))));
+                            }
+                            _ => col.ids.push(n + m),
                         }
-                        _ => col.ids.push(n + m),
-                    }
+                        Ok(())
+                    })
                 }
-                Op::Descartes { inputs, strides } => {
-                    let row_idx = out.rows;
+                Op::Descartes { inputs, strides } => each_row!(|r| {
+                    let row_idx = base + r;
                     let mut combos = 1u64;
                     for &i in inputs.iter() {
                         combos = combos.saturating_mul(done[i].row_ids(row_idx).len() as u64);
                     }
                     self.check_row_len(s, combos)?;
                     cross(done, inputs, strides, row_idx, &mut col.ids);
-                }
+                    Ok(())
+                }),
                 Op::Combinehash { features, buckets } if features.len() == 1 => {
                     // One scalar input: hash it directly, without the incremental builder.
-                    let h = match self.value(row, features[0])? {
-                        Value::Int(v) => Some(hash_int(self.seed, v)),
-                        Value::Str(v) => Some(hash_str(self.seed, v)),
-                        Value::Missing => None,
-                        v => Some(self.hash_values(&[v])),
-                    };
-                    col.ids.push(match h {
-                        Some(h) => (h % u64::from(*buckets)) as u32,
-                        None => *buckets,
-                    });
+                    let (feature, buckets) = (features[0], *buckets);
+                    each_row!(|r| {
+                        let h = match self.value(rows, r, feature)? {
+                            Value::Int(v) => Some(hash_int(self.seed, v)),
+                            Value::Str(v) => Some(hash_str(self.seed, v)),
+                            Value::Missing => None,
+                            v => Some(self.hash_values(&[v])),
+                        };
+                        col.ids.push(match h {
+                            Some(h) => (h % u64::from(buckets)) as u32,
+                            None => buckets,
+                        });
+                        Ok(())
+                    })
                 }
-                Op::Combinehash { features, buckets } => {
+                Op::Combinehash { features, buckets } => each_row!(|r| {
                     let mut hasher = ValueHasher::new(self.seed);
                     let mut missing = false;
                     for &f in features.iter() {
-                        match self.value(row, f)? {
+                        match self.value(rows, r, f)? {
                             Value::Missing => missing = true,
                             Value::Int(v) => hasher.int(v),
                             Value::Str(v) => hasher.str(v),
@@ -568,7 +619,8 @@ impl CompiledSpec {
                         (hasher.finish() % u64::from(*buckets)) as u32
                     };
                     col.ids.push(id);
-                }
+                    Ok(())
+                }),
                 Op::Normalize {
                     feature,
                     mean,
@@ -576,12 +628,12 @@ impl CompiledSpec {
                     clip,
                     log1p,
                 } => {
-                    let x = self.value(row, *feature)?.as_f64();
-                    col.dense.push(normalize(x, *mean, *std, *clip, *log1p));
-                    continue;
+                    for r in 0..count {
+                        let x = self.value(rows, r, *feature).map_err(|e| (r, e))?.as_f64();
+                        col.dense.push(normalize(x, *mean, *std, *clip, *log1p));
+                    }
                 }
             }
-            col.offsets.push(col.ids.len() as u32);
         }
         Ok(())
     }
@@ -659,6 +711,15 @@ fn cross(done: &[Column], inputs: &[usize], strides: &[u64], row: usize, out: &m
         }
     }
     rec(done, inputs, strides, row, 0, out);
+}
+
+/// A transform error in one row of a batch.
+#[derive(Debug)]
+pub struct RowsError {
+    /// The row (0-based within the batch).
+    pub row: usize,
+    /// What went wrong.
+    pub error: Error,
 }
 
 /// One slot's outputs over a batch of rows.

@@ -17,9 +17,10 @@ mod value;
 mod vocab;
 
 pub use compile::{
-    Column, CompiledSpec, SlotBatch, SlotInfo, SlotKind, DEFAULT_MAX_IDS_PER_ROW, MAX_NUM_IDS,
+    Column, CompiledSpec, RowsError, SlotBatch, SlotInfo, SlotKind, DEFAULT_MAX_IDS_PER_ROW,
+    MAX_NUM_IDS,
 };
 pub use error::{Error, Result};
 pub use spec::{FeatureSpec, RawFeature, SlotSpec, Transform, Vocabulary};
-pub use value::{FeatureType, IntList, OwnedValue, Row, StrList, Value};
+pub use value::{FeatureType, IntList, OwnedValue, Row, Rows, StrList, Value};
 pub use vocab::{IntVocab, StrVocab};

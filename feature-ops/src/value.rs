@@ -242,6 +242,30 @@ pub trait Row {
     fn value(&self, feature: usize) -> Value<'_>;
 }
 
+/// Many rows of raw values, for transforming a batch slot by slot
+/// ([`crate::CompiledSpec::transform_rows_masked`]).
+pub trait Rows {
+    /// Number of rows.
+    fn num_rows(&self) -> usize;
+    /// The value of feature `feature` in row `row`.
+    fn value(&self, row: usize, feature: usize) -> Value<'_>;
+}
+
+/// One [`Row`] seen as a batch of one.
+pub(crate) struct OneRow<'a, R: ?Sized>(pub &'a R);
+
+impl<R: Row + ?Sized> Rows for OneRow<'_, R> {
+    #[inline]
+    fn num_rows(&self) -> usize {
+        1
+    }
+
+    #[inline]
+    fn value(&self, _row: usize, feature: usize) -> Value<'_> {
+        self.0.value(feature)
+    }
+}
+
 impl Row for [Value<'_>] {
     fn value(&self, feature: usize) -> Value<'_> {
         self.get(feature).copied().unwrap_or(Value::Missing)

@@ -99,6 +99,25 @@ pub struct StrVocab {
     seed: u64,
 }
 
+/// Byte-slice equality without a call into libc for the short strings vocabularies hold: one or
+/// two overlapping word compares up to 16 bytes.
+#[inline]
+fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
+    match n {
+        0 => true,
+        1..=3 => a == b,
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        _ => a == b,
+    }
+}
+
 /// Errors building a [`StrVocab`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum StrVocabError {
@@ -148,6 +167,7 @@ impl StrVocab {
         Ok(vocab)
     }
 
+    #[inline]
     fn entry(&self, idx: u32) -> &[u8] {
         let idx = idx as usize;
         let start = if idx == 0 {
@@ -172,7 +192,7 @@ impl StrVocab {
             if idx == EMPTY {
                 return None;
             }
-            if key == h && self.entry(idx) == v.as_bytes() {
+            if key == h && bytes_eq(self.entry(idx), v.as_bytes()) {
                 return Some(idx);
             }
             pos = (pos + 1) & self.mask;
@@ -205,6 +225,27 @@ mod tests {
         assert_eq!(vocab.get(i64::MAX), None);
         assert_eq!(IntVocab::new(&[3, 4, 3]).unwrap_err(), 2);
         assert_eq!(IntVocab::new(&[]).unwrap().get(0), None);
+    }
+
+    #[test]
+    fn short_byte_compare_agrees_with_slice_equality() {
+        let words: Vec<Vec<u8>> = (0..=20)
+            .flat_map(|n| {
+                let base: Vec<u8> = (0..n as u8).map(|i| b'a' + i).collect();
+                let mut out = vec![base.clone()];
+                for at in 0..n {
+                    let mut w = base.clone();
+                    w[at] ^= 1;
+                    out.push(w);
+                }
+                out
+            })
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(bytes_eq(a, b), a == b, "{a:?} vs {b:?}");
+            }
+        }
     }
 
     #[test]

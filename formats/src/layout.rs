@@ -137,7 +137,7 @@ impl Header {
         }
         let meta_end = h.meta_offset.checked_add(h.meta_len);
         if h.meta_offset < HEADER_LEN as u64
-            || h.meta_offset % BLOB_ALIGN != 0
+            || !h.meta_offset.is_multiple_of(BLOB_ALIGN)
             || h.meta_len == 0
             || h.meta_len > MAX_META_LEN
             || meta_end.is_none_or(|end| end > h.file_len)

@@ -5,6 +5,7 @@
 use rankd_feature_ops::Value;
 use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
 use rankd_serving::engine::cpu::{CpuEngine, Split};
+use rankd_serving::engine::kernel::Isa;
 use rankd_serving::engine::request::DenseRequest;
 use rankd_serving::engine::{
     reference, BatchOutput, EngineError, InferenceBackend, Model, Request,
@@ -104,7 +105,7 @@ fn check(model: &Model, engine: &mut CpuEngine, reqs: &[&dyn Request]) {
 }
 
 #[test]
-fn engine_matches_reference_for_every_kind_and_split() {
+fn engine_matches_reference_for_every_kind_split_and_isa() {
     let dir = tempfile::tempdir().unwrap();
     let o = owned(64);
     for kind in [
@@ -114,8 +115,11 @@ fn engine_matches_reference_for_every_kind_and_split() {
         ModelKind::DeepFm,
     ] {
         let m = model(kind, dir.path());
-        for split in [Split::RequestLevel, Split::Off] {
-            let mut engine = CpuEngine::with_split(split);
+        let modes = [Split::RequestLevel, Split::Off]
+            .into_iter()
+            .flat_map(|s| Isa::available().into_iter().map(move |i| (s, i)));
+        for (split, isa) in modes {
+            let mut engine = CpuEngine::with_split(split).with_isa(isa);
             for (n, variant) in [(1, 0), (17, 1), (64, 2), (3, 3)] {
                 let r = request(&o, n, variant);
                 check(&m, &mut engine, &[&r]);

@@ -55,7 +55,11 @@ fn main() {
             .map(|_| Value::F64(f64::from(rng.uniform(2.0))))
             .collect();
         spec.transform_row(&row, &mut slots).unwrap();
-        labels.push(if rng.next_u64() % 4 == 0 { 1.0 } else { 0.0 });
+        labels.push(if rng.next_u64().is_multiple_of(4) {
+            1.0
+        } else {
+            0.0
+        });
     }
     let mut params = Params::init(&layout, 1, 0.25);
     let mut opt = Optimizer::new(&params, 1e-3, 0.05, 0.0);

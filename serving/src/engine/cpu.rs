@@ -17,7 +17,7 @@ use rankd_feature_ops::SlotBatch;
 use super::kernel::{self, Isa};
 use super::plan::{Plan, PlanCache};
 use super::{
-    sigmoid, BatchOutput, EngineError, FeatureSet, InferenceBackend, ItemRow, Model, Request,
+    sigmoid, BatchOutput, EngineError, FeatureSet, InferenceBackend, ItemRows, Model, Request,
     UserRow,
 };
 
@@ -126,19 +126,14 @@ impl CpuEngine {
                 continue;
             }
             let start = s.items.rows();
-            let mut failed = None;
-            for item in 0..req.num_items() {
-                let row = ItemRow { request: req, item };
-                if let Err(e) = spec.transform_row_masked(&row, Some(&plan.item_mask), &mut s.items)
-                {
-                    failed = Some(EngineError::Item { item, source: e });
-                    break;
-                }
-            }
-            if let Some(e) = failed {
-                s.items.truncate(start);
+            if let Err(e) =
+                spec.transform_rows_masked(&ItemRows(req), Some(&plan.item_mask), &mut s.items)
+            {
                 s.user.truncate(user_row);
-                out.results[base + r] = Err(e);
+                out.results[base + r] = Err(EngineError::Item {
+                    item: e.row,
+                    source: e.error,
+                });
                 continue;
             }
             s.segs.push(Seg {

@@ -121,6 +121,7 @@ impl Isa {
 ///
 /// # Panics
 /// If `a` or `c` is too short for `m` rows, or `a_rs < b.k()`.
+#[allow(clippy::too_many_arguments)]
 pub fn dense<'b>(
     isa: Isa,
     m: usize,
@@ -134,7 +135,10 @@ pub fn dense<'b>(
     if m == 0 || b.n == 0 {
         return;
     }
-    assert!(a_rs >= b.k && a.len() >= (m - 1) * a_rs + b.k, "a too short");
+    assert!(
+        a_rs >= b.k && a.len() >= (m - 1) * a_rs + b.k,
+        "a too short"
+    );
     assert!(c.len() >= m * b.n, "c too short");
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -159,7 +163,12 @@ pub fn dense<'b>(
 /// Splits the output into register blocks: for each panel, blocks of up to `max_rows` rows.
 /// `block(i0, rows, panel, p)` computes rows `i0..i0 + rows` against panel `p`.
 #[inline(always)]
-fn for_blocks(m: usize, b: &Packed, max_rows: usize, mut block: impl FnMut(usize, usize, &[Lane], usize)) {
+fn for_blocks(
+    m: usize,
+    b: &Packed,
+    max_rows: usize,
+    mut block: impl FnMut(usize, usize, &[Lane], usize),
+) {
     let k = b.k;
     for p in 0..b.n.div_ceil(NR) {
         let panel = &b.lanes[p * k..(p + 1) * k];
@@ -203,7 +212,12 @@ fn dense_generic<'b>(
         }
         let col0 = p * NR;
         let cols = NR.min(n - col0);
-        finish_row(&acc, &bias(i)[col0..col0 + cols], relu, &mut c[i * n + col0..i * n + col0 + cols]);
+        finish_row(
+            &acc,
+            &bias(i)[col0..col0 + cols],
+            relu,
+            &mut c[i * n + col0..i * n + col0 + cols],
+        );
     });
 }
 
@@ -381,7 +395,15 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn naive(m: usize, k: usize, n: usize, a: &[f32], w: &[f32], bias: &[f32], relu: bool) -> Vec<f32> {
+    fn naive(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        relu: bool,
+    ) -> Vec<f32> {
         let mut c = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -398,9 +420,21 @@ mod tests {
     #[test]
     fn every_isa_matches_a_plain_loop_on_odd_shapes() {
         for isa in Isa::available() {
-            for &(m, k, n) in &[(1, 1, 1), (5, 0, 40), (7, 5, 3), (8, 33, 32), (9, 64, 65), (23, 17, 100), (200, 40, 256)] {
-                let a: Vec<f32> = (0..m * k).map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.1).collect();
-                let w: Vec<f32> = (0..n * k).map(|i| ((i * 11) % 19) as f32 * 0.05 - 0.45).collect();
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (5, 0, 40),
+                (7, 5, 3),
+                (8, 33, 32),
+                (9, 64, 65),
+                (23, 17, 100),
+                (200, 40, 256),
+            ] {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.1)
+                    .collect();
+                let w: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 11) % 19) as f32 * 0.05 - 0.45)
+                    .collect();
                 let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.3).collect();
                 let packed = Packed::from_out_in(&w, n, k);
                 for relu in [false, true] {
@@ -427,7 +461,8 @@ mod tests {
             dense(isa, m, &a, rs, &packed, |i| &biases[i], false, &mut c);
             for i in 0..m {
                 for j in 0..n {
-                    let s: f32 = (0..k).map(|kk| a[i * rs + kk] * w[j * k + kk]).sum::<f32>() + i as f32;
+                    let s: f32 =
+                        (0..k).map(|kk| a[i * rs + kk] * w[j * k + kk]).sum::<f32>() + i as f32;
                     assert!((c[i * n + j] - s).abs() < 1e-4, "{isa:?} ({i},{j})");
                 }
             }

@@ -6,8 +6,8 @@
 //! implementation the tests compare against.
 
 pub mod cpu;
-pub mod kernel;
 pub mod json;
+pub mod kernel;
 mod plan;
 pub mod reference;
 pub mod request;
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rankd_feature_ops::CompiledSpec;
 use rankd_formats::{Activation, BlobRef, ModelFile, Pooling};
 
-pub use request::{FeatureSet, ItemRow, Request, UserRow};
+pub use request::{FeatureSet, ItemRow, ItemRows, Request, UserRow};
 
 /// Why a request could not be scored.
 #[derive(Debug, thiserror::Error)]

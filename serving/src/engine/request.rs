@@ -2,7 +2,7 @@
 //! by model feature index. Adapters over FlatBuffers bodies and JSON lines resolve feature names
 //! to indices once per request.
 
-use rankd_feature_ops::{Row, Value};
+use rankd_feature_ops::{Row, Rows, Value};
 
 /// One scoring request: one user, many items.
 pub trait Request {
@@ -77,6 +77,27 @@ impl Row for ItemRow<'_> {
     fn value(&self, feature: usize) -> Value<'_> {
         match self.request.item_value(self.item, feature) {
             Value::Missing => self.request.user_value(feature),
+            v => v,
+        }
+    }
+}
+
+/// All items of a request as a batch: each item's own value where it has one, else the
+/// request-level value.
+#[allow(missing_debug_implementations)] // holds only a `dyn Request`
+#[derive(Clone, Copy)]
+pub struct ItemRows<'a>(pub &'a dyn Request);
+
+impl Rows for ItemRows<'_> {
+    #[inline]
+    fn num_rows(&self) -> usize {
+        self.0.num_items()
+    }
+
+    #[inline]
+    fn value(&self, item: usize, feature: usize) -> Value<'_> {
+        match self.0.item_value(item, feature) {
+            Value::Missing => self.0.user_value(feature),
             v => v,
         }
     }
