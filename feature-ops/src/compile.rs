@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::hash::{hash_int, hash_str, ValueHasher};
+use crate::hash::{hash_int, hash_str, FastMod, ValueHasher};
 use crate::spec::{FeatureSpec, RawFeature, Transform, Vocabulary};
 use crate::value::{FeatureType, OneRow, Row, Rows, Value};
 use crate::vocab::{IntVocab, StrVocab, StrVocabError};
@@ -81,7 +81,7 @@ enum Op {
     },
     Combinehash {
         features: Box<[usize]>,
-        buckets: u32,
+        buckets: FastMod,
     },
     Normalize {
         feature: usize,
@@ -338,7 +338,7 @@ impl CompiledSpec {
                 deps.dedup();
                 let op = Op::Combinehash {
                     features: features.into_boxed_slice(),
-                    buckets: *buckets,
+                    buckets: FastMod::new(*buckets),
                 };
                 Ok((op, SlotKind::Ids { num_ids: n }, deps))
             }
@@ -584,6 +584,7 @@ impl CompiledSpec {
                 Op::Combinehash { features, buckets } if features.len() == 1 => {
                     // One scalar input: hash it directly, without the incremental builder.
                     let (feature, buckets) = (features[0], *buckets);
+                    let missing = buckets.divisor();
                     each_row!(|r| {
                         let h = match self.value(rows, r, feature)? {
                             Value::Int(v) => Some(hash_int(self.seed, v)),
@@ -592,8 +593,8 @@ impl CompiledSpec {
                             v => Some(self.hash_values(&[v])),
                         };
                         col.ids.push(match h {
-                            Some(h) => (h % u64::from(buckets)) as u32,
-                            None => buckets,
+                            Some(h) => buckets.rem(h),
+                            None => missing,
                         });
                         Ok(())
                     })
@@ -614,9 +615,9 @@ impl CompiledSpec {
                         }
                     }
                     let id = if missing {
-                        *buckets
+                        buckets.divisor()
                     } else {
-                        (hasher.finish() % u64::from(*buckets)) as u32
+                        buckets.rem(hasher.finish())
                     };
                     col.ids.push(id);
                     Ok(())

@@ -128,6 +128,45 @@ pub fn hash_str(seed: u64, v: &str) -> u64 {
     }
 }
 
+/// `x mod d` for a fixed divisor `d`, without a division instruction: with
+/// `c = ceil(2^128 / d)`, `x mod d = ((c * x) mod 2^128) * d / 2^128` exactly for every 64-bit
+/// `x` (Lemire, Kaser and Kurz, "Faster remainder by direct computation", 2019). The hashing
+/// transforms reduce every hash by their bucket count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastMod {
+    c: u128,
+    d: u32,
+}
+
+impl FastMod {
+    /// The reducer for divisor `d`.
+    ///
+    /// # Panics
+    /// If `d` is 0.
+    pub fn new(d: u32) -> FastMod {
+        assert!(d > 0, "modulo by zero");
+        // d = 1: c = 2^128 wraps to 0, and 0 is the right remainder.
+        let c = (u128::MAX / u128::from(d)).wrapping_add(1);
+        FastMod { c, d }
+    }
+
+    /// The divisor.
+    #[inline]
+    pub fn divisor(&self) -> u32 {
+        self.d
+    }
+
+    /// `x mod d`.
+    #[inline]
+    pub fn rem(&self, x: u64) -> u32 {
+        let low = self.c.wrapping_mul(u128::from(x));
+        let d = u128::from(self.d);
+        let lo = (low as u64 as u128) * d;
+        let hi = (low >> 64) * d;
+        ((hi + (lo >> 64)) >> 64) as u32
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +212,22 @@ mod tests {
         }
         for v in [0, -1, i64::MIN, i64::MAX, 42] {
             assert_eq!(hash_int(9, v), h(9, |h| h.int(v)));
+        }
+    }
+
+    #[test]
+    fn fast_mod_equals_the_remainder() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let divisors = [1, 2, 3, 7, 10, 100, 1000, 100_000, 999_983, 1 << 31, u32::MAX - 1, u32::MAX];
+        for &d in &divisors {
+            let f = FastMod::new(d);
+            for v in [0, 1, u64::from(d) - 1, u64::from(d), u64::MAX, u64::MAX - 1, 1 << 63] {
+                assert_eq!(u64::from(f.rem(v)), v % u64::from(d), "{v} mod {d}");
+            }
+            for _ in 0..10_000 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                assert_eq!(u64::from(f.rem(x)), x % u64::from(d), "{x} mod {d}");
+            }
         }
     }
 
