@@ -218,14 +218,37 @@ mod tests {
     #[test]
     fn fast_mod_equals_the_remainder() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let divisors = [1, 2, 3, 7, 10, 100, 1000, 100_000, 999_983, 1 << 31, u32::MAX - 1, u32::MAX];
+        let divisors = [
+            1,
+            2,
+            3,
+            7,
+            10,
+            100,
+            1000,
+            100_000,
+            999_983,
+            1 << 31,
+            u32::MAX - 1,
+            u32::MAX,
+        ];
         for &d in &divisors {
             let f = FastMod::new(d);
-            for v in [0, 1, u64::from(d) - 1, u64::from(d), u64::MAX, u64::MAX - 1, 1 << 63] {
+            for v in [
+                0,
+                1,
+                u64::from(d) - 1,
+                u64::from(d),
+                u64::MAX,
+                u64::MAX - 1,
+                1 << 63,
+            ] {
                 assert_eq!(u64::from(f.rem(v)), v % u64::from(d), "{v} mod {d}");
             }
             for _ in 0..10_000 {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 assert_eq!(u64::from(f.rem(x)), x % u64::from(d), "{x} mod {d}");
             }
         }

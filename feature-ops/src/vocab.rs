@@ -90,13 +90,27 @@ impl IntVocab {
 /// String vocabulary: value -> position, keyed by `H(v)` with the spec's seed.
 #[derive(Clone, Debug)]
 pub struct StrVocab {
-    /// `(H(v), index)`; `index == EMPTY` marks a free entry.
-    table: Box<[(u64, u32)]>,
+    /// `(H(v), index, start)`; `index == EMPTY` marks a free entry. `start` is where the string
+    /// is stored in `bytes`, so a lookup reads the table entry and then one place in `bytes`.
+    table: Box<[(u64, u32, u32)]>,
     mask: usize,
-    /// All strings back to back; string `i` is `bytes[ends[i-1]..ends[i]]`.
+    /// All strings, each prefixed by its length: one byte below 255, else 255 and 4 bytes LE.
     bytes: Box<[u8]>,
-    ends: Box<[u32]>,
+    len: usize,
     seed: u64,
+}
+
+/// The length-prefixed string stored at `start`.
+#[inline]
+fn stored(bytes: &[u8], start: u32) -> &[u8] {
+    let s = start as usize;
+    match bytes[s] {
+        255 => {
+            let n = u32::from_le_bytes(bytes[s + 1..s + 5].try_into().expect("4 bytes")) as usize;
+            &bytes[s + 5..s + 5 + n]
+        }
+        n => &bytes[s + 1..s + 1 + n as usize],
+    }
 }
 
 /// Byte-slice equality without a call into libc for the short strings vocabularies hold: one or
@@ -130,52 +144,48 @@ pub enum StrVocabError {
 impl StrVocab {
     /// Builds the table.
     pub fn new<S: AsRef<str>>(values: &[S], seed: u64) -> Result<Self, StrVocabError> {
-        let total: usize = values.iter().map(|s| s.as_ref().len()).sum();
+        let total: usize = values
+            .iter()
+            .map(|s| s.as_ref().len() + if s.as_ref().len() < 255 { 1 } else { 5 })
+            .sum();
         if u32::try_from(total).is_err() {
             return Err(StrVocabError::TooLarge);
         }
-        let mut bytes = String::with_capacity(total);
-        let mut ends = Vec::with_capacity(values.len());
-        for v in values {
-            bytes.push_str(v.as_ref());
-            ends.push(bytes.len() as u32);
-        }
         let cap = capacity_for(values.len());
         let mut vocab = StrVocab {
-            table: vec![(0u64, EMPTY); cap].into_boxed_slice(),
+            table: vec![(0u64, EMPTY, 0u32); cap].into_boxed_slice(),
             mask: cap - 1,
-            bytes: bytes.into_bytes().into_boxed_slice(),
-            ends: ends.into_boxed_slice(),
+            bytes: Box::default(),
+            len: values.len(),
             seed,
         };
+        let mut bytes = Vec::with_capacity(total);
         for (idx, v) in values.iter().enumerate() {
             let v = v.as_ref();
+            let start = bytes.len() as u32;
+            if v.len() < 255 {
+                bytes.push(v.len() as u8);
+            } else {
+                bytes.push(255);
+                bytes.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            }
+            bytes.extend_from_slice(v.as_bytes());
             let h = hash_str(seed, v);
             let mut pos = h as usize & vocab.mask;
             loop {
-                let (key, other) = vocab.table[pos];
+                let (key, other, other_start) = vocab.table[pos];
                 if other == EMPTY {
-                    vocab.table[pos] = (h, idx as u32);
+                    vocab.table[pos] = (h, idx as u32, start);
                     break;
                 }
-                if key == h && vocab.entry(other) == v.as_bytes() {
+                if key == h && stored(&bytes, other_start) == v.as_bytes() {
                     return Err(StrVocabError::Duplicate(idx));
                 }
                 pos = (pos + 1) & vocab.mask;
             }
         }
+        vocab.bytes = bytes.into_boxed_slice();
         Ok(vocab)
-    }
-
-    #[inline]
-    fn entry(&self, idx: u32) -> &[u8] {
-        let idx = idx as usize;
-        let start = if idx == 0 {
-            0
-        } else {
-            self.ends[idx - 1] as usize
-        };
-        &self.bytes[start..self.ends[idx] as usize]
     }
 
     /// The seed the table was keyed with.
@@ -188,11 +198,11 @@ impl StrVocab {
     pub fn get_hashed(&self, v: &str, h: u64) -> Option<u32> {
         let mut pos = h as usize & self.mask;
         loop {
-            let (key, idx) = self.table[pos];
+            let (key, idx, start) = self.table[pos];
             if idx == EMPTY {
                 return None;
             }
-            if key == h && bytes_eq(self.entry(idx), v.as_bytes()) {
+            if key == h && bytes_eq(stored(&self.bytes, start), v.as_bytes()) {
                 return Some(idx);
             }
             pos = (pos + 1) & self.mask;
@@ -201,12 +211,12 @@ impl StrVocab {
 
     /// Number of entries.
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.len
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.len == 0
     }
 }
 
@@ -260,6 +270,29 @@ mod tests {
         assert_eq!(
             StrVocab::new(&["a", "b", "a"], 0).unwrap_err(),
             StrVocabError::Duplicate(2)
+        );
+        // Empty strings and lengths around the one-byte length prefix's limit.
+        let values: Vec<String> = [0usize, 1, 254, 255, 256, 1000]
+            .iter()
+            .map(|&n| "x".repeat(n))
+            .chain(["y".repeat(255)])
+            .collect();
+        let vocab = StrVocab::new(&values, 1).unwrap();
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(
+                vocab.get_hashed(v, hash_str(1, v)),
+                Some(i as u32),
+                "len {}",
+                v.len()
+            );
+        }
+        let other = "x".repeat(257);
+        assert_eq!(vocab.get_hashed(&other, hash_str(1, &other)), None);
+        let mut dup = values.clone();
+        dup.push("x".repeat(1000));
+        assert_eq!(
+            StrVocab::new(&dup, 1).unwrap_err(),
+            StrVocabError::Duplicate(7)
         );
     }
 }
