@@ -111,6 +111,42 @@ impl CpuEngine {
         out: &mut BatchOutput,
         base: usize,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            // SAFETY: `Isa::Avx512` is only ever set where the CPU has AVX-512F (`Isa::detect`,
+            // or a caller of `with_isa` who checked `Isa::available`; `kernel::dense` asserts it).
+            unsafe { self.score_group_avx512(model, plan, requests, group, out, base) };
+            return;
+        }
+        self.score_group_impl(model, plan, requests, group, out, base);
+    }
+
+    /// [`Self::score_group_impl`] compiled for AVX-512: the gathers, pooling and wide sums in
+    /// 16-wide vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn score_group_avx512(
+        &mut self,
+        model: &Model,
+        plan: &Plan,
+        requests: &[&dyn Request],
+        group: std::ops::Range<usize>,
+        out: &mut BatchOutput,
+        base: usize,
+    ) {
+        self.score_group_impl(model, plan, requests, group, out, base);
+    }
+
+    #[inline(always)]
+    fn score_group_impl(
+        &mut self,
+        model: &Model,
+        plan: &Plan,
+        requests: &[&dyn Request],
+        group: std::ops::Range<usize>,
+        out: &mut BatchOutput,
+        base: usize,
+    ) {
         let s = &mut self.s;
         let spec = model.features();
         s.user.clear();
