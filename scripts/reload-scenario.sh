@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # The hot-reload proof (docs/hot-reload.md): under constant load at about half of the maximum
 # rate on the feed benchmark model, deploy 20 new versions one after another (and one corrupt
-# file in the middle), and report failed requests, p99 against a run without reloads, the time
-# from rename to the first response of each new version, and the daemon's resident memory.
+# file in the middle), and report failed requests, p99 during the reloads against p99 of the
+# same run without reloads, the time from rename to the first response of each new version, and
+# the daemon's resident memory.
 #   scripts/reload-scenario.sh [OUT_DIR]
 # rankd's worker runs on CPU 0 (one core), the load generator and the deploys on CPU 1.
+#
+# One load run of 92 s with a deploy every 4 s: each deploy's window (from the start of the copy
+# to 1 s after the new version's first response, or 1 s after the corrupt drop) is "during
+# reloads"; the rest of the run after its first 2 s is "without reloads". Interleaving the two
+# in one run keeps the machine's drift (other tenants of a shared host) out of the ratio.
+# RENAME_ONLY=1: the copies are made before the run and each deploy is only the rename (to tell
+# the daemon's share of a deploy's cost from the copy's). rankd-load's --latency-log gives every
+# request's intended send time and latency, aligned with deploys.txt for a closer look.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-$(mktemp -d)}"
@@ -37,6 +46,9 @@ for _ in $(seq 100); do
   grep -q "serving on" "$out/rankd.log" 2>/dev/null && break
   sleep 0.1
 done
+if [ "${RENAME_ONLY:-0}" = 1 ]; then  # experiment: copies made before the run, only renames in it
+  for v in $(seq 2 21); do mkdir -p "$root/feed/.pre-$v"; cp "$work/v$v.rkm" "$root/feed/.pre-$v/model.rkm"; done; sync
+fi
 load=( "$bin/rankd-load" --addr 127.0.0.1:7590 --model feed --model-file "$work/v1.rkm" --items 200 --connections 4 --json )
 
 echo "finding the maximum rate (p99 <= 20 ms)..." >&2
@@ -45,31 +57,43 @@ max=$(tail -1 "$out/max.txt" | python3 -c 'import json,sys; print(json.load(sys.
 rate=$(python3 -c "print(round($max / 2))")
 echo "max rate $max req/s; running at $rate req/s" >&2
 
-echo "baseline: 20 s without reloads..." >&2
-taskset -c 1 "${load[@]}" --rate "$rate" --duration 20 > "$out/baseline.txt" 2>/dev/null
-
-echo "reload run: 20 deploys under load..." >&2
-( while kill -0 "$rankd_pid" 2>/dev/null; do
-    echo "$(date +%s%3N) $(awk '/VmRSS/ {print $2}' /proc/$rankd_pid/status)"
-    sleep 0.1
-  done ) > "$out/rss.txt" &
+echo "one run: 20 deploys, one every 4 s, under load..." >&2
+# The sampler forks nothing (bash builtins only) and stays on CPU 1 beside the load generator.
+taskset -c 1 bash -c '
+  while [ -e /proc/'"$rankd_pid"' ]; do
+    while read -r k v _; do [ "$k" = VmRSS: ] && echo "${EPOCHREALTIME/./} $v"; done \
+      < /proc/'"$rankd_pid"'/status
+    read -r -t 0.1 <> <(:) || true
+  done' | awk '{ printf "%.0f %s\n", $1 / 1000, $2; fflush() }' > "$out/rss.txt" &
 rss_pid=$!
-taskset -c 1 "${load[@]}" --rate "$rate" --duration 50 > "$out/reload.txt" 2>/dev/null &
+taskset -c 1 "${load[@]}" --rate "$rate" --duration 92 --latency-log "$out/latency.txt" \
+  > "$out/reload.txt" 2>/dev/null &
 load_pid=$!
-sleep 4
+sleep 6
 : > "$out/deploys.txt"
+# The deploy loop and every command in it run on CPU 1 too (nothing forks onto the serving core).
+export bin root work out
+taskset -c 1 bash -c '
+now() { local t=${EPOCHREALTIME/./}; echo $(( t / 1000 )); }
 for v in $(seq 2 21); do
+  start=$(now)
   if [ "$v" = 11 ]; then
     mkdir -p "$root/feed/.tmp-11"
     cp "$work/corrupt.rkm" "$root/feed/.tmp-11/model.rkm"
     mv "$root/feed/.tmp-11" "$root/feed/11"
-    echo "11 $(date +%s%3N) corrupt" >> "$out/deploys.txt"
+    echo "11 $start $(now) corrupt" >> "$out/deploys.txt"
   else
-    ms=$(taskset -c 1 chrt -i 0 "$bin/rankd-tool" deploy "$work/v$v.rkm" --root "$root" | sed 's/.*renamed_at_ms=//')
-    echo "$v $ms ok" >> "$out/deploys.txt"
+    if [ "${RENAME_ONLY:-0}" = 1 ]; then
+      mv "$root/feed/.pre-$v" "$root/feed/$v"; ms=$(now)
+    else
+      ms=$(chrt -i 0 "$bin/rankd-tool" deploy "$work/v$v.rkm" --root "$root" | sed "s/.*renamed_at_ms=//")
+    fi
+    echo "$v $start $ms ok" >> "$out/deploys.txt"
   fi
-  sleep 2
-done
+  left=$(( 4000 - ($(now) - start) ))
+  [ "$left" -gt 100 ] || left=100
+  read -r -t "$(printf "%d.%03d" $((left / 1000)) $((left % 1000)))" <> <(:) || true
+done'
 wait "$load_pid"
 sleep 1
 kill "$rss_pid" 2>/dev/null || true
@@ -80,15 +104,30 @@ wait "$rankd_pid" || true
 python3 - "$out" "$(stat -c %s "$work/v2.rkm")" <<'PY'
 import json, sys
 out, size = sys.argv[1], int(sys.argv[2])
-last = lambda f: json.loads(open(f"{out}/{f}").read().strip().splitlines()[-1])
-base, rel = last("baseline.txt"), last("reload.txt")
+rel = json.loads(open(f"{out}/reload.txt").read().strip().splitlines()[-1])
 deploys = [l.split() for l in open(f"{out}/deploys.txt")]
 first = {int(k): v for k, v in rel["first_seen_ms"].items()}
-delays = [first[int(v)] - int(ms) for v, ms, kind in deploys if kind == "ok" and int(v) in first]
-missing = [v for v, ms, kind in deploys if kind == "ok" and int(v) not in first]
+delays = [first[int(v)] - int(ms) for v, st, ms, kind in deploys if kind == "ok" and int(v) in first]
+missing = [v for v, st, ms, kind in deploys if kind == "ok" and int(v) not in first]
+# Windows "during reloads", in microseconds since the epoch.
+windows = []
+for v, st, ms, kind in deploys:
+    end = (first.get(int(v), int(ms)) if kind == "ok" else int(ms)) + 1000
+    windows.append((int(st) * 1000, end * 1000))
+samples = [l.split() for l in open(f"{out}/latency.txt")]
+t0 = int(samples[0][0]) + 2_000_000
+during, without = [], []
+for t, lat, ver in samples:
+    t, lat = int(t), int(lat)
+    if t < t0:
+        continue
+    (during if any(a <= t < b for a, b in windows) else without).append(lat)
+def q(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
 rss = [(int(t), int(k)) for t, k in (l.split() for l in open(f"{out}/rss.txt")) if k.isdigit()]
-t0 = int(deploys[0][1])
-before = [k for t, k in rss if t < t0]
+d0 = int(deploys[0][1])
+before = [k for t, k in rss if t < d0]
 base_rss = max(before) if before else rss[0][1]
 peak = max(k for _, k in rss)
 end_rss = rss[-1][1]
@@ -96,11 +135,17 @@ summary = {
     "rate": rel["rate"],
     "failed_requests": rel["errors"],
     "errors_by_code": rel["errors_by_code"],
-    "p99_us_baseline": base["p99_us"],
-    "p99_us_during_reloads": rel["p99_us"],
-    "p99_ratio": rel["p99_us"] / max(base["p99_us"], 1),
-    "p999_us_baseline": base["p999_us"],
-    "p999_us_during_reloads": rel["p999_us"],
+    "requests_during_reloads": len(during),
+    "requests_without_reloads": len(without),
+    "seconds_during_reloads": round(sum(b - a for a, b in windows) / 1e6, 1),
+    "p99_us_without_reloads": q(without, 0.99),
+    "p99_us_during_reloads": q(during, 0.99),
+    "p99_ratio": round(q(during, 0.99) / max(q(without, 0.99), 1), 3),
+    "p50_us_without_reloads": q(without, 0.5),
+    "p50_us_during_reloads": q(during, 0.5),
+    "p999_us_without_reloads": q(without, 0.999),
+    "p999_us_during_reloads": q(during, 0.999),
+    "p99_us_whole_run": rel["p99_us"],
     "rename_to_first_response_ms": {"max": max(delays) if delays else None, "median": sorted(delays)[len(delays)//2] if delays else None, "all": delays},
     "versions_never_served": missing,
     "corrupt_version_served": "11" in rel["versions"],

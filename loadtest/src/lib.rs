@@ -43,6 +43,19 @@ pub struct RunOptions {
     pub arrivals: Arrivals,
     /// Print a progress line per second to stderr.
     pub progress: bool,
+    /// Keep every response's latency in [`Report::samples`] (for logs aligned with events).
+    pub keep_samples: bool,
+}
+
+/// One answered (or failed) request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// Intended send time, microseconds since the Unix epoch.
+    pub intended_unix_us: u64,
+    /// Latency from the intended send time, microseconds.
+    pub latency_us: u64,
+    /// The version that answered; `None` for an error.
+    pub version: Option<u64>,
 }
 
 /// What a run measured.
@@ -64,6 +77,8 @@ pub struct Report {
     pub achieved_rate: f64,
     /// Requests sent.
     pub sent: u64,
+    /// Every response in order of intended send time, when [`RunOptions::keep_samples`].
+    pub samples: Vec<Sample>,
 }
 
 impl Report {
@@ -133,6 +148,11 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
     let second = Arc::new(Mutex::new(new_hist()));
     let answered = Arc::new(AtomicU64::new(0));
     let base = Instant::now() + Duration::from_millis(20);
+    let base_unix_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+        + 20_000;
+    let keep = opts.keep_samples;
     let mut writers = Vec::new();
     let mut readers = Vec::new();
     for _ in 0..opts.connections.max(1) {
@@ -149,6 +169,7 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
         );
         readers.push(std::thread::spawn(move || {
             let mut hist = new_hist();
+            let mut samples = Vec::new();
             while let Ok(resp) = read_response(&mut r) {
                 let now = base.elapsed().as_nanos() as u64;
                 let sent = intended
@@ -156,7 +177,15 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
                     .map_or(now, |a| a.load(Ordering::Relaxed));
                 let us = (now.saturating_sub(sent) / 1000).max(1);
                 answered.fetch_add(1, Ordering::Relaxed);
-                match resp.into_score() {
+                let result = resp.into_score();
+                if keep {
+                    samples.push(Sample {
+                        intended_unix_us: base_unix_us + sent / 1000,
+                        latency_us: us,
+                        version: result.as_ref().ok().map(|r| r.version),
+                    });
+                }
+                match result {
                     Ok(res) => {
                         let _ = hist.record(us);
                         let _ = second.lock().unwrap_or_else(|e| e.into_inner()).record(us);
@@ -180,7 +209,7 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
                     }
                 }
             }
-            hist
+            (hist, samples)
         }));
     }
     // The sender: one thread, intended times computed up front of each send.
@@ -245,11 +274,14 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
         let _ = w.shutdown(std::net::Shutdown::Both);
     }
     let mut latency = new_hist();
+    let mut samples = Vec::new();
     for r in readers {
-        if let Ok(h) = r.join() {
+        if let Ok((h, s)) = r.join() {
             let _ = latency.add(&h);
+            samples.extend(s);
         }
     }
+    samples.sort_by_key(|s| s.intended_unix_us);
     let t = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
     let mut errors_by_code = t.errors;
     let unanswered = sent.saturating_sub(answered.load(Ordering::Relaxed));
@@ -266,6 +298,7 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
         latency,
         achieved_rate: t.ok as f64 / elapsed.max(1e-9),
         sent,
+        samples,
     })
 }
 
@@ -282,6 +315,7 @@ pub fn find_max_rate(
             rate,
             duration: trial_secs,
             progress: false,
+            keep_samples: false,
             ..opts.clone()
         };
         run(&o, bodies)

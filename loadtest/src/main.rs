@@ -56,6 +56,10 @@ struct Cli {
     /// End with one JSON object on the last line of standard output.
     #[arg(long)]
     json: bool,
+    /// Write every response to this file, one line each in order of intended send time:
+    /// `INTENDED_UNIX_US LATENCY_US VERSION` (`error` for a failed request).
+    #[arg(long)]
+    latency_log: Option<PathBuf>,
 }
 
 fn bodies(cli: &Cli) -> Result<Vec<Vec<u8>>> {
@@ -115,6 +119,7 @@ fn main_inner(cli: Cli) -> Result<()> {
             Arrivals::Constant
         },
         progress: true,
+        keep_samples: cli.latency_log.is_some(),
     };
     if let Some(bound) = cli.find_max_rate {
         let (rate, report) = find_max_rate(&opts, &bodies, bound, cli.trial_duration)?;
@@ -132,10 +137,27 @@ fn main_inner(cli: Cli) -> Result<()> {
         return Ok(());
     }
     let report = run(&opts, &bodies)?;
+    if let Some(path) = &cli.latency_log {
+        write_latency_log(path, &report.samples)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     println!("{}", report.text());
     if cli.json {
         println!("{}", report.json());
     }
+    Ok(())
+}
+
+fn write_latency_log(path: &std::path::Path, samples: &[rankd_loadtest::Sample]) -> Result<()> {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for s in samples {
+        match s.version {
+            Some(v) => writeln!(w, "{} {} {v}", s.intended_unix_us, s.latency_us)?,
+            None => writeln!(w, "{} {} error", s.intended_unix_us, s.latency_us)?,
+        }
+    }
+    w.flush()?;
     Ok(())
 }
 

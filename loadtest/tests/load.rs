@@ -52,6 +52,7 @@ fn synthesized_requests_are_valid_and_the_rate_is_reached() {
                 connections: 3,
                 arrivals,
                 progress: false,
+                keep_samples: true,
             },
             &bodies,
         )
@@ -59,6 +60,15 @@ fn synthesized_requests_are_valid_and_the_rate_is_reached() {
         assert_eq!(report.errors, 0, "{:?}", report.errors_by_code);
         assert_eq!(report.ok, report.sent);
         assert_eq!(report.sent, 400);
+        // One sample per response, in order of intended send time, spread over the second.
+        assert_eq!(report.samples.len(), 400);
+        assert!(report
+            .samples
+            .windows(2)
+            .all(|w| w[0].intended_unix_us <= w[1].intended_unix_us));
+        let span = report.samples[399].intended_unix_us - report.samples[0].intended_unix_us;
+        assert!((900_000..1_100_000).contains(&span), "span {span} us");
+        assert!(report.samples.iter().all(|s| s.version == Some(3)));
         assert_eq!(report.versions.get(&3), Some(&400));
         assert!(report.achieved_rate > 250.0, "{}", report.achieved_rate);
         assert!(report.latency.value_at_quantile(0.5) > 0);
@@ -86,6 +96,8 @@ fn the_binary_ends_with_a_json_summary() {
             "--connections",
             "2",
             "--json",
+            "--latency-log",
+            root.path().join("lat.txt").to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -94,6 +106,18 @@ fn the_binary_ends_with_a_json_summary() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let log = std::fs::read_to_string(root.path().join("lat.txt")).unwrap();
+    assert_eq!(log.lines().count(), 200);
+    for line in log.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(f.len(), 3, "{line}");
+        assert!(
+            f[0].parse::<u64>().unwrap() > 1_700_000_000_000_000,
+            "{line}"
+        );
+        assert!(f[1].parse::<u64>().unwrap() > 0, "{line}");
+        assert_eq!(f[2], "3", "{line}");
+    }
     let stdout = String::from_utf8(out.stdout).unwrap();
     let last = stdout.lines().last().unwrap();
     let v: serde_json::Value = serde_json::from_str(last).unwrap();

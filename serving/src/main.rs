@@ -134,7 +134,24 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Keeps glibc's allocator from changing the address space in steady state: every `mmap`,
+/// `munmap`, `brk` or arena `mprotect` takes the process's memory-map lock for writing, and a
+/// serving thread that needs that lock while the reload thread populates a new model's mapping
+/// (or unmaps an old one) stalls for milliseconds. Allocations up to 256 MiB come from the
+/// arenas, arenas grow 64 MiB at a time, and freed memory is kept rather than returned.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
+    // exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
