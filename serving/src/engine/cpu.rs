@@ -383,8 +383,9 @@ fn upper_layers(
         let b = model.weights(l.bias);
         if i == last {
             // The output layer is one wide (validated): a dot product per row.
-            for (row, logit) in logits.iter_mut().enumerate().take(rows) {
-                let v = dot(&h[row * width..(row + 1) * width], w) + b[0];
+            kernel::dot_rows(isa, h, width, w, &mut logits[..rows]);
+            for logit in &mut logits[..rows] {
+                let v = *logit + b[0];
                 *logit = if l.relu { v.max(0.0) } else { v };
             }
             return;
@@ -464,23 +465,6 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let the compiler vectorize without reassociating.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8 * 8;
-    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
 }
 
 /// `dst[m][n] = lhs[m][k] · rhs[k][n]` (or `+=` when `accumulate`), with `dst` row-major (row stride `n`), `lhs` row-major
@@ -580,16 +564,6 @@ mod tests {
         matmul(m, n, k, &mut dst, &lhs, k, &wt, n as isize, 1, true);
         for (a, b) in dst.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
-        }
-    }
-
-    #[test]
-    fn dot_handles_tails() {
-        for n in [0, 1, 7, 8, 9, 33] {
-            let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
-            let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.5).collect();
-            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-            assert!((dot(&a, &b) - want).abs() < 1e-3);
         }
     }
 }

@@ -160,6 +160,49 @@ pub fn dense<'b>(
     }
 }
 
+/// `out[i] = Σ_kk a[i * a_rs + kk] · w[kk]` for `i < out.len()`: a one-wide layer (the output
+/// layer of a ranking MLP) without bias or activation.
+///
+/// # Panics
+/// If `a` is too short for `out.len()` rows of `w.len()` values with stride `a_rs`.
+pub fn dot_rows(isa: Isa, a: &[f32], a_rs: usize, w: &[f32], out: &mut [f32]) {
+    let (m, k) = (out.len(), w.len());
+    if m == 0 {
+        return;
+    }
+    assert!(a_rs >= k && a.len() >= (m - 1) * a_rs + k, "a too short");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(std::arch::is_x86_feature_detected!("avx512f"));
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            unsafe { x86::dot_rows_avx512(a, a_rs, w, out) }
+        }
+        _ => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = dot(&a[i * a_rs..i * a_rs + k], w);
+            }
+        }
+    }
+}
+
+/// A dot product with eight independent partial sums (vectorizable without reassociation).
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
 /// Splits the output into register blocks: for each panel, blocks of up to `max_rows` rows.
 /// `block(i0, rows, panel, p)` computes rows `i0..i0 + rows` against panel `p`.
 #[inline(always)]
@@ -325,6 +368,39 @@ mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn dot_rows_avx512(a: &[f32], a_rs: usize, w: &[f32], out: &mut [f32]) {
+        let k = w.len();
+        let full = k / 16 * 16;
+        // Lanes of the last, partial vector.
+        let tail: __mmask16 = ((1u32 << (k - full)) - 1) as __mmask16;
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = &a[i * a_rs..i * a_rs + k];
+            let mut acc = _mm512_setzero_ps();
+            for kk in (0..full).step_by(16) {
+                // SAFETY: `kk + 16 <= full <= k`: both loads lie inside `row` and `w`.
+                unsafe {
+                    acc = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(row.as_ptr().add(kk)),
+                        _mm512_loadu_ps(w.as_ptr().add(kk)),
+                        acc,
+                    );
+                }
+            }
+            if full < k {
+                // SAFETY: masked loads read only the `k - full` lanes inside `row` and `w`.
+                unsafe {
+                    acc = _mm512_fmadd_ps(
+                        _mm512_maskz_loadu_ps(tail, row.as_ptr().add(full)),
+                        _mm512_maskz_loadu_ps(tail, w.as_ptr().add(full)),
+                        acc,
+                    );
+                }
+            }
+            *o = _mm512_reduce_add_ps(acc);
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dense_avx2<'b>(
         m: usize,
@@ -444,6 +520,30 @@ mod tests {
                     for (x, y) in c.iter().zip(&want) {
                         assert!((x - y).abs() < 1e-4, "{isa:?} {m}x{k}x{n}: {x} vs {y}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_rows_matches_a_plain_loop() {
+        for isa in Isa::available() {
+            for &(m, k, rs) in &[
+                (1, 1, 1),
+                (3, 15, 20),
+                (5, 16, 16),
+                (7, 33, 40),
+                (200, 128, 128),
+            ] {
+                let a: Vec<f32> = (0..m * rs)
+                    .map(|i| ((i * 13) % 17) as f32 * 0.1 - 0.8)
+                    .collect();
+                let w: Vec<f32> = (0..k).map(|i| (i % 7) as f32 * 0.3 - 0.9).collect();
+                let mut out = vec![f32::NAN; m];
+                dot_rows(isa, &a, rs, &w, &mut out);
+                for (i, o) in out.iter().enumerate() {
+                    let want: f32 = (0..k).map(|kk| a[i * rs + kk] * w[kk]).sum();
+                    assert!((o - want).abs() < 1e-4, "{isa:?} {m}x{k}: {o} vs {want}");
                 }
             }
         }
