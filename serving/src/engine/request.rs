@@ -14,6 +14,15 @@ pub trait Request {
     fn item_value(&self, item: usize, feature: usize) -> Value<'_>;
     /// Adds to `set` every model feature that at least one item carries.
     fn item_features(&self, set: &mut FeatureSet);
+    /// The value item `item` sees for `feature`: its own, else the request-level one. One call
+    /// instead of two on the engines' hottest path; override it where that saves work.
+    #[inline]
+    fn resolved_value(&self, item: usize, feature: usize) -> Value<'_> {
+        match self.item_value(item, feature) {
+            Value::Missing => self.user_value(feature),
+            v => v,
+        }
+    }
 }
 
 /// A set of feature indices (a bitset); the key of the engines' plan caches.
@@ -75,10 +84,7 @@ pub struct ItemRow<'a> {
 impl Row for ItemRow<'_> {
     #[inline]
     fn value(&self, feature: usize) -> Value<'_> {
-        match self.request.item_value(self.item, feature) {
-            Value::Missing => self.request.user_value(feature),
-            v => v,
-        }
+        self.request.resolved_value(self.item, feature)
     }
 }
 
@@ -96,10 +102,7 @@ impl Rows for ItemRows<'_> {
 
     #[inline]
     fn value(&self, item: usize, feature: usize) -> Value<'_> {
-        match self.0.item_value(item, feature) {
-            Value::Missing => self.0.user_value(feature),
-            v => v,
-        }
+        self.0.resolved_value(item, feature)
     }
 }
 
@@ -136,6 +139,14 @@ impl Request for DenseRequest<'_> {
 
     fn item_value(&self, item: usize, feature: usize) -> Value<'_> {
         self.items[item].get(feature).copied().unwrap_or_default()
+    }
+
+    #[inline]
+    fn resolved_value(&self, item: usize, feature: usize) -> Value<'_> {
+        match self.items[item].get(feature) {
+            Some(Value::Missing) | None => self.user_value(feature),
+            Some(v) => *v,
+        }
     }
 
     fn item_features(&self, set: &mut FeatureSet) {
