@@ -667,6 +667,7 @@ impl CompiledSpec {
 }
 
 /// `normalize`: computed in f64, rounded to f32 once at the end.
+#[inline]
 fn normalize(x: Option<f64>, mean: f64, std: f64, clip: Option<f64>, log1p: bool) -> f32 {
     let Some(mut x) = x.filter(|x| !x.is_nan()) else {
         return 0.0;

@@ -444,6 +444,12 @@ fn grow(v: &mut Vec<f32>, n: usize) {
 /// Sum (or mean) of the rows `ids` of `table` into `dst`.
 #[inline]
 fn pool(table: &[f32], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
+    if let [id] = ids {
+        // One id (the common case): a copy, with no zeroing and no read of `dst`.
+        let start = *id as usize * dim;
+        dst.copy_from_slice(&table[start..start + dim]);
+        return;
+    }
     dst.fill(0.0);
     for &id in ids {
         let start = id as usize * dim;
