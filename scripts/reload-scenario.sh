@@ -11,6 +11,8 @@
 # to 1 s after the new version's first response, or 1 s after the corrupt drop) is "during
 # reloads"; the rest of the run after its first 2 s is "without reloads". Interleaving the two
 # in one run keeps the machine's drift (other tenants of a shared host) out of the ratio.
+# RATE=R: run at R requests/s instead of half the measured maximum. VERIFY_MIBS: the daemon's
+# reload_verify_mib_per_sec (default 0 = unpaced).
 # RENAME_ONLY=1: the copies are made before the run and each deploy is only the rename (to tell
 # the daemon's share of a deploy's cost from the copy's). rankd-load's --latency-log gives every
 # request's intended send time and latency, aligned with deploys.txt for a closer look.
@@ -35,6 +37,7 @@ head -c 50000000 "$work/v11.rkm" > "$work/corrupt.rkm"
 
 cat > "$work/rankd.toml" <<TOML
 rescan_interval_ms = 1000
+reload_verify_mib_per_sec = ${VERIFY_MIBS:-0}
 [model.feed]
 versions = "latest"
 TOML
@@ -51,11 +54,16 @@ if [ "${RENAME_ONLY:-0}" = 1 ]; then  # experiment: copies made before the run, 
 fi
 load=( "$bin/rankd-load" --addr 127.0.0.1:7590 --model feed --model-file "$work/v1.rkm" --items 200 --connections 4 --json )
 
-echo "finding the maximum rate (p99 <= 20 ms)..." >&2
-taskset -c 1 "${load[@]}" --find-max-rate 20000 --rate 400 --trial-duration 2 > "$out/max.txt" 2>/dev/null
-max=$(tail -1 "$out/max.txt" | python3 -c 'import json,sys; print(json.load(sys.stdin)["max_rate"])')
-rate=$(python3 -c "print(round($max / 2))")
-echo "max rate $max req/s; running at $rate req/s" >&2
+if [ -n "${RATE:-}" ]; then
+  rate=$RATE
+  echo "running at the given rate, $rate req/s" >&2
+else
+  echo "finding the maximum rate (p99 <= 20 ms)..." >&2
+  taskset -c 1 "${load[@]}" --find-max-rate 20000 --rate 400 --trial-duration 2 > "$out/max.txt" 2>/dev/null
+  max=$(tail -1 "$out/max.txt" | python3 -c 'import json,sys; print(json.load(sys.stdin)["max_rate"])')
+  rate=$(python3 -c "print(round($max / 2))")
+  echo "max rate $max req/s; running at $rate req/s" >&2
+fi
 
 echo "one run: 20 deploys, one every 4 s, under load..." >&2
 # The sampler forks nothing (bash builtins only) and stays on CPU 1 beside the load generator.

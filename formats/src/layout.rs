@@ -193,6 +193,28 @@ pub fn body_checksum(file: &[u8], chunk_log2: u32, threads: usize) -> u64 {
     xxh3_64(&cat)
 }
 
+/// Like [`body_checksum`] on the caller's thread, reading at most `bytes_per_sec` on average:
+/// after each chunk it sleeps while it is ahead of that pace. A daemon verifying a new version
+/// in the background spreads the file's pass through the shared caches and memory over time
+/// instead of bursting it beside the cores that serve requests.
+pub fn body_checksum_paced(file: &[u8], chunk_log2: u32, bytes_per_sec: u64) -> u64 {
+    let body = file.get(HEADER_LEN..).unwrap_or(&[]);
+    let chunk = 1usize << chunk_log2.min(usize::BITS - 2);
+    let start = std::time::Instant::now();
+    let mut done = 0u64;
+    let mut cat = Vec::with_capacity(body.len().div_ceil(chunk) * 8);
+    for c in body.chunks(chunk) {
+        cat.extend_from_slice(&xxh3_64(c).to_le_bytes());
+        done += c.len() as u64;
+        let due = std::time::Duration::from_secs_f64(done as f64 / bytes_per_sec.max(1) as f64);
+        let now = start.elapsed();
+        if due > now + std::time::Duration::from_millis(1) {
+            std::thread::sleep(due - now);
+        }
+    }
+    xxh3_64(&cat)
+}
+
 /// The number of threads checksum verification uses by default.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -216,6 +238,21 @@ mod tests {
             meta_len: 100,
             body_checksum: 7,
         }
+    }
+
+    #[test]
+    fn paced_checksum_equals_the_parallel_one_and_keeps_its_pace() {
+        let file: Vec<u8> = (0..(3 << 20) + 777).map(|i| (i * 31 % 251) as u8).collect();
+        let want = body_checksum(&file, 16, 2);
+        assert_eq!(body_checksum(&file, 16, 1), want);
+        let start = std::time::Instant::now();
+        // 3 MiB at 32 MiB/s: at least ~94 ms.
+        assert_eq!(body_checksum_paced(&file, 16, 32 << 20), want);
+        assert!(
+            start.elapsed() >= std::time::Duration::from_millis(85),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]

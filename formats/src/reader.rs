@@ -9,7 +9,7 @@ use rankd_feature_ops::CompiledSpec;
 
 use crate::error::{FormatError, Result};
 use crate::gen::rankd::fb;
-use crate::layout::{body_checksum, default_threads, Header, HEADER_LEN};
+use crate::layout::{body_checksum, body_checksum_paced, default_threads, Header, HEADER_LEN};
 use crate::spec::{BlobRef, ModelSpec};
 use crate::{fbconv, validate};
 
@@ -45,15 +45,37 @@ fn verifier_options() -> flatbuffers::VerifierOptions {
 
 /// Checks a whole model file held in memory: everything [`ModelFile::open`] checks.
 pub fn parse(bytes: &[u8]) -> Result<Parsed> {
-    parse_inner(bytes, Some(default_threads()))
+    parse_inner(bytes, Some(Verify::threads(default_threads())))
 }
 
-/// `verify`: the number of threads for the body checksum, or `None` to skip the checksum and
-/// the FlatBuffers verifier.
-fn parse_inner(bytes: &[u8], verify: Option<usize>) -> Result<Parsed> {
+/// How [`ModelFile::open_with`] verifies the body checksum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verify {
+    /// Threads that hash (ignored when paced: pacing hashes on the caller's thread).
+    pub threads: usize,
+    /// Average bytes per second to read at most; `None` for as fast as possible.
+    pub max_bytes_per_sec: Option<u64>,
+}
+
+impl Verify {
+    /// As fast as possible on `threads` threads.
+    pub fn threads(threads: usize) -> Verify {
+        Verify {
+            threads: threads.max(1),
+            max_bytes_per_sec: None,
+        }
+    }
+}
+
+/// `verify`: how to check the body checksum, or `None` to skip the checksum and the FlatBuffers
+/// verifier.
+fn parse_inner(bytes: &[u8], verify: Option<Verify>) -> Result<Parsed> {
     let header = Header::decode(bytes, bytes.len() as u64)?;
-    if let Some(threads) = verify {
-        let computed = body_checksum(bytes, header.chunk_log2, threads);
+    if let Some(v) = verify {
+        let computed = match v.max_bytes_per_sec {
+            Some(rate) => body_checksum_paced(bytes, header.chunk_log2, rate),
+            None => body_checksum(bytes, header.chunk_log2, v.threads),
+        };
         if computed != header.body_checksum {
             return Err(FormatError::Checksum {
                 part: "body",
@@ -98,13 +120,19 @@ impl ModelFile {
     /// Opens and fully validates a model file: header, body checksum (on every core), FlatBuffers
     /// verifier, then the format's invariants.
     pub fn open(path: impl AsRef<Path>) -> Result<ModelFile> {
-        Self::open_with(path.as_ref(), Some(default_threads()))
+        Self::open_with(path.as_ref(), Some(Verify::threads(default_threads())))
     }
 
-    /// Like [`ModelFile::open`], hashing on at most `threads` threads: a daemon reloading in the
-    /// background uses one, so that the cores serving requests are left alone.
+    /// Like [`ModelFile::open`], hashing on at most `threads` threads.
     pub fn open_with_threads(path: impl AsRef<Path>, threads: usize) -> Result<ModelFile> {
-        Self::open_with(path.as_ref(), Some(threads.max(1)))
+        Self::open_with(path.as_ref(), Some(Verify::threads(threads)))
+    }
+
+    /// Like [`ModelFile::open`], verifying as `verify` says: a daemon reloading in the background
+    /// hashes on one thread at a bounded pace, so that the cores serving requests are left
+    /// alone.
+    pub fn open_verified(path: impl AsRef<Path>, verify: Verify) -> Result<ModelFile> {
+        Self::open_with(path.as_ref(), Some(verify))
     }
 
     /// Opens a model file without the body checksum and without the FlatBuffers verifier; the
@@ -122,7 +150,7 @@ impl ModelFile {
         Self::open_with(path.as_ref(), None)
     }
 
-    fn open_with(path: &Path, verify: Option<usize>) -> Result<ModelFile> {
+    fn open_with(path: &Path, verify: Option<Verify>) -> Result<ModelFile> {
         let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
         let len = file.metadata().map_err(|e| FormatError::io(path, e))?.len();
         if len < HEADER_LEN as u64 {

@@ -29,7 +29,7 @@ fn server(root: &std::path::Path) -> Server {
         models: root.to_path_buf(),
         ..ServerConfig::default()
     };
-    let (reg, problems) = Registry::load(&config, None, &mut Default::default());
+    let (reg, problems) = Registry::load(&config, None, &mut Default::default(), None);
     assert!(problems.is_empty());
     Server::start(config, reg).unwrap()
 }

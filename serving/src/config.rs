@@ -121,6 +121,11 @@ pub struct ServerConfig {
     /// Rescan the model root (and reread the config file) this often, in milliseconds, as a
     /// fallback to file-system events. 0: never.
     pub rescan_interval_ms: u64,
+    /// While serving, verify a new version's checksum at most this fast (MiB/s, one thread),
+    /// so that the pass over a large file does not hold the memory bandwidth the serving cores
+    /// share for seconds. 0 (the default): as fast as one thread goes. Startup always verifies
+    /// on every core.
+    pub reload_verify_mib_per_sec: u64,
 }
 
 impl Default for ServerConfig {
@@ -138,6 +143,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             watch: true,
             rescan_interval_ms: 2_000,
+            reload_verify_mib_per_sec: 0,
         }
     }
 }

@@ -75,7 +75,7 @@ fn config(cli: &Cli) -> Result<ServerConfig> {
 fn run(cli: Cli) -> Result<()> {
     let config = config(&cli)?;
     let mut rejected = rankd_serving::registry::RejectCache::new();
-    let (registry, problems) = Registry::load(&config, None, &mut rejected);
+    let (registry, problems) = Registry::load(&config, None, &mut rejected, None);
     for p in &problems {
         eprintln!("rankd: skipped {}: {}", p.path.display(), p.message);
     }

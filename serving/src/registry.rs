@@ -68,20 +68,86 @@ fn file_stamp(path: &Path) -> (u64, Option<std::time::SystemTime>) {
     std::fs::metadata(path).map_or((0, None), |m| (m.len(), m.modified().ok()))
 }
 
-/// Opens a model and scores one empty item with it, so that its tables, plans and the pages the
-/// first requests touch are ready before it serves.
+/// Opens a model and scores one empty item with it, then replays `recent` (request bodies
+/// this model name served lately, see [`WarmupSamples`]), so that its tables, plans and the
+/// rows and vocabulary entries the first requests touch are in memory and in the shared caches
+/// before it serves. Bodies that do not fit the new version are skipped.
 ///
-/// `threads` bounds the threads that verify the checksum.
-pub fn open_and_warm(path: &Path, threads: usize) -> Result<Model, rankd_formats::FormatError> {
+/// `verify` says how the checksum is verified (threads, pace). Returns the model and how many
+/// of `recent` were replayed.
+pub fn open_and_warm(
+    path: &Path,
+    verify: rankd_formats::Verify,
+    recent: &[Vec<u8>],
+) -> Result<(Model, usize), rankd_formats::FormatError> {
     use crate::engine::{cpu::CpuEngine, request::DenseRequest, BatchOutput, InferenceBackend};
-    let model = Model::new(rankd_formats::ModelFile::open_with_threads(path, threads)?);
+    let model = Model::new(rankd_formats::ModelFile::open_verified(path, verify)?);
     let req = DenseRequest {
         user: Vec::new(),
         items: vec![Vec::new()],
     };
+    let mut engine = CpuEngine::new();
     let mut out = BatchOutput::default();
-    CpuEngine::new().score(&model, &[&req], &mut out);
-    Ok(model)
+    engine.score(&model, &[&req], &mut out);
+    let mut replayed = 0;
+    for body in recent {
+        let Ok(req) = flatbuffers::root_with_opts::<crate::gen::rankd::rpc::ScoreRequest<'_>>(
+            &crate::server::verifier_options(),
+            body,
+        ) else {
+            continue;
+        };
+        if let Ok(view) = crate::fbrequest::FbRequest::new(model.features(), req) {
+            out.clear();
+            engine.score(&model, &[&view], &mut out);
+            replayed += 1;
+        }
+    }
+    Ok((model, replayed))
+}
+
+/// Recent request bodies per model name, sampled by the cores (one in
+/// [`WarmupSamples::EVERY`] answered requests, the last [`WarmupSamples::KEEP`] kept) and
+/// replayed on each new version before it serves: otherwise the first requests on a new version
+/// fetch every embedding row and vocabulary entry from memory while the old version's were hot in
+/// the caches.
+#[derive(Debug, Default)]
+pub struct WarmupSamples {
+    by_model:
+        std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<Vec<u8>>>>,
+}
+
+impl WarmupSamples {
+    /// Bodies kept per model.
+    pub const KEEP: usize = 8;
+    /// A core offers one in this many answered requests.
+    pub const EVERY: u32 = 64;
+
+    /// Keeps a copy of `body` for `model`. Never waits: if the lock is busy the sample is
+    /// dropped.
+    pub fn offer(&self, model: &str, body: &[u8]) {
+        let Ok(mut map) = self.by_model.try_lock() else {
+            return;
+        };
+        let queue = match map.get_mut(model) {
+            Some(q) => q,
+            None => map.entry(model.to_owned()).or_default(),
+        };
+        if queue.len() == Self::KEEP {
+            queue.pop_front();
+        }
+        queue.push_back(body.to_vec());
+    }
+
+    /// The kept bodies of `model`, oldest first.
+    pub fn recent(&self, model: &str) -> Vec<Vec<u8>> {
+        self.by_model
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// What a request's selector resolved to.
@@ -155,6 +221,7 @@ impl Registry {
         config: &ServerConfig,
         previous: Option<&Registry>,
         rejected: &mut RejectCache,
+        samples: Option<&WarmupSamples>,
     ) -> (Registry, Vec<LoadProblem>) {
         let mut problems = Vec::new();
         let mut reg = Registry {
@@ -204,14 +271,29 @@ impl Registry {
                 if rejected.get(&file) == Some(&stamp) {
                     return false;
                 }
-                // At startup use every core; a background reload uses one thread only.
-                let threads = if previous.is_some() {
-                    1
+                // At startup use every core; a background reload uses one thread, paced.
+                let verify = if previous.is_some() {
+                    rankd_formats::Verify {
+                        threads: 1,
+                        max_bytes_per_sec: match config.reload_verify_mib_per_sec {
+                            0 => None,
+                            mib => Some(mib.saturating_mul(1 << 20)),
+                        },
+                    }
                 } else {
-                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                    rankd_formats::Verify::threads(
+                        std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    )
                 };
-                match open_and_warm(&file, threads) {
-                    Ok(m) => {
+                let recent = samples.map(|s| s.recent(&name)).unwrap_or_default();
+                match open_and_warm(&file, verify, &recent) {
+                    Ok((m, replayed)) => {
+                        if previous.is_some() {
+                            eprintln!(
+                                "rankd: opened {} (verified, warmed with {replayed} recent requests)",
+                                file.display()
+                            );
+                        }
                         rejected.remove(&file);
                         entry.versions.insert(v, Arc::new(m));
                         true
@@ -336,5 +418,48 @@ impl Registry {
             model: m.clone(),
             version: v,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rankd_formats::synth::{write_synthetic, SynthOptions};
+
+    #[test]
+    fn warmup_samples_keep_the_newest_and_replay_skips_what_does_not_fit() {
+        let samples = WarmupSamples::default();
+        for i in 0..WarmupSamples::KEEP + 3 {
+            samples.offer("m", &[i as u8]);
+        }
+        let kept = samples.recent("m");
+        assert_eq!(kept.len(), WarmupSamples::KEEP);
+        assert_eq!(kept[0], vec![3u8]);
+        assert_eq!(
+            kept[WarmupSamples::KEEP - 1],
+            vec![WarmupSamples::KEEP as u8 + 2]
+        );
+        assert!(samples.recent("other").is_empty());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.rkm");
+        write_synthetic(&path, &SynthOptions::default()).unwrap();
+        let valid = crate::client::ScoreRequest {
+            model: "m".into(),
+            items: vec![vec![], vec![]],
+            ..Default::default()
+        }
+        .encode()
+        .unwrap();
+        let bodies = vec![
+            b"not a flatbuffer".to_vec(),
+            valid.clone(),
+            Vec::new(),
+            valid,
+        ];
+        let (model, replayed) =
+            open_and_warm(&path, rankd_formats::Verify::threads(1), &bodies).unwrap();
+        assert_eq!(replayed, 2);
+        assert!(model.deep_input_dim() > 0);
     }
 }

@@ -90,7 +90,7 @@ pub fn rescan(
     retired: &mut Retired,
 ) -> bool {
     let current = shared.registry();
-    let (next, problems) = Registry::load(config, Some(&current), rejected);
+    let (next, problems) = Registry::load(config, Some(&current), rejected, Some(&shared.samples));
     for p in &problems {
         eprintln!("rankd: rejected {}: {}", p.path.display(), p.message);
     }

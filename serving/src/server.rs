@@ -44,6 +44,8 @@ pub struct Shared {
     pub inflight: AtomicUsize,
     /// Bumped whenever a new registry snapshot is published.
     pub generation: std::sync::atomic::AtomicU64,
+    /// Recent request bodies per model, replayed on new versions before they serve.
+    pub samples: crate::registry::WarmupSamples,
 }
 
 impl Shared {
@@ -152,6 +154,8 @@ struct Core {
     /// their entry in `stop_notifies`.
     stopping: Cell<bool>,
     stop_notifies: RefCell<Vec<std::rc::Weak<Notify>>>,
+    /// Answered requests since this core last offered a warm-up sample.
+    since_sample: Cell<u32>,
 }
 
 /// Awaits `read`, or returns `None` (dropping it) as soon as the core is stopping.
@@ -173,7 +177,7 @@ async fn read_or_stop<F: Future>(read: F, stop: &Notify, core: &Core) -> Option<
     .await
 }
 
-fn verifier_options() -> flatbuffers::VerifierOptions {
+pub(crate) fn verifier_options() -> flatbuffers::VerifierOptions {
     flatbuffers::VerifierOptions {
         max_depth: 64,
         max_tables: 10_000_000,
@@ -445,6 +449,13 @@ impl Core {
                     p.out
                         .push(MessageType::ScoreResponse, p.id, fbb.finished_data());
                     ok += 1;
+                    let n = self.since_sample.get() + 1;
+                    if n >= crate::registry::WarmupSamples::EVERY {
+                        self.shared.samples.offer(&name, &p.body);
+                        self.since_sample.set(0);
+                    } else {
+                        self.since_sample.set(n);
+                    }
                 }
                 Err((code, msg)) => {
                     let e = error_body(fbb, code, &msg);
@@ -784,6 +795,7 @@ fn run_core(
             inflight: Cell::new(0),
             stopping: Cell::new(false),
             stop_notifies: RefCell::new(Vec::new()),
+            since_sample: Cell::new(0),
         });
         serve_core(core, listener).await;
     };
@@ -838,6 +850,7 @@ impl Server {
             shutdown: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             generation: std::sync::atomic::AtomicU64::new(0),
+            samples: Default::default(),
             config,
         });
         let n = shared.config.worker_threads();

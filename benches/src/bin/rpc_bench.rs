@@ -246,7 +246,7 @@ fn start_daemon(root: &std::path::Path) -> Server {
         models: root.to_path_buf(),
         ..ServerConfig::default()
     };
-    let (registry, problems) = Registry::load(&config, None, &mut Default::default());
+    let (registry, problems) = Registry::load(&config, None, &mut Default::default(), None);
     assert!(problems.is_empty(), "{problems:?}");
     Server::start(config, registry).unwrap()
 }
