@@ -215,50 +215,6 @@ pub fn body_checksum_paced(file: &[u8], chunk_log2: u32, bytes_per_sec: u64) -> 
     xxh3_64(&cat)
 }
 
-/// The body checksum computed from a stream of the body's bytes (everything after the header),
-/// for copies that verify what they copy in the same pass.
-#[derive(Debug)]
-pub struct BodyHasher {
-    chunk: usize,
-    buf: Vec<u8>,
-    cat: Vec<u8>,
-}
-
-impl BodyHasher {
-    /// A hasher for chunks of `2^chunk_log2` bytes (from the header).
-    pub fn new(chunk_log2: u32) -> BodyHasher {
-        let chunk = 1usize << chunk_log2.min(30);
-        BodyHasher {
-            chunk,
-            buf: Vec::with_capacity(chunk),
-            cat: Vec::new(),
-        }
-    }
-
-    /// Feeds the next bytes of the body.
-    pub fn update(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            let take = (self.chunk - self.buf.len()).min(bytes.len());
-            self.buf.extend_from_slice(&bytes[..take]);
-            bytes = &bytes[take..];
-            if self.buf.len() == self.chunk {
-                self.cat
-                    .extend_from_slice(&xxh3_64(&self.buf).to_le_bytes());
-                self.buf.clear();
-            }
-        }
-    }
-
-    /// The checksum of everything fed.
-    pub fn finish(mut self) -> u64 {
-        if !self.buf.is_empty() {
-            self.cat
-                .extend_from_slice(&xxh3_64(&self.buf).to_le_bytes());
-        }
-        xxh3_64(&self.cat)
-    }
-}
-
 /// The number of threads checksum verification uses by default.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -296,27 +252,6 @@ mod tests {
             start.elapsed() >= std::time::Duration::from_millis(85),
             "{:?}",
             start.elapsed()
-        );
-    }
-
-    #[test]
-    fn streamed_checksum_equals_the_whole_file_one() {
-        let file: Vec<u8> = (0..(1 << 18) + 1000).map(|i| (i * 7 % 253) as u8).collect();
-        for piece in [1, 63, 4096, 5000, 1 << 20] {
-            let mut h = BodyHasher::new(12);
-            for p in file[HEADER_LEN..].chunks(piece) {
-                h.update(p);
-            }
-            assert_eq!(h.finish(), body_checksum(&file, 12, 1), "pieces of {piece}");
-        }
-        // An exact multiple of the chunk size, and an empty body.
-        let exact = vec![5u8; HEADER_LEN + (3 << 12)];
-        let mut h = BodyHasher::new(12);
-        h.update(&exact[HEADER_LEN..]);
-        assert_eq!(h.finish(), body_checksum(&exact, 12, 1));
-        assert_eq!(
-            BodyHasher::new(12).finish(),
-            body_checksum(&[0; HEADER_LEN], 12, 1)
         );
     }
 

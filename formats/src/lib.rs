@@ -37,8 +37,7 @@ pub mod gen {
 
 pub use error::{FormatError, Result};
 pub use layout::{
-    body_checksum, body_checksum_paced, BodyHasher, Header, BLOB_ALIGN, FORMAT_VERSION, HEADER_LEN,
-    MAGIC,
+    body_checksum, body_checksum_paced, Header, BLOB_ALIGN, FORMAT_VERSION, HEADER_LEN, MAGIC,
 };
 pub use reader::{parse, Integrity, ModelFile, Parsed, Verify};
 pub use spec::{

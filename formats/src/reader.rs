@@ -70,14 +70,8 @@ impl Verify {
 /// `verify`: how to check the body checksum, or `None` to skip the checksum and the FlatBuffers
 /// verifier.
 fn parse_inner(bytes: &[u8], verify: Option<Verify>) -> Result<Parsed> {
-    parse_checked(bytes, verify, verify.is_some())
-}
-
-/// `hash`: how to check the body checksum (`None`: not at all); `verifier`: whether to run the
-/// FlatBuffers verifier on the metadata.
-fn parse_checked(bytes: &[u8], hash: Option<Verify>, verifier: bool) -> Result<Parsed> {
     let header = Header::decode(bytes, bytes.len() as u64)?;
-    if let Some(v) = hash {
+    if let Some(v) = verify {
         let computed = match v.max_bytes_per_sec {
             Some(rate) => body_checksum_paced(bytes, header.chunk_log2, rate),
             None => body_checksum(bytes, header.chunk_log2, v.threads),
@@ -97,7 +91,7 @@ fn parse_checked(bytes: &[u8], hash: Option<Verify>, verifier: bool) -> Result<P
             "metadata section lacks the \"RKM1\" identifier".into(),
         ));
     }
-    let model = if verifier {
+    let model = if verify.is_some() {
         fb::root_as_model_with_opts(&verifier_options(), meta)?
     } else {
         // SAFETY: only reached from `open_trusted`, whose caller guarantees the file passed
@@ -139,32 +133,6 @@ impl ModelFile {
     /// alone.
     pub fn open_verified(path: impl AsRef<Path>, verify: Verify) -> Result<ModelFile> {
         Self::open_with(path.as_ref(), Some(verify))
-    }
-
-    /// Checks everything [`ModelFile::open`] checks except the body checksum, which the caller
-    /// computed itself over the same bytes (a copy that hashes what it copies with
-    /// [`crate::BodyHasher`]): the header, the FlatBuffers verifier and the invariants, reading
-    /// only the metadata. The result counts as verified only in the caller's hands: it reports
-    /// [`Integrity::Trusted`].
-    pub fn open_unhashed(path: impl AsRef<Path>) -> Result<ModelFile> {
-        let path = path.as_ref();
-        let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
-        let len = file.metadata().map_err(|e| FormatError::io(path, e))?.len();
-        if len < HEADER_LEN as u64 {
-            return Err(FormatError::Truncated(format!(
-                "{len} bytes, shorter than the {HEADER_LEN}-byte header"
-            )));
-        }
-        // SAFETY: as in `open_with`: model files are never modified in place; read-only map.
-        let map = unsafe { memmap2::MmapOptions::new().map(&file) }
-            .map_err(|e| FormatError::io(path, e))?;
-        let parsed = parse_checked(&map, None, true)?;
-        Ok(ModelFile {
-            path: path.to_path_buf(),
-            map,
-            parsed,
-            integrity: Integrity::Trusted,
-        })
     }
 
     /// Opens a model file without the body checksum and without the FlatBuffers verifier; the

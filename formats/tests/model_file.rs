@@ -282,36 +282,6 @@ fn trusted_open_still_checks_the_header_and_invariants() {
     );
 }
 
-/// Without the body hash (the caller hashed a copy itself), the verifier still runs: corrupt
-/// metadata is refused, a corrupt weight is not noticed here.
-#[test]
-fn unhashed_open_runs_the_verifier_but_not_the_checksum() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = synth(dir.path(), ModelKind::WideDeep);
-    let model = ModelFile::open_unhashed(&path).unwrap();
-    assert_eq!(model.integrity(), Integrity::Trusted);
-    assert_eq!(model.spec(), ModelFile::open(&path).unwrap().spec());
-
-    let good = std::fs::read(&path).unwrap();
-    let meta = model.header().meta_offset as usize;
-    drop(model);
-    let mut weight = good.clone();
-    weight[HEADER_LEN + 4] ^= 0x20;
-    std::fs::write(&path, &weight).unwrap();
-    assert!(ModelFile::open_unhashed(&path).is_ok());
-    assert!(matches!(
-        ModelFile::open(&path).unwrap_err(),
-        FormatError::Checksum { part: "body", .. }
-    ));
-    // Garbage over the FlatBuffer's root offset: refused without any hashing.
-    let mut metadata = good;
-    for b in &mut metadata[meta..meta + 4] {
-        *b = 0xff;
-    }
-    std::fs::write(&path, &metadata).unwrap();
-    assert!(ModelFile::open_unhashed(&path).is_err());
-}
-
 #[test]
 fn blob_lookup_rejects_foreign_references() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,15 +1,13 @@
 //! `rankd-tool deploy`: puts a model file into a model root so that a running `rankd` picks it up
-//! atomically. The file's structure is validated (header, metadata verifier, invariants), it is
-//! copied into a hidden directory on the same file system while its body checksum is computed
-//! from the bytes being copied (one pass over the file, not two: a deploy onto a serving host
-//! should cost the host as little as possible), synced, and the directory is renamed to
-//! `ROOT/<name>/<version>`: the daemon never sees a half-copied model.
+//! atomically. The file is validated, copied into a hidden directory on the same file system,
+//! synced, and the directory is renamed to `ROOT/<name>/<version>`: the daemon never sees a
+//! half-copied model.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use rankd_formats::{BodyHasher, ModelFile, HEADER_LEN};
+use rankd_formats::ModelFile;
 
 /// Where and when a model was deployed.
 #[derive(Debug, Clone)]
@@ -28,9 +26,8 @@ pub fn deploy(
     name: Option<&str>,
     version: Option<u64>,
 ) -> Result<Deployed> {
-    let model = ModelFile::open_unhashed(file)
+    let model = ModelFile::open(file)
         .with_context(|| format!("{} is not a valid model", file.display()))?;
-    let (chunk_log2, body_checksum) = (model.header().chunk_log2, model.header().body_checksum);
     let name = name.unwrap_or(&model.spec().metadata.name).to_owned();
     let version = version.unwrap_or(model.spec().metadata.version);
     drop(model);
@@ -53,15 +50,7 @@ pub fn deploy(
     let mut renamed_at_ms = 0;
     let result = (|| -> Result<()> {
         let dst = tmp.join("model.rkm");
-        let computed = copy_hashing(file, &dst, chunk_log2)
-            .with_context(|| format!("cannot copy to {}", dst.display()))?;
-        if computed != body_checksum {
-            bail!(
-                "{} is not a valid model: body checksum mismatch (stored {body_checksum:#018x}, \
-                 computed {computed:#018x})",
-                file.display()
-            );
-        }
+        std::fs::copy(file, &dst).with_context(|| format!("cannot copy to {}", dst.display()))?;
         File::open(&dst)?.sync_all()?;
         File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &target)
@@ -80,27 +69,4 @@ pub fn deploy(
         dir: target,
         renamed_at_ms,
     })
-}
-
-/// Copies `src` to `dst` in 1 MiB pieces and returns the body checksum of the bytes copied.
-fn copy_hashing(src: &Path, dst: &Path, chunk_log2: u32) -> std::io::Result<u64> {
-    use std::io::{Read, Write};
-    let mut from = File::open(src)?;
-    let mut to = File::create(dst)?;
-    let mut hasher = BodyHasher::new(chunk_log2);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0usize;
-    loop {
-        let n = from.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        to.write_all(&buf[..n])?;
-        // The header is not part of the body.
-        let skip = HEADER_LEN.saturating_sub(offset).min(n);
-        hasher.update(&buf[skip..n]);
-        offset += n;
-    }
-    to.flush()?;
-    Ok(hasher.finish())
 }

@@ -145,28 +145,4 @@ fn deploy_renames_a_validated_copy_into_place() {
     assert!(!ok);
     assert!(err.contains("not a valid model"), "{err}");
     assert!(!root.join("demo/4").exists());
-    // A flipped byte in the weights passes the structural checks and is caught by the checksum
-    // computed during the copy: nothing lands, no hidden leftovers.
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes[HEADER + 10] ^= 0x40;
-    std::fs::write(&bad, &bytes).unwrap();
-    let (ok, _, err) = tool(&[
-        "deploy",
-        bad.to_str().unwrap(),
-        "--root",
-        root.to_str().unwrap(),
-        "--version",
-        "4",
-    ]);
-    assert!(!ok);
-    assert!(err.contains("body checksum mismatch"), "{err}");
-    assert!(!root.join("demo/4").exists());
-    let leftovers = std::fs::read_dir(root.join("demo"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
-        .count();
-    assert_eq!(leftovers, 0);
 }
-
-const HEADER: usize = rankd_formats::HEADER_LEN;
