@@ -123,11 +123,6 @@ impl ModelFile {
         Self::open_with(path.as_ref(), Some(Verify::threads(default_threads())))
     }
 
-    /// Like [`ModelFile::open`], hashing on at most `threads` threads.
-    pub fn open_with_threads(path: impl AsRef<Path>, threads: usize) -> Result<ModelFile> {
-        Self::open_with(path.as_ref(), Some(Verify::threads(threads)))
-    }
-
     /// Like [`ModelFile::open`], verifying as `verify` says: a daemon reloading in the background
     /// hashes on one thread at a bounded pace, so that the cores serving requests are left
     /// alone.

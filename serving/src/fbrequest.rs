@@ -287,12 +287,4 @@ impl Request for FbRequest<'_> {
             }
         }
     }
-
-    #[inline]
-    fn resolved_value(&self, item: usize, feature: usize) -> Value<'_> {
-        match self.item_value(item, feature) {
-            Value::Missing => self.user_value(feature),
-            v => v,
-        }
-    }
 }

@@ -1,11 +1,12 @@
 //! The CPU engine: feature transforms, embedding gather straight from the mapped tables, and the
-//! MLP as batched `gemm` products, one instance per core with scratch reused across calls.
+//! MLP on the dense kernel ([`super::kernel`]), one instance per core with scratch reused across
+//! calls.
 //!
 //! Per request group (requests that share a plan, see [`super::plan`]):
-//! 1. transform the request-level row once and every item row (item-level slots only);
+//! 1. transform the request-level row once and the items slot by slot (item-level slots only);
 //! 2. gather and pool embeddings into X (`[items][k_item]`) and into one user vector per request;
-//! 3. `H1 = X W1_itemᵀ + (W1_user x_user + b1)` with the bracket once per request, then the other
-//!    layers as `gemm` with the bias pre-loaded into the destination and ReLU in place;
+//! 3. `H1 = X W1_itemᵀ + (W1_user x_user + b1)` with the bracket once per request as each row's
+//!    bias, then the other layers, bias and ReLU fused into the kernel's store;
 //! 4. add the wide and FM terms and apply the sigmoid.
 //!
 //! In steady state nothing here allocates: every buffer lives in [`CpuEngine`] and only grows.
@@ -87,8 +88,9 @@ impl CpuEngine {
     /// CPU has (for tests and benchmarks of the narrower builds).
     ///
     /// # Panics
-    /// Later, on the first request, if the CPU lacks `isa`.
+    /// If the CPU lacks `isa` (see [`Isa::available`]).
     pub fn with_isa(mut self, isa: Isa) -> Self {
+        assert!(isa.supported(), "this CPU cannot run the {isa:?} kernels");
         self.isa = isa;
         self
     }
@@ -113,8 +115,8 @@ impl CpuEngine {
     ) {
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx512 {
-            // SAFETY: `Isa::Avx512` is only ever set where the CPU has AVX-512F (`Isa::detect`,
-            // or a caller of `with_isa` who checked `Isa::available`; `kernel::dense` asserts it).
+            // SAFETY: `self.isa` is always one the CPU supports: `Isa::detect` by default, and
+            // `with_isa` refuses any other.
             unsafe { self.score_group_avx512(model, plan, requests, group, out, base) };
             return;
         }

@@ -7,8 +7,9 @@
 //! micro-kernel keeps an `MR x NR` block of the output in registers over the whole inner
 //! dimension and writes it once, bias added and ReLU applied.
 //!
-//! The kernel is one portable Rust function compiled three times: with AVX-512, with AVX2+FMA
-//! and without either; the widest the CPU has is picked at run time.
+//! There are three builds of the kernel: AVX-512 and AVX2+FMA intrinsics, and a portable loop
+//! (also the reference the others are tested against); the widest the CPU has is picked at run
+//! time.
 
 /// Output columns per packed panel (two AVX-512 vectors).
 pub const NR: usize = 32;
@@ -80,37 +81,36 @@ impl Default for Isa {
 }
 
 impl Isa {
+    /// Whether the running CPU can run this build.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Generic => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
     /// The widest the running CPU supports.
     pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Generic
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|i| i.supported())
+            .unwrap_or(Isa::Generic)
     }
 
     /// Every instruction set this CPU can run (for tests that cover all of them).
     pub fn available() -> Vec<Isa> {
-        let mut v = vec![Isa::Generic];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                v.push(Isa::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                v.push(Isa::Avx512);
-            }
-        }
-        v
+        [Isa::Generic, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
     }
 }
 
@@ -143,16 +143,13 @@ pub fn dense<'b>(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            assert!(std::arch::is_x86_feature_detected!("avx512f"));
+            assert!(isa.supported());
             // SAFETY: the CPU has AVX-512F, checked just above.
             unsafe { x86::dense_avx512(m, a, a_rs, b, &bias, relu, c) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
-            assert!(
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            );
+            assert!(isa.supported());
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
             unsafe { x86::dense_avx2(m, a, a_rs, b, &bias, relu, c) }
         }
@@ -174,7 +171,7 @@ pub fn dot_rows(isa: Isa, a: &[f32], a_rs: usize, w: &[f32], out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            assert!(std::arch::is_x86_feature_detected!("avx512f"));
+            assert!(isa.supported());
             // SAFETY: the CPU has AVX-512F, checked just above.
             unsafe { x86::dot_rows_avx512(a, a_rs, w, out) }
         }
@@ -188,7 +185,7 @@ pub fn dot_rows(isa: Isa, a: &[f32], a_rs: usize, w: &[f32], out: &mut [f32]) {
 
 /// A dot product with eight independent partial sums (vectorizable without reassociation).
 #[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8 * 8;
     for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
