@@ -19,7 +19,7 @@
 //! XXH3-64 of the concatenated little-endian XXH3-64s of the chunks. Chunks hash independently,
 //! so a multi-GiB file verifies on every core at once.
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::error::{FormatError, Result};
 
@@ -215,6 +215,63 @@ pub fn body_checksum_paced(file: &[u8], chunk_log2: u32, bytes_per_sec: u64) -> 
     xxh3_64(&cat)
 }
 
+/// [`body_checksum`] over a body that arrives in pieces: feed it every byte after the header,
+/// in order, then [`BodyHasher::finish`].
+#[derive(Clone)]
+pub struct BodyHasher {
+    chunk: u64,
+    filled: u64,
+    state: Xxh3,
+    cat: Vec<u8>,
+}
+
+impl std::fmt::Debug for BodyHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyHasher")
+            .field("chunk", &self.chunk)
+            .field("filled", &self.filled)
+            .field("chunks_done", &(self.cat.len() / 8))
+            .finish()
+    }
+}
+
+impl BodyHasher {
+    /// A hasher for chunks of `1 << chunk_log2` bytes (the header's `chunk_log2`).
+    pub fn new(chunk_log2: u32) -> BodyHasher {
+        BodyHasher {
+            chunk: 1u64 << chunk_log2.min(usize::BITS - 2),
+            filled: 0,
+            state: Xxh3::new(),
+            cat: Vec::new(),
+        }
+    }
+
+    /// The next bytes of the body.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let take = (self.chunk - self.filled).min(bytes.len() as u64) as usize;
+            self.state.update(&bytes[..take]);
+            self.filled += take as u64;
+            bytes = &bytes[take..];
+            if self.filled == self.chunk {
+                self.cat
+                    .extend_from_slice(&self.state.digest().to_le_bytes());
+                self.state.reset();
+                self.filled = 0;
+            }
+        }
+    }
+
+    /// The body checksum of everything fed.
+    pub fn finish(mut self) -> u64 {
+        if self.filled > 0 {
+            self.cat
+                .extend_from_slice(&self.state.digest().to_le_bytes());
+        }
+        xxh3_64(&self.cat)
+    }
+}
+
 /// The number of threads checksum verification uses by default.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -253,6 +310,37 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn body_hasher_equals_the_one_shot_checksum_whatever_the_pieces() {
+        for len in [
+            0usize,
+            1,
+            63,
+            64,
+            65,
+            64 + 4096,
+            64 + 3 * 4096,
+            64 + 3 * 4096 + 5,
+            50_000,
+        ] {
+            let file: Vec<u8> = (0..len).map(|i| (i * 131 % 253) as u8).collect();
+            let want = body_checksum(&file, 12, 1);
+            let body = file.get(HEADER_LEN..).unwrap_or(&[]);
+            for piece in [1usize, 7, 4095, 4096, 4097, 1 << 20] {
+                let mut h = BodyHasher::new(12);
+                for p in body.chunks(piece) {
+                    h.update(p);
+                }
+                assert_eq!(h.finish(), want, "len {len}, pieces of {piece}");
+            }
+        }
+        // The chunking matters: a different chunk size gives a different checksum.
+        let file: Vec<u8> = (0..20_000).map(|i| (i % 256) as u8).collect();
+        let mut h = BodyHasher::new(13);
+        h.update(&file[HEADER_LEN..]);
+        assert_ne!(h.finish(), body_checksum(&file, 12, 1));
     }
 
     #[test]

@@ -37,9 +37,10 @@ pub mod gen {
 
 pub use error::{FormatError, Result};
 pub use layout::{
-    body_checksum, body_checksum_paced, Header, BLOB_ALIGN, FORMAT_VERSION, HEADER_LEN, MAGIC,
+    body_checksum, body_checksum_paced, BodyHasher, Header, BLOB_ALIGN, FORMAT_VERSION, HEADER_LEN,
+    MAGIC,
 };
-pub use reader::{parse, Integrity, ModelFile, Parsed, Verify};
+pub use reader::{parse, Integrity, ModelFile, Parsed, StreamCheck, Verify};
 pub use spec::{
     Activation, Architecture, BlobRef, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling,
     Wide, WideSlot,

@@ -9,7 +9,9 @@ use rankd_feature_ops::CompiledSpec;
 
 use crate::error::{FormatError, Result};
 use crate::gen::rankd::fb;
-use crate::layout::{body_checksum, body_checksum_paced, default_threads, Header, HEADER_LEN};
+use crate::layout::{
+    body_checksum, body_checksum_paced, default_threads, BodyHasher, Header, HEADER_LEN,
+};
 use crate::spec::{BlobRef, ModelSpec};
 use crate::{fbconv, validate};
 
@@ -86,12 +88,18 @@ fn parse_inner(bytes: &[u8], verify: Option<Verify>) -> Result<Parsed> {
     }
     // Header::decode checked that the section lies inside the file.
     let meta = &bytes[header.meta_offset as usize..(header.meta_offset + header.meta_len) as usize];
+    parse_meta(header, meta, verify.is_some())
+}
+
+/// The second half of every parse: the metadata section of a file whose `header` is checked.
+/// `verified`: run the FlatBuffers verifier (false only on the trusted path).
+fn parse_meta(header: Header, meta: &[u8], verified: bool) -> Result<Parsed> {
     if meta.len() < 8 || !fb::model_buffer_has_identifier(meta) {
         return Err(FormatError::Invalid(
             "metadata section lacks the \"RKM1\" identifier".into(),
         ));
     }
-    let model = if verify.is_some() {
+    let model = if verified {
         fb::root_as_model_with_opts(&verifier_options(), meta)?
     } else {
         // SAFETY: only reached from `open_trusted`, whose caller guarantees the file passed
@@ -105,6 +113,103 @@ fn parse_inner(bytes: &[u8], verify: Option<Verify>) -> Result<Parsed> {
         spec,
         compiled,
     })
+}
+
+/// Checks a model file whose bytes go past once, in order: everything [`ModelFile::open`]
+/// checks, on exactly the bytes seen. A copy that validates what it writes (`rankd-tool deploy`)
+/// reads its source once and never through a memory map.
+///
+/// ```text
+/// let mut check = StreamCheck::new(len);
+/// for block in blocks { check.update(block)?; }
+/// let parsed = check.finish()?;
+/// ```
+#[derive(Debug)]
+pub struct StreamCheck {
+    len: u64,
+    seen: u64,
+    head: Vec<u8>,
+    header: Option<Header>,
+    hasher: Option<BodyHasher>,
+    meta: Vec<u8>,
+}
+
+impl StreamCheck {
+    /// A check of a file of `len` bytes.
+    pub fn new(len: u64) -> StreamCheck {
+        StreamCheck {
+            len,
+            seen: 0,
+            head: Vec::with_capacity(HEADER_LEN),
+            header: None,
+            hasher: None,
+            meta: Vec::new(),
+        }
+    }
+
+    /// The next bytes of the file. Fails as soon as the header is complete and wrong, or when
+    /// more bytes arrive than the file's length.
+    pub fn update(&mut self, mut bytes: &[u8]) -> Result<()> {
+        if self.seen + bytes.len() as u64 > self.len {
+            return Err(FormatError::Invalid(format!(
+                "the file grew past its {} bytes while being read",
+                self.len
+            )));
+        }
+        if self.header.is_none() {
+            let take = bytes.len().min(HEADER_LEN - self.head.len());
+            self.head.extend_from_slice(&bytes[..take]);
+            self.seen += take as u64;
+            bytes = &bytes[take..];
+            if self.head.len() < HEADER_LEN {
+                return Ok(());
+            }
+            let header = Header::decode(&self.head, self.len)?;
+            self.hasher = Some(BodyHasher::new(header.chunk_log2));
+            self.meta = Vec::with_capacity(header.meta_len as usize);
+            self.header = Some(header);
+        }
+        let (Some(header), Some(hasher)) = (&self.header, &mut self.hasher) else {
+            unreachable!("set together above");
+        };
+        hasher.update(bytes);
+        // The part of `bytes` that falls inside the metadata section.
+        let (start, end) = (self.seen, self.seen + bytes.len() as u64);
+        let (m0, m1) = (header.meta_offset, header.meta_offset + header.meta_len);
+        if start < m1 && end > m0 {
+            let a = (m0.max(start) - start) as usize;
+            let b = (m1.min(end) - start) as usize;
+            self.meta.extend_from_slice(&bytes[a..b]);
+        }
+        self.seen = end;
+        Ok(())
+    }
+
+    /// Checks what was seen: the whole file, its body checksum, the FlatBuffers verifier and
+    /// the format's invariants.
+    pub fn finish(self) -> Result<Parsed> {
+        let (Some(header), Some(hasher)) = (self.header, self.hasher) else {
+            return Err(FormatError::Truncated(format!(
+                "{} bytes, shorter than the {HEADER_LEN}-byte header",
+                self.seen
+            )));
+        };
+        if self.seen != self.len {
+            return Err(FormatError::Truncated(format!(
+                "read {} of {} bytes",
+                self.seen, self.len
+            )));
+        }
+        let computed = hasher.finish();
+        if computed != header.body_checksum {
+            return Err(FormatError::Checksum {
+                part: "body",
+                stored: header.body_checksum,
+                computed,
+            });
+        }
+        parse_meta(header, &self.meta, true)
+    }
 }
 
 /// An open model file. Share it through `Arc`: it unmaps when the last holder drops it.

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
 use rankd_formats::{
-    Activation, BlobRef, FormatError, Integrity, ModelFile, ModelSpec, ModelWriter, HEADER_LEN,
+    Activation, BlobRef, FormatError, Integrity, ModelFile, ModelSpec, ModelWriter, StreamCheck,
+    HEADER_LEN,
 };
 
 fn synth(dir: &Path, kind: ModelKind) -> PathBuf {
@@ -233,6 +234,69 @@ fn bad_files_give_typed_errors() {
         open_err(&garbage_with_magic),
         FormatError::Checksum { part: "header", .. }
     ));
+}
+
+/// Checks `bytes` as a stream in blocks of `block` bytes.
+fn stream_check(bytes: &[u8], block: usize) -> Result<rankd_formats::Parsed, FormatError> {
+    let mut check = StreamCheck::new(bytes.len() as u64);
+    for b in bytes.chunks(block) {
+        check.update(b)?;
+    }
+    check.finish()
+}
+
+/// The streaming check (a deploy's copy) accepts and refuses exactly what `parse` does, with
+/// the same kind of error, whatever the block size.
+#[test]
+fn streaming_check_agrees_with_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(synth(dir.path(), ModelKind::DeepFm)).unwrap();
+    let meta_offset = u64::from_le_bytes(good[24..32].try_into().unwrap()) as usize;
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("good", good.clone()),
+        ("empty", Vec::new()),
+        ("header only", good[..HEADER_LEN].to_vec()),
+        ("short header", good[..40].to_vec()),
+        ("one byte short", good[..good.len() - 1].to_vec()),
+        ("trailing byte", [&good[..], &[0]].concat()),
+    ];
+    for (name, pos) in [
+        ("magic", 0),
+        ("header field", 20),
+        ("first body byte", HEADER_LEN),
+        ("mid body", good.len() / 2),
+        ("metadata", meta_offset + 12),
+        ("last byte", good.len() - 1),
+    ] {
+        let mut bad = good.clone();
+        bad[pos] ^= 0x20;
+        cases.push((name, bad));
+    }
+    for (name, bytes) in &cases {
+        let want = rankd_formats::parse(bytes);
+        for block in [1 << 20, 4096, 61, usize::MAX] {
+            let got = stream_check(bytes, block.min(bytes.len().max(1)));
+            match (&want, &got) {
+                (Ok(w), Ok(g)) => {
+                    assert_eq!(w.header, g.header, "{name}");
+                    assert_eq!(w.spec, g.spec, "{name}");
+                }
+                (Err(w), Err(g)) => assert_eq!(
+                    std::mem::discriminant(w),
+                    std::mem::discriminant(g),
+                    "{name}, block {block}: parse says {w}, the stream says {g}"
+                ),
+                _ => panic!(
+                    "{name}, block {block}: parse says {:?}, the stream says {:?}",
+                    want.as_ref().err(),
+                    got.as_ref().err()
+                ),
+            }
+        }
+    }
+    // Bytes beyond the announced length are refused at once.
+    let mut check = StreamCheck::new(10);
+    assert!(check.update(&good[..11]).is_err());
 }
 
 /// One flipped byte anywhere is caught: in the header by the header checksum, elsewhere by the
