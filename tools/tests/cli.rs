@@ -1,6 +1,6 @@
 //! `rankd-tool` as a user runs it: the real binary on real files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn tool(args: &[&str]) -> (bool, String, String) {
@@ -119,30 +119,44 @@ fn deploy_renames_a_validated_copy_into_place() {
         std::fs::read(&placed).unwrap(),
         std::fs::read(&file).unwrap()
     );
-    // No hidden leftovers; deploying the same version again is refused.
-    let leftovers: Vec<_> = std::fs::read_dir(root.join("demo"))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty());
+    // No hidden leftovers, in the root or the model's directory.
+    let leftovers = || -> Vec<_> {
+        [root.clone(), root.join("demo")]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).unwrap().flatten())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .collect()
+    };
+    assert_eq!(leftovers(), Vec::<PathBuf>::new());
+    // Deploying the same version again is refused.
     let (ok, _, err) = tool(&["deploy", &file, "--root", root.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("already exists"), "{err}");
-    // A corrupt file is refused before anything is copied.
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes.truncate(bytes.len() - 5);
-    let bad = dir.path().join("bad.rkm");
-    std::fs::write(&bad, &bytes).unwrap();
-    let (ok, _, err) = tool(&[
-        "deploy",
-        bad.to_str().unwrap(),
-        "--root",
-        root.to_str().unwrap(),
-        "--version",
-        "4",
-    ]);
-    assert!(!ok);
-    assert!(err.contains("not a valid model"), "{err}");
+    // Corrupt files (truncated; one flipped bit in the body) are refused, and nothing is left.
+    let good = std::fs::read(&file).unwrap();
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x08;
+    for (bytes, why) in [
+        (good[..good.len() - 5].to_vec(), "truncated"),
+        (flipped, "checksum mismatch"),
+    ] {
+        let bad = dir.path().join("bad.rkm");
+        std::fs::write(&bad, &bytes).unwrap();
+        let (ok, _, err) = tool(&[
+            "deploy",
+            bad.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+            "--version",
+            "4",
+        ]);
+        assert!(!ok);
+        assert!(err.contains("not a valid model"), "{err}");
+        assert!(err.contains(why), "{err}");
+        assert!(!root.join("demo/4").exists());
+        assert_eq!(leftovers(), Vec::<PathBuf>::new());
+    }
     assert!(!root.join("demo/4").exists());
 }
