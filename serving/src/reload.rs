@@ -8,9 +8,9 @@
 //! contents, so any event triggers a full rescan of the root rather than a reaction to the
 //! event's path.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -157,48 +157,17 @@ pub fn start(
 ) -> std::io::Result<()> {
     let (tx, rx) = channel::<()>();
     let mut config = shared.config.clone();
-    let watcher = if config.watch {
-        let tx = tx.clone();
-        let w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok() {
-                let _ = tx.send(());
-            }
-        });
-        match w {
-            Ok(mut w) => match w.watch(&config.models, RecursiveMode::Recursive) {
-                Ok(()) => {
-                    // The config file may live elsewhere: watch its directory too.
-                    if let Some(dir) = config_path.as_ref().and_then(|p| p.parent()) {
-                        let dir = if dir.as_os_str().is_empty() {
-                            std::path::Path::new(".")
-                        } else {
-                            dir
-                        };
-                        let _ = w.watch(dir, RecursiveMode::NonRecursive);
-                    }
-                    Some(w)
-                }
-                Err(e) => {
-                    eprintln!(
-                        "rankd: cannot watch {} ({e}); relying on the periodic rescan",
-                        config.models.display()
-                    );
-                    None
-                }
-            },
-            Err(e) => {
-                eprintln!("rankd: no file watcher ({e}); relying on the periodic rescan");
-                None
-            }
-        }
-    } else {
-        None
-    };
     std::thread::Builder::new()
         .name("rankd-reload".into())
         .spawn(move || {
-            let _watcher = watcher;
             background_priority(&config);
+            // notify's thread inherits this thread's priority and CPUs: created here, it stays
+            // off the serving cores too.
+            let _watcher = if config.watch {
+                watch(&config.models, config_path.as_deref(), tx)
+            } else {
+                None
+            };
             let interval = match config.rescan_interval_ms {
                 0 => Duration::from_secs(3600 * 24 * 365),
                 ms => Duration::from_millis(ms),
@@ -242,7 +211,43 @@ pub fn start(
                 retired.reap(&shared.registry());
             }
         })?;
-    // Keep the sender alive in the thread's absence of events: the watcher holds a clone.
-    drop(tx);
     Ok(())
+}
+
+/// Watches the model root and the config file's directory; every event pings `tx`. `None`
+/// (logged) when the platform gives no watcher: the periodic rescan then does all the work.
+fn watch(
+    models: &Path,
+    config_path: Option<&Path>,
+    tx: Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    let w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.send(());
+        }
+    });
+    let mut w = match w {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("rankd: no file watcher ({e}); relying on the periodic rescan");
+            return None;
+        }
+    };
+    if let Err(e) = w.watch(models, RecursiveMode::Recursive) {
+        eprintln!(
+            "rankd: cannot watch {} ({e}); relying on the periodic rescan",
+            models.display()
+        );
+        return None;
+    }
+    // The config file may live elsewhere: watch its directory too.
+    if let Some(dir) = config_path.and_then(|p| p.parent()) {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let _ = w.watch(dir, RecursiveMode::NonRecursive);
+    }
+    Some(w)
 }
