@@ -461,5 +461,7 @@ mod tests {
             open_and_warm(&path, rankd_formats::Verify::threads(1), &bodies).unwrap();
         assert_eq!(replayed, 2);
         assert!(model.deep_input_dim() > 0);
+        // The replay built the plan the cores will need for that shape of request.
+        assert!(!model.plans.lock().unwrap().is_empty());
     }
 }

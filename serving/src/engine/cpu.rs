@@ -11,7 +11,7 @@
 //!
 //! In steady state nothing here allocates: every buffer lives in [`CpuEngine`] and only grows.
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use rankd_feature_ops::SlotBatch;
 
@@ -354,7 +354,7 @@ impl InferenceBackend for CpuEngine {
                 }
                 end += 1;
             }
-            let plan: Rc<Plan> = self.plans.get(model, &key);
+            let plan: Arc<Plan> = self.plans.get(model, &key);
             self.score_group(model, &plan, requests, start..end, out, base);
             start = end;
         }

@@ -115,6 +115,10 @@ pub struct Model {
     pub(crate) packed: Vec<kernel::Packed>,
     pub(crate) fm: bool,
     pub(crate) deep_in: usize,
+    /// Plans built for this model so far, by any core or by the warm-up before the model was
+    /// published: a core meeting a request shape for the first time takes the plan from here
+    /// instead of packing the first layer again on the request path.
+    pub(crate) plans: std::sync::Mutex<Vec<(FeatureSet, std::sync::Arc<plan::Plan>)>>,
 }
 
 impl Model {
@@ -185,6 +189,7 @@ impl Model {
             packed,
             fm: spec.architecture.fm,
             deep_in: col,
+            plans: std::sync::Mutex::new(Vec::new()),
             file,
         }
     }

@@ -5,7 +5,12 @@
 //! request; otherwise it is the same for every item and is computed once. The first deep layer
 //! is split accordingly: `h1 = relu(W_item x_item + (W_user x_user + b))`, the bracket once per
 //! request. Plans are cached per core, keyed by model and feature set, because a client sends
-//! the same shape of request again and again.
+//! the same shape of request again and again; each model also keeps the plans built for it so
+//! far, so that a shape is packed once per model, not once per core, and the warm-up of a new
+//! version (which replays recent requests before it is published) builds the plans the cores
+//! will need.
+
+use std::sync::Arc;
 
 use super::kernel::Packed;
 use super::{FeatureSet, Model};
@@ -119,16 +124,17 @@ impl Plan {
     }
 }
 
-/// A small per-core cache of plans, least recently used first out.
+/// A small per-core cache of plans, least recently used first out. A miss looks in the model's
+/// shared list (filled by the warm-up of a new version and by other cores) before it builds.
 #[derive(Debug, Default)]
 pub(crate) struct PlanCache {
-    entries: Vec<(u64, std::sync::Weak<()>, FeatureSet, std::rc::Rc<Plan>)>,
+    entries: Vec<(u64, std::sync::Weak<()>, FeatureSet, Arc<Plan>)>,
 }
 
 const PLAN_CACHE_LEN: usize = 16;
 
 impl PlanCache {
-    pub fn get(&mut self, model: &Model, key: &FeatureSet) -> std::rc::Rc<Plan> {
+    pub fn get(&mut self, model: &Model, key: &FeatureSet) -> Arc<Plan> {
         if let Some(pos) = self
             .entries
             .iter()
@@ -140,7 +146,7 @@ impl PlanCache {
             }
             return self.entries[0].3.clone();
         }
-        let plan = std::rc::Rc::new(Plan::new(model, key));
+        let plan = shared(model, key);
         // Plans of unloaded models hold copies of their first layer: drop them now.
         self.entries
             .retain(|(_, alive, _, _)| alive.strong_count() > 0);
@@ -150,5 +156,89 @@ impl PlanCache {
         self.entries
             .insert(0, (model.id(), model.alive(), key.clone(), plan.clone()));
         plan
+    }
+}
+
+/// The model's shared plan for `key`, built (outside the lock) and shared when there is none.
+fn shared(model: &Model, key: &FeatureSet) -> Arc<Plan> {
+    let find = |plans: &mut Vec<(FeatureSet, Arc<Plan>)>| {
+        plans.iter().find(|(k, _)| k == key).map(|(_, p)| p.clone())
+    };
+    if let Some(p) = with_plans(model, find).flatten() {
+        return p;
+    }
+    let plan = Arc::new(Plan::new(model, key));
+    with_plans(model, |plans| {
+        // Another core may have built it meanwhile.
+        find(plans).or_else(|| {
+            // Bounded like the per-core caches: a client sending ever new shapes builds per core.
+            if plans.len() < PLAN_CACHE_LEN {
+                plans.push((key.clone(), plan.clone()));
+            }
+            None
+        })
+    })
+    .flatten()
+    .unwrap_or(plan)
+}
+
+/// Runs `f` on the model's shared plans unless another thread holds them. A core never waits:
+/// the warm-up runs at idle priority and could be descheduled while holding the lock.
+fn with_plans<R>(
+    model: &Model,
+    f: impl FnOnce(&mut Vec<(FeatureSet, Arc<Plan>)>) -> R,
+) -> Option<R> {
+    match model.plans.try_lock() {
+        Ok(mut plans) => Some(f(&mut plans)),
+        // A panic while pushing leaves the list intact.
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(f(&mut e.into_inner())),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rankd_formats::synth::{write_synthetic, SynthOptions};
+
+    fn model(dir: &std::path::Path, seed: u64) -> Model {
+        let path = dir.join(format!("m{seed}.rkm"));
+        write_synthetic(
+            &path,
+            &SynthOptions {
+                seed,
+                ..SynthOptions::default()
+            },
+        )
+        .unwrap();
+        Model::open(&path).unwrap()
+    }
+
+    /// A shape is packed once per model: a second core (a second cache) gets the first one's
+    /// plan; another shape or another model gets its own.
+    #[test]
+    fn cores_share_the_plans_built_for_a_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (model(dir.path(), 1), model(dir.path(), 2));
+        let n = a.features().features().len();
+        let mut all = FeatureSet::with_capacity(n);
+        all.insert_all(n);
+        let mut one = FeatureSet::with_capacity(n);
+        one.insert(0);
+
+        let (mut core0, mut core1) = (PlanCache::default(), PlanCache::default());
+        let p0 = core0.get(&a, &all);
+        assert!(Arc::ptr_eq(&p0, &core1.get(&a, &all)));
+        assert!(!Arc::ptr_eq(&p0, &core1.get(&a, &one)));
+        assert!(!Arc::ptr_eq(&p0, &core1.get(&b, &all)));
+        assert_eq!(a.plans.lock().unwrap().len(), 2);
+
+        // While another thread holds the list, a core builds its own plan instead of waiting.
+        let held = a.plans.lock().unwrap();
+        let mut core2 = PlanCache::default();
+        let own = core2.get(&a, &all);
+        assert!(!Arc::ptr_eq(&p0, &own));
+        drop(held);
+        assert_eq!(own.k_item, p0.k_item);
     }
 }
