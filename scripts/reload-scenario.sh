@@ -25,7 +25,10 @@ bin=target/release
 work="$(mktemp -d)"
 root="$work/root"
 mkdir -p "$root"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+# The logs written during the run go to memory (when /dev/shm exists), so that their writeback
+# is not part of what is measured.
+logs="$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work" "$logs"' EXIT
 
 echo "writing 21 feed model versions..." >&2
 for v in $(seq 1 21); do
@@ -69,12 +72,14 @@ echo "one run: 20 deploys, one every 4 s, under load..." >&2
 # The sampler forks nothing (bash builtins only) and stays on CPU 1 beside the load generator.
 taskset -c 1 bash -c '
   while [ -e /proc/'"$rankd_pid"' ]; do
-    while read -r k v _; do [ "$k" = VmRSS: ] && echo "${EPOCHREALTIME/./} $v"; done \
-      < /proc/'"$rankd_pid"'/status
+    rss=; steal=
+    while read -r k v _; do [ "$k" = VmRSS: ] && rss=$v; done < /proc/'"$rankd_pid"'/status
+    while read -r c _ _ _ _ _ _ _ st _; do [ "$c" = cpu0 ] && steal=$st; done < /proc/stat
+    [ -n "$rss" ] && echo "${EPOCHREALTIME/./} $rss $steal"
     read -r -t 0.1 <> <(:) || true
-  done' | awk '{ printf "%.0f %s\n", $1 / 1000, $2; fflush() }' > "$out/rss.txt" &
+  done' | taskset -c 1 awk '{ printf "%.0f %s %s\n", $1 / 1000, $2, $3; fflush() }' > "$logs/rss.txt" &
 rss_pid=$!
-taskset -c 1 "${load[@]}" --rate "$rate" --duration 92 --latency-log "$out/latency.txt" \
+taskset -c 1 "${load[@]}" --rate "$rate" --duration 92 --latency-log "$logs/latency.txt" \
   > "$out/reload.txt" 2>/dev/null &
 load_pid=$!
 sleep 6
@@ -108,6 +113,7 @@ kill "$rss_pid" 2>/dev/null || true
 curl -s http://127.0.0.1:7591/metrics > "$out/metrics.txt" 2>/dev/null || true
 kill -TERM "$rankd_pid"
 wait "$rankd_pid" || true
+cp "$logs/latency.txt" "$logs/rss.txt" "$out/"
 
 python3 - "$out" "$(stat -c %s "$work/v2.rkm")" <<'PY'
 import json, sys
@@ -133,12 +139,33 @@ for t, lat, ver in samples:
 def q(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None
-rss = [(int(t), int(k)) for t, k in (l.split() for l in open(f"{out}/rss.txt")) if k.isdigit()]
+rows = [l.split() for l in open(f"{out}/rss.txt")]
+rss = [(int(r[0]), int(r[1])) for r in rows if len(r) >= 2 and r[1].isdigit()]
+# CPU 0's steal time (the hypervisor running something else on the serving core), in ticks of
+# 10 ms between samples, split by window: it tells host noise from the daemon's own.
+steal = {"during": 0, "without": 0}
+prev = None
+for r in rows:
+    if len(r) < 3 or not r[2].isdigit():
+        continue
+    t, ticks = int(r[0]) * 1000, int(r[2])
+    if prev is not None and t >= t0:
+        steal["during" if any(a <= t < b for a, b in windows) else "without"] += ticks - prev
+    prev = ticks
 d0 = int(deploys[0][1])
 before = [k for t, k in rss if t < d0]
 base_rss = max(before) if before else rss[0][1]
 peak = max(k for _, k in rss)
 end_rss = rss[-1][1]
+# Per deploy: the peak between its start and the next deploy's, against the last sample
+# before it (both versions overlap in between), and where RSS settles before the next one.
+per_deploy = []
+starts = [int(d[1]) for d in deploys] + [rss[-1][0] + 1]
+for a, b in zip(starts, starts[1:]):
+    pre = [k for t, k in rss if t < a]
+    win = [k for t, k in rss if a <= t < b]
+    if pre and win:
+        per_deploy.append((max(win) - pre[-1], win[-1] - pre[-1]))
 summary = {
     "rate": rel["rate"],
     "failed_requests": rel["errors"],
@@ -154,11 +181,17 @@ summary = {
     "p999_us_without_reloads": q(without, 0.999),
     "p999_us_during_reloads": q(during, 0.999),
     "p99_us_whole_run": rel["p99_us"],
+    "cpu0_steal_ms_per_s": {k: round(v * 10 / max(secs, 1e-9), 2) for k, v, secs in (
+        ("during", steal["during"], sum(b - a for a, b in windows) / 1e6),
+        ("without", steal["without"], (int(samples[-1][0]) - t0) / 1e6 - sum(b - a for a, b in windows) / 1e6))},
     "rename_to_first_response_ms": {"max": max(delays) if delays else None, "median": sorted(delays)[len(delays)//2] if delays else None, "all": delays},
     "versions_never_served": missing,
     "corrupt_version_served": "11" in rel["versions"],
     "model_file_bytes": size,
-    "rss_kib": {"before_deploys": base_rss, "peak": peak, "end": end_rss, "peak_growth": peak - base_rss, "end_growth": end_rss - base_rss},
+    "rss_kib": {"before_deploys": base_rss, "peak": peak, "end": end_rss, "peak_growth": peak - base_rss, "end_growth": end_rss - base_rss,
+                "per_deploy_peak_growth_max": max(g for g, _ in per_deploy),
+                "per_deploy_settled_growth_max": max(e for _, e in per_deploy),
+                "mapped_kib": -(-size // 4096) * 4},
 }
 print(json.dumps(summary, indent=2))
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
