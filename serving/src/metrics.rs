@@ -74,6 +74,8 @@ pub struct Metrics {
     pub load_failures: AtomicU64,
     /// Registry snapshots published after the first.
     pub reloads: AtomicU64,
+    /// Scans of the model root after startup (file events and the periodic rescan).
+    pub scans: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -86,6 +88,7 @@ impl Default for Metrics {
             frame_errors: AtomicU64::new(0),
             load_failures: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
+            scans: AtomicU64::new(0),
         }
     }
 }
@@ -153,6 +156,11 @@ impl Metrics {
             out,
             "# TYPE rankd_registry_reloads_total counter\nrankd_registry_reloads_total {}",
             self.reloads.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE rankd_model_root_scans_total counter\nrankd_model_root_scans_total {}",
+            self.scans.load(Ordering::Relaxed)
         );
         out
     }

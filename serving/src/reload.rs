@@ -8,6 +8,7 @@
 //! contents, so any event triggers a full rescan of the root rather than a reaction to the
 //! event's path.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
@@ -89,6 +90,7 @@ pub fn rescan(
     rejected: &mut RejectCache,
     retired: &mut Retired,
 ) -> bool {
+    shared.metrics.scans.fetch_add(1, Ordering::Relaxed);
     let current = shared.registry();
     let (next, problems) = Registry::load(config, Some(&current), rejected, Some(&shared.samples));
     for p in &problems {
@@ -125,9 +127,26 @@ pub fn rescan(
     true
 }
 
-/// Keeps reload work (checksums, warm-up) off the serving cores: idle priority, and off their
-/// CPUs when they are pinned.
-fn background_priority(config: &ServerConfig) {
+/// Keeps the calling thread (and the threads it starts) off the serving cores when they are
+/// pinned.
+fn off_serving_cores(config: &ServerConfig) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = config.worker_threads();
+    if config.pin_cores && workers < cpus {
+        // SAFETY: `set` is a plain bit set on a zeroed cpu_set_t and sched_setaffinity only
+        // reads it; a failure leaves the thread where it was.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for c in workers..cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
+/// Puts reload work (checksums, warm-up) below the serving cores' priority.
+fn idle_priority() {
     // SAFETY: plain syscalls on the calling thread with valid arguments; failures are ignored
     // (the reload then merely competes with the cores).
     unsafe {
@@ -136,15 +155,6 @@ fn background_priority(config: &ServerConfig) {
         let param = libc::sched_param { sched_priority: 0 };
         if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
             libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-        }
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers = config.worker_threads();
-        if config.pin_cores && workers < cpus {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            for c in workers..cpus {
-                libc::CPU_SET(c, &mut set);
-            }
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
         }
     }
 }
@@ -160,14 +170,16 @@ pub fn start(
     std::thread::Builder::new()
         .name("rankd-reload".into())
         .spawn(move || {
-            background_priority(&config);
-            // notify's thread inherits this thread's priority and CPUs: created here, it stays
-            // off the serving cores too.
-            let _watcher = if config.watch {
-                watch(&config.models, config_path.as_deref(), tx)
+            // notify's thread inherits this thread's CPUs: created here, it stays off the
+            // serving cores too. It keeps the normal priority (its work is a few system calls
+            // per event, and events must not wait for an idle CPU).
+            off_serving_cores(&config);
+            let mut watch = if config.watch {
+                ModelWatch::new(&config.models, config_path.as_deref(), tx)
             } else {
                 None
             };
+            idle_priority();
             let interval = match config.rescan_interval_ms {
                 0 => Duration::from_secs(3600 * 24 * 365),
                 ms => Duration::from_millis(ms),
@@ -207,6 +219,11 @@ pub fn start(
                         reread_config(&mut config, p);
                     }
                 }
+                if let Some(w) = &mut watch {
+                    // Before the scan: a version renamed into a new model directory in between
+                    // is then either seen by this scan or reported by the new watch.
+                    w.sync(&config.models);
+                }
                 rescan(&shared, &config, &mut rejected, &mut retired);
                 retired.reap(&shared.registry());
             }
@@ -214,40 +231,85 @@ pub fn start(
     Ok(())
 }
 
-/// Watches the model root and the config file's directory; every event pings `tx`. `None`
-/// (logged) when the platform gives no watcher: the periodic rescan then does all the work.
-fn watch(
-    models: &Path,
-    config_path: Option<&Path>,
-    tx: Sender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    let w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
-            let _ = tx.send(());
-        }
-    });
-    let mut w = match w {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("rankd: no file watcher ({e}); relying on the periodic rescan");
+/// The file watcher: the model root and each model directory in it, each non-recursively, plus
+/// the config file's directory. Versions appear by renames into a model directory and models by
+/// new directories in the root, so that is all there is to see; nothing inside a version or a
+/// hidden directory is watched. (A recursive watch also watched every deploy's temporary
+/// directory, took a write event per block of the copy, and had to move its watch when the
+/// directory was renamed into place.)
+struct ModelWatch {
+    watcher: notify::RecommendedWatcher,
+    dirs: HashSet<PathBuf>,
+}
+
+impl ModelWatch {
+    /// Every event pings `tx`. `None` (logged) when the platform gives no watcher: the periodic
+    /// rescan then does all the work.
+    fn new(models: &Path, config_path: Option<&Path>, tx: Sender<()>) -> Option<ModelWatch> {
+        let w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Opening and reading are not changes, and the scan itself opens every directory
+            // it reads: reacting to those rescanned the root in a loop, every 10 ms.
+            if ev.is_ok_and(|ev| !matches!(ev.kind, notify::EventKind::Access(_))) {
+                let _ = tx.send(());
+            }
+        });
+        let mut watcher = match w {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("rankd: no file watcher ({e}); relying on the periodic rescan");
+                return None;
+            }
+        };
+        if let Err(e) = watcher.watch(models, RecursiveMode::NonRecursive) {
+            eprintln!(
+                "rankd: cannot watch {} ({e}); relying on the periodic rescan",
+                models.display()
+            );
             return None;
         }
-    };
-    if let Err(e) = w.watch(models, RecursiveMode::Recursive) {
-        eprintln!(
-            "rankd: cannot watch {} ({e}); relying on the periodic rescan",
-            models.display()
-        );
-        return None;
-    }
-    // The config file may live elsewhere: watch its directory too.
-    if let Some(dir) = config_path.and_then(|p| p.parent()) {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
+        // The config file may live elsewhere: watch its directory too.
+        if let Some(dir) = config_path.and_then(|p| p.parent()) {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            let _ = watcher.watch(dir, RecursiveMode::NonRecursive);
+        }
+        let mut w = ModelWatch {
+            watcher,
+            dirs: HashSet::new(),
         };
-        let _ = w.watch(dir, RecursiveMode::NonRecursive);
+        w.sync(models);
+        Some(w)
     }
-    Some(w)
+
+    /// Watches the model directories that appeared since the last call and forgets the ones
+    /// that are gone.
+    fn sync(&mut self, models: &Path) {
+        let now: HashSet<PathBuf> = std::fs::read_dir(models)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.path())
+            .collect();
+        for gone in self.dirs.difference(&now).cloned().collect::<Vec<_>>() {
+            let _ = self.watcher.unwatch(&gone);
+            self.dirs.remove(&gone);
+        }
+        for dir in now {
+            if !self.dirs.contains(&dir) {
+                if let Err(e) = self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                    // Logged once: the directory counts as handled, the rescan covers it.
+                    eprintln!(
+                        "rankd: cannot watch {} ({e}); the periodic rescan covers it",
+                        dir.display()
+                    );
+                }
+                self.dirs.insert(dir);
+            }
+        }
+    }
 }

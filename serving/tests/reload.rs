@@ -19,7 +19,11 @@ fn start(root: &Path, config: &Path) -> Daemon {
 
 /// Deploys like `rankd-tool deploy`: write into a hidden directory, then rename into place.
 fn deploy(root: &Path, version: u64, corrupt: bool) {
-    let model_dir = root.join("feed");
+    deploy_model(root, "feed", version, corrupt);
+}
+
+fn deploy_model(root: &Path, name: &str, version: u64, corrupt: bool) {
+    let model_dir = root.join(name);
     std::fs::create_dir_all(&model_dir).unwrap();
     let tmp = model_dir.join(format!(".tmp-{version}"));
     std::fs::create_dir_all(&tmp).unwrap();
@@ -27,7 +31,7 @@ fn deploy(root: &Path, version: u64, corrupt: bool) {
     write_synthetic(
         &file,
         &SynthOptions {
-            name: "feed".into(),
+            name: name.into(),
             version,
             kind: ModelKind::WideDeep,
             seed: version,
@@ -151,4 +155,51 @@ fn versions_come_and_go_without_a_failed_request() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let served = load.join().unwrap();
     assert!(served > 10, "the load thread scored only {served} requests");
+}
+
+/// A model directory that appears after startup gets its own watch: with the periodic rescan a
+/// minute away, its first version and then a second one (renamed into that directory, where
+/// only its own watch sees it) go live within seconds.
+#[test]
+fn a_new_model_directory_is_watched_too() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join(".rankd.toml");
+    std::fs::write(&config, "rescan_interval_ms = 60000\n").unwrap();
+    deploy(root.path(), 1, false);
+    let d = start(root.path(), &config);
+    let mut c = Connection::connect(d.addr).unwrap();
+    let news = ScoreRequest {
+        model: "news".into(),
+        ..request()
+    };
+    // An idle daemon does not scan: its own reads of the root are not changes.
+    let scans = || -> u64 {
+        let m = metrics(d.admin);
+        m.lines()
+            .find_map(|l| l.strip_prefix("rankd_model_root_scans_total "))
+            .expect("scan counter exported")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = scans();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(scans(), before, "the root was rescanned without a change");
+    for version in [1, 2] {
+        deploy_model(root.path(), "news", version, false);
+        let start = Instant::now();
+        loop {
+            match c.score(&news) {
+                Ok(r) if r.version == version => break,
+                _ => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(5),
+                        "news version {version} not served after {:?}",
+                        start.elapsed()
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
 }
