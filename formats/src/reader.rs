@@ -262,10 +262,11 @@ impl ModelFile {
         // names and rename them into place, never modify a served file in place. The map is
         // read-only.
         // Verifying reads every byte: prefault the whole map in one call instead of one page
-        // fault per page.
+        // fault per page. A paced check is left to fault the file in at its pace: populating
+        // would read a file that is not in the page cache from disk at full speed first.
         let map = unsafe {
             let mut options = memmap2::MmapOptions::new();
-            if verify.is_some() {
+            if verify.is_some_and(|v| v.max_bytes_per_sec.is_none()) {
                 options.populate();
             }
             options.map(&file)
