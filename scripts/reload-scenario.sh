@@ -13,6 +13,8 @@
 # in one run keeps the machine's drift (other tenants of a shared host) out of the ratio.
 # RATE=R: run at R requests/s instead of half the measured maximum. VERIFY_MIBS: the daemon's
 # reload_verify_mib_per_sec (default 0 = unpaced).
+# RESCAN_MS (default 1000) and EXTRA_CONFIG (more lines for rankd.toml, e.g. "watch = false")
+# for experiments.
 # RENAME_ONLY=1: the copies are made before the run and each deploy is only the rename (to tell
 # the daemon's share of a deploy's cost from the copy's). rankd-load's --latency-log gives every
 # request's intended send time and latency, aligned with deploys.txt for a closer look.
@@ -39,7 +41,8 @@ done
 head -c 50000000 "$work/v11.rkm" > "$work/corrupt.rkm"
 
 cat > "$work/rankd.toml" <<TOML
-rescan_interval_ms = 1000
+rescan_interval_ms = ${RESCAN_MS:-1000}
+${EXTRA_CONFIG:-}
 reload_verify_mib_per_sec = ${VERIFY_MIBS:-0}
 [model.feed]
 versions = "latest"
@@ -55,6 +58,10 @@ done
 if [ "${RENAME_ONLY:-0}" = 1 ]; then  # experiment: copies made before the run, only renames in it
   for v in $(seq 2 21); do mkdir -p "$root/feed/.pre-$v"; cp "$work/v$v.rkm" "$root/feed/.pre-$v/model.rkm"; done; sync
 fi
+# The load generator shares CPU 1 with the deploys and the daemon's reload thread; at a real-time
+# priority its sends leave on time whatever those do (the kernel here is not preemptible, so a
+# normal-priority client waited behind their system calls, and that delay counted as latency).
+rt=(chrt -f 1); chrt -f 1 true 2>/dev/null || rt=()
 load=( "$bin/rankd-load" --addr 127.0.0.1:7590 --model feed --model-file "$work/v1.rkm" --items 200 --connections 4 --json )
 
 if [ -n "${RATE:-}" ]; then
@@ -62,7 +69,7 @@ if [ -n "${RATE:-}" ]; then
   echo "running at the given rate, $rate req/s" >&2
 else
   echo "finding the maximum rate (p99 <= 20 ms)..." >&2
-  taskset -c 1 "${load[@]}" --find-max-rate 20000 --rate 400 --trial-duration 2 > "$out/max.txt" 2>/dev/null
+  "${rt[@]}" taskset -c 1 "${load[@]}" --find-max-rate 20000 --rate 400 --trial-duration 2 > "$out/max.txt" 2>/dev/null
   max=$(tail -1 "$out/max.txt" | python3 -c 'import json,sys; print(json.load(sys.stdin)["max_rate"])')
   rate=$(python3 -c "print(round($max / 2))")
   echo "max rate $max req/s; running at $rate req/s" >&2
@@ -79,7 +86,7 @@ taskset -c 1 bash -c '
     read -r -t 0.1 <> <(:) || true
   done' | taskset -c 1 awk '{ printf "%.0f %s %s\n", $1 / 1000, $2, $3; fflush() }' > "$logs/rss.txt" &
 rss_pid=$!
-taskset -c 1 "${load[@]}" --rate "$rate" --duration 92 --latency-log "$logs/latency.txt" \
+"${rt[@]}" taskset -c 1 "${load[@]}" --rate "$rate" --duration 92 --latency-log "$logs/latency.txt" \
   > "$out/reload.txt" 2>/dev/null &
 load_pid=$!
 sleep 6
