@@ -200,6 +200,19 @@ pub fn model_file(version_dir: &Path) -> Result<PathBuf, String> {
     }
 }
 
+/// The model directories under the root, by name: directories whose names are UTF-8 and do not
+/// start with `.` (deploys copy into hidden ones).
+pub(crate) fn model_dirs(root: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut names: Vec<(String, PathBuf)> = std::fs::read_dir(root)?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| Some((e.file_name().to_str()?.to_owned(), e.path())))
+        .filter(|(n, _)| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// The versions to try, in order, and how many of them to load.
 fn wanted(policy: &ModelPolicy, on_disk: &[(u64, PathBuf)]) -> (Vec<u64>, usize) {
     let all: Vec<u64> = on_disk.iter().map(|(v, _)| *v).collect();
@@ -228,20 +241,13 @@ impl Registry {
             configured: config.model.keys().cloned().collect(),
             ..Registry::default()
         };
-        let Ok(entries) = std::fs::read_dir(&config.models) else {
+        let Ok(names) = model_dirs(&config.models) else {
             problems.push(LoadProblem {
                 path: config.models.clone(),
                 message: "cannot read the model root".into(),
             });
             return (reg, problems);
         };
-        let mut names: Vec<(String, PathBuf)> = entries
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .filter_map(|e| Some((e.file_name().to_str()?.to_owned(), e.path())))
-            .filter(|(n, _)| !n.starts_with('.'))
-            .collect();
-        names.sort();
         for (name, dir) in names {
             let policy = config.model.get(&name).cloned().unwrap_or_default();
             let on_disk = versions_on_disk(&dir);

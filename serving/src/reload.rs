@@ -133,15 +133,7 @@ fn off_serving_cores(config: &ServerConfig) {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = config.worker_threads();
     if config.pin_cores && workers < cpus {
-        // SAFETY: `set` is a plain bit set on a zeroed cpu_set_t and sched_setaffinity only
-        // reads it; a failure leaves the thread where it was.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            for c in workers..cpus {
-                libc::CPU_SET(c, &mut set);
-            }
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
+        crate::server::set_affinity(workers..cpus);
     }
 }
 
@@ -287,13 +279,10 @@ impl ModelWatch {
     /// Watches the model directories that appeared since the last call and forgets the ones
     /// that are gone.
     fn sync(&mut self, models: &Path) {
-        let now: HashSet<PathBuf> = std::fs::read_dir(models)
+        let now: HashSet<PathBuf> = crate::registry::model_dirs(models)
+            .unwrap_or_default()
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.path())
+            .map(|(_, dir)| dir)
             .collect();
         for gone in self.dirs.difference(&now).cloned().collect::<Vec<_>>() {
             let _ = self.watcher.unwatch(&gone);

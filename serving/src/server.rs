@@ -747,11 +747,15 @@ async fn serve_core(core: Rc<Core>, listener: TcpListener) {
     }
 }
 
-fn pin_to_core(i: usize) {
+/// Restricts the calling thread (and the threads it starts later) to `cpus`; a failure leaves
+/// it where it was.
+pub(crate) fn set_affinity(cpus: impl IntoIterator<Item = usize>) {
     // SAFETY: `set` is a plain bit set on a zeroed cpu_set_t and sched_setaffinity only reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(i, &mut set);
+        for c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
         let _ = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
@@ -769,7 +773,7 @@ fn run_core(
     ready: std::sync::mpsc::Sender<std::io::Result<std::net::SocketAddr>>,
 ) {
     if shared.config.pin_cores {
-        pin_to_core(index);
+        set_affinity([index]);
     }
     let body = move || async move {
         let listener = match bind(addr) {
