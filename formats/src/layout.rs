@@ -202,9 +202,9 @@ pub fn body_checksum_paced(file: &[u8], chunk_log2: u32, bytes_per_sec: u64) -> 
     let chunk = 1usize << chunk_log2.min(usize::BITS - 2);
     let start = std::time::Instant::now();
     let mut done = 0u64;
-    let mut cat = Vec::with_capacity(body.len().div_ceil(chunk) * 8);
+    let mut hasher = BodyHasher::new(chunk_log2);
     for c in body.chunks(chunk) {
-        cat.extend_from_slice(&xxh3_64(c).to_le_bytes());
+        hasher.update(c);
         done += c.len() as u64;
         let due = std::time::Duration::from_secs_f64(done as f64 / bytes_per_sec.max(1) as f64);
         let now = start.elapsed();
@@ -212,7 +212,7 @@ pub fn body_checksum_paced(file: &[u8], chunk_log2: u32, bytes_per_sec: u64) -> 
             std::thread::sleep(due - now);
         }
     }
-    xxh3_64(&cat)
+    hasher.finish()
 }
 
 /// [`body_checksum`] over a body that arrives in pieces: feed it every byte after the header,
