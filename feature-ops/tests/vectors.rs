@@ -2,53 +2,32 @@
 //! (`scripts/feature_ops_vectors.py`), and property tests over random rows.
 
 use proptest::prelude::*;
-use rankd_feature_ops::{CompiledSpec, FeatureSpec, FeatureType, SlotBatch, SlotKind, Value};
+use rankd_feature_ops::{
+    CompiledSpec, FeatureSpec, FeatureType, OwnedValue, SlotBatch, SlotKind, Value,
+};
 use serde_json::Value as Json;
 
-/// Owned storage for one row, so that `Value`s can borrow from it.
-#[derive(Clone, Debug)]
-enum Cell {
-    Missing,
-    Float(f64),
-    Int(i64),
-    Str(String),
-    Ints(Vec<i64>),
-    Strs(Vec<String>),
-}
-
-impl Cell {
-    fn from_json(v: Option<&Json>, ty: FeatureType) -> Cell {
-        match (v, ty) {
-            (None, _) => Cell::Missing,
-            (Some(v), FeatureType::Float) => Cell::Float(v.as_f64().unwrap()),
-            (Some(v), FeatureType::Int) => Cell::Int(v.as_i64().unwrap()),
-            (Some(v), FeatureType::String) => Cell::Str(v.as_str().unwrap().to_owned()),
-            (Some(v), FeatureType::IntList) => Cell::Ints(
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_i64().unwrap())
-                    .collect(),
-            ),
-            (Some(v), FeatureType::StringList) => Cell::Strs(
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_str().unwrap().to_owned())
-                    .collect(),
-            ),
-        }
-    }
-
-    fn value(&self) -> Value<'_> {
-        match self {
-            Cell::Missing => Value::Missing,
-            Cell::Float(v) => Value::F64(*v),
-            Cell::Int(v) => Value::Int(*v),
-            Cell::Str(v) => Value::Str(v),
-            Cell::Ints(v) => Value::IntList(v),
-            Cell::Strs(v) => Value::StrList(v),
-        }
+/// One raw value of the vectors file, owned so that `Value`s can borrow from it.
+fn from_json(v: Option<&Json>, ty: FeatureType) -> OwnedValue {
+    match (v, ty) {
+        (None, _) => OwnedValue::Missing,
+        (Some(v), FeatureType::Float) => OwnedValue::Float(v.as_f64().unwrap()),
+        (Some(v), FeatureType::Int) => OwnedValue::Int(v.as_i64().unwrap()),
+        (Some(v), FeatureType::String) => OwnedValue::Str(v.as_str().unwrap().to_owned()),
+        (Some(v), FeatureType::IntList) => OwnedValue::IntList(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect(),
+        ),
+        (Some(v), FeatureType::StringList) => OwnedValue::StrList(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_owned())
+                .collect(),
+        ),
     }
 }
 
@@ -62,12 +41,12 @@ fn cross_language_vectors() {
     assert!(cases.len() >= 300);
     let mut out = SlotBatch::new();
     for (i, case) in cases.iter().enumerate() {
-        let cells: Vec<Cell> = spec
+        let cells: Vec<OwnedValue> = spec
             .features
             .iter()
-            .map(|f| Cell::from_json(case["row"].get(&f.name), f.ty))
+            .map(|f| from_json(case["row"].get(&f.name), f.ty))
             .collect();
-        let row: Vec<Value<'_>> = cells.iter().map(Cell::value).collect();
+        let row: Vec<Value<'_>> = cells.iter().map(OwnedValue::value).collect();
         out.clear();
         compiled.transform_row(&row, &mut out).unwrap();
         for (s, info) in compiled.slots().iter().enumerate() {
@@ -102,29 +81,29 @@ fn fixture() -> CompiledSpec {
     CompiledSpec::compile(&spec).unwrap()
 }
 
-fn cell_strategy(ty: FeatureType) -> BoxedStrategy<Cell> {
-    let missing = Just(Cell::Missing).boxed();
+fn cell_strategy(ty: FeatureType) -> BoxedStrategy<OwnedValue> {
+    let missing = Just(OwnedValue::Missing).boxed();
     let some = match ty {
         FeatureType::Float => prop_oneof![
-            any::<f64>().prop_map(Cell::Float),
-            (-100.0f64..200.0).prop_map(Cell::Float),
-            Just(Cell::Float(f64::NAN)),
-            Just(Cell::Float(f64::INFINITY)),
+            any::<f64>().prop_map(OwnedValue::Float),
+            (-100.0f64..200.0).prop_map(OwnedValue::Float),
+            Just(OwnedValue::Float(f64::NAN)),
+            Just(OwnedValue::Float(f64::INFINITY)),
         ]
         .boxed(),
-        FeatureType::Int => any::<i64>().prop_map(Cell::Int).boxed(),
-        FeatureType::String => ".{0,40}".prop_map(Cell::Str).boxed(),
+        FeatureType::Int => any::<i64>().prop_map(OwnedValue::Int).boxed(),
+        FeatureType::String => ".{0,40}".prop_map(OwnedValue::Str).boxed(),
         FeatureType::IntList => proptest::collection::vec(any::<i64>(), 0..50)
-            .prop_map(Cell::Ints)
+            .prop_map(OwnedValue::IntList)
             .boxed(),
         FeatureType::StringList => proptest::collection::vec(".{0,20}", 0..20)
-            .prop_map(Cell::Strs)
+            .prop_map(OwnedValue::StrList)
             .boxed(),
     };
     prop_oneof![1 => missing, 4 => some].boxed()
 }
 
-fn row_strategy() -> impl Strategy<Value = Vec<Cell>> {
+fn row_strategy() -> impl Strategy<Value = Vec<OwnedValue>> {
     let spec = fixture();
     spec.features()
         .iter()
@@ -138,7 +117,7 @@ proptest! {
         let spec = fixture();
         let mut batch = SlotBatch::new();
         for cells in &rows {
-            let row: Vec<Value<'_>> = cells.iter().map(Cell::value).collect();
+            let row: Vec<Value<'_>> = cells.iter().map(OwnedValue::value).collect();
             spec.transform_row(&row, &mut batch).unwrap();
         }
         prop_assert_eq!(batch.rows(), rows.len());
@@ -158,7 +137,7 @@ proptest! {
         }
         // Same rows, one at a time in a fresh batch: the same output.
         for (r, cells) in rows.iter().enumerate() {
-            let row: Vec<Value<'_>> = cells.iter().map(Cell::value).collect();
+            let row: Vec<Value<'_>> = cells.iter().map(OwnedValue::value).collect();
             let mut single = SlotBatch::new();
             spec.transform_row(&row, &mut single).unwrap();
             for s in 0..spec.slots().len() {
