@@ -75,8 +75,12 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most requests in flight (read, not yet answered) per connection.
     pub max_pipelined: usize,
-    /// A connection that sends part of a frame and then nothing for this long is closed.
+    /// Every frame must arrive whole (header and body) within this long of its first byte,
+    /// however its bytes trickle in; otherwise the connection is closed.
     pub read_timeout_ms: u64,
+    /// A connection with no request queued, no answer unsent and no frame begun is closed after
+    /// this long without a byte from the client. 0: never.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -88,6 +92,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_pipelined: 256,
             read_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
         }
     }
 }

@@ -70,6 +70,10 @@ pub struct Metrics {
     pub connections: AtomicI64,
     /// Connections closed for a framing error or a stalled frame.
     pub frame_errors: AtomicU64,
+    /// Connections refused at `max_connections`.
+    pub connections_refused: AtomicU64,
+    /// Connections closed after `idle_timeout_ms` without traffic.
+    pub idle_closed: AtomicU64,
     /// Model files rejected while loading.
     pub load_failures: AtomicU64,
     /// Registry snapshots published after the first.
@@ -86,6 +90,8 @@ impl Default for Metrics {
             batch_items: Histogram::new(&BATCH_BUCKETS),
             connections: AtomicI64::new(0),
             frame_errors: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            idle_closed: AtomicU64::new(0),
             load_failures: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             scans: AtomicU64::new(0),
@@ -146,6 +152,16 @@ impl Metrics {
             out,
             "# TYPE rankd_frame_errors_total counter\nrankd_frame_errors_total {}",
             self.frame_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE rankd_connections_refused_total counter\nrankd_connections_refused_total {}",
+            self.connections_refused.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE rankd_connections_idle_closed_total counter\nrankd_connections_idle_closed_total {}",
+            self.idle_closed.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -17,7 +17,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use flatbuffers::FlatBufferBuilder;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 
 use crate::config::ServerConfig;
@@ -96,9 +96,18 @@ impl Future for Notified<'_> {
 #[derive(Default)]
 struct ConnOut {
     buf: RefCell<Vec<u8>>,
+    /// Wakes the writer: a frame was queued, or the connection is closing.
     notify: Notify,
+    /// Wakes the reader: a request was answered or a write completed (room under
+    /// `max_pipelined` again), or the writer failed.
+    space: Notify,
     closed: Cell<bool>,
+    /// Requests read and queued on the batcher, not yet answered.
     inflight: Cell<usize>,
+    /// Responses in `buf`, not yet handed to the socket.
+    unsent: Cell<usize>,
+    /// Responses in the write in progress.
+    sending: Cell<usize>,
 }
 
 impl ConnOut {
@@ -107,7 +116,22 @@ impl ConnOut {
             return;
         }
         write_frame(&mut self.buf.borrow_mut(), msg, id, body);
+        self.unsent.set(self.unsent.get() + 1);
         self.notify.notify();
+    }
+
+    /// Requests of this connection that hold memory in the daemon: queued, answered but not
+    /// yet sent, or being sent. The reader stops at `max_pipelined`.
+    fn pending(&self) -> usize {
+        self.inflight.get() + self.unsent.get() + self.sending.get()
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        self.buf.borrow_mut().clear();
+        self.unsent.set(0);
+        self.notify.notify();
+        self.space.notify();
     }
 }
 
@@ -158,25 +182,6 @@ struct Core {
     since_sample: Cell<u32>,
 }
 
-/// Awaits `read`, or returns `None` (dropping it) as soon as the core is stopping.
-async fn read_or_stop<F: Future>(read: F, stop: &Notify, core: &Core) -> Option<F::Output> {
-    let mut read = std::pin::pin!(read);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = read.as_mut().poll(cx) {
-            return Poll::Ready(Some(v));
-        }
-        if core.stopping.get() {
-            return Poll::Ready(None);
-        }
-        let mut notified = std::pin::pin!(stop.notified());
-        match notified.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
-}
-
 pub(crate) fn verifier_options() -> flatbuffers::VerifierOptions {
     flatbuffers::VerifierOptions {
         max_depth: 64,
@@ -198,6 +203,7 @@ impl Core {
 
     fn finish_request(&self, out: &ConnOut) {
         out.inflight.set(out.inflight.get().saturating_sub(1));
+        out.space.notify();
         self.inflight.set(self.inflight.get().saturating_sub(1));
         self.shared.inflight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -349,6 +355,16 @@ impl Core {
         loop {
             let batch: Vec<Pending> = {
                 let mut q = self.batcher.queue.borrow_mut();
+                // Nobody reads the answers of a connection whose writer failed (reset by the
+                // peer): do not score them.
+                q.retain(|p| {
+                    if p.out.closed.get() {
+                        self.finish_request(&p.out);
+                        false
+                    } else {
+                        true
+                    }
+                });
                 if q.is_empty() {
                     return;
                 }
@@ -553,15 +569,77 @@ async fn writer_task(mut wr: monoio::net::tcp::TcpOwnedWriteHalf, out: Rc<ConnOu
             continue;
         }
         std::mem::swap(&mut spare, &mut *out.buf.borrow_mut());
+        out.sending.set(out.unsent.replace(0));
         let (res, buf) = wr.write_all(spare).await;
         spare = buf;
         spare.clear();
+        out.sending.set(0);
         if res.is_err() {
-            out.closed.set(true);
+            out.close();
             break;
         }
+        out.space.notify();
     }
     let _ = wr.shutdown().await;
+}
+
+/// Why a read ended early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// The deadline passed.
+    Deadline,
+    /// The core is stopping.
+    Stop,
+}
+
+/// Reads into `buf` until data arrives, `deadline` passes or `stop` is notified. An early end
+/// cancels the read and waits for it to finish, so that bytes the kernel already copied are
+/// kept and the buffer comes back: with io_uring a read dropped while in flight would lose
+/// both.
+async fn read_until<T: monoio::buf::IoBufMut>(
+    rd: &mut monoio::net::tcp::TcpOwnedReadHalf,
+    buf: T,
+    deadline: Option<Instant>,
+    stop: Option<&Notify>,
+) -> (std::io::Result<usize>, T, Option<Wake>) {
+    use monoio::io::CancelableAsyncReadRent;
+    let canceller = monoio::io::Canceller::new();
+    let mut read = std::pin::pin!(rd.cancelable_read(buf, canceller.handle()));
+    let wake = {
+        let mut sleep = std::pin::pin!(async {
+            match deadline {
+                Some(d) => monoio::time::sleep(d.saturating_duration_since(Instant::now())).await,
+                None => std::future::pending().await,
+            }
+        });
+        let mut stopped = std::pin::pin!(async {
+            match stop {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        });
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready((res, buf)) = read.as_mut().poll(cx) {
+                return Poll::Ready(Ok((res, buf)));
+            }
+            if stopped.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Wake::Stop));
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Wake::Deadline));
+            }
+            Poll::Pending
+        })
+        .await
+    };
+    match wake {
+        Ok((res, buf)) => (res, buf, None),
+        Err(why) => {
+            let _ = canceller.cancel();
+            let (res, buf) = read.await;
+            (res, buf, Some(why))
+        }
+    }
 }
 
 async fn connection(core: Rc<Core>, stream: TcpStream) {
@@ -577,12 +655,23 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
     }
     let limits = core.shared.config.limits.clone();
     let read_timeout = Duration::from_millis(limits.read_timeout_ms.max(1));
+    let idle_timeout =
+        (limits.idle_timeout_ms > 0).then(|| Duration::from_millis(limits.idle_timeout_ms));
+    let max_pipelined = limits.max_pipelined.max(1);
     let mut inbuf: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut start = 0usize;
     let mut fbb = FlatBufferBuilder::with_capacity(1024);
+    // When the first byte of the incomplete frame at the end of `inbuf` arrived: the whole
+    // frame, header and body, must arrive within `read_timeout_ms` of it.
+    let mut frame_started: Option<Instant> = None;
+    let mut last_activity = Instant::now();
     'conn: loop {
-        // Every complete frame in the buffer.
+        // Every complete frame in the buffer, while this connection is under `max_pipelined`.
+        let mut consumed = false;
         loop {
+            if out.pending() >= max_pipelined {
+                break;
+            }
             let avail = inbuf.len() - start;
             if avail < HEADER_LEN {
                 break;
@@ -609,72 +698,123 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
             }
             let body = inbuf[start + HEADER_LEN..start + total].to_vec();
             start += total;
+            consumed = true;
             core.handle_frame(header, body, &out, &mut fbb);
         }
         if start == inbuf.len() {
             inbuf.clear();
             start = 0;
-        } else if start > (inbuf.capacity() / 2) {
-            inbuf.drain(..start);
-            start = 0;
+            frame_started = None;
+        } else {
+            if consumed {
+                // What is left started after a frame that completed in the last read.
+                frame_started = Some(last_activity);
+            }
+            if start > (inbuf.capacity() / 2) {
+                inbuf.drain(..start);
+                start = 0;
+            }
         }
-        // Backpressure: stop reading while too many requests of this connection are queued.
-        while out.inflight.get() >= limits.max_pipelined && !out.closed.get() {
-            monoio::time::sleep(Duration::from_micros(100)).await;
+        // Backpressure: at `max_pipelined` requests queued, answered-but-unsent or being sent,
+        // read nothing more until the writer or the batcher makes room.
+        if out.pending() >= max_pipelined {
+            while out.pending() >= max_pipelined && !out.closed.get() {
+                out.space.notified().await;
+            }
+            if out.closed.get() {
+                break 'conn;
+            }
+            // Time spent waiting for room does not count against the frame in the buffer.
+            if inbuf.len() > start {
+                frame_started = Some(Instant::now());
+            }
+            continue 'conn;
         }
         // Read straight into the spare capacity of the frame buffer: no intermediate copy.
         if inbuf.capacity() - inbuf.len() < 16 << 10 {
             inbuf.reserve(64 << 10);
         }
         let partial = inbuf.len() > start;
+        let stopping = core.stopping.get();
+        let deadline = if stopping {
+            // Take only what the client has already sent (those requests are answered with
+            // ShuttingDown), then close.
+            Some(Instant::now() + Duration::from_millis(20))
+        } else if let (true, Some(t)) = (partial, frame_started) {
+            Some(t + read_timeout)
+        } else if out.pending() == 0 {
+            idle_timeout.map(|t| last_activity + t)
+        } else {
+            None
+        };
         let (len, cap) = (inbuf.len(), inbuf.capacity());
         let slice = monoio::buf::SliceMut::new(inbuf, len, cap);
-        let (res, slice) = if core.stopping.get() {
-            // Stopping: take only what the client has already sent (those requests are answered
-            // with ShuttingDown), then close.
-            match monoio::time::timeout(Duration::from_millis(20), rd.read(slice)).await {
-                Ok(r) => r,
-                Err(_) => break 'conn,
+        let (res, slice, woken) =
+            read_until(&mut rd, slice, deadline, (!stopping).then_some(&*stop)).await;
+        inbuf = slice.into_inner();
+        match res {
+            Ok(0) => break,
+            Ok(_) => {
+                last_activity = Instant::now();
+                if !partial {
+                    frame_started = Some(last_activity);
+                }
             }
-        } else if partial {
-            match monoio::time::timeout(read_timeout, rd.read(slice)).await {
-                Ok(r) => r,
-                Err(_) => {
+            Err(_) if woken.is_some() => {}
+            Err(_) => break,
+        }
+        if out.closed.get() {
+            break;
+        }
+        if woken == Some(Wake::Deadline) && matches!(res, Err(_) | Ok(0)) {
+            if stopping {
+                break;
+            }
+            if partial {
+                eprintln!(
+                    "rankd: closing connection: a frame did not complete within {} ms",
+                    read_timeout.as_millis()
+                );
+                core.shared
+                    .metrics
+                    .frame_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                core.shared
+                    .metrics
+                    .idle_closed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            break;
+        }
+        // A frame whose deadline passed while its bytes trickled in is closed on the next
+        // round, however recently its last byte came.
+        if let (true, Some(t)) = (inbuf.len() > start, frame_started) {
+            if t.elapsed() > read_timeout && !stopping {
+                let complete = inbuf.len() - start >= HEADER_LEN && {
+                    let hb: &[u8; HEADER_LEN] = inbuf[start..start + HEADER_LEN]
+                        .try_into()
+                        .expect("HEADER_LEN bytes");
+                    FrameHeader::decode(hb, limits.max_frame_bytes)
+                        .is_ok_and(|h| inbuf.len() - start >= HEADER_LEN + h.body_len as usize)
+                };
+                if !complete {
                     eprintln!(
-                        "rankd: closing connection: a frame stalled for {} ms",
+                        "rankd: closing connection: a frame did not complete within {} ms",
                         read_timeout.as_millis()
                     );
                     core.shared
                         .metrics
                         .frame_errors
                         .fetch_add(1, Ordering::Relaxed);
-                    // The read future owned the buffer; it is gone with the connection.
-                    break 'conn;
+                    break;
                 }
             }
-        } else {
-            match read_or_stop(rd.read(slice), &stop, &core).await {
-                Some(r) => r,
-                None => {
-                    // Woken by the stop signal: the cancelled read took the buffer; keep what was
-                    // parsed so far and loop to drain what the client already sent.
-                    inbuf = Vec::with_capacity(64 << 10);
-                    start = 0;
-                    continue;
-                }
-            }
-        };
-        inbuf = slice.into_inner();
-        if matches!(res, Ok(0) | Err(_)) {
-            break;
-        }
-        if out.closed.get() {
-            break;
         }
     }
     // Let queued requests of this connection finish, then stop the writer.
     while out.inflight.get() > 0 {
-        monoio::time::sleep(Duration::from_micros(200)).await;
+        out.space.notified().await;
     }
     out.closed.set(true);
     out.notify.notify();
@@ -707,29 +847,58 @@ async fn batcher_task(core: Rc<Core>) {
 async fn serve_core(core: Rc<Core>, listener: TcpListener) {
     monoio::spawn(batcher_task(core.clone()));
     let grace = Duration::from_millis(core.shared.config.shutdown_grace_ms);
-    loop {
-        if core.shared.shutdown.load(Ordering::Relaxed) {
-            break;
-        }
-        let accepted = monoio::time::timeout(Duration::from_millis(50), listener.accept()).await;
-        let Ok(accepted) = accepted else { continue };
-        match accepted {
-            Ok((stream, _)) => {
-                if core.connections.get() >= core.shared.config.limits.max_connections {
-                    eprintln!("rankd: connection limit reached; refusing a connection");
-                    drop(stream);
-                    continue;
+    {
+        // One accept stays in flight across the shutdown checks, and is cancelled and awaited,
+        // never dropped: with io_uring an accept dropped after the kernel completed it would
+        // leak the accepted socket, a connection that nobody ever reads or answers.
+        let canceller = monoio::io::Canceller::new();
+        let mut accept = Box::pin(listener.cancelable_accept(canceller.handle()));
+        loop {
+            let got = {
+                let mut tick = std::pin::pin!(monoio::time::sleep(Duration::from_millis(50)));
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = accept.as_mut().poll(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                    tick.as_mut().poll(cx).map(|()| None)
+                })
+                .await
+            };
+            let accepted = match got {
+                Some(r) => {
+                    accept = Box::pin(listener.cancelable_accept(canceller.handle()));
+                    r
                 }
-                core.connections.set(core.connections.get() + 1);
-                core.shared
-                    .metrics
-                    .connections
-                    .fetch_add(1, Ordering::Relaxed);
-                monoio::spawn(connection(core.clone(), stream));
-            }
-            Err(e) => {
-                eprintln!("rankd: accept failed: {e}");
-                monoio::time::sleep(Duration::from_millis(10)).await;
+                None if core.shared.shutdown.load(Ordering::Relaxed) => {
+                    let _ = canceller.cancel();
+                    // An accept that completed anyway is closed: the server is stopping.
+                    drop(accept.await);
+                    break;
+                }
+                None => continue,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    if core.connections.get() >= core.shared.config.limits.max_connections {
+                        core.shared
+                            .metrics
+                            .connections_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        eprintln!("rankd: connection limit reached; refusing a connection");
+                        drop(stream);
+                        continue;
+                    }
+                    core.connections.set(core.connections.get() + 1);
+                    core.shared
+                        .metrics
+                        .connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    monoio::spawn(connection(core.clone(), stream));
+                }
+                Err(e) => {
+                    eprintln!("rankd: accept failed: {e}");
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
             }
         }
     }

@@ -230,45 +230,127 @@ struct SlotJson<'a> {
     name: &'a str,
     kind: &'static str,
     num_ids: Option<u32>,
+    /// The transform as the text form writes it, e.g. `piecewise(age; boundaries [18, 25])`.
+    transform: String,
 }
 
 #[derive(Serialize)]
+struct EmbeddingJson<'a> {
+    slot: &'a str,
+    rows: u64,
+    dim: u32,
+    pooling: rankd_formats::Pooling,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct LayerJson {
+    in_dim: u32,
+    out_dim: u32,
+    activation: rankd_formats::Activation,
+}
+
+/// Everything the text form shows, by name, plus the whole spec.
+#[derive(Serialize)]
 struct InspectJson<'a> {
+    name: &'a str,
+    version: u64,
+    producer: &'a str,
+    created: String,
+    created_unix_ms: i64,
     path: String,
     file_len: u64,
     format_version: u32,
     body_checksum: String,
     checksum_verified: bool,
     kind: &'static str,
-    created: String,
+    /// Metric name to value (a non-finite value is `null`).
+    metrics: serde_json::Map<String, serde_json::Value>,
+    properties: std::collections::BTreeMap<&'a str, &'a str>,
+    hash_seed: u64,
+    features: &'a [rankd_feature_ops::RawFeature],
     slots: Vec<SlotJson<'a>>,
+    embeddings: Vec<EmbeddingJson<'a>>,
+    wide: Option<&'a rankd_formats::Wide>,
+    deep_input_dim: u64,
+    dense_inputs: &'a [String],
+    deep: Vec<LayerJson>,
+    fm: bool,
     spec: &'a rankd_formats::ModelSpec,
 }
 
-/// `rankd-tool inspect --json`: one JSON object.
+/// `rankd-tool inspect --json`: one JSON object carrying everything the text form shows.
 pub fn inspect_json(model: &ModelFile) -> Result<String> {
     let spec = model.spec();
+    let m = &spec.metadata;
+    let a = &spec.architecture;
     let j = InspectJson {
+        name: &m.name,
+        version: m.version,
+        producer: &m.producer,
+        created: format_unix_ms(m.created_unix_ms),
+        created_unix_ms: m.created_unix_ms,
         path: model.path().display().to_string(),
         file_len: model.header().file_len,
         format_version: model.header().version,
         body_checksum: format!("{:#018x}", model.header().body_checksum),
         checksum_verified: model.integrity() == Integrity::Verified,
-        kind: spec.architecture.kind(),
-        created: format_unix_ms(spec.metadata.created_unix_ms),
+        kind: a.kind(),
+        metrics: m
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+            .collect(),
+        properties: m
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        hash_seed: spec.features.hash_seed,
+        features: &spec.features.features,
         slots: model
             .compiled()
             .slots()
             .iter()
-            .map(|s| SlotJson {
+            .zip(&spec.features.slots)
+            .map(|(s, slot)| SlotJson {
                 name: &s.name,
                 kind: match s.kind {
                     SlotKind::Ids { .. } => "ids",
                     SlotKind::Dense => "dense",
                 },
                 num_ids: s.kind.num_ids(),
+                transform: describe_transform(&slot.transform),
             })
             .collect(),
+        embeddings: a
+            .embeddings
+            .iter()
+            .map(|e| EmbeddingJson {
+                slot: &e.slot,
+                rows: e.rows,
+                dim: e.dim,
+                pooling: e.pooling,
+                bytes: e.weights.len * 4,
+            })
+            .collect(),
+        wide: a.wide.as_ref(),
+        deep_input_dim: if a.deep.is_empty() {
+            0
+        } else {
+            a.deep_input_dim()
+        },
+        dense_inputs: &a.dense_inputs,
+        deep: a
+            .deep
+            .iter()
+            .map(|l| LayerJson {
+                in_dim: l.in_dim,
+                out_dim: l.out_dim,
+                activation: l.activation,
+            })
+            .collect(),
+        fm: a.fm,
         spec,
     };
     Ok(serde_json::to_string_pretty(&j)?)

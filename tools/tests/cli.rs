@@ -74,6 +74,57 @@ fn inspect_json_is_one_machine_readable_object() {
         .is_empty());
 }
 
+/// Every fact the text form prints is in the JSON form too, under a top-level key.
+#[test]
+fn inspect_json_carries_everything_the_text_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth(dir.path(), "deepfm");
+    let (ok, text, err) = tool(&["inspect", &path]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = tool(&["inspect", "--json", &path]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["name"], "demo");
+    assert_eq!(v["version"], 3);
+    let producer = v["producer"].as_str().unwrap();
+    assert!(text.contains(&format!("producer    {producer}")), "{text}");
+    assert!(text.contains(&format!("created     {}", v["created"].as_str().unwrap())));
+    let props = v["properties"].as_object().unwrap();
+    assert!(!props.is_empty(), "{out}");
+    for (k, val) in props {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(k.as_str())
+                    && l.ends_with(val.as_str().unwrap())),
+            "property {k} not in the text form:\n{text}"
+        );
+    }
+    assert!(v["metrics"].is_object());
+    assert_eq!(v["hash_seed"], 0);
+    assert_eq!(v["features"][1]["name"], "user_city");
+    assert_eq!(v["features"][1]["type"], "string");
+    let slots = v["slots"].as_array().unwrap();
+    for s in slots {
+        let t = s["transform"].as_str().unwrap();
+        assert!(text.contains(t), "`{t}` not in the text form");
+    }
+    assert!(slots
+        .iter()
+        .any(|s| s["transform"] == "descartes(age_bucket, city)"));
+    assert_eq!(v["embeddings"][0]["dim"], 8);
+    assert!(v["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["slot"] == "item" && e["rows"] == 1001 && e["pooling"] == "sum"));
+    assert_eq!(v["deep"][0]["in_dim"], 50);
+    assert_eq!(v["deep"][0]["out_dim"], 32);
+    assert_eq!(v["deep"][0]["activation"], "relu");
+    assert_eq!(v["deep_input_dim"], 50);
+    assert_eq!(v["fm"], true);
+    assert!(v["wide"]["slots"].is_array());
+}
+
 #[test]
 fn validate_exits_non_zero_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();

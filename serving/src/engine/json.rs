@@ -11,14 +11,18 @@ use super::{FeatureSet, Request};
 fn from_json(v: Json, name: &str, declared: FeatureType) -> Result<OwnedValue, String> {
     Ok(match v {
         Json::Null => OwnedValue::Missing,
+        // An integer literal within i64 is an integer; every other number (a fraction, an
+        // exponent, an integer literal beyond i64 either way) is a float: the nearest f64 to the
+        // decimal text (serde_json's `float_roundtrip`). A float feature takes both; for an int
+        // feature a number that is not an i64 is an error, never rounded or wrapped.
         Json::Number(n) => match (n.as_i64(), n.as_f64()) {
             (Some(i), _) => OwnedValue::Int(i),
-            (None, Some(f)) if n.is_f64() => OwnedValue::Float(f),
-            _ => {
+            (None, Some(_)) if matches!(declared, FeatureType::Int | FeatureType::IntList) => {
                 return Err(format!(
-                    "feature `{name}`: integer {n} is out of the i64 range"
+                    "feature `{name}`: {n} is not a 64-bit signed integer"
                 ))
             }
+            (None, f) => OwnedValue::Float(f.unwrap_or(f64::NAN)),
         },
         Json::String(s) => OwnedValue::Str(s),
         Json::Array(a) if a.is_empty() => match declared {
@@ -121,5 +125,127 @@ impl Request for JsonRequest {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rankd_feature_ops::{FeatureSpec, SlotBatch};
+
+    fn spec(boundaries: &[f64]) -> CompiledSpec {
+        let bounds: Vec<String> = boundaries.iter().map(|b| format!("{b:?}")).collect();
+        let toml = format!(
+            "[[features]]\nname = \"x\"\ntype = \"float\"\n[[features]]\nname = \"n\"\ntype = \"int\"\n\
+             [[slots]]\nname = \"x_bucket\"\ntransform = \"piecewise\"\ninput = \"x\"\nboundaries = [{}]\n",
+            bounds.join(", ")
+        );
+        let spec: FeatureSpec = toml::from_str(&toml).unwrap();
+        CompiledSpec::compile(&spec).unwrap()
+    }
+
+    /// The float the JSON path read for item 0's `x`.
+    fn read_x(spec: &CompiledSpec, text: &str) -> f64 {
+        let r = JsonRequest::parse(spec, &format!(r#"{{"items": [{{"x": {text}}}]}}"#)).unwrap();
+        match r.item_value(0, 0) {
+            Value::F64(v) => v,
+            Value::Int(i) => i as f64,
+            other => panic!("{text}: read as {other:?}"),
+        }
+    }
+
+    struct One<'a>(&'a JsonRequest);
+    impl rankd_feature_ops::Row for One<'_> {
+        fn value(&self, feature: usize) -> Value<'_> {
+            self.0.item_value(0, feature)
+        }
+    }
+
+    fn bucket(spec: &CompiledSpec, text: &str) -> u32 {
+        let r = JsonRequest::parse(spec, &format!(r#"{{"items": [{{"x": {text}}}]}}"#)).unwrap();
+        let mut batch = SlotBatch::new();
+        spec.transform_row(&One(&r), &mut batch).unwrap();
+        batch.ids(0, 0)[0]
+    }
+
+    #[test]
+    fn floats_are_read_exactly_on_and_beside_boundaries() {
+        let b = [-91.0, 3.1377761363983154];
+        let s = spec(&b);
+        for (i, &v) in b.iter().enumerate() {
+            let below = f64::from_bits(if v > 0.0 {
+                v.to_bits() - 1
+            } else {
+                v.to_bits() + 1
+            });
+            let above = f64::from_bits(if v > 0.0 {
+                v.to_bits() + 1
+            } else {
+                v.to_bits() - 1
+            });
+            for (x, want) in [(below, i as u32), (v, i as u32 + 1), (above, i as u32 + 1)] {
+                let text = format!("{x:?}");
+                assert_eq!(read_x(&s, &text).to_bits(), x.to_bits(), "{text}");
+                assert_eq!(bucket(&s, &text), want, "{text}");
+            }
+        }
+        assert_eq!(bucket(&s, "-91.00000000000001"), 0);
+        assert_eq!(bucket(&s, "3.1377761363983154"), 2);
+    }
+
+    #[test]
+    fn random_doubles_round_trip() {
+        let s = spec(&[]);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut checked = 0;
+        while checked < 20_000 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let x = f64::from_bits(state ^ (state >> 29));
+            if !x.is_finite() {
+                continue;
+            }
+            // Shortest round-trip text, then the same in exponent form and with 17 digits.
+            for text in [format!("{x:?}"), format!("{x:e}"), format!("{x:.16e}")] {
+                assert_eq!(read_x(&s, &text).to_bits(), x.to_bits(), "{text}");
+            }
+            checked += 1;
+        }
+    }
+
+    #[test]
+    fn integers_beyond_i64() {
+        let s = spec(&[]);
+        // For a float feature every integer literal is a number, beyond i64 in either direction.
+        for text in [
+            "9223372036854775807",
+            "9223372036854775808",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "1e300",
+        ] {
+            let want: f64 = text.parse().unwrap();
+            assert_eq!(read_x(&s, text), want, "{text}");
+        }
+        // For an int feature, anything that is not an i64 is refused, whichever side it is on.
+        for text in [
+            "9223372036854775808",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "1.5",
+        ] {
+            let line = format!(r#"{{"items": [{{"n": {text}}}]}}"#);
+            let e = JsonRequest::parse(&s, &line).err();
+            assert!(
+                e.as_deref()
+                    .is_some_and(|m| m.contains("not a 64-bit signed integer")),
+                "{text}: {e:?}"
+            );
+        }
+        let ok = JsonRequest::parse(&s, r#"{"items": [{"n": -9223372036854775808}]}"#).unwrap();
+        assert!(matches!(ok.item_value(0, 1), Value::Int(i64::MIN)));
     }
 }

@@ -22,7 +22,9 @@ impl Drop for Daemon {
 /// Starts `rankd` on ephemeral ports over `root`, with an optional config file and extra flags
 /// (two worker threads unless `extra` sets `--threads`), and waits until it serves.
 pub fn start_daemon(root: &Path, config: Option<&Path>, extra: &[&str]) -> Daemon {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankd"));
+    // RANKD_BIN runs the tests against another build (e.g. an older one, to see a test fail).
+    let bin = std::env::var_os("RANKD_BIN").unwrap_or(env!("CARGO_BIN_EXE_rankd").into());
+    let mut cmd = Command::new(bin);
     cmd.args(extra);
     if !extra.contains(&"--threads") {
         cmd.args(["--threads", "2"]);
