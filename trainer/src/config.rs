@@ -14,13 +14,23 @@ use crate::error::{Result, TrainError};
 pub struct TrainSettings {
     /// Training data files (CSV with a header).
     pub train_files: Vec<PathBuf>,
-    /// Evaluation data files.
-    #[serde(default)]
+    /// Validation data files: evaluated after every epoch; early stopping and the kept epoch
+    /// are decided on them. `valid_files` in the config (`eval_files` is the older name of the
+    /// same setting; giving both is an error).
+    #[serde(default, alias = "valid_files")]
     pub eval_files: Vec<PathBuf>,
-    /// Without eval files: hold out this fraction of the training rows for evaluation
+    /// Without validation files: hold out this fraction of the training rows for validation
     /// (chosen by a hash of the row number and the seed, so every process agrees).
-    #[serde(default)]
+    /// `valid_split` in the config (`eval_split` is the older name).
+    #[serde(default, alias = "valid_split")]
     pub eval_split: Option<f64>,
+    /// Test data files: evaluated once, with the weights that are written, for the reported
+    /// metrics (`test_*` in the model file). Never used to choose an epoch.
+    #[serde(default)]
+    pub test_files: Vec<PathBuf>,
+    /// What early stopping and the kept epoch go by: `auc` (higher is better) or `logloss`.
+    #[serde(default)]
+    pub early_stopping_metric: StopMetric,
     /// The label column (0/1).
     #[serde(default = "default_label")]
     pub label: String,
@@ -60,7 +70,8 @@ pub struct TrainSettings {
     /// Seed of the initialization and the shuffling.
     #[serde(default)]
     pub seed: u64,
-    /// Stop after this many epochs without a better eval AUC (0: never).
+    /// Stop after this many epochs without a better validation metric, and keep the best
+    /// epoch's weights (0: never stop early; the last epoch's weights are kept).
     #[serde(default)]
     pub early_stopping: usize,
     /// Model name written into the file.
@@ -87,11 +98,40 @@ pub struct TrainSettings {
     #[serde(default)]
     pub fit: Vec<crate::fit::FitRule>,
     /// Write a checkpoint every this many epochs (0: never).
-    #[serde(default)]
+    #[serde(default = "one_worker")]
     pub checkpoint_every: usize,
     /// Where checkpoints go (default: `<output>.ckpt`).
     #[serde(default)]
     pub checkpoint: Option<PathBuf>,
+}
+
+/// The validation metric early stopping goes by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMetric {
+    /// Area under the ROC curve: higher is better.
+    #[default]
+    Auc,
+    /// Log loss: lower is better.
+    Logloss,
+}
+
+impl StopMetric {
+    /// The metric as a score where higher is better.
+    pub fn score(self, m: &crate::metrics::EvalMetrics) -> f64 {
+        match self {
+            StopMetric::Auc => m.auc,
+            StopMetric::Logloss => -m.logloss,
+        }
+    }
+
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopMetric::Auc => "auc",
+            StopMetric::Logloss => "logloss",
+        }
+    }
 }
 
 /// How workers combine their gradients.
@@ -230,16 +270,31 @@ impl TrainConfig {
         } else {
             return Err(TrainError::Config("the config has no [train] table".into()));
         }
+        if let Some(toml::Value::Table(t)) = table.get("train") {
+            for (new, old) in [("valid_files", "eval_files"), ("valid_split", "eval_split")] {
+                if t.contains_key(new) && t.contains_key(old) {
+                    return Err(TrainError::Config(format!(
+                        "[train] gives both {new} and {old}, two names of one setting; keep {new}"
+                    )));
+                }
+            }
+        }
         let TrainOnly { mut train } = toml::Value::Table(only)
             .try_into()
             .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
         train.train_files = expand(&train.train_files, base)?;
         train.eval_files = expand(&train.eval_files, base)?;
+        train.test_files = expand(&train.test_files, base)?;
         if let Some(f) = train.eval_split {
             if !(f > 0.0 && f < 1.0) {
                 return Err(TrainError::Config(format!(
-                    "eval_split {f} must be between 0 and 1"
+                    "valid_split {f} must be between 0 and 1"
                 )));
+            }
+            if !train.eval_files.is_empty() {
+                return Err(TrainError::Config(
+                    "give valid_files or valid_split, not both".into(),
+                ));
             }
         }
         if train.batch_size == 0 || train.epochs == 0 {

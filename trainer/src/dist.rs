@@ -384,7 +384,7 @@ pub fn run_ps(
     let trained = crate::train_with(config, Some((checkpoint, resume)), Some(&mut remote), log)?;
     remote.stop();
     crate::write(config, &trained, output)?;
-    Ok(trained.history.last().map_or(f64::NAN, |m| m.auc))
+    Ok(trained.kept().auc)
 }
 
 /// Runs a worker until the server says stop.

@@ -38,16 +38,35 @@ pub struct Trained {
     pub params: Params,
     /// The layout.
     pub layout: Layout,
-    /// Eval metrics after each epoch.
+    /// Validation metrics after each epoch.
     pub history: Vec<EvalMetrics>,
-    /// Final eval predictions, in eval-row order.
+    /// The epoch whose weights were kept (0-based, counting the epochs of a resumed run): the
+    /// best one by `early_stopping_metric` with early stopping on, else the last.
+    pub kept_epoch: usize,
+    /// Validation predictions of the kept weights, in row order.
     pub eval_predictions: Vec<f32>,
-    /// The eval data.
+    /// The validation data.
     pub eval: data::Dataset,
+    /// Metrics of the kept weights on `test_files`, when given.
+    pub test: Option<EvalMetrics>,
     /// Training examples per second over the run.
     pub samples_per_second: f64,
     /// The model config with fitted vocabularies and boundaries: what the model file holds.
     pub model: rankd_formats::config::ModelConfig,
+    /// Epochs run by the run this one resumed (0 without `--resume`).
+    pub epochs_before: usize,
+}
+
+impl Trained {
+    /// Epochs run, counting those of a run this one resumed.
+    pub fn epochs_run(&self) -> usize {
+        self.epochs_before + self.history.len()
+    }
+
+    /// Validation metrics of the kept weights.
+    pub fn kept(&self) -> EvalMetrics {
+        evaluate(&self.eval_predictions, &self.eval.labels)
+    }
 }
 
 /// Trains per `config`; progress goes to `log`.
@@ -159,6 +178,7 @@ pub fn train_with(
     let mut rng = Rng::new(s.seed.wrapping_add(1));
     let eval_rows: Vec<usize> = (0..eval.labels.len()).collect();
     let mut history = Vec::new();
+    let metric = s.early_stopping_metric;
     let mut best = (f64::NEG_INFINITY, params.clone(), 0usize);
     let mut trained = 0usize;
     let mut busy = 0f64;
@@ -289,8 +309,8 @@ pub fn train_with(
             m.calibration
         );
         history.push(m);
-        let stop = if m.auc > best.0 {
-            best = (m.auc, params.clone(), epoch);
+        let stop = if metric.score(&m) > best.0 {
+            best = (metric.score(&m), params.clone(), epoch);
             false
         } else {
             s.early_stopping > 0 && epoch - best.2 >= s.early_stopping
@@ -309,33 +329,88 @@ pub fn train_with(
         if stop {
             let _ = writeln!(
                 log,
-                "early stop: no better eval auc for {} epochs",
+                "early stop: no better validation {} for {} epochs",
+                metric.as_str(),
                 s.early_stopping
             );
             break;
         }
     }
-    if s.early_stopping > 0 {
+    let kept_epoch = if s.early_stopping > 0 {
         params = best.1;
-    }
+        best.2
+    } else {
+        s.epochs.max(1) - 1
+    };
     preds.clear();
     for chunk in eval_rows.chunks(4096) {
         compute.predict(&layout, &params, &eval.slots, chunk, &mut preds);
     }
+    let kept = evaluate(&preds, &eval.labels);
+    let _ = writeln!(
+        log,
+        "kept epoch {}: validation auc {:.4} logloss {:.4} accuracy {:.4}",
+        kept_epoch + 1,
+        kept.auc,
+        kept.logloss,
+        kept.accuracy
+    );
+    let test = if s.test_files.is_empty() {
+        None
+    } else {
+        let test = data::load(&s.test_files, &spec, s)?;
+        let rows: Vec<usize> = (0..test.labels.len()).collect();
+        let mut test_preds = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(4096) {
+            compute.predict(&layout, &params, &test.slots, chunk, &mut test_preds);
+        }
+        let m = evaluate(&test_preds, &test.labels);
+        let _ = writeln!(
+            log,
+            "test ({} rows): auc {:.4} logloss {:.4} accuracy {:.4} calibration {:.3}",
+            rows.len(),
+            m.auc,
+            m.logloss,
+            m.accuracy,
+            m.calibration
+        );
+        Some(m)
+    };
     Ok(Trained {
         params,
         layout,
         history,
+        kept_epoch,
         eval_predictions: preds,
         eval,
+        test,
         samples_per_second: trained as f64 / busy.max(1e-9),
         model: fitted,
+        epochs_before: first_epoch,
     })
 }
 
-/// Writes the trained model with its final eval metrics in the metadata.
+/// Writes the trained model with the metrics of the weights it holds in the metadata:
+/// `eval_*` on the validation set, `test_*` on the test set when there is one, `epochs` (how
+/// many ran in this process and any run it resumed) and `kept_epoch` (1-based).
 pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_formats::Written> {
     let m = evaluate(&t.eval_predictions, &t.eval.labels);
+    let mut metrics = vec![
+        ("eval_auc".into(), m.auc),
+        ("eval_logloss".into(), m.logloss),
+        ("eval_accuracy".into(), m.accuracy),
+        ("eval_calibration".into(), m.calibration),
+        ("epochs".into(), t.epochs_run() as f64),
+        ("kept_epoch".into(), (t.kept_epoch + 1) as f64),
+    ];
+    if let Some(test) = &t.test {
+        metrics.extend([
+            ("test_auc".into(), test.auc),
+            ("test_logloss".into(), test.logloss),
+            ("test_accuracy".into(), test.accuracy),
+            ("test_calibration".into(), test.calibration),
+        ]);
+    }
     let metadata = Metadata {
         name: config.train.name.clone(),
         version: config.train.version,
@@ -343,14 +418,14 @@ pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_for
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
         producer: format!("rankd-train {}", env!("CARGO_PKG_VERSION")),
-        metrics: vec![
-            ("eval_auc".into(), m.auc),
-            ("eval_logloss".into(), m.logloss),
-            ("eval_accuracy".into(), m.accuracy),
-            ("eval_calibration".into(), m.calibration),
-            ("epochs".into(), t.history.len() as f64),
+        metrics,
+        properties: vec![
+            ("seed".into(), config.train.seed.to_string()),
+            (
+                "early_stopping_metric".into(),
+                config.train.early_stopping_metric.as_str().into(),
+            ),
         ],
-        properties: vec![("seed".into(), config.train.seed.to_string())],
     };
     Ok(write_model(
         &t.model,

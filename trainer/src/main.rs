@@ -111,7 +111,10 @@ fn run(cli: Cli) -> Result<()> {
                 resume,
                 &mut std::io::stderr(),
             )?;
-            eprintln!("rankd-train: wrote {}; eval auc {auc:.4}", output.display());
+            eprintln!(
+                "rankd-train: wrote {}; validation auc {auc:.4} (kept epoch)",
+                output.display()
+            );
             Ok(())
         }
         Some(Role::Worker { config, ps, index }) => {
@@ -136,12 +139,18 @@ fn run(cli: Cli) -> Result<()> {
                 &mut std::io::stderr(),
             )?;
             let written = rankd_trainer::write(&config, &trained, &output)?;
-            let last = trained.history.last().copied();
+            let kept = trained.kept();
+            let test = trained.test.map_or(String::new(), |t| {
+                format!("; test auc {:.4} logloss {:.4}", t.auc, t.logloss)
+            });
             println!(
-                "wrote {} ({} bytes); eval auc {:.4}; {:.0} samples/s",
+                "wrote {} ({} bytes); kept epoch {} of {}: validation auc {:.4} logloss {:.4}{test}; {:.0} samples/s",
                 output.display(),
                 written.file_len,
-                last.map_or(f64::NAN, |m| m.auc),
+                trained.kept_epoch + 1,
+                trained.epochs_run(),
+                kept.auc,
+                kept.logloss,
                 trained.samples_per_second
             );
             Ok(())

@@ -254,3 +254,90 @@ fn globs_and_a_held_out_split() {
     let err = TrainConfig::from_toml(&bad, dir.path()).unwrap_err();
     assert!(err.to_string().contains("matches no file"), "{err}");
 }
+
+/// Early stopping keeps the best epoch by the validation metric: the kept epoch, its printed and
+/// stored metrics are that epoch's, not the last one's; test metrics come from a separate set and
+/// the same weights.
+#[test]
+fn the_kept_epoch_and_its_metrics_are_reported() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = slice_config(&data, dir.path(), 2000, 800);
+    config.train.test_files = vec![head_from(
+        &data.join("test.csv"),
+        800,
+        800,
+        dir.path(),
+        "held.csv",
+    )];
+    // A learning rate high enough to overfit 2,000 rows: the best epoch comes before the last.
+    config.train.epochs = 10;
+    config.train.lr_dense = 0.02;
+    config.train.lr_sparse = 0.5;
+    config.train.early_stopping = 100;
+    for metric in [
+        rankd_trainer::config::StopMetric::Auc,
+        rankd_trainer::config::StopMetric::Logloss,
+    ] {
+        config.train.early_stopping_metric = metric;
+        let mut log = Vec::new();
+        let trained = rankd_trainer::train(&config, &mut log).unwrap();
+        let log = String::from_utf8(log).unwrap();
+        let best = (0..trained.history.len())
+            .max_by(|&a, &b| {
+                metric
+                    .score(&trained.history[a])
+                    .total_cmp(&metric.score(&trained.history[b]))
+            })
+            .unwrap();
+        assert_eq!(trained.kept_epoch, best, "{metric:?}\n{log}");
+        assert!(
+            best + 1 < trained.history.len(),
+            "{metric:?}: the last epoch was the best; the test needs an earlier one\n{log}"
+        );
+        let kept = trained.kept();
+        assert!((kept.auc - trained.history[best].auc).abs() < 1e-12);
+        assert!((kept.logloss - trained.history[best].logloss).abs() < 1e-12);
+        assert!(
+            log.contains(&format!(
+                "kept epoch {}: validation auc {:.4}",
+                best + 1,
+                kept.auc
+            )),
+            "{log}"
+        );
+        let test = trained.test.expect("test metrics");
+        assert!(test.auc > 0.5 && test.auc != kept.auc);
+        let path = dir.path().join("kept.rkm");
+        rankd_trainer::write(&config, &trained, &path).unwrap();
+        let file = rankd_formats::ModelFile::open(&path).unwrap();
+        let stored: std::collections::HashMap<&str, f64> = file
+            .spec()
+            .metadata
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(stored["kept_epoch"], (best + 1) as f64);
+        assert_eq!(stored["epochs"], trained.history.len() as f64);
+        assert_eq!(stored["eval_auc"], kept.auc);
+        assert_eq!(stored["test_auc"], test.auc);
+        assert_served_equal(&path, &trained);
+    }
+}
+
+/// `n` lines after the first `skip` data lines of a CSV (plus the header), written to `dir`.
+fn head_from(src: &Path, skip: usize, n: usize, dir: &Path, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(src).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let out: Vec<&str> = std::iter::once(header)
+        .chain(lines.skip(skip).take(n))
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, out.join("\n")).unwrap();
+    path
+}
