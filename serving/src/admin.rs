@@ -1,20 +1,30 @@
 //! The HTTP admin port: `/metrics` (Prometheus text), `/healthz`, `/readyz`, `/models` (JSON).
-//! A small blocking HTTP/1.1 server on its own thread, off the cores' request path.
+//!
+//! hyper's HTTP/1.1 server on a one-thread tokio runtime of its own (the `rankd-admin` thread,
+//! off the serving cores): connections are served concurrently, so a slow or idle client never
+//! delays a health probe; request headers are bounded in size ([`MAX_HEADER_BYTES`], else 431)
+//! and in time ([`HEADER_TIMEOUT`]); at most [`MAX_CONNECTIONS`] connections are open, each for
+//! at most [`CONNECTION_LIFETIME`]; methods other than GET and HEAD get 405.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+
 use crate::server::Shared;
 
-fn respond(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) {
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-}
+/// Most bytes of a request's line and headers.
+pub const MAX_HEADER_BYTES: usize = 16 << 10;
+/// A request's line and headers must arrive within this long.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most open admin connections; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A keep-alive connection is closed after this long, whatever it does.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
 /// The `/models` document.
 pub fn models_json(shared: &Shared) -> String {
@@ -50,61 +60,103 @@ pub fn models_json(shared: &Shared) -> String {
     serde_json::json!({ "ready": reg.ready(), "models": models }).to_string()
 }
 
-fn handle(mut stream: TcpStream, shared: &Shared) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut line = String::new();
-    {
-        let mut reader = BufReader::new(&mut stream);
-        if reader.read_line(&mut line).is_err() {
-            return;
-        }
-        // Drain the headers.
-        let mut h = String::new();
-        while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
-            h.clear();
-        }
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
-    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    r
+}
+
+/// Answers one request.
+pub fn route(shared: &Shared, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let known = matches!(path, "/metrics" | "/healthz" | "/readyz" | "/models");
+    if !known {
+        return text(StatusCode::NOT_FOUND, "text/plain", "not found\n");
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET and HEAD\n",
+        );
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
+    }
     match path {
-        "/metrics" => {
-            let body = shared.metrics.render(&shared.registry());
-            respond(&mut stream, "200 OK", "text/plain; version=0.0.4", &body);
-        }
-        "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n"),
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.render(&shared.registry()),
+        ),
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             if shared.registry().ready()
                 && !shared.shutdown.load(std::sync::atomic::Ordering::Relaxed)
             {
-                respond(&mut stream, "200 OK", "text/plain", "ready\n");
+                text(StatusCode::OK, "text/plain", "ready\n")
             } else {
-                respond(
-                    &mut stream,
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n",
-                );
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
-        "/models" => respond(
-            &mut stream,
-            "200 OK",
-            "application/json",
-            &models_json(shared),
-        ),
-        _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n"),
+        _ => text(StatusCode::OK, "application/json", models_json(shared)),
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                eprintln!("rankd: admin accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let r = route(&shared, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(slot);
+        });
     }
 }
 
 /// Serves the admin port on a background thread. Returns the bound address.
-pub fn start(shared: Arc<Shared>) -> std::io::Result<std::net::SocketAddr> {
-    let listener = TcpListener::bind(shared.config.admin)?;
+pub fn start(shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(shared.config.admin)?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
     std::thread::Builder::new()
         .name("rankd-admin".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                handle(stream, &shared);
-            }
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => serve(l, shared).await,
+                    Err(e) => eprintln!("rankd: admin port: {e}"),
+                }
+            })
         })?;
     Ok(addr)
 }

@@ -58,6 +58,23 @@ impl Histogram {
     }
 }
 
+/// A label value escaped for the Prometheus text format: backslash, double quote and line feed.
+pub fn escape_label(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    let mut out = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
 /// All metrics of the process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -113,6 +130,7 @@ impl Metrics {
         {
             let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
             for ((model, version, outcome), n) in m.iter() {
+                let model = escape_label(model);
                 let _ = writeln!(
                     out,
                     "rankd_requests_total{{model=\"{model}\",version=\"{version}\",outcome=\"{outcome}\"}} {n}"
@@ -131,6 +149,7 @@ impl Metrics {
         );
         out.push_str("# HELP rankd_model_mapped_bytes Bytes memory-mapped per loaded model version.\n# TYPE rankd_model_mapped_bytes gauge\n");
         for (name, e) in &registry.models {
+            let name = escape_label(name);
             for (v, m) in &e.versions {
                 let _ = writeln!(
                     out,

@@ -72,7 +72,11 @@ fn wait_for_version(c: &mut Connection, want: u64, within: Duration) -> Duration
 
 fn metrics(admin: SocketAddr) -> String {
     let mut s = TcpStream::connect(admin).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
