@@ -90,6 +90,11 @@ enum Op {
         clip: Option<f64>,
         log1p: bool,
     },
+    Prefix {
+        feature: usize,
+        length: usize,
+        buckets: FastMod,
+    },
 }
 
 /// A validated feature spec, ready to transform rows.
@@ -173,7 +178,10 @@ impl CompiledSpec {
         let ty = self.features[idx].ty;
         let ok = match transform {
             Transform::Piecewise { .. } | Transform::Normalize { .. } => ty.is_numeric(),
-            Transform::Pickcat { .. } | Transform::Combinehash { .. } => ty.is_categorical(),
+            Transform::Pickcat { .. } | Transform::Combinehash { .. } | Transform::Hash { .. } => {
+                ty.is_categorical()
+            }
+            Transform::Prefix { .. } => matches!(ty, FeatureType::String | FeatureType::StringList),
             Transform::Descartes { .. } => false,
         };
         if !ok {
@@ -341,6 +349,46 @@ impl CompiledSpec {
                     buckets: FastMod::new(*buckets),
                 };
                 Ok((op, SlotKind::Ids { num_ids: n }, deps))
+            }
+            Transform::Hash { input, buckets } => {
+                // Exactly pickcat with an empty vocabulary: one implementation of the ids.
+                if *buckets == 0 {
+                    return Err(param(slot, "buckets must be at least 1"));
+                }
+                let (_, ty) = self.input(slot, transform, input)?;
+                let vocabulary = if matches!(ty, FeatureType::String | FeatureType::StringList) {
+                    Vocabulary::Str(Vec::new())
+                } else {
+                    Vocabulary::Int(Vec::new())
+                };
+                self.compile_slot(
+                    slot,
+                    &Transform::Pickcat {
+                        input: input.clone(),
+                        vocabulary,
+                        oov_buckets: *buckets,
+                    },
+                )
+            }
+            Transform::Prefix {
+                input,
+                length,
+                buckets,
+            } => {
+                if *buckets == 0 {
+                    return Err(param(slot, "buckets must be at least 1"));
+                }
+                if *length == 0 {
+                    return Err(param(slot, "length must be at least 1"));
+                }
+                let (feature, _) = self.input(slot, transform, input)?;
+                let n = num_ids(slot, u128::from(*buckets) + 1)?;
+                let op = Op::Prefix {
+                    feature,
+                    length: *length as usize,
+                    buckets: FastMod::new(*buckets),
+                };
+                Ok((op, SlotKind::Ids { num_ids: n }, vec![feature]))
             }
             Transform::Normalize {
                 input,
@@ -622,6 +670,28 @@ impl CompiledSpec {
                     col.ids.push(id);
                     Ok(())
                 }),
+                Op::Prefix {
+                    feature,
+                    length,
+                    buckets,
+                } => {
+                    let (length, buckets) = (*length, *buckets);
+                    let map = |v: &str| {
+                        let end = v.char_indices().nth(length).map_or(v.len(), |(i, _)| i);
+                        buckets.rem(hash_str(self.seed, &v[..end]))
+                    };
+                    each_row!(|r| {
+                        match self.value(rows, r, *feature)? {
+                            Value::Str(v) => col.ids.push(map(v)),
+                            Value::StrList(l) if !l.is_empty() => {
+                                self.check_row_len(s, l.len() as u64)?;
+                                col.ids.extend((0..l.len()).map(|i| map(l.get(i))));
+                            }
+                            _ => col.ids.push(buckets.divisor()),
+                        }
+                        Ok(())
+                    })
+                }
                 Op::Normalize {
                     feature,
                     mean,

@@ -76,6 +76,24 @@ pub enum Transform {
         /// Number of buckets, at least 1.
         buckets: u32,
     },
+    /// One id per value, `H(v) mod buckets` (missing or an empty list: `buckets`): the hashing
+    /// recipe for high-cardinality ids; the same ids as `pickcat` with an empty vocabulary.
+    Hash {
+        /// Raw integer or string feature (single or list).
+        input: String,
+        /// Number of buckets, at least 1.
+        buckets: u32,
+    },
+    /// One id per string value, `H(its first `length` characters) mod buckets` (the whole
+    /// string when shorter; missing or an empty list: `buckets`), e.g. the area of a zip code.
+    Prefix {
+        /// Raw string feature (single or list).
+        input: String,
+        /// Characters (Unicode scalar values) kept, at least 1.
+        length: u32,
+        /// Number of buckets, at least 1.
+        buckets: u32,
+    },
     /// Dense output `(x - mean) / std`, optionally after `log1p` and clipped to `[-clip, clip]`.
     Normalize {
         /// Raw numeric feature.
@@ -108,6 +126,8 @@ impl Transform {
             Transform::Descartes { .. } => "descartes",
             Transform::Combinehash { .. } => "combinehash",
             Transform::Normalize { .. } => "normalize",
+            Transform::Hash { .. } => "hash",
+            Transform::Prefix { .. } => "prefix",
         }
     }
 }

@@ -620,3 +620,146 @@ fn specs_read_from_toml_style_json() {
     let typo = json.replace("\"oov_buckets\"", "\"oov_bucket\"");
     assert!(serde_json::from_str::<FeatureSpec>(&typo).is_err());
 }
+
+fn hash_and_prefix() -> CompiledSpec {
+    compile(
+        vec![
+            feature("zip", FeatureType::String),
+            feature("uid", FeatureType::Int),
+            feature("tags", FeatureType::StringList),
+        ],
+        vec![
+            slot(
+                "zip3",
+                Transform::Prefix {
+                    input: "zip".into(),
+                    length: 3,
+                    buckets: 1000,
+                },
+            ),
+            slot(
+                "uid_h",
+                Transform::Hash {
+                    input: "uid".into(),
+                    buckets: 97,
+                },
+            ),
+            slot(
+                "uid_pc",
+                Transform::Pickcat {
+                    input: "uid".into(),
+                    vocabulary: Vocabulary::Int(vec![]),
+                    oov_buckets: 97,
+                },
+            ),
+            slot(
+                "tag_h",
+                Transform::Hash {
+                    input: "tags".into(),
+                    buckets: 50,
+                },
+            ),
+            slot(
+                "tag2",
+                Transform::Prefix {
+                    input: "tags".into(),
+                    length: 2,
+                    buckets: 50,
+                },
+            ),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn hash_is_pickcat_with_an_empty_vocabulary() {
+    let spec = hash_and_prefix();
+    assert_eq!(spec.slots()[1].kind, SlotKind::Ids { num_ids: 98 });
+    for uid in [0i64, 1, -7, i64::MAX, 123_456_789_012] {
+        let row = [Value::Missing, Value::Int(uid), Value::Missing];
+        let h = ids(&spec, &row, 1);
+        assert_eq!(h, [(hash_int(0, uid) % 97) as u32]);
+        assert_eq!(h, ids(&spec, &row, 2));
+    }
+    let missing = [Value::Missing, Value::Missing, Value::Missing];
+    assert_eq!(ids(&spec, &missing, 1), [97]);
+    assert_eq!(ids(&spec, &missing, 3), [50]);
+    // A list: one id per element, each hashed on its own (combinehash would give one id).
+    let tags = vec!["news", "sport"];
+    let row = [Value::Missing, Value::Missing, Value::StrList(&tags)];
+    assert_eq!(
+        ids(&spec, &row, 3),
+        [
+            (hash_str(0, "news") % 50) as u32,
+            (hash_str(0, "sport") % 50) as u32
+        ]
+    );
+}
+
+#[test]
+fn prefix_hashes_the_first_characters() {
+    let spec = hash_and_prefix();
+    assert_eq!(spec.slots()[0].kind, SlotKind::Ids { num_ids: 1001 });
+    let id = |s: &str| (hash_str(0, s) % 1000) as u32;
+    let check = |zip: &str, expected: &str| {
+        let row = [Value::Str(zip), Value::Missing, Value::Missing];
+        assert_eq!(ids(&spec, &row, 0), [id(expected)], "{zip}");
+    };
+    check("94105", "941");
+    check("94110", "941");
+    check("10001", "100");
+    check("12", "12");
+    check("", "");
+    // Characters, not bytes: "Zürich" keeps "Zür" (4 bytes).
+    check("Zürich", "Zür");
+    check("日本語テキスト", "日本語");
+    let row = [Value::Missing, Value::Missing, Value::Missing];
+    assert_eq!(ids(&spec, &row, 0), [1000]);
+    let tags = vec!["news", "sport", "n"];
+    let row = [Value::Missing, Value::Missing, Value::StrList(&tags)];
+    let id50 = |s: &str| (hash_str(0, s) % 50) as u32;
+    assert_eq!(ids(&spec, &row, 4), [id50("ne"), id50("sp"), id50("n")]);
+    let empty: Vec<&str> = vec![];
+    let row = [Value::Missing, Value::Missing, Value::StrList(&empty)];
+    assert_eq!(ids(&spec, &row, 4), [50]);
+}
+
+#[test]
+fn hash_and_prefix_config_errors() {
+    let one = |ty: FeatureType, t: Transform| compile(vec![feature("f", ty)], vec![slot("s", t)]);
+    let prefix = |length, buckets| Transform::Prefix {
+        input: "f".into(),
+        length,
+        buckets,
+    };
+    assert!(
+        one(FeatureType::Int, prefix(3, 10)).is_err(),
+        "prefix of an int"
+    );
+    assert!(one(FeatureType::Float, prefix(3, 10)).is_err());
+    assert!(one(FeatureType::String, prefix(0, 10)).is_err(), "length 0");
+    assert!(
+        one(FeatureType::String, prefix(3, 0)).is_err(),
+        "no buckets"
+    );
+    assert!(one(FeatureType::String, prefix(3, 10)).is_ok());
+    let hash = |buckets| Transform::Hash {
+        input: "f".into(),
+        buckets,
+    };
+    assert!(
+        one(FeatureType::Float, hash(10)).is_err(),
+        "hash of a float"
+    );
+    assert!(one(FeatureType::String, hash(0)).is_err());
+    assert!(one(FeatureType::IntList, hash(10)).is_ok());
+    // The config names (JSON here; TOML reads the same fields).
+    let spec: FeatureSpec = serde_json::from_str(
+        r#"{"features": [{"name": "zip", "type": "string"}],
+            "slots": [{"name": "z", "transform": "prefix", "input": "zip", "length": 3, "buckets": 100},
+                      {"name": "h", "transform": "hash", "input": "zip", "buckets": 100}]}"#,
+    )
+    .unwrap();
+    assert!(CompiledSpec::compile(&spec).is_ok());
+}

@@ -186,6 +186,33 @@ pub fn encode(spec: &ModelSpec) -> Vec<u8> {
                 );
                 (fb::Transform::Normalize, t.as_union_value())
             }
+            Transform::Hash { input, buckets } => {
+                let input = fbb.create_string(input);
+                let t = fb::Hash::create(
+                    &mut fbb,
+                    &fb::HashArgs {
+                        input: Some(input),
+                        buckets: *buckets,
+                    },
+                );
+                (fb::Transform::Hash, t.as_union_value())
+            }
+            Transform::Prefix {
+                input,
+                length,
+                buckets,
+            } => {
+                let input = fbb.create_string(input);
+                let t = fb::Prefix::create(
+                    &mut fbb,
+                    &fb::PrefixArgs {
+                        input: Some(input),
+                        length: *length,
+                        buckets: *buckets,
+                    },
+                );
+                (fb::Transform::Prefix, t.as_union_value())
+            }
         };
         let name = fbb.create_string(&s.name);
         slots.push(fb::Slot::create(
@@ -403,6 +430,21 @@ pub fn decode(model: fb::Model<'_>) -> Result<ModelSpec> {
                     std: t.std_(),
                     clip: t.has_clip().then(|| t.clip()),
                     log1p: t.log1p(),
+                }
+            }
+            fb::Transform::Hash => {
+                let t = s.transform_as_hash().ok_or_else(missing)?;
+                Transform::Hash {
+                    input: t.input().to_owned(),
+                    buckets: t.buckets(),
+                }
+            }
+            fb::Transform::Prefix => {
+                let t = s.transform_as_prefix().ok_or_else(missing)?;
+                Transform::Prefix {
+                    input: t.input().to_owned(),
+                    length: t.length(),
+                    buckets: t.buckets(),
                 }
             }
             other => {

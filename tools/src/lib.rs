@@ -82,6 +82,12 @@ pub fn describe_transform(t: &Transform) -> String {
             format!("pickcat({input}; vocabulary {vocab}; oov_buckets {oov_buckets})")
         }
         Transform::Descartes { inputs } => format!("descartes({})", inputs.join(", ")),
+        Transform::Hash { input, buckets } => format!("hash({input}; buckets {buckets})"),
+        Transform::Prefix {
+            input,
+            length,
+            buckets,
+        } => format!("prefix({input}; length {length}, buckets {buckets})"),
         Transform::Combinehash { inputs, buckets } => {
             format!("combinehash({}; buckets {buckets})", inputs.join(", "))
         }

@@ -109,16 +109,18 @@ impl ::flatbuffers::SimpleToVerifyInSlice for FeatureType {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_TRANSFORM: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_TRANSFORM: u8 = 5;
+pub const ENUM_MAX_TRANSFORM: u8 = 7;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_TRANSFORM: [Transform; 6] = [
+pub const ENUM_VALUES_TRANSFORM: [Transform; 8] = [
   Transform::NONE,
   Transform::Piecewise,
   Transform::Pickcat,
   Transform::Descartes,
   Transform::Combinehash,
   Transform::Normalize,
+  Transform::Hash,
+  Transform::Prefix,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -132,9 +134,11 @@ impl Transform {
   pub const Descartes: Self = Self(3);
   pub const Combinehash: Self = Self(4);
   pub const Normalize: Self = Self(5);
+  pub const Hash: Self = Self(6);
+  pub const Prefix: Self = Self(7);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 5;
+  pub const ENUM_MAX: u8 = 7;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Piecewise,
@@ -142,6 +146,8 @@ impl Transform {
     Self::Descartes,
     Self::Combinehash,
     Self::Normalize,
+    Self::Hash,
+    Self::Prefix,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -152,6 +158,8 @@ impl Transform {
       Self::Descartes => Some("Descartes"),
       Self::Combinehash => Some("Combinehash"),
       Self::Normalize => Some("Normalize"),
+      Self::Hash => Some("Hash"),
+      Self::Prefix => Some("Prefix"),
       _ => None,
     }
   }
@@ -1273,6 +1281,251 @@ impl ::core::fmt::Debug for Normalize<'_> {
       ds.finish()
   }
 }
+pub enum HashOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Hash<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Hash<'a> {
+  type Inner = Hash<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Hash<'a> {
+  pub const VT_INPUT: ::flatbuffers::VOffsetT = 4;
+  pub const VT_BUCKETS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Hash { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args HashArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Hash<'bldr>> {
+    let mut builder = HashBuilder::new(_fbb);
+    builder.add_buckets(args.buckets);
+    if let Some(x) = args.input { builder.add_input(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn input(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Hash::VT_INPUT, None).unwrap()}
+  }
+  #[inline]
+  pub fn buckets(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Hash::VT_BUCKETS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Hash<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("input", Self::VT_INPUT, true)?
+     .visit_field::<u32>("buckets", Self::VT_BUCKETS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct HashArgs<'a> {
+    pub input: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub buckets: u32,
+}
+impl<'a> Default for HashArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    HashArgs {
+      input: None, // required field
+      buckets: 0,
+    }
+  }
+}
+
+pub struct HashBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HashBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_input(&mut self, input: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Hash::VT_INPUT, input);
+  }
+  #[inline]
+  pub fn add_buckets(&mut self, buckets: u32) {
+    self.fbb_.push_slot::<u32>(Hash::VT_BUCKETS, buckets, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HashBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    HashBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Hash<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Hash::VT_INPUT,"input");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Hash<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Hash");
+      ds.field("input", &self.input());
+      ds.field("buckets", &self.buckets());
+      ds.finish()
+  }
+}
+pub enum PrefixOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Prefix<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Prefix<'a> {
+  type Inner = Prefix<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Prefix<'a> {
+  pub const VT_INPUT: ::flatbuffers::VOffsetT = 4;
+  pub const VT_LENGTH: ::flatbuffers::VOffsetT = 6;
+  pub const VT_BUCKETS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Prefix { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PrefixArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Prefix<'bldr>> {
+    let mut builder = PrefixBuilder::new(_fbb);
+    builder.add_buckets(args.buckets);
+    builder.add_length(args.length);
+    if let Some(x) = args.input { builder.add_input(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn input(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Prefix::VT_INPUT, None).unwrap()}
+  }
+  #[inline]
+  pub fn length(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Prefix::VT_LENGTH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn buckets(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Prefix::VT_BUCKETS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Prefix<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("input", Self::VT_INPUT, true)?
+     .visit_field::<u32>("length", Self::VT_LENGTH, false)?
+     .visit_field::<u32>("buckets", Self::VT_BUCKETS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PrefixArgs<'a> {
+    pub input: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub length: u32,
+    pub buckets: u32,
+}
+impl<'a> Default for PrefixArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PrefixArgs {
+      input: None, // required field
+      length: 0,
+      buckets: 0,
+    }
+  }
+}
+
+pub struct PrefixBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PrefixBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_input(&mut self, input: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Prefix::VT_INPUT, input);
+  }
+  #[inline]
+  pub fn add_length(&mut self, length: u32) {
+    self.fbb_.push_slot::<u32>(Prefix::VT_LENGTH, length, 0);
+  }
+  #[inline]
+  pub fn add_buckets(&mut self, buckets: u32) {
+    self.fbb_.push_slot::<u32>(Prefix::VT_BUCKETS, buckets, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PrefixBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PrefixBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Prefix<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Prefix::VT_INPUT,"input");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Prefix<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Prefix");
+      ds.field("input", &self.input());
+      ds.field("length", &self.length());
+      ds.field("buckets", &self.buckets());
+      ds.finish()
+  }
+}
 pub enum SlotOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1401,6 +1654,34 @@ impl<'a> Slot<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn transform_as_hash(&self) -> Option<Hash<'a>> {
+    if self.transform_type() == Transform::Hash {
+      let u = self.transform();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { Hash::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn transform_as_prefix(&self) -> Option<Prefix<'a>> {
+    if self.transform_type() == Transform::Prefix {
+      let u = self.transform();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { Prefix::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Slot<'_> {
@@ -1417,6 +1698,8 @@ impl ::flatbuffers::Verifiable for Slot<'_> {
           Transform::Descartes => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Descartes>>("Transform::Descartes", pos),
           Transform::Combinehash => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Combinehash>>("Transform::Combinehash", pos),
           Transform::Normalize => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Normalize>>("Transform::Normalize", pos),
+          Transform::Hash => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Hash>>("Transform::Hash", pos),
+          Transform::Prefix => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Prefix>>("Transform::Prefix", pos),
           _ => Ok(()),
         }
      })?
@@ -1510,6 +1793,20 @@ impl ::core::fmt::Debug for Slot<'_> {
         },
         Transform::Normalize => {
           if let Some(x) = self.transform_as_normalize() {
+            ds.field("transform", &x)
+          } else {
+            ds.field("transform", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Transform::Hash => {
+          if let Some(x) = self.transform_as_hash() {
+            ds.field("transform", &x)
+          } else {
+            ds.field("transform", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Transform::Prefix => {
+          if let Some(x) = self.transform_as_prefix() {
             ds.field("transform", &x)
           } else {
             ds.field("transform", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -1585,6 +1585,77 @@ impl ::core::fmt::Debug for StatusResponse<'_> {
       ds.finish()
   }
 }
+#[inline]
+/// Verifies that a buffer of bytes contains a `ScoreRequest`
+/// and returns it.
+/// Note that verification is still experimental and may not
+/// catch every error, or be maximally performant. For the
+/// previous, unchecked, behavior use
+/// `root_as_score_request_unchecked`.
+pub fn root_as_score_request(buf: &[u8]) -> Result<ScoreRequest<'_>, ::flatbuffers::InvalidFlatbuffer> {
+  ::flatbuffers::root::<ScoreRequest>(buf)
+}
+#[inline]
+/// Verifies that a buffer of bytes contains a size prefixed
+/// `ScoreRequest` and returns it.
+/// Note that verification is still experimental and may not
+/// catch every error, or be maximally performant. For the
+/// previous, unchecked, behavior use
+/// `size_prefixed_root_as_score_request_unchecked`.
+pub fn size_prefixed_root_as_score_request(buf: &[u8]) -> Result<ScoreRequest<'_>, ::flatbuffers::InvalidFlatbuffer> {
+  ::flatbuffers::size_prefixed_root::<ScoreRequest>(buf)
+}
+#[inline]
+/// Verifies, with the given options, that a buffer of bytes
+/// contains a `ScoreRequest` and returns it.
+/// Note that verification is still experimental and may not
+/// catch every error, or be maximally performant. For the
+/// previous, unchecked, behavior use
+/// `root_as_score_request_unchecked`.
+pub fn root_as_score_request_with_opts<'b, 'o>(
+  opts: &'o ::flatbuffers::VerifierOptions,
+  buf: &'b [u8],
+) -> Result<ScoreRequest<'b>, ::flatbuffers::InvalidFlatbuffer> {
+  ::flatbuffers::root_with_opts::<ScoreRequest<'b>>(opts, buf)
+}
+#[inline]
+/// Verifies, with the given verifier options, that a buffer of
+/// bytes contains a size prefixed `ScoreRequest` and returns
+/// it. Note that verification is still experimental and may not
+/// catch every error, or be maximally performant. For the
+/// previous, unchecked, behavior use
+/// `root_as_score_request_unchecked`.
+pub fn size_prefixed_root_as_score_request_with_opts<'b, 'o>(
+  opts: &'o ::flatbuffers::VerifierOptions,
+  buf: &'b [u8],
+) -> Result<ScoreRequest<'b>, ::flatbuffers::InvalidFlatbuffer> {
+  ::flatbuffers::size_prefixed_root_with_opts::<ScoreRequest<'b>>(opts, buf)
+}
+#[inline]
+/// Assumes, without verification, that a buffer of bytes contains a ScoreRequest and returns it.
+/// # Safety
+/// Callers must trust the given bytes do indeed contain a valid `ScoreRequest`.
+pub unsafe fn root_as_score_request_unchecked(buf: &[u8]) -> ScoreRequest<'_> {
+  unsafe { ::flatbuffers::root_unchecked::<ScoreRequest>(buf) }
+}
+#[inline]
+/// Assumes, without verification, that a buffer of bytes contains a size prefixed ScoreRequest and returns it.
+/// # Safety
+/// Callers must trust the given bytes do indeed contain a valid size prefixed `ScoreRequest`.
+pub unsafe fn size_prefixed_root_as_score_request_unchecked(buf: &[u8]) -> ScoreRequest<'_> {
+  unsafe { ::flatbuffers::size_prefixed_root_unchecked::<ScoreRequest>(buf) }
+}
+#[inline]
+pub fn finish_score_request_buffer<'a, 'b, A: ::flatbuffers::Allocator + 'a>(
+    fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+    root: ::flatbuffers::WIPOffset<ScoreRequest<'a>>) {
+  fbb.finish(root, None);
+}
+
+#[inline]
+pub fn finish_size_prefixed_score_request_buffer<'a, 'b, A: ::flatbuffers::Allocator + 'a>(fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>, root: ::flatbuffers::WIPOffset<ScoreRequest<'a>>) {
+  fbb.finish_size_prefixed(root, None);
+}
 }  // pub mod rpc
 }  // pub mod rankd
 
