@@ -43,6 +43,13 @@ pub fn models_json(shared: &Shared) -> String {
                         "kind": m.file().spec().architecture.kind(),
                         "mapped_bytes": m.file().mapped_len(),
                         "path": m.file().path().display().to_string(),
+                        "features": m.file().spec().features.features.iter().map(|f| {
+                            serde_json::json!({
+                                "name": f.name,
+                                "type": f.ty.as_str(),
+                                "kind": crate::server::wire_kind(f.ty).variant_name().unwrap_or("Missing"),
+                            })
+                        }).collect::<Vec<_>>(),
                     })
                 })
                 .collect();

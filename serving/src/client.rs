@@ -436,6 +436,50 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// The raw features each loaded version of `model` reads, from the status response:
+    /// `(version, [(name, declared type, wire kind)])`. Every feature may be sent at the request
+    /// level or per item.
+    #[allow(clippy::type_complexity)]
+    pub fn schema(
+        &mut self,
+        model: &str,
+    ) -> Result<Vec<(u64, Vec<(String, String, u8)>)>, ClientError> {
+        let mut fbb = FlatBufferBuilder::new();
+        let m = fbb.create_string(model);
+        let r = fb::StatusRequest::create(&mut fbb, &fb::StatusRequestArgs { model: Some(m) });
+        fbb.finish(r, None);
+        let id = self.send(MessageType::StatusRequest, fbb.finished_data())?;
+        let resp = self.recv_id(id)?;
+        if resp.msg_type != MessageType::StatusResponse as u8 {
+            return Err(resp.into_error());
+        }
+        let s = flatbuffers::root::<fb::StatusResponse<'_>>(&resp.body)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(s.models()
+            .iter()
+            .flatten()
+            .filter(|m| m.name() == model)
+            .flat_map(|m| m.versions().into_iter().flatten())
+            .map(|v| {
+                let features = v
+                    .features()
+                    .iter()
+                    .flatten()
+                    .map(|f| {
+                        (
+                            f.name().to_owned(),
+                            f.type_().unwrap_or("").to_owned(),
+                            f.kind().0,
+                        )
+                    })
+                    .collect();
+                (v.version(), features)
+            })
+            .collect())
+    }
+}
+
 /// A pool of connections to one server.
 #[derive(Debug)]
 pub struct Pool {

@@ -230,10 +230,12 @@ impl<'a> FbRequest<'a> {
             };
             let missing = c.missing();
             if let Some(m) = missing {
-                if m.len() < n.div_ceil(8) {
+                if m.len() != n.div_ceil(8) {
                     return Err(bad(format!(
-                        "item column `{name}`: the missing bitmap has {} bytes for {n} items",
-                        m.len()
+                        "item column `{name}`: the missing bitmap has {} bytes for {n} items \
+                         (exactly {} expected)",
+                        m.len(),
+                        n.div_ceil(8)
                     )));
                 }
             }

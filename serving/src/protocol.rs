@@ -147,6 +147,9 @@ pub enum FrameError {
     /// Another protocol version.
     #[error("unsupported protocol version {0}")]
     Version(u8),
+    /// The reserved header bytes are not zero.
+    #[error("reserved header bytes are {0:#06x}, not zero")]
+    Reserved(u16),
     /// A body over the configured limit.
     #[error("frame body of {len} bytes exceeds the limit of {limit}")]
     TooLarge {
@@ -177,6 +180,10 @@ impl FrameHeader {
         }
         if b[2] != VERSION {
             return Err(FrameError::Version(b[2]));
+        }
+        let reserved = u16::from_le_bytes([b[6], b[7]]);
+        if reserved != 0 {
+            return Err(FrameError::Reserved(reserved));
         }
         let h = FrameHeader {
             msg_type: b[3],

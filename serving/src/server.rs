@@ -276,7 +276,10 @@ impl Core {
                         fbb,
                         "",
                         ErrorCode::MalformedRequest,
-                        &format!("the body is not a ScoreRequest: {e}"),
+                        &format!(
+                            "the body is not a ScoreRequest: {}",
+                            e.to_string().trim_end()
+                        ),
                     )
                 }
             };
@@ -494,6 +497,19 @@ impl Core {
     }
 }
 
+/// The wire `Kind` a client sends a feature of declared type `ty` as (a float feature also
+/// takes `I64`).
+pub fn wire_kind(ty: rankd_feature_ops::FeatureType) -> fb::Kind {
+    use rankd_feature_ops::FeatureType as T;
+    match ty {
+        T::Float => fb::Kind::F64,
+        T::Int => fb::Kind::I64,
+        T::String => fb::Kind::Str,
+        T::IntList => fb::Kind::I64List,
+        T::StringList => fb::Kind::StrList,
+    }
+}
+
 fn status_body(fbb: &mut FlatBufferBuilder<'_>, reg: &Registry, filter: &str) -> Vec<u8> {
     fbb.reset();
     let mut models = Vec::new();
@@ -507,6 +523,26 @@ fn status_body(fbb: &mut FlatBufferBuilder<'_>, reg: &Registry, filter: &str) ->
             .map(|(v, m)| {
                 let state = fbb.create_string("serving");
                 let kind = fbb.create_string(m.file().spec().architecture.kind());
+                let features: Vec<_> = m
+                    .file()
+                    .spec()
+                    .features
+                    .features
+                    .iter()
+                    .map(|f| {
+                        let name = fbb.create_string(&f.name);
+                        let ty = fbb.create_string(f.ty.as_str());
+                        fb::FeatureInfo::create(
+                            fbb,
+                            &fb::FeatureInfoArgs {
+                                name: Some(name),
+                                type_: Some(ty),
+                                kind: wire_kind(f.ty),
+                            },
+                        )
+                    })
+                    .collect();
+                let features = fbb.create_vector(&features);
                 fb::VersionStatus::create(
                     fbb,
                     &fb::VersionStatusArgs {
@@ -514,6 +550,7 @@ fn status_body(fbb: &mut FlatBufferBuilder<'_>, reg: &Registry, filter: &str) ->
                         state: Some(state),
                         mapped_bytes: m.file().mapped_len(),
                         kind: Some(kind),
+                        features: Some(features),
                     },
                 )
             })

@@ -427,3 +427,95 @@ fn connection_limit_and_deadlines() {
     r.deadline_us = 5_000_000;
     assert_eq!(a.score(&r).unwrap().scores.len(), 50);
 }
+
+/// What an independent client needs and must not guess: the schema in the status response and
+/// in `/models`, the exact bitmap length, reserved header bytes, clean error messages.
+#[test]
+fn schema_and_strict_framing() {
+    let root = tempfile::tempdir().unwrap();
+    synth(root.path(), "feed", 1, 1);
+    let d = start(root.path(), None);
+    let mut c = Connection::connect(d.addr).unwrap();
+    let schema = c.schema("feed").unwrap();
+    assert_eq!(schema.len(), 1);
+    let (version, features) = &schema[0];
+    assert_eq!(*version, 1);
+    let want = [
+        ("user_age", "float", 1u8),
+        ("user_city", "string", 3),
+        ("hour", "int", 2),
+        ("item_id", "int", 2),
+        ("item_tags", "string_list", 5),
+        ("item_price", "float", 1),
+    ];
+    let got: Vec<(&str, &str, u8)> = features
+        .iter()
+        .map(|(n, t, k)| (n.as_str(), t.as_str(), *k))
+        .collect();
+    assert_eq!(got, want);
+    let (code, body) = http_get(d.admin, "/models");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let f = &v["models"]["feed"]["versions"][0]["features"];
+    assert_eq!(f[4]["name"], "item_tags");
+    assert_eq!(f[4]["type"], "string_list");
+    assert_eq!(f[4]["kind"], "StrList");
+    // Unknown model: an empty status, not an error.
+    assert!(c.schema("nope").unwrap().is_empty());
+
+    // A missing bitmap longer than ceil(n / 8) bytes is refused, as is a shorter one.
+    let mut r = request("feed", 3);
+    r.items[1].retain(|(n, _)| n != "item_id");
+    let body = r.encode().unwrap();
+    let good = c.score(&r).unwrap();
+    assert_eq!(good.scores.len(), 3);
+    let mut fbb = flatbuffers::FlatBufferBuilder::new();
+    let model = fbb.create_string("feed");
+    let name = fbb.create_string("item_id");
+    let ids = fbb.create_vector(&[1i64, 2, 3]);
+    let missing = fbb.create_vector(&[0u8, 0]);
+    let col = rankd_serving::gen::rankd::rpc::ItemColumn::create(
+        &mut fbb,
+        &rankd_serving::gen::rankd::rpc::ItemColumnArgs {
+            name: Some(name),
+            kind: rankd_serving::gen::rankd::rpc::Kind::I64,
+            i64s: Some(ids),
+            missing: Some(missing),
+            ..Default::default()
+        },
+    );
+    let cols = fbb.create_vector(&[col]);
+    let req = rankd_serving::gen::rankd::rpc::ScoreRequest::create(
+        &mut fbb,
+        &rankd_serving::gen::rankd::rpc::ScoreRequestArgs {
+            model: Some(model),
+            num_items: 3,
+            items: Some(cols),
+            ..Default::default()
+        },
+    );
+    fbb.finish(req, None);
+    let id = c
+        .send(MessageType::ScoreRequest, fbb.finished_data())
+        .unwrap();
+    let (code, msg) = server_error(c.recv_id(id).unwrap().into_score());
+    assert_eq!(code, ErrorCode::BadFeature);
+    assert!(msg.contains("exactly 1 expected"), "{msg}");
+
+    // A MalformedRequest message ends without blank lines.
+    let id = c.send(MessageType::ScoreRequest, &[7; 9]).unwrap();
+    let (code, msg) = server_error(c.recv_id(id).unwrap().into_score());
+    assert_eq!(code, ErrorCode::MalformedRequest);
+    assert_eq!(msg, msg.trim_end(), "{msg:?}");
+    // The connection stays open after error responses.
+    assert_eq!(c.score(&r).unwrap().scores, good.scores);
+    let _ = body;
+
+    // Reserved header bytes other than zero: a framing error, the connection is closed.
+    let mut bad = Connection::connect(d.addr).unwrap();
+    bad.send_raw(b"RK\x01\x03\0\0\x01\0\x01\0\0\0\0\0\0\0\0\0\0\0")
+        .unwrap();
+    bad.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(bad.recv().is_err(), "the connection must be closed");
+    c.ping().unwrap();
+}

@@ -1194,6 +1194,137 @@ impl ::core::fmt::Debug for Label<'_> {
       ds.finish()
   }
 }
+pub enum FeatureInfoOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct FeatureInfo<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for FeatureInfo<'a> {
+  type Inner = FeatureInfo<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> FeatureInfo<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TYPE_: ::flatbuffers::VOffsetT = 6;
+  pub const VT_KIND: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    FeatureInfo { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args FeatureInfoArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<FeatureInfo<'bldr>> {
+    let mut builder = FeatureInfoBuilder::new(_fbb);
+    if let Some(x) = args.type_ { builder.add_type_(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_kind(args.kind);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(FeatureInfo::VT_NAME, None).unwrap()}
+  }
+  #[inline]
+  pub fn type_(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(FeatureInfo::VT_TYPE_, None)}
+  }
+  #[inline]
+  pub fn kind(&self) -> Kind {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Kind>(FeatureInfo::VT_KIND, Some(Kind::Missing)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for FeatureInfo<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("type_", Self::VT_TYPE_, false)?
+     .visit_field::<Kind>("kind", Self::VT_KIND, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct FeatureInfoArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub type_: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub kind: Kind,
+}
+impl<'a> Default for FeatureInfoArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    FeatureInfoArgs {
+      name: None, // required field
+      type_: None,
+      kind: Kind::Missing,
+    }
+  }
+}
+
+pub struct FeatureInfoBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FeatureInfoBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FeatureInfo::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_type_(&mut self, type_: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FeatureInfo::VT_TYPE_, type_);
+  }
+  #[inline]
+  pub fn add_kind(&mut self, kind: Kind) {
+    self.fbb_.push_slot::<Kind>(FeatureInfo::VT_KIND, kind, Kind::Missing);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FeatureInfoBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    FeatureInfoBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<FeatureInfo<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, FeatureInfo::VT_NAME,"name");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for FeatureInfo<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("FeatureInfo");
+      ds.field("name", &self.name());
+      ds.field("type_", &self.type_());
+      ds.field("kind", &self.kind());
+      ds.finish()
+  }
+}
 pub enum VersionStatusOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -1214,6 +1345,7 @@ impl<'a> VersionStatus<'a> {
   pub const VT_STATE: ::flatbuffers::VOffsetT = 6;
   pub const VT_MAPPED_BYTES: ::flatbuffers::VOffsetT = 8;
   pub const VT_KIND: ::flatbuffers::VOffsetT = 10;
+  pub const VT_FEATURES: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1227,6 +1359,7 @@ impl<'a> VersionStatus<'a> {
     let mut builder = VersionStatusBuilder::new(_fbb);
     builder.add_mapped_bytes(args.mapped_bytes);
     builder.add_version(args.version);
+    if let Some(x) = args.features { builder.add_features(x); }
     if let Some(x) = args.kind { builder.add_kind(x); }
     if let Some(x) = args.state { builder.add_state(x); }
     builder.finish()
@@ -1261,6 +1394,13 @@ impl<'a> VersionStatus<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(VersionStatus::VT_KIND, None)}
   }
+  #[inline]
+  pub fn features(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<FeatureInfo<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<FeatureInfo>>>>(VersionStatus::VT_FEATURES, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for VersionStatus<'_> {
@@ -1273,6 +1413,7 @@ impl ::flatbuffers::Verifiable for VersionStatus<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("state", Self::VT_STATE, false)?
      .visit_field::<u64>("mapped_bytes", Self::VT_MAPPED_BYTES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("kind", Self::VT_KIND, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<FeatureInfo>>>>("features", Self::VT_FEATURES, false)?
      .finish();
     Ok(())
   }
@@ -1282,6 +1423,7 @@ pub struct VersionStatusArgs<'a> {
     pub state: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub mapped_bytes: u64,
     pub kind: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub features: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<FeatureInfo<'a>>>>>,
 }
 impl<'a> Default for VersionStatusArgs<'a> {
   #[inline]
@@ -1291,6 +1433,7 @@ impl<'a> Default for VersionStatusArgs<'a> {
       state: None,
       mapped_bytes: 0,
       kind: None,
+      features: None,
     }
   }
 }
@@ -1317,6 +1460,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> VersionStatusBuilder<'a, 'b, 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(VersionStatus::VT_KIND, kind);
   }
   #[inline]
+  pub fn add_features(&mut self, features: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<FeatureInfo<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(VersionStatus::VT_FEATURES, features);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> VersionStatusBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     VersionStatusBuilder {
@@ -1338,6 +1485,7 @@ impl ::core::fmt::Debug for VersionStatus<'_> {
       ds.field("state", &self.state());
       ds.field("mapped_bytes", &self.mapped_bytes());
       ds.field("kind", &self.kind());
+      ds.field("features", &self.features());
       ds.finish()
   }
 }
