@@ -182,7 +182,8 @@ struct Core {
     since_sample: Cell<u32>,
 }
 
-pub(crate) fn verifier_options() -> flatbuffers::VerifierOptions {
+/// The FlatBuffers verifier limits for request bodies.
+pub fn verifier_options() -> flatbuffers::VerifierOptions {
     flatbuffers::VerifierOptions {
         max_depth: 64,
         max_tables: 10_000_000,

@@ -68,8 +68,18 @@ enum Command {
         /// The model file.
         model: PathBuf,
         /// Requests, one JSON object per line: {"user": {...}, "items": [{...}, ...]}.
+        #[arg(long, required_unless_present = "csv", conflicts_with = "csv")]
+        requests: Option<PathBuf>,
+        /// Instead of requests: a CSV file with a header row, read with the trainer's reader;
+        /// writes `row,score,label` per row.
         #[arg(long)]
-        requests: PathBuf,
+        csv: Option<PathBuf>,
+        /// The CSV delimiter.
+        #[arg(long, default_value = ",")]
+        delimiter: char,
+        /// The CSV label column, copied to the output when present.
+        #[arg(long, default_value = "label")]
+        label: String,
         /// Where to write the results (default: standard output).
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -152,10 +162,28 @@ fn run(cli: Cli) -> Result<()> {
         Command::Score {
             model,
             requests,
+            csv,
+            delimiter,
+            label,
             output,
         } => {
             let model = rankd_serving::engine::Model::open(&model)
                 .with_context(|| format!("cannot open {}", model.display()))?;
+            if let Some(csv) = csv {
+                let mut out: Box<dyn std::io::Write> = match &output {
+                    Some(p) => Box::new(std::io::BufWriter::new(
+                        std::fs::File::create(p)
+                            .with_context(|| format!("cannot create {}", p.display()))?,
+                    )),
+                    None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+                };
+                let opts = rankd_tools::score::CsvOptions { delimiter, label };
+                let n = rankd_tools::score::score_csv(&model, &csv, &opts, &mut out)?;
+                out.flush()?;
+                eprintln!("scored {n} rows");
+                return Ok(());
+            }
+            let requests = requests.context("give --requests or --csv")?;
             let input = std::fs::File::open(&requests)
                 .with_context(|| format!("cannot open {}", requests.display()))?;
             let mut input = std::io::BufReader::new(input);

@@ -84,3 +84,59 @@ pub fn score(
     flush(model, &mut engine, &mut pending, out, err, &mut summary)?;
     Ok(summary)
 }
+
+/// Options of `rankd-tool score --csv`.
+#[derive(Debug, Clone)]
+pub struct CsvOptions {
+    /// Field delimiter.
+    pub delimiter: char,
+    /// The label column, copied to the output when the file has it.
+    pub label: String,
+}
+
+/// `rankd-tool score MODEL --csv FILE`: rows read with the trainer's CSV reader (the same
+/// parsing of cells, missing values and lists as training), one score per row from the serving
+/// engine. Writes `row,score,label` (label empty when the file has none).
+pub fn score_csv(
+    model: &Model,
+    file: &std::path::Path,
+    opts: &CsvOptions,
+    out: &mut dyn Write,
+) -> Result<usize> {
+    let mut settings = rankd_trainer::config::TrainSettings::defaults();
+    settings.delimiter = opts.delimiter;
+    settings.label = opts.label.clone();
+    let features = &model.file().spec().features.features;
+    let raw = rankd_trainer::data::read_for_scoring(&[file], features, &settings)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut engine = CpuEngine::new();
+    let mut batch = BatchOutput::default();
+    writeln!(out, "row,score,label")?;
+    let mut row = 0usize;
+    for chunk in raw.rows.chunks(256).zip(raw.labels.chunks(256)) {
+        let (rows, labels) = chunk;
+        let items: Vec<Vec<rankd_feature_ops::Value<'_>>> = rows
+            .iter()
+            .map(|r| r.iter().map(rankd_feature_ops::OwnedValue::value).collect())
+            .collect();
+        let req = rankd_serving::engine::request::DenseRequest {
+            user: Vec::new(),
+            items,
+        };
+        batch.clear();
+        engine.score(model, &[&req as &dyn Request], &mut batch);
+        let scores = batch
+            .get(0)
+            .map_err(|e| anyhow::anyhow!("rows {}..{}: {e}", row + 1, row + rows.len()))?;
+        for (s, l) in scores.iter().zip(labels) {
+            row += 1;
+            let label = if l.is_nan() {
+                String::new()
+            } else {
+                l.to_string()
+            };
+            writeln!(out, "{row},{s},{label}")?;
+        }
+    }
+    Ok(row)
+}

@@ -105,6 +105,14 @@ pub struct TrainSettings {
     pub checkpoint: Option<PathBuf>,
 }
 
+impl TrainSettings {
+    /// The defaults of every setting, with no training files: the CSV reader's settings for
+    /// scoring a file with a model.
+    pub fn defaults() -> TrainSettings {
+        toml::from_str("train_files = []").expect("every other setting has a default")
+    }
+}
+
 /// The validation metric early stopping goes by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -70,6 +70,33 @@ pub fn read(
     features: &[rankd_feature_ops::RawFeature],
     s: &TrainSettings,
 ) -> Result<RawData> {
+    read_with(files, features, s, Labels::Required)
+}
+
+/// Whether the label column must be there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Labels {
+    /// Training and evaluation: every row has a 0/1 label.
+    Required,
+    /// Scoring: a file without the label column gives NaN labels.
+    Optional,
+}
+
+/// Like [`read`], for scoring: the label column may be absent (labels are then NaN).
+pub fn read_for_scoring(
+    files: &[impl AsRef<Path>],
+    features: &[rankd_feature_ops::RawFeature],
+    s: &TrainSettings,
+) -> Result<RawData> {
+    read_with(files, features, s, Labels::Optional)
+}
+
+fn read_with(
+    files: &[impl AsRef<Path>],
+    features: &[rankd_feature_ops::RawFeature],
+    s: &TrainSettings,
+    labels: Labels,
+) -> Result<RawData> {
     let mut out = RawData::default();
     for file in files {
         let path = file.as_ref();
@@ -83,9 +110,17 @@ pub fn read(
             .map(str::trim)
             .collect();
         let col = |name: &str| header.iter().position(|h| *h == name);
-        let label_col = col(&s.label).ok_or_else(|| {
-            TrainError::Data(format!("{}: no label column `{}`", path.display(), s.label))
-        })?;
+        let label_col = match (col(&s.label), labels) {
+            (Some(c), _) => Some(c),
+            (None, Labels::Optional) => None,
+            (None, Labels::Required) => {
+                return Err(TrainError::Data(format!(
+                    "{}: no label column `{}`",
+                    path.display(),
+                    s.label
+                )))
+            }
+        };
         let mut cols = Vec::with_capacity(features.len());
         for f in features {
             cols.push(col(&f.name).ok_or_else(|| {
@@ -104,10 +139,11 @@ pub fn read(
             let at = |c: usize| fields.get(c).copied().unwrap_or("");
             let ctx =
                 |msg: String| TrainError::Data(format!("{}:{}: {msg}", path.display(), i + 2));
-            let label = match at(label_col).trim() {
-                "0" | "0.0" => 0.0,
-                "1" | "1.0" => 1.0,
-                other => return Err(ctx(format!("label {other:?} is not 0 or 1"))),
+            let label = match label_col.map(|c| at(c).trim()) {
+                None => f32::NAN,
+                Some("0" | "0.0") => 0.0,
+                Some("1" | "1.0") => 1.0,
+                Some(other) => return Err(ctx(format!("label {other:?} is not 0 or 1"))),
             };
             let mut row = Vec::with_capacity(cols.len());
             for (f, &c) in features.iter().zip(&cols) {
