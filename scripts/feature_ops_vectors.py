@@ -53,6 +53,10 @@ SPEC = {
         {"name": "hist_h", "transform": "combinehash", "inputs": ["hist", "tags"], "buckets": 64},
         {"name": "age_n", "transform": "normalize", "input": "age", "mean": 38.5, "std": 13.6, "clip": 2.5},
         {"name": "age_log", "transform": "normalize", "input": "age", "mean": 3.0, "std": 0.5, "log1p": True},
+        {"name": "item_h", "transform": "hash", "input": "item", "buckets": 997},
+        {"name": "tags_h", "transform": "hash", "input": "tags", "buckets": 31},
+        {"name": "city3", "transform": "prefix", "input": "city", "length": 3, "buckets": 101},
+        {"name": "tags1", "transform": "prefix", "input": "tags", "length": 1, "buckets": 13},
     ],
 }
 
@@ -93,6 +97,14 @@ def run(spec, row):
                 for v in vals:
                     flat.extend(v if isinstance(v, list) else [v])
                 ids = [H(flat, seed) % s["buckets"]]
+            num_ids[s["name"]] = s["buckets"] + 1
+        elif t in ("hash", "prefix"):
+            # One id per value; prefix keeps the first `length` code points of a string.
+            v = row.get(s["input"])
+            vals = [] if v is None else (v if isinstance(v, list) else [v])
+            if t == "prefix":
+                vals = [x[: s["length"]] for x in vals]
+            ids = [H([x], seed) % s["buckets"] for x in vals] or [s["buckets"]]
             num_ids[s["name"]] = s["buckets"] + 1
         elif t == "normalize":
             x = row.get(s["input"])
