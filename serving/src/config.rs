@@ -97,6 +97,37 @@ impl Default for Limits {
     }
 }
 
+/// Models on HDFS (`models = "hdfs://..."`): polled, downloaded into a local cache, verified
+/// while they stream in, then mapped from the cache.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HdfsConfig {
+    /// Where downloaded versions live (`<cache_dir>/<name>/<version>/model.rkm`). Default: a
+    /// directory per model root under the system's temporary directory.
+    pub cache_dir: Option<PathBuf>,
+    /// How often the model root is listed, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Deadline of each NameNode call and of each chunk of a download, in milliseconds.
+    pub timeout_ms: u64,
+    /// After failed polls the interval doubles up to this, in milliseconds.
+    pub max_backoff_ms: u64,
+    /// Hadoop client settings passed through (HA: `dfs.nameservices`, `dfs.ha.namenodes.NS`,
+    /// `dfs.namenode.rpc-address.NS.NN`, ...), over those of `HADOOP_CONF_DIR`.
+    pub config: BTreeMap<String, String>,
+}
+
+impl Default for HdfsConfig {
+    fn default() -> Self {
+        HdfsConfig {
+            cache_dir: None,
+            poll_interval_ms: 2_000,
+            timeout_ms: 10_000,
+            max_backoff_ms: 60_000,
+            config: BTreeMap::new(),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -109,8 +140,11 @@ pub struct ServerConfig {
     pub threads: usize,
     /// Pin worker `i` to core `i`.
     pub pin_cores: bool,
-    /// The model root: `ROOT/<name>/<version>/<file>.rkm`.
+    /// The model root: `ROOT/<name>/<version>/<file>.rkm`, a local directory or an `hdfs://`
+    /// URL.
     pub models: PathBuf,
+    /// Models on HDFS.
+    pub hdfs: HdfsConfig,
     /// Force monoio's epoll driver even where io_uring works.
     pub force_epoll: bool,
     /// Batching.
@@ -141,6 +175,7 @@ impl Default for ServerConfig {
             threads: 0,
             pin_cores: false,
             models: PathBuf::from("examples/models"),
+            hdfs: HdfsConfig::default(),
             force_epoll: false,
             batching: Batching::default(),
             limits: Limits::default(),
@@ -161,8 +196,35 @@ impl ServerConfig {
         Ok(c)
     }
 
+    /// Where the model root is: a local directory, or a directory on HDFS.
+    pub fn model_source(&self) -> Result<rankd_storage::Location, String> {
+        rankd_storage::Location::from_path(&self.models).map_err(|e| e.to_string())
+    }
+
+    /// The local directory the registry scans: the model root itself, or for HDFS the cache
+    /// that mirrors it.
+    pub fn model_root(&self) -> PathBuf {
+        match self.model_source() {
+            Ok(rankd_storage::Location::Hdfs(h)) => {
+                self.hdfs.cache_dir.clone().unwrap_or_else(|| {
+                    let tag: String = h
+                        .url()
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                        .collect();
+                    std::env::temp_dir().join("rankd-cache").join(tag)
+                })
+            }
+            _ => self.models.clone(),
+        }
+    }
+
     /// Checks cross-field rules.
     pub fn check(&self) -> Result<(), String> {
+        self.model_source()?;
+        if self.hdfs.poll_interval_ms == 0 || self.hdfs.timeout_ms == 0 {
+            return Err("[hdfs] poll_interval_ms and timeout_ms must be positive".into());
+        }
         for (name, p) in &self.model {
             if let VersionPolicy::Named(n) = &p.versions {
                 if n != "latest" && n != "all" {

@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod fbrequest;
+pub mod hdfs_source;
 pub mod metrics;
 pub mod protocol;
 pub mod registry;

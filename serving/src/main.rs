@@ -23,7 +23,7 @@ struct Cli {
     /// TOML config file (flags given here override it).
     #[arg(long, env = "RANKD_CONFIG")]
     config: Option<PathBuf>,
-    /// Model root: ROOT/<model-name>/<version>/<file>.rkm.
+    /// Model root: ROOT/<model-name>/<version>/<file>.rkm, a directory or an hdfs:// URL.
     #[arg(long, env = "RANKD_MODELS")]
     models: Option<PathBuf>,
     /// RPC listen address (port 0 picks a free port).
@@ -74,6 +74,20 @@ fn config(cli: &Cli) -> Result<ServerConfig> {
 
 fn run(cli: Cli) -> Result<()> {
     let config = config(&cli)?;
+    // A model root on HDFS is mirrored into a local cache first; when HDFS is unreachable the
+    // daemon starts from what the cache holds and the reload thread keeps polling.
+    let mut hdfs = rankd_serving::hdfs_source::HdfsSource::new(&config)
+        .context("cannot set up the HDFS model root")?;
+    let mut hdfs_failures = 0;
+    let startup_metrics = rankd_serving::metrics::Metrics::default();
+    if let Some(source) = &mut hdfs {
+        eprintln!(
+            "rankd: model root {} (cached in {})",
+            config.models.display(),
+            source.cache().display()
+        );
+        rankd_serving::hdfs_source::poll(source, &config, &startup_metrics, &mut hdfs_failures);
+    }
     let mut rejected = rankd_serving::registry::RejectCache::new();
     let (registry, problems) = Registry::load(&config, None, &mut rejected, None);
     for p in &problems {
@@ -123,7 +137,23 @@ fn run(cli: Cli) -> Result<()> {
     let admin =
         rankd_serving::admin::start(server.shared.clone()).context("cannot bind the admin port")?;
     // The watcher runs before the announcement, so nothing deployed after it is missed.
-    rankd_serving::reload::start(server.shared.clone(), cli.config.clone(), rejected)
+    if hdfs.is_some() {
+        let m = &server.shared.metrics;
+        for (to, from) in [
+            (&m.hdfs_polls, &startup_metrics.hdfs_polls),
+            (&m.hdfs_poll_failures, &startup_metrics.hdfs_poll_failures),
+            (&m.hdfs_downloads, &startup_metrics.hdfs_downloads),
+            (&m.hdfs_download_bytes, &startup_metrics.hdfs_download_bytes),
+            (&m.load_failures, &startup_metrics.load_failures),
+        ] {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        m.hdfs_up.store(
+            startup_metrics.hdfs_up.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+    }
+    rankd_serving::reload::start(server.shared.clone(), cli.config.clone(), rejected, hdfs)
         .context("cannot start the model watcher")?;
     eprintln!(
         "rankd: serving on {} ({threads} cores, {driver}); admin on http://{admin}",

@@ -97,6 +97,16 @@ pub struct Metrics {
     pub reloads: AtomicU64,
     /// Scans of the model root after startup (file events and the periodic rescan).
     pub scans: AtomicU64,
+    /// Polls of an HDFS model root.
+    pub hdfs_polls: AtomicU64,
+    /// Polls of an HDFS model root that failed (listing or download).
+    pub hdfs_poll_failures: AtomicU64,
+    /// Whether the last poll of the HDFS model root succeeded (1) or not (0); -1 for a local root.
+    pub hdfs_up: AtomicI64,
+    /// Versions downloaded from HDFS into the cache.
+    pub hdfs_downloads: AtomicU64,
+    /// Bytes downloaded from HDFS.
+    pub hdfs_download_bytes: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -112,6 +122,11 @@ impl Default for Metrics {
             load_failures: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             scans: AtomicU64::new(0),
+            hdfs_polls: AtomicU64::new(0),
+            hdfs_poll_failures: AtomicU64::new(0),
+            hdfs_up: AtomicI64::new(-1),
+            hdfs_downloads: AtomicU64::new(0),
+            hdfs_download_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -197,6 +212,46 @@ impl Metrics {
             "# TYPE rankd_model_root_scans_total counter\nrankd_model_root_scans_total {}",
             self.scans.load(Ordering::Relaxed)
         );
+        let up = self.hdfs_up.load(Ordering::Relaxed);
+        if up >= 0 {
+            for (name, help, kind, v) in [
+                (
+                    "rankd_hdfs_up",
+                    "Whether the last poll of the HDFS model root succeeded.",
+                    "gauge",
+                    up as u64,
+                ),
+                (
+                    "rankd_hdfs_polls_total",
+                    "Polls of the HDFS model root.",
+                    "counter",
+                    self.hdfs_polls.load(Ordering::Relaxed),
+                ),
+                (
+                    "rankd_hdfs_poll_failures_total",
+                    "Failed polls of the HDFS model root (serving went on with what was loaded).",
+                    "counter",
+                    self.hdfs_poll_failures.load(Ordering::Relaxed),
+                ),
+                (
+                    "rankd_hdfs_downloads_total",
+                    "Model versions downloaded from HDFS.",
+                    "counter",
+                    self.hdfs_downloads.load(Ordering::Relaxed),
+                ),
+                (
+                    "rankd_hdfs_download_bytes_total",
+                    "Bytes downloaded from HDFS.",
+                    "counter",
+                    self.hdfs_download_bytes.load(Ordering::Relaxed),
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+                );
+            }
+        }
         out
     }
 }

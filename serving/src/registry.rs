@@ -216,6 +216,12 @@ pub(crate) fn model_dirs(root: &Path) -> std::io::Result<Vec<(String, PathBuf)>>
 /// The versions to try, in order, and how many of them to load.
 fn wanted(policy: &ModelPolicy, on_disk: &[(u64, PathBuf)]) -> (Vec<u64>, usize) {
     let all: Vec<u64> = on_disk.iter().map(|(v, _)| *v).collect();
+    wanted_of(policy, all)
+}
+
+/// [`wanted`] over plain version numbers (sorted ascending): the candidates in the order to try
+/// them, and how many of them to take. Label targets come on top.
+pub fn wanted_of(policy: &ModelPolicy, all: Vec<u64>) -> (Vec<u64>, usize) {
     match &policy.versions {
         VersionPolicy::List(list) => (
             all.iter().copied().filter(|v| list.contains(v)).collect(),
@@ -241,9 +247,10 @@ impl Registry {
             configured: config.model.keys().cloned().collect(),
             ..Registry::default()
         };
-        let Ok(names) = model_dirs(&config.models) else {
+        let root = config.model_root();
+        let Ok(names) = model_dirs(&root) else {
             problems.push(LoadProblem {
-                path: config.models.clone(),
+                path: root,
                 message: "cannot read the model root".into(),
             });
             return (reg, problems);

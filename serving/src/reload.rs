@@ -156,6 +156,7 @@ pub fn start(
     shared: Arc<Shared>,
     config_path: Option<PathBuf>,
     mut rejected: RejectCache,
+    mut hdfs: Option<crate::hdfs_source::HdfsSource>,
 ) -> std::io::Result<()> {
     let (tx, rx) = channel::<()>();
     let mut config = shared.config.clone();
@@ -166,7 +167,8 @@ pub fn start(
             // serving cores too. It keeps the normal priority (its work is a few system calls
             // per event, and events must not wait for an idle CPU).
             off_serving_cores(&config);
-            let mut watch = if config.watch {
+            // An HDFS root is polled, not watched: its cache is this thread's own.
+            let mut watch = if config.watch && hdfs.is_none() {
                 ModelWatch::new(&config.models, config_path.as_deref(), tx)
             } else {
                 None
@@ -179,12 +181,17 @@ pub fn start(
             let mut stamp = config_stamp(&config_path);
             let mut retired = Retired::default();
             let mut last_scan = std::time::Instant::now();
+            let mut hdfs_failures = 0u32;
+            let mut next_poll =
+                std::time::Instant::now() + crate::hdfs_source::poll_delay(&config, 0);
             loop {
                 // While old snapshots wait to be dropped, wake up often to reap them.
-                let wait = if retired.is_empty() {
-                    interval
-                } else {
+                let wait = if !retired.is_empty() {
                     Duration::from_millis(50)
+                } else if hdfs.is_some() {
+                    next_poll.saturating_duration_since(std::time::Instant::now())
+                } else {
+                    interval
                 };
                 match rx.recv_timeout(wait) {
                     Ok(()) => {
@@ -194,7 +201,11 @@ pub fn start(
                     }
                     Err(RecvTimeoutError::Timeout) => {
                         retired.reap(&shared.registry());
-                        if last_scan.elapsed() < interval {
+                        let due = match hdfs {
+                            Some(_) => std::time::Instant::now() >= next_poll,
+                            None => last_scan.elapsed() >= interval,
+                        };
+                        if !due {
                             continue;
                         }
                     }
@@ -215,6 +226,21 @@ pub fn start(
                     // Before the scan: a version renamed into a new model directory in between
                     // is then either seen by this scan or reported by the new watch.
                     w.sync(&config.models);
+                }
+                if let Some(source) = &mut hdfs {
+                    let ok = crate::hdfs_source::poll(
+                        source,
+                        &config,
+                        &shared.metrics,
+                        &mut hdfs_failures,
+                    );
+                    next_poll = std::time::Instant::now()
+                        + crate::hdfs_source::poll_delay(&config, hdfs_failures);
+                    if !ok {
+                        // Nothing changed in the cache: keep serving what is loaded.
+                        retired.reap(&shared.registry());
+                        continue;
+                    }
                 }
                 rescan(&shared, &config, &mut rejected, &mut retired);
                 retired.reap(&shared.registry());

@@ -1,0 +1,346 @@
+//! The model root on HDFS (`models = "hdfs://..."`). HDFS offers neither memory maps nor change
+//! events to hdfs-native, so the reload thread polls: [`HdfsSource::sync`] lists
+//! `ROOT/<name>/<version>/`, downloads each version the model's policy wants into the local cache
+//! (`[hdfs] cache_dir`, the same layout), checking the file on the bytes as they stream in
+//! (everything the local open checks: a corrupt file never lands), and deletes cached versions
+//! that left the policy. The registry then loads from the cache exactly as from a local root, so
+//! warm-up, swap and drain are the local deploy's.
+//!
+//! A failed listing or download changes nothing in the cache: the daemon keeps serving what it
+//! has, and the caller backs off. A cached version carries a `.source` file (length, modification
+//! time and path on HDFS); a restart reuses every cached file whose source is unchanged.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rankd_formats::StreamCheck;
+use rankd_storage::{Entry, Hdfs, HdfsPath, HdfsSettings, Location, StorageError};
+
+use crate::config::ServerConfig;
+use crate::registry::wanted_of;
+
+/// What one poll did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Versions downloaded: (model, version, bytes, seconds).
+    pub downloaded: Vec<(String, u64, u64, f64)>,
+    /// Files refused (corrupt, truncated, not a model): (path, reason).
+    pub rejected: Vec<(String, String)>,
+    /// Cached versions removed: (model, version).
+    pub removed: Vec<(String, u64)>,
+}
+
+impl SyncReport {
+    /// Whether the cache changed.
+    pub fn changed(&self) -> bool {
+        !self.downloaded.is_empty() || !self.removed.is_empty()
+    }
+}
+
+/// The HDFS model root and its local cache.
+#[derive(Debug)]
+pub struct HdfsSource {
+    hdfs: Hdfs,
+    root: HdfsPath,
+    cache: PathBuf,
+    /// Files refused, by HDFS path, with the (length, mtime) they had: not downloaded again
+    /// until they change.
+    rejected: HashMap<String, (u64, u64)>,
+}
+
+fn is_hidden(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with('_')
+}
+
+impl HdfsSource {
+    /// The source of `config`'s model root when it is on HDFS.
+    pub fn new(config: &ServerConfig) -> Result<Option<HdfsSource>, StorageError> {
+        let Ok(Location::Hdfs(root)) = config.model_source() else {
+            return Ok(None);
+        };
+        let settings = HdfsSettings {
+            timeout: Duration::from_millis(config.hdfs.timeout_ms),
+            config: config.hdfs.config.clone(),
+        };
+        let hdfs = Hdfs::for_path(&root, &settings)?;
+        let cache = config.model_root();
+        std::fs::create_dir_all(&cache).map_err(|e| StorageError::Local {
+            path: cache.display().to_string(),
+            source: e,
+        })?;
+        Ok(Some(HdfsSource {
+            hdfs,
+            root,
+            cache,
+            rejected: HashMap::new(),
+        }))
+    }
+
+    /// The local cache directory (the registry's root).
+    pub fn cache(&self) -> &Path {
+        &self.cache
+    }
+
+    /// One poll: list, download what the policies want, drop what they no longer want. On an
+    /// error the cache is left as it was (downloads finished before it stay).
+    pub fn sync(&mut self, config: &ServerConfig) -> Result<SyncReport, StorageError> {
+        let mut report = SyncReport::default();
+        let models: Vec<Entry> = self
+            .hdfs
+            .list(&self.root.path)?
+            .into_iter()
+            .filter(|e| e.is_dir && !is_hidden(&e.name))
+            .collect();
+        let mut keep: BTreeSet<(String, u64)> = BTreeSet::new();
+        for m in &models {
+            let versions: Vec<(u64, Entry)> = self
+                .hdfs
+                .list(&m.path)?
+                .into_iter()
+                .filter(|e| e.is_dir && !is_hidden(&e.name))
+                .filter_map(|e| Some((e.name.parse::<u64>().ok()?, e)))
+                .collect();
+            let policy = config.model.get(&m.name).cloned().unwrap_or_default();
+            let mut all: Vec<u64> = versions.iter().map(|(v, _)| *v).collect();
+            all.sort_unstable();
+            let (candidates, limit) = wanted_of(&policy, all);
+            let mut taken = 0;
+            let labelled: Vec<u64> = policy.labels.values().copied().collect();
+            for v in candidates.into_iter().chain(labelled) {
+                let by_label = taken >= limit;
+                if by_label && !policy.labels.values().any(|l| *l == v) {
+                    continue;
+                }
+                if keep.contains(&(m.name.clone(), v)) {
+                    continue;
+                }
+                let Some((_, dir)) = versions.iter().find(|(x, _)| *x == v) else {
+                    continue;
+                };
+                if self.ensure(&m.name, v, dir, &mut report)? {
+                    keep.insert((m.name.clone(), v));
+                    if !by_label {
+                        taken += 1;
+                    }
+                }
+            }
+        }
+        self.prune(&keep, &mut report);
+        Ok(report)
+    }
+
+    /// Makes `<cache>/<name>/<v>/model.rkm` a verified copy of the version's file; false when
+    /// the file is refused.
+    fn ensure(
+        &mut self,
+        name: &str,
+        v: u64,
+        dir: &Entry,
+        report: &mut SyncReport,
+    ) -> Result<bool, StorageError> {
+        let files: Vec<Entry> = self
+            .hdfs
+            .list(&dir.path)?
+            .into_iter()
+            .filter(|e| !e.is_dir && !is_hidden(&e.name))
+            .collect();
+        let rkm: Vec<&Entry> = files.iter().filter(|e| e.name.ends_with(".rkm")).collect();
+        let file = match (files.iter().find(|e| e.name == "model.rkm"), rkm.as_slice()) {
+            (Some(f), _) => f,
+            (None, [one]) => *one,
+            (None, _) => {
+                let why = format!("{} .rkm files; expected one (or model.rkm)", rkm.len());
+                if self.rejected.insert(dir.path.clone(), (0, 0)).is_none() {
+                    report.rejected.push((dir.path.clone(), why));
+                }
+                return Ok(false);
+            }
+        };
+        let stamp = format!("{} {} {}", file.len, file.mtime_ms, file.path);
+        let vdir = self.cache.join(name).join(v.to_string());
+        let cached = vdir.join("model.rkm");
+        if std::fs::read_to_string(vdir.join(".source")).is_ok_and(|s| s == stamp)
+            && std::fs::metadata(&cached).is_ok_and(|m| m.len() == file.len)
+        {
+            return Ok(true);
+        }
+        if self.rejected.get(&file.path) == Some(&(file.len, file.mtime_ms)) {
+            return Ok(false);
+        }
+        let model_dir = self.cache.join(name);
+        let local = |e: std::io::Error| StorageError::Local {
+            path: model_dir.display().to_string(),
+            source: e,
+        };
+        std::fs::create_dir_all(&model_dir).map_err(local)?;
+        // Hidden until complete: the registry skips dot-names.
+        let tmp = model_dir.join(format!(".{v}.download"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(local)?;
+        let start = Instant::now();
+        let mut check = StreamCheck::new(file.len);
+        let got = self
+            .hdfs
+            .download(&file.path, &tmp.join("model.rkm"), &mut |b| {
+                check.update(b).map_err(|e| e.to_string())
+            });
+        let outcome = got.and_then(|n| {
+            if n != file.len {
+                return Err(StorageError::Rejected {
+                    path: file.path.clone(),
+                    message: format!("{n} bytes arrived of {}", file.len),
+                });
+            }
+            check.finish().map_err(|e| StorageError::Rejected {
+                path: file.path.clone(),
+                message: e.to_string(),
+            })?;
+            Ok(n)
+        });
+        match outcome {
+            Ok(n) => {
+                std::fs::write(tmp.join(".source"), &stamp).map_err(local)?;
+                let _ = std::fs::remove_dir_all(&vdir);
+                std::fs::rename(&tmp, &vdir).map_err(local)?;
+                self.rejected.remove(&file.path);
+                report
+                    .downloaded
+                    .push((name.to_owned(), v, n, start.elapsed().as_secs_f64()));
+                Ok(true)
+            }
+            Err(StorageError::Rejected { path, message }) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                self.rejected
+                    .insert(file.path.clone(), (file.len, file.mtime_ms));
+                report.rejected.push((path, message));
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes cached versions (and models) not in `keep`. A mapped file stays readable until
+    /// its last request is done: the registry unmaps it, the kernel frees it.
+    fn prune(&self, keep: &BTreeSet<(String, u64)>, report: &mut SyncReport) {
+        let Ok(models) = std::fs::read_dir(&self.cache) else {
+            return;
+        };
+        for m in models.flatten() {
+            let Some(name) = m.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if is_hidden(&name) || !m.path().is_dir() {
+                continue;
+            }
+            let Ok(versions) = std::fs::read_dir(m.path()) else {
+                continue;
+            };
+            for e in versions.flatten() {
+                let Some(v) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
+                    continue;
+                };
+                if !keep.contains(&(name.clone(), v)) && std::fs::remove_dir_all(e.path()).is_ok() {
+                    report.removed.push((name.clone(), v));
+                }
+            }
+            // An empty model directory goes too.
+            let _ = std::fs::remove_dir(m.path());
+        }
+    }
+}
+
+/// How long to wait before the next poll after `failures` failed polls in a row: the interval,
+/// doubled per failure, at most `max_backoff_ms`.
+pub fn poll_delay(config: &ServerConfig, failures: u32) -> Duration {
+    let base = config.hdfs.poll_interval_ms;
+    let ms = base
+        .saturating_mul(1u64 << failures.min(16))
+        .min(config.hdfs.max_backoff_ms.max(base));
+    Duration::from_millis(ms)
+}
+
+/// One poll with its log lines and metrics. Returns whether it succeeded.
+pub fn poll(
+    source: &mut HdfsSource,
+    config: &ServerConfig,
+    metrics: &crate::metrics::Metrics,
+    failures: &mut u32,
+) -> bool {
+    use std::sync::atomic::Ordering;
+    metrics.hdfs_polls.fetch_add(1, Ordering::Relaxed);
+    match source.sync(config) {
+        Ok(report) => {
+            if *failures > 0 {
+                eprintln!(
+                    "rankd: hdfs {} reachable again after {} failed polls",
+                    source.root.url(),
+                    failures
+                );
+            }
+            *failures = 0;
+            metrics.hdfs_up.store(1, Ordering::Relaxed);
+            for (name, v, bytes, secs) in &report.downloaded {
+                metrics.hdfs_downloads.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .hdfs_download_bytes
+                    .fetch_add(*bytes, Ordering::Relaxed);
+                eprintln!(
+                    "rankd: downloaded {name}/{v} from hdfs ({bytes} bytes in {:.0} ms, {:.0} MiB/s, verified)",
+                    secs * 1e3,
+                    *bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+                );
+            }
+            for (path, why) in &report.rejected {
+                metrics.load_failures.fetch_add(1, Ordering::Relaxed);
+                eprintln!("rankd: rejected {path} on hdfs: {why}");
+            }
+            for (name, v) in &report.removed {
+                eprintln!("rankd: dropped {name}/{v} from the hdfs cache");
+            }
+            true
+        }
+        Err(e) => {
+            *failures += 1;
+            metrics.hdfs_up.store(0, Ordering::Relaxed);
+            metrics.hdfs_poll_failures.fetch_add(1, Ordering::Relaxed);
+            eprintln!(
+                "rankd: hdfs poll failed ({} in a row): {e}; serving what is loaded; next poll in {} ms",
+                failures,
+                poll_delay(config, *failures).as_millis()
+            );
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_limit() {
+        let mut c = ServerConfig::default();
+        c.hdfs.poll_interval_ms = 500;
+        c.hdfs.max_backoff_ms = 3_000;
+        let d: Vec<u64> = (0..6)
+            .map(|f| poll_delay(&c, f).as_millis() as u64)
+            .collect();
+        assert_eq!(d, [500, 1000, 2000, 3000, 3000, 3000]);
+        assert_eq!(poll_delay(&c, 1000).as_millis(), 3000);
+    }
+
+    #[test]
+    fn a_local_root_has_no_hdfs_source() {
+        let c = ServerConfig::default();
+        assert!(HdfsSource::new(&c).unwrap().is_none());
+        let bad = ServerConfig {
+            models: "s3://bucket/models".into(),
+            ..ServerConfig::default()
+        };
+        assert!(bad.check().unwrap_err().contains("unsupported scheme"));
+    }
+}
