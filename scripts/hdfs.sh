@@ -119,7 +119,8 @@ case "$cmd" in
     echo "$url" >"$dir/url"
     if [ -n "$owner" ]; then
       pid="$(cat "$dir/pid")"
-      setsid bash -c "while kill -0 $owner 2>/dev/null && kill -0 $pid 2>/dev/null; do sleep 1; done; kill $pid 2>/dev/null; sleep 2; kill -9 $pid 2>/dev/null; rm -rf '$dir/data'" \
+      # Only the JVM is stopped here: its directory may already hold a restarted cluster.
+      setsid bash -c "while kill -0 $owner 2>/dev/null && kill -0 $pid 2>/dev/null; do sleep 1; done; kill $pid 2>/dev/null; sleep 2; kill -9 $pid 2>/dev/null" \
         >/dev/null 2>&1 </dev/null &
     fi
     echo "$url"

@@ -7,7 +7,9 @@
 //! warm-up, swap and drain are the local deploy's.
 //!
 //! A failed listing or download changes nothing in the cache: the daemon keeps serving what it
-//! has, and the caller backs off. A cached version carries a `.source` file (length, modification
+//! has, and the caller backs off. An empty root, or a model directory with no version that
+//! serves, does not unload anything either (a restarted NameNode, a deploy in progress); a model
+//! is unloaded when its directory is deleted. A cached version carries a `.source` file (length, modification
 //! time and path on HDFS); a restart reuses every cached file whose source is unchanged.
 
 use std::collections::{BTreeSet, HashMap};
@@ -93,6 +95,11 @@ impl HdfsSource {
             .filter(|e| e.is_dir && !is_hidden(&e.name))
             .collect();
         let mut keep: BTreeSet<(String, u64)> = BTreeSet::new();
+        if models.is_empty() {
+            // An empty root (a reformatted or freshly restarted NameNode, a root being rebuilt)
+            // is no reason to stop serving: keep everything cached.
+            return Ok(report);
+        }
         for m in &models {
             let versions: Vec<(u64, Entry)> = self
                 .hdfs
@@ -123,6 +130,14 @@ impl HdfsSource {
                     if !by_label {
                         taken += 1;
                     }
+                }
+            }
+            if !keep.iter().any(|(n, _)| n == &m.name) {
+                // The model's directory holds no version that serves (a deploy in progress, every
+                // version refused): what is cached keeps serving. Deleting the model's
+                // directory on HDFS is what unloads it.
+                for v in self.cached_versions(&m.name) {
+                    keep.insert((m.name.clone(), v));
                 }
             }
         }
@@ -221,6 +236,16 @@ impl HdfsSource {
                 Err(e)
             }
         }
+    }
+
+    fn cached_versions(&self, name: &str) -> Vec<u64> {
+        std::fs::read_dir(self.cache.join(name))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Deletes cached versions (and models) not in `keep`. A mapped file stays readable until

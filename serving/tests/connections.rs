@@ -88,17 +88,7 @@ fn reset(stream: TcpStream) {
 }
 
 fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let mut s = TcpStream::connect(admin).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    common::metric(admin, name).unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 /// The scenario, many times over: a client resets its connection while the daemon

@@ -32,8 +32,8 @@ const BLOCK: usize = 1 << 20;
 /// 4 KiB covers every common device.
 const DIRECT_ALIGN: usize = 4096;
 
-/// Deploys `file` under `root`. Name and version default to the file's metadata. Returns where
-/// it landed and when it was renamed into place.
+/// Deploys `file` under `root` (a local directory or an `hdfs://` URL). Name and version default
+/// to the file's metadata. Returns where it landed and when it was renamed into place.
 pub fn deploy(
     file: &Path,
     root: &Path,
@@ -42,6 +42,9 @@ pub fn deploy(
 ) -> Result<Deployed> {
     if let Some(n) = name {
         check_name(n)?;
+    }
+    if let rankd_storage::Location::Hdfs(h) = rankd_storage::Location::from_path(root)? {
+        return deploy_hdfs(file, &h, name, version);
     }
     std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
     // The hidden directory sits in the root (on the root's file system; the daemon skips names
@@ -85,6 +88,82 @@ pub fn deploy(
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// A `Read` that checks a model file on the bytes that pass.
+struct Checked<R> {
+    inner: R,
+    check: StreamCheck,
+}
+
+impl<R: std::io::Read> std::io::Read for Checked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.check
+            .update(&buf[..n])
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        Ok(n)
+    }
+}
+
+/// The HDFS deploy: upload into a hidden directory of the root, checking the bytes read (a
+/// corrupt file fails before the rename), then one rename of that directory to
+/// `ROOT/<name>/<version>`, which HDFS refuses when the version exists.
+fn deploy_hdfs(
+    file: &Path,
+    root: &rankd_storage::HdfsPath,
+    name: Option<&str>,
+    version: Option<u64>,
+) -> Result<Deployed> {
+    let hdfs = rankd_storage::Hdfs::for_path(root, &rankd_storage::HdfsSettings::default())?;
+    let len = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .len();
+    let source = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut checked = Checked {
+        inner: std::io::BufReader::with_capacity(BLOCK, source),
+        check: StreamCheck::new(len),
+    };
+    let tmp = rankd_storage::join(
+        &root.path,
+        &format!(
+            ".deploy-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
+    );
+    let result = (|| -> Result<Deployed> {
+        hdfs.write_new(&mut checked, &rankd_storage::join(&tmp, "model.rkm"))?;
+        let parsed = std::mem::replace(&mut checked.check, StreamCheck::new(0))
+            .finish()
+            .with_context(|| format!("{} is not a valid model file", file.display()))?;
+        let name = name.unwrap_or(&parsed.spec.metadata.name).to_owned();
+        check_name(&name)?;
+        let version = version.unwrap_or(parsed.spec.metadata.version);
+        let model_dir = rankd_storage::join(&root.path, &name);
+        hdfs.mkdirs(&model_dir)?;
+        let target = rankd_storage::join(&model_dir, &version.to_string());
+        if hdfs.stat(&target)?.is_some() {
+            bail!(
+                "{}{target} already exists; versions are immutable, deploy a new one",
+                root.fs
+            );
+        }
+        hdfs.rename(&tmp, &target, false)
+            .with_context(|| format!("cannot rename {tmp} to {target}"))?;
+        Ok(Deployed {
+            dir: PathBuf::from(format!("{}{target}", root.fs)),
+            renamed_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+        })
+    })();
+    if result.is_err() {
+        let _ = hdfs.delete(&tmp, true);
     }
     result
 }

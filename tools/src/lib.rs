@@ -362,14 +362,42 @@ pub fn inspect_json(model: &ModelFile) -> Result<String> {
     Ok(serde_json::to_string_pretty(&j)?)
 }
 
-/// `rankd-tool inspect FILE [--json]`.
-pub fn inspect(path: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
-    let model = ModelFile::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    if json {
-        writeln!(out, "{}", inspect_json(&model)?)?;
-    } else {
-        write!(out, "{}", inspect_text(&model))?;
+/// A model file to open: a local path as it is, or an `hdfs://` file downloaded into a
+/// temporary directory, checked on the bytes as they arrive (held alive by the returned guard).
+fn local_copy(path: &Path) -> Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
+    match rankd_storage::Location::from_path(path)? {
+        rankd_storage::Location::Local(p) => Ok((p, None)),
+        rankd_storage::Location::Hdfs(h) => {
+            let hdfs = rankd_storage::Hdfs::for_path(&h, &rankd_storage::HdfsSettings::default())?;
+            let len = hdfs
+                .stat(&h.path)?
+                .with_context(|| format!("{} does not exist", h.url()))?
+                .len;
+            let dir = tempfile::tempdir()?;
+            let local = dir.path().join("model.rkm");
+            let mut check = rankd_formats::StreamCheck::new(len);
+            hdfs.download(&h.path, &local, &mut |b| {
+                check.update(b).map_err(|e| e.to_string())
+            })?;
+            Ok((local, Some(dir)))
+        }
     }
+}
+
+/// `rankd-tool inspect FILE [--json]` (a local path or an `hdfs://` URL).
+pub fn inspect(path: &Path, json: bool, out: &mut dyn Write) -> Result<()> {
+    let (local, _guard) = local_copy(path)?;
+    let model =
+        ModelFile::open(&local).with_context(|| format!("cannot open {}", path.display()))?;
+    let text = if json {
+        format!("{}\n", inspect_json(&model)?)
+    } else {
+        inspect_text(&model)
+    };
+    // Name the file as the user did, not its temporary copy.
+    let shown = path.display().to_string();
+    let text = text.replace(&local.display().to_string(), &shown);
+    write!(out, "{text}")?;
     Ok(())
 }
 
@@ -378,7 +406,11 @@ pub fn validate(paths: &[std::path::PathBuf], out: &mut dyn Write) -> Result<()>
     let mut bad = 0;
     for p in paths {
         let start = Instant::now();
-        match ModelFile::open(p) {
+        let opened = local_copy(p).and_then(|(local, guard)| {
+            let m = ModelFile::open(&local)?;
+            Ok((m, guard))
+        });
+        match opened.map(|(m, _guard)| m) {
             Ok(model) => {
                 let spec = model.spec();
                 writeln!(

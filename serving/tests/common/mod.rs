@@ -56,3 +56,19 @@ pub fn start_daemon(root: &Path, config: Option<&Path>, extra: &[&str]) -> Daemo
         }
     }
 }
+
+/// One sample of the daemon's `/metrics` (the line `NAME VALUE`, NAME with its labels).
+#[allow(dead_code)]
+pub fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
