@@ -427,15 +427,20 @@ impl Hdfs {
         finished
     }
 
-    /// A `Read` over a byte range of a file, fetched in pieces of `chunk` bytes as it is read
-    /// (the whole file is never held in memory or on local disk).
-    pub fn reader(&self, path: &str, offset: u64, len: Option<u64>) -> Result<HdfsReader<'_>> {
+    /// A `Read` over a byte range of a file, fetched in pieces of 4 MiB as it is read (the
+    /// whole file is never held in memory or on local disk).
+    pub fn reader(
+        self: &std::sync::Arc<Self>,
+        path: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<HdfsReader> {
         let reader = self.call("open", path, self.client.read(path))?;
         let file_len = reader.file_length() as u64;
         let start = offset.min(file_len);
         let end = len.map_or(file_len, |l| (start + l).min(file_len));
         Ok(HdfsReader {
-            hdfs: self,
+            hdfs: self.clone(),
             path: path.to_owned(),
             reader,
             pos: start,
@@ -509,8 +514,8 @@ impl Hdfs {
 }
 
 /// A `Read` over part of an HDFS file (see [`Hdfs::reader`]).
-pub struct HdfsReader<'a> {
-    hdfs: &'a Hdfs,
+pub struct HdfsReader {
+    hdfs: std::sync::Arc<Hdfs>,
     path: String,
     reader: hdfs_native::file::FileReader,
     pos: u64,
@@ -518,7 +523,7 @@ pub struct HdfsReader<'a> {
     buf: Bytes,
 }
 
-impl std::fmt::Debug for HdfsReader<'_> {
+impl std::fmt::Debug for HdfsReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HdfsReader")
             .field("path", &self.path)
@@ -531,7 +536,7 @@ impl std::fmt::Debug for HdfsReader<'_> {
 /// Bytes fetched per range read of an [`HdfsReader`].
 const READ_CHUNK: u64 = 4 << 20;
 
-impl Read for HdfsReader<'_> {
+impl Read for HdfsReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         if self.buf.is_empty() {
             if self.pos >= self.end {
@@ -551,6 +556,77 @@ impl Read for HdfsReader<'_> {
         let n = out.len().min(self.buf.len());
         out[..n].copy_from_slice(&self.buf.split_to(n));
         Ok(n)
+    }
+}
+
+/// Opens a local path or an `hdfs://` file for streaming reads.
+pub fn open_read(path: &Path, settings: &HdfsSettings) -> Result<Box<dyn Read + Send>> {
+    match Location::from_path(path)? {
+        Location::Local(p) => {
+            let f = std::fs::File::open(&p).map_err(|e| StorageError::Local {
+                path: p.display().to_string(),
+                source: e,
+            })?;
+            Ok(Box::new(f))
+        }
+        Location::Hdfs(h) => {
+            let hdfs = std::sync::Arc::new(Hdfs::for_path(&h, settings)?);
+            Ok(Box::new(hdfs.reader(&h.path, 0, None)?))
+        }
+    }
+}
+
+/// Whether a local path or an `hdfs://` path exists.
+pub fn exists(path: &Path, settings: &HdfsSettings) -> Result<bool> {
+    match Location::from_path(path)? {
+        Location::Local(p) => Ok(p.exists()),
+        Location::Hdfs(h) => Ok(Hdfs::for_path(&h, settings)?.stat(&h.path)?.is_some()),
+    }
+}
+
+/// The files an `hdfs://` glob matches, as URLs, sorted; an error when none does.
+pub fn glob_urls(pattern: &HdfsPath, settings: &HdfsSettings) -> Result<Vec<String>> {
+    let hdfs = Hdfs::for_path(pattern, settings)?;
+    let found = hdfs.glob(&pattern.path)?;
+    if found.is_empty() {
+        return Err(StorageError::Hdfs {
+            op: "glob",
+            path: pattern.url(),
+            message: "matches no file".into(),
+        });
+    }
+    Ok(found
+        .into_iter()
+        .map(|e| format!("{}{}", pattern.fs, e.path))
+        .collect())
+}
+
+/// Copies a local file to `dest` (a local path or `hdfs://`), under a hidden name first and
+/// renamed into place, replacing what was there.
+pub fn put_file(local: &Path, dest: &Path, settings: &HdfsSettings) -> Result<u64> {
+    let src_err = |e: std::io::Error| StorageError::Local {
+        path: local.display().to_string(),
+        source: e,
+    };
+    match Location::from_path(dest)? {
+        Location::Local(p) => std::fs::copy(local, &p).map_err(src_err),
+        Location::Hdfs(h) => {
+            let mut f = std::fs::File::open(local).map_err(src_err)?;
+            Hdfs::for_path(&h, settings)?.upload(&mut f, &h.path, true)
+        }
+    }
+}
+
+/// Copies `src` (a local path or `hdfs://`) to a local file.
+pub fn get_file(src: &Path, local: &Path, settings: &HdfsSettings) -> Result<u64> {
+    match Location::from_path(src)? {
+        Location::Local(p) => std::fs::copy(&p, local).map_err(|e| StorageError::Local {
+            path: p.display().to_string(),
+            source: e,
+        }),
+        Location::Hdfs(h) => {
+            Hdfs::for_path(&h, settings)?.download(&h.path, local, &mut |_| Ok(()))
+        }
     }
 }
 

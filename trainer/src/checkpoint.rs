@@ -91,3 +91,45 @@ pub fn load(path: &Path, params: &mut Params, opt: &mut Optimizer) -> Result<Pos
     }
     Ok(pos)
 }
+
+/// [`save`] to a local path or an `hdfs://` one (written locally, then uploaded under a hidden
+/// name and renamed into place).
+pub fn save_at(
+    path: &Path,
+    pos: Position,
+    params: &mut Params,
+    opt: &mut Optimizer,
+    hdfs: &rankd_storage::HdfsSettings,
+) -> Result<()> {
+    if !rankd_storage::Location::is_hdfs(path) {
+        return save(path, pos, params, opt);
+    }
+    let dir = tempfile::tempdir().map_err(|e| io(path, e))?;
+    let local = dir.path().join("checkpoint");
+    save(&local, pos, params, opt)?;
+    rankd_storage::put_file(&local, path, hdfs)
+        .map_err(|e| TrainError::Data(format!("checkpoint: {e}")))?;
+    Ok(())
+}
+
+/// [`load`] from a local path or an `hdfs://` one; `None` when there is no checkpoint there.
+pub fn load_at(
+    path: &Path,
+    params: &mut Params,
+    opt: &mut Optimizer,
+    hdfs: &rankd_storage::HdfsSettings,
+) -> Result<Option<Position>> {
+    let there = rankd_storage::exists(path, hdfs)
+        .map_err(|e| TrainError::Data(format!("checkpoint: {e}")))?;
+    if !there {
+        return Ok(None);
+    }
+    if !rankd_storage::Location::is_hdfs(path) {
+        return load(path, params, opt).map(Some);
+    }
+    let dir = tempfile::tempdir().map_err(|e| io(path, e))?;
+    let local = dir.path().join("checkpoint");
+    rankd_storage::get_file(path, &local, hdfs)
+        .map_err(|e| TrainError::Data(format!("checkpoint: {e}")))?;
+    load(&local, params, opt).map(Some)
+}

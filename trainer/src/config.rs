@@ -103,6 +103,27 @@ pub struct TrainSettings {
     /// Where checkpoints go (default: `<output>.ckpt`).
     #[serde(default)]
     pub checkpoint: Option<PathBuf>,
+    /// Hadoop client settings for `hdfs://` paths (HA nameservices and the like), over those of
+    /// `HADOOP_CONF_DIR`.
+    #[serde(default)]
+    pub hdfs_config: std::collections::BTreeMap<String, String>,
+    /// Deadline of each HDFS call and of each chunk read or written, in milliseconds.
+    #[serde(default = "default_hdfs_timeout")]
+    pub hdfs_timeout_ms: u64,
+}
+
+fn default_hdfs_timeout() -> u64 {
+    30_000
+}
+
+impl TrainSettings {
+    /// The HDFS client settings of `hdfs://` paths.
+    pub fn hdfs(&self) -> rankd_storage::HdfsSettings {
+        rankd_storage::HdfsSettings {
+            timeout: std::time::Duration::from_millis(self.hdfs_timeout_ms),
+            config: self.hdfs_config.clone(),
+        }
+    }
 }
 
 impl TrainSettings {
@@ -217,10 +238,30 @@ fn wildcard(pattern: &[u8], name: &[u8]) -> bool {
     }
 }
 
-/// Resolves paths against `base` and expands globs in their file names (sorted).
-fn expand(paths: &[PathBuf], base: &std::path::Path) -> Result<Vec<PathBuf>> {
+/// Resolves paths against `base` and expands globs in their file names (sorted). `hdfs://`
+/// paths are expanded on HDFS (its glob syntax: `*`, `?`, `[...]`, `{a,b}`).
+fn expand(
+    paths: &[PathBuf],
+    base: &std::path::Path,
+    hdfs: &rankd_storage::HdfsSettings,
+) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
+        match rankd_storage::Location::from_path(p)
+            .map_err(|e| TrainError::Config(e.to_string()))?
+        {
+            rankd_storage::Location::Hdfs(h) => {
+                if h.path.contains(['*', '?', '[', '{']) {
+                    let urls = rankd_storage::glob_urls(&h, hdfs)
+                        .map_err(|e| TrainError::Config(e.to_string()))?;
+                    out.extend(urls.into_iter().map(PathBuf::from));
+                } else {
+                    out.push(p.clone());
+                }
+                continue;
+            }
+            rankd_storage::Location::Local(_) => {}
+        }
         let p = if p.is_relative() {
             base.join(p)
         } else {
@@ -290,9 +331,13 @@ impl TrainConfig {
         let TrainOnly { mut train } = toml::Value::Table(only)
             .try_into()
             .map_err(|e: toml::de::Error| TrainError::Config(e.to_string()))?;
-        train.train_files = expand(&train.train_files, base)?;
-        train.eval_files = expand(&train.eval_files, base)?;
-        train.test_files = expand(&train.test_files, base)?;
+        let hdfs = train.hdfs();
+        train.train_files = expand(&train.train_files, base, &hdfs)?;
+        train.eval_files = expand(&train.eval_files, base, &hdfs)?;
+        train.test_files = expand(&train.test_files, base, &hdfs)?;
+        for p in train.output.iter().chain(&train.checkpoint) {
+            rankd_storage::Location::from_path(p).map_err(|e| TrainError::Config(e.to_string()))?;
+        }
         if let Some(f) = train.eval_split {
             if !(f > 0.0 && f < 1.0) {
                 return Err(TrainError::Config(format!(

@@ -100,15 +100,15 @@ fn read_with(
     let mut out = RawData::default();
     for file in files {
         let path = file.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
-        let mut lines = text.lines();
-        let header: Vec<&str> = lines
+        // Local files and hdfs:// files alike are streamed line by line.
+        let source = rankd_storage::open_read(path, &s.hdfs())
+            .map_err(|e| TrainError::Data(e.to_string()))?;
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::with_capacity(1 << 20, source));
+        let first = lines
             .next()
             .ok_or_else(|| TrainError::Data(format!("{}: empty file", path.display())))?
-            .split(s.delimiter)
-            .map(str::trim)
-            .collect();
+            .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+        let header: Vec<&str> = first.split(s.delimiter).map(str::trim).collect();
         let col = |name: &str| header.iter().position(|h| *h == name);
         let label_col = match (col(&s.label), labels) {
             (Some(c), _) => Some(c),
@@ -132,6 +132,9 @@ fn read_with(
             })?);
         }
         for (i, line) in lines.enumerate() {
+            let line =
+                line.map_err(|e| TrainError::Data(format!("{}:{}: {e}", path.display(), i + 2)))?;
+            let line = line.as_str();
             if line.trim().is_empty() {
                 continue;
             }

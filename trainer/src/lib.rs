@@ -185,8 +185,7 @@ pub fn train_with(
     let mut preds = Vec::new();
     let mut first_epoch = 0;
     if let Some((path, true)) = checkpoint {
-        if path.exists() {
-            let pos = checkpoint::load(path, &mut params, &mut opt)?;
+        if let Some(pos) = checkpoint::load_at(path, &mut params, &mut opt, &s.hdfs())? {
             opt.sync_step();
             rng = Rng::from_state(pos.rng_state);
             first_epoch = pos.epochs_done as usize;
@@ -323,7 +322,7 @@ pub fn train_with(
                     best_auc: best.0,
                     best_epoch: best.2 as u64,
                 };
-                checkpoint::save(path, pos, &mut params, &mut opt)?;
+                checkpoint::save_at(path, pos, &mut params, &mut opt, &s.hdfs())?;
             }
         }
         if stop {
@@ -427,10 +426,20 @@ pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_for
             ),
         ],
     };
-    Ok(write_model(
-        &t.model,
-        metadata,
-        &t.params.tensors(&t.layout),
-        path,
-    )?)
+    if !rankd_storage::Location::is_hdfs(path) {
+        return Ok(write_model(
+            &t.model,
+            metadata,
+            &t.params.tensors(&t.layout),
+            path,
+        )?);
+    }
+    // On HDFS: written and checked locally, then uploaded under a hidden name and renamed into
+    // place, so that a reader (a daemon polling the model root) never sees a partial file.
+    let dir = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
+    let local = dir.path().join("model.rkm");
+    let written = write_model(&t.model, metadata, &t.params.tensors(&t.layout), &local)?;
+    rankd_storage::put_file(&local, path, &config.train.hdfs())
+        .map_err(|e| TrainError::Data(e.to_string()))?;
+    Ok(written)
 }
