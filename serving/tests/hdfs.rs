@@ -291,3 +291,34 @@ fn the_namenode_stopped_and_killed_while_serving() {
     eprintln!("{:>6} ms: {ok} requests, {failed} failed", at());
     assert_eq!(failed, 0);
 }
+
+/// An HA nameservice URL (`hdfs://rankdns/...`) with the usual settings passed through from the
+/// config: the first NameNode of the nameservice is dead, the client fails over to the second.
+#[test]
+fn an_ha_nameservice_from_the_config() {
+    let Some(c) = cluster() else { return };
+    let url = c.unique_dir("ha-models");
+    let root = hdfs_path(&url);
+    let hdfs = Hdfs::for_path(&root, &HdfsSettings::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = std::fs::read(synth_file(dir.path(), 1, 1)).unwrap();
+    put_version(&hdfs, &root, 1, &v1);
+    // A port with nothing listening: the dead NameNode.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let ha = format!(
+        "[hdfs.config]\n\"dfs.nameservices\" = \"rankdns\"\n\
+         \"dfs.ha.namenodes.rankdns\" = \"nn1,nn2\"\n\
+         \"dfs.namenode.rpc-address.rankdns.nn1\" = \"127.0.0.1:{dead_port}\"\n\
+         \"dfs.namenode.rpc-address.rankdns.nn2\" = \"127.0.0.1:{}\"\n",
+        c.port()
+    );
+    let logical = format!("hdfs://rankdns{}", root.path);
+    let cache = dir.path().join("cache");
+    let d = start(&logical, &cache, &ha);
+    let mut conn = Connection::connect(d.addr).unwrap();
+    assert_eq!(conn.score(&request()).unwrap().version, 1);
+    assert_eq!(metric(d.admin, "rankd_hdfs_up"), Some(1.0));
+    hdfs.delete(&root.path, true).unwrap();
+}
