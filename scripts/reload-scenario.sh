@@ -15,6 +15,10 @@
 # reload_verify_mib_per_sec (default 0 = unpaced).
 # RESCAN_MS (default 1000) and EXTRA_CONFIG (more lines for rankd.toml, e.g. "watch = false")
 # for experiments.
+# HDFS=1: the model root is on HDFS (the cluster of $RANKD_HDFS_URL, else one started here with
+# scripts/hdfs.sh, its JVM kept on CPU 1): deploys go through `rankd-tool deploy --root hdfs://...`,
+# the daemon polls every HDFS_POLL_MS (default 500) and downloads into a local cache; the corrupt
+# drop is put there with Hadoop's FsShell.
 # RENAME_ONLY=1: the copies are made before the run and each deploy is only the rename (to tell
 # the daemon's share of a deploy's cost from the copy's). rankd-load's --latency-log gives every
 # request's intended send time and latency, aligned with deploys.txt for a closer look.
@@ -27,6 +31,20 @@ bin=target/release
 work="$(mktemp -d)"
 root="$work/root"
 mkdir -p "$root"
+hdfs_extra=""
+if [ "${HDFS:-0}" = 1 ]; then
+  if [ -z "${RANKD_HDFS_URL:-}" ]; then
+    export RANKD_HDFS_DIR="$work/hdfs"
+    RANKD_HDFS_URL="$(scripts/hdfs.sh start "$RANKD_HDFS_DIR" --owner $$)"
+    export RANKD_HDFS_URL
+  fi
+  # The NameNode and DataNode run beside the load generator, off the serving core.
+  taskset -a -cp 1 "$(cat "${RANKD_HDFS_DIR:-/tmp/rankd-hdfs}/pid")" >/dev/null 2>&1 || true
+  root="$RANKD_HDFS_URL/reload-scenario-$$"
+  hdfs_extra="[hdfs]
+cache_dir = \"$work/cache\"
+poll_interval_ms = ${HDFS_POLL_MS:-500}"
+fi
 # The logs written during the run go to memory (when /dev/shm exists), so that their writeback
 # is not part of what is measured.
 logs="$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)"
@@ -46,6 +64,7 @@ ${EXTRA_CONFIG:-}
 reload_verify_mib_per_sec = ${VERIFY_MIBS:-0}
 [model.feed]
 versions = "latest"
+${hdfs_extra}
 TOML
 # One worker pinned to CPU 0; the reload thread keeps off it (and below its priority).
 "$bin/rankd" --config "$work/rankd.toml" --models "$root" --threads 1 --pin-cores \
@@ -92,12 +111,17 @@ load_pid=$!
 sleep 6
 : > "$out/deploys.txt"
 # The deploy loop and every command in it run on CPU 1 too (nothing forks onto the serving core).
-export bin root work out
+export bin root work out HDFS RANKD_HDFS_DIR
 taskset -c 1 bash -c '
 now() { local t=${EPOCHREALTIME/./}; echo $(( t / 1000 )); }
 for v in $(seq 2 21); do
   start=$(now)
-  if [ "$v" = 11 ]; then
+  if [ "$v" = 11 ] && [ "${HDFS:-0}" = 1 ]; then
+    scripts/hdfs.sh fs "${RANKD_HDFS_DIR:-/tmp/rankd-hdfs}" -- -mkdir -p "$root/feed/.tmp-11"
+    scripts/hdfs.sh fs "${RANKD_HDFS_DIR:-/tmp/rankd-hdfs}" -- -put "$work/corrupt.rkm" "$root/feed/.tmp-11/model.rkm"
+    scripts/hdfs.sh fs "${RANKD_HDFS_DIR:-/tmp/rankd-hdfs}" -- -mv "$root/feed/.tmp-11" "$root/feed/11"
+    echo "11 $start $(now) corrupt" >> "$out/deploys.txt"
+  elif [ "$v" = 11 ]; then
     mkdir -p "$root/feed/.tmp-11"
     cp "$work/corrupt.rkm" "$root/feed/.tmp-11/model.rkm"
     mv "$root/feed/.tmp-11" "$root/feed/11"

@@ -576,6 +576,52 @@ pub fn open_read(path: &Path, settings: &HdfsSettings) -> Result<Box<dyn Read + 
     }
 }
 
+/// The length of a local or `hdfs://` file.
+pub fn file_len(path: &Path, settings: &HdfsSettings) -> Result<u64> {
+    match Location::from_path(path)? {
+        Location::Local(p) => {
+            std::fs::metadata(&p)
+                .map(|m| m.len())
+                .map_err(|e| StorageError::Local {
+                    path: p.display().to_string(),
+                    source: e,
+                })
+        }
+        Location::Hdfs(h) => Hdfs::for_path(&h, settings)?
+            .stat(&h.path)?
+            .map(|e| e.len)
+            .ok_or_else(|| StorageError::Hdfs {
+                op: "stat",
+                path: h.url(),
+                message: "file not found".into(),
+            }),
+    }
+}
+
+/// Opens a local path or an `hdfs://` file for streaming reads from byte `offset` on.
+pub fn open_read_at(
+    path: &Path,
+    offset: u64,
+    settings: &HdfsSettings,
+) -> Result<Box<dyn Read + Send>> {
+    match Location::from_path(path)? {
+        Location::Local(p) => {
+            use std::io::Seek;
+            let local = |e: std::io::Error| StorageError::Local {
+                path: p.display().to_string(),
+                source: e,
+            };
+            let mut f = std::fs::File::open(&p).map_err(local)?;
+            f.seek(std::io::SeekFrom::Start(offset)).map_err(local)?;
+            Ok(Box::new(f))
+        }
+        Location::Hdfs(h) => {
+            let hdfs = std::sync::Arc::new(Hdfs::for_path(&h, settings)?);
+            Ok(Box::new(hdfs.reader(&h.path, offset, None)?))
+        }
+    }
+}
+
 /// Whether a local path or an `hdfs://` path exists.
 pub fn exists(path: &Path, settings: &HdfsSettings) -> Result<bool> {
     match Location::from_path(path)? {

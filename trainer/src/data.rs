@@ -82,6 +82,97 @@ pub enum Labels {
     Optional,
 }
 
+/// One process's part of the training files: of every file, the `index`-th of `count` equal
+/// byte ranges, split at line boundaries (a line belongs to the range its first byte is in).
+/// Every line of every file is in exactly one share; no process reads another's share beyond
+/// the end of its last line, and each reads its files' header lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// This process's share, `0..count`.
+    pub index: usize,
+    /// How many shares.
+    pub count: usize,
+}
+
+/// Like [`read`], reading only `share` of each file.
+pub fn read_share(
+    files: &[impl AsRef<Path>],
+    features: &[rankd_feature_ops::RawFeature],
+    s: &TrainSettings,
+    share: Share,
+) -> Result<RawData> {
+    let mut out = RawData::default();
+    for file in files {
+        let path = file.as_ref();
+        let hdfs = s.hdfs();
+        let err = |e: rankd_storage::StorageError| TrainError::Data(e.to_string());
+        let len = rankd_storage::file_len(path, &hdfs).map_err(err)?;
+        let count = share.count.max(1) as u64;
+        let (start, end) = (
+            len * share.index as u64 / count,
+            len * (share.index as u64 + 1) / count,
+        );
+        // The header, from the start of the file.
+        let mut head = std::io::BufReader::new(rankd_storage::open_read(path, &hdfs).map_err(err)?);
+        let mut header = String::new();
+        std::io::BufRead::read_line(&mut head, &mut header)
+            .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+        let header_len = header.len() as u64;
+        drop(head);
+        // The range's lines: from the first line that starts inside it (a range that starts in
+        // the middle of a line leaves that line to the range before) through the last one.
+        let from = start.max(header_len);
+        let (skip_partial, open_at) = if from > header_len {
+            (true, from - 1)
+        } else {
+            (false, from)
+        };
+        let mut reader = std::io::BufReader::with_capacity(
+            1 << 20,
+            rankd_storage::open_read_at(path, open_at, &hdfs).map_err(err)?,
+        );
+        let mut pos = open_at;
+        let mut line = String::new();
+        if skip_partial {
+            // The byte before the range: a newline there means a line starts at `from`.
+            let n = std::io::BufRead::read_line(&mut reader, &mut line)
+                .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+            pos += n as u64;
+        }
+        let mut body = header.clone();
+        while pos < end {
+            line.clear();
+            let n = std::io::BufRead::read_line(&mut reader, &mut line)
+                .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+            if n == 0 {
+                break;
+            }
+            pos += n as u64;
+            body.push_str(&line);
+            if !line.ends_with('\n') {
+                body.push('\n');
+            }
+        }
+        // Parsed by the one CSV reader, from memory: this process's share only.
+        let part = read_from(
+            &mut std::io::Cursor::new(body.into_bytes()),
+            path,
+            features,
+            s,
+            Labels::Required,
+        )?;
+        out.rows.extend(part.rows);
+        out.labels.extend(part.labels);
+    }
+    if out.rows.is_empty() {
+        return Err(TrainError::Data(format!(
+            "share {} of {}: no examples",
+            share.index, share.count
+        )));
+    }
+    Ok(out)
+}
+
 /// Like [`read`], for scoring: the label column may be absent (labels are then NaN).
 pub fn read_for_scoring(
     files: &[impl AsRef<Path>],
@@ -101,8 +192,28 @@ fn read_with(
     for file in files {
         let path = file.as_ref();
         // Local files and hdfs:// files alike are streamed line by line.
-        let source = rankd_storage::open_read(path, &s.hdfs())
+        let mut source = rankd_storage::open_read(path, &s.hdfs())
             .map_err(|e| TrainError::Data(e.to_string()))?;
+        let part = read_from(&mut source, path, features, s, labels)?;
+        out.rows.extend(part.rows);
+        out.labels.extend(part.labels);
+    }
+    if out.rows.is_empty() {
+        return Err(TrainError::Data("no examples".into()));
+    }
+    Ok(out)
+}
+
+/// Reads one CSV stream (header line first) of `path`.
+fn read_from(
+    source: &mut dyn std::io::Read,
+    path: &Path,
+    features: &[rankd_feature_ops::RawFeature],
+    s: &TrainSettings,
+    labels: Labels,
+) -> Result<RawData> {
+    let mut out = RawData::default();
+    {
         let mut lines = std::io::BufRead::lines(std::io::BufReader::with_capacity(1 << 20, source));
         let first = lines
             .next()
@@ -159,9 +270,6 @@ fn read_with(
             out.labels.push(label);
         }
     }
-    if out.rows.is_empty() {
-        return Err(TrainError::Data("no examples".into()));
-    }
     Ok(out)
 }
 
@@ -183,4 +291,64 @@ pub fn transform(raw: RawData, spec: &CompiledSpec) -> Result<Dataset> {
 /// Reads `files` and runs them through `spec`.
 pub fn load(files: &[impl AsRef<Path>], spec: &CompiledSpec, s: &TrainSettings) -> Result<Dataset> {
     transform(read(files, spec.features(), s)?, spec)
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+    use rankd_feature_ops::{FeatureType, RawFeature};
+
+    fn cells(raw: &RawData) -> Vec<String> {
+        let mut v: Vec<String> = raw
+            .rows
+            .iter()
+            .zip(&raw.labels)
+            .map(|(r, l)| format!("{r:?} {l}"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn shares_split_every_file_at_line_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for (f, rows) in [(0usize, 997usize), (1, 3), (2, 1), (3, 250)] {
+            let mut text = String::from("x,name,label\n");
+            for i in 0..rows {
+                // Lines of very different lengths, so that range ends fall anywhere in a line.
+                let name = "n".repeat((i * 7 + f) % 40);
+                text.push_str(&format!("{}.5,{name},{}\n", i, i % 2));
+            }
+            let p = dir.path().join(format!("part-{f}.csv"));
+            std::fs::write(&p, text).unwrap();
+            files.push(p);
+        }
+        let features = vec![
+            RawFeature {
+                name: "x".into(),
+                ty: FeatureType::Float,
+            },
+            RawFeature {
+                name: "name".into(),
+                ty: FeatureType::String,
+            },
+        ];
+        let s = TrainSettings::defaults();
+        let all = read(&files, &features, &s).unwrap();
+        assert_eq!(all.rows.len(), 997 + 3 + 1 + 250);
+        for count in 1..=5 {
+            let mut union = RawData::default();
+            for index in 0..count {
+                let part = read_share(&files, &features, &s, Share { index, count }).unwrap();
+                assert!(
+                    count == 1 || part.rows.len() < all.rows.len(),
+                    "share {index}/{count} read everything"
+                );
+                union.rows.extend(part.rows);
+                union.labels.extend(part.labels);
+            }
+            assert_eq!(cells(&union), cells(&all), "{count} shares");
+        }
+    }
 }

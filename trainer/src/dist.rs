@@ -2,9 +2,13 @@
 //! (`rankd-train worker`) over TCP, and a launcher (`rankd-train --processes K`) that starts
 //! them and fails loudly when one dies.
 //!
-//! Every process reads the same files and fits the same slots, so they agree on the data and the
-//! layout without shipping either. The server owns the epoch order, the checkpoints and the
-//! authoritative parameters. Each step it sends worker i the rows of its shard together with the
+//! The server reads the training files to fit the slots (vocabularies, boundaries) and sends
+//! the fitted model config to every worker; each worker then reads only its own share of the
+//! training data (of every file, the `i`-th of `K` byte ranges, split at line boundaries: see
+//! [`crate::data::Share`]) and reports how many rows it holds. The server's epoch order runs
+//! over the concatenation of the shares (worker 0's rows, then worker 1's, ...), and each step
+//! sends every worker the rows of that step that are its own. The server owns the epoch order,
+//! the checkpoints and the authoritative parameters. Each step it sends worker i the rows of its shard together with the
 //! combined gradients of the previous step; the worker applies those with its own copy of the
 //! optimizer (the same deterministic update the server applies, so the replicas stay equal),
 //! computes its shard's gradients and sends them back. The server combines the K gradients
@@ -30,6 +34,10 @@ const STEP: u8 = 3;
 const GRADS: u8 = 4;
 const STOP: u8 = 5;
 const ASTEP: u8 = 6;
+/// Server to worker: the worker count, then the fitted model config (JSON).
+const CONFIG: u8 = 7;
+/// Worker to server: how many training rows its share holds.
+const ROWS: u8 = 8;
 
 fn net(what: &str, e: std::io::Error) -> TrainError {
     TrainError::Data(format!("{what}: {e}"))
@@ -176,6 +184,9 @@ struct Link {
 /// The server's side of the workers.
 pub struct Remote {
     links: Vec<Link>,
+    /// Where each worker's rows start in the epoch order's numbering (prefix sums of the share
+    /// sizes, one more entry than workers).
+    offsets: Vec<usize>,
     pending: Option<Grads>,
     scratch: Vec<Grads>,
     synced: bool,
@@ -216,10 +227,52 @@ impl Remote {
                 .into_iter()
                 .map(|l| l.expect("every index connected"))
                 .collect(),
+            offsets: Vec::new(),
             pending: None,
             scratch: (0..k).map(|_| Grads::new(layout)).collect(),
             synced: false,
         })
+    }
+
+    /// Sends every worker the fitted model config and collects the size of its share; the shares
+    /// must add up to the `rows` the server read.
+    pub fn distribute(
+        &mut self,
+        model: &rankd_formats::config::ModelConfig,
+        rows: usize,
+    ) -> Result<()> {
+        let json = serde_json::to_vec(model)
+            .map_err(|e| TrainError::Data(format!("model config: {e}")))?;
+        let mut b = Buf::default();
+        b.u64(self.links.len() as u64);
+        b.0.extend_from_slice(&json);
+        for (i, l) in self.links.iter_mut().enumerate() {
+            send(&mut l.w, CONFIG, &b.0).map_err(|e| net(&format!("worker {i}"), e))?;
+        }
+        let mut offsets = vec![0usize];
+        for (i, l) in self.links.iter_mut().enumerate() {
+            let (kind, body) =
+                recv(&mut l.r).map_err(|e| net(&format!("worker {i} is gone"), e))?;
+            if kind != ROWS {
+                return Err(TrainError::Data(format!("worker {i} sent message {kind}")));
+            }
+            let n = Cursor(&body).u64()? as usize;
+            offsets.push(offsets[i] + n);
+        }
+        if offsets[self.links.len()] != rows {
+            return Err(TrainError::Data(format!(
+                "the workers' shares hold {} rows, the server read {rows}",
+                offsets[self.links.len()]
+            )));
+        }
+        self.offsets = offsets;
+        Ok(())
+    }
+
+    /// The worker that holds row `g` of the epoch numbering, and the row's index in its share.
+    fn owner(&self, g: usize) -> (usize, usize) {
+        let w = self.offsets.partition_point(|&o| o <= g) - 1;
+        (w, g - self.offsets[w])
     }
 
     /// Sends the full state once (at the start, or after resuming from a checkpoint).
@@ -244,8 +297,12 @@ impl Remote {
         batch: &[usize],
     ) -> Result<f64> {
         let k = self.links.len();
-        let per = batch.len().div_ceil(k);
-        let shards: Vec<&[usize]> = batch.chunks(per).collect();
+        // Each worker computes the rows of this step that are in its share.
+        let mut shards: Vec<Vec<usize>> = vec![Vec::new(); k];
+        for &g in batch {
+            let (w, local) = self.owner(g);
+            shards[w].push(local);
+        }
         let mut prefix = Buf::default();
         match &self.pending {
             Some(g) => {
@@ -256,7 +313,7 @@ impl Remote {
         }
         for (i, l) in self.links.iter_mut().enumerate() {
             let mut b = Buf(prefix.0.clone());
-            let shard: &[usize] = shards.get(i).copied().unwrap_or(&[]);
+            let shard: &[usize] = &shards[i];
             b.u64(shard.len() as u64);
             for &r in shard {
                 b.u32(r as u32);
@@ -299,7 +356,16 @@ impl Remote {
     ) -> Result<f64> {
         use std::sync::{Mutex, RwLock};
         let k = self.links.len();
-        let batches: Vec<&[usize]> = order.chunks(batch_size).collect();
+        // Each worker's batches: its own rows, in the epoch's order.
+        let mut mine: Vec<Vec<usize>> = vec![Vec::new(); k];
+        for &g in order {
+            let (w, local) = self.owner(g);
+            mine[w].push(local);
+        }
+        let per_worker: Vec<Vec<&[usize]>> = mine
+            .iter()
+            .map(|rows| rows.chunks(batch_size.max(1)).collect())
+            .collect();
         let shared = RwLock::new(std::mem::take(params));
         let optimizer = Mutex::new(std::mem::take(opt));
         let results: Vec<Result<f64>> = std::thread::scope(|scope| {
@@ -309,11 +375,11 @@ impl Remote {
                 .zip(self.scratch.iter_mut())
                 .enumerate()
                 .map(|(i, (link, grads))| {
-                    let (shared, optimizer, batches) = (&shared, &optimizer, &batches);
+                    let (shared, optimizer, batches) = (&shared, &optimizer, &per_worker[i]);
                     scope.spawn(move || -> Result<f64> {
                         let gone = |e| net(&format!("worker {i} is gone"), e);
                         let mut loss = 0f64;
-                        for batch in batches.iter().skip(i).step_by(k) {
+                        for batch in batches.iter() {
                             let mut b = Buf::default();
                             {
                                 let p = shared.read().unwrap_or_else(|e| e.into_inner());
@@ -378,9 +444,18 @@ pub fn run_ps(
     resume: bool,
     log: &mut dyn Write,
 ) -> Result<f64> {
-    // The layout is needed before training starts; `prepare` is cheap next to training.
-    let layout = crate::prepare(config, &mut std::io::sink())?.layout;
-    let mut remote = Remote::accept(listener, workers, &layout)?;
+    if config.train.eval_split.is_some() {
+        return Err(TrainError::Config(
+            "valid_split needs every row in one process; with worker processes give valid_files"
+                .into(),
+        ));
+    }
+    // The layout and the fitted config are needed before training starts; `prepare` is cheap
+    // next to training.
+    let prepared = crate::prepare(config, &mut std::io::sink())?;
+    let mut remote = Remote::accept(listener, workers, &prepared.layout)?;
+    remote.distribute(&prepared.model, prepared.train.labels.len())?;
+    drop(prepared);
     let trained = crate::train_with(config, Some((checkpoint, resume)), Some(&mut remote), log)?;
     remote.stop();
     crate::write(config, &trained, output)?;
@@ -389,16 +464,32 @@ pub fn run_ps(
 
 /// Runs a worker until the server says stop.
 pub fn run_worker(config: &TrainConfig, ps: SocketAddr, index: usize) -> Result<()> {
-    let crate::Prepared {
-        train: data,
-        layout,
-        ..
-    } = crate::prepare(config, &mut std::io::sink())?;
     let s = TcpStream::connect(ps).map_err(|e| net("connect to the server", e))?;
     s.set_nodelay(true).map_err(|e| net("socket", e))?;
     let mut r = BufReader::new(s.try_clone().map_err(|e| net("socket", e))?);
     let mut w = BufWriter::new(s);
     send(&mut w, HELLO, &(index as u64).to_le_bytes()).map_err(|e| net("hello", e))?;
+    // The fitted config from the server, then this worker's share of the data, read alone.
+    let (kind, body) = recv(&mut r).map_err(|e| net("the server is gone", e))?;
+    if kind != CONFIG || body.len() < 8 {
+        return Err(TrainError::Data(format!(
+            "expected the config, got message {kind}"
+        )));
+    }
+    let count = u64::from_le_bytes(body[..8].try_into().expect("8 bytes")) as usize;
+    let fitted: rankd_formats::config::ModelConfig = serde_json::from_slice(&body[8..])
+        .map_err(|e| TrainError::Data(format!("the server's model config: {e}")))?;
+    let spec = rankd_feature_ops::CompiledSpec::compile(&fitted.feature_spec())?;
+    let layout = crate::model::Layout::new(&fitted, &spec)?;
+    let raw = crate::data::read_share(
+        &config.train.train_files,
+        &fitted.features,
+        &config.train,
+        crate::data::Share { index, count },
+    )?;
+    let data = crate::data::transform(raw, &spec)?;
+    send(&mut w, ROWS, &(data.labels.len() as u64).to_le_bytes())
+        .map_err(|e| net("the server is gone", e))?;
     let mut params = Params::default();
     let mut opt = Optimizer::default();
     let mut compute = CpuCompute::default();
