@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -390,8 +390,9 @@ impl Hdfs {
     }
 
     /// Downloads a whole file to a local path, through `check` (which sees every byte in
-    /// order and may refuse them); the local file is written and synced only when every byte
-    /// arrived and `check` accepted them, else removed.
+    /// order and may refuse them); the local file is written with direct I/O where the file
+    /// system takes it (see [`DirectWriter`]) and synced, only when every byte arrived and
+    /// `check` accepted them, else removed.
     pub fn download(
         &self,
         path: &str,
@@ -402,8 +403,7 @@ impl Hdfs {
             path: dest.display().to_string(),
             source: e,
         };
-        let mut file =
-            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dest).map_err(local)?);
+        let mut file = DirectWriter::create(dest).map_err(local)?;
         let mut write_err = None;
         let result = self.read_range(path, 0, None, &mut |b| {
             check(b)?;
@@ -417,8 +417,7 @@ impl Hdfs {
             if let Some(e) = write_err.take() {
                 return Err(local(e));
             }
-            let f = file.into_inner().map_err(|e| local(e.into_error()))?;
-            f.sync_all().map_err(local)?;
+            file.finish().map_err(local)?;
             Ok(n)
         });
         if finished.is_err() {
@@ -510,6 +509,110 @@ impl Hdfs {
     /// Deletes a path; true when something was deleted.
     pub fn delete(&self, path: &str, recursive: bool) -> Result<bool> {
         self.call("delete", path, self.client.delete(path, recursive))
+    }
+}
+
+/// A new local file written in whole aligned blocks with `O_DIRECT` where the file system allows
+/// it (tmpfs and some others refuse it; then buffered). A daemon downloading a model beside its
+/// serving cores must not push the file through the page cache: the kernel would finish the
+/// writeback in worker threads that may run on those cores (measured as millisecond stalls of
+/// requests in docs/hot-reload.md), and the copy would evict what the cores keep cached.
+#[derive(Debug)]
+pub struct DirectWriter {
+    file: std::fs::File,
+    path: PathBuf,
+    direct: bool,
+    raw: Vec<u8>,
+    start: usize,
+    filled: usize,
+    off: u64,
+}
+
+/// Bytes per direct write.
+const DIRECT_BLOCK: usize = 1 << 20;
+/// Direct I/O wants buffers, offsets and lengths aligned to the device's logical block size;
+/// 4 KiB covers every common device.
+const DIRECT_ALIGN: usize = 4096;
+
+impl DirectWriter {
+    /// Creates (or truncates) `path`.
+    pub fn create(path: &Path) -> std::io::Result<DirectWriter> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let open = |direct: bool| {
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let (file, direct) = match open(true) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false)?, false),
+            Err(e) => return Err(e),
+        };
+        let raw = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        Ok(DirectWriter {
+            file,
+            path: path.to_path_buf(),
+            direct,
+            raw,
+            start,
+            filled: 0,
+            off: 0,
+        })
+    }
+
+    /// Appends bytes.
+    pub fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let take = bytes.len().min(DIRECT_BLOCK - self.filled);
+            let at = self.start + self.filled;
+            self.raw[at..at + take].copy_from_slice(&bytes[..take]);
+            self.filled += take;
+            bytes = &bytes[take..];
+            if self.filled == DIRECT_BLOCK {
+                self.flush_block(DIRECT_BLOCK)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_block(&mut self, len: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let buf = &self.raw[self.start..self.start + len];
+        match self.file.write_all_at(buf, self.off) {
+            Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                // Opened with O_DIRECT but refused at write time: go on buffered.
+                self.file = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+                self.direct = false;
+                self.file.write_all_at(buf, self.off)?;
+            }
+            r => r?,
+        }
+        self.off += len as u64;
+        self.filled = 0;
+        Ok(())
+    }
+
+    /// Writes what is left (a direct write pads the last block, and the file is cut back to its
+    /// length) and syncs.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        let len = self.off + self.filled as u64;
+        if self.filled > 0 {
+            let n = if self.direct {
+                let rounded = self.filled.next_multiple_of(DIRECT_ALIGN);
+                let at = self.start + self.filled;
+                self.raw[at..self.start + rounded].fill(0);
+                rounded
+            } else {
+                self.filled
+            };
+            self.flush_block(n)?;
+        }
+        self.file.set_len(len)?;
+        self.file.sync_all()
     }
 }
 
@@ -713,6 +816,31 @@ mod tests {
         assert!(Location::parse("hdfs:///models").is_err());
         assert!(Location::is_hdfs(Path::new("hdfs://nn:8020/x")));
         assert!(!Location::is_hdfs(Path::new("/x")));
+    }
+
+    #[test]
+    fn direct_writes_are_exact_at_every_length() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [
+            0usize,
+            1,
+            4095,
+            4096,
+            4097,
+            (1 << 20) - 1,
+            1 << 20,
+            (3 << 20) + 17,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let path = dir.path().join(format!("f{len}"));
+            let mut w = DirectWriter::create(&path).unwrap();
+            // Uneven pieces, as the network delivers them.
+            for piece in data.chunks(65_521) {
+                w.write_all(piece).unwrap();
+            }
+            w.finish().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), data, "length {len}");
+        }
     }
 
     #[test]

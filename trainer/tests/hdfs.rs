@@ -159,4 +159,30 @@ fn train_from_hdfs_to_hdfs_equals_local() {
     assert!(ok, "{err}");
     let m: std::collections::HashMap<String, f64> = metrics(&again).into_iter().collect();
     assert_eq!(m["epochs"], 3.0);
+
+    // A parameter server and two worker processes, each reading its own share from HDFS.
+    let two = format!("{base}/out2/model.rkm");
+    let out = Command::new(env!("CARGO_BIN_EXE_rankd-train"))
+        .args(["--config", remote_cfg.to_str().unwrap(), "--output", &two])
+        .args(["--processes", "2"])
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    let fetched2 = d.join("two.rkm");
+    let (ok, _, err) = c.fs(&["-get", &two, fetched2.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let m2: std::collections::HashMap<String, f64> = metrics(&fetched2).into_iter().collect();
+    let m1: std::collections::HashMap<String, f64> = metrics(&fetched).into_iter().collect();
+    // The same rows in another order: the same model up to the order of the float sums.
+    assert!(
+        (m2["eval_auc"] - m1["eval_auc"]).abs() < 0.01,
+        "{} vs {}",
+        m2["eval_auc"],
+        m1["eval_auc"]
+    );
 }
