@@ -74,6 +74,9 @@ fn config(cli: &Cli) -> Result<ServerConfig> {
 
 fn run(cli: Cli) -> Result<()> {
     let config = config(&cli)?;
+    // With pinned cores, this thread and everything it starts (the HDFS client's runtime, the
+    // admin port) stay off the serving cores; each core pins itself.
+    rankd_serving::reload::off_serving_cores(&config);
     // A model root on HDFS is mirrored into a local cache first; when HDFS is unreachable the
     // daemon starts from what the cache holds and the reload thread keeps polling.
     let mut hdfs = rankd_serving::hdfs_source::HdfsSource::new(&config)

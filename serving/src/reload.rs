@@ -127,9 +127,9 @@ pub fn rescan(
     true
 }
 
-/// Keeps the calling thread (and the threads it starts) off the serving cores when they are
+/// Keeps the calling thread (and the threads it starts later) off the serving cores when they are
 /// pinned.
-fn off_serving_cores(config: &ServerConfig) {
+pub fn off_serving_cores(config: &ServerConfig) {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = config.worker_threads();
     if config.pin_cores && workers < cpus {

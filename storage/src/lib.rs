@@ -255,7 +255,7 @@ impl Hdfs {
     /// an unreachable NameNode fails the first call, not this one.
     pub fn connect(fs: &str, settings: &HdfsSettings) -> Result<Hdfs> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
             .thread_name("rankd-hdfs")
             .enable_all()
             .build()
@@ -355,6 +355,17 @@ impl Hdfs {
         len: Option<u64>,
         sink: &mut dyn FnMut(&[u8]) -> std::result::Result<(), String>,
     ) -> Result<u64> {
+        self.stream(path, offset, len, &mut |b| sink(&b))
+    }
+
+    /// [`Self::read_range`] handing over the chunks themselves (reference-counted, no copy).
+    fn stream(
+        &self,
+        path: &str,
+        offset: u64,
+        len: Option<u64>,
+        sink: &mut dyn FnMut(Bytes) -> std::result::Result<(), String>,
+    ) -> Result<u64> {
         let reader = self.call("open", path, self.client.read(path))?;
         let file_len = reader.file_length() as u64;
         let start = offset.min(file_len);
@@ -378,11 +389,12 @@ impl Hdfs {
                     None => return Ok(done),
                     Some(Err(e)) => return Err(hdfs_err("read", path, e)),
                     Some(Ok(bytes)) => {
-                        sink(&bytes).map_err(|message| StorageError::Rejected {
+                        let n = bytes.len() as u64;
+                        sink(bytes).map_err(|message| StorageError::Rejected {
                             path: path.to_owned(),
                             message,
                         })?;
-                        done += bytes.len() as u64;
+                        done += n;
                     }
                 }
             }
@@ -404,22 +416,30 @@ impl Hdfs {
             source: e,
         };
         let mut file = DirectWriter::create(dest).map_err(local)?;
-        let mut write_err = None;
-        let result = self.read_range(path, 0, None, &mut |b| {
-            check(b)?;
-            file.write_all(b).map_err(|e| {
-                let m = e.to_string();
-                write_err = Some(e);
-                m
+        // The disk writes run on a thread of their own, so that the next chunks arrive from
+        // the network while one is written (a direct write waits for the device).
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(32);
+        let writer = std::thread::Builder::new()
+            .name("rankd-hdfs-write".into())
+            .spawn(move || -> std::io::Result<()> {
+                for chunk in rx {
+                    file.write_all(&chunk)?;
+                }
+                file.finish()
             })
+            .map_err(local)?;
+        let result = self.stream(path, 0, None, &mut |b| {
+            check(&b)?;
+            tx.send(b).map_err(|_| "the local write failed".to_owned())
         });
-        let finished = result.and_then(|n| {
-            if let Some(e) = write_err.take() {
-                return Err(local(e));
-            }
-            file.finish().map_err(local)?;
-            Ok(n)
-        });
+        drop(tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")));
+        let finished = match (result, written) {
+            (_, Err(e)) => Err(local(e)),
+            (r, Ok(())) => r,
+        };
         if finished.is_err() {
             let _ = std::fs::remove_file(dest);
         }
