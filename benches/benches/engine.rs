@@ -5,10 +5,10 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rankd_benches::feed;
+use rankd_engine::cpu::{CpuEngine, Split};
+use rankd_engine::request::DenseRequest;
+use rankd_engine::{BatchOutput, InferenceBackend, Model};
 use rankd_feature_ops::Value;
-use rankd_serving::engine::cpu::{CpuEngine, Split};
-use rankd_serving::engine::request::DenseRequest;
-use rankd_serving::engine::{BatchOutput, InferenceBackend, Model};
 
 const ITEMS: usize = 200;
 

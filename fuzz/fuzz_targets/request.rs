@@ -39,7 +39,7 @@ fn model() -> &'static Model {
 /// Resolves and scores one request body.
 fn score(body: &[u8]) {
     let Ok(req) =
-        flatbuffers::root_with_opts::<fb::ScoreRequest<'_>>(&rankd_serving::server::verifier_options(), body)
+        flatbuffers::root_with_opts::<fb::ScoreRequest<'_>>(&rankd_serving::fbrequest::verifier_options(), body)
     else {
         return;
     };

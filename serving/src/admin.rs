@@ -98,7 +98,7 @@ pub fn route(shared: &Shared, method: &Method, path: &str) -> Response<Full<Byte
         "/metrics" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(&shared.registry()),
+            shared.metrics.render(&shared.registry().loaded()),
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {

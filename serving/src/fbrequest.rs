@@ -290,3 +290,13 @@ impl Request for FbRequest<'_> {
         }
     }
 }
+
+/// The FlatBuffers verifier limits for request bodies.
+pub fn verifier_options() -> flatbuffers::VerifierOptions {
+    flatbuffers::VerifierOptions {
+        max_depth: 64,
+        max_tables: 10_000_000,
+        max_apparent_size: 1 << 31,
+        ignore_missing_null_terminator: false,
+    }
+}

@@ -1,11 +1,12 @@
-//! rankd's serving side: the inference engines ([`engine`]) shared by the daemon and the offline
-//! scorer, the daemon itself ([`server`], [`registry`], [`admin`]), its wire protocol
-//! ([`protocol`], `schema/rpc.fbs`) and the Rust client ([`client`]).
+//! rankd's serving side: the daemon ([`server`], [`registry`], [`reload`], [`hdfs_source`],
+//! [`admin`]), its wire protocol ([`protocol`], `schema/rpc.fbs`) and the Rust client
+//! ([`client`]). The engines live in `rankd-engine`, re-exported here as [`engine`].
 
 pub mod admin;
 pub mod client;
 pub mod config;
-pub mod engine;
+/// The engines, re-exported: the daemon calls them through [`engine::InferenceBackend`].
+pub use rankd_engine as engine;
 pub mod fbrequest;
 pub mod hdfs_source;
 pub mod metrics;

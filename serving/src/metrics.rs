@@ -75,6 +75,17 @@ pub fn escape_label(v: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
+/// A loaded model version, as the metrics show it.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedVersion<'a> {
+    /// The model's name.
+    pub model: &'a str,
+    /// The version.
+    pub version: u64,
+    /// Bytes memory-mapped.
+    pub mapped_bytes: u64,
+}
+
 /// All metrics of the process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -138,8 +149,9 @@ impl Metrics {
         *m.entry((model.to_owned(), version, outcome)).or_insert(0) += n;
     }
 
-    /// The Prometheus text exposition, with the registry's loaded versions.
-    pub fn render(&self, registry: &crate::registry::Registry) -> String {
+    /// The Prometheus text exposition, with the loaded versions (the registry's `loaded()`;
+    /// metrics sit below the registry and know nothing of it).
+    pub fn render(&self, loaded: &[LoadedVersion<'_>]) -> String {
         let mut out = String::new();
         out.push_str("# HELP rankd_requests_total Score requests by model, version and outcome.\n# TYPE rankd_requests_total counter\n");
         {
@@ -163,19 +175,17 @@ impl Metrics {
             "# HELP rankd_model_loaded Loaded model versions.\n# TYPE rankd_model_loaded gauge\n",
         );
         out.push_str("# HELP rankd_model_mapped_bytes Bytes memory-mapped per loaded model version.\n# TYPE rankd_model_mapped_bytes gauge\n");
-        for (name, e) in &registry.models {
-            let name = escape_label(name);
-            for (v, m) in &e.versions {
-                let _ = writeln!(
-                    out,
-                    "rankd_model_loaded{{model=\"{name}\",version=\"{v}\"}} 1"
-                );
-                let _ = writeln!(
-                    out,
-                    "rankd_model_mapped_bytes{{model=\"{name}\",version=\"{v}\"}} {}",
-                    m.file().mapped_len()
-                );
-            }
+        for l in loaded {
+            let (name, v) = (escape_label(l.model), l.version);
+            let _ = writeln!(
+                out,
+                "rankd_model_loaded{{model=\"{name}\",version=\"{v}\"}} 1"
+            );
+            let _ = writeln!(
+                out,
+                "rankd_model_mapped_bytes{{model=\"{name}\",version=\"{v}\"}} {}",
+                l.mapped_bytes
+            );
         }
         let _ = writeln!(
             out,

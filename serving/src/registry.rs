@@ -92,7 +92,7 @@ pub fn open_and_warm(
     let mut replayed = 0;
     for body in recent {
         let Ok(req) = flatbuffers::root_with_opts::<crate::gen::rankd::rpc::ScoreRequest<'_>>(
-            &crate::server::verifier_options(),
+            &crate::fbrequest::verifier_options(),
             body,
         ) else {
             continue;
@@ -363,6 +363,22 @@ impl Registry {
         (reg, problems)
     }
 
+    /// Every loaded version, for the metrics.
+    pub fn loaded(&self) -> Vec<crate::metrics::LoadedVersion<'_>> {
+        self.models
+            .iter()
+            .flat_map(|(name, e)| {
+                e.versions
+                    .iter()
+                    .map(move |(v, m)| crate::metrics::LoadedVersion {
+                        model: name,
+                        version: *v,
+                        mapped_bytes: m.file().mapped_len(),
+                    })
+            })
+            .collect()
+    }
+
     /// Whether two snapshots serve the same things (same model objects, labels and split).
     pub fn same_as(&self, other: &Registry) -> bool {
         self.models.len() == other.models.len()
@@ -475,6 +491,6 @@ mod tests {
         assert_eq!(replayed, 2);
         assert!(model.deep_input_dim() > 0);
         // The replay built the plan the cores will need for that shape of request.
-        assert!(!model.plans.lock().unwrap().is_empty());
+        assert!(model.shared_plans() > 0);
     }
 }

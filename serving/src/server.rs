@@ -23,7 +23,7 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use crate::config::ServerConfig;
 use crate::engine::cpu::CpuEngine;
 use crate::engine::{BatchOutput, InferenceBackend, Request};
-use crate::fbrequest::FbRequest;
+use crate::fbrequest::{verifier_options, FbRequest};
 use crate::gen::rankd::rpc as fb;
 use crate::metrics::Metrics;
 use crate::protocol::{write_frame, ErrorCode, FrameHeader, MessageType, HEADER_LEN};
@@ -180,16 +180,6 @@ struct Core {
     stop_notifies: RefCell<Vec<std::rc::Weak<Notify>>>,
     /// Answered requests since this core last offered a warm-up sample.
     since_sample: Cell<u32>,
-}
-
-/// The FlatBuffers verifier limits for request bodies.
-pub fn verifier_options() -> flatbuffers::VerifierOptions {
-    flatbuffers::VerifierOptions {
-        max_depth: 64,
-        max_tables: 10_000_000,
-        max_apparent_size: 1 << 31,
-        ignore_missing_null_terminator: false,
-    }
 }
 
 impl Core {

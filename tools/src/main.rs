@@ -167,7 +167,7 @@ fn run(cli: Cli) -> Result<()> {
             label,
             output,
         } => {
-            let model = rankd_serving::engine::Model::open(&model)
+            let model = rankd_engine::Model::open(&model)
                 .with_context(|| format!("cannot open {}", model.display()))?;
             if let Some(csv) = csv {
                 let mut out: Box<dyn std::io::Write> = match &output {

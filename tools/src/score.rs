@@ -3,9 +3,9 @@
 use std::io::{BufRead, Write};
 
 use anyhow::Result;
-use rankd_serving::engine::cpu::CpuEngine;
-use rankd_serving::engine::json::JsonRequest;
-use rankd_serving::engine::{BatchOutput, InferenceBackend, Model, Request};
+use rankd_engine::cpu::CpuEngine;
+use rankd_engine::json::JsonRequest;
+use rankd_engine::{BatchOutput, InferenceBackend, Model, Request};
 
 /// Requests scored per engine call.
 const BATCH: usize = 64;
@@ -119,7 +119,7 @@ pub fn score_csv(
             .iter()
             .map(|r| r.iter().map(rankd_feature_ops::OwnedValue::value).collect())
             .collect();
-        let req = rankd_serving::engine::request::DenseRequest {
+        let req = rankd_engine::request::DenseRequest {
             user: Vec::new(),
             items,
         };

@@ -7,11 +7,11 @@
 
 use std::collections::HashMap;
 
+use rankd_engine::cpu::matmul;
 use rankd_feature_ops::{CompiledSpec, SlotBatch};
 use rankd_formats::config::{ModelConfig, TensorMap};
 use rankd_formats::synth::Rng;
 use rankd_formats::Pooling;
-use rankd_serving::engine::cpu::matmul;
 
 use crate::error::{Result, TrainError};
 
@@ -370,7 +370,7 @@ pub struct CpuCompute {
 }
 
 fn sigmoid(x: f32) -> f32 {
-    rankd_serving::engine::sigmoid(x)
+    rankd_engine::sigmoid(x)
 }
 
 impl CpuCompute {

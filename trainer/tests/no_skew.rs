@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use rankd_engine::cpu::CpuEngine;
+use rankd_engine::request::DenseRequest;
+use rankd_engine::{BatchOutput, InferenceBackend, Model};
 use rankd_feature_ops::Value;
-use rankd_serving::engine::cpu::CpuEngine;
-use rankd_serving::engine::request::DenseRequest;
-use rankd_serving::engine::{BatchOutput, InferenceBackend, Model};
 use rankd_trainer::TrainConfig;
 
 fn adult() -> Option<PathBuf> {

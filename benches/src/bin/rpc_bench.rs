@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use rankd_benches::feed;
+use rankd_engine::cpu::CpuEngine;
+use rankd_engine::request::DenseRequest;
+use rankd_engine::{BatchOutput, InferenceBackend, Model};
 use rankd_feature_ops::Value;
 use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
 use rankd_serving::client::{FeatureValue, ScoreRequest};
 use rankd_serving::config::ServerConfig;
-use rankd_serving::engine::cpu::CpuEngine;
-use rankd_serving::engine::request::DenseRequest;
-use rankd_serving::engine::{BatchOutput, InferenceBackend, Model};
 use rankd_serving::protocol::{write_frame, FrameHeader, MessageType, HEADER_LEN};
 use rankd_serving::registry::Registry;
 use rankd_serving::server::Server;

@@ -2,14 +2,12 @@
 //! slots, missing values, unknown categories, request-level overrides, split on and off, and
 //! several requests per batch.
 
+use rankd_engine::cpu::{CpuEngine, Split};
+use rankd_engine::kernel::Isa;
+use rankd_engine::request::DenseRequest;
+use rankd_engine::{reference, BatchOutput, EngineError, InferenceBackend, Model, Request};
 use rankd_feature_ops::Value;
 use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
-use rankd_serving::engine::cpu::{CpuEngine, Split};
-use rankd_serving::engine::kernel::Isa;
-use rankd_serving::engine::request::DenseRequest;
-use rankd_serving::engine::{
-    reference, BatchOutput, EngineError, InferenceBackend, Model, Request,
-};
 
 const TOLERANCE: f64 = 1e-5;
 

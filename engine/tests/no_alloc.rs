@@ -5,11 +5,11 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use rankd_engine::cpu::CpuEngine;
+use rankd_engine::request::DenseRequest;
+use rankd_engine::{BatchOutput, InferenceBackend, Model};
 use rankd_feature_ops::Value;
 use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
-use rankd_serving::engine::cpu::CpuEngine;
-use rankd_serving::engine::request::DenseRequest;
-use rankd_serving::engine::{BatchOutput, InferenceBackend, Model};
 
 struct Counting;
 

@@ -230,6 +230,12 @@ impl Model {
         self.file.spec().metadata.version
     }
 
+    /// How many request shapes have a plan built and shared (the warm-up of a new version
+    /// builds the plans the cores will need).
+    pub fn shared_plans(&self) -> usize {
+        self.plans.lock().map_or(0, |p| p.len())
+    }
+
     /// Width of the deep input (pooled embeddings, then dense values).
     pub fn deep_input_dim(&self) -> usize {
         self.deep_in
