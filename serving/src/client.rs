@@ -396,13 +396,8 @@ impl Connection {
         }
     }
 
-    /// The server's model status (every model when `model` is empty), as
-    /// `(name, [(version, kind)], [(label, version, weight)])`.
-    #[allow(clippy::type_complexity)]
-    pub fn status(
-        &mut self,
-        model: &str,
-    ) -> Result<Vec<(String, Vec<(u64, String)>, Vec<(String, u64, u32)>)>, ClientError> {
+    /// Sends a status request and returns the StatusResponse body.
+    fn status_body(&mut self, model: &str) -> Result<Vec<u8>, ClientError> {
         let mut fbb = FlatBufferBuilder::new();
         let m = fbb.create_string(model);
         let r = fb::StatusRequest::create(&mut fbb, &fb::StatusRequestArgs { model: Some(m) });
@@ -412,7 +407,18 @@ impl Connection {
         if resp.msg_type != MessageType::StatusResponse as u8 {
             return Err(resp.into_error());
         }
-        let s = flatbuffers::root::<fb::StatusResponse<'_>>(&resp.body)
+        Ok(resp.body)
+    }
+
+    /// The server's model status (every model when `model` is empty), as
+    /// `(name, [(version, kind)], [(label, version, weight)])`.
+    #[allow(clippy::type_complexity)]
+    pub fn status(
+        &mut self,
+        model: &str,
+    ) -> Result<Vec<(String, Vec<(u64, String)>, Vec<(String, u64, u32)>)>, ClientError> {
+        let body = self.status_body(model)?;
+        let s = flatbuffers::root::<fb::StatusResponse<'_>>(&body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(s.models()
             .iter()
@@ -445,16 +451,8 @@ impl Connection {
         &mut self,
         model: &str,
     ) -> Result<Vec<(u64, Vec<(String, String, u8)>)>, ClientError> {
-        let mut fbb = FlatBufferBuilder::new();
-        let m = fbb.create_string(model);
-        let r = fb::StatusRequest::create(&mut fbb, &fb::StatusRequestArgs { model: Some(m) });
-        fbb.finish(r, None);
-        let id = self.send(MessageType::StatusRequest, fbb.finished_data())?;
-        let resp = self.recv_id(id)?;
-        if resp.msg_type != MessageType::StatusResponse as u8 {
-            return Err(resp.into_error());
-        }
-        let s = flatbuffers::root::<fb::StatusResponse<'_>>(&resp.body)
+        let body = self.status_body(model)?;
+        let s = flatbuffers::root::<fb::StatusResponse<'_>>(&body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(s.models()
             .iter()

@@ -670,6 +670,18 @@ async fn read_until<T: monoio::buf::IoBufMut>(
     }
 }
 
+/// Logs and counts a connection closed because a frame missed its deadline.
+fn frame_stalled(core: &Core, read_timeout: Duration) {
+    eprintln!(
+        "rankd: closing connection: a frame did not complete within {} ms",
+        read_timeout.as_millis()
+    );
+    core.shared
+        .metrics
+        .frame_errors
+        .fetch_add(1, Ordering::Relaxed);
+}
+
 async fn connection(core: Rc<Core>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
@@ -799,14 +811,7 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
                 break;
             }
             if partial {
-                eprintln!(
-                    "rankd: closing connection: a frame did not complete within {} ms",
-                    read_timeout.as_millis()
-                );
-                core.shared
-                    .metrics
-                    .frame_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                frame_stalled(&core, read_timeout);
             } else {
                 core.shared
                     .metrics
@@ -827,14 +832,7 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
                         .is_ok_and(|h| inbuf.len() - start >= HEADER_LEN + h.body_len as usize)
                 };
                 if !complete {
-                    eprintln!(
-                        "rankd: closing connection: a frame did not complete within {} ms",
-                        read_timeout.as_millis()
-                    );
-                    core.shared
-                        .metrics
-                        .frame_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                    frame_stalled(&core, read_timeout);
                     break;
                 }
             }
