@@ -801,7 +801,12 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
                 }
             }
             Err(_) if woken.is_some() => {}
-            Err(_) => break,
+            Err(_) => {
+                // A reset (not a half-close): nobody will read the answers, so the requests
+                // still queued for this connection are not scored.
+                out.close();
+                break;
+            }
         }
         if out.closed.get() {
             break;
