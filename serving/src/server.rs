@@ -212,15 +212,30 @@ impl Core {
         match MessageType::from_u8(header.msg_type) {
             Some(MessageType::Ping) => out.push(MessageType::Pong, id, &[]),
             Some(MessageType::StatusRequest) => {
-                let filter = flatbuffers::root_with_opts::<fb::StatusRequest<'_>>(
-                    &verifier_options(),
-                    &body,
-                )
-                .ok()
-                .and_then(|r| r.model().map(str::to_owned))
-                .unwrap_or_default();
-                let body = status_body(fbb, &self.registry.borrow(), &filter);
-                out.push(MessageType::StatusResponse, id, &body);
+                // An empty body asks for every model; any other body must be a StatusRequest.
+                let filter = if body.is_empty() {
+                    Ok(String::new())
+                } else {
+                    flatbuffers::root_with_opts::<fb::StatusRequest<'_>>(&verifier_options(), &body)
+                        .map(|r| r.model().unwrap_or("").to_owned())
+                };
+                match filter {
+                    Ok(filter) => {
+                        let body = status_body(fbb, &self.registry.borrow(), &filter);
+                        out.push(MessageType::StatusResponse, id, &body);
+                    }
+                    Err(e) => {
+                        let e = error_body(
+                            fbb,
+                            ErrorCode::MalformedRequest,
+                            &format!(
+                                "the body is not a StatusRequest: {}",
+                                e.to_string().trim_end()
+                            ),
+                        );
+                        out.push(MessageType::Error, id, &e);
+                    }
+                }
             }
             Some(MessageType::ScoreRequest) => self.score_request(id, body, out, fbb),
             _ => {

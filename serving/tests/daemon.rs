@@ -462,6 +462,15 @@ fn schema_and_strict_framing() {
     assert_eq!(f[4]["kind"], "StrList");
     // Unknown model: an empty status, not an error.
     assert!(c.schema("nope").unwrap().is_empty());
+    // An empty status body asks for every model; a garbage one is MalformedRequest.
+    let id = c.send(MessageType::StatusRequest, &[]).unwrap();
+    assert_eq!(
+        c.recv_id(id).unwrap().msg_type,
+        MessageType::StatusResponse as u8
+    );
+    let id = c.send(MessageType::StatusRequest, &[9; 7]).unwrap();
+    let (code, _) = server_error(c.recv_id(id).unwrap().into_score());
+    assert_eq!(code, ErrorCode::MalformedRequest);
 
     // A missing bitmap longer than ceil(n / 8) bytes is refused, as is a shorter one.
     let mut r = request("feed", 3);
