@@ -82,10 +82,12 @@ pub enum Labels {
     Optional,
 }
 
-/// One process's part of the training files: of every file, the `index`-th of `count` equal
-/// byte ranges, split at line boundaries (a line belongs to the range its first byte is in).
-/// Every line of every file is in exactly one share; no process reads another's share beyond
-/// the end of its last line, and each reads its files' header lines.
+/// One process's part of the training files: of every plain file, the `index`-th of `count`
+/// equal byte ranges, split at line boundaries (a line belongs to the range its first byte is
+/// in); compressed files (`.gz`, `.zst`) go whole, file `j` to share `j mod count`. Every row is
+/// in exactly one share; no process reads another's share beyond the end of its last line, and
+/// each reads its files' header lines. Byte ranges assume one row per line: a plain file with
+/// line breaks inside quoted cells must be read whole (one process) or split into files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Share {
     /// This process's share, `0..count`.
@@ -102,9 +104,21 @@ pub fn read_share(
     share: Share,
 ) -> Result<RawData> {
     let mut out = RawData::default();
-    for file in files {
+    for (j, file) in files.iter().enumerate() {
         let path = file.as_ref();
         let hdfs = s.hdfs();
+        if is_compressed(path) {
+            // A compressed file cannot be entered in the middle: it goes whole to one share.
+            if j % share.count.max(1) == share.index {
+                let source = rankd_storage::open_read(path, &hdfs)
+                    .map_err(|e| TrainError::Data(e.to_string()))?;
+                let mut source = decompressed(path, source)?;
+                let part = read_from(&mut source, path, features, s, Labels::Required)?;
+                out.rows.extend(part.rows);
+                out.labels.extend(part.labels);
+            }
+            continue;
+        }
         let err = |e: rankd_storage::StorageError| TrainError::Data(e.to_string());
         let len = rankd_storage::file_len(path, &hdfs).map_err(err)?;
         let count = share.count.max(1) as u64;
@@ -192,8 +206,9 @@ fn read_with(
     for file in files {
         let path = file.as_ref();
         // Local files and hdfs:// files alike are streamed line by line.
-        let mut source = rankd_storage::open_read(path, &s.hdfs())
+        let source = rankd_storage::open_read(path, &s.hdfs())
             .map_err(|e| TrainError::Data(e.to_string()))?;
+        let mut source = decompressed(path, source)?;
         let part = read_from(&mut source, path, features, s, labels)?;
         out.rows.extend(part.rows);
         out.labels.extend(part.labels);
@@ -213,64 +228,123 @@ fn read_from(
     labels: Labels,
 ) -> Result<RawData> {
     let mut out = RawData::default();
-    {
-        let mut lines = std::io::BufRead::lines(std::io::BufReader::with_capacity(1 << 20, source));
-        let first = lines
-            .next()
-            .ok_or_else(|| TrainError::Data(format!("{}: empty file", path.display())))?
-            .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
-        let header: Vec<&str> = first.split(s.delimiter).map(str::trim).collect();
-        let col = |name: &str| header.iter().position(|h| *h == name);
-        let label_col = match (col(&s.label), labels) {
-            (Some(c), _) => Some(c),
-            (None, Labels::Optional) => None,
-            (None, Labels::Required) => {
-                return Err(TrainError::Data(format!(
-                    "{}: no label column `{}`",
-                    path.display(),
-                    s.label
-                )))
-            }
-        };
-        let mut cols = Vec::with_capacity(features.len());
-        for f in features {
-            cols.push(col(&f.name).ok_or_else(|| {
-                TrainError::Data(format!(
-                    "{}: no column for feature `{}`",
-                    path.display(),
-                    f.name
-                ))
-            })?);
-        }
-        for (i, line) in lines.enumerate() {
-            let line =
-                line.map_err(|e| TrainError::Data(format!("{}:{}: {e}", path.display(), i + 2)))?;
-            let line = line.as_str();
-            if line.trim().is_empty() {
-                continue;
-            }
-            let fields: Vec<&str> = line.split(s.delimiter).collect();
-            let at = |c: usize| fields.get(c).copied().unwrap_or("");
-            let ctx =
-                |msg: String| TrainError::Data(format!("{}:{}: {msg}", path.display(), i + 2));
-            let label = match label_col.map(|c| at(c).trim()) {
-                None => f32::NAN,
-                Some("0" | "0.0") => 0.0,
-                Some("1" | "1.0") => 1.0,
-                Some(other) => return Err(ctx(format!("label {other:?} is not 0 or 1"))),
+    let delimiter = u8::try_from(s.delimiter)
+        .ok()
+        .filter(u8::is_ascii)
+        .ok_or_else(|| TrainError::Config(format!("delimiter {:?} is not ASCII", s.delimiter)))?;
+    // RFC 4180 as the csv crate reads it: quoted cells may hold delimiters, quotes ("") and line
+    // breaks; LF and CRLF both end a record.
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(false)
+        .flexible(true)
+        .buffer_capacity(1 << 20)
+        .from_reader(std::io::BufReader::with_capacity(1 << 20, source));
+    let mut records = reader.records();
+    let csv_err = |e: csv::Error| {
+        let at = e
+            .position()
+            .map_or(String::new(), |p| format!(":{}", p.line()));
+        TrainError::Data(format!("{}{at}: {e}", path.display()))
+    };
+    let header = records
+        .next()
+        .ok_or_else(|| TrainError::Data(format!("{}: empty file", path.display())))?
+        .map_err(csv_err)?;
+    let header: Vec<String> = header
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            // A UTF-8 byte order mark before the first column name is not part of it.
+            let h = if i == 0 {
+                h.trim_start_matches('\u{feff}')
+            } else {
+                h
             };
-            let mut row = Vec::with_capacity(cols.len());
-            for (f, &c) in features.iter().zip(&cols) {
-                row.push(
-                    parse_cell(at(c), f.ty, s)
-                        .map_err(|e| ctx(format!("feature `{}`: {e}", f.name)))?,
-                );
-            }
-            out.rows.push(row);
-            out.labels.push(label);
+            h.trim().to_owned()
+        })
+        .collect();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let label_col = match (col(&s.label), labels) {
+        (Some(c), _) => Some(c),
+        (None, Labels::Optional) => None,
+        (None, Labels::Required) => {
+            return Err(TrainError::Data(format!(
+                "{}: no label column `{}`",
+                path.display(),
+                s.label
+            )))
         }
+    };
+    let mut cols = Vec::with_capacity(features.len());
+    for f in features {
+        cols.push(col(&f.name).ok_or_else(|| {
+            TrainError::Data(format!(
+                "{}: no column for feature `{}`",
+                path.display(),
+                f.name
+            ))
+        })?);
+    }
+    for record in records {
+        let record = record.map_err(csv_err)?;
+        let line = record.position().map_or(0, |p| p.line());
+        if record.len() == 1 && record[0].trim().is_empty() {
+            continue;
+        }
+        let ctx = |msg: String| TrainError::Data(format!("{}:{line}: {msg}", path.display()));
+        if record.len() != header.len() {
+            return Err(ctx(format!(
+                "{} columns, the header has {}",
+                record.len(),
+                header.len()
+            )));
+        }
+        let at = |c: usize| record.get(c).unwrap_or("");
+        let label = match label_col.map(|c| at(c).trim()) {
+            None => f32::NAN,
+            Some("0" | "0.0") => 0.0,
+            Some("1" | "1.0") => 1.0,
+            Some(other) => return Err(ctx(format!("label {other:?} is not 0 or 1"))),
+        };
+        let mut row = Vec::with_capacity(cols.len());
+        for (f, &c) in features.iter().zip(&cols) {
+            row.push(
+                parse_cell(at(c), f.ty, s)
+                    .map_err(|e| ctx(format!("feature `{}`: {e}", f.name)))?,
+            );
+        }
+        out.rows.push(row);
+        out.labels.push(label);
     }
     Ok(out)
+}
+
+/// How a data file is compressed, by its name: `.gz` (gzip, several members allowed) or `.zst`
+/// (zstd); anything else is plain text.
+fn decompressed(
+    path: &Path,
+    source: Box<dyn std::io::Read + Send>,
+) -> Result<Box<dyn std::io::Read + Send>> {
+    let name = path.to_string_lossy();
+    Ok(if name.ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(
+            std::io::BufReader::with_capacity(1 << 20, source),
+        ))
+    } else if name.ends_with(".zst") {
+        Box::new(
+            zstd::stream::read::Decoder::new(source)
+                .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?,
+        )
+    } else {
+        source
+    })
+}
+
+/// Whether a data file is compressed (then it cannot be split into byte ranges).
+fn is_compressed(path: &Path) -> bool {
+    let name = path.to_string_lossy();
+    name.ends_with(".gz") || name.ends_with(".zst")
 }
 
 /// Runs raw rows through the feature spec.
@@ -350,5 +424,102 @@ mod share_tests {
             }
             assert_eq!(cells(&union), cells(&all), "{count} shares");
         }
+    }
+}
+
+#[cfg(test)]
+mod csv_tests {
+    use super::*;
+    use rankd_feature_ops::{FeatureType, RawFeature};
+
+    fn features() -> Vec<RawFeature> {
+        vec![
+            RawFeature {
+                name: "x".into(),
+                ty: FeatureType::Float,
+            },
+            RawFeature {
+                name: "name".into(),
+                ty: FeatureType::String,
+            },
+        ]
+    }
+
+    fn strings(raw: &RawData) -> Vec<String> {
+        raw.rows
+            .iter()
+            .map(|r| match &r[1] {
+                OwnedValue::Str(s) => s.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn quotes_crlf_and_a_byte_order_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("q.csv");
+        std::fs::write(
+            &p,
+            "\u{feff}x,name,label\r\n1.5,\"Smith, John\",1\r\n2,\"say \"\"hi\"\"\",0\r\n3,\"two\nlines\",1\r\n\r\n4,plain,0\r\n",
+        )
+        .unwrap();
+        let raw = read(&[&p], &features(), &TrainSettings::defaults()).unwrap();
+        assert_eq!(
+            strings(&raw),
+            ["Smith, John", "say \"hi\"", "two\nlines", "plain"]
+        );
+        assert_eq!(raw.labels, [1.0, 0.0, 1.0, 0.0]);
+        assert!(matches!(raw.rows[0][0], OwnedValue::Float(x) if x == 1.5));
+    }
+
+    #[test]
+    fn a_row_with_the_wrong_column_count_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.csv");
+        std::fs::write(&p, "x,name,label\n1,a,0\n2,b,1\n3,c\n4,d,0\n").unwrap();
+        let e = read(&[&p], &features(), &TrainSettings::defaults())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.csv:4"), "{e}");
+        assert!(e.contains("2 columns, the header has 3"), "{e}");
+        // Too many is as wrong as too few (an unquoted delimiter inside a cell).
+        std::fs::write(&p, "x,name,label\n1,Smith, John,0\n").unwrap();
+        let e = read(&[&p], &features(), &TrainSettings::defaults())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad.csv:2: 4 columns"), "{e}");
+    }
+
+    #[test]
+    fn gzip_and_zstd_inputs_read_like_plain_ones() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::from("x,name,label\n");
+        for i in 0..500 {
+            text.push_str(&format!("{i}.25,\"n,{i}\",{}\n", i % 2));
+        }
+        let plain = dir.path().join("d.csv");
+        std::fs::write(&plain, &text).unwrap();
+        let gz = dir.path().join("d.csv.gz");
+        let mut enc =
+            flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), Default::default());
+        enc.write_all(text.as_bytes()).unwrap();
+        enc.finish().unwrap();
+        let zst = dir.path().join("d.csv.zst");
+        std::fs::write(&zst, zstd::encode_all(text.as_bytes(), 3).unwrap()).unwrap();
+        let s = TrainSettings::defaults();
+        let want = read(&[&plain], &features(), &s).unwrap();
+        for f in [&gz, &zst] {
+            let got = read(&[f], &features(), &s).unwrap();
+            assert_eq!(strings(&got), strings(&want), "{}", f.display());
+            assert_eq!(got.labels, want.labels);
+        }
+        // Shares: compressed files go whole, one per share in turn.
+        let files = [&gz, &zst];
+        let a = read_share(&files, &features(), &s, Share { index: 0, count: 2 }).unwrap();
+        let b = read_share(&files, &features(), &s, Share { index: 1, count: 2 }).unwrap();
+        assert_eq!(a.rows.len(), 500);
+        assert_eq!(b.rows.len(), 500);
     }
 }
