@@ -31,6 +31,8 @@ pub struct SyncReport {
     pub rejected: Vec<(String, String)>,
     /// Cached versions removed: (model, version).
     pub removed: Vec<(String, u64)>,
+    /// Models whose listing or download failed this time (their cache is kept): (model, error).
+    pub failed: Vec<(String, String)>,
 }
 
 impl SyncReport {
@@ -101,6 +103,28 @@ impl HdfsSource {
             return Ok(report);
         }
         for m in &models {
+            // A failure inside one model (a missing block, a permission, a full disk) keeps that
+            // model's cache as it is and leaves the other models alone.
+            if let Err(e) = self.sync_model(config, m, &mut keep, &mut report) {
+                report.failed.push((m.name.clone(), e.to_string()));
+                for v in self.cached_versions(&m.name) {
+                    keep.insert((m.name.clone(), v));
+                }
+            }
+        }
+        self.prune(&keep, &mut report);
+        Ok(report)
+    }
+
+    /// One model's part of [`Self::sync`]: adds the versions to keep.
+    fn sync_model(
+        &mut self,
+        config: &ServerConfig,
+        m: &Entry,
+        keep: &mut BTreeSet<(String, u64)>,
+        report: &mut SyncReport,
+    ) -> Result<(), StorageError> {
+        {
             let versions: Vec<(u64, Entry)> = self
                 .hdfs
                 .list(&m.path)?
@@ -125,7 +149,7 @@ impl HdfsSource {
                 let Some((_, dir)) = versions.iter().find(|(x, _)| *x == v) else {
                     continue;
                 };
-                if self.ensure(&m.name, v, dir, &mut report)? {
+                if self.ensure(&m.name, v, dir, report)? {
                     keep.insert((m.name.clone(), v));
                     if !by_label {
                         taken += 1;
@@ -141,8 +165,7 @@ impl HdfsSource {
                 }
             }
         }
-        self.prune(&keep, &mut report);
-        Ok(report)
+        Ok(())
     }
 
     /// Makes `<cache>/<name>/<v>/model.rkm` a verified copy of the version's file; false when
@@ -265,7 +288,15 @@ impl HdfsSource {
                 continue;
             };
             for e in versions.flatten() {
-                let Some(v) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else {
+                let name_of = e.file_name();
+                let file_name = name_of.to_str().unwrap_or("");
+                if file_name.starts_with('.') && file_name.ends_with(".download") {
+                    // Left by a download that a crash interrupted (downloads only run inside
+                    // a sync, so none is in progress now).
+                    let _ = std::fs::remove_dir_all(e.path());
+                    continue;
+                }
+                let Ok(v) = file_name.parse::<u64>() else {
                     continue;
                 };
                 if !keep.contains(&(name.clone(), v)) && std::fs::remove_dir_all(e.path()).is_ok() {
@@ -325,6 +356,10 @@ pub fn poll(
             }
             for (name, v) in &report.removed {
                 eprintln!("rankd: dropped {name}/{v} from the hdfs cache");
+            }
+            for (name, why) in &report.failed {
+                metrics.hdfs_poll_failures.fetch_add(1, Ordering::Relaxed);
+                eprintln!("rankd: hdfs poll of model `{name}` failed: {why}; its cached versions keep serving");
             }
             true
         }

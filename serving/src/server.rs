@@ -93,7 +93,6 @@ impl Future for Notified<'_> {
 }
 
 /// The outgoing side of a connection: frames ready to send.
-#[derive(Default)]
 struct ConnOut {
     buf: RefCell<Vec<u8>>,
     /// Wakes the writer: a frame was queued, or the connection is closing.
@@ -108,9 +107,24 @@ struct ConnOut {
     unsent: Cell<usize>,
     /// Responses in the write in progress.
     sending: Cell<usize>,
+    /// When the last write completed.
+    last_sent: Cell<Instant>,
 }
 
 impl ConnOut {
+    fn new() -> ConnOut {
+        ConnOut {
+            buf: RefCell::default(),
+            notify: Notify::default(),
+            space: Notify::default(),
+            closed: Cell::new(false),
+            inflight: Cell::new(0),
+            unsent: Cell::new(0),
+            sending: Cell::new(0),
+            last_sent: Cell::new(Instant::now()),
+        }
+    }
+
     fn push(&self, msg: MessageType, id: u64, body: &[u8]) {
         if self.closed.get() {
             return;
@@ -621,6 +635,7 @@ async fn writer_task(mut wr: monoio::net::tcp::TcpOwnedWriteHalf, out: Rc<ConnOu
             out.close();
             break;
         }
+        out.last_sent.set(Instant::now());
         out.space.notify();
     }
     let _ = wr.shutdown().await;
@@ -700,7 +715,7 @@ fn frame_stalled(core: &Core, read_timeout: Duration) {
 async fn connection(core: Rc<Core>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
-    let out = Rc::new(ConnOut::default());
+    let out = Rc::new(ConnOut::new());
     let writer = monoio::spawn(writer_task(wr, out.clone()));
     let stop = Rc::new(Notify::default());
     {
@@ -720,6 +735,12 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
     // frame, header and body, must arrive within `read_timeout_ms` of it.
     let mut frame_started: Option<Instant> = None;
     let mut last_activity = Instant::now();
+    // When reading last resumed after waiting for room under `max_pipelined`: bytes buffered
+    // before that wait do not start a frame's deadline earlier.
+    let mut resumed = last_activity;
+    // The idle deadline is not looked at again before this (set while answers are pending, so
+    // that a client that does not read is not polled in a loop).
+    let mut idle_check = last_activity;
     'conn: loop {
         // Every complete frame in the buffer, while this connection is under `max_pipelined`.
         let mut consumed = false;
@@ -763,7 +784,7 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
         } else {
             if consumed {
                 // What is left started after a frame that completed in the last read.
-                frame_started = Some(last_activity);
+                frame_started = Some(last_activity.max(resumed));
             }
             if start > (inbuf.capacity() / 2) {
                 inbuf.drain(..start);
@@ -780,8 +801,9 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
                 break 'conn;
             }
             // Time spent waiting for room does not count against the frame in the buffer.
+            resumed = Instant::now();
             if inbuf.len() > start {
-                frame_started = Some(Instant::now());
+                frame_started = Some(resumed);
             }
             continue 'conn;
         }
@@ -797,10 +819,10 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
             Some(Instant::now() + Duration::from_millis(20))
         } else if let (true, Some(t)) = (partial, frame_started) {
             Some(t + read_timeout)
-        } else if out.pending() == 0 {
-            idle_timeout.map(|t| last_activity + t)
         } else {
-            None
+            // Idle: nothing from the client since the later of its last byte and the last
+            // answer sent. While answers are pending the deadline is looked at again later.
+            idle_timeout.map(|t| (last_activity.max(out.last_sent.get()) + t).max(idle_check))
         };
         let (len, cap) = (inbuf.len(), inbuf.capacity());
         let slice = monoio::buf::SliceMut::new(inbuf, len, cap);
@@ -829,6 +851,20 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
         if woken == Some(Wake::Deadline) && matches!(res, Err(_) | Ok(0)) {
             if stopping {
                 break;
+            }
+            if !partial {
+                if let Some(t) = idle_timeout {
+                    let now = Instant::now();
+                    if out.pending() > 0 {
+                        // Answers are queued or unsent: not idle. Look again later.
+                        idle_check = now + t;
+                        continue 'conn;
+                    }
+                    if last_activity.max(out.last_sent.get()) + t > now {
+                        // The last answer went out after this deadline was set.
+                        continue 'conn;
+                    }
+                }
             }
             if partial {
                 frame_stalled(&core, read_timeout);
@@ -900,6 +936,14 @@ async fn serve_core(core: Rc<Core>, listener: TcpListener) {
         let canceller = monoio::io::Canceller::new();
         let mut accept = Box::pin(listener.cancelable_accept(canceller.handle()));
         loop {
+            // Checked on every pass: a core that accepts a connection more often than every
+            // 50 ms must still see the shutdown.
+            if core.shared.shutdown.load(Ordering::Relaxed) {
+                let _ = canceller.cancel();
+                // An accept that completed anyway is closed: the server is stopping.
+                drop(accept.await);
+                break;
+            }
             let got = {
                 let mut tick = std::pin::pin!(monoio::time::sleep(Duration::from_millis(50)));
                 std::future::poll_fn(|cx| {
@@ -914,12 +958,6 @@ async fn serve_core(core: Rc<Core>, listener: TcpListener) {
                 Some(r) => {
                     accept = Box::pin(listener.cancelable_accept(canceller.handle()));
                     r
-                }
-                None if core.shared.shutdown.load(Ordering::Relaxed) => {
-                    let _ = canceller.cancel();
-                    // An accept that completed anyway is closed: the server is stopping.
-                    drop(accept.await);
-                    break;
                 }
                 None => continue,
             };

@@ -234,6 +234,16 @@ fn idle_connections_are_bounded_separately() {
         &["--threads", "1"],
     );
     let mut idle = TcpStream::connect(d.addr).unwrap();
+    // One that sends a request, reads its answer, then goes quiet: idle from then on.
+    let mut once = TcpStream::connect(d.addr).unwrap();
+    let mut ping = Vec::new();
+    write_frame(&mut ping, MessageType::Ping, 1, &[]);
+    once.write_all(&ping).unwrap();
+    once.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(
+        read_response(&mut once).unwrap().msg_type,
+        MessageType::Pong as u8
+    );
     let mut busy = Connection::connect(d.addr).unwrap();
     busy.set_timeout(Some(Duration::from_secs(5))).unwrap();
     let start = Instant::now();
@@ -243,8 +253,13 @@ fn idle_connections_are_bounded_separately() {
     }
     let t = time_to_close(&mut idle, Duration::from_secs(1));
     assert!(t.is_some(), "the idle connection is still open");
+    let t = time_to_close(&mut once, Duration::from_secs(1));
+    assert!(
+        t.is_some(),
+        "the connection idle after one request is still open"
+    );
     busy.ping().unwrap();
-    assert_eq!(metric(d.admin, "rankd_connections_idle_closed_total"), 1.0);
+    assert_eq!(metric(d.admin, "rankd_connections_idle_closed_total"), 2.0);
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -528,3 +528,45 @@ fn schema_and_strict_framing() {
     assert!(bad.recv().is_err(), "the connection must be closed");
     c.ping().unwrap();
 }
+
+/// SIGTERM stops the daemon even while new connections arrive faster than the accept loop's
+/// shutdown check interval (the check runs on every accept, not only when accepting pauses).
+#[test]
+fn sigterm_with_a_stream_of_new_connections() {
+    let root = tempfile::tempdir().unwrap();
+    synth(root.path(), "feed", 1, 1);
+    let mut d = start_with(
+        root.path(),
+        Some("shutdown_grace_ms = 1000\n"),
+        &["--threads", "1"],
+    );
+    let addr = d.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let flood = std::thread::spawn(move || {
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = TcpStream::connect(addr);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let status = Command::new("kill")
+        .args(["-TERM", &d.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = std::time::Instant::now();
+    let exited = loop {
+        if let Some(code) = d.child.try_wait().unwrap() {
+            break Some(code);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    let code = exited.expect("the daemon did not stop within 10 s under a stream of connections");
+    assert!(code.success(), "{code:?}");
+}

@@ -128,8 +128,10 @@ pub fn read_share(
         );
         // The header, from the start of the file.
         let mut head = std::io::BufReader::new(rankd_storage::open_read(path, &hdfs).map_err(err)?);
-        let mut header = String::new();
-        std::io::BufRead::read_line(&mut head, &mut header)
+        // Bytes, not text: a range may start inside a multi-byte character (the CSV reader
+        // checks the UTF-8 of whole cells).
+        let mut header = Vec::new();
+        std::io::BufRead::read_until(&mut head, b'\n', &mut header)
             .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
         let header_len = header.len() as u64;
         drop(head);
@@ -146,30 +148,30 @@ pub fn read_share(
             rankd_storage::open_read_at(path, open_at, &hdfs).map_err(err)?,
         );
         let mut pos = open_at;
-        let mut line = String::new();
+        let mut line = Vec::new();
         if skip_partial {
             // The byte before the range: a newline there means a line starts at `from`.
-            let n = std::io::BufRead::read_line(&mut reader, &mut line)
+            let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut line)
                 .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
             pos += n as u64;
         }
         let mut body = header.clone();
         while pos < end {
             line.clear();
-            let n = std::io::BufRead::read_line(&mut reader, &mut line)
+            let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut line)
                 .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
             if n == 0 {
                 break;
             }
             pos += n as u64;
-            body.push_str(&line);
-            if !line.ends_with('\n') {
-                body.push('\n');
+            body.extend_from_slice(&line);
+            if !line.ends_with(b"\n") {
+                body.push(b'\n');
             }
         }
         // Parsed by the one CSV reader, from memory: this process's share only.
         let part = read_from(
-            &mut std::io::Cursor::new(body.into_bytes()),
+            &mut std::io::Cursor::new(body),
             path,
             features,
             s,
@@ -391,7 +393,8 @@ mod share_tests {
             let mut text = String::from("x,name,label\n");
             for i in 0..rows {
                 // Lines of very different lengths, so that range ends fall anywhere in a line.
-                let name = "n".repeat((i * 7 + f) % 40);
+                // Multi-byte characters too: a range may start inside one.
+                let name = "né".repeat((i * 7 + f) % 40);
                 text.push_str(&format!("{}.5,{name},{}\n", i, i % 2));
             }
             let p = dir.path().join(format!("part-{f}.csv"));
