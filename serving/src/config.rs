@@ -81,6 +81,9 @@ pub struct Limits {
     /// A connection with no request queued, no answer unsent and no frame begun is closed after
     /// this long without a byte from the client. 0: never.
     pub idle_timeout_ms: u64,
+    /// Answers waiting to be sent must be taken by the client within this long (a write that
+    /// makes no complete progress for this long); otherwise the connection is closed. 0: never.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -93,6 +96,7 @@ impl Default for Limits {
             max_pipelined: 256,
             read_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
+            write_timeout_ms: 30_000,
         }
     }
 }

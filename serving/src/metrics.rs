@@ -102,6 +102,8 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Connections closed after `idle_timeout_ms` without traffic.
     pub idle_closed: AtomicU64,
+    /// Connections closed because their client took no answer for `write_timeout_ms`.
+    pub write_timeouts: AtomicU64,
     /// Model files rejected while loading.
     pub load_failures: AtomicU64,
     /// Registry snapshots published after the first.
@@ -130,6 +132,7 @@ impl Default for Metrics {
             frame_errors: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
             idle_closed: AtomicU64::new(0),
+            write_timeouts: AtomicU64::new(0),
             load_failures: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             scans: AtomicU64::new(0),
@@ -206,6 +209,11 @@ impl Metrics {
             out,
             "# TYPE rankd_connections_idle_closed_total counter\nrankd_connections_idle_closed_total {}",
             self.idle_closed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE rankd_connections_write_timeouts_total counter\nrankd_connections_write_timeouts_total {}",
+            self.write_timeouts.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -615,7 +615,49 @@ fn status_body(fbb: &mut FlatBufferBuilder<'_>, reg: &Registry, filter: &str) ->
     fbb.finished_data().to_vec()
 }
 
-async fn writer_task(mut wr: monoio::net::tcp::TcpOwnedWriteHalf, out: Rc<ConnOut>) {
+/// Writes `buf` whole, or gives up after `limit` (cancelling the write and waiting for it, so
+/// the buffer comes back): `Err(None)` when the client took nothing for that long.
+async fn write_within(
+    wr: &mut monoio::net::tcp::TcpOwnedWriteHalf,
+    buf: Vec<u8>,
+    limit: Option<Duration>,
+) -> (Result<(), Option<std::io::Error>>, Vec<u8>) {
+    let Some(limit) = limit else {
+        let (res, buf) = AsyncWriteRentExt::write_all(wr, buf).await;
+        return (res.map(drop).map_err(Some), buf);
+    };
+    let canceller = monoio::io::Canceller::new();
+    let mut write = std::pin::pin!(monoio::io::CancelableAsyncWriteRentExt::write_all(
+        wr,
+        buf,
+        canceller.handle()
+    ));
+    let mut timer = std::pin::pin!(monoio::time::sleep(limit));
+    let done = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = write.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await;
+    match done {
+        Some((res, buf)) => (res.map(drop).map_err(Some), buf),
+        None => {
+            let _ = canceller.cancel();
+            let (_, buf) = write.await;
+            (Err(None), buf)
+        }
+    }
+}
+
+async fn writer_task(
+    mut wr: monoio::net::tcp::TcpOwnedWriteHalf,
+    out: Rc<ConnOut>,
+    core: Rc<Core>,
+) {
+    let limits = &core.shared.config.limits;
+    let write_timeout =
+        (limits.write_timeout_ms > 0).then(|| Duration::from_millis(limits.write_timeout_ms));
     let mut spare = Vec::with_capacity(64 << 10);
     loop {
         if out.buf.borrow().is_empty() {
@@ -627,11 +669,21 @@ async fn writer_task(mut wr: monoio::net::tcp::TcpOwnedWriteHalf, out: Rc<ConnOu
         }
         std::mem::swap(&mut spare, &mut *out.buf.borrow_mut());
         out.sending.set(out.unsent.replace(0));
-        let (res, buf) = wr.write_all(spare).await;
+        let (res, buf) = write_within(&mut wr, spare, write_timeout).await;
         spare = buf;
         spare.clear();
         out.sending.set(0);
-        if res.is_err() {
+        if let Err(e) = res {
+            if e.is_none() {
+                eprintln!(
+                    "rankd: closing connection: its client took no answer for {} ms",
+                    limits.write_timeout_ms
+                );
+                core.shared
+                    .metrics
+                    .write_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             out.close();
             break;
         }
@@ -716,7 +768,7 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
     let out = Rc::new(ConnOut::new());
-    let writer = monoio::spawn(writer_task(wr, out.clone()));
+    let writer = monoio::spawn(writer_task(wr, out.clone(), core.clone()));
     let stop = Rc::new(Notify::default());
     {
         let mut list = core.stop_notifies.borrow_mut();

@@ -425,3 +425,49 @@ fn a_client_that_does_not_read_is_bounded_by_max_pipelined() {
     }
     writer.join().unwrap();
 }
+
+/// A client that sends requests and never reads their answers is closed after
+/// `write_timeout_ms`: its slot and its answers do not stay held forever.
+#[test]
+fn a_client_that_never_reads_is_closed_after_the_write_timeout() {
+    let root = tempfile::tempdir().unwrap();
+    synth_kind(root.path(), "wide", ModelKind::Wide);
+    let d = start(
+        root.path(),
+        "[limits]\nmax_pipelined = 16\nwrite_timeout_ms = 500\n",
+        &["--threads", "1"],
+    );
+    let request = ScoreRequest {
+        model: "wide".into(),
+        items: vec![vec![]; 10_000],
+        ..ScoreRequest::default()
+    };
+    let all = frames(&request.encode().unwrap(), 400, 1);
+    let mut s = small_buffered(d.addr, 16 << 10);
+    s.set_nonblocking(true).unwrap();
+    let mut sent = 0;
+    let start_t = Instant::now();
+    while sent < all.len() && start_t.elapsed() < Duration::from_secs(3) {
+        match s.write(&all[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(_) => break,
+        }
+    }
+    let closed = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        metric(d.admin, "rankd_connections") == 0.0
+    });
+    assert!(
+        closed,
+        "the connection of a client that reads nothing is still open"
+    );
+    assert!(metric(d.admin, "rankd_connections_write_timeouts_total") >= 1.0);
+    drop(s);
+    // The daemon serves others as before.
+    let mut c = Connection::connect(d.addr).unwrap();
+    c.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.ping().unwrap();
+}
