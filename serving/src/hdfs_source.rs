@@ -261,6 +261,31 @@ impl HdfsSource {
         }
     }
 
+    /// Files under the cache that the registry refused: each one's version directory is
+    /// removed, and its HDFS file is not downloaded again until it changes (length or
+    /// modification time). Other paths are ignored.
+    pub fn refused<'a>(&mut self, paths: impl IntoIterator<Item = &'a Path>) {
+        for p in paths {
+            let Ok(rel) = p.strip_prefix(&self.cache) else {
+                continue;
+            };
+            let mut parts = rel.components();
+            let (Some(name), Some(version)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let vdir = self.cache.join(name).join(version);
+            if let Ok(stamp) = std::fs::read_to_string(vdir.join(".source")) {
+                let mut it = stamp.splitn(3, ' ');
+                if let (Some(len), Some(mtime), Some(path)) = (it.next(), it.next(), it.next()) {
+                    if let (Ok(len), Ok(mtime)) = (len.parse(), mtime.parse()) {
+                        self.rejected.insert(path.to_owned(), (len, mtime));
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir_all(&vdir);
+        }
+    }
+
     fn cached_versions(&self, name: &str) -> Vec<u64> {
         std::fs::read_dir(self.cache.join(name))
             .map(|d| {
@@ -391,6 +416,30 @@ mod tests {
             .collect();
         assert_eq!(d, [500, 1000, 2000, 3000, 3000, 3000]);
         assert_eq!(poll_delay(&c, 1000).as_millis(), 3000);
+    }
+
+    #[test]
+    fn a_cached_copy_the_registry_refused_is_dropped_and_not_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = ServerConfig {
+            models: "hdfs://127.0.0.1:1/models".into(),
+            ..ServerConfig::default()
+        };
+        c.hdfs.cache_dir = Some(dir.path().to_path_buf());
+        // Connecting is lazy: no NameNode is needed to build the source.
+        let mut src = HdfsSource::new(&c).unwrap().unwrap();
+        let vdir = dir.path().join("feed").join("7");
+        std::fs::create_dir_all(&vdir).unwrap();
+        std::fs::write(vdir.join("model.rkm"), b"damaged").unwrap();
+        std::fs::write(vdir.join(".source"), "7 1234 /models/feed/7/model.rkm").unwrap();
+        let other = std::path::PathBuf::from("/elsewhere/feed/1/model.rkm");
+        src.refused([vdir.join("model.rkm").as_path(), other.as_path()]);
+        assert!(!vdir.exists());
+        assert_eq!(
+            src.rejected.get("/models/feed/7/model.rkm"),
+            Some(&(7, 1234))
+        );
+        assert_eq!(src.rejected.len(), 1);
     }
 
     #[test]

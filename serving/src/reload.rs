@@ -83,13 +83,14 @@ impl Retired {
     }
 }
 
-/// One scan: build a snapshot from the current one and publish it if anything changed.
+/// One scan: build a snapshot from the current one and publish it if anything changed. Returns
+/// whether it published, and the files it refused.
 pub fn rescan(
     shared: &Shared,
     config: &ServerConfig,
     rejected: &mut RejectCache,
     retired: &mut Retired,
-) -> bool {
+) -> (bool, Vec<crate::registry::LoadProblem>) {
     shared.metrics.scans.fetch_add(1, Ordering::Relaxed);
     let current = shared.registry();
     let (next, problems) = Registry::load(config, Some(&current), rejected, Some(&shared.samples));
@@ -101,7 +102,7 @@ pub fn rescan(
         .load_failures
         .fetch_add(problems.len() as u64, Ordering::Relaxed);
     if next.same_as(&current) {
-        return false;
+        return (false, problems);
     }
     for (name, e) in &next.models {
         let versions: Vec<String> = e.versions.keys().map(u64::to_string).collect();
@@ -124,7 +125,7 @@ pub fn rescan(
     retired.0.push(previous);
     shared.generation.fetch_add(1, Ordering::SeqCst);
     shared.metrics.reloads.fetch_add(1, Ordering::Relaxed);
-    true
+    (true, problems)
 }
 
 /// Keeps the calling thread (and the threads it starts later) off the serving cores when they are
@@ -242,7 +243,12 @@ pub fn start(
                         continue;
                     }
                 }
-                rescan(&shared, &config, &mut rejected, &mut retired);
+                let (_, problems) = rescan(&shared, &config, &mut rejected, &mut retired);
+                if let Some(source) = &mut hdfs {
+                    // A cached copy the registry refused (damaged on local disk) is dropped,
+                    // and its HDFS file not downloaded again until it changes.
+                    source.refused(problems.iter().map(|p| p.path.as_path()));
+                }
                 retired.reap(&shared.registry());
             }
         })?;
