@@ -396,8 +396,12 @@ impl Connection {
         }
     }
 
-    /// Sends a status request and returns the StatusResponse body.
-    fn status_body(&mut self, model: &str) -> Result<Vec<u8>, ClientError> {
+    /// Sends a status request and reads the StatusResponse through `read`.
+    fn with_status<T>(
+        &mut self,
+        model: &str,
+        read: impl FnOnce(fb::StatusResponse<'_>) -> T,
+    ) -> Result<T, ClientError> {
         let mut fbb = FlatBufferBuilder::new();
         let m = fbb.create_string(model);
         let r = fb::StatusRequest::create(&mut fbb, &fb::StatusRequestArgs { model: Some(m) });
@@ -407,7 +411,9 @@ impl Connection {
         if resp.msg_type != MessageType::StatusResponse as u8 {
             return Err(resp.into_error());
         }
-        Ok(resp.body)
+        let s = flatbuffers::root::<fb::StatusResponse<'_>>(&resp.body)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(read(s))
     }
 
     /// The server's model status (every model when `model` is empty), as
@@ -417,32 +423,29 @@ impl Connection {
         &mut self,
         model: &str,
     ) -> Result<Vec<(String, Vec<(u64, String)>, Vec<(String, u64, u32)>)>, ClientError> {
-        let body = self.status_body(model)?;
-        let s = flatbuffers::root::<fb::StatusResponse<'_>>(&body)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Ok(s.models()
-            .iter()
-            .flatten()
-            .map(|m| {
-                (
-                    m.name().to_owned(),
-                    m.versions()
-                        .iter()
-                        .flatten()
-                        .map(|v| (v.version(), v.kind().unwrap_or("").to_owned()))
-                        .collect(),
-                    m.labels()
-                        .iter()
-                        .flatten()
-                        .map(|l| (l.name().to_owned(), l.version(), l.weight()))
-                        .collect(),
-                )
-            })
-            .collect())
+        self.with_status(model, |s| {
+            s.models()
+                .iter()
+                .flatten()
+                .map(|m| {
+                    (
+                        m.name().to_owned(),
+                        m.versions()
+                            .iter()
+                            .flatten()
+                            .map(|v| (v.version(), v.kind().unwrap_or("").to_owned()))
+                            .collect(),
+                        m.labels()
+                            .iter()
+                            .flatten()
+                            .map(|l| (l.name().to_owned(), l.version(), l.weight()))
+                            .collect(),
+                    )
+                })
+                .collect()
+        })
     }
-}
 
-impl Connection {
     /// The raw features each loaded version of `model` reads, from the status response:
     /// `(version, [(name, declared type, wire kind)])`. Every feature may be sent at the request
     /// level or per item.
@@ -451,30 +454,29 @@ impl Connection {
         &mut self,
         model: &str,
     ) -> Result<Vec<(u64, Vec<(String, String, u8)>)>, ClientError> {
-        let body = self.status_body(model)?;
-        let s = flatbuffers::root::<fb::StatusResponse<'_>>(&body)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Ok(s.models()
-            .iter()
-            .flatten()
-            .filter(|m| m.name() == model)
-            .flat_map(|m| m.versions().into_iter().flatten())
-            .map(|v| {
-                let features = v
-                    .features()
-                    .iter()
-                    .flatten()
-                    .map(|f| {
-                        (
-                            f.name().to_owned(),
-                            f.type_().unwrap_or("").to_owned(),
-                            f.kind().0,
-                        )
-                    })
-                    .collect();
-                (v.version(), features)
-            })
-            .collect())
+        self.with_status(model, |s| {
+            s.models()
+                .iter()
+                .flatten()
+                .filter(|m| m.name() == model)
+                .flat_map(|m| m.versions().into_iter().flatten())
+                .map(|v| {
+                    let features = v
+                        .features()
+                        .iter()
+                        .flatten()
+                        .map(|f| {
+                            (
+                                f.name().to_owned(),
+                                f.type_().unwrap_or("").to_owned(),
+                                f.kind().0,
+                            )
+                        })
+                        .collect();
+                    (v.version(), features)
+                })
+                .collect()
+        })
     }
 }
 

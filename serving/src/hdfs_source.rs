@@ -45,7 +45,7 @@ impl SyncReport {
 /// The HDFS model root and its local cache.
 #[derive(Debug)]
 pub struct HdfsSource {
-    hdfs: Hdfs,
+    hdfs: std::sync::Arc<Hdfs>,
     root: HdfsPath,
     cache: PathBuf,
     /// Files refused, by HDFS path, with the (length, mtime) they had: not downloaded again

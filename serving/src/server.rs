@@ -843,6 +843,16 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
                 start = 0;
             }
         }
+        // Below the limit the parse stopped at an incomplete frame: one whose deadline passed
+        // while its bytes trickled in is closed, however recently its last byte came.
+        if inbuf.len() > start
+            && out.pending() < max_pipelined
+            && !core.stopping.get()
+            && frame_started.is_some_and(|t| t.elapsed() > read_timeout)
+        {
+            frame_stalled(&core, read_timeout);
+            break 'conn;
+        }
         // Backpressure: at `max_pipelined` requests queued, answered-but-unsent or being sent,
         // read nothing more until the writer or the batcher makes room.
         if out.pending() >= max_pipelined {
@@ -927,23 +937,6 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
                     .fetch_add(1, Ordering::Relaxed);
             }
             break;
-        }
-        // A frame whose deadline passed while its bytes trickled in is closed on the next
-        // round, however recently its last byte came.
-        if let (true, Some(t)) = (inbuf.len() > start, frame_started) {
-            if t.elapsed() > read_timeout && !stopping {
-                let complete = inbuf.len() - start >= HEADER_LEN && {
-                    let hb: &[u8; HEADER_LEN] = inbuf[start..start + HEADER_LEN]
-                        .try_into()
-                        .expect("HEADER_LEN bytes");
-                    FrameHeader::decode(hb, limits.max_frame_bytes)
-                        .is_ok_and(|h| inbuf.len() - start >= HEADER_LEN + h.body_len as usize)
-                };
-                if !complete {
-                    frame_stalled(&core, read_timeout);
-                    break;
-                }
-            }
         }
     }
     // Let queued requests of this connection finish, then stop the writer.

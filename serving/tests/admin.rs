@@ -7,28 +7,16 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
+use rankd_formats::synth::ModelKind;
 use rankd_serving::client::{Connection, FeatureValue, ScoreRequest};
 
 mod common;
-use common::start_daemon;
+use common::{start_daemon, synth_model};
 
 const ODD_NAME: &str = "we\"ird\\name";
 
 fn synth(root: &Path, name: &str) {
-    let dir = root.join(name).join("1");
-    std::fs::create_dir_all(&dir).unwrap();
-    write_synthetic(
-        &dir.join("model.rkm"),
-        &SynthOptions {
-            name: name.into(),
-            version: 1,
-            kind: ModelKind::Wide,
-            seed: 1,
-            ..SynthOptions::default()
-        },
-    )
-    .unwrap();
+    synth_model(root, name, ModelKind::Wide);
 }
 
 /// One request on its own connection: (status, headers and body), or an error after `limit`.

@@ -7,12 +7,12 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
+use rankd_formats::synth::ModelKind;
 use rankd_serving::client::{read_response, Connection, FeatureValue, ScoreRequest};
 use rankd_serving::protocol::{write_frame, MessageType};
 
 mod common;
-use common::{start_daemon, Daemon};
+use common::{start_daemon, synth_model, Daemon};
 
 fn start(root: &Path, config: &str, extra: &[&str]) -> Daemon {
     let path = root.join(".rankd.toml");
@@ -21,23 +21,7 @@ fn start(root: &Path, config: &str, extra: &[&str]) -> Daemon {
 }
 
 fn synth(root: &Path) {
-    synth_kind(root, "feed", ModelKind::DeepFm);
-}
-
-fn synth_kind(root: &Path, name: &str, kind: ModelKind) {
-    let dir = root.join(name).join("1");
-    std::fs::create_dir_all(&dir).unwrap();
-    write_synthetic(
-        &dir.join("model.rkm"),
-        &SynthOptions {
-            name: name.into(),
-            version: 1,
-            kind,
-            seed: 1,
-            ..SynthOptions::default()
-        },
-    )
-    .unwrap();
+    synth_model(root, "feed", ModelKind::DeepFm);
 }
 
 fn request(items: usize) -> ScoreRequest {
@@ -333,7 +317,7 @@ fn max_send_buffer() -> f64 {
 #[test]
 fn a_client_that_does_not_read_is_bounded_by_max_pipelined() {
     let root = tempfile::tempdir().unwrap();
-    synth_kind(root.path(), "wide", ModelKind::Wide);
+    synth_model(root.path(), "wide", ModelKind::Wide);
     let d = start(
         root.path(),
         "[limits]\nmax_pipelined = 16\nmax_items = 10000\n",
@@ -431,7 +415,7 @@ fn a_client_that_does_not_read_is_bounded_by_max_pipelined() {
 #[test]
 fn a_client_that_never_reads_is_closed_after_the_write_timeout() {
     let root = tempfile::tempdir().unwrap();
-    synth_kind(root.path(), "wide", ModelKind::Wide);
+    synth_model(root.path(), "wide", ModelKind::Wide);
     let d = start(
         root.path(),
         "[limits]\nmax_pipelined = 16\nwrite_timeout_ms = 500\n",

@@ -50,6 +50,16 @@ fn put_version(hdfs: &Hdfs, root: &HdfsPath, version: u64, bytes: &[u8]) {
         .unwrap();
 }
 
+/// A model root at `url` holding version 1 of `feed`, with a local directory for the test.
+fn root_with_v1(url: &str) -> (String, HdfsPath, Arc<Hdfs>, tempfile::TempDir) {
+    let root = hdfs_path(url);
+    let hdfs = Hdfs::for_path(&root, &HdfsSettings::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = std::fs::read(synth_file(dir.path(), 1, 1)).unwrap();
+    put_version(&hdfs, &root, 1, &v1);
+    (url.to_owned(), root, hdfs, dir)
+}
+
 fn start(models: &str, cache: &Path, extra: &str) -> Daemon {
     let dir = cache.parent().unwrap();
     let config = dir.join(format!(
@@ -161,12 +171,7 @@ fn http_status(admin: SocketAddr, path: &str) -> u16 {
 #[test]
 fn serving_from_hdfs_deploys_under_load_and_a_corrupt_upload() {
     let Some(c) = cluster() else { return };
-    let url = c.unique_dir("models");
-    let root = hdfs_path(&url);
-    let hdfs = Hdfs::for_path(&root, &HdfsSettings::default()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let v1 = std::fs::read(synth_file(dir.path(), 1, 1)).unwrap();
-    put_version(&hdfs, &root, 1, &v1);
+    let (url, root, hdfs, dir) = root_with_v1(&c.unique_dir("models"));
     let cache = dir.path().join("cache");
     let d = start(&url, &cache, "");
     let mut conn = Connection::connect(d.addr).unwrap();
@@ -223,12 +228,7 @@ fn the_namenode_stopped_and_killed_while_serving() {
     let Some(mut c) = private_cluster(0) else {
         return;
     };
-    let url = format!("{}/models", c.url);
-    let root = hdfs_path(&url);
-    let hdfs = Hdfs::for_path(&root, &HdfsSettings::default()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let v1 = std::fs::read(synth_file(dir.path(), 1, 1)).unwrap();
-    put_version(&hdfs, &root, 1, &v1);
+    let (url, root, _, dir) = root_with_v1(&format!("{}/models", c.url));
     let cache = dir.path().join("cache");
     let d = start(&url, &cache, "timeout_ms = 500\nmax_backoff_ms = 2000\n");
     let t0 = Instant::now();
@@ -297,12 +297,7 @@ fn the_namenode_stopped_and_killed_while_serving() {
 #[test]
 fn an_ha_nameservice_from_the_config() {
     let Some(c) = cluster() else { return };
-    let url = c.unique_dir("ha-models");
-    let root = hdfs_path(&url);
-    let hdfs = Hdfs::for_path(&root, &HdfsSettings::default()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let v1 = std::fs::read(synth_file(dir.path(), 1, 1)).unwrap();
-    put_version(&hdfs, &root, 1, &v1);
+    let (_, root, hdfs, dir) = root_with_v1(&c.unique_dir("ha-models"));
     // A port with nothing listening: the dead NameNode.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_port = dead.local_addr().unwrap().port();

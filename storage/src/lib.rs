@@ -170,7 +170,7 @@ impl Location {
 }
 
 /// Client settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HdfsSettings {
     /// Deadline of each NameNode call, and of each chunk of a transfer.
     pub timeout: Duration,
@@ -282,9 +282,23 @@ impl Hdfs {
         })
     }
 
-    /// A client for the file system of `p`.
-    pub fn for_path(p: &HdfsPath, settings: &HdfsSettings) -> Result<Hdfs> {
-        Hdfs::connect(&p.fs, settings)
+    /// The process's client for the file system of `p` with `settings`, made on first use and
+    /// shared after that: each client owns a runtime with its threads and its NameNode
+    /// connections, so a trainer reading many files, or a tool copying one, makes one.
+    pub fn for_path(p: &HdfsPath, settings: &HdfsSettings) -> Result<std::sync::Arc<Hdfs>> {
+        type Clients = std::collections::HashMap<(String, HdfsSettings), std::sync::Arc<Hdfs>>;
+        static CLIENTS: std::sync::OnceLock<std::sync::Mutex<Clients>> = std::sync::OnceLock::new();
+        let mut clients = CLIENTS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (p.fs.clone(), settings.clone());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = std::sync::Arc::new(Hdfs::connect(&p.fs, settings)?);
+        clients.insert(key, c.clone());
+        Ok(c)
     }
 
     /// The file system this client is bound to.
@@ -693,7 +707,7 @@ pub fn open_read(path: &Path, settings: &HdfsSettings) -> Result<Box<dyn Read + 
             Ok(Box::new(f))
         }
         Location::Hdfs(h) => {
-            let hdfs = std::sync::Arc::new(Hdfs::for_path(&h, settings)?);
+            let hdfs = Hdfs::for_path(&h, settings)?;
             Ok(Box::new(hdfs.reader(&h.path, 0, None)?))
         }
     }
@@ -739,7 +753,7 @@ pub fn open_read_at(
             Ok(Box::new(f))
         }
         Location::Hdfs(h) => {
-            let hdfs = std::sync::Arc::new(Hdfs::for_path(&h, settings)?);
+            let hdfs = Hdfs::for_path(&h, settings)?;
             Ok(Box::new(hdfs.reader(&h.path, offset, None)?))
         }
     }

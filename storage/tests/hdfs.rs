@@ -24,7 +24,7 @@ fn write_list_read_rename_and_interop_with_fsshell() {
     let Location::Hdfs(base) = Location::parse(&c.unique_dir("storage")).unwrap() else {
         panic!("not hdfs")
     };
-    let hdfs = std::sync::Arc::new(Hdfs::for_path(&base, &HdfsSettings::default()).unwrap());
+    let hdfs = Hdfs::for_path(&base, &HdfsSettings::default()).unwrap();
     // 5 MB crosses blocks of the test cluster's small minimum block size only if configured;
     // it crosses hdfs-native's packet and our read chunk sizes either way.
     let data = bytes(5 << 20 | 123, 7);

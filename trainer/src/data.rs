@@ -370,7 +370,7 @@ pub fn load(files: &[impl AsRef<Path>], spec: &CompiledSpec, s: &TrainSettings) 
 }
 
 #[cfg(test)]
-mod share_tests {
+mod tests {
     use super::*;
     use rankd_feature_ops::{FeatureType, RawFeature};
 
@@ -401,16 +401,7 @@ mod share_tests {
             std::fs::write(&p, text).unwrap();
             files.push(p);
         }
-        let features = vec![
-            RawFeature {
-                name: "x".into(),
-                ty: FeatureType::Float,
-            },
-            RawFeature {
-                name: "name".into(),
-                ty: FeatureType::String,
-            },
-        ];
+        let features = features();
         let s = TrainSettings::defaults();
         let all = read(&files, &features, &s).unwrap();
         assert_eq!(all.rows.len(), 997 + 3 + 1 + 250);
@@ -428,12 +419,6 @@ mod share_tests {
             assert_eq!(cells(&union), cells(&all), "{count} shares");
         }
     }
-}
-
-#[cfg(test)]
-mod csv_tests {
-    use super::*;
-    use rankd_feature_ops::{FeatureType, RawFeature};
 
     fn features() -> Vec<RawFeature> {
         vec![

@@ -72,3 +72,21 @@ pub fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// A synthetic model of `kind` at `ROOT/<name>/1/model.rkm`.
+#[allow(dead_code)]
+pub fn synth_model(root: &Path, name: &str, kind: rankd_formats::synth::ModelKind) {
+    let dir = root.join(name).join("1");
+    std::fs::create_dir_all(&dir).unwrap();
+    rankd_formats::synth::write_synthetic(
+        &dir.join("model.rkm"),
+        &rankd_formats::synth::SynthOptions {
+            name: name.into(),
+            version: 1,
+            kind,
+            seed: 1,
+            ..rankd_formats::synth::SynthOptions::default()
+        },
+    )
+    .unwrap();
+}
