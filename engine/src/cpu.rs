@@ -54,11 +54,58 @@ struct Scratch {
 
 /// One request of a group: where its rows are.
 #[derive(Debug, Clone, Copy)]
-struct Seg {
-    request: usize,
-    user_row: usize,
-    start: usize,
-    len: usize,
+pub(crate) struct Seg {
+    /// Index of the request in the engine call.
+    pub request: usize,
+    /// Its row of request-level slots.
+    pub user_row: usize,
+    /// Its item rows.
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Transforms the requests `group` of one plan: the request-level row once per request into
+/// `user`, the items into `items`, one [`Seg`] per transformed request. A request with a bad
+/// feature gets its error in `out.results[base + r]` and leaves no rows behind.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn transform_group(
+    model: &Model,
+    plan: &Plan,
+    requests: &[&dyn Request],
+    group: std::ops::Range<usize>,
+    user: &mut SlotBatch,
+    items: &mut SlotBatch,
+    segs: &mut Vec<Seg>,
+    out: &mut BatchOutput,
+    base: usize,
+) {
+    let spec = model.features();
+    user.clear();
+    items.clear();
+    segs.clear();
+    for r in group {
+        let req = requests[r];
+        let user_row = user.rows();
+        if let Err(e) = spec.transform_row_masked(&UserRow(req), Some(&plan.user_mask), user) {
+            out.results[base + r] = Err(EngineError::User(e));
+            continue;
+        }
+        let start = items.rows();
+        if let Err(e) = spec.transform_rows_masked(&ItemRows(req), Some(&plan.item_mask), items) {
+            user.truncate(user_row);
+            out.results[base + r] = Err(EngineError::Item {
+                item: e.row,
+                source: e.error,
+            });
+            continue;
+        }
+        segs.push(Seg {
+            request: r,
+            user_row,
+            start,
+            len: req.num_items(),
+        });
+    }
 }
 
 /// The CPU inference backend. One per core.
@@ -150,37 +197,17 @@ impl CpuEngine {
         base: usize,
     ) {
         let s = &mut self.s;
-        let spec = model.features();
-        s.user.clear();
-        s.items.clear();
-        s.segs.clear();
-        for r in group {
-            let req = requests[r];
-            let user_row = s.user.rows();
-            if let Err(e) =
-                spec.transform_row_masked(&UserRow(req), Some(&plan.user_mask), &mut s.user)
-            {
-                out.results[base + r] = Err(EngineError::User(e));
-                continue;
-            }
-            let start = s.items.rows();
-            if let Err(e) =
-                spec.transform_rows_masked(&ItemRows(req), Some(&plan.item_mask), &mut s.items)
-            {
-                s.user.truncate(user_row);
-                out.results[base + r] = Err(EngineError::Item {
-                    item: e.row,
-                    source: e.error,
-                });
-                continue;
-            }
-            s.segs.push(Seg {
-                request: r,
-                user_row,
-                start,
-                len: req.num_items(),
-            });
-        }
+        transform_group(
+            model,
+            plan,
+            requests,
+            group,
+            &mut s.user,
+            &mut s.items,
+            &mut s.segs,
+            out,
+            base,
+        );
         let rows = s.items.rows();
         if s.segs.is_empty() {
             return;

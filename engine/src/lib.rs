@@ -1,11 +1,12 @@
 //! Inference: a [`Model`] (an open model file plus the views the engines need) and the
-//! [`InferenceBackend`] trait that the CPU engine ([`cpu::CpuEngine`]) implements and a cuBLAS
-//! engine will. The daemon and `rankd-tool score` only see the trait.
+//! [`InferenceBackend`] trait that the CPU engine ([`cpu::CpuEngine`]) implements, and the GPU
+//! backend ([`gpu`]: cuBLAS and our own kernels, fed by every core).
 //!
 //! The math is in `docs/model.md`. [`reference`] is an independent, deliberately plain f64
 //! implementation the tests compare against.
 
 pub mod cpu;
+pub mod gpu;
 pub mod json;
 pub mod kernel;
 mod plan;
@@ -35,6 +36,9 @@ pub enum EngineError {
         #[source]
         source: rankd_feature_ops::Error,
     },
+    /// The GPU failed this request's batch.
+    #[error("GPU: {0}")]
+    Device(#[source] gpu::GpuError),
 }
 
 /// What a backend produced for a batch of requests: one result per request, each a range of
@@ -119,6 +123,8 @@ pub struct Model {
     /// published: a core meeting a request shape for the first time takes the plan from here
     /// instead of packing the first layer again on the request path.
     pub(crate) plans: std::sync::Mutex<Vec<(FeatureSet, std::sync::Arc<plan::Plan>)>>,
+    /// Which GPUs hold this version (set by [`gpu::Gpus::load`]).
+    pub(crate) placement: gpu::Placement,
 }
 
 impl Model {
@@ -190,6 +196,7 @@ impl Model {
             fm: spec.architecture.fm,
             deep_in: col,
             plans: std::sync::Mutex::new(Vec::new()),
+            placement: gpu::Placement::default(),
             file,
         }
     }
@@ -228,6 +235,29 @@ impl Model {
     /// The model's version.
     pub fn version(&self) -> u64 {
         self.file.spec().metadata.version
+    }
+
+    /// The backend that scores this version: `cuda:0,1` (the GPUs holding it) or `cpu`.
+    pub fn backend(&self) -> String {
+        let bits = self.placement.gpus.load(Ordering::Relaxed);
+        if bits == 0 {
+            return "cpu".into();
+        }
+        let list: Vec<String> = (0..32)
+            .filter(|i| bits & (1 << i) != 0)
+            .map(|i| i.to_string())
+            .collect();
+        format!("cuda:{}", list.join(","))
+    }
+
+    /// Why this version is not on a GPU although GPUs are in use (refused at load, device
+    /// lost); `None` when it is on one, or when no GPU was asked for.
+    pub fn placement_note(&self) -> Option<String> {
+        self.placement
+            .note
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// How many request shapes have a plan built and shared (the warm-up of a new version

@@ -38,6 +38,9 @@ pub(crate) struct Plan {
     pub w1_item: Packed,
     /// First-layer weights for the user vector's columns, `[k_user][out]`.
     pub w1_user: Vec<f32>,
+    /// Deep-input columns (model order) of X and of the user vector.
+    pub item_cols: Vec<usize>,
+    pub user_cols: Vec<usize>,
 }
 
 impl Plan {
@@ -73,6 +76,8 @@ impl Plan {
             k_user: 0,
             w1_item: Packed::default(),
             w1_user: Vec::new(),
+            item_cols: Vec::new(),
+            user_cols: Vec::new(),
         };
         // Deep-input columns in model order, split in two.
         let mut item_cols = Vec::new();
@@ -120,6 +125,8 @@ impl Plan {
             });
             plan.w1_user = gather(&user_cols);
         }
+        plan.item_cols = item_cols;
+        plan.user_cols = user_cols;
         plan
     }
 }

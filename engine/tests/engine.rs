@@ -4,85 +4,12 @@
 
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::kernel::Isa;
-use rankd_engine::request::DenseRequest;
 use rankd_engine::{reference, BatchOutput, EngineError, InferenceBackend, Model, Request};
 use rankd_feature_ops::Value;
-use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
+use rankd_formats::synth::ModelKind;
 
-const TOLERANCE: f64 = 1e-5;
-
-fn model(kind: ModelKind, dir: &std::path::Path) -> Model {
-    let path = dir.join(format!("{kind:?}.rkm"));
-    write_synthetic(
-        &path,
-        &SynthOptions {
-            kind,
-            dim: 8,
-            hidden: vec![24, 12],
-            item_buckets: 500,
-            seed: 42,
-            ..SynthOptions::default()
-        },
-    )
-    .unwrap();
-    Model::open(&path).unwrap()
-}
-
-/// Feature order of the synthetic spec: user_age, user_city, hour, item_id, item_tags, item_price.
-struct Owned {
-    tags: Vec<Vec<String>>,
-}
-
-fn owned(n: usize) -> Owned {
-    let pool = ["news", "sport", "unknown-tag", "film", "zzz"];
-    Owned {
-        tags: (0..n)
-            .map(|i| {
-                (0..(i % 4))
-                    .map(|j| pool[(i + j) % pool.len()].to_string())
-                    .collect()
-            })
-            .collect(),
-    }
-}
-
-fn request<'a>(o: &'a Owned, n: usize, variant: usize) -> DenseRequest<'a> {
-    let cities = ["Paris", "Atlantis", "Tokyo"];
-    let user = vec![
-        if variant % 3 == 2 {
-            Value::Missing
-        } else {
-            Value::F64(31.5 + variant as f64)
-        },
-        Value::Str(cities[variant % 3]),
-        Value::Int((variant as i64 * 5) % 30),
-        Value::Missing,
-        Value::Missing,
-        Value::Missing,
-    ];
-    let items = (0..n)
-        .map(|i| {
-            let mut v = vec![Value::Missing; 6];
-            v[3] = if i % 7 == 6 {
-                Value::Missing
-            } else {
-                Value::Int(i as i64 * 7919)
-            };
-            v[4] = Value::StrList(&o.tags[i]);
-            v[5] = if i % 5 == 4 {
-                Value::Missing
-            } else {
-                Value::F64(i as f64 * 0.37)
-            };
-            if i % 6 == 1 {
-                // An item overriding a request-level feature.
-                v[1] = Value::Str("Lima");
-            }
-            v
-        })
-        .collect();
-    DenseRequest { user, items }
-}
+mod common;
+use common::{model, owned, request, TOLERANCE};
 
 fn check(model: &Model, engine: &mut CpuEngine, reqs: &[&dyn Request]) {
     let mut out = BatchOutput::default();

@@ -1,0 +1,482 @@
+//! A GPU batch on the host: the transformed rows of one or more jobs (same model, same plan)
+//! laid out in one staging buffer of 32-bit words, and the list of device operations
+//! ([`Op`]) that turns it into scores. The CUDA executor uploads the words in one copy and
+//! runs the ops as kernels and cuBLAS calls; the host executor ([`super::sim`]) runs the same
+//! ops on the CPU, which is how every part of the GPU path but the kernels' CUDA C is tested
+//! on machines without a GPU.
+//!
+//! Staging layout (word offsets are recorded in the ops, nothing is implied):
+//! - per staged slot and side (items, users): CSR `offsets` (rows + 1 words, relative to the
+//!   slot's ids) and `ids`, or one f32 value per row for a dense slot;
+//! - `row_req`: for each item row, the index of its request in the batch;
+//! - descriptors of the fills ([`FILL_DESC_WORDS`] words each:
+//!   `kind, dim, col, table_lo, table_hi, offs_at, ids_at, 0`, kind 0 sum, 1 mean, 2 dense
+//!   with the values at `ids_at`) and of the wide sums ([`WIDE_DESC_WORDS`] words each:
+//!   `table_lo, table_hi, offs_at, ids_at`).
+//!
+//! Table offsets count f32 elements into the model's weight arena ([`ArenaLayout`]).
+
+use rankd_feature_ops::SlotBatch;
+
+use crate::cpu::Seg;
+use crate::plan::Plan;
+use crate::Model;
+
+/// Words per fill descriptor.
+pub(crate) const FILL_DESC_WORDS: usize = 8;
+/// Words per wide-sum descriptor.
+pub(crate) const WIDE_DESC_WORDS: usize = 4;
+
+/// Fill kinds.
+pub(crate) const KIND_SUM: u32 = 0;
+pub(crate) const KIND_MEAN: u32 = 1;
+pub(crate) const KIND_DENSE: u32 = 2;
+
+/// Where a model's weights lie in its one device allocation, in f32 elements. Blobs are
+/// placed in model order, each at a multiple of 64 elements (256 bytes, cuBLAS's preferred
+/// alignment).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ArenaLayout {
+    pub emb: Vec<u64>,
+    pub wide: Vec<u64>,
+    pub layer_w: Vec<u64>,
+    pub layer_b: Vec<u64>,
+    /// Total length in f32 elements.
+    pub len: u64,
+    /// Every placed blob: (arena offset, blob), in arena order.
+    pub blobs: Vec<(u64, rankd_formats::BlobRef)>,
+}
+
+impl ArenaLayout {
+    pub fn new(model: &Model) -> ArenaLayout {
+        let mut a = ArenaLayout::default();
+        let place = |b: rankd_formats::BlobRef, a: &mut ArenaLayout| {
+            let at = a.len;
+            a.blobs.push((at, b));
+            a.len = (at + b.len).div_ceil(64) * 64;
+            at
+        };
+        for e in &model.emb {
+            let at = place(e.table, &mut a);
+            a.emb.push(at);
+        }
+        for &(_, b) in &model.wide {
+            let at = place(b, &mut a);
+            a.wide.push(at);
+        }
+        for l in &model.layers {
+            let w = place(l.weight, &mut a);
+            let b = place(l.bias, &mut a);
+            a.layer_w.push(w);
+            a.layer_b.push(b);
+        }
+        a
+    }
+
+    /// Bytes on the device.
+    pub fn bytes(&self) -> u64 {
+        self.len * 4
+    }
+}
+
+/// The plan's first-layer weights as the device uses them: `[k][out]` row-major, which
+/// cuBLAS reads as the column-major `out x k` matrix `W`, so `Hᵀ = W · Xᵀ` needs no
+/// transposition.
+pub(crate) fn first_layer_parts(model: &Model, plan: &Plan) -> (Vec<f32>, Vec<f32>) {
+    let Some(l) = model.layers.first() else {
+        return (Vec::new(), Vec::new());
+    };
+    let w = model.weights(l.weight);
+    let gather = |cols: &[usize]| {
+        let mut out = vec![0f32; cols.len() * l.out_dim];
+        for (j, &c) in cols.iter().enumerate() {
+            for o in 0..l.out_dim {
+                out[j * l.out_dim + o] = w[o * l.in_dim + c];
+            }
+        }
+        out
+    };
+    (gather(&plan.item_cols), gather(&plan.user_cols))
+}
+
+/// A matrix of the per-batch work space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Mat {
+    /// Item rows of the deep input, `rows x k_item`.
+    X,
+    /// Request rows of the deep input, `reqs x k_user`.
+    U,
+    /// Per request: the request-level part of the first layer, bias included.
+    Ub,
+    /// Layer outputs, alternately.
+    H0,
+    H1,
+    /// Per request: wide sum (bias included), FM square sum, FM sums.
+    Ut,
+}
+
+/// An operand of a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Src {
+    Mat(Mat),
+    /// The model's weight arena from this element on.
+    Arena(u64),
+    /// The plan's first-layer weights for the item / request columns.
+    W1Item,
+    W1User,
+}
+
+/// One device operation. Shapes are in elements; `*_at` are word offsets into the staging
+/// buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Op {
+    /// `dst[row][col + j]` = pooled embedding (or the dense value) of each descriptor.
+    Fill {
+        dst: Mat,
+        rows: u32,
+        width: u32,
+        descs_at: u32,
+        ndesc: u32,
+    },
+    /// cuBLAS `sgemm` semantics (column-major), `alpha = 1`, `beta = 0`:
+    /// `c = op(a) · b`, `op(a)` being `a` transposed when `transa`. `k == 0` writes zeros.
+    Gemm {
+        transa: bool,
+        m: u32,
+        n: u32,
+        k: u32,
+        a: Src,
+        lda: u32,
+        b: Src,
+        ldb: u32,
+        c: Mat,
+        ldc: u32,
+    },
+    /// `dst[r][j] = act(dst[r][j] + bias[j])`, the bias row being `bias` itself or, with
+    /// `row_req_at`, row `row_req[r]` of the `bias` matrix.
+    AddBias {
+        dst: Mat,
+        rows: u32,
+        width: u32,
+        bias: Src,
+        row_req_at: Option<u32>,
+        relu: bool,
+    },
+    /// Per request `r`: `Ut[r] = [wide_bias + wide sums, Σ v², Σ v (fm_dim values)]` over the
+    /// request-level wide slots and embeddings (read from `U`).
+    UserTerms {
+        reqs: u32,
+        u_width: u32,
+        u_descs_at: u32,
+        u_ndesc: u32,
+        wide_at: u32,
+        nwide: u32,
+        wide_bias: f32,
+        fm_dim: u32,
+    },
+    /// Per item row: `score = sigmoid(deep + wide + Ut[req][0] + fm)`, into the scores.
+    Finish {
+        rows: u32,
+        deep: Option<Mat>,
+        x_width: u32,
+        x_descs_at: u32,
+        x_ndesc: u32,
+        wide_at: u32,
+        nwide: u32,
+        row_req_at: u32,
+        fm_dim: u32,
+    },
+}
+
+/// Sizes of the work space a batch needs, in f32 elements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Sizes {
+    pub rows: usize,
+    pub reqs: usize,
+    pub x: usize,
+    pub u: usize,
+    pub ub: usize,
+    pub h: usize,
+    pub ut: usize,
+}
+
+impl Sizes {
+    pub fn of(&self, m: Mat) -> usize {
+        match m {
+            Mat::X => self.x,
+            Mat::U => self.u,
+            Mat::Ub => self.ub,
+            Mat::H0 | Mat::H1 => self.h,
+            Mat::Ut => self.ut,
+        }
+    }
+}
+
+/// The transformed rows of one job: request `i` of the job is user row `i` and item rows
+/// `segs[i]`.
+#[derive(Debug, Default)]
+pub(crate) struct Rows {
+    pub user: SlotBatch,
+    pub items: SlotBatch,
+    /// Each transformed request: its index in the core's call, user row and item rows.
+    pub segs: Vec<Seg>,
+    /// The scores of the item rows, filled by the device worker.
+    pub scores: Vec<f32>,
+}
+
+impl Rows {
+    pub fn clear(&mut self) {
+        self.user.clear();
+        self.items.clear();
+        self.segs.clear();
+        self.scores.clear();
+    }
+
+    pub fn items(&self) -> usize {
+        self.items.rows()
+    }
+}
+
+/// Lays out `parts` (all for `model` and `plan`) into `words` and writes the ops into `ops`.
+/// Both are cleared first and keep their capacity.
+pub(crate) fn assemble(
+    model: &Model,
+    plan: &Plan,
+    arena: &ArenaLayout,
+    parts: &[&Rows],
+    words: &mut Vec<u32>,
+    ops: &mut Vec<Op>,
+) -> Sizes {
+    words.clear();
+    ops.clear();
+    let rows: usize = parts.iter().map(|p| p.items.rows()).sum();
+    let reqs: usize = parts.iter().map(|p| p.segs.len()).sum();
+
+    // Ids (or values) of every slot the plan reads, once per slot and side.
+    let mut staged: Vec<(usize, bool, u32, u32)> = Vec::new(); // (slot, item side, offs_at, ids_at)
+    let mut stage = |slot: usize, item: bool, dense: bool, words: &mut Vec<u32>| -> (u32, u32) {
+        if let Some(&(_, _, o, i)) = staged.iter().find(|s| s.0 == slot && s.1 == item) {
+            return (o, i);
+        }
+        let (offs_at, ids_at);
+        if dense {
+            offs_at = 0;
+            ids_at = words.len() as u32;
+            for p in parts {
+                let b = side(p, item);
+                let col = &b.column(slot).dense;
+                words.extend(col[..b.rows()].iter().map(|v| v.to_bits()));
+            }
+        } else {
+            offs_at = words.len() as u32;
+            let mut base = 0u32;
+            words.push(0);
+            for p in parts {
+                let b = side(p, item);
+                let c = b.column(slot);
+                for r in 0..b.rows() {
+                    words.push(base + c.offsets[r + 1]);
+                }
+                base += c.offsets[b.rows()];
+            }
+            ids_at = words.len() as u32;
+            for p in parts {
+                let b = side(p, item);
+                let c = b.column(slot);
+                words.extend_from_slice(&c.ids[..c.offsets[b.rows()] as usize]);
+            }
+        }
+        staged.push((slot, item, offs_at, ids_at));
+        (offs_at, ids_at)
+    };
+
+    // Fill descriptors: embeddings, then dense columns.
+    let mut fill_descs =
+        |emb: &[(usize, usize)], dense: &[(usize, usize)], item: bool, words: &mut Vec<u32>| {
+            let mut descs = Vec::new();
+            for &(ei, col) in emb {
+                let e = &model.emb[ei];
+                let (offs_at, ids_at) = stage(e.slot, item, false, words);
+                let t = arena.emb[ei];
+                descs.extend_from_slice(&[
+                    if e.mean { KIND_MEAN } else { KIND_SUM },
+                    e.dim as u32,
+                    col as u32,
+                    t as u32,
+                    (t >> 32) as u32,
+                    offs_at,
+                    ids_at,
+                    0,
+                ]);
+            }
+            for &(di, col) in dense {
+                let (_, vals_at) = stage(model.dense[di].0, item, true, words);
+                descs.extend_from_slice(&[KIND_DENSE, 1, col as u32, 0, 0, 0, vals_at, 0]);
+            }
+            descs
+        };
+    let x_descs = fill_descs(&plan.item_emb, &plan.item_dense, true, words);
+    let u_descs = fill_descs(&plan.user_emb, &plan.user_dense, false, words);
+    let mut wide_descs = |list: &[usize], item: bool, words: &mut Vec<u32>| {
+        let mut descs = Vec::new();
+        for &wi in list {
+            let (offs_at, ids_at) = stage(model.wide[wi].0, item, false, words);
+            let t = arena.wide[wi];
+            descs.extend_from_slice(&[t as u32, (t >> 32) as u32, offs_at, ids_at]);
+        }
+        descs
+    };
+    let item_wide = wide_descs(&plan.item_wide, true, words);
+    let user_wide = wide_descs(&plan.user_wide, false, words);
+
+    let row_req_at = words.len() as u32;
+    let mut req = 0u32;
+    for p in parts {
+        for seg in &p.segs {
+            words.extend(std::iter::repeat_n(req, seg.len));
+            req += 1;
+        }
+    }
+    let put = |d: &[u32], words: &mut Vec<u32>| {
+        let at = words.len() as u32;
+        words.extend_from_slice(d);
+        at
+    };
+    let x_at = put(&x_descs, words);
+    let u_at = put(&u_descs, words);
+    let iw_at = put(&item_wide, words);
+    let uw_at = put(&user_wide, words);
+
+    let (k_item, k_user) = (plan.k_item as u32, plan.k_user as u32);
+    let (rows32, reqs32) = (rows as u32, reqs as u32);
+    let fm_dim = if model.fm { model.emb[0].dim as u32 } else { 0 };
+    let out1 = model.layers.first().map_or(0, |l| l.out_dim);
+    let widest = model.layers.iter().map(|l| l.out_dim).max().unwrap_or(0);
+    let sizes = Sizes {
+        rows,
+        reqs,
+        x: rows * plan.k_item,
+        u: reqs * plan.k_user,
+        ub: reqs * out1,
+        h: rows * widest,
+        ut: reqs * (fm_dim as usize + 2),
+    };
+
+    ops.push(Op::Fill {
+        dst: Mat::X,
+        rows: rows32,
+        width: k_item,
+        descs_at: x_at,
+        ndesc: (x_descs.len() / FILL_DESC_WORDS) as u32,
+    });
+    ops.push(Op::Fill {
+        dst: Mat::U,
+        rows: reqs32,
+        width: k_user,
+        descs_at: u_at,
+        ndesc: (u_descs.len() / FILL_DESC_WORDS) as u32,
+    });
+    let mut deep = None;
+    if let Some(l0) = model.layers.first() {
+        let out1 = l0.out_dim as u32;
+        // The request-level part once per request: Ubᵀ = W1_user · Uᵀ, plus the bias.
+        ops.push(Op::Gemm {
+            transa: false,
+            m: out1,
+            n: reqs32,
+            k: k_user,
+            a: Src::W1User,
+            lda: out1,
+            b: Src::Mat(Mat::U),
+            ldb: k_user.max(1),
+            c: Mat::Ub,
+            ldc: out1,
+        });
+        ops.push(Op::AddBias {
+            dst: Mat::Ub,
+            rows: reqs32,
+            width: out1,
+            bias: Src::Arena(arena.layer_b[0]),
+            row_req_at: None,
+            relu: false,
+        });
+        // H1ᵀ = W1_item · Xᵀ, each row's bias its request's row of Ub.
+        ops.push(Op::Gemm {
+            transa: false,
+            m: out1,
+            n: rows32,
+            k: k_item,
+            a: Src::W1Item,
+            lda: out1,
+            b: Src::Mat(Mat::X),
+            ldb: k_item.max(1),
+            c: Mat::H0,
+            ldc: out1,
+        });
+        ops.push(Op::AddBias {
+            dst: Mat::H0,
+            rows: rows32,
+            width: out1,
+            bias: Src::Mat(Mat::Ub),
+            row_req_at: Some(row_req_at),
+            relu: l0.relu,
+        });
+        let mut cur = Mat::H0;
+        for (i, l) in model.layers.iter().enumerate().skip(1) {
+            let next = if cur == Mat::H0 { Mat::H1 } else { Mat::H0 };
+            // The weight is `out x in` row-major: column-major `in x out`, transposed.
+            ops.push(Op::Gemm {
+                transa: true,
+                m: l.out_dim as u32,
+                n: rows32,
+                k: l.in_dim as u32,
+                a: Src::Arena(arena.layer_w[i]),
+                lda: l.in_dim as u32,
+                b: Src::Mat(cur),
+                ldb: l.in_dim as u32,
+                c: next,
+                ldc: l.out_dim as u32,
+            });
+            ops.push(Op::AddBias {
+                dst: next,
+                rows: rows32,
+                width: l.out_dim as u32,
+                bias: Src::Arena(arena.layer_b[i]),
+                row_req_at: None,
+                relu: l.relu,
+            });
+            cur = next;
+        }
+        deep = Some(cur);
+    }
+    ops.push(Op::UserTerms {
+        reqs: reqs32,
+        u_width: k_user,
+        u_descs_at: u_at,
+        u_ndesc: (u_descs.len() / FILL_DESC_WORDS) as u32,
+        wide_at: uw_at,
+        nwide: (user_wide.len() / WIDE_DESC_WORDS) as u32,
+        wide_bias: model.wide_bias.unwrap_or(0.0),
+        fm_dim,
+    });
+    ops.push(Op::Finish {
+        rows: rows32,
+        deep,
+        x_width: k_item,
+        x_descs_at: x_at,
+        x_ndesc: (x_descs.len() / FILL_DESC_WORDS) as u32,
+        wide_at: iw_at,
+        nwide: (item_wide.len() / WIDE_DESC_WORDS) as u32,
+        row_req_at,
+        fm_dim,
+    });
+    sizes
+}
+
+fn side(p: &Rows, item: bool) -> &SlotBatch {
+    if item {
+        &p.items
+    } else {
+        &p.user
+    }
+}

@@ -1,0 +1,307 @@
+//! The GPU backend. Everything but the kernels runs here on every machine, through emulated
+//! devices that execute the device operations on the host with the real batching, slots,
+//! residency and error handling; the same checks then run on real GPUs where the CUDA driver
+//! finds one, and are skipped with the reason printed where it does not.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{model, owned, request};
+use rankd_engine::cpu::{CpuEngine, Split};
+use rankd_engine::gpu::{self, BatchSettings, Gpus};
+use rankd_engine::{BatchOutput, EngineError, InferenceBackend, Model, Request};
+use rankd_feature_ops::Value;
+use rankd_formats::synth::ModelKind;
+
+const KINDS: [ModelKind; 4] = [
+    ModelKind::Wide,
+    ModelKind::Deep,
+    ModelKind::WideDeep,
+    ModelKind::DeepFm,
+];
+
+/// Scores `reqs` on the GPUs and on the CPU engine (split on and off) and compares.
+fn same_as_cpu(gpus: &Arc<Gpus>, m: &Arc<Model>, reqs: &[&dyn Request], tolerance: f32) {
+    let mut core = gpus.core();
+    assert_ne!(core.backend_for(m), "cpu", "{} is on a GPU", m.backend());
+    let mut got = BatchOutput::default();
+    core.score_blocking(m, reqs, &mut got);
+    for split in [Split::RequestLevel, Split::Off] {
+        let mut want = BatchOutput::default();
+        CpuEngine::with_split(split).score(m, reqs, &mut want);
+        for i in 0..reqs.len() {
+            let (g, w) = (got.get(i).unwrap(), want.get(i).unwrap());
+            assert_eq!(g.len(), w.len());
+            for (j, (a, b)) in g.iter().zip(w).enumerate() {
+                assert!(
+                    (a - b).abs() <= tolerance,
+                    "{} request {i} item {j} ({split:?}): gpu {a} vs cpu {b}",
+                    m.file().spec().architecture.kind()
+                );
+            }
+        }
+    }
+    // Not a comparison of constants.
+    let all: Vec<f32> = (0..reqs.len())
+        .flat_map(|i| got.get(i).unwrap().to_vec())
+        .collect();
+    if all.len() > 2 {
+        assert!(all.iter().any(|&x| (x - all[0]).abs() > 1e-4));
+    }
+}
+
+fn every_kind_and_size(gpus: &Arc<Gpus>, sizes: &[usize], tolerance: f32) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(*sizes.iter().max().unwrap());
+    for kind in KINDS {
+        let m = Arc::new(model(kind, dir.path()));
+        gpus.load(&m).unwrap();
+        for (v, &n) in sizes.iter().enumerate() {
+            let r = request(&o, n, v);
+            same_as_cpu(gpus, &m, &[&r], tolerance);
+        }
+        // Several requests of different shapes in one call: one with no item override has a
+        // plan of its own.
+        let a = request(&o, 9, 0);
+        let b = request(&o, 2, 1);
+        let mut c = request(&o, 5, 2);
+        for item in &mut c.items {
+            item[1] = Value::Missing;
+        }
+        let d = request(&o, 30, 4);
+        let empty = request(&o, 0, 3);
+        same_as_cpu(gpus, &m, &[&a, &b, &c, &empty, &d], tolerance);
+    }
+}
+
+#[test]
+fn emulated_gpu_scores_equal_the_cpu_engine() {
+    let gpus = Gpus::emulated(2, BatchSettings::default());
+    every_kind_and_size(&gpus, &[1, 200, 4096], 1e-5);
+}
+
+#[test]
+fn emulated_gpu_scores_a_65536_item_batch() {
+    let gpus = Gpus::emulated(1, BatchSettings::default());
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(65_536);
+    let m = Arc::new(model(ModelKind::DeepFm, dir.path()));
+    gpus.load(&m).unwrap();
+    let r = request(&o, 65_536, 1);
+    same_as_cpu(&gpus, &m, &[&r], 1e-5);
+}
+
+/// Real GPUs, where there are any.
+#[test]
+fn cuda_scores_equal_the_cpu_engine() {
+    let Some(gpus) = real_gpus() else { return };
+    every_kind_and_size(&gpus, &[1, 200, 4096, 65_536], 1e-4);
+}
+
+#[test]
+fn cuda_error_fails_the_batch_and_the_device_goes_on() {
+    let Some(gpus) = real_gpus() else { return };
+    fault_fails_one_batch(&gpus);
+}
+
+#[test]
+fn emulated_fault_fails_the_batch_and_the_device_goes_on() {
+    let gpus = Gpus::emulated(1, BatchSettings::default());
+    fault_fails_one_batch(&gpus);
+}
+
+fn fault_fails_one_batch(gpus: &Arc<Gpus>) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(50);
+    let m = Arc::new(model(ModelKind::WideDeep, dir.path()));
+    gpus.load(&m).unwrap();
+    let r = request(&o, 50, 1);
+    let mut core = gpus.core();
+    gpus.inject_fault(0);
+    let mut out = BatchOutput::default();
+    core.score_blocking(&m, &[&r, &r], &mut out);
+    for i in 0..2 {
+        match &out.results[i] {
+            Err(EngineError::Device(e)) => assert!(!e.message.is_empty()),
+            other => panic!("request {i}: expected a device error, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        gpus.metrics()
+            .errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(!gpus.is_lost(0), "a failed launch does not lose the device");
+    same_as_cpu(gpus, &m, &[&r], 1e-4);
+}
+
+fn real_gpus() -> Option<Arc<Gpus>> {
+    match gpu::probe() {
+        Err(why) => {
+            eprintln!("skipped: no GPU here: {why}");
+            None
+        }
+        Ok(devs) => {
+            let ordinals: Vec<usize> = devs.iter().map(|d| d.ordinal).collect();
+            Some(Gpus::start(&ordinals, BatchSettings::default()).expect("the GPUs start"))
+        }
+    }
+}
+
+/// Requests from several cores merge into shared device batches, and each core gets its own
+/// scores back.
+#[test]
+fn jobs_from_many_cores_merge_into_device_batches() {
+    let gpus = Gpus::emulated(
+        1,
+        BatchSettings {
+            max_batch_items: 4096,
+            max_wait: Duration::from_millis(5),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let m = Arc::new(model(ModelKind::DeepFm, dir.path()));
+    gpus.load(&m).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (gpus, m) = (gpus.clone(), m.clone());
+            std::thread::spawn(move || {
+                let o = owned(60);
+                let mut core = gpus.core();
+                let mut cpu = CpuEngine::new();
+                for round in 0..25 {
+                    let r = request(&o, 20 + t * 10, round + t);
+                    let (mut g, mut c) = (BatchOutput::default(), BatchOutput::default());
+                    core.score_blocking(&m, &[&r], &mut g);
+                    cpu.score(&m, &[&r], &mut c);
+                    for (a, b) in g.get(0).unwrap().iter().zip(c.get(0).unwrap()) {
+                        assert!(
+                            (a - b).abs() <= 1e-5,
+                            "thread {t} round {round}: {a} vs {b}"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let jobs = gpus
+        .metrics()
+        .jobs
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let batches = gpus
+        .metrics()
+        .batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(jobs, 100);
+    assert!(
+        batches < jobs,
+        "{batches} device batches for {jobs} jobs: nothing merged"
+    );
+}
+
+/// A version no device holds is scored by the core's CPU engine; a version's device copy is
+/// freed once its last user is gone.
+#[test]
+fn residency_and_unload() {
+    let gpus = Gpus::emulated(1, BatchSettings::default());
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(20);
+    let m = Arc::new(model(ModelKind::Deep, dir.path()));
+    let mut core = gpus.core();
+    assert_eq!(core.backend_for(&m), "cpu");
+    assert_eq!(m.backend(), "cpu");
+    let r = request(&o, 20, 0);
+    let mut out = BatchOutput::default();
+    core.score_blocking(&m, &[&r], &mut out);
+    assert_eq!(out.get(0).unwrap().len(), 20);
+    assert_eq!(
+        gpus.metrics()
+            .batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    gpus.load(&m).unwrap();
+    assert_eq!(m.backend(), "cuda:0");
+    assert_eq!(m.placement_note(), None);
+    core.score_blocking(&m, &[&r], &mut out);
+    assert_eq!(
+        gpus.metrics()
+            .batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    drop(m);
+    let start = Instant::now();
+    while gpus
+        .metrics()
+        .unloads
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the device copy was never freed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn device_selection() {
+    use gpu::{select, DeviceInfo, DeviceSpec, Selection, Unavailable};
+    for (s, want) in [
+        ("auto", DeviceSpec::Auto),
+        ("cpu", DeviceSpec::Cpu),
+        ("cuda", DeviceSpec::Cuda(None)),
+        ("cuda:0,1", DeviceSpec::Cuda(Some(vec![0, 1]))),
+    ] {
+        let spec: DeviceSpec = s.parse().unwrap();
+        assert_eq!(spec, want);
+        assert_eq!(spec.to_string(), s);
+    }
+    for bad in ["gpu", "cuda:", "cuda:x", "cuda:0,0", "cuda:99"] {
+        assert!(bad.parse::<DeviceSpec>().is_err(), "{bad}");
+    }
+    let two = Ok(vec![
+        DeviceInfo {
+            ordinal: 0,
+            name: "a".into(),
+            total_bytes: 1,
+        },
+        DeviceInfo {
+            ordinal: 1,
+            name: "b".into(),
+            total_bytes: 1,
+        },
+    ]);
+    let none: Result<Vec<DeviceInfo>, Unavailable> = Err(Unavailable::NoDriver);
+    let auto = DeviceSpec::Auto;
+    assert_eq!(select(&auto, &two), Ok(Selection::Cuda(vec![0, 1])));
+    match select(&auto, &none) {
+        Ok(Selection::Cpu { reason }) => assert!(reason.contains("libcuda"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let only1 = DeviceSpec::Cuda(Some(vec![1]));
+    assert_eq!(select(&only1, &two), Ok(Selection::Cuda(vec![1])));
+    assert!(select(&DeviceSpec::Cuda(Some(vec![2])), &two)
+        .unwrap_err()
+        .contains("no GPU 2"));
+    assert!(select(&DeviceSpec::Cuda(None), &none)
+        .unwrap_err()
+        .contains("libcuda"));
+    assert!(matches!(
+        select(&DeviceSpec::Cpu, &two),
+        Ok(Selection::Cpu { .. })
+    ));
+    // This machine: whatever it has, probing never panics and auto always decides.
+    let here = gpu::probe();
+    assert!(select(&auto, &here).is_ok());
+}
