@@ -247,7 +247,12 @@ impl Model {
             .filter(|i| bits & (1 << i) != 0)
             .map(|i| i.to_string())
             .collect();
-        format!("cuda:{}", list.join(","))
+        let kind = *self
+            .placement
+            .kind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        format!("{kind}:{}", list.join(","))
     }
 
     /// Why this version is not on a GPU although GPUs are in use (refused at load, device

@@ -228,7 +228,7 @@ fn residency_and_unload() {
     );
 
     gpus.load(&m).unwrap();
-    assert_eq!(m.backend(), "cuda:0");
+    assert_eq!(m.backend(), "emulated:0");
     assert_eq!(m.placement_note(), None);
     core.score_blocking(&m, &[&r], &mut out);
     assert_eq!(

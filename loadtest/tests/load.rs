@@ -29,9 +29,9 @@ fn server(root: &std::path::Path) -> Server {
         models: root.to_path_buf(),
         ..ServerConfig::default()
     };
-    let (reg, problems) = Registry::load(&config, None, &mut Default::default(), None);
+    let (reg, problems) = Registry::load(&config, None, &mut Default::default(), None, None);
     assert!(problems.is_empty());
-    Server::start(config, reg).unwrap()
+    Server::start(config, reg, None).unwrap()
 }
 
 #[test]

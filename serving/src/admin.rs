@@ -42,6 +42,8 @@ pub fn models_json(shared: &Shared) -> String {
                         "state": "serving",
                         "kind": m.file().spec().architecture.kind(),
                         "mapped_bytes": m.file().mapped_len(),
+                        "backend": m.backend(),
+                        "backend_note": m.placement_note(),
                         "path": m.file().path().display().to_string(),
                         "features": m.file().spec().features.features.iter().map(|f| {
                             serde_json::json!({
@@ -98,7 +100,10 @@ pub fn route(shared: &Shared, method: &Method, path: &str) -> Response<Full<Byte
         "/metrics" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(&shared.registry().loaded()),
+            shared.metrics.render(
+                &shared.registry().loaded(),
+                shared.gpus.as_deref().map(|g| g.metrics()),
+            ),
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {

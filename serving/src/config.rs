@@ -61,6 +61,46 @@ impl Default for Batching {
     }
 }
 
+/// Where models run: `[engine]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// `"auto"` (every visible GPU when the CUDA driver and cuBLAS load, else the CPU),
+    /// `"cpu"`, `"cuda"` (every visible GPU, or fail to start) or `"cuda:0,1"`.
+    pub device: String,
+    /// Most items in one GPU batch (requests of all cores merged).
+    pub gpu_max_batch_items: usize,
+    /// Longest the first request of a GPU batch waits for others, in microseconds.
+    pub gpu_max_wait_us: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            device: "auto".into(),
+            gpu_max_batch_items: 65_536,
+            gpu_max_wait_us: 200,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The parsed device setting.
+    pub fn device_spec(&self) -> Result<rankd_engine::gpu::DeviceSpec, String> {
+        self.device
+            .parse()
+            .map_err(|e: String| format!("[engine] {e}"))
+    }
+
+    /// The GPU batching settings.
+    pub fn gpu_batching(&self) -> rankd_engine::gpu::BatchSettings {
+        rankd_engine::gpu::BatchSettings {
+            max_batch_items: self.gpu_max_batch_items.max(1),
+            max_wait: std::time::Duration::from_micros(self.gpu_max_wait_us),
+        }
+    }
+}
+
 /// Protective limits.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -153,6 +193,8 @@ pub struct ServerConfig {
     pub force_epoll: bool,
     /// Batching.
     pub batching: Batching,
+    /// Where models run (CPU or GPUs).
+    pub engine: EngineConfig,
     /// Limits.
     pub limits: Limits,
     /// Per-model policies by model name.
@@ -182,6 +224,7 @@ impl Default for ServerConfig {
             hdfs: HdfsConfig::default(),
             force_epoll: false,
             batching: Batching::default(),
+            engine: EngineConfig::default(),
             limits: Limits::default(),
             model: BTreeMap::new(),
             shutdown_grace_ms: 10_000,
@@ -226,6 +269,7 @@ impl ServerConfig {
     /// Checks cross-field rules.
     pub fn check(&self) -> Result<(), String> {
         self.model_source()?;
+        self.engine.device_spec()?;
         if self.hdfs.poll_interval_ms == 0 || self.hdfs.timeout_ms == 0 {
             return Err("[hdfs] poll_interval_ms and timeout_ms must be positive".into());
         }

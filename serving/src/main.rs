@@ -41,6 +41,10 @@ struct Cli {
     /// Use the epoll driver even where io_uring works.
     #[arg(long)]
     force_epoll: bool,
+    /// Where models run: auto (GPUs when CUDA and cuBLAS load, else the CPU), cpu, cuda or
+    /// cuda:0,1.
+    #[arg(long, env = "RANKD_DEVICE")]
+    device: Option<String>,
 }
 
 fn config(cli: &Cli) -> Result<ServerConfig> {
@@ -65,6 +69,9 @@ fn config(cli: &Cli) -> Result<ServerConfig> {
     }
     if let Some(t) = cli.threads {
         c.threads = t;
+    }
+    if let Some(d) = &cli.device {
+        c.engine.device = d.clone();
     }
     c.pin_cores |= cli.pin_cores;
     c.force_epoll |= cli.force_epoll;
@@ -91,8 +98,9 @@ fn run(cli: Cli) -> Result<()> {
         );
         rankd_serving::hdfs_source::poll(source, &config, &startup_metrics, &mut hdfs_failures);
     }
+    let gpus = start_gpus(&config)?;
     let mut rejected = rankd_serving::registry::RejectCache::new();
-    let (registry, problems) = Registry::load(&config, None, &mut rejected, None);
+    let (registry, problems) = Registry::load(&config, None, &mut rejected, None, gpus.as_ref());
     for p in &problems {
         eprintln!("rankd: skipped {}: {}", p.path.display(), p.message);
     }
@@ -127,7 +135,7 @@ fn run(cli: Cli) -> Result<()> {
         })
         .context("cannot install the signal handler")?;
     }
-    let server = Server::start(config, registry).context("cannot start the server")?;
+    let server = Server::start(config, registry, gpus).context("cannot start the server")?;
     let _ = target.set(server.shared.clone());
     if early.load(Ordering::SeqCst) {
         server.shared.shutdown.store(true, Ordering::SeqCst);
@@ -165,6 +173,41 @@ fn run(cli: Cli) -> Result<()> {
     server.join();
     eprintln!("rankd: stopped");
     Ok(())
+}
+
+/// Decides where models run and starts the GPUs if any: one log line either way. `auto` falls
+/// back to the CPU (saying why) when the GPUs are missing or fail to start; an explicit `cuda`
+/// that cannot be honoured stops the daemon.
+fn start_gpus(config: &ServerConfig) -> Result<Option<Arc<rankd_engine::gpu::Gpus>>> {
+    use rankd_engine::gpu::{self, DeviceSpec, Gpus, Selection};
+    let spec = config.engine.device_spec().map_err(anyhow::Error::msg)?;
+    let found = match spec {
+        DeviceSpec::Cpu => Err(gpu::Unavailable::NoDevice),
+        _ => gpu::probe(),
+    };
+    match gpu::select(&spec, &found).map_err(anyhow::Error::msg)? {
+        Selection::Cpu { reason } => {
+            eprintln!("rankd: engine: CPU ({reason})");
+            Ok(None)
+        }
+        Selection::Emulated(n) => {
+            eprintln!("rankd: engine: {n} emulated GPUs (device operations run on the host)");
+            Ok(Some(Gpus::emulated(n, config.engine.gpu_batching())))
+        }
+        Selection::Cuda(ordinals) => match Gpus::start(&ordinals, config.engine.gpu_batching()) {
+            Ok(g) => {
+                eprintln!("rankd: engine: {}", g.names().join(", "));
+                Ok(Some(g))
+            }
+            Err(e) if spec == DeviceSpec::Auto => {
+                eprintln!(
+                    "rankd: engine: CPU (device = \"auto\" and the GPUs failed to start: {e})"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(anyhow::anyhow!("device = \"{spec}\": {e}")),
+        },
+    }
 }
 
 /// Keeps glibc's allocator from changing the address space in steady state: every `mmap`,

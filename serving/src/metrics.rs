@@ -76,7 +76,7 @@ pub fn escape_label(v: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// A loaded model version, as the metrics show it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadedVersion<'a> {
     /// The model's name.
     pub model: &'a str,
@@ -84,6 +84,8 @@ pub struct LoadedVersion<'a> {
     pub version: u64,
     /// Bytes memory-mapped.
     pub mapped_bytes: u64,
+    /// What scores it: `cpu` or `cuda:0,1`.
+    pub backend: String,
 }
 
 /// All metrics of the process.
@@ -154,7 +156,13 @@ impl Metrics {
 
     /// The Prometheus text exposition, with the loaded versions (the registry's `loaded()`;
     /// metrics sit below the registry and know nothing of it).
-    pub fn render(&self, loaded: &[LoadedVersion<'_>]) -> String {
+    ///
+    /// `gpu`: the GPU backend's counters, when GPUs are in use.
+    pub fn render(
+        &self,
+        loaded: &[LoadedVersion<'_>],
+        gpu: Option<&rankd_engine::gpu::GpuMetrics>,
+    ) -> String {
         let mut out = String::new();
         out.push_str("# HELP rankd_requests_total Score requests by model, version and outcome.\n# TYPE rankd_requests_total counter\n");
         {
@@ -177,18 +185,67 @@ impl Metrics {
         out.push_str(
             "# HELP rankd_model_loaded Loaded model versions.\n# TYPE rankd_model_loaded gauge\n",
         );
-        out.push_str("# HELP rankd_model_mapped_bytes Bytes memory-mapped per loaded model version.\n# TYPE rankd_model_mapped_bytes gauge\n");
+        // One group per metric family, as the exposition format requires.
         for l in loaded {
             let (name, v) = (escape_label(l.model), l.version);
             let _ = writeln!(
                 out,
                 "rankd_model_loaded{{model=\"{name}\",version=\"{v}\"}} 1"
             );
+        }
+        out.push_str("# HELP rankd_model_mapped_bytes Bytes memory-mapped per loaded model version.\n# TYPE rankd_model_mapped_bytes gauge\n");
+        for l in loaded {
+            let (name, v) = (escape_label(l.model), l.version);
             let _ = writeln!(
                 out,
                 "rankd_model_mapped_bytes{{model=\"{name}\",version=\"{v}\"}} {}",
                 l.mapped_bytes
             );
+        }
+        out.push_str("# HELP rankd_model_backend The backend scoring each loaded version (cpu, or the GPUs holding it).\n# TYPE rankd_model_backend gauge\n");
+        for l in loaded {
+            let (name, v) = (escape_label(l.model), l.version);
+            let _ = writeln!(
+                out,
+                "rankd_model_backend{{model=\"{name}\",version=\"{v}\",backend=\"{}\"}} 1",
+                escape_label(&l.backend)
+            );
+        }
+        if let Some(g) = gpu {
+            for (name, help, v) in [
+                (
+                    "rankd_gpu_batches_total",
+                    "GPU batches launched.",
+                    &g.batches,
+                ),
+                ("rankd_gpu_items_total", "Items scored on GPUs.", &g.items),
+                (
+                    "rankd_gpu_jobs_total",
+                    "Core jobs merged into GPU batches.",
+                    &g.jobs,
+                ),
+                (
+                    "rankd_gpu_errors_total",
+                    "GPU batches failed by a CUDA error.",
+                    &g.errors,
+                ),
+                (
+                    "rankd_gpu_cpu_fallbacks_total",
+                    "Requests scored on the CPU because their GPU was lost or refused the model.",
+                    &g.cpu_fallbacks,
+                ),
+                (
+                    "rankd_gpu_unloads_total",
+                    "Model versions freed from GPU memory.",
+                    &g.unloads,
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                    v.load(Ordering::Relaxed)
+                );
+            }
         }
         let _ = writeln!(
             out,

@@ -241,6 +241,7 @@ impl Registry {
         previous: Option<&Registry>,
         rejected: &mut RejectCache,
         samples: Option<&WarmupSamples>,
+        gpus: Option<&Arc<rankd_engine::gpu::Gpus>>,
     ) -> (Registry, Vec<LoadProblem>) {
         let mut problems = Vec::new();
         let mut reg = Registry {
@@ -308,7 +309,18 @@ impl Registry {
                             );
                         }
                         rejected.remove(&file);
-                        entry.versions.insert(v, Arc::new(m));
+                        let m = Arc::new(m);
+                        // Weights go to every GPU now, before the version serves; a version
+                        // a GPU refuses (too large) is served by the CPU engine.
+                        if let Some(g) = gpus {
+                            if let Err(e) = g.load(&m) {
+                                eprintln!(
+                                    "rankd: {} is served by the CPU engine: {e}",
+                                    file.display()
+                                );
+                            }
+                        }
+                        entry.versions.insert(v, m);
                         true
                     }
                     Err(e) => {
@@ -374,6 +386,7 @@ impl Registry {
                         model: name,
                         version: *v,
                         mapped_bytes: m.file().mapped_len(),
+                        backend: m.backend(),
                     })
             })
             .collect()

@@ -93,7 +93,13 @@ pub fn rescan(
 ) -> (bool, Vec<crate::registry::LoadProblem>) {
     shared.metrics.scans.fetch_add(1, Ordering::Relaxed);
     let current = shared.registry();
-    let (next, problems) = Registry::load(config, Some(&current), rejected, Some(&shared.samples));
+    let (next, problems) = Registry::load(
+        config,
+        Some(&current),
+        rejected,
+        Some(&shared.samples),
+        shared.gpus.as_ref(),
+    );
     for p in &problems {
         eprintln!("rankd: rejected {}: {}", p.path.display(), p.message);
     }

@@ -22,7 +22,7 @@ use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 
 use crate::config::ServerConfig;
 use crate::engine::cpu::CpuEngine;
-use crate::engine::{BatchOutput, InferenceBackend, Request};
+use crate::engine::{BatchOutput, EngineError, InferenceBackend, Model, Request};
 use crate::fbrequest::{verifier_options, FbRequest};
 use crate::gen::rankd::rpc as fb;
 use crate::metrics::Metrics;
@@ -46,6 +46,8 @@ pub struct Shared {
     pub generation: std::sync::atomic::AtomicU64,
     /// Recent request bodies per model, replayed on new versions before they serve.
     pub samples: crate::registry::WarmupSamples,
+    /// The GPUs, when models run on GPUs.
+    pub gpus: Option<Arc<rankd_engine::gpu::Gpus>>,
 }
 
 impl Shared {
@@ -368,9 +370,9 @@ impl Core {
     }
 
     /// Scores everything queued, in engine calls of at most `max_batch_items` items.
-    fn run_batches(
+    async fn run_batches(
         &self,
-        engine: &mut CpuEngine,
+        engine: &mut CoreEngine,
         output: &mut BatchOutput,
         fbb: &mut FlatBufferBuilder<'_>,
     ) {
@@ -409,14 +411,14 @@ impl Core {
                 }
                 taken
             };
-            self.score_batch(batch, engine, output, fbb);
+            self.score_batch(batch, engine, output, fbb).await;
         }
     }
 
-    fn score_batch(
+    async fn score_batch(
         &self,
         batch: Vec<Pending>,
-        engine: &mut CpuEngine,
+        engine: &mut CoreEngine,
         output: &mut BatchOutput,
         fbb: &mut FlatBufferBuilder<'_>,
     ) {
@@ -455,7 +457,7 @@ impl Core {
             .collect();
         output.clear();
         let items: usize = reqs.iter().map(|r| r.num_items()).sum();
-        engine.score(&model, &reqs, output);
+        engine.score(&model, &reqs, output).await;
         self.shared.metrics.batch_items.observe(items as u64);
         let mut next = 0;
         let mut ok = 0u64;
@@ -464,9 +466,10 @@ impl Core {
             let result = match failure {
                 Some(f) => Err(f),
                 None => {
-                    let r = output
-                        .get(next)
-                        .map_err(|e| (ErrorCode::BadFeature, e.to_string()));
+                    let r = output.get(next).map_err(|e| match e {
+                        EngineError::Device(_) => (ErrorCode::Internal, e.to_string()),
+                        _ => (ErrorCode::BadFeature, e.to_string()),
+                    });
                     next += 1;
                     r
                 }
@@ -954,8 +957,28 @@ async fn connection(core: Rc<Core>, stream: TcpStream) {
         .fetch_sub(1, Ordering::Relaxed);
 }
 
+/// A core's engine: its own CPU engine, or its handle on the GPUs (which keeps a CPU engine
+/// for the models no GPU holds).
+enum CoreEngine {
+    Cpu(CpuEngine),
+    Gpu(rankd_engine::gpu::GpuCore),
+}
+
+impl CoreEngine {
+    async fn score(&mut self, model: &Arc<Model>, reqs: &[&dyn Request], out: &mut BatchOutput) {
+        match self {
+            CoreEngine::Cpu(e) => e.score(model, reqs, out),
+            // The core goes on reading and queueing while the GPU works.
+            CoreEngine::Gpu(g) => g.score(model, reqs, out).await,
+        }
+    }
+}
+
 async fn batcher_task(core: Rc<Core>) {
-    let mut engine = CpuEngine::new();
+    let mut engine = match &core.shared.gpus {
+        Some(g) => CoreEngine::Gpu(g.core()),
+        None => CoreEngine::Cpu(CpuEngine::new()),
+    };
     let mut output = BatchOutput::default();
     let mut fbb = FlatBufferBuilder::with_capacity(64 << 10);
     let max_wait = Duration::from_micros(core.shared.config.batching.max_wait_us);
@@ -967,7 +990,7 @@ async fn batcher_task(core: Rc<Core>) {
                 monoio::time::sleep(max_wait).await;
             }
         }
-        core.run_batches(&mut engine, &mut output, &mut fbb);
+        core.run_batches(&mut engine, &mut output, &mut fbb).await;
     }
 }
 
@@ -1145,7 +1168,11 @@ pub struct Server {
 
 impl Server {
     /// Binds every core's listener and starts serving `registry`.
-    pub fn start(config: ServerConfig, registry: Registry) -> std::io::Result<Server> {
+    pub fn start(
+        config: ServerConfig,
+        registry: Registry,
+        gpus: Option<Arc<rankd_engine::gpu::Gpus>>,
+    ) -> std::io::Result<Server> {
         let shared = Arc::new(Shared {
             metrics: Metrics::default(),
             registry: Mutex::new(Arc::new(registry)),
@@ -1153,6 +1180,7 @@ impl Server {
             inflight: AtomicUsize::new(0),
             generation: std::sync::atomic::AtomicU64::new(0),
             samples: Default::default(),
+            gpus,
             config,
         });
         let n = shared.config.worker_threads();

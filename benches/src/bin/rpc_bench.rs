@@ -246,9 +246,9 @@ fn start_daemon(root: &std::path::Path) -> Server {
         models: root.to_path_buf(),
         ..ServerConfig::default()
     };
-    let (registry, problems) = Registry::load(&config, None, &mut Default::default(), None);
+    let (registry, problems) = Registry::load(&config, None, &mut Default::default(), None, None);
     assert!(problems.is_empty(), "{problems:?}");
-    Server::start(config, registry).unwrap()
+    Server::start(config, registry, None).unwrap()
 }
 
 fn main() {

@@ -44,6 +44,9 @@ pub enum DeviceSpec {
     Cpu,
     /// GPUs, or fail to start: every visible one (`None`) or the listed ordinals.
     Cuda(Option<Vec<usize>>),
+    /// `emulated:N`: N emulated devices that run the device operations on the host
+    /// ([`Gpus::emulated`]). Slow; for testing the daemon's GPU path on machines without one.
+    Emulated(usize),
 }
 
 impl FromStr for DeviceSpec {
@@ -54,6 +57,16 @@ impl FromStr for DeviceSpec {
             "auto" => Ok(DeviceSpec::Auto),
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" => Ok(DeviceSpec::Cuda(None)),
+            other if other.starts_with("emulated:") => {
+                let n: usize = other["emulated:".len()..]
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=32).contains(n))
+                    .ok_or_else(|| {
+                        format!("device {other:?}: expected emulated:N, N from 1 to 32")
+                    })?;
+                Ok(DeviceSpec::Emulated(n))
+            }
             other => {
                 let list = other.strip_prefix("cuda:").ok_or_else(|| {
                     format!(
@@ -86,6 +99,7 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Auto => f.write_str("auto"),
             DeviceSpec::Cpu => f.write_str("cpu"),
             DeviceSpec::Cuda(None) => f.write_str("cuda"),
+            DeviceSpec::Emulated(n) => write!(f, "emulated:{n}"),
             DeviceSpec::Cuda(Some(list)) => {
                 let l: Vec<String> = list.iter().map(|n| n.to_string()).collect();
                 write!(f, "cuda:{}", l.join(","))
@@ -147,6 +161,8 @@ pub enum Selection {
     },
     /// These GPUs.
     Cuda(Vec<usize>),
+    /// This many emulated devices.
+    Emulated(usize),
 }
 
 /// Decides from the configured spec and what [`probe`] found. `auto` falls back to the CPU
@@ -157,6 +173,7 @@ pub fn select(
     found: &Result<Vec<DeviceInfo>, Unavailable>,
 ) -> Result<Selection, String> {
     match (spec, found) {
+        (DeviceSpec::Emulated(n), _) => Ok(Selection::Emulated(*n)),
         (DeviceSpec::Cpu, _) => Ok(Selection::Cpu {
             reason: "device = \"cpu\" is configured".into(),
         }),
@@ -246,6 +263,8 @@ pub(crate) struct Placement {
     pub gpus: AtomicU32,
     /// Why not on the GPU, if it is not.
     pub note: Mutex<Option<String>>,
+    /// `cuda` or `emulated`.
+    pub kind: Mutex<&'static str>,
 }
 
 /// State shared by the devices, the cores and the loader.
@@ -339,6 +358,7 @@ impl<U: Uploader> Drop for Device<U> {
 /// The GPUs of the process: one worker thread each. Share through `Arc`.
 #[derive(Debug)]
 pub struct Gpus {
+    kind: &'static str,
     devices: Vec<Box<dyn DeviceHandle>>,
     shared: Arc<Shared>,
     next: AtomicUsize,
@@ -357,6 +377,7 @@ impl Gpus {
             )?));
         }
         Ok(Arc::new(Gpus {
+            kind: "cuda",
             devices,
             shared,
             next: AtomicUsize::new(0),
@@ -383,6 +404,7 @@ impl Gpus {
             })
             .collect();
         Arc::new(Gpus {
+            kind: "emulated",
             devices,
             shared,
             next: AtomicUsize::new(0),
@@ -424,6 +446,11 @@ impl Gpus {
             models.retain(|m| m.strong_count() > 0);
             models.push(Arc::downgrade(model));
         }
+        *model
+            .placement
+            .kind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.kind;
         model.placement.gpus.store(bits, Ordering::SeqCst);
         let mut note = model
             .placement
