@@ -276,6 +276,11 @@ impl Model {
         self.deep_in
     }
 
+    /// `(inputs, outputs)` of each deep layer, first to last.
+    pub fn layer_dims(&self) -> Vec<(usize, usize)> {
+        self.layers.iter().map(|l| (l.in_dim, l.out_dim)).collect()
+    }
+
     /// Multiply-adds per item of the deep part without the request-level split.
     pub fn deep_macs_per_item(&self) -> u64 {
         self.layers

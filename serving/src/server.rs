@@ -1004,6 +1004,9 @@ async fn serve_core(core: Rc<Core>, listener: TcpListener) {
         let canceller = monoio::io::Canceller::new();
         let mut accept = Box::pin(listener.cancelable_accept(canceller.handle()));
         loop {
+            // An idle core drops a replaced registry snapshot within a tick: otherwise it would
+            // keep the old versions (their mappings, their GPU memory) until its next request.
+            core.refresh();
             // Checked on every pass: a core that accepts a connection more often than every
             // 50 ms must still see the shutdown.
             if core.shared.shutdown.load(Ordering::Relaxed) {

@@ -179,7 +179,8 @@ fn reload_on_gpus_fails_no_request_and_frees_the_old_version() {
         while metric(d.admin, "rankd_gpu_unloads_total") != Some(1.0) {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
-                "{flag}: version 1 was never freed"
+                "{flag}: version 1 was never freed: rankd_gpu_unloads_total {:?}",
+                metric(d.admin, "rankd_gpu_unloads_total")
             );
             std::thread::sleep(Duration::from_millis(50));
         }

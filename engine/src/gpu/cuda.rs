@@ -770,3 +770,67 @@ impl super::worker::Executor for CudaExecutor {
         self.fault = true;
     }
 }
+
+/// Measures cuBLAS `sgemm` on device `ordinal`: for each `(m, n, k)` chain of shapes (run back
+/// to back, as a model's layers are), the GFLOP/s over `iters` runs of the chain, timed with
+/// device events after a warm-up run. For the GPU benchmark: the dense layers' rate as a share
+/// of the same run's large square `sgemm`.
+pub fn sgemm_gflops(
+    ordinal: usize,
+    chains: &[Vec<(usize, usize, usize)>],
+    iters: usize,
+) -> Result<Vec<f64>, GpuError> {
+    let ctx = CudaContext::new(ordinal).map_err(|e| driver("context", e))?;
+    let stream = ctx.new_stream().map_err(|e| driver("stream", e))?;
+    let blas = CudaBlas::new(stream.clone())
+        .map_err(|e| GpuError::new(GpuErrorKind::Start, format!("cuBLAS: {e:?}")))?;
+    let mut out = Vec::new();
+    for chain in chains {
+        let mut bufs = Vec::new();
+        for &(m, n, k) in chain {
+            let alloc = |len: usize| {
+                stream
+                    .alloc_zeros::<f32>(len.max(1))
+                    .map_err(|e| driver("allocation", e))
+            };
+            bufs.push((alloc(m * k)?, alloc(k * n)?, alloc(m * n)?));
+        }
+        let run = |bufs: &mut Vec<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)>| {
+            for (&(m, n, k), (a, b, c)) in chain.iter().zip(bufs.iter_mut()) {
+                let cfg = GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_T,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: m as i32,
+                    n: n as i32,
+                    k: k as i32,
+                    alpha: 1.0f32,
+                    lda: k as i32,
+                    ldb: k as i32,
+                    beta: 0.0f32,
+                    ldc: m as i32,
+                };
+                // SAFETY: each buffer holds the elements its shape and leading dimension need.
+                unsafe { blas.gemm(cfg, a, b, c) }
+                    .map_err(|e| GpuError::new(GpuErrorKind::Failed, format!("sgemm: {e:?}")))?;
+            }
+            Ok::<(), GpuError>(())
+        };
+        run(&mut bufs)?;
+        let start = ctx.new_event(None).map_err(|e| driver("event", e))?;
+        let end = ctx.new_event(None).map_err(|e| driver("event", e))?;
+        start.record(&stream).map_err(|e| driver("event", e))?;
+        for _ in 0..iters {
+            run(&mut bufs)?;
+        }
+        end.record(&stream).map_err(|e| driver("event", e))?;
+        end.synchronize().map_err(|e| driver("event", e))?;
+        let ms = start.elapsed_ms(&end).map_err(|e| driver("event", e))? as f64;
+        let flops: f64 = chain
+            .iter()
+            .map(|&(m, n, k)| 2.0 * m as f64 * n as f64 * k as f64)
+            .sum::<f64>()
+            * iters as f64;
+        out.push(flops / (ms / 1e3) / 1e9);
+    }
+    Ok(out)
+}

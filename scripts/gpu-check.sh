@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Every GPU test and the GPU benchmark of rankd, with a summary, in under 8 minutes on one GPU.
+#
+#   scripts/gpu-check.sh --prepare   build here (release) into gpu-check/: the GPU test binaries,
+#                                    rankd, rankd-load and gpu_bench, stripped. For a GPU machine
+#                                    without cargo or network: copy the tree with gpu-check/.
+#   scripts/gpu-check.sh             run: the binaries in gpu-check/ if there, else build first.
+#
+# Without a GPU every part says so and the script still ends with a summary (exit 0); a failed
+# test makes it exit 1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=gpu-check
+
+prepare() {
+  set -e
+  mkdir -p "$out"
+  local json
+  json=$(cargo test --release -p rankd-engine --test gpu -p rankd-serving --test gpu --no-run \
+    --message-format=json 2>/dev/null)
+  for t in engine serving; do
+    local exe
+    exe=$(echo "$json" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get('reason') == 'compiler-artifact' and m['target']['name'] == 'gpu' \
+       and m['package_id'].find('rankd-$t') >= 0 and m.get('executable'):
+        print(m['executable'])")
+    cp "$exe" "$out/$t-gpu-tests"
+  done
+  cargo build --release -p rankd-serving -p rankd-loadtest -p rankd-benches \
+    --bin rankd --bin rankd-load --bin gpu_bench
+  cp target/release/rankd target/release/rankd-load target/release/gpu_bench "$out/"
+  strip "$out"/* 2>/dev/null || true
+  du -sh "$out"
+  set +e
+}
+
+if [ "${1:-}" = "--prepare" ]; then
+  prepare
+  exit 0
+fi
+[ -x "$out/gpu_bench" ] || prepare
+
+start=$(date +%s)
+summary=()
+failed=0
+echo "== GPUs"
+if nvidia-smi -L 2>/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+else
+  echo "no nvidia-smi: no GPU here; the GPU tests below skip and say why"
+fi
+
+for t in engine serving; do
+  echo "== $t GPU tests"
+  log=$(mktemp)
+  RANKD_BIN="$PWD/$out/rankd" "$out/$t-gpu-tests" --test-threads 1 --nocapture 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || failed=1
+  summary+=("$t GPU tests: $(grep -E '^test result' "$log" | tail -1) $(grep -m1 -o 'skipped: .*' "$log")")
+done
+
+echo "== GPU benchmark"
+log=$(mktemp)
+timeout 240 "$out/gpu_bench" 2 2>&1 | tee "$log"
+summary+=("$(grep -E 'limit|dense layers|items/request|skipped' "$log" | sed 's/^/bench: /')")
+
+echo "== daemon on the GPU: 200-item requests, p50/p99 at 50% and 80% of the max rate"
+if nvidia-smi -L >/dev/null 2>&1; then
+  dir=$(mktemp -d)
+  "$out/gpu_bench" --write-feed "$dir"
+  "$out/rankd" --device cuda --models "$dir" --listen 127.0.0.1:7490 --admin 127.0.0.1:7491 \
+    2>"$dir/rankd.log" &
+  pid=$!
+  for _ in $(seq 100); do grep -q "serving on" "$dir/rankd.log" && break; sleep 0.1; done
+  cat "$dir/rankd.log"
+  load=("$out/rankd-load" --addr 127.0.0.1:7490 --model feed --model-file "$dir/feed/1/model.rkm"
+    --items 200 --connections 32 --json)
+  max=$("${load[@]}" --find-max-rate 10000 --trial-duration 2 --rate 2000 | tail -1 |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["max_rate"])')
+  summary+=("daemon: max rate with p99 under 10 ms: $max req/s (200 items)")
+  for pct in 50 80; do
+    rate=$(python3 -c "print($max * $pct / 100)")
+    r=$("${load[@]}" --rate "$rate" --duration 10 | tail -1)
+    summary+=("daemon at $pct% ($rate req/s): $r")
+  done
+  summary+=("daemon metrics: $(curl -s 127.0.0.1:7491/metrics | grep -E '^rankd_gpu_|^rankd_model_backend' | tr '\n' ' ')")
+  kill "$pid"; wait "$pid" 2>/dev/null
+else
+  summary+=("daemon: skipped: no GPU here")
+fi
+
+echo
+echo "== summary ($(( $(date +%s) - start )) s)"
+printf '%s\n' "${summary[@]}"
+exit $failed
