@@ -119,7 +119,7 @@ fn fault_fails_one_batch(gpus: &Arc<Gpus>) {
     gpus.load(&m).unwrap();
     let r = request(&o, 50, 1);
     let mut core = gpus.core();
-    gpus.inject_fault(0);
+    gpus.inject_fault(0, gpu::Fault::Failed);
     let mut out = BatchOutput::default();
     core.score_blocking(&m, &[&r, &r], &mut out);
     for i in 0..2 {
@@ -304,4 +304,56 @@ fn device_selection() {
     // This machine: whatever it has, probing never panics and auto always decides.
     let here = gpu::probe();
     assert!(select(&auto, &here).is_ok());
+}
+
+/// A lost device leaves service: the batch it was running and every later request are scored
+/// by the CPU engine, with nothing failed.
+fn lost_device_moves_models_to_the_cpu(gpus: &Arc<Gpus>) {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(40);
+    let m = Arc::new(model(ModelKind::WideDeep, dir.path()));
+    gpus.load(&m).unwrap();
+    let r = request(&o, 40, 2);
+    let mut core = gpus.core();
+    let mut want = BatchOutput::default();
+    CpuEngine::new().score(&m, &[&r], &mut want);
+    gpus.inject_fault(0, gpu::Fault::Lost);
+    for round in 0..3 {
+        let mut out = BatchOutput::default();
+        core.score_blocking(&m, &[&r, &r], &mut out);
+        for i in 0..2 {
+            let (g, w) = (out.get(i).unwrap(), want.get(0).unwrap());
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b).abs() <= 1e-5, "round {round}: {a} vs {b}");
+            }
+        }
+    }
+    assert!(gpus.is_lost(0));
+    assert_eq!(m.backend(), "cpu");
+    assert_eq!(core.backend_for(&m), "cpu");
+    assert!(
+        m.placement_note().unwrap().contains("lost"),
+        "{:?}",
+        m.placement_note()
+    );
+    let fallbacks = gpus
+        .metrics()
+        .cpu_fallbacks
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(fallbacks, 2, "the two requests of the lost batch");
+    // A version loaded later does not go to the lost device.
+    let m2 = Arc::new(model(ModelKind::Deep, dir.path()));
+    assert!(gpus.load(&m2).is_err());
+    assert_eq!(m2.backend(), "cpu");
+}
+
+#[test]
+fn emulated_lost_device_moves_models_to_the_cpu() {
+    lost_device_moves_models_to_the_cpu(&Gpus::emulated(1, BatchSettings::default()));
+}
+
+#[test]
+fn cuda_lost_device_moves_models_to_the_cpu() {
+    let Some(gpus) = real_gpus() else { return };
+    lost_device_moves_models_to_the_cpu(&gpus);
 }

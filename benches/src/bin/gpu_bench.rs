@@ -123,7 +123,10 @@ fn main() {
     let ordinals: Vec<usize> = devs.iter().map(|d| d.ordinal).collect();
     let gpus = Gpus::start(&ordinals, BatchSettings::default()).expect("the GPUs start");
     gpus.load(&model).expect("the feed model fits");
-    println!("engine, feed model, {cores} cores, {} GPUs:", ordinals.len());
+    println!(
+        "engine, feed model, {cores} cores, {} GPUs:",
+        ordinals.len()
+    );
     for items in [200, 4096, 65_536] {
         let cpu = items_per_sec(cores, items, secs, |_| {
             let (m, mut e) = (model.clone(), CpuEngine::new());

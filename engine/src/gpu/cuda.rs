@@ -260,7 +260,7 @@ pub(super) fn open(ordinal: usize) -> Result<(CudaExecutor, CudaUploader, String
             kernels,
             slots,
             plans: HashMap::new(),
-            fault: false,
+            fault: None,
         },
         CudaUploader {
             ctx,
@@ -421,7 +421,7 @@ pub(crate) struct CudaExecutor {
     slots: Vec<Slot>,
     /// First-layer parts of each plan seen, by (model id, plan address).
     plans: HashMap<(u64, usize), DevicePlan>,
-    fault: bool,
+    fault: Option<super::Fault>,
 }
 
 impl std::fmt::Debug for CudaExecutor {
@@ -712,7 +712,14 @@ impl super::worker::Executor for CudaExecutor {
                 )
                 .map_err(|e| driver("staging upload", e))?;
         }
-        if std::mem::take(&mut self.fault) {
+        if self.fault == Some(super::Fault::Lost) {
+            self.fault = None;
+            return Err(GpuError::new(
+                GpuErrorKind::Lost,
+                "injected fault: the device reports itself lost",
+            ));
+        }
+        if self.fault.take() == Some(super::Fault::Failed) {
             // A real launch error: more threads per block than any device allows.
             let s = &self.slots[slot];
             let cfg = LaunchConfig {
@@ -766,8 +773,8 @@ impl super::worker::Executor for CudaExecutor {
         self.plans.retain(|k, _| k.0 != model_id);
     }
 
-    fn inject_fault(&mut self) {
-        self.fault = true;
+    fn inject_fault(&mut self, fault: super::Fault) {
+        self.fault = Some(fault);
     }
 }
 

@@ -239,6 +239,17 @@ impl GpuError {
     }
 }
 
+/// A fault to inject into a device's next batch (tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A real device error on CUDA (a launch the driver refuses), an error from the emulation:
+    /// the batch fails, the device goes on.
+    Failed,
+    /// The device reports itself lost (as after an Xid or a reset): it leaves service and its
+    /// models go to the CPU engine.
+    Lost,
+}
+
 /// Counters of the GPU backend, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct GpuMetrics {
@@ -298,7 +309,7 @@ trait DeviceHandle: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
     fn load(&self, model: &Model, layout: &ArenaLayout) -> Result<(), GpuError>;
     fn submit(&self, job: Job) -> Result<(), Box<Job>>;
-    fn fault(&self);
+    fn fault(&self, fault: Fault);
 }
 
 struct Device<U: Uploader> {
@@ -339,9 +350,9 @@ impl<U: Uploader> DeviceHandle for Device<U> {
         })
     }
 
-    fn fault(&self) {
+    fn fault(&self, fault: Fault) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Cmd::Fault);
+            let _ = tx.send(Cmd::Fault(fault));
         }
     }
 }
@@ -473,10 +484,10 @@ impl Gpus {
         }
     }
 
-    /// Makes the next batch on device `index` fail with a real device error (tests).
-    pub fn inject_fault(&self, index: usize) {
+    /// Makes the next batch on device `index` fail (tests).
+    pub fn inject_fault(&self, index: usize, fault: Fault) {
         if let Some(d) = self.devices.get(index) {
-            d.fault();
+            d.fault(fault);
         }
     }
 

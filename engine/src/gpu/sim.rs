@@ -299,7 +299,7 @@ type HostPlan = (std::sync::Arc<crate::plan::Plan>, Vec<f32>, Vec<f32>);
 pub(crate) struct HostExecutor {
     slots: Vec<Work>,
     plans: std::collections::HashMap<PlanKey, HostPlan>,
-    fault: bool,
+    fault: Option<super::Fault>,
 }
 
 impl HostExecutor {
@@ -307,7 +307,7 @@ impl HostExecutor {
         HostExecutor {
             slots: (0..slots).map(|_| Work::default()).collect(),
             plans: std::collections::HashMap::new(),
-            fault: false,
+            fault: None,
         }
     }
 }
@@ -329,11 +329,20 @@ impl super::worker::Executor for HostExecutor {
         ops: &[Op],
         sizes: &Sizes,
     ) -> Result<(), super::GpuError> {
-        if std::mem::take(&mut self.fault) {
-            return Err(super::GpuError::new(
-                super::GpuErrorKind::Failed,
-                "injected fault: launch refused",
-            ));
+        match self.fault.take() {
+            Some(super::Fault::Failed) => {
+                return Err(super::GpuError::new(
+                    super::GpuErrorKind::Failed,
+                    "injected fault: launch refused",
+                ))
+            }
+            Some(super::Fault::Lost) => {
+                return Err(super::GpuError::new(
+                    super::GpuErrorKind::Lost,
+                    "injected fault: device lost",
+                ))
+            }
+            None => {}
         }
         let key = (model.id(), std::sync::Arc::as_ptr(plan) as usize);
         let (_, w1_item, w1_user) = self.plans.entry(key).or_insert_with(|| {
@@ -362,7 +371,7 @@ impl super::worker::Executor for HostExecutor {
         self.plans.retain(|k, _| k.0 != model_id);
     }
 
-    fn inject_fault(&mut self) {
-        self.fault = true;
+    fn inject_fault(&mut self, fault: super::Fault) {
+        self.fault = Some(fault);
     }
 }

@@ -50,8 +50,8 @@ pub(crate) trait Executor: Send + 'static {
     /// Frees what the executor keeps for a model (plans) besides its resident weights.
     fn forget(&mut self, model_id: u64);
 
-    /// Makes the next launch fail with a real device error (tests).
-    fn inject_fault(&mut self);
+    /// Makes the next launch fail (tests).
+    fn inject_fault(&mut self, fault: super::Fault);
 }
 
 /// A model handed to the worker with its device weights.
@@ -65,7 +65,7 @@ pub(crate) struct Adopt<R> {
 pub(crate) enum Cmd<R> {
     Job(Job),
     Adopt(Adopt<R>),
-    Fault,
+    Fault(super::Fault),
 }
 
 /// Rows of one core's requests for one model and plan.
@@ -235,7 +235,7 @@ impl<E: Executor> Worker<E> {
                     },
                 );
             }
-            Cmd::Fault => self.exec.inject_fault(),
+            Cmd::Fault(f) => self.exec.inject_fault(f),
         }
     }
 
