@@ -83,17 +83,17 @@ extern "C" __global__ void rk_user_terms(const unsigned* __restrict__ w,
     }
     float* o = ut + (unsigned long long)r * utw;
     o[0] = wide;
+    // Descriptor outer, dimension inner: the summation order of the host executor.
     float sq = 0.0f;
-    for (unsigned dd = 0; dd < fm_dim; ++dd) {
-        float s = 0.0f;
-        for (unsigned k = 0; k < u_ndesc; ++k) {
-            const unsigned* d = w + u_descs_at + k * 8u;
-            if (d[0] == 2u) continue;
+    for (unsigned dd = 0; dd < fm_dim; ++dd) o[2 + dd] = 0.0f;
+    for (unsigned k = 0; fm_dim > 0u && k < u_ndesc; ++k) {
+        const unsigned* d = w + u_descs_at + k * 8u;
+        if (d[0] == 2u) continue;
+        for (unsigned dd = 0; dd < fm_dim; ++dd) {
             float v = u[(unsigned long long)r * u_width + d[2] + dd];
-            s += v;
+            o[2 + dd] += v;
             sq += v * v;
         }
-        o[2 + dd] = s;
     }
     o[1] = sq;
 }
@@ -235,6 +235,8 @@ pub(super) fn open(ordinal: usize) -> Result<(CudaExecutor, CudaUploader, String
             arch: Some(arch),
             // Exact division and sqrt, no flush to zero: scores must match the CPU's.
             ftz: Some(false),
+            // No fused multiply-adds: the kernels round like the host executor.
+            fmad: Some(false),
             prec_div: Some(true),
             prec_sqrt: Some(true),
             ..Default::default()
@@ -361,7 +363,10 @@ impl Slot {
         let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|_| DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_INITIALIZED))?;
-        let done = ctx.new_event(None)?;
+        // Waiting for a batch sleeps instead of spinning a core.
+        let done = ctx.new_event(Some(
+            cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC,
+        ))?;
         let n = 1024;
         Ok(Slot {
             staging: stream.alloc_zeros(n)?,
@@ -386,7 +391,9 @@ impl Slot {
     fn reserve(&mut self, words: usize, sizes: &Sizes) -> Result<(), DriverError> {
         let ctx = self.stream.context().clone();
         let grow = |n: usize| n.next_power_of_two().max(1024);
-        if self.staging.len() < words {
+        // Device and host twins are checked together: a failed allocation of the second must
+        // not leave them different sizes.
+        if self.staging.len() < words || self.host_staging.len() < words {
             self.staging = self.stream.alloc_zeros(grow(words))?;
             // SAFETY: written before read.
             self.host_staging = unsafe {
@@ -402,7 +409,7 @@ impl Slot {
                 self.mats[i] = Some(self.stream.alloc_zeros(grow(need))?);
             }
         }
-        if self.scores.len() < sizes.rows.max(1) {
+        if self.scores.len() < sizes.rows.max(1) || self.host_scores.len() < sizes.rows.max(1) {
             self.scores = self.stream.alloc_zeros(grow(sizes.rows))?;
             // SAFETY: read only after the copy into it completed.
             self.host_scores = unsafe { ctx.alloc_pinned_with_flags(grow(sizes.rows), 0) }?;
@@ -526,7 +533,7 @@ impl CudaExecutor {
                         if kk == 0 {
                             return s
                                 .stream
-                                .memset_zeros(&mut cbuf.slice_mut(..(m * n) as usize))
+                                .memset_zeros(&mut cbuf.slice_mut(..m as usize * n as usize))
                                 .map_err(|e| driver("gemm (k = 0)", e));
                         }
                         let view = |src: Src| -> CudaView<'_, f32> {
@@ -677,14 +684,9 @@ impl CudaExecutor {
     }
 }
 
-impl super::worker::Executor for CudaExecutor {
-    type Resident = CudaResident;
-
-    fn slots(&self) -> usize {
-        self.slots.len()
-    }
-
-    fn launch(
+impl CudaExecutor {
+    #[allow(clippy::too_many_arguments)]
+    fn try_launch(
         &mut self,
         slot: usize,
         resident: &CudaResident,
@@ -753,6 +755,39 @@ impl super::worker::Executor for CudaExecutor {
         }
         s.done.record(&s.stream).map_err(|e| driver("event", e))?;
         Ok(())
+    }
+}
+
+impl super::worker::Executor for CudaExecutor {
+    type Resident = CudaResident;
+
+    fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn launch(
+        &mut self,
+        slot: usize,
+        resident: &CudaResident,
+        model: &Model,
+        plan: &Arc<Plan>,
+        words: &[u32],
+        ops: &[Op],
+        sizes: &Sizes,
+    ) -> Result<(), GpuError> {
+        let r = self.try_launch(slot, resident, model, plan, words, ops, sizes);
+        if r.is_err() {
+            // Work queued before the error may still run: let it finish before the slot's
+            // staging buffer is reused or the jobs' weights can be freed.
+            let _ = self.slots[slot].stream.synchronize();
+        }
+        r
+    }
+
+    fn quiesce(&mut self) {
+        for s in &self.slots {
+            let _ = s.stream.synchronize();
+        }
     }
 
     fn poll(&mut self, slot: usize) -> Result<bool, GpuError> {
@@ -823,8 +858,9 @@ pub fn sgemm_gflops(
             Ok::<(), GpuError>(())
         };
         run(&mut bufs)?;
-        let start = ctx.new_event(None).map_err(|e| driver("event", e))?;
-        let end = ctx.new_event(None).map_err(|e| driver("event", e))?;
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = ctx.new_event(timing).map_err(|e| driver("event", e))?;
+        let end = ctx.new_event(timing).map_err(|e| driver("event", e))?;
         start.record(&stream).map_err(|e| driver("event", e))?;
         for _ in 0..iters {
             run(&mut bufs)?;

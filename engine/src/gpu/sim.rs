@@ -367,6 +367,8 @@ impl super::worker::Executor for HostExecutor {
         Ok(&self.slots[slot].scores)
     }
 
+    fn quiesce(&mut self) {}
+
     fn forget(&mut self, model_id: u64) {
         self.plans.retain(|k, _| k.0 != model_id);
     }

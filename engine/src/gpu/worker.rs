@@ -47,6 +47,10 @@ pub(crate) trait Executor: Send + 'static {
     /// Waits for slot `slot`'s batch and returns its scores.
     fn finish(&mut self, slot: usize) -> Result<&[f32], GpuError>;
 
+    /// Waits until nothing runs on the device (errors ignored): before weights are freed after
+    /// a failure.
+    fn quiesce(&mut self);
+
     /// Frees what the executor keeps for a model (plans) besides its resident weights.
     fn forget(&mut self, model_id: u64);
 
@@ -380,6 +384,8 @@ impl<E: Executor> Worker<E> {
                     answer(j, Err(e.clone()));
                 }
             }
+            // Batches still running on other slots read these weights.
+            self.exec.quiesce();
             self.models.clear();
         }
     }
