@@ -180,6 +180,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// HTTP admin address (metrics, health).
     pub admin: SocketAddr,
+    /// Open Inference Protocol (KServe v2) gRPC address; off when unset.
+    pub grpc: Option<SocketAddr>,
+    /// Open Inference Protocol (KServe v2) REST address; off when unset.
+    pub http: Option<SocketAddr>,
+    /// Worker threads of the KServe front ends; 0: as many as the binary RPC's cores.
+    pub kserve_threads: usize,
     /// Worker threads (one runtime each); 0: one per available core.
     pub threads: usize,
     /// Pin worker `i` to core `i`.
@@ -218,6 +224,9 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:7470".parse().expect("valid address"),
             admin: "127.0.0.1:7471".parse().expect("valid address"),
+            grpc: None,
+            http: None,
+            kserve_threads: 0,
             threads: 0,
             pin_cores: false,
             models: PathBuf::from("examples/models"),

@@ -9,6 +9,7 @@ pub mod config;
 pub use rankd_engine as engine;
 pub mod fbrequest;
 pub mod hdfs_source;
+pub mod kserve;
 pub mod metrics;
 pub mod protocol;
 pub mod registry;

@@ -41,6 +41,12 @@ struct Cli {
     /// Use the epoll driver even where io_uring works.
     #[arg(long)]
     force_epoll: bool,
+    /// Open Inference Protocol (KServe v2) gRPC address (off unless given here or in the config).
+    #[arg(long, env = "RANKD_GRPC")]
+    grpc: Option<std::net::SocketAddr>,
+    /// Open Inference Protocol (KServe v2) REST address (off unless given here or in the config).
+    #[arg(long, env = "RANKD_HTTP")]
+    http: Option<std::net::SocketAddr>,
     /// Where models run: auto (GPUs when CUDA and cuBLAS load, else the CPU), cpu, cuda or
     /// cuda:0,1.
     #[arg(long, env = "RANKD_DEVICE")]
@@ -69,6 +75,12 @@ fn config(cli: &Cli) -> Result<ServerConfig> {
     }
     if let Some(t) = cli.threads {
         c.threads = t;
+    }
+    if cli.grpc.is_some() {
+        c.grpc = cli.grpc;
+    }
+    if cli.http.is_some() {
+        c.http = cli.http;
     }
     if let Some(d) = &cli.device {
         c.engine.device = d.clone();
@@ -147,6 +159,14 @@ fn run(cli: Cli) -> Result<()> {
         .fetch_add(problems.len() as u64, Ordering::Relaxed);
     let admin =
         rankd_serving::admin::start(server.shared.clone()).context("cannot bind the admin port")?;
+    let kserve = rankd_serving::kserve::start(server.shared.clone())
+        .context("cannot bind the KServe v2 addresses")?;
+    if let Some(a) = kserve.grpc {
+        eprintln!("rankd: KServe v2 gRPC on {a}");
+    }
+    if let Some(a) = kserve.http {
+        eprintln!("rankd: KServe v2 REST on http://{a}");
+    }
     // The watcher runs before the announcement, so nothing deployed after it is missed.
     if hdfs.is_some() {
         let m = &server.shared.metrics;

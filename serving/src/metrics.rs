@@ -88,10 +88,30 @@ pub struct LoadedVersion<'a> {
     pub backend: String,
 }
 
+/// Cumulative executions of one model version (Triton's statistics extension).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExecutionStats {
+    /// Requests scored.
+    pub success: u64,
+    /// Their engine time, nanoseconds (a batch's time counts once for each of its requests).
+    pub success_ns: u64,
+    /// Requests the engine failed.
+    pub fail: u64,
+    /// Their engine time, nanoseconds.
+    pub fail_ns: u64,
+    /// Items scored.
+    pub items: u64,
+    /// Engine calls (a batch of merged requests is one).
+    pub executions: u64,
+    /// When the last one ran, milliseconds since the Unix epoch.
+    pub last_inference_ms: u64,
+}
+
 /// All metrics of the process.
 #[derive(Debug)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u64, &'static str), u64>>,
+    executions: Mutex<BTreeMap<(String, u64), ExecutionStats>>,
     /// Request latency from the full frame read to the response queued, microseconds.
     pub latency_us: Histogram,
     /// Items per engine call.
@@ -128,6 +148,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             requests: Mutex::new(BTreeMap::new()),
+            executions: Mutex::new(BTreeMap::new()),
             latency_us: Histogram::new(&LATENCY_BUCKETS_US),
             batch_items: Histogram::new(&BATCH_BUCKETS),
             connections: AtomicI64::new(0),
@@ -152,6 +173,43 @@ impl Metrics {
     pub fn count(&self, model: &str, version: u64, outcome: &'static str, n: u64) {
         let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry((model.to_owned(), version, outcome)).or_insert(0) += n;
+    }
+
+    /// Records one engine call of `model`/`version`: `ok` requests scored (`items` items),
+    /// `failed` failed, in `elapsed`.
+    pub fn record_execution(
+        &self,
+        model: &str,
+        version: u64,
+        ok: u64,
+        failed: u64,
+        items: u64,
+        elapsed: std::time::Duration,
+    ) {
+        let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut m = self.executions.lock().unwrap_or_else(|e| e.into_inner());
+        let s = match m.get_mut(&(model.to_owned(), version)) {
+            Some(s) => s,
+            None => m.entry((model.to_owned(), version)).or_default(),
+        };
+        s.success += ok;
+        s.success_ns += ns * ok;
+        s.fail += failed;
+        s.fail_ns += ns * failed;
+        s.items += items;
+        s.executions += 1;
+        s.last_inference_ms = now;
+    }
+
+    /// The executions recorded for `model`/`version`.
+    pub fn execution_stats(&self, model: &str, version: u64) -> ExecutionStats {
+        let m = self.executions.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&(model.to_owned(), version))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The Prometheus text exposition, with the loaded versions (the registry's `loaded()`;

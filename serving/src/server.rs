@@ -457,10 +457,15 @@ impl Core {
             .collect();
         output.clear();
         let items: usize = reqs.iter().map(|r| r.num_items()).sum();
+        let started = Instant::now();
         engine.score(&model, &reqs, output).await;
+        let spent = started.elapsed();
+        let scored = reqs.len() as u64;
+        drop(reqs);
         self.shared.metrics.batch_items.observe(items as u64);
         let mut next = 0;
         let mut ok = 0u64;
+        let mut ok_items = 0u64;
         let mut errors: Vec<&'static str> = Vec::new();
         for (p, failure) in batch.iter().zip(failures) {
             let result = match failure {
@@ -476,6 +481,7 @@ impl Core {
             };
             match result {
                 Ok(scores) => {
+                    ok_items += scores.len() as u64;
                     fbb.reset();
                     let m = fbb.create_string(&name);
                     let s = fbb.create_vector(scores);
@@ -513,6 +519,16 @@ impl Core {
         }
         if ok > 0 {
             self.shared.metrics.count(&name, version, "ok", ok);
+        }
+        if scored > 0 {
+            self.shared.metrics.record_execution(
+                &name,
+                version,
+                ok,
+                scored.saturating_sub(ok),
+                ok_items,
+                spent,
+            );
         }
         for code in errors {
             self.shared.metrics.count(&name, version, code, 1);

@@ -9,7 +9,13 @@ use std::process::{Child, Command, Stdio};
 pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,
+    #[allow(dead_code)]
     pub admin: SocketAddr,
+    /// KServe v2 gRPC and REST addresses, when `--grpc` / `--http` were given.
+    #[allow(dead_code)]
+    pub grpc: Option<SocketAddr>,
+    #[allow(dead_code)]
+    pub http: Option<SocketAddr>,
 }
 
 impl Drop for Daemon {
@@ -39,6 +45,7 @@ pub fn start_daemon(root: &Path, config: Option<&Path>, extra: &[&str]) -> Daemo
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = String::new();
+    let (mut grpc, mut http) = (None, None);
     loop {
         let Some(Ok(line)) = lines.next() else {
             let _ = child.kill();
@@ -47,12 +54,24 @@ pub fn start_daemon(root: &Path, config: Option<&Path>, extra: &[&str]) -> Daemo
         };
         log.push_str(&line);
         log.push('\n');
+        if let Some(a) = line.strip_prefix("rankd: KServe v2 gRPC on ") {
+            grpc = a.trim().parse().ok();
+        }
+        if let Some(a) = line.strip_prefix("rankd: KServe v2 REST on http://") {
+            http = a.trim().parse().ok();
+        }
         if let Some(rest) = line.strip_prefix("rankd: serving on ") {
             let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
             let admin = line.rsplit("http://").next().unwrap().parse().unwrap();
             // Keep draining stderr so the daemon never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
-            return Daemon { child, addr, admin };
+            return Daemon {
+                child,
+                addr,
+                admin,
+                grpc,
+                http,
+            };
         }
     }
 }
