@@ -5,6 +5,7 @@
 //! request's *intended* send time into an HdrHistogram, so a stalled server cannot hide its
 //! stall (no coordinated omission).
 
+pub mod kserve;
 pub mod synth;
 
 use std::collections::BTreeMap;
@@ -302,11 +303,28 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
     })
 }
 
+/// What to send: binary RPC frames' bodies, or KServe v2 requests.
+#[derive(Clone, Debug)]
+pub enum Load {
+    /// Encoded `ScoreRequest` bodies for the binary RPC.
+    Rpc(Vec<Vec<u8>>),
+    /// KServe v2 requests (gRPC or REST).
+    Kserve(kserve::Target),
+}
+
+/// Runs open-loop load of either kind.
+pub fn run_load(opts: &RunOptions, load: &Load) -> std::io::Result<Report> {
+    match load {
+        Load::Rpc(bodies) => run(opts, bodies),
+        Load::Kserve(t) => kserve::run(opts, t),
+    }
+}
+
 /// Finds the highest rate whose p99 stays under `p99_us` with no errors: doubles from `start`
 /// until a trial fails, then bisects. Returns `(rate, report of that rate)`.
 pub fn find_max_rate(
     opts: &RunOptions,
-    bodies: &[Vec<u8>],
+    load: &Load,
     p99_us: u64,
     trial_secs: f64,
 ) -> std::io::Result<(f64, Option<Report>)> {
@@ -318,7 +336,7 @@ pub fn find_max_rate(
             keep_samples: false,
             ..opts.clone()
         };
-        run(&o, bodies)
+        run_load(&o, load)
     };
     let passes = |r: &Report| r.errors == 0 && r.latency.value_at_quantile(0.99) <= p99_us;
     let mut lo = 0.0;

@@ -5,17 +5,23 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use rankd_loadtest::kserve::{self, Target};
 use rankd_loadtest::synth::{default_user_level, from_json, Synth};
-use rankd_loadtest::{find_max_rate, run, Arrivals, RunOptions};
+use rankd_loadtest::{find_max_rate, run_load, Arrivals, Load, RunOptions};
 
 /// Open-loop load generator for rankd: requests are sent at the target rate whatever the server
 /// does, and latency is measured from each request's intended send time.
 #[derive(Parser, Debug)]
 #[command(name = "rankd-load", version)]
 struct Cli {
-    /// Server address.
+    /// Server address (of the binary RPC, or of the KServe v2 endpoint with --protocol).
     #[arg(long, default_value = "127.0.0.1:7470")]
     addr: std::net::SocketAddr,
+    /// rpc (rankd's binary RPC), grpc or rest (the Open Inference Protocol, KServe v2: rankd's
+    /// --grpc / --http endpoints or any other KServe v2 server). grpc and rest need the feature
+    /// types: give --model-file.
+    #[arg(long, default_value = "rpc", value_parser = ["rpc", "grpc", "rest"])]
+    protocol: String,
     /// Model name to request.
     #[arg(long)]
     model: String,
@@ -62,7 +68,7 @@ struct Cli {
     latency_log: Option<PathBuf>,
 }
 
-fn bodies(cli: &Cli) -> Result<Vec<Vec<u8>>> {
+fn load(cli: &Cli) -> Result<Load> {
     let spec = match &cli.model_file {
         Some(p) => Some(
             rankd_formats::ModelFile::open(p)
@@ -101,13 +107,31 @@ fn bodies(cli: &Cli) -> Result<Vec<Vec<u8>>> {
     if reqs.is_empty() {
         bail!("no requests");
     }
-    reqs.iter()
-        .map(|r| r.encode().map_err(anyhow::Error::from))
-        .collect()
+    if cli.protocol == "rpc" {
+        return Ok(Load::Rpc(
+            reqs.iter()
+                .map(|r| r.encode().map_err(anyhow::Error::from))
+                .collect::<Result<_>>()?,
+        ));
+    }
+    let Some(spec) = &spec else {
+        bail!(
+            "--protocol {} needs --model-file (the feature types)",
+            cli.protocol
+        );
+    };
+    Ok(Load::Kserve(if cli.protocol == "grpc" {
+        Target::Grpc(reqs.iter().map(|r| kserve::grpc_request(r, spec)).collect())
+    } else {
+        Target::Rest(
+            kserve::rest_path(&reqs[0]),
+            reqs.iter().map(|r| kserve::rest_body(r, spec)).collect(),
+        )
+    }))
 }
 
 fn main_inner(cli: Cli) -> Result<()> {
-    let bodies = bodies(&cli)?;
+    let load = load(&cli)?;
     let opts = RunOptions {
         addr: cli.addr,
         rate: cli.rate,
@@ -122,7 +146,7 @@ fn main_inner(cli: Cli) -> Result<()> {
         keep_samples: cli.latency_log.is_some(),
     };
     if let Some(bound) = cli.find_max_rate {
-        let (rate, report) = find_max_rate(&opts, &bodies, bound, cli.trial_duration)?;
+        let (rate, report) = find_max_rate(&opts, &load, bound, cli.trial_duration)?;
         println!("max rate with p99 <= {bound} us: {rate:.0} requests/s");
         if let Some(r) = &report {
             println!("{}", r.text());
@@ -136,7 +160,7 @@ fn main_inner(cli: Cli) -> Result<()> {
         }
         return Ok(());
     }
-    let report = run(&opts, &bodies)?;
+    let report = run_load(&opts, &load)?;
     if let Some(path) = &cli.latency_log {
         write_latency_log(path, &report.samples)
             .with_context(|| format!("cannot write {}", path.display()))?;

@@ -154,3 +154,72 @@ fn the_binary_ends_with_a_json_summary() {
     assert_eq!(v["errors_by_code"]["unknown_model"], 25);
     s.shutdown();
 }
+
+/// The KServe v2 mode: the same synthesized requests over gRPC and REST are all valid for the
+/// model (every feature kind, lists with `.lengths` and missing values included), answered by
+/// the right version, at the asked rate.
+#[test]
+fn kserve_mode_over_grpc_and_rest() {
+    use rankd_loadtest::kserve::{self, Target};
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("m/3");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_synthetic(
+        &dir.join("model.rkm"),
+        &SynthOptions {
+            name: "m".into(),
+            version: 3,
+            kind: ModelKind::DeepFm,
+            ..SynthOptions::default()
+        },
+    )
+    .unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        grpc: Some("127.0.0.1:0".parse().unwrap()),
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        threads: 1,
+        models: root.path().to_path_buf(),
+        ..ServerConfig::default()
+    };
+    let (reg, problems) = Registry::load(&config, None, &mut Default::default(), None, None);
+    assert!(problems.is_empty());
+    let s = Server::start(config, reg, None).unwrap();
+    let bound = rankd_serving::kserve::start(s.shared.clone()).unwrap();
+    let model = rankd_formats::ModelFile::open(dir.join("model.rkm")).unwrap();
+    let spec = &model.spec().features;
+    let mut synth = Synth::new("m", spec, &default_user_level, 7);
+    let reqs: Vec<_> = (0..16).map(|i| synth.request(10, i)).collect();
+    for (addr, target) in [
+        (
+            bound.grpc.unwrap(),
+            Target::Grpc(reqs.iter().map(|r| kserve::grpc_request(r, spec)).collect()),
+        ),
+        (
+            bound.http.unwrap(),
+            Target::Rest(
+                kserve::rest_path(&reqs[0]),
+                reqs.iter().map(|r| kserve::rest_body(r, spec)).collect(),
+            ),
+        ),
+    ] {
+        let report = kserve::run(
+            &RunOptions {
+                addr,
+                rate: 200.0,
+                duration: 1.0,
+                connections: 2,
+                arrivals: Arrivals::Constant,
+                progress: false,
+                keep_samples: false,
+            },
+            &target,
+        )
+        .unwrap();
+        assert_eq!(report.errors, 0, "{:?}", report.errors_by_code);
+        assert_eq!(report.ok, 200);
+        assert_eq!(report.versions.get(&3), Some(&200));
+        assert!(report.latency.value_at_quantile(0.5) > 0);
+    }
+    s.shutdown();
+}

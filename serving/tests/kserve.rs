@@ -321,7 +321,7 @@ fn kserve_scores_equal_the_binary_rpc() {
         assert!(meta
             .inputs
             .iter()
-            .any(|t| t.name == "age" && t.datatype == "FP64" && t.shape == vec![-1]));
+            .any(|t| t.name == "age" && t.datatype == "FP64" && t.shape == vec![-1, 1]));
         assert!(meta
             .inputs
             .iter()

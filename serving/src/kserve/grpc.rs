@@ -152,17 +152,19 @@ pub fn metadata(model: &rankd_engine::Model, versions: &[u64]) -> pb::ModelMetad
             .map(|f| pb::model_metadata_response::TensorMetadata {
                 name: f.name.clone(),
                 datatype: tensors::datatype(f.ty).into(),
+                // Items are the batch dimension, as in the model configuration: [N, 1] for a
+                // scalar (plain [N] is accepted too), [N, k] for a list.
                 shape: if tensors::is_list(f.ty) {
                     vec![-1, -1]
                 } else {
-                    vec![-1]
+                    vec![-1, 1]
                 },
             })
             .collect(),
         outputs: vec![pb::model_metadata_response::TensorMetadata {
             name: "score".into(),
             datatype: "FP32".into(),
-            shape: vec![-1],
+            shape: vec![-1, 1],
         }],
     }
 }
@@ -338,7 +340,7 @@ impl GrpcInferenceService for Service {
             outputs: vec![pb::model_infer_response::InferOutputTensor {
                 name: "score".into(),
                 datatype: "FP32".into(),
-                shape: vec![a.scores.len() as i64],
+                shape: a.shape,
                 parameters: Default::default(),
                 contents: None,
             }],

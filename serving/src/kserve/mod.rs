@@ -78,6 +78,8 @@ pub struct Answer {
     pub id: String,
     /// One score per item.
     pub scores: Vec<f32>,
+    /// The shape of `score`: `[N]`, or `[N, 1]` when the scalar inputs came as `[N, 1]`.
+    pub shape: Vec<i64>,
 }
 
 thread_local! {
@@ -159,11 +161,17 @@ impl Frontend {
                 self.shared
                     .metrics
                     .record_execution(&name, selected.version, 1, 0, items, elapsed);
+                let n = scores.len() as i64;
                 Ok(Answer {
                     model: name,
                     version: selected.version,
                     id: call.id,
                     scores: scores.to_vec(),
+                    shape: if req.column_shaped {
+                        vec![n, 1]
+                    } else {
+                        vec![n]
+                    },
                 })
             }
             Err(e) => {

@@ -483,12 +483,12 @@ fn infer(
     if !a.id.is_empty() {
         out.insert("id".into(), json!(a.id));
     }
-    let n = a.scores.len();
+    let shape = a.shape.clone();
     if binary {
         let raw = super::tensors::encode_fp32(&a.scores);
         out.insert(
             "outputs".into(),
-            json!([{ "name": "score", "datatype": "FP32", "shape": [n],
+            json!([{ "name": "score", "datatype": "FP32", "shape": shape,
                      "parameters": { "binary_data_size": raw.len() } }]),
         );
         let mut bytes = serde_json::to_vec(&Value::Object(out)).expect("JSON encodes");
@@ -505,7 +505,7 @@ fn infer(
     } else {
         out.insert(
             "outputs".into(),
-            json!([{ "name": "score", "datatype": "FP32", "shape": [n], "data": a.scores }]),
+            json!([{ "name": "score", "datatype": "FP32", "shape": shape, "data": a.scores }]),
         );
         ok_json(Value::Object(out))
     }

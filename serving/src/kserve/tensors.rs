@@ -192,6 +192,8 @@ struct Input {
 #[derive(Debug)]
 pub struct TensorRequest {
     items: usize,
+    /// A scalar input came as `[N, 1]` (Triton's batch style): the scores go back as `[N, 1]`.
+    pub column_shaped: bool,
     /// By model feature index: position in `inputs`.
     by_feature: Vec<Option<usize>>,
     inputs: Vec<Input>,
@@ -265,6 +267,7 @@ impl TensorRequest {
                 format!("{items} items; the limit is {}", limits.max_items),
             ));
         }
+        let mut column_shaped = false;
         let mut by_feature = vec![None; features.len()];
         let mut inputs = Vec::with_capacity(main.len());
         for t in main {
@@ -294,7 +297,10 @@ impl TensorRequest {
             let list = matches!(ty, FeatureType::IntList | FeatureType::StringList);
             let width = match (list, t.shape.len()) {
                 (false, 0 | 1) => 1,
-                (false, 2) if t.shape[1] == 1 => 1,
+                (false, 2) if t.shape[1] == 1 => {
+                    column_shaped = true;
+                    1
+                }
                 (false, _) => {
                     return Err(bad(format!(
                         "input `{}` ({}): shape {:?}; a scalar feature takes [N] or [N, 1]",
@@ -403,6 +409,7 @@ impl TensorRequest {
         }
         Ok(TensorRequest {
             items,
+            column_shaped,
             by_feature,
             inputs,
         })
