@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the Rust code of every FlatBuffers schema with the pinned flatc:
-#   formats/schema/*.fbs -> formats/src/gen/    serving/schema/*.fbs -> serving/src/gen/
+#   formats/schema/*.fbs -> formats/src/gen/    client/schema/*.fbs -> client/src/gen/
+#   client/schema/rpc.fbs -> clients/python/rankd/rpc_generated.py (one file: flatc's per-table
+#   Python modules do not import each other's classes)
 #   scripts/regen-flatbuffers.sh          rewrite the generated code
 #   scripts/regen-flatbuffers.sh --check  fail if the committed code differs from flatc's output
 set -euo pipefail
@@ -14,7 +16,7 @@ if [ "$(flatc --version)" != "flatc version $FLATC_VERSION" ]; then
   exit 1
 fi
 status=0
-for crate in formats serving; do
+for crate in formats client; do
   out="$(mktemp -d)"
   for schema in "$root/$crate"/schema/*.fbs; do
     flatc --rust --gen-all -o "$out" "$schema"
@@ -34,4 +36,20 @@ for crate in formats serving; do
   fi
   rm -rf "$out"
 done
+# The Python client's code.
+out="$(mktemp -d)"
+flatc --python --gen-onefile -o "$out" "$root/client/schema/rpc.fbs"
+target="$root/clients/python/rankd/rpc_generated.py"
+if [ "${1:-}" = "--check" ]; then
+  if ! diff -u "$out/rpc_generated.py" "$target" >&2; then
+    echo "regen: $target is stale; run scripts/regen-flatbuffers.sh and commit" >&2
+    status=1
+  else
+    echo "clients/python/rankd/rpc_generated.py matches its schema (flatc $FLATC_VERSION)"
+  fi
+else
+  cp "$out/rpc_generated.py" "$target"
+  echo "wrote $target"
+fi
+rm -rf "$out"
 exit $status

@@ -107,11 +107,16 @@ pub struct ExecutionStats {
     pub last_inference_ms: u64,
 }
 
+/// Request counts of one model by (version, outcome).
+type Outcomes = BTreeMap<(u64, &'static str), u64>;
+
 /// All metrics of the process.
 #[derive(Debug)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u64, &'static str), u64>>,
-    executions: Mutex<BTreeMap<(String, u64), ExecutionStats>>,
+    /// By model name, then (version, outcome): looked up by `&str`, so counting allocates
+    /// nothing once a model's entry exists.
+    requests: Mutex<BTreeMap<String, Outcomes>>,
+    executions: Mutex<BTreeMap<String, BTreeMap<u64, ExecutionStats>>>,
     /// Request latency from the full frame read to the response queued, microseconds.
     pub latency_us: Histogram,
     /// Items per engine call.
@@ -172,7 +177,11 @@ impl Metrics {
     /// Adds `n` requests of `model`/`version` with `outcome` (`ok` or an error code's name).
     pub fn count(&self, model: &str, version: u64, outcome: &'static str, n: u64) {
         let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry((model.to_owned(), version, outcome)).or_insert(0) += n;
+        let per_model = match m.get_mut(model) {
+            Some(p) => p,
+            None => m.entry(model.to_owned()).or_default(),
+        };
+        *per_model.entry((version, outcome)).or_insert(0) += n;
     }
 
     /// Records one engine call of `model`/`version`: `ok` requests scored (`items` items),
@@ -191,10 +200,11 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let mut m = self.executions.lock().unwrap_or_else(|e| e.into_inner());
-        let s = match m.get_mut(&(model.to_owned(), version)) {
-            Some(s) => s,
-            None => m.entry((model.to_owned(), version)).or_default(),
+        let per_model = match m.get_mut(model) {
+            Some(p) => p,
+            None => m.entry(model.to_owned()).or_default(),
         };
+        let s = per_model.entry(version).or_default();
         s.success += ok;
         s.success_ns += ns * ok;
         s.fail += failed;
@@ -207,7 +217,8 @@ impl Metrics {
     /// The executions recorded for `model`/`version`.
     pub fn execution_stats(&self, model: &str, version: u64) -> ExecutionStats {
         let m = self.executions.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&(model.to_owned(), version))
+        m.get(model)
+            .and_then(|p| p.get(&version))
             .copied()
             .unwrap_or_default()
     }
@@ -225,12 +236,14 @@ impl Metrics {
         out.push_str("# HELP rankd_requests_total Score requests by model, version and outcome.\n# TYPE rankd_requests_total counter\n");
         {
             let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-            for ((model, version, outcome), n) in m.iter() {
+            for (model, per) in m.iter() {
                 let model = escape_label(model);
-                let _ = writeln!(
-                    out,
-                    "rankd_requests_total{{model=\"{model}\",version=\"{version}\",outcome=\"{outcome}\"}} {n}"
-                );
+                for ((version, outcome), n) in per {
+                    let _ = writeln!(
+                        out,
+                        "rankd_requests_total{{model=\"{model}\",version=\"{version}\",outcome=\"{outcome}\"}} {n}"
+                    );
+                }
             }
         }
         self.latency_us.render(

@@ -280,6 +280,51 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
     }
 }
 
+/// Python's `json` (and so tritonclient) writes the bare tokens `NaN`, `Infinity` and
+/// `-Infinity`, which JSON does not have: outside strings, `NaN` becomes `null` (missing) and the
+/// infinities strings that the FP inputs read back as infinities.
+fn relax_json(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let has = |t: &[u8]| body.windows(t.len()).any(|w| w == t);
+    if !has(b"NaN") && !has(b"Infinity") {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut out = Vec::with_capacity(body.len() + 16);
+    let (mut i, mut in_string) = (0, false);
+    while i < body.len() {
+        let c = body[i];
+        if in_string {
+            out.push(c);
+            if c == b'\\' && i + 1 < body.len() {
+                out.push(body[i + 1]);
+                i += 2;
+                continue;
+            }
+            in_string = c != b'"';
+            i += 1;
+            continue;
+        }
+        let rest = &body[i..];
+        if c == b'"' {
+            in_string = true;
+            out.push(c);
+            i += 1;
+        } else if rest.starts_with(b"NaN") {
+            out.extend_from_slice(b"null");
+            i += 3;
+        } else if rest.starts_with(b"-Infinity") {
+            out.extend_from_slice(b"\"-Infinity\"");
+            i += 9;
+        } else if rest.starts_with(b"Infinity") {
+            out.extend_from_slice(b"\"Infinity\"");
+            i += 8;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn json_data(name: &str, datatype: &str, count: usize, data: &Value) -> Result<Data, Failure> {
     let mut flat = Vec::with_capacity(count);
     flatten(data, &mut flat);
@@ -306,6 +351,8 @@ fn json_data(name: &str, datatype: &str, count: usize, data: &Value) -> Result<D
                     // JSON has no NaN: null (or "NaN") marks a missing value.
                     Value::Null => Ok(f64::NAN),
                     Value::String(s) if s == "NaN" || s == "nan" => Ok(f64::NAN),
+                    Value::String(s) if s == "Infinity" || s == "inf" => Ok(f64::INFINITY),
+                    Value::String(s) if s == "-Infinity" || s == "-inf" => Ok(f64::NEG_INFINITY),
                     _ => Err(wrong(v)),
                 })
                 .collect::<Result<_, _>>()?,
@@ -360,7 +407,8 @@ pub fn decode(
         None => body.len(),
     };
     let (head, mut binary) = body.split_at(json_len);
-    let req: Value = serde_json::from_slice(head)
+    let head = relax_json(head);
+    let req: Value = serde_json::from_slice(&head)
         .map_err(|e| malformed(format!("the request is not JSON: {e}")))?;
     let params = req.get("parameters");
     let inputs = req
@@ -508,5 +556,23 @@ fn infer(
             json!([{ "name": "score", "datatype": "FP32", "shape": shape, "data": a.scores }]),
         );
         ok_json(Value::Object(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relax_json;
+
+    #[test]
+    fn python_json_tokens_are_read() {
+        let body = br#"{"a": [NaN, 1.5, Infinity, -Infinity], "s": "NaN \" Infinity"}"#;
+        let v: serde_json::Value = serde_json::from_slice(&relax_json(body)).unwrap();
+        assert_eq!(
+            v["a"],
+            serde_json::json!([null, 1.5, "Infinity", "-Infinity"])
+        );
+        assert_eq!(v["s"], "NaN \" Infinity");
+        let plain = br#"{"a": [1]}"#;
+        assert!(matches!(relax_json(plain), std::borrow::Cow::Borrowed(_)));
     }
 }

@@ -38,8 +38,11 @@ pub fn start_daemon(root: &Path, config: Option<&Path>, extra: &[&str]) -> Daemo
     if let Some(path) = config {
         cmd.args(["--config", path.to_str().unwrap()]);
     }
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
     cmd.args(["--models", root.to_str().unwrap()])
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--admin", "127.0.0.1:0"])
         .stderr(Stdio::piped())
         .stdout(Stdio::null());
     let mut child = cmd.spawn().unwrap();
