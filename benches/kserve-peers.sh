@@ -89,7 +89,7 @@ runs=(
 load() { taskset -c 1 $bin/rankd-load --model "$1" --model-file "$work/models/$1/1/model.rkm" \
   --items 200 --connections 8 --json "${@:2}" 2>/dev/null | tail -1; }
 {
-  echo "| model | server | protocol | max req/s (p99 ≤ 1 s) | items/s | p50 / p99 at 20 req/s (µs) | p50 / p99 at 80% of max (µs) |"
+  echo "| model | server | protocol | max req/s (p99 ≤ 1 s) | items/s | p50 / p99 at 20 req/s (µs) | p50 / p99 at 50% of max (µs) |"
   echo "| --- | --- | --- | ---: | ---: | ---: | ---: |"
 } >"$work/table.md"
 for m in adult feed; do
@@ -101,7 +101,7 @@ for m in adult feed; do
     max=$(load $m --protocol "$proto" --addr "$addr" --find-max-rate 1000000 --rate "$start" \
       --trial-duration "$trial" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["max_rate"]))')
     low=$(load $m --protocol "$proto" --addr "$addr" --rate 20 --duration "$fixed")
-    hi_rate=$(( max * 8 / 10 )); [ "$hi_rate" -lt 1 ] && hi_rate=1
+    hi_rate=$(( max / 2 )); [ "$hi_rate" -lt 1 ] && hi_rate=1
     high=$(load $m --protocol "$proto" --addr "$addr" --rate "$hi_rate" --duration "$fixed")
     q() { python3 -c "import json,sys; j=json.loads(sys.argv[1]); print(f\"{j['p50_us']} / {j['p99_us']}\" + ('' if j['errors']==0 else f\" ({j['errors']} errors)\"))" "$1"; }
     echo "| $m | $name | $proto | $max | $(( max * 200 )) | $(q "$low") | $(q "$high") |" | tee -a "$work/table.md"
