@@ -18,7 +18,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use rankd_feature_ops::{FeatureSpec, FeatureType};
-use rankd_serving::client::{FeatureValue, ScoreRequest};
+use rankd_client::{FeatureValue, ScoreRequest};
 use rankd_serving::kserve::pb;
 use rankd_serving::kserve::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 

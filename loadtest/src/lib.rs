@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use rankd_formats::synth::Rng;
-use rankd_serving::client::read_response;
-use rankd_serving::protocol::{write_frame, MessageType};
+use rankd_client::read_response;
+use rankd_client::protocol::{write_frame, MessageType};
 
 /// Arrival process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,10 +197,10 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
                     }
                     Err(e) => {
                         let code = match &e {
-                            rankd_serving::client::ClientError::Server {
+                            rankd_client::ClientError::Server {
                                 code: Some(c), ..
                             } => c.as_str().to_owned(),
-                            rankd_serving::client::ClientError::Server { raw_code, .. } => {
+                            rankd_client::ClientError::Server { raw_code, .. } => {
                                 format!("code_{raw_code}")
                             }
                             _ => "protocol".to_owned(),

@@ -4,7 +4,7 @@
 
 use rankd_feature_ops::{FeatureSpec, FeatureType, Transform, Vocabulary};
 use rankd_formats::synth::{Rng, Zipf};
-use rankd_serving::client::{FeatureValue, ScoreRequest};
+use rankd_client::{FeatureValue, ScoreRequest};
 
 /// How one raw feature's values are drawn.
 #[derive(Debug, Clone)]
