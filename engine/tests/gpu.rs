@@ -357,3 +357,38 @@ fn cuda_lost_device_moves_models_to_the_cpu() {
     let Some(gpus) = real_gpus() else { return };
     lost_device_moves_models_to_the_cpu(&gpus);
 }
+
+/// A version larger than a device's free memory is refused with a clear error and served by the
+/// CPU engine; a version that fits goes on.
+#[test]
+fn a_model_too_large_for_the_device_runs_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = owned(30);
+    let m = Arc::new(model(ModelKind::DeepFm, dir.path()));
+    // Room for the work space and a few KiB: less than the model's weights.
+    let gpus = Gpus::emulated_with_memory(1, BatchSettings::default(), Some((512 << 20) + 4096));
+    let e = gpus.load(&m).unwrap_err();
+    assert_eq!(e.kind, gpu::GpuErrorKind::OutOfMemory);
+    assert!(
+        e.message.contains("needs") && e.message.contains("free"),
+        "{e}"
+    );
+    assert_eq!(m.backend(), "cpu");
+    assert!(m.placement_note().unwrap().contains("MiB"));
+    let r = request(&o, 30, 1);
+    let mut core = gpus.core();
+    let (mut got, mut want) = (BatchOutput::default(), BatchOutput::default());
+    core.score_blocking(&m, &[&r], &mut got);
+    CpuEngine::new().score(&m, &[&r], &mut want);
+    assert_eq!(got.get(0).unwrap(), want.get(0).unwrap());
+    assert_eq!(
+        gpus.metrics()
+            .batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // With enough memory the same model goes to the device.
+    let roomy = Gpus::emulated_with_memory(1, BatchSettings::default(), Some(1 << 40));
+    roomy.load(&m).unwrap();
+    assert_eq!(m.backend(), "emulated:0");
+}

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
-use rankd_feature_ops::{FeatureSpec, FeatureType};
 use rankd_client::{FeatureValue, ScoreRequest};
+use rankd_feature_ops::{FeatureSpec, FeatureType};
 use rankd_serving::kserve::pb;
 use rankd_serving::kserve::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 

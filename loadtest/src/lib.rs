@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use rankd_formats::synth::Rng;
-use rankd_client::read_response;
 use rankd_client::protocol::{write_frame, MessageType};
+use rankd_client::read_response;
+use rankd_formats::synth::Rng;
 
 /// Arrival process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,9 +197,9 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
                     }
                     Err(e) => {
                         let code = match &e {
-                            rankd_client::ClientError::Server {
-                                code: Some(c), ..
-                            } => c.as_str().to_owned(),
+                            rankd_client::ClientError::Server { code: Some(c), .. } => {
+                                c.as_str().to_owned()
+                            }
                             rankd_client::ClientError::Server { raw_code, .. } => {
                                 format!("code_{raw_code}")
                             }

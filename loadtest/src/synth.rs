@@ -2,9 +2,9 @@
 //! (and a few out-of-vocabulary ones), numbers around the normalizer's mean or across the
 //! bucket boundaries, Zipf-distributed ids, lists of a few elements.
 
+use rankd_client::{FeatureValue, ScoreRequest};
 use rankd_feature_ops::{FeatureSpec, FeatureType, Transform, Vocabulary};
 use rankd_formats::synth::{Rng, Zipf};
-use rankd_client::{FeatureValue, ScoreRequest};
 
 /// How one raw feature's values are drawn.
 #[derive(Debug, Clone)]

@@ -168,9 +168,6 @@ pub(super) fn probe() -> Result<Vec<DeviceInfo>, Unavailable> {
     Ok(found)
 }
 
-/// Device memory kept free beside a model's weights for the batches' work space.
-const WORK_RESERVE_BYTES: u64 = 512 << 20;
-
 /// Errors after which the context is unusable (the CUDA docs call them sticky), or the device
 /// is gone: the device is taken out of service.
 fn is_sticky(e: &DriverError) -> bool {
@@ -299,21 +296,7 @@ impl Uploader for CudaUploader {
             .ctx
             .mem_get_info()
             .map_err(|e| driver("memory info", e))?;
-        let need = layout.bytes() + WORK_RESERVE_BYTES;
-        if need > free as u64 {
-            return Err(GpuError::new(
-                GpuErrorKind::OutOfMemory,
-                format!(
-                    "GPU {}: the model needs {} MiB of device memory ({} MiB of weights and {} MiB \
-                     of work space) and {} MiB are free",
-                    self.ordinal,
-                    need >> 20,
-                    layout.bytes() >> 20,
-                    WORK_RESERVE_BYTES >> 20,
-                    free >> 20
-                ),
-            ));
-        }
+        super::check_fits(self.ordinal, layout.bytes(), free as u64)?;
         let mut arena = self
             .stream
             .alloc_zeros::<f32>(layout.len.max(1) as usize)

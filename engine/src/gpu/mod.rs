@@ -298,6 +298,29 @@ impl Shared {
     }
 }
 
+/// Device memory kept free beside a model's weights for the batches' work space.
+pub(crate) const WORK_RESERVE_BYTES: u64 = 512 << 20;
+
+/// Whether a version of `weights` bytes fits device `index` with `free` bytes free, keeping
+/// [`WORK_RESERVE_BYTES`] for the work space; the error names the sizes.
+pub(crate) fn check_fits(index: usize, weights: u64, free: u64) -> Result<(), GpuError> {
+    let need = weights + WORK_RESERVE_BYTES;
+    if need > free {
+        return Err(GpuError::new(
+            GpuErrorKind::OutOfMemory,
+            format!(
+                "GPU {index}: the model needs {} MiB of device memory ({} MiB of weights and {} \
+                 MiB of work space) and {} MiB are free",
+                need >> 20,
+                weights >> 20,
+                WORK_RESERVE_BYTES >> 20,
+                free >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Uploads a model's weights to one device, from any thread.
 pub(crate) trait Uploader: Send + Sync + 'static {
     type Resident: Send + 'static;
@@ -399,6 +422,16 @@ impl Gpus {
     /// batching, slots, residency and error handling as CUDA devices. For testing everything
     /// but the kernels on machines without a GPU; far slower than the CPU engine.
     pub fn emulated(n: usize, settings: BatchSettings) -> Arc<Gpus> {
+        Self::emulated_with_memory(n, settings, None)
+    }
+
+    /// [`Self::emulated`] devices with `memory` bytes of device memory free each: a version
+    /// that does not fit is refused as a CUDA device refuses it.
+    pub fn emulated_with_memory(
+        n: usize,
+        settings: BatchSettings,
+        memory: Option<u64>,
+    ) -> Arc<Gpus> {
         let shared = Arc::new(Shared::default());
         let devices = (0..n)
             .map(|i| {
@@ -406,7 +439,7 @@ impl Gpus {
                     i,
                     format!("emulated:{i}"),
                     sim::HostExecutor::new(2),
-                    sim::HostUploader,
+                    sim::HostUploader { memory, index: i },
                     &shared,
                     settings,
                 )

@@ -269,7 +269,11 @@ pub(crate) struct HostArena(Vec<f32>);
 
 /// Copies models into host arenas.
 #[derive(Debug)]
-pub(crate) struct HostUploader;
+pub(crate) struct HostUploader {
+    /// Device memory the emulation pretends to have free (`None`: unlimited).
+    pub memory: Option<u64>,
+    pub index: usize,
+}
 
 impl super::Uploader for HostUploader {
     type Resident = HostArena;
@@ -279,6 +283,9 @@ impl super::Uploader for HostUploader {
         model: &crate::Model,
         layout: &super::batch::ArenaLayout,
     ) -> Result<HostArena, super::GpuError> {
+        if let Some(free) = self.memory {
+            super::check_fits(self.index, layout.bytes(), free)?;
+        }
         let mut arena = vec![0f32; layout.len as usize];
         for &(at, blob) in &layout.blobs {
             let w = model.weights(blob);
