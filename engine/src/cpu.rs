@@ -167,6 +167,28 @@ impl CpuEngine {
             unsafe { self.score_group_avx512(model, plan, requests, group, out, base) };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 {
+            // SAFETY: as above: the CPU has AVX2 and FMA.
+            unsafe { self.score_group_avx2(model, plan, requests, group, out, base) };
+            return;
+        }
+        self.score_group_impl(model, plan, requests, group, out, base);
+    }
+
+    /// [`Self::score_group_impl`] compiled for AVX2 and FMA: the gathers, pooling and wide sums
+    /// in 8-wide vectors (without it an AVX2 machine ran them as baseline x86-64 code).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn score_group_avx2(
+        &mut self,
+        model: &Model,
+        plan: &Plan,
+        requests: &[&dyn Request],
+        group: std::ops::Range<usize>,
+        out: &mut BatchOutput,
+        base: usize,
+    ) {
         self.score_group_impl(model, plan, requests, group, out, base);
     }
 
@@ -213,27 +235,7 @@ impl CpuEngine {
             return;
         }
 
-        // X: pooled item-level embeddings and dense values.
         let k = plan.k_item;
-        // Every element of X is written below: grow only, never clear.
-        grow(&mut s.x, rows * k);
-        for &(ei, xoff) in &plan.item_emb {
-            let e = &model.emb[ei];
-            let table = model.weights(e.table);
-            let col = s.items.column(e.slot);
-            for row in 0..rows {
-                let dst = &mut s.x[row * k + xoff..row * k + xoff + e.dim];
-                pool(table, e.dim, col.row_ids(row), e.mean, dst);
-            }
-        }
-        for &(di, xoff) in &plan.item_dense {
-            let slot = model.dense[di].0;
-            let dense = &s.items.column(slot).dense;
-            for (row, &v) in dense.iter().enumerate().take(rows) {
-                s.x[row * k + xoff] = v;
-            }
-        }
-
         // Per request: the user vector, its first-layer contribution, wide and FM parts.
         let out1 = model.layers.first().map_or(0, |l| l.out_dim);
         let fm_dim = if model.fm { model.emb[0].dim } else { 0 };
@@ -292,31 +294,92 @@ impl CpuEngine {
             }
         }
 
-        // Deep part.
         s.logits.clear();
         s.logits.resize(rows, 0.0);
-        if let Some(l0) = model.layers.first() {
-            grow(&mut s.h, rows * out1);
-            s.row_seg.clear();
-            for (g, seg) in s.segs.iter().enumerate() {
-                s.row_seg.extend(std::iter::repeat_n(g as u32, seg.len));
+        s.row_seg.clear();
+        for (g, seg) in s.segs.iter().enumerate() {
+            s.row_seg.extend(std::iter::repeat_n(g as u32, seg.len));
+        }
+        // The item rows go through gather, deep layers and FM a chunk at a time, so that a
+        // chunk's input and layer outputs stay in the core's L2 whatever the request size.
+        let chunk = chunk_rows(k);
+        // Every element of X and H of a chunk is written before it is read: grow only.
+        grow(&mut s.x, chunk.min(rows) * k);
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + chunk).min(rows);
+            let n = r1 - r0;
+            // X: pooled item-level embeddings and dense values.
+            for &(ei, xoff) in &plan.item_emb {
+                let e = &model.emb[ei];
+                let table = model.weights(e.table);
+                let col = s.items.column(e.slot);
+                for row in r0..r1 {
+                    let at = (row - r0) * k + xoff;
+                    pool(
+                        table,
+                        e.dim,
+                        col.row_ids(row),
+                        e.mean,
+                        &mut s.x[at..at + e.dim],
+                    );
+                }
             }
-            // The request-level part (bias included) is each row's bias.
-            let (u, row_seg) = (&s.u, &s.row_seg);
-            kernel::dense(
-                self.isa,
-                rows,
-                &s.x,
-                k,
-                &plan.w1_item,
-                |i| {
-                    let g = row_seg[i] as usize;
-                    &u[g * out1..(g + 1) * out1]
-                },
-                l0.relu,
-                &mut s.h,
-            );
-            upper_layers(model, self.isa, &mut s.h, &mut s.h2, &mut s.logits, rows);
+            for &(di, xoff) in &plan.item_dense {
+                let slot = model.dense[di].0;
+                let dense = &s.items.column(slot).dense;
+                for (i, &v) in dense[r0..r1].iter().enumerate() {
+                    s.x[i * k + xoff] = v;
+                }
+            }
+            // Deep part: the request-level part (bias included) is each row's bias.
+            if let Some(l0) = model.layers.first() {
+                grow(&mut s.h, n * out1);
+                let (u, row_seg) = (&s.u, &s.row_seg);
+                kernel::dense(
+                    self.isa,
+                    n,
+                    &s.x,
+                    k,
+                    &plan.w1_item,
+                    |i| {
+                        let g = row_seg[r0 + i] as usize;
+                        &u[g * out1..(g + 1) * out1]
+                    },
+                    l0.relu,
+                    &mut s.h,
+                );
+                upper_layers(
+                    model,
+                    self.isa,
+                    &mut s.h,
+                    &mut s.h2,
+                    &mut s.logits[r0..r1],
+                    n,
+                );
+            }
+            // FM: the request's sums plus the item's fields.
+            if model.fm {
+                let fm_sum = &mut s.fm_sum;
+                for row in r0..r1 {
+                    let g = s.row_seg[row] as usize;
+                    let user = &s.fm_user[g * (fm_dim + 1)..(g + 1) * (fm_dim + 1)];
+                    fm_sum.clear();
+                    fm_sum.extend_from_slice(&user[..fm_dim]);
+                    let mut sq = user[fm_dim];
+                    for &(ei, xoff) in &plan.item_emb {
+                        let at = (row - r0) * k + xoff;
+                        let v = &s.x[at..at + model.emb[ei].dim];
+                        for d in 0..fm_dim {
+                            fm_sum[d] += v[d];
+                            sq += v[d] * v[d];
+                        }
+                    }
+                    let total: f32 = fm_sum.iter().map(|x| x * x).sum();
+                    s.logits[row] += 0.5 * (total - sq);
+                }
+            }
+            r0 = r1;
         }
 
         // Wide: slot by slot, so each table is resolved once.
@@ -331,32 +394,24 @@ impl CpuEngine {
             }
         }
 
-        // FM, the request-level wide part, sigmoid.
-        let fm_sum = &mut s.fm_sum;
+        // The request-level wide part, sigmoid.
         for (g, seg) in s.segs.iter().enumerate() {
             let begin = out.scores.len();
             for row in seg.start..seg.start + seg.len {
-                let mut logit = s.logits[row] + s.wide_user[g];
-                if model.fm {
-                    let user = &s.fm_user[g * (fm_dim + 1)..(g + 1) * (fm_dim + 1)];
-                    fm_sum.clear();
-                    fm_sum.extend_from_slice(&user[..fm_dim]);
-                    let mut sq = user[fm_dim];
-                    for &(ei, xoff) in &plan.item_emb {
-                        let v = &s.x[row * k + xoff..row * k + xoff + model.emb[ei].dim];
-                        for d in 0..fm_dim {
-                            fm_sum[d] += v[d];
-                            sq += v[d] * v[d];
-                        }
-                    }
-                    let total: f32 = fm_sum.iter().map(|x| x * x).sum();
-                    logit += 0.5 * (total - sq);
-                }
-                out.scores.push(sigmoid(logit));
+                out.scores.push(sigmoid(s.logits[row] + s.wide_user[g]));
             }
             out.results[base + seg.request] = Ok(begin..out.scores.len());
         }
     }
+}
+
+/// Rows per chunk: the chunk's deep input in about 192 KiB, so that it stays in the core's L2
+/// (512 KiB and up on x86 servers) while every weight panel of the first layer streams past it.
+/// Measured on the feed model (AVX2, 2-core EPYC): 96 KiB to 384 KiB are within noise of each
+/// other; no chunking loses 30% of the deep layers' rate at 10,000 items, 768 KiB 10% at 1,000.
+fn chunk_rows(k: usize) -> usize {
+    const BYTES: usize = 192 << 10;
+    (BYTES / (4 * k.max(1))).clamp(16, 4096) / 8 * 8
 }
 
 impl InferenceBackend for CpuEngine {
@@ -443,21 +498,35 @@ impl CpuEngine {
         let plan = self.plans.get(model, &key);
         self.s.key = key;
         let s = &mut self.s;
-        grow(&mut s.h, rows * l0.out_dim);
         let bias = model.weights(l0.bias);
-        kernel::dense(
-            self.isa,
-            rows,
-            x,
-            l0.in_dim,
-            &plan.w1_item,
-            |_| bias,
-            l0.relu,
-            &mut s.h,
-        );
         out.clear();
         out.resize(rows, 0.0);
-        upper_layers(model, self.isa, &mut s.h, &mut s.h2, out, rows);
+        // In chunks that stay in L2, as in `score`.
+        let chunk = chunk_rows(l0.in_dim);
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + chunk).min(rows);
+            grow(&mut s.h, (r1 - r0) * l0.out_dim);
+            kernel::dense(
+                self.isa,
+                r1 - r0,
+                &x[r0 * l0.in_dim..],
+                l0.in_dim,
+                &plan.w1_item,
+                |_| bias,
+                l0.relu,
+                &mut s.h,
+            );
+            upper_layers(
+                model,
+                self.isa,
+                &mut s.h,
+                &mut s.h2,
+                &mut out[r0..r1],
+                r1 - r0,
+            );
+            r0 = r1;
+        }
     }
 }
 

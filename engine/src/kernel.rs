@@ -175,6 +175,12 @@ pub fn dot_rows(isa: Isa, a: &[f32], a_rs: usize, w: &[f32], out: &mut [f32]) {
             // SAFETY: the CPU has AVX-512F, checked just above.
             unsafe { x86::dot_rows_avx512(a, a_rs, w, out) }
         }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(isa.supported());
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            unsafe { x86::dot_rows_avx2(a, a_rs, w, out) }
+        }
         _ => {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = dot(&a[i * a_rs..i * a_rs + k], w);
@@ -362,6 +368,52 @@ mod x86 {
                 _mm512_storeu_ps(tmp.as_mut_ptr().add(16), acc[1]);
             }
             finish_row(&tmp, bias, relu, out);
+        }
+    }
+
+    /// [`super::dot_rows`] in 8-wide FMA vectors, two accumulators, scalar tail.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_rows_avx2(a: &[f32], a_rs: usize, w: &[f32], out: &mut [f32]) {
+        let k = w.len();
+        let full = k / 16 * 16;
+        let eight = k / 8 * 8;
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = &a[i * a_rs..i * a_rs + k];
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for kk in (0..full).step_by(16) {
+                // SAFETY: `kk + 16 <= full <= k`: every load lies inside `row` and `w`.
+                unsafe {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(row.as_ptr().add(kk)),
+                        _mm256_loadu_ps(w.as_ptr().add(kk)),
+                        acc0,
+                    );
+                    acc1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(row.as_ptr().add(kk + 8)),
+                        _mm256_loadu_ps(w.as_ptr().add(kk + 8)),
+                        acc1,
+                    );
+                }
+            }
+            if full < eight {
+                // SAFETY: `full + 8 <= eight <= k`: both loads lie inside `row` and `w`.
+                unsafe {
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(row.as_ptr().add(full)),
+                        _mm256_loadu_ps(w.as_ptr().add(full)),
+                        acc0,
+                    );
+                }
+            }
+            let acc = _mm256_add_ps(acc0, acc1);
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds exactly 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+            let mut sum: f32 = lanes.iter().sum();
+            for kk in eight..k {
+                sum += row[kk] * w[kk];
+            }
+            *o = sum;
         }
     }
 
