@@ -43,6 +43,26 @@ if [ "${1:-}" = "--prepare" ]; then
 fi
 [ -x "$out/gpu_bench" ] || prepare
 
+# cuBLAS and NVRTC: the toolkit's, or the ones the image's Python packages carry
+# (nvidia-cublas, nvidia-cuda-nvrtc), when they are not on the loader path already.
+extra=""
+[ -d /usr/local/cuda/lib64 ] && extra=/usr/local/cuda/lib64
+if command -v python3 >/dev/null; then
+  found=$(python3 - <<'PY' 2>/dev/null || true
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages() + [site.getusersitepackages()]:
+    for d in glob.glob(os.path.join(sp, "nvidia", "**", "lib"), recursive=True):
+        if glob.glob(os.path.join(d, "libcublas.so*")) or glob.glob(os.path.join(d, "libnvrtc.so*")):
+            dirs.add(d)
+print(":".join(sorted(dirs)))
+PY
+)
+  [ -n "$found" ] && extra="${extra:+$extra:}$found"
+fi
+[ -n "$extra" ] && export LD_LIBRARY_PATH="$extra${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+
 start=$(date +%s)
 summary=()
 failed=0
