@@ -8,7 +8,6 @@
 //! HTTP/1.1 keep-alive connections, each sending one request at a time (HTTP/1.1 has no usable
 //! pipelining): requests due while all are busy wait in the client, and that wait counts.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +21,7 @@ use rankd_feature_ops::{FeatureSpec, FeatureType};
 use rankd_serving::kserve::pb;
 use rankd_serving::kserve::pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 
-use crate::{Arrivals, Report, RunOptions};
+use crate::{Report, RunOptions};
 
 /// Protocol of a KServe run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,25 +262,21 @@ pub fn rest_path(req: &ScoreRequest) -> String {
     }
 }
 
+/// The run's counts and its latency histogram (successful answers), filled by the tasks.
 #[derive(Default)]
 struct Tally {
-    ok: u64,
-    errors: BTreeMap<String, u64>,
-    versions: BTreeMap<u64, u64>,
-    first_seen: BTreeMap<u64, u64>,
+    counts: crate::Tally,
     latency: Option<Histogram<u64>>,
 }
 
 impl Tally {
     fn ok(&mut self, us: u64, version: u64) {
-        self.ok += 1;
         let _ = self.latency.get_or_insert_with(crate::new_hist).record(us);
-        *self.versions.entry(version).or_insert(0) += 1;
-        self.first_seen.entry(version).or_insert_with(crate::now_ms);
+        self.counts.ok(version);
     }
 
     fn error(&mut self, code: String) {
-        *self.errors.entry(code).or_insert(0) += 1;
+        self.counts.error(code);
     }
 }
 
@@ -359,27 +354,11 @@ pub fn run(opts: &RunOptions, target: &Target) -> std::io::Result<Report> {
         }
     }
 
-    let mut rng = rankd_formats::synth::Rng::new(0x5eed);
-    let mut at = 0f64;
+    let mut schedule = crate::Schedule::new(opts);
     let mut sent = 0u64;
     let mut last_report = 0u64;
     for k in 0..total {
-        let gap = match opts.arrivals {
-            Arrivals::Constant => 1.0 / opts.rate,
-            Arrivals::Poisson => {
-                let u = (f64::from(rng.uniform(0.5)) + 0.5).clamp(1e-9, 1.0);
-                -u.ln() / opts.rate
-            }
-        };
-        let due = Duration::from_secs_f64(at);
-        at += gap;
-        let now = base.elapsed();
-        if due > now + Duration::from_micros(200) {
-            std::thread::sleep(due - now - Duration::from_micros(150));
-        }
-        while base.elapsed() < due {
-            std::hint::spin_loop();
-        }
+        let due = schedule.wait_next(base);
         match target {
             Target::Grpc(reqs) => {
                 let mut client = grpc[k % grpc.len()].clone();
@@ -408,7 +387,7 @@ pub fn run(opts: &RunOptions, target: &Target) -> std::io::Result<Report> {
         if opts.progress && secs > last_report {
             last_report = secs;
             let t = tally.lock().unwrap_or_else(|e| e.into_inner());
-            eprintln!("t={secs}s sent={sent} ok={}", t.ok);
+            eprintln!("t={secs}s sent={sent} ok={}", t.counts.ok);
         }
     }
     drop(rest_tx);
@@ -418,22 +397,14 @@ pub fn run(opts: &RunOptions, target: &Target) -> std::io::Result<Report> {
     }
     let elapsed = base.elapsed().as_secs_f64();
     rt.shutdown_timeout(Duration::from_millis(100));
-    let mut t = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
-    let unanswered = sent.saturating_sub(answered.load(Ordering::Relaxed));
-    if unanswered > 0 {
-        t.errors.insert("unanswered".into(), unanswered);
-    }
-    Ok(Report {
-        ok: t.ok,
-        errors: t.errors.values().sum(),
-        errors_by_code: t.errors,
-        versions: t.versions,
-        first_seen_ms: t.first_seen,
-        latency: t.latency.unwrap_or_else(crate::new_hist),
-        achieved_rate: t.ok as f64 / elapsed.max(1e-9),
+    let t = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(t.counts.into_report(
+        t.latency.unwrap_or_else(crate::new_hist),
         sent,
-        samples: Vec::new(),
-    })
+        answered.load(Ordering::Relaxed),
+        elapsed,
+        Vec::new(),
+    ))
 }
 
 type RestConn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;

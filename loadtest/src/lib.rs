@@ -128,12 +128,92 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Outcomes counted while a run is in flight, shared by the RPC and the KServe runs.
 #[derive(Default)]
 struct Tally {
     ok: u64,
     errors: BTreeMap<String, u64>,
     versions: BTreeMap<u64, u64>,
     first_seen: BTreeMap<u64, u64>,
+}
+
+impl Tally {
+    fn ok(&mut self, version: u64) {
+        self.ok += 1;
+        *self.versions.entry(version).or_insert(0) += 1;
+        self.first_seen.entry(version).or_insert_with(now_ms);
+    }
+
+    fn error(&mut self, code: String) {
+        *self.errors.entry(code).or_insert(0) += 1;
+    }
+
+    /// The run's report: requests sent but never answered count as `unanswered` errors.
+    fn into_report(
+        mut self,
+        latency: Histogram<u64>,
+        sent: u64,
+        answered: u64,
+        elapsed_secs: f64,
+        samples: Vec<Sample>,
+    ) -> Report {
+        let unanswered = sent.saturating_sub(answered);
+        if unanswered > 0 {
+            self.errors.insert("unanswered".into(), unanswered);
+        }
+        Report {
+            ok: self.ok,
+            errors: self.errors.values().sum(),
+            errors_by_code: self.errors,
+            versions: self.versions,
+            first_seen_ms: self.first_seen,
+            latency,
+            achieved_rate: self.ok as f64 / elapsed_secs.max(1e-9),
+            sent,
+            samples,
+        }
+    }
+}
+
+/// Intended send times of an open-loop run: evenly spaced or Poisson at `rate`.
+struct Schedule {
+    arrivals: Arrivals,
+    rate: f64,
+    rng: Rng,
+    at: f64,
+}
+
+impl Schedule {
+    fn new(opts: &RunOptions) -> Schedule {
+        Schedule {
+            arrivals: opts.arrivals,
+            rate: opts.rate,
+            rng: Rng::new(0x5eed),
+            at: 0.0,
+        }
+    }
+
+    /// Waits (sleeping, then spinning for the last ~150 µs) until the next request is due and
+    /// returns when it was due, measured from `base`.
+    fn wait_next(&mut self, base: Instant) -> Duration {
+        let gap = match self.arrivals {
+            Arrivals::Constant => 1.0 / self.rate,
+            Arrivals::Poisson => {
+                let u = (f64::from(self.rng.uniform(0.5)) + 0.5).clamp(1e-9, 1.0);
+                -u.ln() / self.rate
+            }
+        };
+        let due = Duration::from_secs_f64(self.at);
+        self.at += gap;
+        let now = base.elapsed();
+        if due > now + Duration::from_micros(200) {
+            std::thread::sleep(due - now - Duration::from_micros(150));
+        }
+        while base.elapsed() < due {
+            std::hint::spin_loop();
+        }
+        due
+    }
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -190,10 +270,10 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
                     Ok(res) => {
                         let _ = hist.record(us);
                         let _ = second.lock().unwrap_or_else(|e| e.into_inner()).record(us);
-                        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-                        t.ok += 1;
-                        *t.versions.entry(res.version).or_insert(0) += 1;
-                        t.first_seen.entry(res.version).or_insert_with(now_ms);
+                        tally
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .ok(res.version);
                     }
                     Err(e) => {
                         let code = match &e {
@@ -205,8 +285,7 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
                             }
                             _ => "protocol".to_owned(),
                         };
-                        let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-                        *t.errors.entry(code).or_insert(0) += 1;
+                        tally.lock().unwrap_or_else(|e| e.into_inner()).error(code);
                     }
                 }
             }
@@ -215,29 +294,13 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
     }
     // The sender: one thread, intended times computed up front of each send.
     let progress = opts.progress;
-    let mut rng = Rng::new(0x5eed);
-    let mut at = 0f64;
+    let mut schedule = Schedule::new(opts);
     let mut frame = Vec::with_capacity(bodies[0].len() + 32);
     let mut last_report = 0u64;
     let mut sent = 0u64;
     let ok_before = |t: &Mutex<Tally>| t.lock().unwrap_or_else(|e| e.into_inner()).ok;
     for k in 1..=total {
-        let gap = match opts.arrivals {
-            Arrivals::Constant => 1.0 / opts.rate,
-            Arrivals::Poisson => {
-                let u = (f64::from(rng.uniform(0.5)) + 0.5).clamp(1e-9, 1.0);
-                -u.ln() / opts.rate
-            }
-        };
-        let due = Duration::from_secs_f64(at);
-        at += gap;
-        let now = base.elapsed();
-        if due > now + Duration::from_micros(200) {
-            std::thread::sleep(due - now - Duration::from_micros(150));
-        }
-        while base.elapsed() < due {
-            std::hint::spin_loop();
-        }
+        let due = schedule.wait_next(base);
         intended[k].store(due.as_nanos() as u64, Ordering::Relaxed);
         frame.clear();
         write_frame(
@@ -248,8 +311,10 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
         );
         let conn = k % writers.len();
         if writers[conn].write_all(&frame).is_err() {
-            let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-            *t.errors.entry("send_failed".into()).or_insert(0) += 1;
+            tally
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .error("send_failed".into());
         }
         sent += 1;
         let secs = base.elapsed().as_secs();
@@ -284,23 +349,13 @@ pub fn run(opts: &RunOptions, bodies: &[Vec<u8>]) -> std::io::Result<Report> {
     }
     samples.sort_by_key(|s| s.intended_unix_us);
     let t = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut errors_by_code = t.errors;
-    let unanswered = sent.saturating_sub(answered.load(Ordering::Relaxed));
-    if unanswered > 0 {
-        errors_by_code.insert("unanswered".into(), unanswered);
-    }
-    let errors = errors_by_code.values().sum();
-    Ok(Report {
-        ok: t.ok,
-        errors,
-        errors_by_code,
-        versions: t.versions,
-        first_seen_ms: t.first_seen,
+    Ok(t.into_report(
         latency,
-        achieved_rate: t.ok as f64 / elapsed.max(1e-9),
         sent,
+        answered.load(Ordering::Relaxed),
+        elapsed,
         samples,
-    })
+    ))
 }
 
 /// What to send: binary RPC frames' bodies, or KServe v2 requests.
