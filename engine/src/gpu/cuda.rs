@@ -335,6 +335,23 @@ fn mat(mats: &[Option<CudaSlice<f32>>], m: Mat) -> &CudaSlice<f32> {
         .expect("work matrices are in place between ops")
 }
 
+/// The device buffer an operand names (a work matrix, the arena from an offset on, or the
+/// plan's first-layer parts).
+fn source<'a>(
+    mats: &'a [Option<CudaSlice<f32>>],
+    arena: &'a CudaSlice<f32>,
+    w1_item: &'a CudaSlice<f32>,
+    w1_user: &'a CudaSlice<f32>,
+    src: Src,
+) -> CudaView<'a, f32> {
+    match src {
+        Src::Mat(m) => mat(mats, m).as_view(),
+        Src::Arena(off) => arena.slice(off as usize..),
+        Src::W1Item => w1_item.as_view(),
+        Src::W1User => w1_user.as_view(),
+    }
+}
+
 fn mat_index(m: Mat) -> usize {
     MATS.iter()
         .position(|&x| x == m)
@@ -519,14 +536,7 @@ impl CudaExecutor {
                                 .memset_zeros(&mut cbuf.slice_mut(..m as usize * n as usize))
                                 .map_err(|e| driver("gemm (k = 0)", e));
                         }
-                        let view = |src: Src| -> CudaView<'_, f32> {
-                            match src {
-                                Src::Mat(m) => mat(&s.mats, m).as_view(),
-                                Src::Arena(off) => arena.slice(off as usize..),
-                                Src::W1Item => w1_item.as_view(),
-                                Src::W1User => w1_user.as_view(),
-                            }
-                        };
+                        let view = |src| source(&s.mats, arena, w1_item, w1_user, src);
                         let (av, bv) = (view(a), view(b));
                         let cfg = GemmConfig {
                             transa: if transa {
@@ -569,12 +579,7 @@ impl CudaExecutor {
                     let mut out = s.mats[di]
                         .take()
                         .expect("work matrices are in place between ops");
-                    let bias_view: CudaView<'_, f32> = match bias {
-                        Src::Mat(m) => mat(&s.mats, m).as_view(),
-                        Src::Arena(off) => arena.slice(off as usize..),
-                        Src::W1Item => w1_item.as_view(),
-                        Src::W1User => w1_user.as_view(),
-                    };
+                    let bias_view = source(&s.mats, arena, w1_item, w1_user, bias);
                     let (at, per) = (row_req_at.unwrap_or(0), i32::from(row_req_at.is_some()));
                     let relu = i32::from(relu);
                     let cfg = LaunchConfig {

@@ -61,6 +61,16 @@ pub(crate) struct Weights<'a> {
     pub w1_user: &'a [f32],
 }
 
+/// The values an operand names.
+fn source<'a>(w: &Weights<'a>, work: &'a Work, s: Src) -> &'a [f32] {
+    match s {
+        Src::Mat(m) => work.mat(m),
+        Src::Arena(off) => &w.arena[off as usize..],
+        Src::W1Item => w.w1_item,
+        Src::W1User => w.w1_user,
+    }
+}
+
 fn table(d: &[u32]) -> usize {
     (d[0] as u64 | (d[1] as u64) << 32) as usize
 }
@@ -120,15 +130,7 @@ pub(crate) fn run(w: Weights<'_>, words: &[u32], ops: &[Op], sizes: &Sizes, work
                 ldc,
             } => {
                 let mut out = std::mem::take(work.mat_mut(c));
-                let src = |s: Src| -> &[f32] {
-                    match s {
-                        Src::Mat(m) => work.mat(m),
-                        Src::Arena(off) => &w.arena[off as usize..],
-                        Src::W1Item => w.w1_item,
-                        Src::W1User => w.w1_user,
-                    }
-                };
-                let (a, b) = (src(a), src(b));
+                let (a, b) = (source(&w, work, a), source(&w, work, b));
                 let (lda, ldb, ldc) = (lda as usize, ldb as usize, ldc as usize);
                 for j in 0..n as usize {
                     for i in 0..m as usize {
@@ -155,12 +157,7 @@ pub(crate) fn run(w: Weights<'_>, words: &[u32], ops: &[Op], sizes: &Sizes, work
                 relu,
             } => {
                 let mut out = std::mem::take(work.mat_mut(dst));
-                let bias: &[f32] = match bias {
-                    Src::Mat(m) => work.mat(m),
-                    Src::Arena(off) => &w.arena[off as usize..],
-                    Src::W1Item => w.w1_item,
-                    Src::W1User => w.w1_user,
-                };
+                let bias = source(&w, work, bias);
                 let width = width as usize;
                 for r in 0..rows as usize {
                     let brow = row_req_at.map_or(0, |at| words[at as usize + r] as usize);
