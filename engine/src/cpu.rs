@@ -52,6 +52,39 @@ struct Scratch {
     row_seg: Vec<u32>,
 }
 
+/// The shape of a request for the split: the features its items carry (or every feature when
+/// the split is off).
+fn shape(model: &Model, req: &dyn Request, split: Split, key: &mut FeatureSet) {
+    let n = model.features().features().len();
+    key.reset(n);
+    match split {
+        Split::RequestLevel => req.item_features(key),
+        Split::Off => key.insert_all(n),
+    }
+}
+
+/// The end of the group of requests starting at `start`: it extends while the next request has
+/// the same shape. `key` is left holding the group's shape; `next` is scratch.
+pub(crate) fn group_end(
+    model: &Model,
+    requests: &[&dyn Request],
+    start: usize,
+    split: Split,
+    key: &mut FeatureSet,
+    next: &mut FeatureSet,
+) -> usize {
+    shape(model, requests[start], split, key);
+    let mut end = start + 1;
+    while end < requests.len() {
+        shape(model, requests[end], split, next);
+        if next != key {
+            break;
+        }
+        end += 1;
+    }
+    end
+}
+
 /// One request of a group: where its rows are.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Seg {
@@ -140,15 +173,6 @@ impl CpuEngine {
         assert!(isa.supported(), "this CPU cannot run the {isa:?} kernels");
         self.isa = isa;
         self
-    }
-
-    fn key_for(&self, model: &Model, req: &dyn Request, key: &mut FeatureSet) {
-        let n = model.features().features().len();
-        key.reset(n);
-        match self.split {
-            Split::RequestLevel => req.item_features(key),
-            Split::Off => key.insert_all(n),
-        }
     }
 
     fn score_group(
@@ -426,16 +450,7 @@ impl InferenceBackend for CpuEngine {
         let mut key = std::mem::take(&mut self.s.key);
         let mut next = std::mem::take(&mut self.s.next_key);
         while start < requests.len() {
-            self.key_for(model, requests[start], &mut key);
-            // Extend the group while the next request has the same shape.
-            let mut end = start + 1;
-            while end < requests.len() {
-                self.key_for(model, requests[end], &mut next);
-                if next != key {
-                    break;
-                }
-                end += 1;
-            }
+            let end = group_end(model, requests, start, self.split, &mut key, &mut next);
             let plan: Arc<Plan> = self.plans.get(model, &key);
             self.score_group(model, &plan, requests, start..end, out, base);
             start = end;

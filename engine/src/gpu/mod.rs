@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, Weak};
 use crossbeam_channel::Sender;
 use futures_channel::oneshot;
 
-use crate::cpu::{transform_group, CpuEngine};
+use crate::cpu::{group_end, transform_group, CpuEngine, Split};
 use crate::plan::PlanCache;
 use crate::{BatchOutput, EngineError, FeatureSet, InferenceBackend, Model, Request};
 use batch::{ArenaLayout, Rows};
@@ -630,18 +630,14 @@ impl GpuCore {
         let mut next = std::mem::take(&mut self.next_key);
         let mut start = 0;
         while start < requests.len() {
-            let n = model.features().features().len();
-            key.reset(n);
-            requests[start].item_features(&mut key);
-            let mut end = start + 1;
-            while end < requests.len() {
-                next.reset(n);
-                requests[end].item_features(&mut next);
-                if next != key {
-                    break;
-                }
-                end += 1;
-            }
+            let end = group_end(
+                model,
+                requests,
+                start,
+                Split::RequestLevel,
+                &mut key,
+                &mut next,
+            );
             let plan = self.plans.get(model, &key);
             let group = start..end;
             let mut rows = self.spare.pop().unwrap_or_default();
