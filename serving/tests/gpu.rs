@@ -3,8 +3,6 @@
 //! emulated devices everywhere (the device operations on the host) and on the real GPUs where
 //! the CUDA driver finds some; skipped with the reason printed where it finds none.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,18 +60,6 @@ fn request(items: usize, variant: i64) -> ScoreRequest {
     }
 }
 
-fn models_doc(admin: SocketAddr) -> String {
-    let mut s = TcpStream::connect(admin).unwrap();
-    write!(
-        s,
-        "GET /models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 /// The device flags to test: emulated always, the real GPUs where there are some.
 fn devices() -> Vec<(&'static str, &'static str)> {
     let mut d = vec![("emulated:1", "emulated:0")];
@@ -113,7 +99,7 @@ fn gpu_daemon_scores_like_the_cpu_daemon() {
                 assert!((a - b).abs() <= 1e-4, "{flag} item {i}: {a} vs cpu {b}");
             }
         }
-        let doc = models_doc(gpu.admin);
+        let doc = common::get(gpu.admin, "/models");
         assert!(doc.contains(&format!("\"backend\":\"{backend}\"")), "{doc}");
         let label =
             format!("rankd_model_backend{{model=\"feed\",version=\"1\",backend=\"{backend}\"}}");

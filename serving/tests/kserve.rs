@@ -4,8 +4,6 @@
 //! binary RPC's scores; errors mapped to the protocol's status codes; labels and versions; a
 //! hot reload under load on these endpoints with no failed request.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,7 +16,7 @@ use serde_json::{json, Value};
 use tonic::Code;
 
 mod common;
-use common::{start_daemon, Daemon};
+use common::{http, start_daemon, Daemon};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -196,44 +194,6 @@ fn scores_of(r: &pb::ModelInferResponse) -> Vec<f32> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect()
-}
-
-/// A minimal HTTP/1.1 request; returns status and body.
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&out[..head_end]).to_string();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut body = out[head_end + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut plain = Vec::new();
-        let mut rest = &body[..];
-        loop {
-            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let n =
-                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16)
-                    .unwrap();
-            if n == 0 {
-                break;
-            }
-            plain.extend_from_slice(&rest[line_end + 2..line_end + 2 + n]);
-            rest = &rest[line_end + 2 + n + 2..];
-        }
-        body = plain;
-    }
-    (status, body)
 }
 
 fn rest_json(case: &Case) -> Value {

@@ -2,8 +2,6 @@
 //! rejected without disturbing what is served, a removed one is unloaded, and the config's labels
 //! follow edits of the config file.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -70,18 +68,6 @@ fn wait_for_version(c: &mut Connection, want: u64, within: Duration) -> Duration
     }
 }
 
-fn metrics(admin: SocketAddr) -> String {
-    let mut s = TcpStream::connect(admin).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn versions_come_and_go_without_a_failed_request() {
     let root = tempfile::tempdir().unwrap();
@@ -124,7 +110,7 @@ fn versions_come_and_go_without_a_failed_request() {
     for _ in 0..10 {
         assert_eq!(c.score(&request()).unwrap().version, 2);
     }
-    let m = metrics(d.admin);
+    let m = common::get(d.admin, "/metrics");
     assert!(m.contains("rankd_model_load_failures_total 1"), "{m}");
 
     // Removing version 3 (the corrupt one) and 2 falls back to 1.
@@ -178,7 +164,7 @@ fn a_new_model_directory_is_watched_too() {
     };
     // An idle daemon does not scan: its own reads of the root are not changes.
     let scans = || -> u64 {
-        let m = metrics(d.admin);
+        let m = common::get(d.admin, "/metrics");
         m.lines()
             .find_map(|l| l.strip_prefix("rankd_model_root_scans_total "))
             .expect("scan counter exported")

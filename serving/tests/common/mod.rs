@@ -1,7 +1,7 @@
 //! Starting the real `rankd` binary for integration tests.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -79,19 +79,70 @@ pub fn start_daemon(root: &Path, config: Option<&Path>, extra: &[&str]) -> Daemo
     }
 }
 
+/// A minimal HTTP/1.1 request; returns status and body.
+#[allow(dead_code)]
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    try_http(addr, method, path, body).unwrap()
+}
+
+/// [`http`], with a connection or read failure as an error (for polling a daemon that may be
+/// going away).
+pub fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr)?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..head_end]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = out[head_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut plain = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n =
+                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16)
+                    .unwrap();
+            if n == 0 {
+                break;
+            }
+            plain.extend_from_slice(&rest[line_end + 2..line_end + 2 + n]);
+            rest = &rest[line_end + 2 + n + 2..];
+        }
+        body = plain;
+    }
+    Ok((status, body))
+}
+
+/// The body of `GET path` on `addr`.
+#[allow(dead_code)]
+pub fn get(addr: SocketAddr, path: &str) -> String {
+    let (status, body) = http(addr, "GET", path, b"");
+    assert_eq!(status, 200, "GET {path}");
+    String::from_utf8(body).unwrap()
+}
+
 /// One sample of the daemon's `/metrics` (the line `NAME VALUE`, NAME with its labels).
 #[allow(dead_code)]
 pub fn metric(admin: SocketAddr, name: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(admin).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.lines()
+    let (_, body) = try_http(admin, "GET", "/metrics", b"").ok()?;
+    String::from_utf8(body)
+        .ok()?
+        .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
