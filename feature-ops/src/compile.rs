@@ -888,6 +888,12 @@ impl SlotBatch {
         self.columns[slot].row_ids(row)
     }
 
+    /// Every id of slot `slot`, row after row, to rewrite in place (a training worker maps them
+    /// to the rows it pulled).
+    pub fn ids_mut(&mut self, slot: usize) -> &mut [u32] {
+        &mut self.columns[slot].ids
+    }
+
     /// The dense value slot `slot` produced for row `row`.
     pub fn dense(&self, slot: usize, row: usize) -> f32 {
         self.columns[slot].dense[row]

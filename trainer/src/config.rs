@@ -94,6 +94,15 @@ pub struct TrainSettings {
     /// range, each updated by its own thread.
     #[serde(default = "one_worker")]
     pub ps_shards: usize,
+    /// Worker processes: rows of the bounded shuffle buffer each worker streams its share
+    /// through (memory: about this many parsed rows). A share that fits is shuffled exactly as
+    /// one process shuffles; a larger one is mixed within windows of this many rows.
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// Worker processes: the chief fits the slots on a uniform sample of at most this many
+    /// training rows (all of them when there are fewer).
+    #[serde(default = "default_fit_sample")]
+    pub fit_sample_rows: usize,
     /// Slots whose vocabulary or boundaries are computed from the training data.
     #[serde(default)]
     pub fit: Vec<crate::fit::FitRule>,
@@ -110,6 +119,14 @@ pub struct TrainSettings {
     /// Deadline of each HDFS call and of each chunk read or written, in milliseconds.
     #[serde(default = "default_hdfs_timeout")]
     pub hdfs_timeout_ms: u64,
+}
+
+fn default_shuffle_buffer() -> usize {
+    100_000
+}
+
+fn default_fit_sample() -> usize {
+    1_000_000
 }
 
 fn default_hdfs_timeout() -> u64 {

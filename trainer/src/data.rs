@@ -6,6 +6,8 @@ use std::path::Path;
 
 use rankd_feature_ops::{CompiledSpec, FeatureType, OwnedValue, SlotBatch, Value};
 
+use rankd_formats::synth::Rng;
+
 use crate::config::TrainSettings;
 use crate::error::{Result, TrainError};
 
@@ -104,27 +106,52 @@ pub fn read_share(
     share: Share,
 ) -> Result<RawData> {
     let mut out = RawData::default();
+    stream_share(files, features, s, share, &mut |row, label| {
+        out.rows.push(row);
+        out.labels.push(label);
+        Ok(())
+    })?;
+    if out.rows.is_empty() {
+        return Err(TrainError::Data(format!(
+            "share {} of {}: no examples",
+            share.index, share.count
+        )));
+    }
+    Ok(out)
+}
+
+/// What [`stream_share`] and [`stream`] call with every row and its label.
+pub type RowSink<'a> = dyn FnMut(Vec<OwnedValue>, f32) -> Result<()> + 'a;
+
+/// Streams the rows of `share` of `files` into `sink`, one at a time, in file order: memory
+/// stays bounded by one read buffer whatever the size of the files. Returns the row count.
+pub fn stream_share(
+    files: &[impl AsRef<Path>],
+    features: &[rankd_feature_ops::RawFeature],
+    s: &TrainSettings,
+    share: Share,
+    sink: &mut RowSink<'_>,
+) -> Result<usize> {
+    let mut rows = 0;
+    let count = share.count.max(1);
     for (j, file) in files.iter().enumerate() {
         let path = file.as_ref();
         let hdfs = s.hdfs();
-        if is_compressed(path) {
+        let err = |e: rankd_storage::StorageError| TrainError::Data(e.to_string());
+        if is_compressed(path) || count == 1 {
             // A compressed file cannot be entered in the middle: it goes whole to one share.
-            if j % share.count.max(1) == share.index {
-                let source = rankd_storage::open_read(path, &hdfs)
-                    .map_err(|e| TrainError::Data(e.to_string()))?;
-                let mut source = decompressed(path, source)?;
-                let part = read_from(&mut source, path, features, s, Labels::Required)?;
-                out.rows.extend(part.rows);
-                out.labels.extend(part.labels);
+            if is_compressed(path) && j % count != share.index {
+                continue;
             }
+            let source = rankd_storage::open_read(path, &hdfs).map_err(err)?;
+            let mut source = decompressed(path, source)?;
+            rows += stream_from(&mut source, path, features, s, Labels::Required, sink)?;
             continue;
         }
-        let err = |e: rankd_storage::StorageError| TrainError::Data(e.to_string());
         let len = rankd_storage::file_len(path, &hdfs).map_err(err)?;
-        let count = share.count.max(1) as u64;
         let (start, end) = (
-            len * share.index as u64 / count,
-            len * (share.index as u64 + 1) / count,
+            len * share.index as u64 / count as u64,
+            len * (share.index as u64 + 1) / count as u64,
         );
         // The header, from the start of the file.
         let mut head = std::io::BufReader::new(rankd_storage::open_read(path, &hdfs).map_err(err)?);
@@ -148,45 +175,75 @@ pub fn read_share(
             rankd_storage::open_read_at(path, open_at, &hdfs).map_err(err)?,
         );
         let mut pos = open_at;
-        let mut line = Vec::new();
         if skip_partial {
             // The byte before the range: a newline there means a line starts at `from`.
+            let mut line = Vec::new();
             let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut line)
                 .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
             pos += n as u64;
         }
-        let mut body = header.clone();
-        while pos < end {
-            line.clear();
-            let n = std::io::BufRead::read_until(&mut reader, b'\n', &mut line)
-                .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+        // Parsed by the one CSV reader, streamed: the header, then this share's lines only.
+        let mut range = LineRange {
+            header: std::io::Cursor::new(header),
+            inner: reader,
+            pos,
+            end,
+            line: Vec::new(),
+            at: 0,
+        };
+        rows += stream_from(&mut range, path, features, s, Labels::Required, sink)?;
+    }
+    Ok(rows)
+}
+
+/// A header line followed by the lines of a byte range of a file (each line that starts before
+/// `end`), as one stream.
+struct LineRange<R> {
+    header: std::io::Cursor<Vec<u8>>,
+    inner: std::io::BufReader<R>,
+    pos: u64,
+    end: u64,
+    line: Vec<u8>,
+    at: usize,
+}
+
+impl<R: std::io::Read> std::io::Read for LineRange<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.header.read(buf)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        if self.at == self.line.len() {
+            if self.pos >= self.end {
+                return Ok(0);
+            }
+            self.line.clear();
+            self.at = 0;
+            let n = std::io::BufRead::read_until(&mut self.inner, b'\n', &mut self.line)?;
             if n == 0 {
-                break;
+                self.pos = self.end;
+                return Ok(0);
             }
-            pos += n as u64;
-            body.extend_from_slice(&line);
-            if !line.ends_with(b"\n") {
-                body.push(b'\n');
+            self.pos += n as u64;
+            if !self.line.ends_with(b"\n") {
+                self.line.push(b'\n');
             }
         }
-        // Parsed by the one CSV reader, from memory: this process's share only.
-        let part = read_from(
-            &mut std::io::Cursor::new(body),
-            path,
-            features,
-            s,
-            Labels::Required,
-        )?;
-        out.rows.extend(part.rows);
-        out.labels.extend(part.labels);
+        let n = buf.len().min(self.line.len() - self.at);
+        buf[..n].copy_from_slice(&self.line[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
-    if out.rows.is_empty() {
-        return Err(TrainError::Data(format!(
-            "share {} of {}: no examples",
-            share.index, share.count
-        )));
-    }
-    Ok(out)
+}
+
+/// Streams every row of `files` (all of each file) into `sink`; returns the row count.
+pub fn stream(
+    files: &[impl AsRef<Path>],
+    features: &[rankd_feature_ops::RawFeature],
+    s: &TrainSettings,
+    sink: &mut RowSink<'_>,
+) -> Result<usize> {
+    stream_share(files, features, s, Share { index: 0, count: 1 }, sink)
 }
 
 /// Like [`read`], for scoring: the label column may be absent (labels are then NaN).
@@ -211,9 +268,11 @@ fn read_with(
         let source = rankd_storage::open_read(path, &s.hdfs())
             .map_err(|e| TrainError::Data(e.to_string()))?;
         let mut source = decompressed(path, source)?;
-        let part = read_from(&mut source, path, features, s, labels)?;
-        out.rows.extend(part.rows);
-        out.labels.extend(part.labels);
+        stream_from(&mut source, path, features, s, labels, &mut |row, label| {
+            out.rows.push(row);
+            out.labels.push(label);
+            Ok(())
+        })?;
     }
     if out.rows.is_empty() {
         return Err(TrainError::Data("no examples".into()));
@@ -221,15 +280,16 @@ fn read_with(
     Ok(out)
 }
 
-/// Reads one CSV stream (header line first) of `path`.
-fn read_from(
+/// Streams one CSV stream (header line first) of `path` into `sink`; returns the row count.
+fn stream_from(
     source: &mut dyn std::io::Read,
     path: &Path,
     features: &[rankd_feature_ops::RawFeature],
     s: &TrainSettings,
     labels: Labels,
-) -> Result<RawData> {
-    let mut out = RawData::default();
+    sink: &mut RowSink<'_>,
+) -> Result<usize> {
+    let mut n = 0;
     let delimiter = u8::try_from(s.delimiter)
         .ok()
         .filter(u8::is_ascii)
@@ -316,10 +376,10 @@ fn read_from(
                     .map_err(|e| ctx(format!("feature `{}`: {e}", f.name)))?,
             );
         }
-        out.rows.push(row);
-        out.labels.push(label);
+        sink(row, label)?;
+        n += 1;
     }
-    Ok(out)
+    Ok(n)
 }
 
 /// How a data file is compressed, by its name: `.gz` (gzip, several members allowed) or `.zst`
@@ -369,6 +429,62 @@ pub fn load(files: &[impl AsRef<Path>], spec: &CompiledSpec, s: &TrainSettings) 
     transform(read(files, spec.features(), s)?, spec)
 }
 
+/// The generator of share `share`'s shuffle in epoch `epoch`: a function of the seed, the share
+/// and the epoch only, so a resumed run and a restarted worker shuffle as an uninterrupted one.
+pub fn epoch_rng(seed: u64, share: usize, epoch: usize) -> Rng {
+    Rng::new(
+        seed.wrapping_add(1)
+            ^ (share as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+            ^ (epoch as u64).wrapping_mul(0xA076_1D64_78BD_642F),
+    )
+}
+
+/// Fisher-Yates: the permutation the in-process trainer applies to its row order.
+pub fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Shuffling within a bounded buffer, for streamed data. The first `capacity` rows fill the
+/// buffer; from then on each new row takes the place of a uniformly chosen one, which is sent on;
+/// at the end the rows left are shuffled ([`shuffle`]) and sent in that order. A share that fits
+/// in the buffer is therefore permuted exactly as the in-process trainer permutes its rows;
+/// a larger one is mixed within windows of about `capacity` rows (memory: `capacity` rows).
+#[derive(Debug)]
+pub struct Shuffle<T> {
+    buf: Vec<T>,
+    capacity: usize,
+    rng: Rng,
+}
+
+impl<T> Shuffle<T> {
+    /// A buffer of `capacity` rows (at least 1) drawing from `rng`.
+    pub fn new(capacity: usize, rng: Rng) -> Self {
+        Shuffle {
+            buf: Vec::new(),
+            capacity: capacity.max(1),
+            rng,
+        }
+    }
+
+    /// Takes `item`; returns the one that leaves the buffer, if any.
+    pub fn push(&mut self, item: T) -> Option<T> {
+        if self.buf.len() < self.capacity {
+            self.buf.push(item);
+            return None;
+        }
+        let j = (self.rng.next_u64() % self.capacity as u64) as usize;
+        Some(std::mem::replace(&mut self.buf[j], item))
+    }
+
+    /// The rows left, shuffled.
+    pub fn drain(&mut self) -> std::vec::Drain<'_, T> {
+        shuffle(&mut self.buf, &mut self.rng);
+        self.buf.drain(..)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +499,29 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_large_enough_shuffle_buffer_permutes_as_one_process_does() {
+        let rows: Vec<u32> = (0..1000).collect();
+        let mut whole = rows.clone();
+        shuffle(&mut whole, &mut epoch_rng(3, 0, 2));
+        let mut buffer = Shuffle::new(1000, epoch_rng(3, 0, 2));
+        let mut streamed: Vec<u32> = rows.iter().filter_map(|&r| buffer.push(r)).collect();
+        streamed.extend(buffer.drain());
+        assert_eq!(streamed, whole);
+        assert_ne!(whole, rows, "shuffled");
+        // A small buffer: every row exactly once, mixed.
+        let mut small = Shuffle::new(64, epoch_rng(3, 0, 2));
+        let mut out: Vec<u32> = rows.iter().filter_map(|&r| small.push(r)).collect();
+        out.extend(small.drain());
+        assert_ne!(out, rows);
+        out.sort_unstable();
+        assert_eq!(out, rows);
+        // Each epoch and each share draws differently.
+        let mut other = rows.clone();
+        shuffle(&mut other, &mut epoch_rng(3, 1, 2));
+        assert_ne!(other, whole);
     }
 
     #[test]

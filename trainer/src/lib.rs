@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod dist;
@@ -81,7 +82,7 @@ pub fn train_from(
     checkpoint: Option<(&Path, bool)>,
     log: &mut dyn std::io::Write,
 ) -> Result<Trained> {
-    train_with(config, checkpoint, None, log)
+    train_with(config, checkpoint, log)
 }
 
 /// The training data, the model config with fitted slots, and the network layout: what the
@@ -146,11 +147,9 @@ pub struct Prepared {
     pub held_out: Option<data::RawData>,
 }
 
-/// Like [`train_from`], with the steps run by remote worker processes when `remote` is given.
-pub fn train_with(
+fn train_with(
     config: &TrainConfig,
     checkpoint: Option<(&Path, bool)>,
-    mut remote: Option<&mut dist::Remote>,
     log: &mut dyn std::io::Write,
 ) -> Result<Trained> {
     let s = &config.train;
@@ -175,7 +174,6 @@ pub fn train_with(
         .map(|_| (CpuCompute::default(), Grads::new(&layout)))
         .collect();
     let mut order: Vec<usize> = (0..train.labels.len()).collect();
-    let mut rng = Rng::new(s.seed.wrapping_add(1));
     let eval_rows: Vec<usize> = (0..eval.labels.len()).collect();
     let mut history = Vec::new();
     let metric = s.early_stopping_metric;
@@ -187,7 +185,6 @@ pub fn train_with(
     if let Some((path, true)) = checkpoint {
         if let Some(pos) = checkpoint::load_at(path, &mut params, &mut opt, &s.hdfs())? {
             opt.sync_step();
-            rng = Rng::from_state(pos.rng_state);
             first_epoch = pos.epochs_done as usize;
             best = (pos.best_auc, params.clone(), pos.best_epoch as usize);
             let _ = writeln!(
@@ -198,18 +195,14 @@ pub fn train_with(
         }
     }
     for epoch in first_epoch..s.epochs {
-        // Each epoch's order depends only on the generator's state, so a resumed run shuffles
-        // exactly as an uninterrupted one.
+        // Each epoch's order depends only on the seed and the epoch, so a resumed run shuffles
+        // exactly as an uninterrupted one, and a worker process streaming the whole data set
+        // through a large enough shuffle buffer (`data::Shuffle`) sees the same order.
         for (i, o) in order.iter_mut().enumerate() {
             *o = i;
         }
-        for i in (1..order.len()).rev() {
-            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-        }
+        data::shuffle(&mut order, &mut data::epoch_rng(s.seed, 0, epoch));
         let start = Instant::now();
-        if let Some(r) = remote.as_deref_mut() {
-            r.sync(&params, &opt)?;
-        }
         let done = AtomicUsize::new(0);
         let finished = AtomicBool::new(false);
         let total = order.len();
@@ -231,62 +224,47 @@ pub fn train_with(
                     eprint!("\r{:60}\r", "");
                 });
             }
-            let loss = (|| -> Result<f64> {
-                Ok(match (s.workers.max(1), s.mode) {
-                    (_, mode) if remote.is_some() => {
-                        let r = remote.as_deref_mut().expect("checked");
-                        if mode == config::Mode::Async {
-                            r.async_epoch(&mut params, &mut opt, &order, s.batch_size, &done)?
-                        } else {
-                            let mut loss = 0f64;
-                            for batch in order.chunks(s.batch_size) {
-                                loss += r.step(&mut params, &mut opt, batch)?;
-                                done.fetch_add(batch.len(), Ordering::Relaxed);
-                            }
-                            loss
-                        }
+            let loss = match (s.workers.max(1), s.mode) {
+                (1, _) => {
+                    let mut loss = 0f64;
+                    for batch in order.chunks(s.batch_size) {
+                        loss += compute.step(
+                            &layout,
+                            &params,
+                            &train.slots,
+                            &train.labels,
+                            batch,
+                            &mut grads,
+                        );
+                        opt.apply(&mut params, &grads);
+                        done.fetch_add(batch.len(), Ordering::Relaxed);
                     }
-                    (1, _) => {
-                        let mut loss = 0f64;
-                        for batch in order.chunks(s.batch_size) {
-                            loss += compute.step(
-                                &layout,
-                                &params,
-                                &train.slots,
-                                &train.labels,
-                                batch,
-                                &mut grads,
-                            );
-                            opt.apply(&mut params, &grads);
-                            done.fetch_add(batch.len(), Ordering::Relaxed);
-                        }
-                        loss
-                    }
-                    (k, config::Mode::Sync) => parallel::sync_epoch(
-                        &layout,
-                        &mut params,
-                        &mut opt,
-                        &train,
-                        &order,
-                        s.batch_size,
-                        &mut workers_state,
-                        k,
-                        &done,
-                    ),
-                    (k, config::Mode::Async) => parallel::async_epoch(
-                        &layout,
-                        &mut params,
-                        &mut opt,
-                        &train,
-                        &order,
-                        s.batch_size,
-                        k,
-                        &done,
-                    ),
-                })
-            })();
+                    loss
+                }
+                (k, config::Mode::Sync) => parallel::sync_epoch(
+                    &layout,
+                    &mut params,
+                    &mut opt,
+                    &train,
+                    &order,
+                    s.batch_size,
+                    &mut workers_state,
+                    k,
+                    &done,
+                ),
+                (k, config::Mode::Async) => parallel::async_epoch(
+                    &layout,
+                    &mut params,
+                    &mut opt,
+                    &train,
+                    &order,
+                    s.batch_size,
+                    k,
+                    &done,
+                ),
+            };
             finished.store(true, Ordering::Relaxed);
-            loss
+            Ok(loss)
         })?;
         let secs = start.elapsed().as_secs_f64();
         busy += secs;
@@ -318,7 +296,7 @@ pub fn train_with(
             if s.checkpoint_every > 0 && (epoch + 1) % s.checkpoint_every == 0 {
                 let pos = checkpoint::Position {
                     epochs_done: epoch as u64 + 1,
-                    rng_state: rng.state(),
+                    rng_state: 0,
                     best_auc: best.0,
                     best_epoch: best.2 as u64,
                 };
@@ -389,20 +367,24 @@ pub fn train_with(
     })
 }
 
-/// Writes the trained model with the metrics of the weights it holds in the metadata:
-/// `eval_*` on the validation set, `test_*` on the test set when there is one, `epochs` (how
-/// many ran in this process and any run it resumed) and `kept_epoch` (1-based).
-pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_formats::Written> {
-    let m = evaluate(&t.eval_predictions, &t.eval.labels);
+/// The metrics written into a model file: `eval_*` on the validation set, `test_*` on the test
+/// set when there is one, `epochs` (how many ran, counting a resumed run's) and `kept_epoch`
+/// (1-based).
+pub fn metrics_of(
+    eval: &EvalMetrics,
+    test: Option<&EvalMetrics>,
+    epochs: usize,
+    kept_epoch: usize,
+) -> Vec<(String, f64)> {
     let mut metrics = vec![
-        ("eval_auc".into(), m.auc),
-        ("eval_logloss".into(), m.logloss),
-        ("eval_accuracy".into(), m.accuracy),
-        ("eval_calibration".into(), m.calibration),
-        ("epochs".into(), t.epochs_run() as f64),
-        ("kept_epoch".into(), (t.kept_epoch + 1) as f64),
+        ("eval_auc".into(), eval.auc),
+        ("eval_logloss".into(), eval.logloss),
+        ("eval_accuracy".into(), eval.accuracy),
+        ("eval_calibration".into(), eval.calibration),
+        ("epochs".into(), epochs as f64),
+        ("kept_epoch".into(), (kept_epoch + 1) as f64),
     ];
-    if let Some(test) = &t.test {
+    if let Some(test) = test {
         metrics.extend([
             ("test_auc".into(), test.auc),
             ("test_logloss".into(), test.logloss),
@@ -410,6 +392,34 @@ pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_for
             ("test_calibration".into(), test.calibration),
         ]);
     }
+    metrics
+}
+
+/// Writes the trained model with the metrics of the weights it holds in the metadata (see
+/// [`metrics_of`]).
+pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_formats::Written> {
+    let m = evaluate(&t.eval_predictions, &t.eval.labels);
+    let metrics = metrics_of(&m, t.test.as_ref(), t.epochs_run(), t.kept_epoch);
+    write_tensors(
+        config,
+        &t.model,
+        metrics,
+        &t.params.tensors(&t.layout),
+        path,
+    )
+}
+
+/// Writes a model file of `model` with weights streamed from `tensors`, `metrics` and the
+/// config's name, version and seed in the metadata. On HDFS the file is written and checked
+/// locally, then uploaded under a hidden name and renamed into place, so that a reader (a daemon
+/// polling the model root) never sees a partial file.
+pub fn write_tensors(
+    config: &TrainConfig,
+    model: &rankd_formats::config::ModelConfig,
+    metrics: Vec<(String, f64)>,
+    tensors: &dyn rankd_formats::config::Tensors,
+    path: &Path,
+) -> Result<rankd_formats::Written> {
     let metadata = Metadata {
         name: config.train.name.clone(),
         version: config.train.version,
@@ -427,19 +437,20 @@ pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_for
         ],
     };
     if !rankd_storage::Location::is_hdfs(path) {
-        return Ok(write_model(
-            &t.model,
-            metadata,
-            &t.params.tensors(&t.layout),
-            path,
-        )?);
+        return Ok(write_model(model, metadata, tensors, path)?);
     }
-    // On HDFS: written and checked locally, then uploaded under a hidden name and renamed into
-    // place, so that a reader (a daemon polling the model root) never sees a partial file.
     let dir = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
     let local = dir.path().join("model.rkm");
-    let written = write_model(&t.model, metadata, &t.params.tensors(&t.layout), &local)?;
+    let written = write_model(model, metadata, tensors, &local)?;
     rankd_storage::put_file(&local, path, &config.train.hdfs())
         .map_err(|e| TrainError::Data(e.to_string()))?;
     Ok(written)
+}
+
+/// This process's peak resident memory (`VmHWM` of `/proc/self/status`), where Linux reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -1,19 +1,25 @@
-//! `rankd-train`: trains and writes a model file, in one process or as a parameter server with
-//! worker processes.
+//! `rankd-train`: trains and writes a model file, in one process or as a multi-process job of
+//! parameter-server shards and workers.
 //!
 //! - `rankd-train --config train.toml [--output model.rkm] [--resume]`: one process (worker
 //!   threads per `[train].workers`).
-//! - `rankd-train --config train.toml --processes K ...`: launches a server and K worker
-//!   processes, and fails loudly if any of them dies.
-//! - `rankd-train ps ...` / `rankd-train worker ...`: the two roles, started by the launcher or
-//!   by hand.
+//! - With `TF_CONFIG` in the environment (as Kubeflow's training operator sets it in each pod of a
+//!   TFJob) or `--cluster FILE`: the task of that description (`ps`, `worker` or `chief`).
+//! - `rankd-train --config train.toml --processes W [--ps-shards K]`: starts K shards and W
+//!   workers on this machine, each with its `TF_CONFIG`, and fails loudly if any of them dies.
+//! - `rankd-train ps --shard i --shards K --listen ADDR` / `rankd-train worker --ps A,B --index i
+//!   --workers W --config F`: the two roles started by hand.
 
+use std::ffi::OsString;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use rankd_trainer::cluster::{Cluster, Role as Task};
+use rankd_trainer::dist::worker::{self, Job};
 use rankd_trainer::TrainConfig;
 
 /// Train a ranking model and write the file rankd serves.
@@ -28,41 +34,55 @@ struct Cli {
     /// Output model file (default: [train].output).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Continue from the checkpoint ([train].checkpoint, default `<output>.ckpt`) if it exists.
+    /// Continue from the last checkpoint ([train].checkpoint, default `<output>.ckpt`) if there
+    /// is one.
     #[arg(long)]
     resume: bool,
-    /// Run a parameter server and this many worker processes.
+    /// Start this many worker processes and the parameter-server shards on this machine.
     #[arg(long)]
     processes: Option<usize>,
+    /// Parameter-server shard processes started with --processes (default [train].ps_shards).
+    #[arg(long)]
+    ps_shards: Option<usize>,
+    /// The cluster description (TF_CONFIG JSON) in a file, instead of the TF_CONFIG variable.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// How long a worker keeps trying to reach the parameter servers, in seconds.
+    #[arg(long, default_value_t = 300)]
+    connect_timeout: u64,
 }
 
 #[derive(Subcommand, Debug)]
 enum Role {
-    /// The parameter server: accepts the workers, runs the epochs, writes checkpoints and the
-    /// model. Prints `ps listening on ADDR` first.
+    /// A parameter-server shard: holds rows `r % shards == shard` and its share of the dense
+    /// tensors; exits when every worker is done. Prints `ps listening on ADDR` first.
     Ps {
-        #[arg(long)]
-        config: PathBuf,
-        /// Number of workers to wait for.
-        #[arg(long)]
-        workers: usize,
+        /// This shard, 0..shards.
+        #[arg(long, default_value_t = 0)]
+        shard: usize,
+        /// How many shards.
+        #[arg(long, default_value_t = 1)]
+        shards: usize,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+    },
+    /// A worker (0 is the chief, which writes the model).
+    Worker {
+        #[arg(long)]
+        config: PathBuf,
+        /// The shards' addresses, comma-separated, in shard order.
+        #[arg(long, value_delimiter = ',')]
+        ps: Vec<String>,
+        /// This worker's index, 0..workers.
+        #[arg(long)]
+        index: usize,
+        /// How many workers.
+        #[arg(long)]
+        workers: usize,
         #[arg(long)]
         output: Option<PathBuf>,
         #[arg(long)]
         resume: bool,
-    },
-    /// A worker: computes the gradients of its shard of every step.
-    Worker {
-        #[arg(long)]
-        config: PathBuf,
-        /// The server's address.
-        #[arg(long)]
-        ps: std::net::SocketAddr,
-        /// This worker's index, 0..K.
-        #[arg(long)]
-        index: usize,
     },
 }
 
@@ -87,75 +107,174 @@ fn checkpoint_of(config: &TrainConfig, output: &Path) -> PathBuf {
     })
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.role {
-        Some(Role::Ps {
-            config,
-            workers,
-            listen,
-            output,
-            resume,
-        }) => {
-            let c = load(&config)?;
-            let output = output_of(&c, output)?;
-            let listener = TcpListener::bind(listen).context("cannot listen")?;
-            println!("ps listening on {}", listener.local_addr()?);
-            use std::io::Write as _;
-            std::io::stdout().flush()?;
-            let auc = rankd_trainer::dist::run_ps(
-                &c,
-                &listener,
-                workers,
-                &output,
-                &checkpoint_of(&c, &output),
-                resume,
-                &mut std::io::stderr(),
-            )?;
-            eprintln!(
-                "rankd-train: wrote {}; validation auc {auc:.4} (kept epoch)",
-                output.display()
-            );
-            Ok(())
-        }
-        Some(Role::Worker { config, ps, index }) => {
-            let c = load(&config)?;
-            rankd_trainer::dist::run_worker(&c, ps, index)?;
-            Ok(())
-        }
-        None => {
-            let path = cli.config.context("give --config")?;
-            let config = load(&path)?;
-            let output = output_of(&config, cli.output)?;
-            if let Some(k) = cli.processes {
-                let exe = std::env::current_exe()?;
-                rankd_trainer::dist::launch(&exe, &path, k.max(1), &output, cli.resume)?;
-                println!("wrote {}", output.display());
-                return Ok(());
-            }
-            let ckpt = checkpoint_of(&config, &output);
-            let trained = rankd_trainer::train_from(
-                &config,
-                Some((&ckpt, cli.resume)),
-                &mut std::io::stderr(),
-            )?;
-            let written = rankd_trainer::write(&config, &trained, &output)?;
-            let kept = trained.kept();
-            let test = trained.test.map_or(String::new(), |t| {
+fn peak_rss() -> String {
+    rankd_trainer::peak_rss_bytes().map_or(String::new(), |b| {
+        format!("; peak rss {:.1} MiB", b as f64 / (1 << 20) as f64)
+    })
+}
+
+fn serve_ps(listener: &TcpListener, shard: usize, shards: usize) -> Result<()> {
+    println!("ps listening on {}", listener.local_addr()?);
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    rankd_trainer::dist::ps::serve(listener, shard, shards)
+        .with_context(|| format!("ps {shard}"))?;
+    eprintln!(
+        "rankd-train: ps {shard} of {shards}: every worker finished{}",
+        peak_rss()
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_worker(
+    config_path: &Path,
+    ps: &[String],
+    index: usize,
+    workers: usize,
+    output: Option<PathBuf>,
+    resume: bool,
+    patience: Duration,
+) -> Result<()> {
+    let config = load(config_path)?;
+    let output = output_of(&config, output)?;
+    let checkpoint = checkpoint_of(&config, &output);
+    let job = Job {
+        config: &config,
+        ps,
+        index,
+        workers,
+        output: &output,
+        checkpoint: &checkpoint,
+        resume,
+        patience,
+    };
+    let summary =
+        worker::run(&job, &mut std::io::stderr()).with_context(|| format!("worker {index}"))?;
+    match summary {
+        Some(s) => {
+            let test = s.test.map_or(String::new(), |t| {
                 format!("; test auc {:.4} logloss {:.4}", t.auc, t.logloss)
             });
             println!(
-                "wrote {} ({} bytes); kept epoch {} of {}: validation auc {:.4} logloss {:.4}{test}; {:.0} samples/s",
+                "wrote {}; kept epoch {} of {}: validation auc {:.4} logloss {:.4}{test}; {:.0} samples/s; {:.0} bytes/sample to and from the shards{}",
                 output.display(),
-                written.file_len,
-                trained.kept_epoch + 1,
-                trained.epochs_run(),
-                kept.auc,
-                kept.logloss,
-                trained.samples_per_second
+                s.kept_epoch + 1,
+                s.epochs,
+                s.kept.auc,
+                s.kept.logloss,
+                s.samples_per_second,
+                s.bytes_per_sample,
+                peak_rss()
             );
-            Ok(())
         }
+        None => eprintln!("rankd-train: worker {index} finished{}", peak_rss()),
     }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let patience = Duration::from_secs(cli.connect_timeout);
+    match cli.role {
+        Some(Role::Ps {
+            shard,
+            shards,
+            listen,
+        }) => {
+            if shard >= shards {
+                bail!("--shard {shard} of --shards {shards}");
+            }
+            let listener = TcpListener::bind(listen).context("cannot listen")?;
+            return serve_ps(&listener, shard, shards);
+        }
+        Some(Role::Worker {
+            config,
+            ps,
+            index,
+            workers,
+            output,
+            resume,
+        }) => {
+            if index >= workers || ps.is_empty() {
+                bail!("give --ps ADDR[,ADDR...] and --index below --workers");
+            }
+            return run_worker(&config, &ps, index, workers, output, resume, patience);
+        }
+        None => {}
+    }
+    // A cluster description: from --cluster, else TF_CONFIG.
+    let described = match &cli.cluster {
+        Some(p) => Some(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        ),
+        None => std::env::var("TF_CONFIG")
+            .ok()
+            .filter(|t| !t.trim().is_empty()),
+    };
+    if let Some(text) = described {
+        let cluster = Cluster::parse(&text)?;
+        return match cluster.role {
+            Task::Ps(i) => {
+                let port = cluster
+                    .own_port()
+                    .context("the task's address has no port")?;
+                let listener = TcpListener::bind(("0.0.0.0", port))
+                    .with_context(|| format!("ps {i}: cannot listen on port {port}"))?;
+                serve_ps(&listener, i, cluster.ps.len())
+            }
+            Task::Worker(i) => {
+                let path = cli.config.context("give --config")?;
+                run_worker(
+                    &path,
+                    &cluster.ps,
+                    i,
+                    cluster.workers.len(),
+                    cli.output,
+                    cli.resume,
+                    patience,
+                )
+            }
+            Task::Idle => {
+                eprintln!("rankd-train: this task type has nothing to do in a rankd job");
+                Ok(())
+            }
+        };
+    }
+    let path = cli.config.context("give --config")?;
+    let config = load(&path)?;
+    let output = output_of(&config, cli.output)?;
+    if let Some(w) = cli.processes {
+        let exe = std::env::current_exe()?;
+        let mut args: Vec<OsString> = vec!["--config".into(), path.into(), "--output".into()];
+        args.push(output.clone().into());
+        if cli.resume {
+            args.push("--resume".into());
+        }
+        args.push("--connect-timeout".into());
+        args.push(cli.connect_timeout.to_string().into());
+        let shards = cli.ps_shards.unwrap_or(config.train.ps_shards).max(1);
+        rankd_trainer::dist::launch(&exe, &args, w.max(1), shards)?;
+        return Ok(());
+    }
+    let ckpt = checkpoint_of(&config, &output);
+    let trained =
+        rankd_trainer::train_from(&config, Some((&ckpt, cli.resume)), &mut std::io::stderr())?;
+    let written = rankd_trainer::write(&config, &trained, &output)?;
+    let kept = trained.kept();
+    let test = trained.test.map_or(String::new(), |t| {
+        format!("; test auc {:.4} logloss {:.4}", t.auc, t.logloss)
+    });
+    println!(
+        "wrote {} ({} bytes); kept epoch {} of {}: validation auc {:.4} logloss {:.4}{test}; {:.0} samples/s",
+        output.display(),
+        written.file_len,
+        trained.kept_epoch + 1,
+        trained.epochs_run(),
+        kept.auc,
+        kept.logloss,
+        trained.samples_per_second
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {

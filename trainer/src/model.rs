@@ -126,26 +126,27 @@ pub struct Params {
 
 impl Params {
     /// Random initialization: small uniform embeddings, zero wide weights, Glorot-uniform
-    /// layers, and the wide bias at the logit of `base_rate`.
+    /// layers, and the wide bias at the logit of `base_rate`. Every embedding row and every
+    /// layer is drawn from a generator of its own ([`init_row`], [`init_layer`]), so a parameter
+    /// server shard can create a row the first time it is touched and get the same values.
     pub fn init(layout: &Layout, seed: u64, base_rate: f32) -> Params {
-        let mut rng = Rng::new(seed ^ 0x7261_6e6b);
-        let p = base_rate.clamp(1e-4, 1.0 - 1e-4);
         Params {
             emb: layout
                 .emb
                 .iter()
-                .map(|e| rng.vec(e.rows * e.dim, 0.05))
+                .enumerate()
+                .map(|(t, e)| {
+                    let mut v = vec![0.0; e.rows * e.dim];
+                    for (r, row) in v.chunks_exact_mut(e.dim.max(1)).enumerate() {
+                        init_row(seed, t, r as u64, row);
+                    }
+                    v
+                })
                 .collect(),
             wide: layout.wide.iter().map(|(_, _, n)| vec![0.0; *n]).collect(),
-            wide_bias: if layout.has_wide {
-                (p / (1.0 - p)).ln()
-            } else {
-                0.0
-            },
-            w: layout
-                .layers
-                .iter()
-                .map(|&(i, o)| rng.vec(i * o, (6.0 / (i + o) as f32).sqrt()))
+            wide_bias: initial_wide_bias(layout, base_rate),
+            w: (0..layout.layers.len())
+                .map(|i| init_layer(layout, seed, i))
                 .collect(),
             b: layout.layers.iter().map(|&(_, o)| vec![0.0; o]).collect(),
         }
@@ -194,6 +195,38 @@ impl Params {
     }
 }
 
+/// The initial values of row `row` of embedding table `table`: uniform in `[-0.05, 0.05)` from a
+/// generator seeded by the seed, the table and the row alone.
+pub fn init_row(seed: u64, table: usize, row: u64, out: &mut [f32]) {
+    let mut rng = Rng::new(
+        (seed ^ 0x7261_6e6b)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add((table as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93))
+            .wrapping_add(row.wrapping_mul(0xA076_1D64_78BD_642F)),
+    );
+    out.iter_mut().for_each(|v| *v = rng.uniform(0.05));
+}
+
+/// The initial weights of deep layer `i` (Glorot-uniform, `[out][in]`).
+pub fn init_layer(layout: &Layout, seed: u64, i: usize) -> Vec<f32> {
+    let (inp, out) = layout.layers[i];
+    let mut rng = Rng::new((seed ^ 0x006c_6179_6572).wrapping_add(i as u64 + 1));
+    rng.vec(inp * out, (6.0 / (inp + out) as f32).sqrt())
+}
+
+/// The wide bias before training: the logit of `base_rate` (0 without a wide part).
+pub fn initial_wide_bias(layout: &Layout, base_rate: f32) -> f32 {
+    let p = base_rate.clamp(1e-4, 1.0 - 1e-4);
+    if layout.has_wide {
+        (p / (1.0 - p)).ln()
+    } else {
+        0.0
+    }
+}
+
+/// The Adagrad accumulator's starting value, of every sparse row and of the wide bias.
+pub const ADAGRAD_INIT: f32 = 0.1;
+
 /// Gradients of the rows of one table that a batch touched.
 #[derive(Clone, Debug, Default)]
 pub struct SparseGrad {
@@ -206,14 +239,21 @@ pub struct SparseGrad {
 }
 
 impl SparseGrad {
-    fn new(dim: usize) -> Self {
+    /// Empty gradients of a table of dimension `dim`.
+    pub fn new(dim: usize) -> Self {
         SparseGrad {
             dim,
             ..Default::default()
         }
     }
 
-    fn clear(&mut self) {
+    /// The table's dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Forgets every row, keeping the allocations.
+    pub fn clear(&mut self) {
         self.index.clear();
         self.rows.clear();
         self.values.clear();
@@ -590,13 +630,40 @@ impl Compute for CpuCompute {
     }
 }
 
-/// One step's constants.
-struct Hyper {
+/// One step's constants: Adam's bias corrections and the learning rates at that step.
+#[derive(Clone, Copy, Debug)]
+pub struct Hyper {
     c1: f32,
     c2: f32,
     lr_dense: f32,
     lr_sparse: f32,
     l2: f32,
+}
+
+/// Adam on one dense tensor; `decay`: whether L2 applies (weights, not biases).
+pub fn adam(h: &Hyper, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: bool) {
+    let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+    for i in 0..w.len() {
+        let gi = g[i] + if decay { h.l2 * w[i] } else { 0.0 };
+        m[i] = b1 * m[i] + (1.0 - b1) * gi;
+        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+        w[i] -= h.lr_dense * (m[i] / h.c1) / ((v[i] / h.c2).sqrt() + eps);
+    }
+}
+
+/// Adagrad on one sparse row (L2 on the weights the step touches).
+pub fn adagrad_row(h: &Hyper, w: &mut [f32], acc: &mut [f32], g: &[f32]) {
+    for ((w, a), g) in w.iter_mut().zip(acc.iter_mut()).zip(g) {
+        let gi = g + h.l2 * *w;
+        *a += gi * gi;
+        *w -= h.lr_sparse * gi / a.sqrt();
+    }
+}
+
+/// Adagrad on the wide bias (no L2).
+pub fn adagrad_bias(h: &Hyper, w: &mut f32, acc: &mut f32, g: f32) {
+    *acc += g * g;
+    *w -= h.lr_sparse * g / acc.sqrt();
 }
 
 /// A dense tensor's update: weights, gradient, Adam moments, whether L2 applies.
@@ -613,14 +680,8 @@ type SparseWork<'a> = (&'a mut [f32], &'a mut [f32], u32, &'a SparseGrad);
 /// Applies one shard's updates: Adam on its dense tensors, Adagrad on the touched rows of its
 /// row ranges.
 fn run_shard(h: &Hyper, dense: Vec<DenseWork<'_>>, sparse: Vec<SparseWork<'_>>) {
-    let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
     for (w, g, m, v, decay) in dense {
-        for i in 0..w.len() {
-            let gi = g[i] + if decay { h.l2 * w[i] } else { 0.0 };
-            m[i] = b1 * m[i] + (1.0 - b1) * gi;
-            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-            w[i] -= h.lr_dense * (m[i] / h.c1) / ((v[i] / h.c2).sqrt() + eps);
-        }
+        adam(h, w, g, m, v, decay);
     }
     for (w, acc, first, sg) in sparse {
         let dim = sg.dim.max(1);
@@ -630,12 +691,12 @@ fn run_shard(h: &Hyper, dense: Vec<DenseWork<'_>>, sparse: Vec<SparseWork<'_>>) 
                 continue;
             }
             let base = (row - first) as usize * dim;
-            for d in 0..dim {
-                let i = base + d;
-                let gi = sg.values[j * dim + d] + h.l2 * w[i];
-                acc[i] += gi * gi;
-                w[i] -= h.lr_sparse * gi / acc[i].sqrt();
-            }
+            adagrad_row(
+                h,
+                &mut w[base..base + dim],
+                &mut acc[base..base + dim],
+                &sg.values[j * dim..(j + 1) * dim],
+            );
         }
     }
 }
@@ -671,9 +732,17 @@ impl Optimizer {
             mb: zeros(&params.b),
             vb: zeros(&params.b),
             t: 0,
-            acc_emb: params.emb.iter().map(|x| vec![0.1; x.len()]).collect(),
-            acc_wide: params.wide.iter().map(|x| vec![0.1; x.len()]).collect(),
-            acc_bias: 0.1,
+            acc_emb: params
+                .emb
+                .iter()
+                .map(|x| vec![ADAGRAD_INIT; x.len()])
+                .collect(),
+            acc_wide: params
+                .wide
+                .iter()
+                .map(|x| vec![ADAGRAD_INIT; x.len()])
+                .collect(),
+            acc_bias: ADAGRAD_INIT,
             t_f32: 0.0,
             lr_dense,
             lr_sparse,
@@ -739,18 +808,28 @@ impl Optimizer {
         self
     }
 
-    /// Applies one step of gradients.
-    pub fn apply(&mut self, p: &mut Params, g: &Grads) {
-        self.t += 1;
+    /// The constants of step `t` (1-based).
+    pub fn hyper(&self, t: i32) -> Hyper {
         let (b1, b2) = (0.9f32, 0.999f32);
-        let factor = self.lr_factor(self.t);
-        let h = Hyper {
-            c1: 1.0 - b1.powi(self.t),
-            c2: 1.0 - b2.powi(self.t),
+        let factor = self.lr_factor(t);
+        Hyper {
+            c1: 1.0 - b1.powi(t),
+            c2: 1.0 - b2.powi(t),
             lr_dense: self.lr_dense * factor,
             lr_sparse: self.lr_sparse * factor,
             l2: self.l2,
-        };
+        }
+    }
+
+    /// The step count (steps applied so far).
+    pub fn steps(&self) -> i32 {
+        self.t
+    }
+
+    /// Applies one step of gradients.
+    pub fn apply(&mut self, p: &mut Params, g: &Grads) {
+        self.t += 1;
+        let h = self.hyper(self.t);
         // Dense tensors, dealt to the shards by name (their index).
         let mut dense: Vec<Vec<DenseWork<'_>>> = (0..self.shards).map(|_| Vec::new()).collect();
         let layers =
@@ -801,8 +880,7 @@ impl Optimizer {
                 }
             });
         }
-        self.acc_bias += g.wide_bias * g.wide_bias;
-        p.wide_bias -= h.lr_sparse * g.wide_bias / self.acc_bias.sqrt();
+        adagrad_bias(&h, &mut p.wide_bias, &mut self.acc_bias, g.wide_bias);
     }
 }
 
@@ -920,7 +998,7 @@ mod tests {
         let mut c = CpuCompute::default();
         let mut g = Grads::new(&l);
         c.step(&l, &p, &s, &y, &[0, 1, 2, 3], &mut g);
-        let h = 1e-2f32;
+        let h = 1e-3f32;
         let check = |analytic: f32, f: &dyn Fn(&mut Params, f32)| {
             let mut a = p.clone();
             f(&mut a, h);
