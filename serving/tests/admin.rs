@@ -215,3 +215,24 @@ fn metrics_parse_with_a_real_prometheus_parser() {
         .unwrap();
     assert_eq!(count[2], 2.0);
 }
+
+/// The daemon config in deploy/kubernetes/rankd.yaml's ConfigMap parses, and says what the
+/// Deployment's ports and probes assume.
+#[test]
+fn the_kubernetes_daemon_config_is_a_valid_config() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/rankd.yaml");
+    let yaml = std::fs::read_to_string(path).unwrap();
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "rankd.toml: |");
+    lines.next().expect("the ConfigMap holds rankd.toml");
+    let text: Vec<&str> = lines
+        .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+        .map(|l| l.get(4..).unwrap_or(""))
+        .collect();
+    let c = rankd_serving::config::ServerConfig::from_toml(&text.join("\n")).unwrap();
+    assert_eq!(c.listen.port(), 7470);
+    assert_eq!(c.admin.port(), 7471);
+    assert_eq!(c.grpc.map(|a| a.port()), Some(8001));
+    assert_eq!(c.http.map(|a| a.port()), Some(8000));
+    assert_eq!(c.models, Path::new("/models"));
+    assert!(yaml.contains("path: /readyz") && yaml.contains("path: /healthz"));
+}

@@ -107,3 +107,39 @@ fn validation_and_test_sets() {
         rankd_trainer::config::StopMetric::Logloss
     );
 }
+
+/// The block of a YAML literal `key: |` in `yaml`, dedented.
+fn yaml_block(yaml: &str, key: &str) -> String {
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != format!("{key}: |"));
+    let head = lines.next().expect("the key is in the manifest");
+    let indent = head.len() - head.trim_start().len() + 2;
+    lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.get(indent..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_kubernetes_training_job_config_is_a_valid_training_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let yaml = std::fs::read_to_string(root.join("deploy/kubernetes/train-tfjob.yaml")).unwrap();
+    let text = yaml_block(&yaml, "train.toml");
+    // Its data files, on a stand-in for the shared volume.
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["data", "valid"] {
+        std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        std::fs::write(
+            dir.path().join(d).join("part-0.csv"),
+            "user_id,item_id,hour,click\nu1,i1,3,1\n",
+        )
+        .unwrap();
+    }
+    let text = text.replace("/train/", &format!("{}/", dir.path().display()));
+    let c = TrainConfig::from_toml(&text, dir.path()).unwrap();
+    assert_eq!(c.train.train_files.len(), 1);
+    assert_eq!(c.train.eval_files.len(), 1);
+    let spec = rankd_feature_ops::CompiledSpec::compile(&c.model.feature_spec()).unwrap();
+    let layout = rankd_trainer::model::Layout::new(&c.model, &spec).unwrap();
+    assert_eq!(layout.emb.len(), 3);
+}

@@ -514,6 +514,11 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     }
     let chief = job.index == 0;
     let mut shards = Shards::connect(job.ps, job.patience)?;
+    // Async: a second connection to every shard for the prefetching pulls.
+    let mut prefetch = match s.mode {
+        Mode::Async => Some(Shards::connect(job.ps, job.patience)?),
+        Mode::Sync => None,
+    };
     let k = shards.len();
     // The job: the chief fits and initializes the shards; the others wait for it.
     let mut resumed: Option<Position> = None;
@@ -610,9 +615,48 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
             scope.spawn(move || read_epoch(config, spec, share, epoch, local_batch, &tx));
             let mut loss = 0f64;
             let mut rows = 0u64;
+            if s.mode == Mode::Async {
+                // A prefetch thread pulls the next batch's rows on its own connections while this
+                // one computes (one step stale, as asynchronous training is anyway).
+                let pulls = prefetch.as_mut().expect("async jobs open them");
+                let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(Local, Params)>>(1);
+                let plan = &plan;
+                scope.spawn(move || {
+                    for batch in rx {
+                        let pulled = batch.and_then(|(slots, labels)| {
+                            let local = plan.localize(slots, labels);
+                            let mut params = Params::default();
+                            plan.send_pull(pulls, 0, &local, true)?;
+                            plan.recv_pull(pulls, &local, true, &mut params)?;
+                            Ok((local, params))
+                        });
+                        let failed = pulled.is_err();
+                        if ready_tx.send(pulled).is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+                for pulled in ready_rx {
+                    let (local, params) = pulled?;
+                    let n = local.labels.len();
+                    let r: Vec<usize> = (0..n).collect();
+                    loss += compute.step(
+                        &plan.layout,
+                        &params,
+                        &local.slots,
+                        &local.labels,
+                        &r,
+                        &mut grads,
+                    );
+                    rows += n as u64;
+                    plan.push(&mut shards, 0, job.index, n, false, &local, &grads)?;
+                }
+                return Ok((loss, rows));
+            }
+            // Sync: one round per batch; a worker whose share is used up pushes empty rounds
+            // until every worker's is (the shards then flag the epoch's end).
             let mut exhausted = false;
             let mut sent_exhausted = false;
-            let sync = s.mode == Mode::Sync;
             loop {
                 let batch = if exhausted {
                     None
@@ -623,16 +667,13 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
                     }
                 };
                 exhausted = batch.is_none();
-                if !sync && exhausted {
-                    break;
-                }
                 let (slots, labels) = batch.unwrap_or_default();
                 let local = plan.localize(slots, labels);
                 let n = local.labels.len();
-                let next = if sync { round + 1 } else { 0 };
+                let next = round + 1;
                 plan.send_pull(&mut shards, next, &local, n > 0)?;
                 let all_done = plan.recv_pull(&mut shards, &local, n > 0, &mut params)?;
-                if sync && all_done && sent_exhausted {
+                if all_done && sent_exhausted {
                     break;
                 }
                 if n > 0 {
@@ -650,10 +691,8 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
                     grads = Grads::new(&plan.layout);
                 }
                 plan.push(&mut shards, next, job.index, n, exhausted, &local, &grads)?;
-                if sync {
-                    round += 1;
-                    sent_exhausted |= exhausted;
-                }
+                round += 1;
+                sent_exhausted |= exhausted;
             }
             drop(rx);
             Ok((loss, rows))
@@ -749,7 +788,10 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
             break;
         }
     }
-    let bytes_per_sample = (shards.sent + shards.received) as f64 / my_rows.max(1) as f64;
+    let wire_bytes = shards.sent
+        + shards.received
+        + prefetch.as_ref().map_or(0, |p| p.sent + p.received);
+    let bytes_per_sample = wire_bytes as f64 / my_rows.max(1) as f64;
     if !chief {
         done(&mut shards, job.index)?;
         return Ok(None);
