@@ -356,3 +356,112 @@ checkpoint_every = 0
     let m = rankd_formats::ModelFile::open(&model).unwrap();
     assert_eq!(m.spec().architecture.embeddings[0].rows, (1 << 16) + 1);
 }
+
+/// A scheduler like Kubernetes with `restartPolicy: OnFailure`: starts 2 shards and 2 workers,
+/// each with its TF_CONFIG and `--resume`, restarts whichever fails, and SIGKILLs worker 1 once
+/// the first checkpoint is complete. Returns every process's log and how many restarts it took.
+fn supervised_job_with_a_killed_worker(dir: &Path, cfg: &Path, out: &Path) -> (String, usize) {
+    use std::fs::OpenOptions;
+    let ps: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let workers: Vec<String> = (0..2).map(|_| "127.0.0.1:2222".to_string()).collect();
+    let tasks = [("ps", 0), ("ps", 1), ("worker", 0), ("worker", 1)];
+    let logs: Vec<PathBuf> = tasks
+        .iter()
+        .map(|(k, i)| dir.join(format!("{k}-{i}.log")))
+        .collect();
+    let spawn = |t: usize| {
+        let (kind, i) = tasks[t];
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&logs[t])
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_rankd-train"))
+            .args(["--config", cfg.to_str().unwrap()])
+            .args(["--output", out.to_str().unwrap(), "--resume"])
+            .env("TF_CONFIG", tf_config(&ps, &workers, kind, i))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut procs: Vec<Option<std::process::Child>> = (0..4).map(|t| Some(spawn(t))).collect();
+    let latest = PathBuf::from(format!("{}.ckpt/LATEST", out.display()));
+    let mut killed = false;
+    let mut restarts = 0;
+    let start = Instant::now();
+    while procs.iter().any(Option::is_some) {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "the job did not finish"
+        );
+        if !killed && latest.exists() {
+            procs[3].as_mut().unwrap().kill().unwrap();
+            killed = true;
+        }
+        for t in 0..4 {
+            let Some(p) = procs[t].as_mut() else { continue };
+            if let Some(status) = p.try_wait().unwrap() {
+                procs[t] = None;
+                if !status.success() {
+                    restarts += 1;
+                    assert!(restarts <= 12, "too many restarts");
+                    procs[t] = Some(spawn(t));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(killed, "the job ended before its first checkpoint");
+    let log = logs
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
+    (log, restarts)
+}
+
+#[test]
+fn a_killed_async_worker_is_restarted_and_rejoins_the_running_job() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &data);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[train]\n", "[train]\nmode = \"async\"\n"),
+    )
+    .unwrap();
+    let model = dir.path().join("async.rkm");
+    let (log, restarts) = supervised_job_with_a_killed_worker(dir.path(), &cfg, &model);
+    // Only the killed worker was restarted: the shards and the chief went on.
+    assert_eq!(restarts, 1, "{log}");
+    assert!(log.contains("worker 1 rejoined"), "{log}");
+    assert!(!log.contains("resumed from"), "{log}");
+    let auc = eval_auc(&model);
+    assert!(auc > 0.85, "{auc}: {log}");
+}
+
+#[test]
+fn a_killed_sync_worker_restarts_the_job_from_the_last_checkpoint() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &data);
+    let straight = dir.path().join("straight.rkm");
+    train(&cfg, &straight, &["--processes", "2", "--ps-shards", "2"]);
+    let model = dir.path().join("restarted.rkm");
+    let (log, restarts) = supervised_job_with_a_killed_worker(dir.path(), &cfg, &model);
+    // Every process failed with the worker (the shards name it) and was restarted; the chief
+    // resumed from the last complete checkpoint.
+    assert!(restarts >= 2, "{log}");
+    assert!(log.contains("worker 1 disconnected"), "{log}");
+    assert!(log.contains("resumed from"), "{log}");
+    let (a, b) = (eval_auc(&model), eval_auc(&straight));
+    assert!((a - b).abs() <= 0.002, "restarted {a} vs uninterrupted {b}: {log}");
+}

@@ -119,6 +119,10 @@ struct Job {
     pending: Vec<Option<Push>>,
     barrier: Barrier,
     done: Vec<bool>,
+    /// Workers that said hello (the chief: INIT).
+    joined: Vec<bool>,
+    /// Async: workers whose connection dropped, since when.
+    absent: Vec<Option<std::time::Instant>>,
 }
 
 #[derive(Debug, Default)]
@@ -194,6 +198,19 @@ pub fn serve(listener: &TcpListener, shard: usize, shards: usize) -> Result<()> 
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
+                let g = shared.lock();
+                let late = g.job.as_ref().and_then(|j| {
+                    j.absent
+                        .iter()
+                        .position(|a| a.is_some_and(|t| t.elapsed() > REJOIN_WAIT))
+                });
+                drop(g);
+                if let Some(i) = late {
+                    shared.fail(format!(
+                        "worker {i} did not rejoin within {}s",
+                        REJOIN_WAIT.as_secs()
+                    ));
+                }
             }
             Err(e) => return Err(TrainError::Data(format!("accept: {e}"))),
         }
@@ -220,17 +237,24 @@ fn connection(shared: &Shared, stream: TcpStream) -> Result<()> {
         let kind = match wire::recv(&mut r, &mut body) {
             Ok(k) => k,
             Err(e) => {
-                let g = shared.lock();
-                let finished = match (&g.job, worker) {
-                    (Some(job), Some(i)) => job.done[i],
-                    // A connection that never joined (a probe) may go.
-                    _ => true,
+                let mut g = shared.lock();
+                let (Some(job), Some(i)) = (g.job.as_mut(), worker) else {
+                    // A connection that never joined (a probe, a prefetch link) may go.
+                    return Ok(());
                 };
-                drop(g);
-                if finished {
+                if job.done[i] {
                     return Ok(());
                 }
-                let i = worker.expect("checked above");
+                if !job.sync && i != 0 {
+                    // Async: the others go on; the scheduler restarts the worker and it rejoins.
+                    job.absent[i] = Some(std::time::Instant::now());
+                    eprintln!(
+                        "rankd-train: ps {}: worker {i} disconnected ({e}); waiting up to {}s for it to rejoin",
+                        shared.shard,
+                        REJOIN_WAIT.as_secs()
+                    );
+                    return Ok(());
+                }
                 return Err(TrainError::Data(format!(
                     "worker {i} disconnected before it finished ({e})"
                 )));
@@ -291,10 +315,21 @@ fn connection(shared: &Shared, stream: TcpStream) -> Result<()> {
     }
 }
 
+/// READY: the epoch to start at, whether that epoch's training is already over (a worker
+/// rejoining between the epoch's two barriers goes straight to the second), the model config.
 fn ready_payload(job: &Job, out: &mut Buf) {
-    out.u64(job.start_epoch);
+    let (epoch, over) = match job.barrier.passed.as_ref().map(|p| p.0) {
+        None => (job.start_epoch, false),
+        Some(tag) if tag % 2 == 1 => (tag / 2 + 1, false),
+        Some(tag) => (tag / 2, true),
+    };
+    out.u64(epoch);
+    out.u8(u8::from(over));
     out.bytes(&job.model_json);
 }
+
+/// How long an asynchronous job waits for a disconnected worker to rejoin.
+pub const REJOIN_WAIT: Duration = Duration::from_secs(600);
 
 /// The chief's INIT: worker count, mode, seed, base rate, rates, start epoch, the shard state to
 /// restore (a path, or empty), the fitted model config.
@@ -374,6 +409,8 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
             ..Barrier::default()
         },
         done: vec![false; workers],
+        joined: vec![false; workers],
+        absent: vec![None; workers],
     };
     if !restore.is_empty() {
         read_state(&mut job, &mut tables, shared, Path::new(&restore))?;
@@ -394,14 +431,22 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
 
 fn hello(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
     let i = c.u32()? as usize;
-    let g = shared.wait(shared.lock(), |s| s.job.is_some())?;
-    let job = g.job.as_ref().expect("waited for it");
+    let mut g = shared.wait(shared.lock(), |s| s.job.is_some())?;
+    let job = g.job.as_mut().expect("waited for it");
     if i == 0 || i >= job.workers {
         return Err(TrainError::Data(format!(
             "worker {i} joined a job of {} workers (0 is the chief)",
             job.workers
         )));
     }
+    if job.absent[i].take().is_some() {
+        // A restarted worker: it redoes the epoch its predecessor was in.
+        job.barrier.arrived[i] = false;
+        eprintln!("rankd-train: ps {}: worker {i} rejoined", shared.shard);
+    } else if job.joined[i] {
+        return Err(TrainError::Data(format!("worker {i} joined twice")));
+    }
+    job.joined[i] = true;
     ready_payload(job, out);
     Ok(i)
 }

@@ -575,18 +575,22 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
         b.u64(s.hdfs_timeout_ms);
         b.bytes(&serde_json::to_vec(&s.hdfs_config).expect("a string map"));
         shards.all(wire::INIT, &b.0, wire::READY)?;
-        (start, fitted)
+        (start, false, fitted)
     } else {
         let mut b = Buf::default();
         b.u32(job.index as u32);
         let body = shards.all(wire::HELLO, &b.0, wire::READY)?;
         let mut c = Cursor(&body);
         let start = c.u64()?;
+        let over = c.u8()? == 1;
+        if start > 0 {
+            let _ = writeln!(log, "worker {}: joined at epoch {}", job.index, start + 1);
+        }
         let fitted: ModelConfig = serde_json::from_slice(c.bytes()?)
             .map_err(|e| TrainError::Data(format!("the chief's model config: {e}")))?;
-        (start, fitted)
+        (start, over, fitted)
     };
-    let (start_epoch, fitted) = ready;
+    let (start_epoch, mut epoch_over, fitted) = ready;
     let spec = CompiledSpec::compile(&fitted.feature_spec())?;
     let layout = Layout::new(&fitted, &spec)?;
     let plan = Plan::new(layout, k);
@@ -609,98 +613,108 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     let mut last_epoch = start_epoch as usize;
     for epoch in start_epoch as usize..s.epochs {
         let start = Instant::now();
-        let (loss, rows) = std::thread::scope(|scope| -> Result<(f64, u64)> {
-            let (tx, rx) = mpsc::sync_channel::<Batch>(2);
-            let spec = &spec;
-            scope.spawn(move || read_epoch(config, spec, share, epoch, local_batch, &tx));
-            let mut loss = 0f64;
-            let mut rows = 0u64;
-            if s.mode == Mode::Async {
-                // A prefetch thread pulls the next batch's rows on its own connections while this
-                // one computes (one step stale, as asynchronous training is anyway).
-                let pulls = prefetch.as_mut().expect("async jobs open them");
-                let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(Local, Params)>>(1);
-                let plan = &plan;
-                scope.spawn(move || {
-                    for batch in rx {
-                        let pulled = batch.and_then(|(slots, labels)| {
-                            let local = plan.localize(slots, labels);
-                            let mut params = Params::default();
-                            plan.send_pull(pulls, 0, &local, true)?;
-                            plan.recv_pull(pulls, &local, true, &mut params)?;
-                            Ok((local, params))
-                        });
-                        let failed = pulled.is_err();
-                        if ready_tx.send(pulled).is_err() || failed {
-                            return;
+        // A worker that rejoined after its epoch's training ended goes to the second barrier.
+        let skip = std::mem::take(&mut epoch_over);
+        let (loss, rows) = if skip {
+            (0.0, 0)
+        } else {
+            std::thread::scope(|scope| -> Result<(f64, u64)> {
+                let (tx, rx) = mpsc::sync_channel::<Batch>(2);
+                let spec = &spec;
+                scope.spawn(move || read_epoch(config, spec, share, epoch, local_batch, &tx));
+                let mut loss = 0f64;
+                let mut rows = 0u64;
+                if s.mode == Mode::Async {
+                    // A prefetch thread pulls the next batch's rows on its own connections while this
+                    // one computes (one step stale, as asynchronous training is anyway).
+                    let pulls = prefetch.as_mut().expect("async jobs open them");
+                    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(Local, Params)>>(1);
+                    let plan = &plan;
+                    scope.spawn(move || {
+                        for batch in rx {
+                            let pulled = batch.and_then(|(slots, labels)| {
+                                let local = plan.localize(slots, labels);
+                                let mut params = Params::default();
+                                plan.send_pull(pulls, 0, &local, true)?;
+                                plan.recv_pull(pulls, &local, true, &mut params)?;
+                                Ok((local, params))
+                            });
+                            let failed = pulled.is_err();
+                            if ready_tx.send(pulled).is_err() || failed {
+                                return;
+                            }
                         }
+                    });
+                    for pulled in ready_rx {
+                        let (local, params) = pulled?;
+                        let n = local.labels.len();
+                        let r: Vec<usize> = (0..n).collect();
+                        loss += compute.step(
+                            &plan.layout,
+                            &params,
+                            &local.slots,
+                            &local.labels,
+                            &r,
+                            &mut grads,
+                        );
+                        rows += n as u64;
+                        plan.push(&mut shards, 0, job.index, n, false, &local, &grads)?;
                     }
-                });
-                for pulled in ready_rx {
-                    let (local, params) = pulled?;
+                    return Ok((loss, rows));
+                }
+                // Sync: one round per batch; a worker whose share is used up pushes empty rounds
+                // until every worker's is (the shards then flag the epoch's end).
+                let mut exhausted = false;
+                let mut sent_exhausted = false;
+                loop {
+                    let batch = if exhausted {
+                        None
+                    } else {
+                        match rx.recv() {
+                            Ok(b) => Some(b?),
+                            Err(_) => None,
+                        }
+                    };
+                    exhausted = batch.is_none();
+                    let (slots, labels) = batch.unwrap_or_default();
+                    let local = plan.localize(slots, labels);
                     let n = local.labels.len();
-                    let r: Vec<usize> = (0..n).collect();
-                    loss += compute.step(
-                        &plan.layout,
-                        &params,
-                        &local.slots,
-                        &local.labels,
-                        &r,
-                        &mut grads,
-                    );
-                    rows += n as u64;
-                    plan.push(&mut shards, 0, job.index, n, false, &local, &grads)?;
-                }
-                return Ok((loss, rows));
-            }
-            // Sync: one round per batch; a worker whose share is used up pushes empty rounds
-            // until every worker's is (the shards then flag the epoch's end).
-            let mut exhausted = false;
-            let mut sent_exhausted = false;
-            loop {
-                let batch = if exhausted {
-                    None
-                } else {
-                    match rx.recv() {
-                        Ok(b) => Some(b?),
-                        Err(_) => None,
+                    let next = round + 1;
+                    plan.send_pull(&mut shards, next, &local, n > 0)?;
+                    let all_done = plan.recv_pull(&mut shards, &local, n > 0, &mut params)?;
+                    if all_done && sent_exhausted {
+                        break;
                     }
-                };
-                exhausted = batch.is_none();
-                let (slots, labels) = batch.unwrap_or_default();
-                let local = plan.localize(slots, labels);
-                let n = local.labels.len();
-                let next = round + 1;
-                plan.send_pull(&mut shards, next, &local, n > 0)?;
-                let all_done = plan.recv_pull(&mut shards, &local, n > 0, &mut params)?;
-                if all_done && sent_exhausted {
-                    break;
+                    if n > 0 {
+                        let r: Vec<usize> = (0..n).collect();
+                        loss += compute.step(
+                            &plan.layout,
+                            &params,
+                            &local.slots,
+                            &local.labels,
+                            &r,
+                            &mut grads,
+                        );
+                        rows += n as u64;
+                    } else {
+                        grads = Grads::new(&plan.layout);
+                    }
+                    plan.push(&mut shards, next, job.index, n, exhausted, &local, &grads)?;
+                    round += 1;
+                    sent_exhausted |= exhausted;
                 }
-                if n > 0 {
-                    let r: Vec<usize> = (0..n).collect();
-                    loss += compute.step(
-                        &plan.layout,
-                        &params,
-                        &local.slots,
-                        &local.labels,
-                        &r,
-                        &mut grads,
-                    );
-                    rows += n as u64;
-                } else {
-                    grads = Grads::new(&plan.layout);
-                }
-                plan.push(&mut shards, next, job.index, n, exhausted, &local, &grads)?;
-                round += 1;
-                sent_exhausted |= exhausted;
-            }
-            drop(rx);
-            Ok((loss, rows))
-        })?;
+                drop(rx);
+                Ok((loss, rows))
+            })?
+        };
         my_rows += rows;
         // Every worker done with the epoch: the chief evaluates and checkpoints.
-        let (total_loss, total_rows, _) =
-            barrier(&mut shards, 2 * epoch as u64, job.index, loss, rows, &[])?;
+        let (total_loss, total_rows) = if skip {
+            (0.0, 0)
+        } else {
+            let (l, r, _) = barrier(&mut shards, 2 * epoch as u64, job.index, loss, rows, &[])?;
+            (l, r)
+        };
         let secs = start.elapsed().as_secs_f64();
         busy += secs;
         trained_rows += total_rows;
@@ -788,9 +802,8 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
             break;
         }
     }
-    let wire_bytes = shards.sent
-        + shards.received
-        + prefetch.as_ref().map_or(0, |p| p.sent + p.received);
+    let wire_bytes =
+        shards.sent + shards.received + prefetch.as_ref().map_or(0, |p| p.sent + p.received);
     let bytes_per_sample = wire_bytes as f64 / my_rows.max(1) as f64;
     if !chief {
         done(&mut shards, job.index)?;
