@@ -399,14 +399,14 @@ fn supervised_job_with_a_killed_worker(dir: &Path, cfg: &Path, out: &Path) -> (S
             procs[3].as_mut().unwrap().kill().unwrap();
             killed = true;
         }
-        for t in 0..4 {
-            let Some(p) = procs[t].as_mut() else { continue };
+        for (t, slot) in procs.iter_mut().enumerate() {
+            let Some(p) = slot.as_mut() else { continue };
             if let Some(status) = p.try_wait().unwrap() {
-                procs[t] = None;
+                *slot = None;
                 if !status.success() {
                     restarts += 1;
                     assert!(restarts <= 12, "too many restarts");
-                    procs[t] = Some(spawn(t));
+                    *slot = Some(spawn(t));
                 }
             }
         }
