@@ -605,6 +605,38 @@ pub fn matmul(
     rhs_cs: isize,
     accumulate: bool,
 ) {
+    assert!(k == 0 || m == 0 || lhs_rs >= k, "lhs rows overlap");
+    matmul_strided(
+        m,
+        n,
+        k,
+        dst,
+        lhs,
+        (lhs_rs as isize, 1),
+        rhs,
+        (rhs_rs, rhs_cs),
+        accumulate,
+    );
+}
+
+/// Like [`matmul`] with `lhs` addressed as `lhs[i * lhs.0 + kk * lhs.1]` and `rhs` as
+/// `rhs[kk * rhs.0 + j * rhs.1]` (row and column strides, both positive): a transposed operand
+/// costs no copy (the trainer's weight gradients, `dZᵀ · H`).
+///
+/// # Panics
+/// If a slice is too short for the shape or a stride is not positive.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    lhs: &[f32],
+    lhs_strides: (isize, isize),
+    rhs: &[f32],
+    rhs_strides: (isize, isize),
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -614,17 +646,18 @@ pub fn matmul(
         }
         return;
     }
+    let (lhs_rs, lhs_cs) = lhs_strides;
+    let (rhs_rs, rhs_cs) = rhs_strides;
     assert!(dst.len() >= m * n, "dst too short");
-    assert!(
-        lhs_rs >= k && lhs.len() >= (m - 1) * lhs_rs + k,
-        "lhs too short"
-    );
+    assert!(lhs_rs > 0 && lhs_cs > 0, "lhs strides must be positive");
     assert!(rhs_rs > 0 && rhs_cs > 0, "rhs strides must be positive");
+    let lhs_last = (m - 1) * lhs_rs as usize + (k - 1) * lhs_cs as usize;
+    assert!(lhs.len() > lhs_last, "lhs too short");
     let rhs_last = (k - 1) * rhs_rs as usize + (n - 1) * rhs_cs as usize;
     assert!(rhs.len() > rhs_last, "rhs too short");
     // SAFETY: every element the product reads or writes lies inside the slices, as asserted
-    // above for the given shapes and strides; `dst` is a unique borrow, so it overlaps neither
-    // `lhs` nor `rhs`.
+    // above for the given shapes and (positive) strides; `dst` is a unique borrow, so it
+    // overlaps neither `lhs` nor `rhs`.
     unsafe {
         gemm::gemm(
             m,
@@ -635,8 +668,8 @@ pub fn matmul(
             n as isize,
             accumulate,
             lhs.as_ptr(),
-            1,
-            lhs_rs as isize,
+            lhs_cs,
+            lhs_rs,
             rhs.as_ptr(),
             rhs_cs,
             rhs_rs,
@@ -681,6 +714,28 @@ mod tests {
         }
         let mut dst = vec![1.0f32; m * n];
         matmul(m, n, k, &mut dst, &lhs, k, &wt, n as isize, 1, true);
+        for (a, b) in dst.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        // And with lhs stored transposed ([k][m]), read through its strides.
+        let mut lt = vec![0f32; k * m];
+        for i in 0..m {
+            for kk in 0..k {
+                lt[kk * m + i] = lhs[i * k + kk];
+            }
+        }
+        let mut dst = vec![1.0f32; m * n];
+        matmul_strided(
+            m,
+            n,
+            k,
+            &mut dst,
+            &lt,
+            (1, m as isize),
+            &wt,
+            (n as isize, 1),
+            true,
+        );
         for (a, b) in dst.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }

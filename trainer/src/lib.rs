@@ -447,6 +447,18 @@ pub fn write_tensors(
     Ok(written)
 }
 
+/// CPU seconds this process has used, user and system, all threads (`/proc/self/stat`, in
+/// USER_HZ = 100 ticks per second, Linux's fixed user-space ABI).
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// This process's peak resident memory (`VmHWM` of `/proc/self/status`), where Linux reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -107,9 +107,11 @@ fn checkpoint_of(config: &TrainConfig, output: &Path) -> PathBuf {
     })
 }
 
+/// What a multi-process task reports as it exits: its CPU time and peak memory.
 fn peak_rss() -> String {
-    rankd_trainer::peak_rss_bytes().map_or(String::new(), |b| {
-        format!("; peak rss {:.1} MiB", b as f64 / (1 << 20) as f64)
+    let cpu = rankd_trainer::cpu_seconds().map_or(String::new(), |s| format!("; cpu {s:.2} s"));
+    rankd_trainer::peak_rss_bytes().map_or(cpu.clone(), |b| {
+        format!("{cpu}; peak rss {:.1} MiB", b as f64 / (1 << 20) as f64)
     })
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use rankd_engine::cpu::matmul;
+use rankd_engine::cpu::{matmul, matmul_strided};
 use rankd_feature_ops::{CompiledSpec, SlotBatch};
 use rankd_formats::config::{ModelConfig, TensorMap};
 use rankd_formats::synth::Rng;
@@ -405,8 +405,8 @@ pub struct CpuCompute {
     logits: Vec<f32>,
     fm_sum: Vec<f32>,
     dz: Vec<f32>,
-    dzt: Vec<f32>,
     dh: Vec<f32>,
+    dx: Vec<f32>,
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -530,43 +530,43 @@ impl Compute for CpuCompute {
                 }
             }
         }
-        // Deep, from the top.
-        let mut dx = vec![0f32; n * k];
+        // Deep, from the top. `dx`: the gradient of the deep input's embedding columns.
+        let emb_width: usize = l.emb.iter().map(|e| e.dim).sum();
+        let mut dx = std::mem::take(&mut self.dx);
+        dx.clear();
+        dx.resize(n * k, 0.0);
         if !l.layers.is_empty() {
             self.dz.clear();
             self.dz.extend_from_slice(&dlogit);
             for i in (0..l.layers.len()).rev() {
                 let (inp, out) = l.layers[i];
                 let input: &[f32] = if i == 0 { &self.x } else { &self.hs[i - 1] };
-                // dW = dZᵀ H_in; dZᵀ is made contiguous first.
-                self.dzt.clear();
-                self.dzt.resize(out * n, 0.0);
-                for b in 0..n {
-                    for o in 0..out {
-                        self.dzt[o * n + b] = self.dz[b * out + o];
-                    }
-                }
-                matmul(
+                // dW = dZᵀ H_in, dZᵀ read through its strides (no copy).
+                matmul_strided(
                     out,
                     inp,
                     n,
                     &mut g.w[i],
-                    &self.dzt,
-                    n,
+                    &self.dz,
+                    (1, out as isize),
                     input,
-                    inp as isize,
-                    1,
+                    (inp as isize, 1),
                     false,
                 );
-                for (o, gb) in g.b[i].iter_mut().enumerate() {
-                    *gb = self.dzt[o * n..(o + 1) * n].iter().sum();
+                // db: dZ's column sums.
+                g.b[i].fill(0.0);
+                for row in self.dz.chunks_exact(out) {
+                    g.b[i].iter_mut().zip(row).for_each(|(s, d)| *s += d);
                 }
-                // dH_in = dZ W.
+                // dH_in = dZ W. Below the first layer only the embedding columns (the first
+                // `emb_width` of the input) have anything to learn: the dense inputs' columns
+                // are not computed (none at all for a model without embeddings).
+                let width = if i == 0 { emb_width } else { inp };
                 self.dh.clear();
-                self.dh.resize(n * inp, 0.0);
+                self.dh.resize(n * width, 0.0);
                 matmul(
                     n,
-                    inp,
+                    width,
                     out,
                     &mut self.dh,
                     &self.dz,
@@ -577,7 +577,11 @@ impl Compute for CpuCompute {
                     false,
                 );
                 if i == 0 {
-                    dx.copy_from_slice(&self.dh);
+                    if width > 0 {
+                        for (d, h) in dx.chunks_exact_mut(k).zip(self.dh.chunks_exact(width)) {
+                            d[..width].copy_from_slice(h);
+                        }
+                    }
                 } else {
                     // Through the ReLU of the layer below.
                     let below = &self.hs[i - 1];
@@ -614,6 +618,7 @@ impl Compute for CpuCompute {
                 }
             }
         }
+        self.dx = dx;
         loss
     }
 

@@ -362,7 +362,9 @@ checkpoint_every = 0
 /// the first checkpoint is complete. Returns every process's log and how many restarts it took.
 fn supervised_job_with_a_killed_worker(dir: &Path, cfg: &Path, out: &Path) -> (String, usize) {
     use std::fs::OpenOptions;
-    let ps: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let ps: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
     let workers: Vec<String> = (0..2).map(|_| "127.0.0.1:2222".to_string()).collect();
     let tasks = [("ps", 0), ("ps", 1), ("worker", 0), ("worker", 1)];
     let logs: Vec<PathBuf> = tasks
@@ -463,5 +465,8 @@ fn a_killed_sync_worker_restarts_the_job_from_the_last_checkpoint() {
     assert!(log.contains("worker 1 disconnected"), "{log}");
     assert!(log.contains("resumed from"), "{log}");
     let (a, b) = (eval_auc(&model), eval_auc(&straight));
-    assert!((a - b).abs() <= 0.002, "restarted {a} vs uninterrupted {b}: {log}");
+    assert!(
+        (a - b).abs() <= 0.002,
+        "restarted {a} vs uninterrupted {b}: {log}"
+    );
 }
