@@ -554,13 +554,29 @@ fn grow(v: &mut Vec<f32>, n: usize) {
     }
 }
 
+/// `dst = src` for slices of exactly `N` values.
+#[inline(always)]
+fn copy_n<const N: usize>(src: &[f32], dst: &mut [f32]) {
+    let src: &[f32; N] = src.try_into().expect("a row of N values");
+    let dst: &mut [f32; N] = dst.try_into().expect("a row of N values");
+    *dst = *src;
+}
+
 /// Sum (or mean) of the rows `ids` of `table` into `dst`.
 #[inline]
 fn pool(table: &[f32], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
     if let [id] = ids {
-        // One id (the common case): a copy, with no zeroing and no read of `dst`.
+        // One id (the common case): a copy, with no zeroing and no read of `dst`; the usual
+        // dimensions as fixed-size copies (a few vector moves, not a call to memmove).
         let start = *id as usize * dim;
-        dst.copy_from_slice(&table[start..start + dim]);
+        let row = &table[start..start + dim];
+        match dim {
+            8 => copy_n::<8>(row, dst),
+            16 => copy_n::<16>(row, dst),
+            32 => copy_n::<32>(row, dst),
+            64 => copy_n::<64>(row, dst),
+            _ => dst.copy_from_slice(row),
+        }
         return;
     }
     dst.fill(0.0);

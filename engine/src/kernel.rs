@@ -279,8 +279,8 @@ mod x86 {
 
     /// Rows per block: 8 x 2 zmm accumulators.
     const MR_512: usize = 8;
-    /// Rows per block: 2 x 4 ymm accumulators.
-    const MR_256: usize = 2;
+    /// Rows per block of the AVX2 kernel: 6 rows x 2 ymm accumulators (16 columns).
+    const MR_256: usize = 6;
 
     #[target_feature(enable = "avx512f")]
     pub(super) fn dense_avx512<'b>(
@@ -329,7 +329,9 @@ mod x86 {
         k: usize,
         panel: &[Lane],
     ) -> [[__m512; 2]; R] {
-        let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(i0 + r) * a_rs..(i0 + r) * a_rs + k]);
+        // The rows' starts, each with `k` readable values (sliced here, so a short `a` panics
+        // before any unchecked read).
+        let rows: [*const f32; R] = std::array::from_fn(|r| a[(i0 + r) * a_rs..][..k].as_ptr());
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for (kk, lane) in panel[..k].iter().enumerate() {
             // SAFETY: a lane is NR = 32 floats, 64-byte aligned: two full vectors.
@@ -338,7 +340,8 @@ mod x86 {
                 (_mm512_load_ps(ptr), _mm512_load_ps(ptr.add(16)))
             };
             for r in 0..R {
-                let x = _mm512_set1_ps(rows[r][kk]);
+                // SAFETY: kk < k, and row r has k values from rows[r].
+                let x = _mm512_set1_ps(unsafe { *rows[r].add(kk) });
                 acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
             }
@@ -460,34 +463,84 @@ mod x86 {
         relu: bool,
         c: &mut [f32],
     ) {
+        // Each 32-column panel in two halves of 16 columns, each half in blocks of 6 rows:
+        // 6 x 2 ymm accumulators, 2 weight vectors and a broadcast fit the 16 ymm registers, and
+        // 12 independent FMA chains cover the FMA latency of both ports (the 2 x 32 block of 8
+        // chains did not).
         let (k, n) = (b.k, b.n);
-        for_blocks(m, b, MR_256, |i0, rows, panel, p| {
+        for p in 0..n.div_ceil(NR) {
+            let panel = &b.lanes[p * k..(p + 1) * k];
             let col0 = p * NR;
             let cols = NR.min(n - col0);
-            macro_rules! go {
-                ($r:literal) => {{
-                    let acc = block256::<$r>(a, a_rs, i0, k, panel);
-                    for (r, acc) in acc.iter().enumerate() {
-                        let i = i0 + r;
-                        let mut tmp = [0f32; NR];
-                        for (h, v) in acc.iter().enumerate() {
-                            // SAFETY: `tmp` holds NR = 32 floats: four full vectors.
-                            unsafe { _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * h), *v) };
-                        }
-                        finish_row(
-                            &tmp,
-                            &bias(i)[col0..col0 + cols],
-                            relu,
-                            &mut c[i * n + col0..i * n + col0 + cols],
-                        );
+            for half in 0..cols.div_ceil(HALF) {
+                let c0 = col0 + half * HALF;
+                let width = HALF.min(cols - half * HALF);
+                let mut i0 = 0;
+                while i0 < m {
+                    let rows = MR_256.min(m - i0);
+                    macro_rules! go {
+                        ($r:literal) => {{
+                            let acc = block256::<$r>(a, a_rs, i0, k, panel, half);
+                            for (r, acc) in acc.iter().enumerate() {
+                                let i = i0 + r;
+                                if width == HALF {
+                                    // A full half: bias and ReLU in registers, stored in place.
+                                    let bias = &bias(i)[c0..c0 + HALF];
+                                    let out = &mut c[i * n + c0..i * n + c0 + HALF];
+                                    for (h, v) in acc.iter().enumerate() {
+                                        // SAFETY: `bias` and `out` hold HALF = 16 floats: two
+                                        // full vectors at 0 and 8.
+                                        unsafe {
+                                            let mut v = _mm256_add_ps(
+                                                *v,
+                                                _mm256_loadu_ps(bias.as_ptr().add(8 * h)),
+                                            );
+                                            if relu {
+                                                v = _mm256_max_ps(v, _mm256_setzero_ps());
+                                            }
+                                            _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), v);
+                                        }
+                                    }
+                                    continue;
+                                }
+                                let mut tmp = [0f32; HALF];
+                                for (h, v) in acc.iter().enumerate() {
+                                    // SAFETY: `tmp` holds 16 floats: two full vectors.
+                                    unsafe { _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * h), *v) };
+                                }
+                                finish_cols(
+                                    &tmp,
+                                    &bias(i)[c0..c0 + width],
+                                    relu,
+                                    &mut c[i * n + c0..i * n + c0 + width],
+                                );
+                            }
+                        }};
                     }
-                }};
+                    match rows {
+                        6 => go!(6),
+                        5 => go!(5),
+                        4 => go!(4),
+                        3 => go!(3),
+                        2 => go!(2),
+                        _ => go!(1),
+                    }
+                    i0 += rows;
+                }
             }
-            match rows {
-                2 => go!(2),
-                _ => go!(1),
-            }
-        });
+        }
+    }
+
+    /// Half a panel's columns.
+    const HALF: usize = NR / 2;
+
+    /// The epilogue of one row of a half panel.
+    #[inline(always)]
+    fn finish_cols(acc: &[f32; HALF], bias: &[f32], relu: bool, out: &mut [f32]) {
+        for ((o, &a), &b) in out.iter_mut().zip(acc).zip(bias) {
+            let v = a + b;
+            *o = if relu { v.max(0.0) } else { v };
+        }
     }
 
     #[inline]
@@ -498,16 +551,22 @@ mod x86 {
         i0: usize,
         k: usize,
         panel: &[Lane],
-    ) -> [[__m256; 4]; R] {
-        let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(i0 + r) * a_rs..(i0 + r) * a_rs + k]);
-        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        half: usize,
+    ) -> [[__m256; 2]; R] {
+        // The rows' starts: each row has `k` readable values from there (`dense` asserted
+        // `a` covers `m` rows of stride `a_rs >= k`).
+        let rows: [*const f32; R] = std::array::from_fn(|r| a[(i0 + r) * a_rs..][..k].as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let w0 = HALF * half;
         for (kk, lane) in panel[..k].iter().enumerate() {
-            // SAFETY: a lane is NR = 32 floats, 64-byte aligned: four full aligned vectors.
-            let w: [__m256; 4] =
-                std::array::from_fn(|h| unsafe { _mm256_load_ps(lane.0.as_ptr().add(8 * h)) });
+            // SAFETY: a lane is NR = 32 floats, 64-byte aligned; `half` is 0 or 1, so the two
+            // vectors at 16 * half and 16 * half + 8 are full and 32-byte aligned.
+            let w: [__m256; 2] =
+                std::array::from_fn(|h| unsafe { _mm256_load_ps(lane.0.as_ptr().add(w0 + 8 * h)) });
             for r in 0..R {
-                let x = _mm256_set1_ps(rows[r][kk]);
-                for h in 0..4 {
+                // SAFETY: kk < k, and row r has k values from rows[r] (sliced above).
+                let x = unsafe { _mm256_broadcast_ss(&*rows[r].add(kk)) };
+                for h in 0..2 {
                     acc[r][h] = _mm256_fmadd_ps(x, w[h], acc[r][h]);
                 }
             }

@@ -2,7 +2,12 @@
 //! the whole engine from raw features (split on and off) and the deep layers alone on a ready
 //! input, feed model, one thread, items/s as the median of rounds (with the range).
 //!
-//! `cargo run --release -p rankd-benches --bin engine_sizes [-- ROUNDS SECONDS_PER_ROUND]`
+//! `cargo run --release -p rankd-benches --bin engine_sizes [-- ROUNDS SECONDS_PER_ROUND [--json]
+//! [--isa avx2]]`: a Markdown table, or with `--json` one JSON object per cell.
+//!
+//! `engine_sizes --export DIR`: writes what the peers of `benches/engine_peers.py` need, as
+//! `.npy` files: the feed model's tensors, and per request size the precomputed ids and dense
+//! inputs of every item (what rankd computes from the raw features) with rankd's scores.
 
 use std::time::{Duration, Instant};
 
@@ -29,23 +34,162 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
+/// Writes `data` as a NumPy `.npy` file of `dtype` (`<f4` or `<i8`) and `shape`.
+fn npy(path: &std::path::Path, dtype: &str, shape: &[usize], data: &[u8]) {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '{dtype}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + length (2) + header, padded with spaces to 64 bytes, ending in \n.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap();
+}
+
+fn f32s(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// `--export DIR`: the feed model's tensors, and per size the items' ids, dense inputs and
+/// rankd's scores.
+fn export(dir: &std::path::Path, path: &std::path::Path, model: &Model, sizes: &[usize]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let file = rankd_formats::ModelFile::open(path).unwrap();
+    let a = &file.spec().architecture;
+    for (i, e) in a.embeddings.iter().enumerate() {
+        let w = file.weights(e.weights);
+        npy(
+            &dir.join(format!("emb_{i}.npy")),
+            "<f4",
+            &[e.rows as usize, e.dim as usize],
+            &f32s(w),
+        );
+    }
+    let wide = a.wide.as_ref().expect("the feed model has a wide part");
+    for (i, s) in wide.slots.iter().enumerate() {
+        let w = file.weights(s.weights);
+        npy(
+            &dir.join(format!("wide_{i}.npy")),
+            "<f4",
+            &[w.len()],
+            &f32s(w),
+        );
+    }
+    npy(&dir.join("wide_bias.npy"), "<f4", &[1], &f32s(&[wide.bias]));
+    for (l, d) in a.deep.iter().enumerate() {
+        let (o, i) = (d.out_dim as usize, d.in_dim as usize);
+        npy(
+            &dir.join(format!("w{l}.npy")),
+            "<f4",
+            &[o, i],
+            &f32s(file.weights(d.weight)),
+        );
+        npy(
+            &dir.join(format!("b{l}.npy")),
+            "<f4",
+            &[o],
+            &f32s(file.weights(d.bias)),
+        );
+    }
+    let spec = file.compiled();
+    for &n in sizes {
+        let v = feed::request(n, n as u64);
+        let mut slots = rankd_feature_ops::SlotBatch::new();
+        for item in &v.items {
+            let row: Vec<Value<'_>> = item
+                .iter()
+                .zip(&v.user)
+                .map(|(i, u)| match i {
+                    feed::Cell::Missing => u.value(),
+                    c => c.value(),
+                })
+                .collect();
+            spec.transform_row(&row, &mut slots).unwrap();
+        }
+        let mut ids = Vec::with_capacity(n * feed::CATEGORICAL * 8);
+        let mut dense = Vec::with_capacity(n * feed::NUMERIC);
+        for r in 0..n {
+            for c in 0..feed::CATEGORICAL {
+                ids.extend_from_slice(&i64::from(slots.ids(feed::NUMERIC + c, r)[0]).to_le_bytes());
+            }
+            for d in 0..feed::NUMERIC {
+                dense.push(slots.dense(d, r));
+            }
+        }
+        npy(
+            &dir.join(format!("ids_{n}.npy")),
+            "<i8",
+            &[n, feed::CATEGORICAL],
+            &ids,
+        );
+        npy(
+            &dir.join(format!("dense_{n}.npy")),
+            "<f4",
+            &[n, feed::NUMERIC],
+            &f32s(&dense),
+        );
+        let request = DenseRequest {
+            user: v.user.iter().map(feed::Cell::value).collect(),
+            items: v
+                .items
+                .iter()
+                .map(|i| i.iter().map(feed::Cell::value).collect::<Vec<Value<'_>>>())
+                .collect(),
+        };
+        let mut out = BatchOutput::default();
+        CpuEngine::new().score(model, &[&request], &mut out);
+        npy(
+            &dir.join(format!("scores_{n}.npy")),
+            "<f4",
+            &[n],
+            &f32s(&out.scores),
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rounds: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(0.5);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("feed.rkm");
     feed::write(&path).unwrap();
     let model = Model::open(&path).unwrap();
-    println!(
-        "feed model: deep input {}, {} deep MACs per item; CPU ISAs: {:?}",
-        model.deep_input_dim(),
-        model.deep_macs_per_item(),
-        Isa::available()
-    );
-    println!("| isa | mode | 20 items | 200 items | 1,000 items | 10,000 items |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
     let sizes = [20usize, 200, 1000, 10_000];
+    if let Some(i) = args.iter().position(|a| a == "--export") {
+        let out = std::path::PathBuf::from(args.get(i + 1).expect("--export DIR"));
+        export(&out, &path, &model, &sizes);
+        return;
+    }
+    let json = args.iter().any(|a| a == "--json");
+    let only_isa = args
+        .iter()
+        .position(|a| a == "--isa")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.to_ascii_lowercase());
+    let numbers: Vec<&String> = args[1..]
+        .iter()
+        .take_while(|a| !a.starts_with("--"))
+        .collect();
+    let rounds: usize = numbers.first().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let secs: f64 = numbers.get(1).and_then(|s| s.parse().ok()).unwrap_or(0.5);
+    if !json {
+        println!(
+            "feed model: deep input {}, {} deep MACs per item; CPU ISAs: {:?}",
+            model.deep_input_dim(),
+            model.deep_macs_per_item(),
+            Isa::available()
+        );
+        println!("| isa | mode | 20 items | 200 items | 1,000 items | 10,000 items |");
+        println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    }
     let values: Vec<feed::Values> = sizes.iter().map(|&n| feed::request(n, n as u64)).collect();
     let requests: Vec<DenseRequest<'_>> = values
         .iter()
@@ -59,6 +203,12 @@ fn main() {
         })
         .collect();
     for isa in Isa::available() {
+        if only_isa
+            .as_ref()
+            .is_some_and(|o| *o != format!("{isa:?}").to_ascii_lowercase())
+        {
+            continue;
+        }
         for (mode, split) in [
             ("whole, split", Some(Split::RequestLevel)),
             ("whole, no split", Some(Split::Off)),
@@ -89,9 +239,16 @@ fn main() {
                     r.push(x);
                 }
                 let (m, lo, hi) = median(r);
+                if json {
+                    println!(
+                        "{{\"isa\": \"{isa:?}\", \"mode\": \"{mode}\", \"items\": {n}, \"items_per_s\": {m:.1}, \"min\": {lo:.1}, \"max\": {hi:.1}}}"
+                    );
+                }
                 cells.push(format!("{:.0}K ({:.0}-{:.0})", m / 1e3, lo / 1e3, hi / 1e3));
             }
-            println!("| {isa:?} | {mode} | {} |", cells.join(" | "));
+            if !json {
+                println!("| {isa:?} | {mode} | {} |", cells.join(" | "));
+            }
         }
     }
 }
