@@ -11,6 +11,7 @@
 //!
 //! In steady state nothing here allocates: every buffer lives in [`CpuEngine`] and only grows.
 
+use crate::Table;
 use std::sync::Arc;
 
 use rankd_feature_ops::SlotBatch;
@@ -278,7 +279,7 @@ impl CpuEngine {
                 let e = &model.emb[ei];
                 let ids = s.user.ids(e.slot, seg.user_row);
                 pool(
-                    model.weights(e.table),
+                    model.table(e),
                     e.dim,
                     ids,
                     e.mean,
@@ -336,7 +337,7 @@ impl CpuEngine {
             // X: pooled item-level embeddings and dense values.
             for &(ei, xoff) in &plan.item_emb {
                 let e = &model.emb[ei];
-                let table = model.weights(e.table);
+                let table = model.table(e);
                 let col = s.items.column(e.slot);
                 for row in r0..r1 {
                     let at = (row - r0) * k + xoff;
@@ -564,7 +565,45 @@ fn copy_n<const N: usize>(src: &[f32], dst: &mut [f32]) {
 
 /// Sum (or mean) of the rows `ids` of `table` into `dst`.
 #[inline]
-fn pool(table: &[f32], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
+fn pool(table: Table<'_>, dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
+    match table {
+        Table::F32(t) => pool_f32(t, dim, ids, mean, dst),
+        Table::F16(t) => pool_f16(t, dim, ids, mean, dst),
+    }
+}
+
+/// [`pool`] of an f16 table: each row converted to f32 as it is read (exact: every f16 is an
+/// f32), then summed in f32 as for an f32 table holding the same values.
+#[inline]
+fn pool_f16(table: &[half::f16], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    if let [id] = ids {
+        let start = *id as usize * dim;
+        table[start..start + dim].convert_to_f32_slice(dst);
+        return;
+    }
+    dst.fill(0.0);
+    let mut row = [0f32; 64];
+    for &id in ids {
+        let start = id as usize * dim;
+        for (src, out) in table[start..start + dim].chunks(64).zip(dst.chunks_mut(64)) {
+            let row = &mut row[..src.len()];
+            src.convert_to_f32_slice(row);
+            for (d, v) in out.iter_mut().zip(row.iter()) {
+                *d += v;
+            }
+        }
+    }
+    if mean && ids.len() > 1 {
+        let n = ids.len() as f32;
+        for d in dst.iter_mut() {
+            *d /= n;
+        }
+    }
+}
+
+#[inline]
+fn pool_f32(table: &[f32], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
     if let [id] = ids {
         // One id (the common case): a copy, with no zeroing and no read of `dst`; the usual
         // dimensions as fixed-size copies (a few vector moves, not a call to memmove).

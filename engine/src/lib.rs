@@ -85,8 +85,17 @@ pub(crate) struct EmbView {
     pub dim: usize,
     pub mean: bool,
     pub table: BlobRef,
+    /// Stored as f16 (two values per word of `table`).
+    pub f16: bool,
     /// First column of its pooled output in the deep input.
     pub col: usize,
+}
+
+/// An embedding table's values as stored.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Table<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
 }
 
 /// A dense layer as the engines use it.
@@ -145,6 +154,7 @@ impl Model {
                 dim: e.dim as usize,
                 mean: e.pooling == Pooling::Mean,
                 table: e.weights,
+                f16: e.weight_type == rankd_formats::WeightType::F16,
                 col,
             });
             col += e.dim as usize;
@@ -291,6 +301,43 @@ impl Model {
 
     pub(crate) fn weights(&self, b: BlobRef) -> &[f32] {
         self.file.weights(b)
+    }
+
+    /// Rows of embedding table `e`.
+    pub(crate) fn table_rows(&self, e: &EmbView) -> u64 {
+        self.file
+            .spec()
+            .architecture
+            .embeddings
+            .iter()
+            .find(|t| t.weights == e.table)
+            .map_or(0, |t| t.rows)
+    }
+
+    /// Embedding table `e`'s values.
+    pub(crate) fn table(&self, e: &EmbView) -> Table<'_> {
+        if e.f16 {
+            Table::F16(bytemuck::cast_slice(self.file.weights_f16(e.table)))
+        } else {
+            Table::F32(self.file.weights(e.table))
+        }
+    }
+
+    /// A blob as f32 values, for a device that takes f32 only: an f16 table converted (its
+    /// `values` values), any other blob as it is.
+    pub(crate) fn values_f32(
+        &self,
+        b: BlobRef,
+        f16_values: Option<u64>,
+    ) -> std::borrow::Cow<'_, [f32]> {
+        use half::slice::HalfFloatSliceExt;
+        match f16_values {
+            None => std::borrow::Cow::Borrowed(self.weights(b)),
+            Some(n) => {
+                let halves: &[half::f16] = bytemuck::cast_slice(self.file.weights_f16(b));
+                std::borrow::Cow::Owned(halves[..n as usize].to_f32_vec())
+            }
+        }
     }
 
     pub(crate) fn num_slots(&self) -> usize {

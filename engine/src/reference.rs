@@ -3,9 +3,23 @@
 //! the engines against it; it is far too slow to serve.
 
 use rankd_feature_ops::SlotBatch;
-use rankd_formats::{Activation, Pooling};
+use rankd_formats::{Activation, Pooling, WeightType};
 
 use super::{EngineError, ItemRow, Model, Request, UserRow};
+
+/// The value of an IEEE 754 binary16 bit pattern, from its definition: sign, 5 exponent bits
+/// (bias 15; 0 for subnormals, 31 for infinities and NaN), 10 fraction bits.
+fn f16_value(bits: u16) -> f64 {
+    let sign = if bits >> 15 == 1 { -1.0 } else { 1.0 };
+    let exp = i32::from((bits >> 10) & 0x1f);
+    let frac = f64::from(bits & 0x3ff);
+    sign * match exp {
+        0 => frac / 1024.0 * 2f64.powi(-14),
+        31 if frac == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        e => (1.0 + frac / 1024.0) * 2f64.powi(e - 15),
+    }
+}
 
 /// Scores every item of `req` in f64.
 pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> {
@@ -26,13 +40,16 @@ pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> 
         let mut x: Vec<f64> = Vec::new();
         let mut fields: Vec<Vec<f64>> = Vec::new();
         for e in &arch.embeddings {
-            let table = model.file().weights(e.weights);
+            let value = |i: usize| match e.weight_type {
+                WeightType::F32 => f64::from(model.file().weights(e.weights)[i]),
+                WeightType::F16 => f16_value(model.file().weights_f16(e.weights)[i]),
+            };
             let ids = b.ids(slot(&e.slot), 0);
             let dim = e.dim as usize;
             let mut v = vec![0f64; dim];
             for &id in ids {
-                for d in 0..dim {
-                    v[d] += f64::from(table[id as usize * dim + d]);
+                for (d, x) in v.iter_mut().enumerate() {
+                    *x += value(id as usize * dim + d);
                 }
             }
             if e.pooling == Pooling::Mean {

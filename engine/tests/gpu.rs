@@ -340,7 +340,12 @@ fn lost_device_moves_models_to_the_cpu(gpus: &Arc<Gpus>) {
         .metrics()
         .cpu_fallbacks
         .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(fallbacks, 2, "the two requests of the lost batch");
+    // The two requests of the lost batch; one, when the device worker took the first request
+    // before the second was queued (a busy machine): the second then never reached the device.
+    assert!(
+        (1..=2).contains(&fallbacks),
+        "{fallbacks} fallbacks for the requests of the lost batch"
+    );
     // A version loaded later does not go to the lost device.
     let m2 = Arc::new(model(ModelKind::Deep, dir.path()));
     assert!(gpus.load(&m2).is_err());
@@ -391,4 +396,74 @@ fn a_model_too_large_for_the_device_runs_on_the_cpu() {
     let roomy = Gpus::emulated_with_memory(1, BatchSettings::default(), Some(1 << 40));
     roomy.load(&m).unwrap();
     assert_eq!(m.backend(), "emulated:0");
+}
+
+#[test]
+fn f16_tables_score_as_their_values_on_the_cpu_and_the_emulated_gpu() {
+    use rankd_formats::{synth::feed, WeightType};
+    let dir = tempfile::tempdir().unwrap();
+    let (p32, p16) = (dir.path().join("f32.rkm"), dir.path().join("f16.rkm"));
+    feed::write_typed(&p32, 1, 17, WeightType::F32).unwrap();
+    feed::write_typed(&p16, 1, 17, WeightType::F16).unwrap();
+    let (m32, m16) = (Model::open(&p32).unwrap(), Model::open(&p16).unwrap());
+    assert_eq!(m16.file().header().version, 2);
+    assert_eq!(m32.file().header().version, 1);
+    // Every stored half is its f32 value rounded to nearest.
+    let (a32, a16) = (
+        &m32.file().spec().architecture,
+        &m16.file().spec().architecture,
+    );
+    for (t32, t16) in a32.embeddings.iter().zip(&a16.embeddings) {
+        assert_eq!(t16.weight_type, WeightType::F16);
+        let (v32, v16) = (
+            m32.file().weights(t32.weights),
+            m16.file().weights_f16(t16.weights),
+        );
+        assert!(v16.len() >= v32.len());
+        for (x, h) in v32.iter().zip(v16) {
+            assert_eq!(half::f16::from_f32(*x).to_bits(), *h);
+        }
+    }
+    let v = feed::request(300, 5);
+    let req = rankd_engine::request::DenseRequest {
+        user: v.user.iter().map(feed::Cell::value).collect(),
+        items: v
+            .items
+            .iter()
+            .map(|i| i.iter().map(feed::Cell::value).collect())
+            .collect(),
+    };
+    // Every CPU build against the f64 reference (which decodes the halves itself).
+    let want = rankd_engine::reference::score(&m16, &req).unwrap();
+    for isa in rankd_engine::kernel::Isa::available() {
+        for split in [Split::RequestLevel, Split::Off] {
+            let mut out = BatchOutput::default();
+            CpuEngine::with_split(split)
+                .with_isa(isa)
+                .score(&m16, &[&req], &mut out);
+            for (a, b) in out.get(0).unwrap().iter().zip(&want) {
+                assert!(
+                    (f64::from(*a) - b).abs() < 1e-5,
+                    "{isa:?} {split:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    // f16 scores differ from f32 ones a little, not nothing.
+    let (mut o16, mut o32) = (BatchOutput::default(), BatchOutput::default());
+    CpuEngine::new().score(&m16, &[&req], &mut o16);
+    CpuEngine::new().score(&m32, &[&req], &mut o32);
+    let diff = o16
+        .get(0)
+        .unwrap()
+        .iter()
+        .zip(o32.get(0).unwrap())
+        .map(|(a, b)| (a - b).abs());
+    let worst = diff.fold(0f32, f32::max);
+    assert!(worst > 0.0 && worst < 1e-2, "{worst}");
+    // The emulated GPU holds the tables converted to f32: the same scores.
+    let gpus = Gpus::emulated(1, BatchSettings::default());
+    let m16 = Arc::new(m16);
+    gpus.load(&m16).unwrap();
+    same_as_cpu(&gpus, &m16, &[&req], 1e-5);
 }

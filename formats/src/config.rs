@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FormatError, Result};
 use crate::spec::{
-    Activation, Architecture, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling, Wide,
-    WideSlot,
+    Activation, Architecture, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling, WeightType,
+    Wide, WideSlot,
 };
 use crate::writer::{BlobSink, ModelWriter, Written};
 
@@ -43,6 +43,10 @@ pub struct EmbeddingConfig {
     /// Pooling over the slot's ids.
     #[serde(default)]
     pub pooling: Pooling,
+    /// How the table is stored in the model file: `f32` (default) or `f16` (half the memory;
+    /// values rounded to the nearest f16 as the file is written).
+    #[serde(default)]
+    pub weight_type: WeightType,
 }
 
 /// The wide part in the config.
@@ -273,19 +277,28 @@ pub fn write_model(
     }
 
     let mut w = ModelWriter::create(path)?;
-    let mut blob = |name: &str| -> Result<crate::spec::BlobRef> {
+    let blob = |w: &mut ModelWriter, name: &str| -> Result<crate::spec::BlobRef> {
         let mut sink: BlobSink<'_> = w.blob()?;
         tensors.read(name, &mut |chunk| sink.write(chunk))?;
         Ok(sink.finish())
     };
     let mut embeddings = Vec::new();
     for (e, t) in config.embeddings.iter().zip(&expected) {
+        let weights = match e.weight_type {
+            WeightType::F32 => blob(&mut w, &t.name)?,
+            WeightType::F16 => {
+                let mut sink = w.blob()?.f16();
+                tensors.read(&t.name, &mut |chunk| sink.write(chunk))?;
+                sink.finish()?
+            }
+        };
         embeddings.push(EmbeddingTable {
             slot: e.slot.clone(),
             rows: t.shape[0],
             dim: e.dim,
             pooling: e.pooling,
-            weights: blob(&t.name)?,
+            weights,
+            weight_type: e.weight_type,
         });
     }
     let wide = match &config.wide {
@@ -294,7 +307,7 @@ pub fn write_model(
             for s in &wc.slots {
                 slots.push(WideSlot {
                     slot: s.clone(),
-                    weights: blob(&format!("wide.{s}"))?,
+                    weights: blob(&mut w, &format!("wide.{s}"))?,
                 });
             }
             Some(slots)
@@ -315,8 +328,8 @@ pub fn write_model(
                 } else {
                     Activation::Relu
                 },
-                weight: blob(&format!("deep.{i}.weight"))?,
-                bias: blob(&format!("deep.{i}.bias"))?,
+                weight: blob(&mut w, &format!("deep.{i}.weight"))?,
+                bias: blob(&mut w, &format!("deep.{i}.bias"))?,
             });
         }
     }

@@ -11,7 +11,7 @@ use crate::error::{FormatError, Result};
 use crate::gen::rankd::fb;
 use crate::spec::{
     Activation, Architecture, BlobRef, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling,
-    Wide, WideSlot,
+    WeightType, Wide, WideSlot,
 };
 
 fn invalid(msg: String) -> FormatError {
@@ -252,6 +252,10 @@ pub fn encode(spec: &ModelSpec) -> Vec<u8> {
                         Pooling::Mean => fb::Pooling::Mean,
                     },
                     weights: Some(&blob(e.weights)),
+                    weight_type: match e.weight_type {
+                        WeightType::F32 => fb::WeightType::F32,
+                        WeightType::F16 => fb::WeightType::F16,
+                    },
                 },
             )
         })
@@ -479,12 +483,24 @@ pub fn decode(model: fb::Model<'_>) -> Result<ModelSpec> {
                 )))
             }
         };
+        let weight_type = match e.weight_type() {
+            fb::WeightType::F32 => WeightType::F32,
+            fb::WeightType::F16 => WeightType::F16,
+            other => {
+                return Err(invalid(format!(
+                    "embedding `{}` has unknown weight type {} (a newer writer?)",
+                    e.slot(),
+                    other.0
+                )))
+            }
+        };
         embeddings.push(EmbeddingTable {
             slot: e.slot().to_owned(),
             rows: e.rows(),
             dim: e.dim(),
             pooling,
             weights: own_blob(e.weights()),
+            weight_type,
         });
     }
     let wide = a.wide().map(|w| Wide {

@@ -25,8 +25,10 @@ use crate::error::{FormatError, Result};
 
 /// The eight magic bytes at offset 0.
 pub const MAGIC: [u8; 8] = *b"RANKDMDL";
-/// The format version this build writes, and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version this build reads and writes. Version 2 adds f16 embedding tables;
+/// a file without one is written as version 1, which older readers read too
+/// ([`crate::ModelSpec::format_version`]).
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every blob and of the metadata section.

@@ -43,7 +43,7 @@ pub use layout::{
 pub use reader::{parse, Integrity, ModelFile, Parsed, StreamCheck, Verify};
 pub use spec::{
     Activation, Architecture, BlobRef, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling,
-    Wide, WideSlot,
+    WeightType, Wide, WideSlot,
 };
 pub use validate::validate;
-pub use writer::{BlobSink, ModelWriter, Written};
+pub use writer::{BlobSink, F16Sink, ModelWriter, Written};

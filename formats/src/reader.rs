@@ -107,6 +107,13 @@ fn parse_meta(header: Header, meta: &[u8], verified: bool) -> Result<Parsed> {
         unsafe { fb::root_as_model_unchecked(meta) }
     };
     let spec = fbconv::decode(model)?;
+    if header.version < spec.format_version() {
+        return Err(FormatError::Invalid(format!(
+            "the file says format version {} but holds f16 tables, which need version {}",
+            header.version,
+            spec.format_version()
+        )));
+    }
     let compiled = validate::validate(&spec, header.meta_offset)?;
     Ok(Parsed {
         header,
@@ -336,5 +343,12 @@ impl ModelFile {
     pub fn weights(&self, b: BlobRef) -> &[f32] {
         self.blob(b)
             .expect("blob references from the spec were validated at open")
+    }
+
+    /// The values of an f16 blob (an [`crate::WeightType::F16`] table), as IEEE 754 binary16
+    /// bit patterns: `2 * b.len` of them (the last one padding when the table's value count is
+    /// odd).
+    pub fn weights_f16(&self, b: BlobRef) -> &[u16] {
+        bytemuck::cast_slice(self.weights(b))
     }
 }

@@ -9,8 +9,8 @@ use rankd_feature_ops::{
 
 use crate::error::Result;
 use crate::spec::{
-    Activation, Architecture, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling, Wide,
-    WideSlot,
+    Activation, Architecture, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling, WeightType,
+    Wide, WideSlot,
 };
 use crate::writer::{ModelWriter, Written};
 
@@ -257,6 +257,7 @@ pub fn write_synthetic(path: &Path, opts: &SynthOptions) -> Result<Written> {
                     Pooling::Sum
                 },
                 weights,
+                weight_type: WeightType::F32,
             });
         }
     }
@@ -375,7 +376,7 @@ pub mod feed {
     use crate::config::{
         write_model, DeepConfig, EmbeddingConfig, ModelConfig, TensorMap, WideConfig,
     };
-    use crate::{Metadata, Pooling};
+    use crate::{Metadata, Pooling, WeightType};
 
     /// Numeric features that are request-level.
     pub const USER_NUMERIC: usize = 4;
@@ -412,6 +413,11 @@ pub mod feed {
 
     /// The model config.
     pub fn config() -> ModelConfig {
+        config_with(WeightType::F32)
+    }
+
+    /// The model config with every embedding table stored as `weight_type`.
+    pub fn config_with(weight_type: WeightType) -> ModelConfig {
         let mut features = Vec::new();
         let mut slots = Vec::new();
         for i in 0..NUMERIC {
@@ -465,6 +471,7 @@ pub mod feed {
                     slot: format!("c{i}"),
                     dim: 16,
                     pooling: Pooling::Sum,
+                    weight_type,
                 })
                 .collect(),
             wide: Some(WideConfig {
@@ -485,7 +492,18 @@ pub mod feed {
 
     /// Writes the feed model as `version`, with weights drawn from `seed`.
     pub fn write_version(path: &std::path::Path, version: u64, seed: u64) -> crate::Result<()> {
-        let config = config();
+        write_typed(path, version, seed, WeightType::F32)
+    }
+
+    /// Like [`write_version`], with every embedding table stored as `weight_type` (the same
+    /// draws: an f16 file holds the f32 file's tables rounded to f16).
+    pub fn write_typed(
+        path: &std::path::Path,
+        version: u64,
+        seed: u64,
+        weight_type: WeightType,
+    ) -> crate::Result<()> {
+        let config = config_with(weight_type);
         let mut rng = Rng::new(seed);
         let mut tensors = TensorMap::new();
         for t in config.tensors()? {

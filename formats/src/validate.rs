@@ -61,7 +61,13 @@ pub fn validate(spec: &ModelSpec, blob_end: u64) -> Result<CompiledSpec> {
         if e.dim == 0 {
             return Err(invalid(format!("{what} has dimension 0")));
         }
-        expect_len(&what, e.weights, e.rows.checked_mul(u64::from(e.dim)))?;
+        expect_len(
+            &what,
+            e.weights,
+            e.rows
+                .checked_mul(u64::from(e.dim))
+                .map(|n| e.weight_type.words(n)),
+        )?;
     }
     for d in &arch.dense_inputs {
         let idx = compiled

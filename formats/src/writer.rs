@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{FormatError, Result};
 use crate::layout::{
-    align_up, body_checksum, default_threads, Header, DEFAULT_CHUNK_LOG2, FORMAT_VERSION,
-    HEADER_LEN, MAX_META_LEN,
+    align_up, body_checksum, default_threads, Header, DEFAULT_CHUNK_LOG2, HEADER_LEN, MAX_META_LEN,
 };
 use crate::spec::{BlobRef, ModelSpec};
 use crate::{fbconv, validate};
@@ -128,7 +127,7 @@ impl ModelWriter {
             body_checksum(&map, DEFAULT_CHUNK_LOG2, default_threads())
         };
         let header = Header {
-            version: FORMAT_VERSION,
+            version: spec.format_version(),
             chunk_log2: DEFAULT_CHUNK_LOG2,
             file_len,
             meta_offset,
@@ -171,7 +170,7 @@ pub struct BlobSink<'w> {
     len: u64,
 }
 
-impl BlobSink<'_> {
+impl<'w> BlobSink<'w> {
     /// Appends values.
     pub fn write(&mut self, data: &[f32]) -> Result<()> {
         #[cfg(target_endian = "little")]
@@ -206,5 +205,65 @@ impl BlobSink<'_> {
             offset: self.offset,
             len: self.len,
         }
+    }
+
+    /// Turns this blob into one of f16 values (an f16 embedding table).
+    pub fn f16(self) -> F16Sink<'w> {
+        F16Sink {
+            sink: self,
+            odd: None,
+            buf: Vec::new(),
+        }
+    }
+}
+
+/// A blob of f16 values written from f32 ones (rounded to nearest, ties to even), two per
+/// word; see [`BlobSink::f16`].
+#[derive(Debug)]
+pub struct F16Sink<'w> {
+    sink: BlobSink<'w>,
+    /// A value waiting for its word's second half.
+    odd: Option<u16>,
+    buf: Vec<u16>,
+}
+
+impl F16Sink<'_> {
+    /// Appends values.
+    pub fn write(&mut self, data: &[f32]) -> Result<()> {
+        use half::slice::HalfFloatSliceExt;
+        self.buf.clear();
+        self.buf.extend(self.odd.take());
+        let at = self.buf.len();
+        self.buf.resize(at + data.len(), 0);
+        let halves: &mut [half::f16] = bytemuck::cast_slice_mut(&mut self.buf[at..]);
+        halves.convert_from_f32_slice(data);
+        if self.buf.len() % 2 == 1 {
+            self.odd = self.buf.pop();
+        }
+        self.write_halves()
+    }
+
+    fn write_halves(&mut self) -> Result<()> {
+        let words = self.buf.len() / 2;
+        #[cfg(target_endian = "little")]
+        self.sink
+            .writer
+            .write_bytes(bytemuck::cast_slice(&self.buf))?;
+        #[cfg(target_endian = "big")]
+        for v in &self.buf {
+            self.sink.writer.write_bytes(&v.to_le_bytes())?;
+        }
+        self.sink.len += words as u64;
+        Ok(())
+    }
+
+    /// Ends the blob (an odd last value is padded with a zero half) and returns its reference.
+    pub fn finish(mut self) -> Result<BlobRef> {
+        if let Some(v) = self.odd.take() {
+            self.buf.clear();
+            self.buf.extend([v, 0]);
+            self.write_halves()?;
+        }
+        Ok(self.sink.finish())
     }
 }

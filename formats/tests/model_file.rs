@@ -208,14 +208,14 @@ fn bad_files_give_typed_errors() {
 
     // A future version is reported as such, not as a checksum failure.
     let mut bad = good.clone();
-    bad[8..12].copy_from_slice(&2u32.to_le_bytes());
+    bad[8..12].copy_from_slice(&3u32.to_le_bytes());
     let e = open_err(&bad);
     assert!(
         matches!(
             e,
             FormatError::UnsupportedVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             }
         ),
         "{e}"
@@ -412,4 +412,91 @@ fn write_fixture_when_asked() {
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/v1-deepfm.rkm");
     rankd_formats::synth::write_synthetic(&path, &fixture_options()).unwrap();
+}
+
+/// A small model with one f16 and one f32 embedding table (format version 2).
+fn write_v2_fixture(path: &Path) {
+    use rankd_formats::config::{ModelConfig, TensorMap};
+    let text = r#"
+hash_seed = 3
+[[feature]]
+name = "city"
+type = "string"
+[[feature]]
+name = "item"
+type = "int"
+[[slot]]
+name = "city"
+transform = "hash"
+input = "city"
+buckets = 20
+[[slot]]
+name = "item"
+transform = "hash"
+input = "item"
+buckets = 30
+[[embedding]]
+slot = "city"
+dim = 3
+weight_type = "f16"
+[[embedding]]
+slot = "item"
+dim = 4
+[wide]
+slots = ["city"]
+[deep]
+dense = []
+layers = [5, 1]
+"#;
+    let config = ModelConfig::from_toml(text, &[]).unwrap();
+    let mut rng = rankd_formats::synth::Rng::new(11);
+    let mut tensors = TensorMap::new();
+    for t in config.tensors().unwrap() {
+        let n = t.numel() as usize;
+        tensors.insert(t.name, (t.shape, rng.vec(n, 0.5)));
+    }
+    let metadata = rankd_formats::Metadata {
+        name: "fixture-v2".into(),
+        version: 2,
+        ..Default::default()
+    };
+    rankd_formats::config::write_model(&config, metadata, &tensors, path).unwrap();
+}
+
+#[test]
+fn format_v2_fixture_with_an_f16_table_still_opens() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/v2-f16.rkm");
+    if std::env::var_os("RANKD_WRITE_FIXTURES").is_some() {
+        write_v2_fixture(&path);
+    }
+    let model = ModelFile::open(&path).unwrap();
+    assert_eq!(model.header().version, 2);
+    let arch = &model.spec().architecture;
+    assert_eq!(
+        arch.embeddings[0].weight_type,
+        rankd_formats::WeightType::F16
+    );
+    assert_eq!(
+        arch.embeddings[1].weight_type,
+        rankd_formats::WeightType::F32
+    );
+    // 21 x 3 = 63 halves: 32 words, the last half padding.
+    assert_eq!(arch.embeddings[0].weights.len, 32);
+    let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("again.rkm");
+    write_v2_fixture(&again);
+    let fresh = ModelFile::open(&again).unwrap();
+    assert_eq!(fresh.spec().architecture, *arch);
+    let (a, b) = (
+        model.weights_f16(arch.embeddings[0].weights),
+        fresh.weights_f16(fresh.spec().architecture.embeddings[0].weights),
+    );
+    assert_eq!(a, b);
+    assert_eq!(a[63], 0, "the padding half is zero");
+    // The same values as f32 are the generator's, rounded to f16.
+    let mut rng = rankd_formats::synth::Rng::new(11);
+    let first = rng.vec(63, 0.5);
+    for (h, x) in a.iter().zip(&first) {
+        assert_eq!(*h, half::f16::from_f32(*x).to_bits());
+    }
 }

@@ -189,11 +189,15 @@ pub fn inspect_text(model: &ModelFile) -> String {
     for e in &a.embeddings {
         let _ = writeln!(
             s,
-            "  {:<24} {} x {} {:?} ({})",
+            "  {:<24} {} x {} {:?} {} ({})",
             e.slot,
             e.rows,
             e.dim,
             e.pooling,
+            match e.weight_type {
+                rankd_formats::WeightType::F32 => "f32",
+                rankd_formats::WeightType::F16 => "f16",
+            },
             human_bytes(e.weights.len * 4)
         );
     }

@@ -47,7 +47,7 @@ fn inspect_prints_every_part() {
         "combinehash(item_id; buckets 1000)",
         "descartes(age_bucket, city)",
         "normalize(item_price; mean 3, std 1.5, log1p)",
-        "item                     1001 x 8 Sum",
+        "item                     1001 x 8 Sum f32",
         "layer 0                  50 -> 32 Relu",
         "fm          yes",
     ] {

@@ -224,6 +224,23 @@ pub fn initial_wide_bias(layout: &Layout, base_rate: f32) -> f32 {
     }
 }
 
+/// Rounds the embedding tables the model file stores as f16 to f16 precision, in place: the
+/// weights then equal what the daemon serves (the trainer evaluates those).
+pub fn round_f16_tables(config: &ModelConfig, params: &mut Params) {
+    for (e, t) in config.embeddings.iter().zip(params.emb.iter_mut()) {
+        if e.weight_type == rankd_formats::WeightType::F16 {
+            round_f16(t);
+        }
+    }
+}
+
+/// Rounds every value to the nearest f16 (ties to even), kept as f32.
+pub fn round_f16(v: &mut [f32]) {
+    for x in v {
+        *x = half::f16::from_f32(*x).to_f32();
+    }
+}
+
 /// The Adagrad accumulator's starting value, of every sparse row and of the wide bias.
 pub const ADAGRAD_INIT: f32 = 0.1;
 
@@ -914,6 +931,7 @@ mod tests {
                     } else {
                         Pooling::Sum
                     },
+                    weight_type: Default::default(),
                 })
                 .collect(),
             wide: Some(WideConfig {

@@ -341,3 +341,46 @@ fn head_from(src: &Path, skip: usize, n: usize, dir: &Path, name: &str) -> PathB
     std::fs::write(&path, out.join("\n")).unwrap();
     path
 }
+
+#[test]
+fn f16_tables_serve_what_the_trainer_evaluated() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = slice_config(&data, dir.path(), 3000, 1000);
+    config.train.epochs = 1;
+    let f32_path = dir.path().join("f32.rkm");
+    let trained = rankd_trainer::train(&config, &mut Vec::new()).unwrap();
+    rankd_trainer::write(&config, &trained, &f32_path).unwrap();
+    for e in &mut config.model.embeddings {
+        e.weight_type = rankd_formats::WeightType::F16;
+    }
+    let f16_path = dir.path().join("f16.rkm");
+    let trained16 = rankd_trainer::train(&config, &mut Vec::new()).unwrap();
+    rankd_trainer::write(&config, &trained16, &f16_path).unwrap();
+    // Served = evaluated, with the tables as the file stores them.
+    assert_served_equal(&f16_path, &trained16);
+    let m = Model::open(&f16_path).unwrap();
+    assert_eq!(m.file().header().version, 2);
+    assert_eq!(Model::open(&f32_path).unwrap().file().header().version, 1);
+    // The same training; only the stored precision differs, and a little.
+    let worst = trained
+        .eval_predictions
+        .iter()
+        .zip(&trained16.eval_predictions)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst > 0.0 && worst < 1e-2,
+        "f16 vs f32 predictions differ by {worst}"
+    );
+    let (a, b) = (trained.kept().auc, trained16.kept().auc);
+    assert!((a - b).abs() < 2e-3, "auc f32 {a} vs f16 {b}");
+    let (l32, l16) = (
+        std::fs::metadata(&f32_path).unwrap().len(),
+        std::fs::metadata(&f16_path).unwrap().len(),
+    );
+    assert!(l16 < l32, "{l16} vs {l32}");
+}

@@ -160,9 +160,45 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("feed.rkm");
-    feed::write(&path).unwrap();
+    // `--f16`: the tables stored as f16 (the same draws rounded); the scores' largest
+    // difference from the f32 model is printed.
+    let f16 = args.iter().any(|a| a == "--f16");
+    let weight_type = if f16 {
+        rankd_formats::WeightType::F16
+    } else {
+        rankd_formats::WeightType::F32
+    };
+    feed::write_typed(&path, 1, 17, weight_type).unwrap();
     let model = Model::open(&path).unwrap();
     let sizes = [20usize, 200, 1000, 10_000];
+    if f16 {
+        let p32 = dir.path().join("feed32.rkm");
+        feed::write(&p32).unwrap();
+        let m32 = Model::open(&p32).unwrap();
+        let mut worst = 0f32;
+        for &n in &sizes {
+            let v = feed::request(n, n as u64);
+            let req = DenseRequest {
+                user: v.user.iter().map(feed::Cell::value).collect(),
+                items: v
+                    .items
+                    .iter()
+                    .map(|i| i.iter().map(feed::Cell::value).collect::<Vec<Value<'_>>>())
+                    .collect(),
+            };
+            let (mut a, mut b) = (BatchOutput::default(), BatchOutput::default());
+            CpuEngine::new().score(&model, &[&req], &mut a);
+            CpuEngine::new().score(&m32, &[&req], &mut b);
+            for (x, y) in a.scores.iter().zip(&b.scores) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+        println!(
+            "f16 tables: {} bytes vs {} bytes for f32; scores differ from the f32 model's by at most {worst:.2e}",
+            std::fs::metadata(&path).unwrap().len(),
+            std::fs::metadata(&p32).unwrap().len()
+        );
+    }
     if let Some(i) = args.iter().position(|a| a == "--export") {
         let out = std::path::PathBuf::from(args.get(i + 1).expect("--export DIR"));
         export(&out, &path, &model, &sizes);
@@ -178,6 +214,7 @@ fn main() {
         .iter()
         .take_while(|a| !a.starts_with("--"))
         .collect();
+    let json = json || args.iter().any(|a| a == "--json");
     let rounds: usize = numbers.first().and_then(|s| s.parse().ok()).unwrap_or(5);
     let secs: f64 = numbers.get(1).and_then(|s| s.parse().ok()).unwrap_or(0.5);
     if !json {

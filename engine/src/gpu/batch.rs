@@ -43,30 +43,32 @@ pub(crate) struct ArenaLayout {
     pub layer_b: Vec<u64>,
     /// Total length in f32 elements.
     pub len: u64,
-    /// Every placed blob: (arena offset, blob), in arena order.
-    pub blobs: Vec<(u64, rankd_formats::BlobRef)>,
+    /// Every placed blob: (arena offset, blob, and for an f16 table its value count: the device
+    /// holds it converted to f32), in arena order.
+    pub blobs: Vec<(u64, rankd_formats::BlobRef, Option<u64>)>,
 }
 
 impl ArenaLayout {
     pub fn new(model: &Model) -> ArenaLayout {
         let mut a = ArenaLayout::default();
-        let place = |b: rankd_formats::BlobRef, a: &mut ArenaLayout| {
+        let place = |b: rankd_formats::BlobRef, f16: Option<u64>, a: &mut ArenaLayout| {
             let at = a.len;
-            a.blobs.push((at, b));
-            a.len = (at + b.len).div_ceil(64) * 64;
+            a.blobs.push((at, b, f16));
+            a.len = (at + f16.unwrap_or(b.len)).div_ceil(64) * 64;
             at
         };
         for e in &model.emb {
-            let at = place(e.table, &mut a);
+            let values = e.f16.then(|| model.table_rows(e) * e.dim as u64);
+            let at = place(e.table, values, &mut a);
             a.emb.push(at);
         }
         for &(_, b) in &model.wide {
-            let at = place(b, &mut a);
+            let at = place(b, None, &mut a);
             a.wide.push(at);
         }
         for l in &model.layers {
-            let w = place(l.weight, &mut a);
-            let b = place(l.bias, &mut a);
+            let w = place(l.weight, None, &mut a);
+            let b = place(l.bias, None, &mut a);
             a.layer_w.push(w);
             a.layer_b.push(b);
         }

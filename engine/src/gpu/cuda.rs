@@ -301,11 +301,11 @@ impl Uploader for CudaUploader {
             .stream
             .alloc_zeros::<f32>(layout.len.max(1) as usize)
             .map_err(|e| driver("weights allocation", e))?;
-        for &(at, blob) in &layout.blobs {
-            let w = model.weights(blob);
+        for &(at, blob, f16) in &layout.blobs {
+            let w = model.values_f32(blob, f16);
             let mut dst = arena.slice_mut(at as usize..at as usize + w.len());
             self.stream
-                .memcpy_htod(w, &mut dst)
+                .memcpy_htod(&w[..], &mut dst)
                 .map_err(|e| driver("weights upload", e))?;
         }
         self.stream

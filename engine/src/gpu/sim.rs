@@ -284,9 +284,9 @@ impl super::Uploader for HostUploader {
             super::check_fits(self.index, layout.bytes(), free)?;
         }
         let mut arena = vec![0f32; layout.len as usize];
-        for &(at, blob) in &layout.blobs {
-            let w = model.weights(blob);
-            arena[at as usize..at as usize + w.len()].copy_from_slice(w);
+        for &(at, blob, f16) in &layout.blobs {
+            let w = model.values_f32(blob, f16);
+            arena[at as usize..at as usize + w.len()].copy_from_slice(&w);
         }
         Ok(HostArena(arena))
     }

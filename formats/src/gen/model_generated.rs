@@ -301,6 +301,90 @@ impl<'a> ::flatbuffers::Verifiable for Pooling {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for Pooling {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_WEIGHT_TYPE: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_WEIGHT_TYPE: u8 = 1;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_WEIGHT_TYPE: [WeightType; 2] = [
+  WeightType::F32,
+  WeightType::F16,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct WeightType(pub u8);
+#[allow(non_upper_case_globals)]
+impl WeightType {
+  pub const F32: Self = Self(0);
+  pub const F16: Self = Self(1);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 1;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::F32,
+    Self::F16,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::F32 => Some("F32"),
+      Self::F16 => Some("F16"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for WeightType {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for WeightType {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for WeightType {
+    type Output = WeightType;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for WeightType {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for WeightType {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for WeightType {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ACTIVATION: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MAX_ACTIVATION: u8 = 1;
@@ -1973,6 +2057,7 @@ impl<'a> EmbeddingTable<'a> {
   pub const VT_DIM: ::flatbuffers::VOffsetT = 8;
   pub const VT_POOLING: ::flatbuffers::VOffsetT = 10;
   pub const VT_WEIGHTS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_WEIGHT_TYPE: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1988,6 +2073,7 @@ impl<'a> EmbeddingTable<'a> {
     if let Some(x) = args.weights { builder.add_weights(x); }
     builder.add_dim(args.dim);
     if let Some(x) = args.slot { builder.add_slot(x); }
+    builder.add_weight_type(args.weight_type);
     builder.add_pooling(args.pooling);
     builder.finish()
   }
@@ -2028,6 +2114,13 @@ impl<'a> EmbeddingTable<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<BlobRef>(EmbeddingTable::VT_WEIGHTS, None).unwrap()}
   }
+  #[inline]
+  pub fn weight_type(&self) -> WeightType {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<WeightType>(EmbeddingTable::VT_WEIGHT_TYPE, Some(WeightType::F32)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for EmbeddingTable<'_> {
@@ -2041,6 +2134,7 @@ impl ::flatbuffers::Verifiable for EmbeddingTable<'_> {
      .visit_field::<u32>("dim", Self::VT_DIM, false)?
      .visit_field::<Pooling>("pooling", Self::VT_POOLING, false)?
      .visit_field::<BlobRef>("weights", Self::VT_WEIGHTS, true)?
+     .visit_field::<WeightType>("weight_type", Self::VT_WEIGHT_TYPE, false)?
      .finish();
     Ok(())
   }
@@ -2051,6 +2145,7 @@ pub struct EmbeddingTableArgs<'a> {
     pub dim: u32,
     pub pooling: Pooling,
     pub weights: Option<&'a BlobRef>,
+    pub weight_type: WeightType,
 }
 impl<'a> Default for EmbeddingTableArgs<'a> {
   #[inline]
@@ -2061,6 +2156,7 @@ impl<'a> Default for EmbeddingTableArgs<'a> {
       dim: 0,
       pooling: Pooling::Sum,
       weights: None, // required field
+      weight_type: WeightType::F32,
     }
   }
 }
@@ -2091,6 +2187,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EmbeddingTableBuilder<'a, 'b,
     self.fbb_.push_slot_always::<&BlobRef>(EmbeddingTable::VT_WEIGHTS, weights);
   }
   #[inline]
+  pub fn add_weight_type(&mut self, weight_type: WeightType) {
+    self.fbb_.push_slot::<WeightType>(EmbeddingTable::VT_WEIGHT_TYPE, weight_type, WeightType::F32);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EmbeddingTableBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     EmbeddingTableBuilder {
@@ -2115,6 +2215,7 @@ impl ::core::fmt::Debug for EmbeddingTable<'_> {
       ds.field("dim", &self.dim());
       ds.field("pooling", &self.pooling());
       ds.field("weights", &self.weights());
+      ds.field("weight_type", &self.weight_type());
       ds.finish()
   }
 }

@@ -75,6 +75,8 @@ struct Plan {
     /// Distinct slots of the tables.
     slots: Vec<usize>,
     shards: usize,
+    /// The embedding tables the model file stores as f16.
+    f16: Vec<bool>,
 }
 
 /// A batch whose ids were rewritten to local rows, with the global id of each local row.
@@ -86,7 +88,7 @@ struct Local {
 }
 
 impl Plan {
-    fn new(layout: Layout, shards: usize) -> Plan {
+    fn new(layout: Layout, shards: usize, model: &ModelConfig) -> Plan {
         let slot: Vec<usize> = layout
             .emb
             .iter()
@@ -103,6 +105,11 @@ impl Plan {
         slots.sort_unstable();
         slots.dedup();
         Plan {
+            f16: model
+                .embeddings
+                .iter()
+                .map(|e| e.weight_type == rankd_formats::WeightType::F16)
+                .collect(),
             dense: dense_tensors(&layout),
             layout,
             slot,
@@ -294,12 +301,14 @@ impl Plan {
     }
 
     /// Predictions of the current parameters on `files`, streamed in batches; with the labels.
+    /// `as_stored`: with the f16 tables rounded as the model file stores them.
     fn predict_files(
         &self,
         shards: &mut Shards,
         config: &TrainConfig,
         spec: &CompiledSpec,
         files: &[PathBuf],
+        as_stored: bool,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let mut preds = Vec::new();
         let mut labels = Vec::new();
@@ -312,6 +321,13 @@ impl Plan {
             let local = self.localize(slots, ls);
             self.send_pull(shards, 0, &local, true)?;
             self.recv_pull(shards, &local, true, &mut params)?;
+            if as_stored {
+                for (t, f16) in params.emb.iter_mut().zip(&self.f16) {
+                    if *f16 {
+                        crate::model::round_f16(t);
+                    }
+                }
+            }
             let rows: Vec<usize> = (0..local.labels.len()).collect();
             compute.predict(&self.layout, &params, &local.slots, &rows, &mut preds);
             labels.extend_from_slice(&local.labels);
@@ -593,7 +609,7 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     let (start_epoch, mut epoch_over, fitted) = ready;
     let spec = CompiledSpec::compile(&fitted.feature_spec())?;
     let layout = Layout::new(&fitted, &spec)?;
-    let plan = Plan::new(layout, k);
+    let plan = Plan::new(layout, k, &fitted);
     let local_batch = (s.batch_size / job.workers).max(1);
     let share = Share {
         index: job.index,
@@ -721,7 +737,7 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
         let mut stop = false;
         if chief {
             let (preds, labels) =
-                plan.predict_files(&mut shards, config, &spec, eval_files(config))?;
+                plan.predict_files(&mut shards, config, &spec, eval_files(config), false)?;
             let m = evaluate(&preds, &labels);
             let _ = writeln!(
                 log,
@@ -819,7 +835,8 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     } else {
         s.epochs.max(1) - 1
     };
-    let (preds, labels) = plan.predict_files(&mut shards, config, &spec, eval_files(config))?;
+    let (preds, labels) =
+        plan.predict_files(&mut shards, config, &spec, eval_files(config), true)?;
     let kept = evaluate(&preds, &labels);
     let _ = writeln!(
         log,
@@ -832,7 +849,7 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     let test = if s.test_files.is_empty() {
         None
     } else {
-        let (p, l) = plan.predict_files(&mut shards, config, &spec, &s.test_files)?;
+        let (p, l) = plan.predict_files(&mut shards, config, &spec, &s.test_files, true)?;
         let m = evaluate(&p, &l);
         let _ = writeln!(
             log,
