@@ -79,22 +79,27 @@ fn allocations_per_call(kind: ModelKind) -> Vec<usize> {
             })
             .collect(),
     };
+    count(&model, &req)
+}
+
+/// Allocations of each of ten steady-state calls scoring `req` twice in one batch.
+fn count(model: &Model, req: &DenseRequest<'_>) -> Vec<usize> {
     let mut engine = CpuEngine::new();
     let mut out = BatchOutput::default();
     for _ in 0..3 {
         out.clear();
-        engine.score(&model, &[&req, &req], &mut out);
+        engine.score(model, &[req, req], &mut out);
     }
     let mut per_call = Vec::new();
     for _ in 0..10 {
         out.clear();
         let before = ALLOCATIONS.load(Ordering::SeqCst);
         COUNTING.store(true, Ordering::SeqCst);
-        engine.score(&model, &[&req, &req], &mut out);
+        engine.score(model, &[req, req], &mut out);
         COUNTING.store(false, Ordering::SeqCst);
         per_call.push(ALLOCATIONS.load(Ordering::SeqCst) - before);
     }
-    assert_eq!(out.get(1).unwrap().len(), 50);
+    assert_eq!(out.get(1).unwrap().len(), req.items.len());
     per_call
 }
 
@@ -113,4 +118,22 @@ fn scoring_in_steady_state_does_not_allocate() {
             "{kind:?} model: {counts:?}; first sizes {sizes:?}"
         );
     }
+    // f16 tables (converted row by row on a stack buffer), in the same test: the counter is
+    // global, so no other test of this binary may run while it counts.
+    use rankd_formats::{synth::feed, WeightType};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f16.rkm");
+    feed::write_typed(&path, 1, 17, WeightType::F16).unwrap();
+    let model = Model::open(&path).unwrap();
+    let v = feed::request(50, 3);
+    let req = DenseRequest {
+        user: v.user.iter().map(feed::Cell::value).collect(),
+        items: v
+            .items
+            .iter()
+            .map(|i| i.iter().map(feed::Cell::value).collect())
+            .collect(),
+    };
+    let counts = count(&model, &req);
+    assert!(counts.iter().all(|&n| n == 0), "f16 feed model: {counts:?}");
 }
