@@ -251,6 +251,21 @@ fn main() {
             ("whole, no split", Some(Split::Off)),
             ("deep layers only", None),
         ] {
+            // `--mode split|no-split|deep`: one mode only (for profiling).
+            if let Some(only) = args
+                .iter()
+                .position(|a| a == "--mode")
+                .and_then(|i| args.get(i + 1))
+            {
+                let want = match only.as_str() {
+                    "split" => "whole, split",
+                    "no-split" => "whole, no split",
+                    _ => "deep layers only",
+                };
+                if mode != want {
+                    continue;
+                }
+            }
             let mut cells = Vec::new();
             for (si, &n) in sizes.iter().enumerate() {
                 let mut r = Vec::new();
