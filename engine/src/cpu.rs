@@ -569,6 +569,36 @@ fn pool(table: Table<'_>, dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) 
     match table {
         Table::F32(t) => pool_f32(t, dim, ids, mean, dst),
         Table::F16(t) => pool_f16(t, dim, ids, mean, dst),
+        Table::I8(q, scales) => pool_i8(q, scales, dim, ids, mean, dst),
+    }
+}
+
+/// [`pool`] of an int8 table: each value `q * scale` of its row, in f32.
+#[inline]
+fn pool_i8(table: &[i8], scales: &[f32], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
+    let row = |id: u32| {
+        let start = id as usize * dim;
+        (&table[start..start + dim], scales[id as usize])
+    };
+    if let [id] = ids {
+        let (q, s) = row(*id);
+        for (d, &q) in dst.iter_mut().zip(q) {
+            *d = f32::from(q) * s;
+        }
+        return;
+    }
+    dst.fill(0.0);
+    for &id in ids {
+        let (q, s) = row(id);
+        for (d, &q) in dst.iter_mut().zip(q) {
+            *d += f32::from(q) * s;
+        }
+    }
+    if mean && ids.len() > 1 {
+        let n = ids.len() as f32;
+        for d in dst.iter_mut() {
+            *d /= n;
+        }
     }
 }
 

@@ -87,6 +87,8 @@ pub(crate) struct EmbView {
     pub table: BlobRef,
     /// Stored as f16 (two values per word of `table`).
     pub f16: bool,
+    /// Stored as int8 with these per-row scales.
+    pub scales: Option<BlobRef>,
     /// First column of its pooled output in the deep input.
     pub col: usize,
 }
@@ -96,6 +98,7 @@ pub(crate) struct EmbView {
 pub(crate) enum Table<'a> {
     F32(&'a [f32]),
     F16(&'a [half::f16]),
+    I8(&'a [i8], &'a [f32]),
 }
 
 /// A dense layer as the engines use it.
@@ -155,6 +158,7 @@ impl Model {
                 mean: e.pooling == Pooling::Mean,
                 table: e.weights,
                 f16: e.weight_type == rankd_formats::WeightType::F16,
+                scales: e.scales,
                 col,
             });
             col += e.dim as usize;
@@ -316,6 +320,9 @@ impl Model {
 
     /// Embedding table `e`'s values.
     pub(crate) fn table(&self, e: &EmbView) -> Table<'_> {
+        if let Some(s) = e.scales {
+            return Table::I8(self.file.weights_i8(e.table), self.file.weights(s));
+        }
         if e.f16 {
             Table::F16(bytemuck::cast_slice(self.file.weights_f16(e.table)))
         } else {
@@ -323,19 +330,29 @@ impl Model {
         }
     }
 
-    /// A blob as f32 values, for a device that takes f32 only: an f16 table converted (its
-    /// `values` values), any other blob as it is.
+    /// A blob as f32 values, for a device that takes f32 only: an f16 or int8 table converted
+    /// (its `values` values; int8 with its scales), any other blob as it is.
     pub(crate) fn values_f32(
         &self,
         b: BlobRef,
-        f16_values: Option<u64>,
+        convert: Option<(u64, Option<(BlobRef, usize)>)>,
     ) -> std::borrow::Cow<'_, [f32]> {
         use half::slice::HalfFloatSliceExt;
-        match f16_values {
+        match convert {
             None => std::borrow::Cow::Borrowed(self.weights(b)),
-            Some(n) => {
+            Some((n, None)) => {
                 let halves: &[half::f16] = bytemuck::cast_slice(self.file.weights_f16(b));
                 std::borrow::Cow::Owned(halves[..n as usize].to_f32_vec())
+            }
+            Some((n, Some((scales, dim)))) => {
+                let (q, s) = (self.file.weights_i8(b), self.weights(scales));
+                std::borrow::Cow::Owned(
+                    q[..n as usize]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &q)| f32::from(q) * s[i / dim])
+                        .collect(),
+                )
             }
         }
     }

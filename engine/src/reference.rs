@@ -40,12 +40,18 @@ pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> 
         let mut x: Vec<f64> = Vec::new();
         let mut fields: Vec<Vec<f64>> = Vec::new();
         for e in &arch.embeddings {
+            let dim = e.dim as usize;
             let value = |i: usize| match e.weight_type {
                 WeightType::F32 => f64::from(model.file().weights(e.weights)[i]),
                 WeightType::F16 => f16_value(model.file().weights_f16(e.weights)[i]),
+                WeightType::I8 => {
+                    let scales = model
+                        .file()
+                        .weights(e.scales.expect("validated: an int8 table has scales"));
+                    f64::from(model.file().weights_i8(e.weights)[i]) * f64::from(scales[i / dim])
+                }
             };
             let ids = b.ids(slot(&e.slot), 0);
-            let dim = e.dim as usize;
             let mut v = vec![0f64; dim];
             for &id in ids {
                 for (d, x) in v.iter_mut().enumerate() {

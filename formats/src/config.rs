@@ -43,8 +43,9 @@ pub struct EmbeddingConfig {
     /// Pooling over the slot's ids.
     #[serde(default)]
     pub pooling: Pooling,
-    /// How the table is stored in the model file: `f32` (default) or `f16` (half the memory;
-    /// values rounded to the nearest f16 as the file is written).
+    /// How the table is stored in the model file: `f32` (default), `f16` (half the memory;
+    /// values rounded to the nearest f16 as the file is written) or `int8` (a quarter, plus a
+    /// scale per row; see [`crate::quantize_row`]).
     #[serde(default)]
     pub weight_type: WeightType,
 }
@@ -284,12 +285,18 @@ pub fn write_model(
     };
     let mut embeddings = Vec::new();
     for (e, t) in config.embeddings.iter().zip(&expected) {
-        let weights = match e.weight_type {
-            WeightType::F32 => blob(&mut w, &t.name)?,
+        let (weights, scales) = match e.weight_type {
+            WeightType::F32 => (blob(&mut w, &t.name)?, None),
             WeightType::F16 => {
                 let mut sink = w.blob()?.f16();
                 tensors.read(&t.name, &mut |chunk| sink.write(chunk))?;
-                sink.finish()?
+                (sink.finish()?, None)
+            }
+            WeightType::I8 => {
+                let mut sink = w.blob()?.int8(e.dim as usize);
+                tensors.read(&t.name, &mut |chunk| sink.write(chunk))?;
+                let (weights, scales) = sink.finish()?;
+                (weights, Some(w.write_blob(&scales)?))
             }
         };
         embeddings.push(EmbeddingTable {
@@ -299,6 +306,7 @@ pub fn write_model(
             pooling: e.pooling,
             weights,
             weight_type: e.weight_type,
+            scales,
         });
     }
     let wide = match &config.wide {

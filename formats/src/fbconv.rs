@@ -255,7 +255,9 @@ pub fn encode(spec: &ModelSpec) -> Vec<u8> {
                     weight_type: match e.weight_type {
                         WeightType::F32 => fb::WeightType::F32,
                         WeightType::F16 => fb::WeightType::F16,
+                        WeightType::I8 => fb::WeightType::I8,
                     },
+                    scales: e.scales.map(blob).as_ref(),
                 },
             )
         })
@@ -486,6 +488,7 @@ pub fn decode(model: fb::Model<'_>) -> Result<ModelSpec> {
         let weight_type = match e.weight_type() {
             fb::WeightType::F32 => WeightType::F32,
             fb::WeightType::F16 => WeightType::F16,
+            fb::WeightType::I8 => WeightType::I8,
             other => {
                 return Err(invalid(format!(
                     "embedding `{}` has unknown weight type {} (a newer writer?)",
@@ -501,6 +504,7 @@ pub fn decode(model: fb::Model<'_>) -> Result<ModelSpec> {
             pooling,
             weights: own_blob(e.weights()),
             weight_type,
+            scales: e.scales().map(own_blob),
         });
     }
     let wide = a.wide().map(|w| Wide {

@@ -46,4 +46,4 @@ pub use spec::{
     WeightType, Wide, WideSlot,
 };
 pub use validate::validate;
-pub use writer::{BlobSink, F16Sink, ModelWriter, Written};
+pub use writer::{quantize_row, BlobSink, F16Sink, I8Sink, ModelWriter, Written};

@@ -109,7 +109,7 @@ fn parse_meta(header: Header, meta: &[u8], verified: bool) -> Result<Parsed> {
     let spec = fbconv::decode(model)?;
     if header.version < spec.format_version() {
         return Err(FormatError::Invalid(format!(
-            "the file says format version {} but holds f16 tables, which need version {}",
+            "the file says format version {} but holds f16 or int8 tables, which need version {}",
             header.version,
             spec.format_version()
         )));
@@ -343,6 +343,12 @@ impl ModelFile {
     pub fn weights(&self, b: BlobRef) -> &[f32] {
         self.blob(b)
             .expect("blob references from the spec were validated at open")
+    }
+
+    /// The values of an int8 blob (an [`crate::WeightType::I8`] table): `4 * b.len` bytes (the
+    /// last ones padding when the table's value count is not a multiple of 4).
+    pub fn weights_i8(&self, b: BlobRef) -> &[i8] {
+        bytemuck::cast_slice(self.weights(b))
     }
 
     /// The values of an f16 blob (an [`crate::WeightType::F16`] table), as IEEE 754 binary16

@@ -25,6 +25,10 @@ pub enum WeightType {
     /// 16-bit IEEE 754 floats (binary16), two per word: half the memory and memory traffic of
     /// the gathers. A file with an F16 table has format version 2.
     F16,
+    /// Signed bytes with one f32 scale per row (`value = q * scale`, symmetric: `scale` is the
+    /// row's largest magnitude / 127), four per word: a quarter of the memory. Format version 2.
+    #[serde(rename = "int8")]
+    I8,
 }
 
 impl WeightType {
@@ -33,6 +37,7 @@ impl WeightType {
         match self {
             WeightType::F32 => values,
             WeightType::F16 => values.div_ceil(2),
+            WeightType::I8 => values.div_ceil(4),
         }
     }
 }
@@ -99,6 +104,9 @@ pub struct EmbeddingTable {
     /// How the values are stored.
     #[serde(default)]
     pub weight_type: WeightType,
+    /// [`WeightType::I8`] only: one f32 scale per row.
+    #[serde(default)]
+    pub scales: Option<BlobRef>,
 }
 
 /// The weights of one wide slot.
@@ -177,6 +185,9 @@ impl Architecture {
         let mut out = Vec::new();
         for e in &self.embeddings {
             out.push((format!("embedding `{}`", e.slot), e.weights));
+            if let Some(s) = e.scales {
+                out.push((format!("embedding scales `{}`", e.slot), s));
+            }
         }
         if let Some(w) = &self.wide {
             for s in &w.slots {

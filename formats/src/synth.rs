@@ -258,6 +258,7 @@ pub fn write_synthetic(path: &Path, opts: &SynthOptions) -> Result<Written> {
                 },
                 weights,
                 weight_type: WeightType::F32,
+                scales: None,
             });
         }
     }

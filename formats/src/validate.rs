@@ -9,6 +9,7 @@ use rankd_feature_ops::{CompiledSpec, SlotKind};
 use crate::error::{FormatError, Result};
 use crate::layout::{BLOB_ALIGN, HEADER_LEN};
 use crate::spec::{Activation, BlobRef, ModelSpec};
+use crate::WeightType;
 
 fn invalid(msg: String) -> FormatError {
     FormatError::Invalid(msg)
@@ -68,6 +69,18 @@ pub fn validate(spec: &ModelSpec, blob_end: u64) -> Result<CompiledSpec> {
                 .checked_mul(u64::from(e.dim))
                 .map(|n| e.weight_type.words(n)),
         )?;
+        match (e.weight_type, e.scales) {
+            (WeightType::I8, Some(s)) => expect_len(&format!("{what} scales"), s, Some(e.rows))?,
+            (WeightType::I8, None) => {
+                return Err(invalid(format!("{what} is int8 without scales")))
+            }
+            (_, Some(_)) => {
+                return Err(invalid(format!(
+                    "{what} has row scales but is not an int8 table"
+                )))
+            }
+            (_, None) => {}
+        }
     }
     for d in &arch.dense_inputs {
         let idx = compiled

@@ -207,6 +207,19 @@ impl<'w> BlobSink<'w> {
         }
     }
 
+    /// Turns this blob into one of int8 values with a scale per row of `dim` values (an int8
+    /// embedding table).
+    pub fn int8(self, dim: usize) -> I8Sink<'w> {
+        I8Sink {
+            sink: self,
+            dim: dim.max(1),
+            row: Vec::new(),
+            bytes: 0,
+            scales: Vec::new(),
+            q: Vec::new(),
+        }
+    }
+
     /// Turns this blob into one of f16 values (an f16 embedding table).
     pub fn f16(self) -> F16Sink<'w> {
         F16Sink {
@@ -214,6 +227,75 @@ impl<'w> BlobSink<'w> {
             odd: None,
             buf: Vec::new(),
         }
+    }
+}
+
+/// The int8 form of one row: `scale` = the largest magnitude / 127 (0 for a zero row) and each
+/// value `round(x / scale)` (half away from zero), so that `q * scale` is within `scale / 2` of
+/// `x`. The trainer and the writer share it, so the trainer evaluates what the file will hold.
+pub fn quantize_row(row: &[f32], q: &mut Vec<i8>) -> f32 {
+    let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+    q.clear();
+    if max == 0.0 || !max.is_finite() {
+        q.resize(row.len(), 0);
+        return 0.0;
+    }
+    let scale = max / 127.0;
+    q.extend(
+        row.iter()
+            .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8),
+    );
+    scale
+}
+
+/// A blob of int8 values written from f32 rows; see [`BlobSink::int8`]. The per-row scales are
+/// kept in memory (4 bytes per row) and returned by [`I8Sink::finish`] to be written as a blob of
+/// their own.
+#[derive(Debug)]
+pub struct I8Sink<'w> {
+    sink: BlobSink<'w>,
+    dim: usize,
+    /// Values of a row not complete yet.
+    row: Vec<f32>,
+    bytes: u64,
+    scales: Vec<f32>,
+    q: Vec<i8>,
+}
+
+impl I8Sink<'_> {
+    /// Appends values (rows may span calls).
+    pub fn write(&mut self, mut data: &[f32]) -> Result<()> {
+        while !data.is_empty() {
+            let take = (self.dim - self.row.len()).min(data.len());
+            self.row.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.row.len() == self.dim {
+                let scale = quantize_row(&self.row, &mut self.q);
+                self.scales.push(scale);
+                self.sink
+                    .writer
+                    .write_bytes(bytemuck::cast_slice(&self.q))?;
+                self.bytes += self.q.len() as u64;
+                self.row.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the blob (padded with zero bytes to whole words); returns its reference and the
+    /// rows' scales.
+    pub fn finish(mut self) -> Result<(BlobRef, Vec<f32>)> {
+        if !self.row.is_empty() {
+            return Err(FormatError::Invalid(format!(
+                "an int8 table ended inside a row ({} of {} values)",
+                self.row.len(),
+                self.dim
+            )));
+        }
+        let pad = (4 - self.bytes % 4) % 4;
+        self.sink.writer.write_bytes(&[0u8; 3][..pad as usize])?;
+        self.sink.len = (self.bytes + pad) / 4;
+        Ok((self.sink.finish(), self.scales))
     }
 }
 

@@ -414,7 +414,7 @@ fn write_fixture_when_asked() {
     rankd_formats::synth::write_synthetic(&path, &fixture_options()).unwrap();
 }
 
-/// A small model with one f16 and one f32 embedding table (format version 2).
+/// A small model with an f16, an f32 and an int8 embedding table (format version 2).
 fn write_v2_fixture(path: &Path) {
     use rankd_formats::config::{ModelConfig, TensorMap};
     let text = r#"
@@ -435,6 +435,11 @@ name = "item"
 transform = "hash"
 input = "item"
 buckets = 30
+[[slot]]
+name = "zone"
+transform = "hash"
+input = "city"
+buckets = 6
 [[embedding]]
 slot = "city"
 dim = 3
@@ -442,6 +447,10 @@ weight_type = "f16"
 [[embedding]]
 slot = "item"
 dim = 4
+[[embedding]]
+slot = "zone"
+dim = 3
+weight_type = "int8"
 [wide]
 slots = ["city"]
 [deep]
@@ -499,4 +508,20 @@ fn format_v2_fixture_with_an_f16_table_still_opens() {
     for (h, x) in a.iter().zip(&first) {
         assert_eq!(*h, half::f16::from_f32(*x).to_bits());
     }
+    // The int8 table: 7 rows x 3 bytes in 6 words, a scale per row, each value within half a
+    // step of the generator's (drawn after the 63 + 31 x 4 values before it).
+    let z = &arch.embeddings[2];
+    assert_eq!(z.weight_type, rankd_formats::WeightType::I8);
+    assert_eq!(z.weights.len, 6);
+    let (q, s) = (
+        model.weights_i8(z.weights),
+        model.weights(z.scales.unwrap()),
+    );
+    assert_eq!(s.len(), 7);
+    let _ = rng.vec(31 * 4, 0.5);
+    let zone = rng.vec(21, 0.5);
+    for (i, x) in zone.iter().enumerate() {
+        assert!((f32::from(q[i]) * s[i / 3] - x).abs() <= s[i / 3] * 0.5 + 1e-7);
+    }
+    assert_eq!(&q[21..24], &[0, 0, 0], "padding bytes are zero");
 }

@@ -197,6 +197,7 @@ pub fn inspect_text(model: &ModelFile) -> String {
             match e.weight_type {
                 rankd_formats::WeightType::F32 => "f32",
                 rankd_formats::WeightType::F16 => "f16",
+                rankd_formats::WeightType::I8 => "int8",
             },
             human_bytes(e.weights.len * 4)
         );

@@ -319,8 +319,8 @@ fn train_with(
     } else {
         s.epochs.max(1) - 1
     };
-    // Tables the file stores as f16: evaluated (and written) as stored.
-    model::round_f16_tables(&fitted, &mut params);
+    // Tables the file stores as f16 or int8: evaluated (and written) as stored.
+    model::round_stored_tables(&fitted, &mut params);
     preds.clear();
     for chunk in eval_rows.chunks(4096) {
         compute.predict(&layout, &params, &eval.slots, chunk, &mut preds);

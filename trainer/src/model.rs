@@ -224,12 +224,27 @@ pub fn initial_wide_bias(layout: &Layout, base_rate: f32) -> f32 {
     }
 }
 
-/// Rounds the embedding tables the model file stores as f16 to f16 precision, in place: the
-/// weights then equal what the daemon serves (the trainer evaluates those).
-pub fn round_f16_tables(config: &ModelConfig, params: &mut Params) {
+/// Rounds the embedding tables the model file stores as f16 or int8 to what the file will hold,
+/// in place: the weights then equal what the daemon serves (the trainer evaluates those).
+pub fn round_stored_tables(config: &ModelConfig, params: &mut Params) {
     for (e, t) in config.embeddings.iter().zip(params.emb.iter_mut()) {
-        if e.weight_type == rankd_formats::WeightType::F16 {
-            round_f16(t);
+        round_as_stored(e.weight_type, e.dim as usize, t);
+    }
+}
+
+/// Rounds a table of rows of `dim` values as `weight_type` stores it.
+pub fn round_as_stored(weight_type: rankd_formats::WeightType, dim: usize, v: &mut [f32]) {
+    match weight_type {
+        rankd_formats::WeightType::F32 => {}
+        rankd_formats::WeightType::F16 => round_f16(v),
+        rankd_formats::WeightType::I8 => {
+            let mut q = Vec::new();
+            for row in v.chunks_exact_mut(dim.max(1)) {
+                let scale = rankd_formats::quantize_row(row, &mut q);
+                for (x, &q) in row.iter_mut().zip(&q) {
+                    *x = f32::from(q) * scale;
+                }
+            }
         }
     }
 }

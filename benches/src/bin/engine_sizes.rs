@@ -162,12 +162,14 @@ fn main() {
     let path = dir.path().join("feed.rkm");
     // `--f16`: the tables stored as f16 (the same draws rounded); the scores' largest
     // difference from the f32 model is printed.
-    let f16 = args.iter().any(|a| a == "--f16");
-    let weight_type = if f16 {
+    let weight_type = if args.iter().any(|a| a == "--f16") {
         rankd_formats::WeightType::F16
+    } else if args.iter().any(|a| a == "--int8") {
+        rankd_formats::WeightType::I8
     } else {
         rankd_formats::WeightType::F32
     };
+    let f16 = weight_type != rankd_formats::WeightType::F32;
     feed::write_typed(&path, 1, 17, weight_type).unwrap();
     let model = Model::open(&path).unwrap();
     let sizes = [20usize, 200, 1000, 10_000];
@@ -194,7 +196,7 @@ fn main() {
             }
         }
         println!(
-            "f16 tables: {} bytes vs {} bytes for f32; scores differ from the f32 model's by at most {worst:.2e}",
+            "{weight_type:?} tables: {} bytes vs {} bytes for f32; scores differ from the f32 model's by at most {worst:.2e}",
             std::fs::metadata(&path).unwrap().len(),
             std::fs::metadata(&p32).unwrap().len()
         );

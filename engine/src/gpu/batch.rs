@@ -43,23 +43,32 @@ pub(crate) struct ArenaLayout {
     pub layer_b: Vec<u64>,
     /// Total length in f32 elements.
     pub len: u64,
-    /// Every placed blob: (arena offset, blob, and for an f16 table its value count: the device
-    /// holds it converted to f32), in arena order.
-    pub blobs: Vec<(u64, rankd_formats::BlobRef, Option<u64>)>,
+    /// Every placed blob: (arena offset, blob, and for an f16 or int8 table its value count and,
+    /// int8, its scales and dimension: the device holds it converted to f32), in arena order.
+    pub blobs: Vec<(u64, rankd_formats::BlobRef, Convert)>,
 }
+
+/// How a blob becomes f32 on the device: as it is (`None`), or a table of that many values
+/// converted from f16 (no scales) or from int8 (its scales blob and dimension).
+pub type Convert = Option<(u64, Option<(rankd_formats::BlobRef, usize)>)>;
 
 impl ArenaLayout {
     pub fn new(model: &Model) -> ArenaLayout {
         let mut a = ArenaLayout::default();
-        let place = |b: rankd_formats::BlobRef, f16: Option<u64>, a: &mut ArenaLayout| {
+        let place = |b: rankd_formats::BlobRef, convert: Convert, a: &mut ArenaLayout| {
             let at = a.len;
-            a.blobs.push((at, b, f16));
-            a.len = (at + f16.unwrap_or(b.len)).div_ceil(64) * 64;
+            a.blobs.push((at, b, convert));
+            a.len = (at + convert.map_or(b.len, |c| c.0)).div_ceil(64) * 64;
             at
         };
         for e in &model.emb {
-            let values = e.f16.then(|| model.table_rows(e) * e.dim as u64);
-            let at = place(e.table, values, &mut a);
+            let values = model.table_rows(e) * e.dim as u64;
+            let convert = match (e.f16, e.scales) {
+                (_, Some(s)) => Some((values, Some((s, e.dim)))),
+                (true, None) => Some((values, None)),
+                (false, None) => None,
+            };
+            let at = place(e.table, convert, &mut a);
             a.emb.push(at);
         }
         for &(_, b) in &model.wide {

@@ -303,12 +303,13 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Pooling {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_WEIGHT_TYPE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_WEIGHT_TYPE: u8 = 1;
+pub const ENUM_MAX_WEIGHT_TYPE: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_WEIGHT_TYPE: [WeightType; 2] = [
+pub const ENUM_VALUES_WEIGHT_TYPE: [WeightType; 3] = [
   WeightType::F32,
   WeightType::F16,
+  WeightType::I8,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -318,18 +319,21 @@ pub struct WeightType(pub u8);
 impl WeightType {
   pub const F32: Self = Self(0);
   pub const F16: Self = Self(1);
+  pub const I8: Self = Self(2);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 1;
+  pub const ENUM_MAX: u8 = 2;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::F32,
     Self::F16,
+    Self::I8,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
     match self {
       Self::F32 => Some("F32"),
       Self::F16 => Some("F16"),
+      Self::I8 => Some("I8"),
       _ => None,
     }
   }
@@ -2058,6 +2062,7 @@ impl<'a> EmbeddingTable<'a> {
   pub const VT_POOLING: ::flatbuffers::VOffsetT = 10;
   pub const VT_WEIGHTS: ::flatbuffers::VOffsetT = 12;
   pub const VT_WEIGHT_TYPE: ::flatbuffers::VOffsetT = 14;
+  pub const VT_SCALES: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2070,6 +2075,7 @@ impl<'a> EmbeddingTable<'a> {
   ) -> ::flatbuffers::WIPOffset<EmbeddingTable<'bldr>> {
     let mut builder = EmbeddingTableBuilder::new(_fbb);
     builder.add_rows(args.rows);
+    if let Some(x) = args.scales { builder.add_scales(x); }
     if let Some(x) = args.weights { builder.add_weights(x); }
     builder.add_dim(args.dim);
     if let Some(x) = args.slot { builder.add_slot(x); }
@@ -2121,6 +2127,13 @@ impl<'a> EmbeddingTable<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<WeightType>(EmbeddingTable::VT_WEIGHT_TYPE, Some(WeightType::F32)).unwrap()}
   }
+  #[inline]
+  pub fn scales(&self) -> Option<&'a BlobRef> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<BlobRef>(EmbeddingTable::VT_SCALES, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for EmbeddingTable<'_> {
@@ -2135,6 +2148,7 @@ impl ::flatbuffers::Verifiable for EmbeddingTable<'_> {
      .visit_field::<Pooling>("pooling", Self::VT_POOLING, false)?
      .visit_field::<BlobRef>("weights", Self::VT_WEIGHTS, true)?
      .visit_field::<WeightType>("weight_type", Self::VT_WEIGHT_TYPE, false)?
+     .visit_field::<BlobRef>("scales", Self::VT_SCALES, false)?
      .finish();
     Ok(())
   }
@@ -2146,6 +2160,7 @@ pub struct EmbeddingTableArgs<'a> {
     pub pooling: Pooling,
     pub weights: Option<&'a BlobRef>,
     pub weight_type: WeightType,
+    pub scales: Option<&'a BlobRef>,
 }
 impl<'a> Default for EmbeddingTableArgs<'a> {
   #[inline]
@@ -2157,6 +2172,7 @@ impl<'a> Default for EmbeddingTableArgs<'a> {
       pooling: Pooling::Sum,
       weights: None, // required field
       weight_type: WeightType::F32,
+      scales: None,
     }
   }
 }
@@ -2191,6 +2207,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EmbeddingTableBuilder<'a, 'b,
     self.fbb_.push_slot::<WeightType>(EmbeddingTable::VT_WEIGHT_TYPE, weight_type, WeightType::F32);
   }
   #[inline]
+  pub fn add_scales(&mut self, scales: &BlobRef) {
+    self.fbb_.push_slot_always::<&BlobRef>(EmbeddingTable::VT_SCALES, scales);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EmbeddingTableBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     EmbeddingTableBuilder {
@@ -2216,6 +2236,7 @@ impl ::core::fmt::Debug for EmbeddingTable<'_> {
       ds.field("pooling", &self.pooling());
       ds.field("weights", &self.weights());
       ds.field("weight_type", &self.weight_type());
+      ds.field("scales", &self.scales());
       ds.finish()
   }
 }

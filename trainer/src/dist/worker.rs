@@ -75,8 +75,8 @@ struct Plan {
     /// Distinct slots of the tables.
     slots: Vec<usize>,
     shards: usize,
-    /// The embedding tables the model file stores as f16.
-    f16: Vec<bool>,
+    /// How the model file stores each embedding table.
+    stored: Vec<rankd_formats::WeightType>,
 }
 
 /// A batch whose ids were rewritten to local rows, with the global id of each local row.
@@ -105,11 +105,7 @@ impl Plan {
         slots.sort_unstable();
         slots.dedup();
         Plan {
-            f16: model
-                .embeddings
-                .iter()
-                .map(|e| e.weight_type == rankd_formats::WeightType::F16)
-                .collect(),
+            stored: model.embeddings.iter().map(|e| e.weight_type).collect(),
             dense: dense_tensors(&layout),
             layout,
             slot,
@@ -322,10 +318,13 @@ impl Plan {
             self.send_pull(shards, 0, &local, true)?;
             self.recv_pull(shards, &local, true, &mut params)?;
             if as_stored {
-                for (t, f16) in params.emb.iter_mut().zip(&self.f16) {
-                    if *f16 {
-                        crate::model::round_f16(t);
-                    }
+                for ((t, w), e) in params
+                    .emb
+                    .iter_mut()
+                    .zip(&self.stored)
+                    .zip(&self.layout.emb)
+                {
+                    crate::model::round_as_stored(*w, e.dim, t);
                 }
             }
             let rows: Vec<usize> = (0..local.labels.len()).collect();
