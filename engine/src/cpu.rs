@@ -563,36 +563,18 @@ fn copy_n<const N: usize>(src: &[f32], dst: &mut [f32]) {
     *dst = *src;
 }
 
-/// Sum (or mean) of the rows `ids` of `table` into `dst`.
+/// Sum (or mean) of the rows `ids` of `table` into `dst` (`dim` values each).
 #[inline]
 fn pool(table: Table<'_>, dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
-    match table {
-        Table::F32(t) => pool_f32(t, dim, ids, mean, dst),
-        Table::F16(t) => pool_f16(t, dim, ids, mean, dst),
-        Table::I8(q, scales) => pool_i8(q, scales, dim, ids, mean, dst),
-    }
-}
-
-/// [`pool`] of an int8 table: each value `q * scale` of its row, in f32.
-#[inline]
-fn pool_i8(table: &[i8], scales: &[f32], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
-    let row = |id: u32| {
-        let start = id as usize * dim;
-        (&table[start..start + dim], scales[id as usize])
-    };
+    debug_assert_eq!(dst.len(), dim);
     if let [id] = ids {
-        let (q, s) = row(*id);
-        for (d, &q) in dst.iter_mut().zip(q) {
-            *d = f32::from(q) * s;
-        }
+        // One id (the common case): the row itself, with no zeroing and no read of `dst`.
+        table.read_row(*id, dst);
         return;
     }
     dst.fill(0.0);
     for &id in ids {
-        let (q, s) = row(id);
-        for (d, &q) in dst.iter_mut().zip(q) {
-            *d += f32::from(q) * s;
-        }
+        table.add_row(id, dst);
     }
     if mean && ids.len() > 1 {
         let n = ids.len() as f32;
@@ -602,64 +584,67 @@ fn pool_i8(table: &[i8], scales: &[f32], dim: usize, ids: &[u32], mean: bool, ds
     }
 }
 
-/// [`pool`] of an f16 table: each row converted to f32 as it is read (exact: every f16 is an
-/// f32), then summed in f32 as for an f32 table holding the same values.
-#[inline]
-fn pool_f16(table: &[half::f16], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
-    use half::slice::HalfFloatSliceExt;
-    if let [id] = ids {
-        let start = *id as usize * dim;
-        table[start..start + dim].convert_to_f32_slice(dst);
-        return;
-    }
-    dst.fill(0.0);
-    let mut row = [0f32; 64];
-    for &id in ids {
+impl Table<'_> {
+    /// `dst` = row `id` in f32 (`dst.len()` values a row): an f16 value converted exactly, an
+    /// int8 one as `q * scale`.
+    #[inline]
+    fn read_row(self, id: u32, dst: &mut [f32]) {
+        let dim = dst.len();
         let start = id as usize * dim;
-        for (src, out) in table[start..start + dim].chunks(64).zip(dst.chunks_mut(64)) {
-            let row = &mut row[..src.len()];
-            src.convert_to_f32_slice(row);
-            for (d, v) in out.iter_mut().zip(row.iter()) {
-                *d += v;
+        match self {
+            Table::F32(t) => {
+                // The usual dimensions as fixed-size copies (a few vector moves, not a call to
+                // memmove).
+                let row = &t[start..start + dim];
+                match dim {
+                    8 => copy_n::<8>(row, dst),
+                    16 => copy_n::<16>(row, dst),
+                    32 => copy_n::<32>(row, dst),
+                    64 => copy_n::<64>(row, dst),
+                    _ => dst.copy_from_slice(row),
+                }
+            }
+            Table::F16(t) => {
+                use half::slice::HalfFloatSliceExt;
+                t[start..start + dim].convert_to_f32_slice(dst);
+            }
+            Table::I8(q, scales) => {
+                let s = scales[id as usize];
+                for (d, &q) in dst.iter_mut().zip(&q[start..start + dim]) {
+                    *d = f32::from(q) * s;
+                }
             }
         }
     }
-    if mean && ids.len() > 1 {
-        let n = ids.len() as f32;
-        for d in dst.iter_mut() {
-            *d /= n;
-        }
-    }
-}
 
-#[inline]
-fn pool_f32(table: &[f32], dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) {
-    if let [id] = ids {
-        // One id (the common case): a copy, with no zeroing and no read of `dst`; the usual
-        // dimensions as fixed-size copies (a few vector moves, not a call to memmove).
-        let start = *id as usize * dim;
-        let row = &table[start..start + dim];
-        match dim {
-            8 => copy_n::<8>(row, dst),
-            16 => copy_n::<16>(row, dst),
-            32 => copy_n::<32>(row, dst),
-            64 => copy_n::<64>(row, dst),
-            _ => dst.copy_from_slice(row),
-        }
-        return;
-    }
-    dst.fill(0.0);
-    for &id in ids {
+    /// `dst += row id`, summed in f32 as [`Self::read_row`] reads it.
+    #[inline]
+    fn add_row(self, id: u32, dst: &mut [f32]) {
+        let dim = dst.len();
         let start = id as usize * dim;
-        let row = &table[start..start + dim];
-        for (d, v) in dst.iter_mut().zip(row) {
-            *d += v;
-        }
-    }
-    if mean && ids.len() > 1 {
-        let n = ids.len() as f32;
-        for d in dst.iter_mut() {
-            *d /= n;
+        match self {
+            Table::F32(t) => {
+                for (d, v) in dst.iter_mut().zip(&t[start..start + dim]) {
+                    *d += v;
+                }
+            }
+            Table::F16(t) => {
+                use half::slice::HalfFloatSliceExt;
+                let mut row = [0f32; 64];
+                for (src, out) in t[start..start + dim].chunks(64).zip(dst.chunks_mut(64)) {
+                    let row = &mut row[..src.len()];
+                    src.convert_to_f32_slice(row);
+                    for (d, v) in out.iter_mut().zip(row.iter()) {
+                        *d += v;
+                    }
+                }
+            }
+            Table::I8(q, scales) => {
+                let s = scales[id as usize];
+                for (d, &q) in dst.iter_mut().zip(&q[start..start + dim]) {
+                    *d += f32::from(q) * s;
+                }
+            }
         }
     }
 }

@@ -85,9 +85,10 @@ pub(crate) struct EmbView {
     pub dim: usize,
     pub mean: bool,
     pub table: BlobRef,
-    /// Stored as f16 (two values per word of `table`).
-    pub f16: bool,
-    /// Stored as int8 with these per-row scales.
+    pub rows: u64,
+    /// How `table` stores the values (f16: two per word; int8: four, with `scales`).
+    pub weight_type: rankd_formats::WeightType,
+    /// An int8 table's per-row scales.
     pub scales: Option<BlobRef>,
     /// First column of its pooled output in the deep input.
     pub col: usize,
@@ -157,7 +158,8 @@ impl Model {
                 dim: e.dim as usize,
                 mean: e.pooling == Pooling::Mean,
                 table: e.weights,
-                f16: e.weight_type == rankd_formats::WeightType::F16,
+                rows: e.rows,
+                weight_type: e.weight_type,
                 scales: e.scales,
                 col,
             });
@@ -307,53 +309,37 @@ impl Model {
         self.file.weights(b)
     }
 
-    /// Rows of embedding table `e`.
-    pub(crate) fn table_rows(&self, e: &EmbView) -> u64 {
-        self.file
-            .spec()
-            .architecture
-            .embeddings
-            .iter()
-            .find(|t| t.weights == e.table)
-            .map_or(0, |t| t.rows)
-    }
-
     /// Embedding table `e`'s values.
     pub(crate) fn table(&self, e: &EmbView) -> Table<'_> {
-        if let Some(s) = e.scales {
-            return Table::I8(self.file.weights_i8(e.table), self.file.weights(s));
-        }
-        if e.f16 {
-            Table::F16(bytemuck::cast_slice(self.file.weights_f16(e.table)))
-        } else {
-            Table::F32(self.file.weights(e.table))
+        use rankd_formats::WeightType;
+        match e.weight_type {
+            WeightType::F32 => Table::F32(self.file.weights(e.table)),
+            WeightType::F16 => Table::F16(bytemuck::cast_slice(self.file.weights_f16(e.table))),
+            WeightType::I8 => Table::I8(
+                self.file.weights_i8(e.table),
+                self.file.weights(
+                    e.scales
+                        .expect("validated at open: an int8 table has scales"),
+                ),
+            ),
         }
     }
 
-    /// A blob as f32 values, for a device that takes f32 only: an f16 or int8 table converted
-    /// (its `values` values; int8 with its scales), any other blob as it is.
-    pub(crate) fn values_f32(
-        &self,
-        b: BlobRef,
-        convert: Option<(u64, Option<(BlobRef, usize)>)>,
-    ) -> std::borrow::Cow<'_, [f32]> {
+    /// Embedding table `e` as f32 values, for a device that takes f32 only: borrowed when
+    /// stored so, else converted (an f16 value exactly, an int8 one as `q * scale`).
+    pub(crate) fn table_f32(&self, e: &EmbView) -> std::borrow::Cow<'_, [f32]> {
         use half::slice::HalfFloatSliceExt;
-        match convert {
-            None => std::borrow::Cow::Borrowed(self.weights(b)),
-            Some((n, None)) => {
-                let halves: &[half::f16] = bytemuck::cast_slice(self.file.weights_f16(b));
-                std::borrow::Cow::Owned(halves[..n as usize].to_f32_vec())
-            }
-            Some((n, Some((scales, dim)))) => {
-                let (q, s) = (self.file.weights_i8(b), self.weights(scales));
-                std::borrow::Cow::Owned(
-                    q[..n as usize]
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &q)| f32::from(q) * s[i / dim])
-                        .collect(),
-                )
-            }
+        let (values, dim) = (e.rows as usize * e.dim, e.dim);
+        match self.table(e) {
+            Table::F32(t) => std::borrow::Cow::Borrowed(t),
+            Table::F16(t) => std::borrow::Cow::Owned(t[..values].to_f32_vec()),
+            Table::I8(q, s) => std::borrow::Cow::Owned(
+                q[..values]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| f32::from(q) * s[i / dim])
+                    .collect(),
+            ),
         }
     }
 

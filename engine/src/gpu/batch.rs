@@ -43,41 +43,37 @@ pub(crate) struct ArenaLayout {
     pub layer_b: Vec<u64>,
     /// Total length in f32 elements.
     pub len: u64,
-    /// Every placed blob: (arena offset, blob, and for an f16 or int8 table its value count and,
-    /// int8, its scales and dimension: the device holds it converted to f32), in arena order.
-    pub blobs: Vec<(u64, rankd_formats::BlobRef, Convert)>,
+    /// Every placed blob: (arena offset, blob, and the embedding table it holds when that is
+    /// stored as f16 or int8: the device holds it converted to f32), in arena order.
+    pub blobs: Vec<(u64, rankd_formats::BlobRef, Option<usize>)>,
 }
-
-/// How a blob becomes f32 on the device: as it is (`None`), or a table of that many values
-/// converted from f16 (no scales) or from int8 (its scales blob and dimension).
-pub type Convert = Option<(u64, Option<(rankd_formats::BlobRef, usize)>)>;
 
 impl ArenaLayout {
     pub fn new(model: &Model) -> ArenaLayout {
         let mut a = ArenaLayout::default();
-        let place = |b: rankd_formats::BlobRef, convert: Convert, a: &mut ArenaLayout| {
-            let at = a.len;
-            a.blobs.push((at, b, convert));
-            a.len = (at + convert.map_or(b.len, |c| c.0)).div_ceil(64) * 64;
-            at
-        };
-        for e in &model.emb {
-            let values = model.table_rows(e) * e.dim as u64;
-            let convert = match (e.f16, e.scales) {
-                (_, Some(s)) => Some((values, Some((s, e.dim)))),
-                (true, None) => Some((values, None)),
-                (false, None) => None,
+        // `len`: the blob's length on the device, in f32 values.
+        let place =
+            |b: rankd_formats::BlobRef, len: u64, table: Option<usize>, a: &mut ArenaLayout| {
+                let at = a.len;
+                a.blobs.push((at, b, table));
+                a.len = (at + len).div_ceil(64) * 64;
+                at
             };
-            let at = place(e.table, convert, &mut a);
+        for (ei, e) in model.emb.iter().enumerate() {
+            let at = if e.weight_type == rankd_formats::WeightType::F32 {
+                place(e.table, e.table.len, None, &mut a)
+            } else {
+                place(e.table, e.rows * e.dim as u64, Some(ei), &mut a)
+            };
             a.emb.push(at);
         }
         for &(_, b) in &model.wide {
-            let at = place(b, None, &mut a);
+            let at = place(b, b.len, None, &mut a);
             a.wide.push(at);
         }
         for l in &model.layers {
-            let w = place(l.weight, None, &mut a);
-            let b = place(l.bias, None, &mut a);
+            let w = place(l.weight, l.weight.len, None, &mut a);
+            let b = place(l.bias, l.bias.len, None, &mut a);
             a.layer_w.push(w);
             a.layer_b.push(b);
         }

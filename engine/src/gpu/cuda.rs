@@ -301,8 +301,11 @@ impl Uploader for CudaUploader {
             .stream
             .alloc_zeros::<f32>(layout.len.max(1) as usize)
             .map_err(|e| driver("weights allocation", e))?;
-        for &(at, blob, f16) in &layout.blobs {
-            let w = model.values_f32(blob, f16);
+        for &(at, blob, table) in &layout.blobs {
+            let w = match table {
+                Some(ei) => model.table_f32(&model.emb[ei]),
+                None => std::borrow::Cow::Borrowed(model.weights(blob)),
+            };
             let mut dst = arena.slice_mut(at as usize..at as usize + w.len());
             self.stream
                 .memcpy_htod(&w[..], &mut dst)

@@ -284,8 +284,11 @@ impl super::Uploader for HostUploader {
             super::check_fits(self.index, layout.bytes(), free)?;
         }
         let mut arena = vec![0f32; layout.len as usize];
-        for &(at, blob, f16) in &layout.blobs {
-            let w = model.values_f32(blob, f16);
+        for &(at, blob, table) in &layout.blobs {
+            let w = match table {
+                Some(ei) => model.table_f32(&model.emb[ei]),
+                None => std::borrow::Cow::Borrowed(model.weights(blob)),
+            };
             arena[at as usize..at as usize + w.len()].copy_from_slice(&w);
         }
         Ok(HostArena(arena))
