@@ -108,7 +108,7 @@ fn checkpoint_of(config: &TrainConfig, output: &Path) -> PathBuf {
 }
 
 /// What a multi-process task reports as it exits: its CPU time and peak memory.
-fn peak_rss() -> String {
+fn exit_stats() -> String {
     let cpu = rankd_trainer::cpu_seconds().map_or(String::new(), |s| format!("; cpu {s:.2} s"));
     rankd_trainer::peak_rss_bytes().map_or(cpu.clone(), |b| {
         format!("{cpu}; peak rss {:.1} MiB", b as f64 / (1 << 20) as f64)
@@ -123,7 +123,7 @@ fn serve_ps(listener: &TcpListener, shard: usize, shards: usize) -> Result<()> {
         .with_context(|| format!("ps {shard}"))?;
     eprintln!(
         "rankd-train: ps {shard} of {shards}: every worker finished{}",
-        peak_rss()
+        exit_stats()
     );
     Ok(())
 }
@@ -167,10 +167,10 @@ fn run_worker(
                 s.kept.logloss,
                 s.samples_per_second,
                 s.bytes_per_sample,
-                peak_rss()
+                exit_stats()
             );
         }
-        None => eprintln!("rankd-train: worker {index} finished{}", peak_rss()),
+        None => eprintln!("rankd-train: worker {index} finished{}", exit_stats()),
     }
     Ok(())
 }

@@ -37,6 +37,18 @@ fn config(dir: &Path, data: &Path) -> PathBuf {
     path
 }
 
+/// [`config`] in async mode.
+fn async_config(dir: &Path, data: &Path) -> PathBuf {
+    let cfg = config(dir, data);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("[train]\n", "[train]\nmode = \"async\"\n"),
+    )
+    .unwrap();
+    cfg
+}
+
 fn eval_auc(model: &Path) -> f64 {
     let m = rankd_formats::ModelFile::open(model).unwrap();
     m.spec()
@@ -255,13 +267,7 @@ fn asynchronous_workers_and_shards_learn() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &data);
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("[train]\n", "[train]\nmode = \"async\"\n"),
-    )
-    .unwrap();
+    let cfg = async_config(dir.path(), &data);
     let model = dir.path().join("async.rkm");
     train(&cfg, &model, &["--processes", "2", "--ps-shards", "2"]);
     let auc = eval_auc(&model);
@@ -430,13 +436,7 @@ fn a_killed_async_worker_is_restarted_and_rejoins_the_running_job() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &data);
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("[train]\n", "[train]\nmode = \"async\"\n"),
-    )
-    .unwrap();
+    let cfg = async_config(dir.path(), &data);
     let model = dir.path().join("async.rkm");
     let (log, restarts) = supervised_job_with_a_killed_worker(dir.path(), &cfg, &model);
     // Only the killed worker was restarted: the shards and the chief went on.

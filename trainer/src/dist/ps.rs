@@ -61,8 +61,10 @@ struct Table {
 }
 
 impl Table {
-    fn initial(&self, seed: u64, row: u32, out: &mut [f32]) {
-        match self.emb {
+    /// The initial values of row `row` of a table whose embedding index is `emb` (see
+    /// [`Table::emb`]): what the row reads as until a gradient touches it.
+    fn initial(emb: Option<usize>, seed: u64, row: u32, out: &mut [f32]) {
+        match emb {
             Some(t) => model::init_row(seed, t, u64::from(row), out),
             None => out.fill(0.0),
         }
@@ -354,7 +356,7 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
         .map_err(|e| TrainError::Data(format!("the chief's model config: {e}")))?;
     let spec = CompiledSpec::compile(&model.feature_spec())?;
     let layout = Layout::new(&model, &spec)?;
-    let mut tables: Vec<Table> = layout
+    let tables: Vec<Table> = layout
         .emb
         .iter()
         .enumerate()
@@ -398,7 +400,7 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
         model_json,
         rates: rates.optimizer(),
         hdfs,
-        tables: Vec::new(),
+        tables,
         dense,
         t: 0,
         round_done: 0,
@@ -413,9 +415,8 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
         absent: vec![None; workers],
     };
     if !restore.is_empty() {
-        read_state(&mut job, &mut tables, shared, Path::new(&restore))?;
+        read_state(&mut job, shared, Path::new(&restore))?;
     }
-    job.tables = tables;
     ready_payload(&job, out);
     let mut g = shared.lock();
     if g.job.is_some() {
@@ -482,7 +483,7 @@ fn pull(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<()> {
                     out.f32s(&table.w[at..at + table.dim]);
                 }
                 None => {
-                    table.initial(job.seed, id, &mut row);
+                    Table::initial(table.emb, job.seed, id, &mut row);
                     out.f32s(&row);
                 }
             }
@@ -607,11 +608,7 @@ fn apply(job: &mut Job, sparse: &[SparseGrad], dense: &[Vec<f32>]) {
                     table.map.insert(row, at as u32);
                     table.w.resize((at + 1) * dim, 0.0);
                     table.acc.resize((at + 1) * dim, model::ADAGRAD_INIT);
-                    let (w, emb) = (&mut table.w[at * dim..], table.emb);
-                    match emb {
-                        Some(t) => model::init_row(seed, t, u64::from(row), w),
-                        None => w.fill(0.0),
-                    }
+                    Table::initial(table.emb, seed, row, &mut table.w[at * dim..]);
                     at
                 }
             };
@@ -756,13 +753,10 @@ fn load(shared: &Shared, dir: &Path) -> Result<()> {
         .job
         .as_mut()
         .ok_or_else(|| TrainError::Data("load before the job started".into()))?;
-    let mut tables = std::mem::take(&mut job.tables);
-    let r = read_state(job, &mut tables, shared, dir);
-    job.tables = tables;
-    r
+    read_state(job, shared, dir)
 }
 
-fn read_state(job: &mut Job, tables: &mut [Table], shared: &Shared, dir: &Path) -> Result<()> {
+fn read_state(job: &mut Job, shared: &Shared, dir: &Path) -> Result<()> {
     let path = shard_file(dir, shared.shard, shared.shards);
     let bytes = super::store::get(&path, &job.hdfs)?
         .ok_or_else(|| TrainError::Data(format!("checkpoint {}: missing", path.display())))?;
@@ -779,11 +773,11 @@ fn read_state(job: &mut Job, tables: &mut [Table], shared: &Shared, dir: &Path) 
         )));
     }
     let t = c.u64()? as i32;
-    if c.u32()? as usize != tables.len() {
+    if c.u32()? as usize != job.tables.len() {
         return Err(bad("a different model (table count)"));
     }
     let mut ids = Vec::new();
-    for table in tables.iter_mut() {
+    for table in job.tables.iter_mut() {
         if c.u32()? as usize != table.dim {
             return Err(bad("a different model (table dimension)"));
         }

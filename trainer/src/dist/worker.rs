@@ -866,6 +866,7 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     {
         let export = Export {
             plan: &plan,
+            tensors: fitted.tensors()?,
             shards: RefCell::new(&mut shards),
         };
         crate::write_tensors(config, &fitted, metrics, &export, job.output)?;
@@ -940,46 +941,24 @@ fn done(shards: &mut Shards, worker: usize) -> Result<()> {
 /// a table in memory).
 struct Export<'a> {
     plan: &'a Plan,
+    /// The tensors the model config needs: their names and shapes.
+    tensors: Vec<rankd_formats::config::TensorSpec>,
     shards: RefCell<&'a mut Shards>,
 }
 
 /// Rows read from the shards per request when writing the model file.
 const EXPORT_ROWS: usize = 1 << 16;
 
-impl Export<'_> {
-    fn names(&self) -> Vec<(String, Vec<u64>)> {
-        let l = &self.plan.layout;
-        let mut v = Vec::new();
-        for e in &l.emb {
-            v.push((
-                format!("embedding.{}", e.name),
-                vec![e.rows as u64, e.dim as u64],
-            ));
-        }
-        for (_, name, n) in &l.wide {
-            v.push((format!("wide.{name}"), vec![*n as u64]));
-        }
-        if l.has_wide {
-            v.push(("wide.bias".into(), vec![1]));
-        }
-        for (i, &(inp, out)) in l.layers.iter().enumerate() {
-            v.push((format!("deep.{i}.weight"), vec![out as u64, inp as u64]));
-            v.push((format!("deep.{i}.bias"), vec![out as u64]));
-        }
-        v
-    }
-}
-
 impl Tensors for Export<'_> {
     fn shape(&self, name: &str) -> Option<Vec<u64>> {
-        self.names()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, s)| s)
+        self.tensors
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.shape.clone())
     }
 
     fn names(&self) -> Vec<String> {
-        Export::names(self).into_iter().map(|(n, _)| n).collect()
+        self.tensors.iter().map(|t| t.name.clone()).collect()
     }
 
     fn read(
