@@ -8,7 +8,6 @@ use rankd_benches::feed;
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::request::DenseRequest;
 use rankd_engine::{BatchOutput, InferenceBackend, Model};
-use rankd_feature_ops::Value;
 
 const ITEMS: usize = 200;
 
@@ -64,17 +63,7 @@ fn engine(c: &mut Criterion) {
         model.deep_macs_per_item()
     );
     let values: Vec<feed::Values> = (0..8).map(|s| feed::request(ITEMS, s + 1)).collect();
-    let requests: Vec<DenseRequest<'_>> = values
-        .iter()
-        .map(|v| DenseRequest {
-            user: v.user.iter().map(feed::Cell::value).collect(),
-            items: v
-                .items
-                .iter()
-                .map(|i| i.iter().map(feed::Cell::value).collect::<Vec<Value<'_>>>())
-                .collect(),
-        })
-        .collect();
+    let requests: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
 
     let mut group = c.benchmark_group("engine_feed");
     group.throughput(Throughput::Elements(ITEMS as u64));

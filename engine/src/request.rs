@@ -129,6 +129,21 @@ pub struct DenseRequest<'a> {
     pub items: Vec<Vec<Value<'a>>>,
 }
 
+/// The synthetic feed model's requests (tests and benchmarks), with each value borrowed.
+impl<'a> From<&'a rankd_formats::synth::feed::Values> for DenseRequest<'a> {
+    fn from(v: &'a rankd_formats::synth::feed::Values) -> Self {
+        use rankd_formats::synth::feed::Cell;
+        DenseRequest {
+            user: v.user.iter().map(Cell::value).collect(),
+            items: v
+                .items
+                .iter()
+                .map(|i| i.iter().map(Cell::value).collect())
+                .collect(),
+        }
+    }
+}
+
 impl Request for DenseRequest<'_> {
     fn user_value(&self, feature: usize) -> Value<'_> {
         self.user.get(feature).copied().unwrap_or_default()

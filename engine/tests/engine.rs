@@ -142,14 +142,7 @@ fn requests_spanning_many_chunks_match_the_reference() {
     let values = [feed::request(300, 11), feed::request(250, 12)];
     let reqs: Vec<rankd_engine::request::DenseRequest<'_>> = values
         .iter()
-        .map(|v| rankd_engine::request::DenseRequest {
-            user: v.user.iter().map(feed::Cell::value).collect(),
-            items: v
-                .items
-                .iter()
-                .map(|i| i.iter().map(feed::Cell::value).collect::<Vec<Value<'_>>>())
-                .collect(),
-        })
+        .map(rankd_engine::request::DenseRequest::from)
         .collect();
     for split in [Split::RequestLevel, Split::Off] {
         for isa in Isa::available() {

@@ -448,14 +448,7 @@ fn stored_tables_score_as_their_values(weight_type: rankd_formats::WeightType) {
         }
     }
     let v = feed::request(300, 5);
-    let req = rankd_engine::request::DenseRequest {
-        user: v.user.iter().map(feed::Cell::value).collect(),
-        items: v
-            .items
-            .iter()
-            .map(|i| i.iter().map(feed::Cell::value).collect())
-            .collect(),
-    };
+    let req = rankd_engine::request::DenseRequest::from(&v);
     // Every CPU build against the f64 reference (which decodes the halves itself).
     let want = rankd_engine::reference::score(&m16, &req).unwrap();
     for isa in rankd_engine::kernel::Isa::available() {

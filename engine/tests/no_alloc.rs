@@ -126,14 +126,7 @@ fn scoring_in_steady_state_does_not_allocate() {
     feed::write_typed(&path, 1, 17, WeightType::F16).unwrap();
     let model = Model::open(&path).unwrap();
     let v = feed::request(50, 3);
-    let req = DenseRequest {
-        user: v.user.iter().map(feed::Cell::value).collect(),
-        items: v
-            .items
-            .iter()
-            .map(|i| i.iter().map(feed::Cell::value).collect())
-            .collect(),
-    };
+    let req = DenseRequest::from(&v);
     let counts = count(&model, &req);
     assert!(counts.iter().all(|&n| n == 0), "f16 feed model: {counts:?}");
 }

@@ -137,14 +137,7 @@ fn export(dir: &std::path::Path, path: &std::path::Path, model: &Model, sizes: &
             &[n, feed::NUMERIC],
             &f32s(&dense),
         );
-        let request = DenseRequest {
-            user: v.user.iter().map(feed::Cell::value).collect(),
-            items: v
-                .items
-                .iter()
-                .map(|i| i.iter().map(feed::Cell::value).collect::<Vec<Value<'_>>>())
-                .collect(),
-        };
+        let request = DenseRequest::from(&v);
         let mut out = BatchOutput::default();
         CpuEngine::new().score(model, &[&request], &mut out);
         npy(
@@ -160,7 +153,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("feed.rkm");
-    // `--f16`: the tables stored as f16 (the same draws rounded); the scores' largest
+    // `--f16` / `--int8`: the tables stored so (the same draws rounded); the scores' largest
     // difference from the f32 model is printed.
     let weight_type = if args.iter().any(|a| a == "--f16") {
         rankd_formats::WeightType::F16
@@ -169,25 +162,18 @@ fn main() {
     } else {
         rankd_formats::WeightType::F32
     };
-    let f16 = weight_type != rankd_formats::WeightType::F32;
+
     feed::write_typed(&path, 1, 17, weight_type).unwrap();
     let model = Model::open(&path).unwrap();
     let sizes = [20usize, 200, 1000, 10_000];
-    if f16 {
+    if weight_type != rankd_formats::WeightType::F32 {
         let p32 = dir.path().join("feed32.rkm");
         feed::write(&p32).unwrap();
         let m32 = Model::open(&p32).unwrap();
         let mut worst = 0f32;
         for &n in &sizes {
             let v = feed::request(n, n as u64);
-            let req = DenseRequest {
-                user: v.user.iter().map(feed::Cell::value).collect(),
-                items: v
-                    .items
-                    .iter()
-                    .map(|i| i.iter().map(feed::Cell::value).collect::<Vec<Value<'_>>>())
-                    .collect(),
-            };
+            let req = DenseRequest::from(&v);
             let (mut a, mut b) = (BatchOutput::default(), BatchOutput::default());
             CpuEngine::new().score(&model, &[&req], &mut a);
             CpuEngine::new().score(&m32, &[&req], &mut b);
@@ -230,17 +216,7 @@ fn main() {
         println!("| --- | --- | ---: | ---: | ---: | ---: |");
     }
     let values: Vec<feed::Values> = sizes.iter().map(|&n| feed::request(n, n as u64)).collect();
-    let requests: Vec<DenseRequest<'_>> = values
-        .iter()
-        .map(|v| DenseRequest {
-            user: v.user.iter().map(feed::Cell::value).collect(),
-            items: v
-                .items
-                .iter()
-                .map(|i| i.iter().map(feed::Cell::value).collect::<Vec<Value<'_>>>())
-                .collect(),
-        })
-        .collect();
+    let requests: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
     for isa in Isa::available() {
         if only_isa
             .as_ref()

@@ -20,21 +20,9 @@ use rankd_engine::cpu::CpuEngine;
 use rankd_engine::gpu::{self, BatchSettings, Gpus};
 use rankd_engine::request::DenseRequest;
 use rankd_engine::{BatchOutput, InferenceBackend, Model};
-use rankd_feature_ops::Value;
 
 fn owned_request(items: usize, seed: u64) -> feed::Values {
     feed::request(items, seed)
-}
-
-fn dense(values: &feed::Values) -> DenseRequest<'_> {
-    DenseRequest {
-        user: values.user.iter().map(feed::Cell::value).collect(),
-        items: values
-            .items
-            .iter()
-            .map(|i| i.iter().map(feed::Cell::value).collect::<Vec<Value<'_>>>())
-            .collect(),
-    }
 }
 
 /// Items/s of `threads` threads each scoring `items`-item requests for `secs`.
@@ -51,7 +39,7 @@ fn items_per_sec(
             let (done, stop, score) = (&done, &stop, &score);
             s.spawn(move || {
                 let values = owned_request(items, 7 + t as u64);
-                let req = dense(&values);
+                let req = DenseRequest::from(&values);
                 let mut f = score(t);
                 let mut out = BatchOutput::default();
                 f(&req, &mut out); // warm-up (plans, uploads)

@@ -20,7 +20,6 @@ use rankd_benches::feed;
 use rankd_engine::cpu::CpuEngine;
 use rankd_engine::request::DenseRequest;
 use rankd_engine::{BatchOutput, InferenceBackend, Model};
-use rankd_feature_ops::Value;
 use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
 use rankd_serving::client::{FeatureValue, ScoreRequest};
 use rankd_serving::config::ServerConfig;
@@ -286,14 +285,7 @@ fn main() {
             pin(0);
             let model = Model::open(&path).unwrap();
             let values = feed::request(200, 7);
-            let req = DenseRequest {
-                user: values.user.iter().map(feed::Cell::value).collect(),
-                items: values
-                    .items
-                    .iter()
-                    .map(|i| i.iter().map(feed::Cell::value).collect::<Vec<Value<'_>>>())
-                    .collect(),
-            };
+            let req = DenseRequest::from(&values);
             let mut engine = CpuEngine::new();
             let mut out = BatchOutput::default();
             for _ in 0..200 {
