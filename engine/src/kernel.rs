@@ -228,9 +228,9 @@ fn for_blocks(
 }
 
 /// The epilogue of one output row: `out[j] = act(acc[j] + bias[j])` for the first `out.len()`
-/// columns of a panel.
+/// columns of a block (a panel, or half of one).
 #[inline(always)]
-fn finish_row(acc: &[f32; NR], bias: &[f32], relu: bool, out: &mut [f32]) {
+fn finish_row(acc: &[f32], bias: &[f32], relu: bool, out: &mut [f32]) {
     for ((o, &a), &b) in out.iter_mut().zip(acc).zip(bias) {
         let v = a + b;
         *o = if relu { v.max(0.0) } else { v };
@@ -508,7 +508,7 @@ mod x86 {
                                     // SAFETY: `tmp` holds 16 floats: two full vectors.
                                     unsafe { _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * h), *v) };
                                 }
-                                finish_cols(
+                                finish_row(
                                     &tmp,
                                     &bias(i)[c0..c0 + width],
                                     relu,
@@ -533,15 +533,6 @@ mod x86 {
 
     /// Half a panel's columns.
     const HALF: usize = NR / 2;
-
-    /// The epilogue of one row of a half panel.
-    #[inline(always)]
-    fn finish_cols(acc: &[f32; HALF], bias: &[f32], relu: bool, out: &mut [f32]) {
-        for ((o, &a), &b) in out.iter_mut().zip(acc).zip(bias) {
-            let v = a + b;
-            *o = if relu { v.max(0.0) } else { v };
-        }
-    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]

@@ -131,18 +131,23 @@ pub(crate) mod store {
         std::fs::rename(local, path).map_err(|e| err(path, e))
     }
 
+    /// Where to write the file bound for `path` before [`put`]: beside it for a local path (a
+    /// rename, not a copy; its directory is created), else in `scratch`.
+    pub fn staging(path: &Path, scratch: &tempfile::TempDir) -> Result<std::path::PathBuf> {
+        match (Location::is_hdfs(path), path.parent()) {
+            (false, Some(parent)) => {
+                std::fs::create_dir_all(parent).map_err(|e| err(path, e))?;
+                Ok(path.with_extension("tmp"))
+            }
+            _ => Ok(scratch.path().join("part")),
+        }
+    }
+
     /// Writes `bytes` to `path`.
     pub fn put_bytes(bytes: &[u8], path: &Path, hdfs: &HdfsSettings) -> Result<()> {
         use std::io::Write;
-        let dir = tempfile::tempdir().map_err(|e| err(path, e))?;
-        // A local destination gets its temporary file beside it (a rename, not a copy).
-        let tmp = match (Location::is_hdfs(path), path.parent()) {
-            (false, Some(parent)) => {
-                std::fs::create_dir_all(parent).map_err(|e| err(path, e))?;
-                path.with_extension("tmp")
-            }
-            _ => dir.path().join("part"),
-        };
+        let scratch = tempfile::tempdir().map_err(|e| err(path, e))?;
+        let tmp = staging(path, &scratch)?;
         let mut f = std::fs::File::create(&tmp).map_err(|e| err(path, e))?;
         f.write_all(bytes).map_err(|e| err(path, e))?;
         f.sync_all().map_err(|e| err(path, e))?;

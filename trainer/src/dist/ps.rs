@@ -704,13 +704,8 @@ fn save(shared: &Shared, dir: &Path) -> Result<()> {
         .ok_or_else(|| TrainError::Data("save before the job started".into()))?;
     let path = shard_file(dir, shared.shard, shared.shards);
     let io = |e: std::io::Error| TrainError::Data(format!("checkpoint {}: {e}", path.display()));
-    let local_dir = tempfile::tempdir().map_err(io)?;
-    let tmp = if rankd_storage::Location::is_hdfs(dir) {
-        local_dir.path().join("shard")
-    } else {
-        std::fs::create_dir_all(dir).map_err(io)?;
-        path.with_extension("tmp")
-    };
+    let scratch = tempfile::tempdir().map_err(io)?;
+    let tmp = super::store::staging(&path, &scratch)?;
     let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
     let mut b = Buf::default();
     b.0.extend_from_slice(MAGIC);
