@@ -11,6 +11,7 @@
 //! - [`ModelSpec`] is the owned description both sides share.
 
 pub mod config;
+pub mod delta;
 mod error;
 mod fbconv;
 mod layout;

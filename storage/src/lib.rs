@@ -14,6 +14,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod kafka;
+
 use bytes::Bytes;
 use futures::StreamExt;
 
@@ -61,6 +63,16 @@ pub enum StorageError {
         path: String,
         /// The error.
         source: std::io::Error,
+    },
+    /// A Kafka call failed.
+    #[error("kafka {op} {topic}: {message}")]
+    Kafka {
+        /// The operation.
+        op: &'static str,
+        /// The topic's URL.
+        topic: String,
+        /// The client's message.
+        message: String,
     },
     /// The consumer of a download refused the bytes (e.g. a checksum mismatch).
     #[error("{path}: {message}")]
