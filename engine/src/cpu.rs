@@ -278,20 +278,18 @@ impl CpuEngine {
             for &(ei, off) in &plan.user_emb {
                 let e = &model.emb[ei];
                 let ids = s.user.ids(e.slot, seg.user_row);
-                pool(
-                    model.table(e),
-                    e.dim,
-                    ids,
-                    e.mean,
-                    &mut s.user_vec[off..off + e.dim],
-                );
+                let dst = &mut s.user_vec[off..off + e.dim];
+                match model.emb_overlay(ei) {
+                    None => pool(model.table(e), e.dim, ids, e.mean, dst),
+                    Some(o) => pool_overlay(model.table(e), o, e.dim, ids, e.mean, dst),
+                }
             }
             for &(di, off) in &plan.user_dense {
                 s.user_vec[off] = s.user.dense(model.dense[di].0, seg.user_row);
             }
-            if let Some(l0) = model.layers.first() {
+            if !model.layers.is_empty() {
                 let u = &mut s.u[g * out1..(g + 1) * out1];
-                u.copy_from_slice(model.weights(l0.bias));
+                u.copy_from_slice(model.layer_bias(0));
                 for (j, &xj) in s.user_vec.iter().enumerate() {
                     if xj != 0.0 {
                         axpy(xj, &plan.w1_user[j * out1..(j + 1) * out1], u);
@@ -300,10 +298,9 @@ impl CpuEngine {
             }
             let mut w = model.wide_bias.unwrap_or(0.0);
             for &wi in &plan.user_wide {
-                let (slot, blob) = model.wide[wi];
-                let weights = model.weights(blob);
+                let slot = model.wide[wi].0;
                 for &id in s.user.ids(slot, seg.user_row) {
-                    w += weights[id as usize];
+                    w += model.wide_weight(wi, id);
                 }
             }
             s.wide_user[g] = w;
@@ -339,15 +336,34 @@ impl CpuEngine {
                 let e = &model.emb[ei];
                 let table = model.table(e);
                 let col = s.items.column(e.slot);
-                for row in r0..r1 {
-                    let at = (row - r0) * k + xoff;
-                    pool(
-                        table,
-                        e.dim,
-                        col.row_ids(row),
-                        e.mean,
-                        &mut s.x[at..at + e.dim],
-                    );
+                // A table without changed rows (every table of a version as loaded) takes the
+                // plain gather; the overlay is looked up once per table and chunk.
+                match model.emb_overlay(ei) {
+                    None => {
+                        for row in r0..r1 {
+                            let at = (row - r0) * k + xoff;
+                            pool(
+                                table,
+                                e.dim,
+                                col.row_ids(row),
+                                e.mean,
+                                &mut s.x[at..at + e.dim],
+                            );
+                        }
+                    }
+                    Some(o) => {
+                        for row in r0..r1 {
+                            let at = (row - r0) * k + xoff;
+                            pool_overlay(
+                                table,
+                                o,
+                                e.dim,
+                                col.row_ids(row),
+                                e.mean,
+                                &mut s.x[at..at + e.dim],
+                            );
+                        }
+                    }
                 }
             }
             for &(di, xoff) in &plan.item_dense {
@@ -410,8 +426,16 @@ impl CpuEngine {
         // Wide: slot by slot, so each table is resolved once.
         for &wi in &plan.item_wide {
             let (slot, blob) = model.wide[wi];
-            let weights = model.weights(blob);
             let col = s.items.column(slot);
+            if model.wide_overlay(wi).is_some() {
+                for (row, logit) in s.logits.iter_mut().enumerate() {
+                    for &id in col.row_ids(row) {
+                        *logit += model.wide_weight(wi, id);
+                    }
+                }
+                continue;
+            }
+            let weights = model.weights(blob);
             for (row, logit) in s.logits.iter_mut().enumerate() {
                 for &id in col.row_ids(row) {
                     *logit += weights[id as usize];
@@ -479,8 +503,8 @@ fn upper_layers(
         return;
     }
     for (i, l) in model.layers.iter().enumerate().skip(1) {
-        let w = model.weights(l.weight);
-        let b = model.weights(l.bias);
+        let w = model.layer_weight(i);
+        let b = model.layer_bias(i);
         if i == last {
             // The output layer is one wide (validated): a dot product per row.
             kernel::dot_rows(isa, h, width, w, &mut logits[..rows]);
@@ -514,7 +538,7 @@ impl CpuEngine {
         let plan = self.plans.get(model, &key);
         self.s.key = key;
         let s = &mut self.s;
-        let bias = model.weights(l0.bias);
+        let bias = model.layer_bias(0);
         out.clear();
         out.resize(rows, 0.0);
         // In chunks that stay in L2, as in `score`.
@@ -575,6 +599,33 @@ fn pool(table: Table<'_>, dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) 
     dst.fill(0.0);
     for &id in ids {
         table.add_row(id, dst);
+    }
+    if mean && ids.len() > 1 {
+        let n = ids.len() as f32;
+        for d in dst.iter_mut() {
+            *d /= n;
+        }
+    }
+}
+
+/// [`pool`] for a table with changed rows: each id's row from the overlay when it holds one,
+/// else from the table.
+#[inline]
+fn pool_overlay(
+    table: Table<'_>,
+    overlay: &crate::overlay::RowOverlay,
+    dim: usize,
+    ids: &[u32],
+    mean: bool,
+    dst: &mut [f32],
+) {
+    debug_assert_eq!(dst.len(), dim);
+    dst.fill(0.0);
+    for &id in ids {
+        match overlay.get(id) {
+            Some(row) => dst.iter_mut().zip(row).for_each(|(d, v)| *d += v),
+            None => table.add_row(id, dst),
+        }
     }
     if mean && ids.len() > 1 {
         let n = ids.len() as f32;

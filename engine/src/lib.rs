@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod gpu;
 pub mod json;
 pub mod kernel;
+pub mod overlay;
 mod plan;
 pub mod reference;
 pub mod request;
@@ -119,7 +120,7 @@ static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Model {
     id: u64,
     alive: std::sync::Arc<()>,
-    file: ModelFile,
+    file: std::sync::Arc<ModelFile>,
     pub(crate) emb: Vec<EmbView>,
     /// Dense slots and their deep-input column.
     pub(crate) dense: Vec<(usize, usize)>,
@@ -138,6 +139,9 @@ pub struct Model {
     pub(crate) plans: std::sync::Mutex<Vec<(FeatureSet, std::sync::Arc<plan::Plan>)>>,
     /// Which GPUs hold this version (set by [`gpu::Gpus::load`]).
     pub(crate) placement: gpu::Placement,
+    /// Rows and layers changed by online updates ([`Model::apply`]); empty for a version as
+    /// loaded.
+    pub(crate) updates: overlay::Updates,
 }
 
 impl Model {
@@ -213,7 +217,8 @@ impl Model {
             deep_in: col,
             plans: std::sync::Mutex::new(Vec::new()),
             placement: gpu::Placement::default(),
-            file,
+            updates: overlay::Updates::default(),
+            file: std::sync::Arc::new(file),
         }
     }
 

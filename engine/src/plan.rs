@@ -110,7 +110,7 @@ impl Plan {
         plan.k_item = item_cols.len();
         plan.k_user = user_cols.len();
         if let Some(l) = model.layers.first() {
-            let w = model.weights(l.weight);
+            let w = model.layer_weight(0);
             let gather = |cols: &[usize]| {
                 let mut out = vec![0f32; cols.len() * l.out_dim];
                 for (j, &c) in cols.iter().enumerate() {

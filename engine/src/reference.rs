@@ -39,9 +39,16 @@ pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> 
             .map_err(|source| EngineError::Item { item, source })?;
         let mut x: Vec<f64> = Vec::new();
         let mut fields: Vec<Vec<f64>> = Vec::new();
-        for e in &arch.embeddings {
+        for (ei, e) in arch.embeddings.iter().enumerate() {
             let dim = e.dim as usize;
+            // A row changed by an online update is read from the version's overlay.
+            let overlay = model.emb_overlay(ei);
             let value = |i: usize| match e.weight_type {
+                _ if overlay.is_some_and(|o| o.get((i / dim) as u32).is_some()) => f64::from(
+                    overlay
+                        .and_then(|o| o.get((i / dim) as u32))
+                        .expect("checked")[i % dim],
+                ),
                 WeightType::F32 => f64::from(model.file().weights(e.weights)[i]),
                 WeightType::F16 => f16_value(model.file().weights_f16(e.weights)[i]),
                 WeightType::I8 => {
@@ -72,9 +79,9 @@ pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> 
         let mut logit = 0f64;
         if !arch.deep.is_empty() {
             let mut h = x;
-            for l in &arch.deep {
-                let w = model.file().weights(l.weight);
-                let bias = model.file().weights(l.bias);
+            for (li, l) in arch.deep.iter().enumerate() {
+                let w = model.layer_weight(li);
+                let bias = model.layer_bias(li);
                 let (i_n, o_n) = (l.in_dim as usize, l.out_dim as usize);
                 let mut next = vec![0f64; o_n];
                 for o in 0..o_n {
@@ -92,11 +99,10 @@ pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> 
             logit += h[0];
         }
         if let Some(wide) = &arch.wide {
-            logit += f64::from(wide.bias);
-            for s in &wide.slots {
-                let w = model.file().weights(s.weights);
+            logit += f64::from(model.wide_bias.unwrap_or(wide.bias));
+            for (wi, s) in wide.slots.iter().enumerate() {
                 for &id in b.ids(slot(&s.slot), 0) {
-                    logit += f64::from(w[id as usize]);
+                    logit += f64::from(model.wide_weight(wi, id));
                 }
             }
         }

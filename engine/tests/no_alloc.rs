@@ -129,4 +129,41 @@ fn scoring_in_steady_state_does_not_allocate() {
     let req = DenseRequest::from(&v);
     let counts = count(&model, &req);
     assert!(counts.iter().all(|&n| n == 0), "f16 feed model: {counts:?}");
+    // A version with online updates applied (overlays on every table, a replaced layer).
+    use rankd_formats::delta::{Delta, LayerUpdate, RowUpdate, TableKind};
+    let mut delta = Delta {
+        model: "feed".into(),
+        base_version: 1,
+        sequence: 1,
+        ..Delta::default()
+    };
+    for i in 0..feed::CATEGORICAL as u32 {
+        delta.tables.push(RowUpdate {
+            kind: TableKind::Embedding,
+            index: i,
+            dim: 16,
+            rows: (0..1000).collect(),
+            values: vec![0.01; 16_000],
+        });
+        delta.tables.push(RowUpdate {
+            kind: TableKind::Wide,
+            index: i,
+            dim: 1,
+            rows: (0..1000).collect(),
+            values: vec![0.01; 1000],
+        });
+    }
+    delta.layers.push(LayerUpdate {
+        index: 1,
+        out_dim: 128,
+        in_dim: 256,
+        weight: vec![0.001; 128 * 256],
+        bias: vec![0.0; 128],
+    });
+    let updated = model.apply(&delta).unwrap();
+    let counts = count(&updated, &req);
+    assert!(
+        counts.iter().all(|&n| n == 0),
+        "updated feed model: {counts:?}"
+    );
 }

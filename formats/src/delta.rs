@@ -332,9 +332,10 @@ impl<'a> Reader<'a> {
     }
 
     fn u32s(&mut self, n: usize) -> Result<Vec<u32>, DeltaError> {
-        let bytes = self.take(n.checked_mul(4).ok_or_else(|| {
-            DeltaError::Malformed(format!("{n} values overflow"))
-        })?)?;
+        let bytes = self.take(
+            n.checked_mul(4)
+                .ok_or_else(|| DeltaError::Malformed(format!("{n} values overflow")))?,
+        )?;
         Ok(bytes
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
@@ -342,9 +343,10 @@ impl<'a> Reader<'a> {
     }
 
     fn f32s(&mut self, n: usize) -> Result<Vec<f32>, DeltaError> {
-        let bytes = self.take(n.checked_mul(4).ok_or_else(|| {
-            DeltaError::Malformed(format!("{n} values overflow"))
-        })?)?;
+        let bytes = self.take(
+            n.checked_mul(4)
+                .ok_or_else(|| DeltaError::Malformed(format!("{n} values overflow")))?,
+        )?;
         Ok(bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
@@ -425,15 +427,14 @@ impl PartHeader {
 /// bytes of it each, every part with its header: one message each.
 pub fn split(encoded: &[u8], base_version: u64, sequence: u64, max_payload: usize) -> Vec<Vec<u8>> {
     let max_payload = max_payload.max(1);
-    let checksum = encoded
-        .len()
-        .checked_sub(8)
-        .map_or(0, |at| u64::from_le_bytes(encoded[at..].try_into().expect("8")));
+    let checksum = encoded.len().checked_sub(8).map_or(0, |at| {
+        u64::from_le_bytes(encoded[at..].try_into().expect("8"))
+    });
     let parts = encoded.len().div_ceil(max_payload).max(1);
     (0..parts)
         .map(|i| {
-            let chunk = &encoded[(i * max_payload).min(encoded.len())
-                ..((i + 1) * max_payload).min(encoded.len())];
+            let chunk = &encoded
+                [(i * max_payload).min(encoded.len())..((i + 1) * max_payload).min(encoded.len())];
             let mut msg = Vec::with_capacity(PART_HEADER_LEN + chunk.len());
             PartHeader {
                 base_version,
@@ -499,7 +500,8 @@ impl Assembler {
                     old.parts
                 ))));
             }
-            let mut buf = Vec::with_capacity((h.total_len as usize).min(payload.len() * h.parts as usize));
+            let mut buf =
+                Vec::with_capacity((h.total_len as usize).min(payload.len() * h.parts as usize));
             buf.extend_from_slice(payload);
             self.current = Some((h, buf));
         } else {
@@ -597,7 +599,10 @@ mod tests {
             assert!(Delta::decode(&b).is_err(), "flip at {i} accepted");
         }
         for n in 0..bytes.len() {
-            assert!(Delta::decode(&bytes[..n]).is_err(), "truncation to {n} accepted");
+            assert!(
+                Delta::decode(&bytes[..n]).is_err(),
+                "truncation to {n} accepted"
+            );
         }
     }
 
@@ -652,7 +657,10 @@ mod tests {
 
         // Over the limit: refused at the first part.
         let mut a = Assembler::new(16);
-        assert!(matches!(a.push(&parts[0])[..], [Err(DeltaError::TooLarge { .. })]));
+        assert!(matches!(
+            a.push(&parts[0])[..],
+            [Err(DeltaError::TooLarge { .. })]
+        ));
         // Garbage.
         assert!(matches!(
             a.push(b"not a part at all, just some bytes here.........")[..],

@@ -225,7 +225,10 @@ impl Topic {
 
     /// The first offset still held (retention) and the next offset to be written.
     pub fn offsets(&self) -> Result<(i64, i64)> {
-        let first = self.block("list offsets", self.partition.get_offset(OffsetAt::Earliest))?;
+        let first = self.block(
+            "list offsets",
+            self.partition.get_offset(OffsetAt::Earliest),
+        )?;
         let next = self.block("list offsets", self.partition.get_offset(OffsetAt::Latest))?;
         Ok((first, next))
     }
@@ -244,8 +247,7 @@ impl Topic {
         limit: Duration,
         f: impl std::future::Future<Output = std::result::Result<T, rskafka::client::error::Error>>,
     ) -> Result<T> {
-        self.runtime
-            .block_on(deadline(limit, op, &self.url, f))
+        self.runtime.block_on(deadline(limit, op, &self.url, f))
     }
 }
 
@@ -418,7 +420,11 @@ mod tests {
         let t = std::time::Instant::now();
         let (none, _) = topic.fetch(5, Duration::from_millis(300)).unwrap();
         assert!(none.is_empty());
-        assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
         // A second client sees the same topic (it exists now).
         let again = Topic::connect(&url, true, Duration::from_secs(20)).unwrap();
         assert_eq!(again.fetch(0, Duration::ZERO).unwrap().0.len(), 5);

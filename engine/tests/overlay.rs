@@ -1,0 +1,267 @@
+//! Online updates: a version with a delta applied ([`Model::apply`]) scores exactly what a model
+//! file written with the changed parameters scores, on every kernel build and split mode; bad
+//! deltas are refused whole and leave the version as it was.
+
+use std::collections::BTreeSet;
+
+use rankd_engine::cpu::{CpuEngine, Split};
+use rankd_engine::kernel::Isa;
+use rankd_engine::request::DenseRequest;
+use rankd_engine::{BatchOutput, InferenceBackend, ItemRow, Model, UserRow};
+use rankd_feature_ops::SlotBatch;
+use rankd_formats::config::{write_model, TensorMap};
+use rankd_formats::delta::{Delta, DeltaError, LayerUpdate, RowUpdate, TableKind};
+use rankd_formats::synth::{feed, Rng};
+use rankd_formats::Metadata;
+
+fn tensors(seed: u64) -> TensorMap {
+    let config = feed::config();
+    let mut rng = Rng::new(seed);
+    let mut t = TensorMap::new();
+    for s in config.tensors().unwrap() {
+        let n = s.numel() as usize;
+        let scale = if s.name.starts_with("deep.") && s.name.ends_with("weight") {
+            (2.0 / s.shape[1] as f32).sqrt()
+        } else {
+            0.05
+        };
+        t.insert(s.name, (s.shape, rng.vec(n, scale)));
+    }
+    t
+}
+
+fn write(path: &std::path::Path, t: &TensorMap) -> Model {
+    let meta = Metadata {
+        name: "feed".into(),
+        version: 1,
+        ..Metadata::default()
+    };
+    write_model(&feed::config(), meta, t, path).unwrap();
+    Model::open(path).unwrap()
+}
+
+/// Ids of every slot the requests touch, per slot.
+fn touched(model: &Model, reqs: &[DenseRequest<'_>]) -> Vec<BTreeSet<u32>> {
+    let spec = model.features();
+    let mut out = vec![BTreeSet::new(); spec.slots().len()];
+    for r in reqs {
+        let mut rows = Vec::new();
+        let mut b = SlotBatch::new();
+        spec.transform_row(&UserRow(r), &mut b).unwrap();
+        rows.push(b);
+        for item in 0..rankd_engine::Request::num_items(r) {
+            let mut b = SlotBatch::new();
+            spec.transform_row(&ItemRow { request: r, item }, &mut b)
+                .unwrap();
+            rows.push(b);
+        }
+        for b in &rows {
+            for (s, set) in out.iter_mut().enumerate() {
+                if spec.slots()[s].kind.num_ids().is_some() {
+                    set.extend(b.ids(s, 0).iter().copied());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn score(engine: &mut CpuEngine, model: &Model, reqs: &[DenseRequest<'_>]) -> Vec<f32> {
+    let refs: Vec<&dyn rankd_engine::Request> = reqs
+        .iter()
+        .map(|r| r as &dyn rankd_engine::Request)
+        .collect();
+    let mut out = BatchOutput::default();
+    engine.score(model, &refs, &mut out);
+    (0..reqs.len())
+        .flat_map(|i| out.get(i).unwrap().to_vec())
+        .collect()
+}
+
+struct Case {
+    base: Model,
+    patched: Model,
+    delta: Delta,
+    _dir: tempfile::TempDir,
+}
+
+/// A base model, a delta changing half of the rows the requests touch in every table (user- and
+/// item-level), the wide bias and the first two layers, and the model file written with the
+/// changed parameters.
+fn case(reqs: &[DenseRequest<'_>]) -> Case {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = tensors(17);
+    let base = write(&dir.path().join("base.rkm"), &t0);
+    let config = feed::config();
+    let ids = touched(&base, reqs);
+    let mut t1 = t0.clone();
+    let mut rng = Rng::new(99);
+    let mut delta = Delta {
+        model: "feed".into(),
+        base_version: 1,
+        sequence: 1,
+        ..Delta::default()
+    };
+    let spec = base.features();
+    for (i, e) in config.embeddings.iter().enumerate() {
+        let slot = spec.slot_index(&e.slot).unwrap();
+        let dim = e.dim as usize;
+        let rows: Vec<u32> = ids[slot].iter().copied().step_by(2).collect();
+        let values = rng.vec(rows.len() * dim, 0.1);
+        let table = &mut t1.get_mut(&format!("embedding.{}", e.slot)).unwrap().1;
+        for (r, v) in rows.iter().zip(values.chunks(dim)) {
+            table[*r as usize * dim..(*r as usize + 1) * dim].copy_from_slice(v);
+        }
+        delta.tables.push(RowUpdate {
+            kind: TableKind::Embedding,
+            index: i as u32,
+            dim: dim as u32,
+            rows,
+            values,
+        });
+    }
+    for (i, s) in config.wide.as_ref().unwrap().slots.iter().enumerate() {
+        let slot = spec.slot_index(s).unwrap();
+        let rows: Vec<u32> = ids[slot].iter().copied().skip(1).step_by(2).collect();
+        let values = rng.vec(rows.len(), 0.5);
+        let table = &mut t1.get_mut(&format!("wide.{s}")).unwrap().1;
+        for (r, v) in rows.iter().zip(&values) {
+            table[*r as usize] = *v;
+        }
+        delta.tables.push(RowUpdate {
+            kind: TableKind::Wide,
+            index: i as u32,
+            dim: 1,
+            rows,
+            values,
+        });
+    }
+    delta.wide_bias = Some(-0.75);
+    t1.get_mut("wide.bias").unwrap().1[0] = -0.75;
+    for i in 0..2 {
+        let (shape, w) = t1.get_mut(&format!("deep.{i}.weight")).unwrap();
+        let (out_dim, in_dim) = (shape[0] as u32, shape[1] as u32);
+        w.iter_mut().for_each(|v| *v *= 0.9);
+        let w = w.clone();
+        let b = &mut t1.get_mut(&format!("deep.{i}.bias")).unwrap().1;
+        b.iter_mut().for_each(|v| *v += 0.01);
+        delta.layers.push(LayerUpdate {
+            index: i,
+            out_dim,
+            in_dim,
+            weight: w,
+            bias: b.clone(),
+        });
+    }
+    let patched = write(&dir.path().join("patched.rkm"), &t1);
+    Case {
+        base,
+        patched,
+        delta,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn an_applied_delta_scores_what_a_file_with_those_parameters_scores() {
+    let values = [
+        feed::request(300, 11),
+        feed::request(40, 12),
+        feed::request(1, 13),
+    ];
+    let reqs: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
+    let c = case(&reqs);
+    // Warm a plan on the base first: the updated version must rebuild it (layer 0 changed).
+    let before = score(&mut CpuEngine::new(), &c.base, &reqs);
+    let updated = c.base.apply(&c.delta).unwrap();
+    assert_eq!(updated.version(), 1);
+    let stats = updated.update_stats();
+    assert_eq!(stats.sequence, 1);
+    assert_eq!(stats.overlay_rows as usize, c.delta.changed_rows());
+    for isa in Isa::available() {
+        for split in [Split::RequestLevel, Split::Off] {
+            let mut e = CpuEngine::with_split(split).with_isa(isa);
+            let got = score(&mut e, &updated, &reqs);
+            let want = score(&mut e, &c.patched, &reqs);
+            let max = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max <= 1e-6, "{isa:?} {split:?}: max difference {max}");
+        }
+    }
+    // The f64 reference reads the overlays too.
+    for r in &reqs {
+        let a = rankd_engine::reference::score(&updated, r).unwrap();
+        let b = rankd_engine::reference::score(&c.patched, r).unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+        }
+    }
+    // The delta matters, and the base version is untouched by it.
+    let changed = score(&mut CpuEngine::new(), &updated, &reqs);
+    assert!(changed.iter().zip(&before).filter(|(a, b)| a != b).count() > before.len() / 2);
+    assert_eq!(score(&mut CpuEngine::new(), &c.base, &reqs), before);
+}
+
+#[test]
+fn deltas_in_sequence_equal_one_delta_and_tables_not_touched_share_their_overlay() {
+    let values = [feed::request(100, 21)];
+    let reqs: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
+    let c = case(&reqs);
+    // The same changes in two deltas: the tables in the first, the rest in the second.
+    let mut first = c.delta.clone();
+    first.layers.clear();
+    first.wide_bias = None;
+    let mut second = c.delta.clone();
+    second.sequence = 2;
+    second.tables.truncate(3);
+    let one = c.base.apply(&c.delta).unwrap();
+    let two = c.base.apply(&first).unwrap().apply(&second).unwrap();
+    assert_eq!(two.update_stats().sequence, 2);
+    assert_eq!(
+        two.update_stats().overlay_rows,
+        one.update_stats().overlay_rows
+    );
+    let mut e = CpuEngine::new();
+    assert_eq!(score(&mut e, &two, &reqs), score(&mut e, &one, &reqs));
+}
+
+#[test]
+fn bad_deltas_are_refused_whole() {
+    let values = [feed::request(50, 31)];
+    let reqs: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
+    let c = case(&reqs);
+    let mut e = CpuEngine::new();
+    let before = score(&mut e, &c.base, &reqs);
+    let edits: Vec<(&str, Box<dyn Fn(&mut Delta)>)> = vec![
+        ("model", Box::new(|d| d.model = "other".into())),
+        ("version", Box::new(|d| d.base_version = 2)),
+        ("table index", Box::new(|d| d.tables[0].index = 99)),
+        ("row", Box::new(|d| d.tables[1].rows[0] = u32::MAX)),
+        (
+            "dim",
+            Box::new(|d| {
+                d.tables[0].dim = 8;
+            }),
+        ),
+        (
+            "values",
+            Box::new(|d| d.tables[0].values.pop().map_or((), drop)),
+        ),
+        ("nan", Box::new(|d| d.tables[2].values[0] = f32::NAN)),
+        ("wide nan", Box::new(|d| d.wide_bias = Some(f32::INFINITY))),
+        ("layer", Box::new(|d| d.layers[1].index = 7)),
+        ("layer shape", Box::new(|d| d.layers[0].in_dim = 3)),
+        ("layer nan", Box::new(|d| d.layers[1].bias[0] = f32::NAN)),
+    ];
+    for (what, edit) in edits {
+        let mut d = c.delta.clone();
+        edit(&mut d);
+        // Valid in every table but the last one edited: nothing may be half-applied.
+        let err = c.base.apply(&d).unwrap_err();
+        assert!(matches!(err, DeltaError::Mismatch(_)), "{what}: {err}");
+    }
+    assert_eq!(score(&mut e, &c.base, &reqs), before);
+}
