@@ -235,7 +235,8 @@ fn bad_deltas_are_refused_whole() {
     let c = case(&reqs);
     let mut e = CpuEngine::new();
     let before = score(&mut e, &c.base, &reqs);
-    let edits: Vec<(&str, Box<dyn Fn(&mut Delta)>)> = vec![
+    type Edit = Box<dyn Fn(&mut Delta)>;
+    let edits: Vec<(&str, Edit)> = vec![
         ("model", Box::new(|d| d.model = "other".into())),
         ("version", Box::new(|d| d.base_version = 2)),
         ("table index", Box::new(|d| d.tables[0].index = 99)),
