@@ -29,10 +29,14 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 /// The `/models` document.
 pub fn models_json(shared: &Shared) -> String {
     let reg = shared.registry();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let models: serde_json::Map<String, serde_json::Value> = reg
         .models
         .iter()
         .map(|(name, e)| {
+            let updates = shared.updates.get(name);
             let versions: Vec<serde_json::Value> = e
                 .versions
                 .iter()
@@ -45,6 +49,18 @@ pub fn models_json(shared: &Shared) -> String {
                         "backend": m.backend(),
                         "backend_note": m.placement_note(),
                         "path": m.file().path().display().to_string(),
+                        "updates": updates.as_ref().map(|u| {
+                            let s = m.update_stats();
+                            let state = u.versions.get(v).cloned().unwrap_or_default();
+                            serde_json::json!({
+                                "state": if state.waiting.is_some() { "waiting_for_snapshot" } else { "applying" },
+                                "reason": state.waiting,
+                                "last_sequence": s.sequence,
+                                "staleness_seconds": crate::updates::staleness_seconds(m, now_ms),
+                                "overlay_rows": s.overlay_rows,
+                                "overlay_bytes": s.overlay_bytes,
+                            })
+                        }),
                         "features": m.file().spec().features.features.iter().map(|f| {
                             serde_json::json!({
                                 "name": f.name,
@@ -62,6 +78,14 @@ pub fn models_json(shared: &Shared) -> String {
                     "labels": e.labels,
                     "split": e.split.iter().map(|(l, w)| (l.clone(), *w)).collect::<std::collections::BTreeMap<_, _>>(),
                     "default_version": e.route(b""),
+                    "updates": updates.as_ref().map(|u| serde_json::json!({
+                        "topic": u.topic,
+                        "connected": u.connected,
+                        "last_error": u.last_error,
+                        "next_offset": u.next_offset,
+                        "applied": u.applied,
+                        "refused": u.refused,
+                    })),
                 }),
             )
         })
@@ -100,10 +124,14 @@ pub fn route(shared: &Shared, method: &Method, path: &str) -> Response<Full<Byte
         "/metrics" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(
-                &shared.registry().loaded(),
-                shared.gpus.as_deref().map(|g| g.metrics()),
-            ),
+            {
+                let reg = shared.registry();
+                let mut out = shared
+                    .metrics
+                    .render(&reg.loaded(), shared.gpus.as_deref().map(|g| g.metrics()));
+                shared.updates.render(&reg, &mut out);
+                out
+            },
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {

@@ -39,6 +39,11 @@ pub struct ModelPolicy {
     /// Traffic split between labels by weight, e.g. `stable = 95, canary = 5`.
     #[serde(default)]
     pub split: BTreeMap<String, u32>,
+    /// Online updates: `kafka://host:port/topic`, the topic `rankd-train online` publishes this
+    /// model's deltas to. Every replica reads it on its own and applies the deltas of the
+    /// versions it serves.
+    #[serde(default)]
+    pub updates: Option<String>,
 }
 
 /// Batching of requests from concurrent connections on one core.
@@ -289,6 +294,10 @@ impl ServerConfig {
                         "model `{name}`: versions must be \"latest\", \"all\" or a list, not {n:?}"
                     ));
                 }
+            }
+            if let Some(u) = &p.updates {
+                u.parse::<rankd_storage::kafka::KafkaUrl>()
+                    .map_err(|e| format!("model `{name}`: updates: {e}"))?;
             }
             if p.latest == Some(0) {
                 return Err(format!("model `{name}`: latest must be at least 1"));

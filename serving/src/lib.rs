@@ -1,5 +1,5 @@
 //! rankd's serving side: the daemon ([`server`], [`registry`], [`reload`], [`hdfs_source`],
-//! [`admin`], [`kserve`]). The wire protocol and the Rust client live in `rankd-client`
+//! [`admin`], [`kserve`], [`updates`]). The wire protocol and the Rust client live in `rankd-client`
 //! (re-exported here as [`client`], [`protocol`] and [`gen`]); the engines in `rankd-engine`
 //! (re-exported as [`engine`]).
 
@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod registry;
 pub mod reload;
 pub mod server;
+pub mod updates;

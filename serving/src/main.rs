@@ -186,6 +186,8 @@ fn run(cli: Cli) -> Result<()> {
     }
     rankd_serving::reload::start(server.shared.clone(), cli.config.clone(), rejected, hdfs)
         .context("cannot start the model watcher")?;
+    rankd_serving::updates::start(server.shared.clone())
+        .context("cannot start the online-update consumers")?;
     eprintln!(
         "rankd: serving on {} ({threads} cores, {driver}); admin on http://{admin}",
         server.addr

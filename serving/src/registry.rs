@@ -14,7 +14,7 @@ use crate::engine::Model;
 use crate::protocol::ErrorCode;
 
 /// One model with its loaded versions.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ModelEntry {
     /// Loaded versions.
     pub versions: BTreeMap<u64, Arc<Model>>,
@@ -43,7 +43,7 @@ impl ModelEntry {
 }
 
 /// A snapshot of everything being served.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Registry {
     /// Models by name.
     pub models: BTreeMap<String, ModelEntry>,
@@ -373,6 +373,27 @@ impl Registry {
             }
         }
         (reg, problems)
+    }
+
+    /// Keeps online updates published while this snapshot was being built from `start`: a
+    /// version this snapshot took over from `start` unchanged, which `live` (the snapshot
+    /// published now) serves as an updated model on the same file, is taken from `live`.
+    pub fn keep_updates(&mut self, start: &Registry, live: &Registry) {
+        for (name, entry) in &mut self.models {
+            for (v, m) in &mut entry.versions {
+                let from_start = start
+                    .models
+                    .get(name)
+                    .and_then(|e| e.versions.get(v))
+                    .is_some_and(|s| Arc::ptr_eq(s, m));
+                let Some(l) = live.models.get(name).and_then(|e| e.versions.get(v)) else {
+                    continue;
+                };
+                if from_start && !Arc::ptr_eq(l, m) && std::ptr::eq(l.file(), m.file()) {
+                    *m = l.clone();
+                }
+            }
+        }
     }
 
     /// Every loaded version, for the metrics.

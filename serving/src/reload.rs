@@ -124,10 +124,12 @@ pub fn rescan(
     {
         eprintln!("rankd: model `{name}`: unloaded");
     }
-    let previous = std::mem::replace(
-        &mut *shared.registry.lock().unwrap_or_else(|e| e.into_inner()),
-        Arc::new(next),
-    );
+    let mut guard = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+    let mut next = next;
+    // Online updates applied while this scan ran are kept.
+    next.keep_updates(&current, &guard);
+    let previous = std::mem::replace(&mut *guard, Arc::new(next));
+    drop(guard);
     retired.0.push(previous);
     shared.generation.fetch_add(1, Ordering::SeqCst);
     shared.metrics.reloads.fetch_add(1, Ordering::Relaxed);

@@ -48,6 +48,8 @@ pub struct Shared {
     pub samples: crate::registry::WarmupSamples,
     /// The GPUs, when models run on GPUs.
     pub gpus: Option<Arc<rankd_engine::gpu::Gpus>>,
+    /// Online updates: the consumers' state.
+    pub updates: crate::updates::Updates,
 }
 
 impl Shared {
@@ -1200,6 +1202,7 @@ impl Server {
             generation: std::sync::atomic::AtomicU64::new(0),
             samples: Default::default(),
             gpus,
+            updates: Default::default(),
             config,
         });
         let n = shared.config.worker_threads();

@@ -22,7 +22,7 @@ pub struct Dataset {
     pub slots: SlotBatch,
 }
 
-fn parse_cell(
+pub(crate) fn parse_cell(
     text: &str,
     ty: FeatureType,
     s: &TrainSettings,

@@ -15,6 +15,7 @@ mod error;
 pub mod fit;
 pub mod metrics;
 pub mod model;
+pub mod online;
 pub mod parallel;
 
 use std::io::IsTerminal;

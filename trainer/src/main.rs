@@ -84,6 +84,37 @@ enum Role {
         #[arg(long)]
         resume: bool,
     },
+    /// Online learning: trains continuously on samples from a Kafka topic, starting from a
+    /// served model, and publishes parameter deltas (and, every `snapshot_interval_s`, a new
+    /// version). Settings in the config's [online] table; the flags override them.
+    Online {
+        /// A config with [train] and [online] tables.
+        #[arg(long)]
+        config: PathBuf,
+        /// The base model file (default: [online].base, else the newest version in
+        /// [online].snapshot_dir).
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// The samples topic, kafka://host:port/topic.
+        #[arg(long)]
+        samples: Option<String>,
+        /// The updates topic.
+        #[arg(long)]
+        updates: Option<String>,
+        /// The model's directory in the daemon's model root, for snapshots.
+        #[arg(long)]
+        snapshot_dir: Option<PathBuf>,
+        /// Publish a delta every this many milliseconds.
+        #[arg(long)]
+        publish_interval_ms: Option<u64>,
+        /// Stop after reading this many samples (after a last delta).
+        #[arg(long)]
+        max_samples: Option<u64>,
+        /// At the end, write the current parameters as a model file of the current base
+        /// version (what the base plus the published deltas amount to).
+        #[arg(long)]
+        export: Option<PathBuf>,
+    },
 }
 
 fn load(path: &Path) -> Result<TrainConfig> {
@@ -175,9 +206,81 @@ fn run_worker(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn run_online(
+    config: &Path,
+    base: Option<PathBuf>,
+    samples: Option<String>,
+    updates: Option<String>,
+    snapshot_dir: Option<PathBuf>,
+    publish_interval_ms: Option<u64>,
+    max_samples: Option<u64>,
+    export: Option<PathBuf>,
+) -> Result<()> {
+    use rankd_trainer::online;
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let mut cfg = online::OnlineConfig::from_toml(&text)
+        .with_context(|| format!("in {}", config.display()))?;
+    let dir = config.parent().unwrap_or(Path::new("."));
+    let o = &mut cfg.online;
+    o.base = base.or(o.base.take()).map(|p| dir.join(p));
+    o.snapshot_dir = snapshot_dir.or(o.snapshot_dir.take()).map(|p| dir.join(p));
+    o.samples = samples.or(o.samples.take());
+    o.updates = updates.or(o.updates.take());
+    if let Some(ms) = publish_interval_ms {
+        o.publish_interval_ms = ms.max(1);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::Relaxed))
+        .context("cannot install the signal handler")?;
+    let limits = online::Limits {
+        max_samples,
+        export,
+    };
+    let r = online::run(&cfg, &stop, limits, &mut std::io::stderr())?;
+    println!(
+        "online: {} samples trained, {} held back (rolling auc {:.4} logloss {:.4}), {} skipped; {} deltas, snapshots {:?}; last: version {} delta {}; next offset {}{}",
+        r.trained,
+        r.held_out,
+        r.holdout_auc,
+        r.holdout_logloss,
+        r.bad_samples,
+        r.deltas,
+        r.snapshots,
+        r.base_version,
+        r.sequence,
+        r.next_offset,
+        exit_stats()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let patience = Duration::from_secs(cli.connect_timeout);
     match cli.role {
+        Some(Role::Online {
+            config,
+            base,
+            samples,
+            updates,
+            snapshot_dir,
+            publish_interval_ms,
+            max_samples,
+            export,
+        }) => {
+            return run_online(
+                &config,
+                base,
+                samples,
+                updates,
+                snapshot_dir,
+                publish_interval_ms,
+                max_samples,
+                export,
+            );
+        }
         Some(Role::Ps {
             shard,
             shards,
