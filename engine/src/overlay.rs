@@ -55,6 +55,9 @@ impl RowOverlay {
 
     fn set(&mut self, rows: &[u32], values: &[f32]) {
         self.index.reserve(rows.len());
+        // At most every row is new: one allocation instead of doublings (and no slack of up to
+        // half the values after the last one).
+        self.values.reserve(rows.len() * self.dim);
         for (&id, v) in rows.iter().zip(values.chunks_exact(self.dim)) {
             let next = (self.values.len() / self.dim) as u32;
             let at = *self.index.entry(id).or_insert(next) as usize * self.dim;

@@ -56,6 +56,8 @@ pub fn models_json(shared: &Shared) -> String {
                                 "state": if state.waiting.is_some() { "waiting_for_snapshot" } else { "applying" },
                                 "reason": state.waiting,
                                 "last_sequence": s.sequence,
+                                "last_applied_unix_ms": state.applied_ms,
+                                "newest_sample_unix_ms": s.newest_sample_ms,
                                 "staleness_seconds": crate::updates::staleness_seconds(m, now_ms),
                                 "overlay_rows": s.overlay_rows,
                                 "overlay_bytes": s.overlay_bytes,

@@ -42,6 +42,8 @@ pub struct VersionUpdates {
     pub sequence: u64,
     /// Why it waits for the next snapshot, when it does.
     pub waiting: Option<String>,
+    /// When the last delta was applied (Unix ms; 0: none).
+    pub applied_ms: u64,
 }
 
 /// What one model's update consumer is doing.
@@ -480,6 +482,7 @@ impl Consumer {
             m.applied += 1;
             if let Some(v) = m.versions.get_mut(&version) {
                 v.sequence = delta.sequence;
+                v.applied_ms = now;
             }
         });
     }
