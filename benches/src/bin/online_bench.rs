@@ -87,7 +87,11 @@ fn daemon_with(root: &Path, updates: &str, extra: &[&str]) -> Daemon {
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     loop {
-        let line = lines.next().expect("rankd exited").unwrap();
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("rankd exited before serving");
+        };
         if let Some(rest) = line.strip_prefix("rankd: serving on ") {
             let addr = rest.split_whitespace().next().unwrap().to_owned();
             let admin = line.rsplit("http://").next().unwrap().to_owned();
@@ -156,7 +160,7 @@ fn sample(rng: &mut Rng, zipf: &mut Zipf) -> Vec<u8> {
         let v = zipf.next_rank();
         // The hidden rule: one item category clicks far more often than the rest.
         if i == 10 {
-            clicky = v % 3 == 0;
+            clicky = v.is_multiple_of(3);
         }
         if i % 2 == 1 {
             fields.push(format!("\"{name}\": \"c{i}_{}\"", v % feed::VOCAB));
