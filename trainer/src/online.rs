@@ -365,14 +365,24 @@ pub fn run(
     let updates_url = url("updates", &o.updates)?;
     let base = match (&o.base, &o.snapshot_dir) {
         (Some(b), _) => b.clone(),
-        (None, Some(dir)) => newest_version(dir)?.1,
+        (None, Some(dir)) => newest_version(dir, &cfg.train.hdfs())?.1,
         (None, None) => {
             return Err(TrainError::Config(
                 "[online] needs base (a model file) or snapshot_dir holding versions".into(),
             ))
         }
     };
-    let file = ModelFile::open(&base).map_err(|e| TrainError::Data(e.to_string()))?;
+    // A base on HDFS is read from a local copy (the file is mapped).
+    let local_copy = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
+    let local_base = if rankd_storage::Location::is_hdfs(&base) {
+        let p = local_copy.path().join("base.rkm");
+        rankd_storage::get_file(&base, &p, &cfg.train.hdfs())
+            .map_err(|e| TrainError::Data(e.to_string()))?;
+        p
+    } else {
+        base.clone()
+    };
+    let file = ModelFile::open(&local_base).map_err(|e| TrainError::Data(e.to_string()))?;
     let config = model_config_of(&file)?;
     let spec = file.compiled().clone();
     let layout = Layout::new(&config, &spec)?;
@@ -521,27 +531,43 @@ fn is_held_out(offset: i64, fraction: f64) -> bool {
     (h as f64) < fraction * u64::MAX as f64
 }
 
-/// The newest `VERSION/` directory of a model directory and its model file.
-pub fn newest_version(dir: &Path) -> Result<(u64, PathBuf)> {
-    let mut best: Option<(u64, PathBuf)> = None;
-    for e in
-        std::fs::read_dir(dir).map_err(|e| TrainError::Data(format!("{}: {e}", dir.display())))?
-    {
-        let e = e.map_err(|e| TrainError::Data(format!("{}: {e}", dir.display())))?;
-        let Some(v) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
-            continue;
-        };
-        let file = e.path().join("model.rkm");
-        if file.is_file() && best.as_ref().is_none_or(|(b, _)| v > *b) {
-            best = Some((v, file));
+/// The newest `VERSION/model.rkm` of a model directory (local or `hdfs://`).
+pub fn newest_version(dir: &Path, hdfs: &rankd_storage::HdfsSettings) -> Result<(u64, PathBuf)> {
+    let err = |e: String| TrainError::Data(format!("{}: {e}", dir.display()));
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
+    match rankd_storage::Location::from_path(dir).map_err(|e| err(e.to_string()))? {
+        rankd_storage::Location::Hdfs(h) => {
+            let client = rankd_storage::Hdfs::for_path(&h, hdfs).map_err(|e| err(e.to_string()))?;
+            for e in client.list(&h.path).map_err(|e| err(e.to_string()))? {
+                let (Ok(v), true) = (e.name.parse::<u64>(), e.is_dir) else {
+                    continue;
+                };
+                let file = h.join(&e.name).join("model.rkm");
+                if client
+                    .stat(&file.path)
+                    .is_ok_and(|s| s.is_some_and(|s| !s.is_dir))
+                {
+                    found.push((v, PathBuf::from(file.url())));
+                }
+            }
+        }
+        rankd_storage::Location::Local(_) => {
+            for e in std::fs::read_dir(dir).map_err(|e| err(e.to_string()))? {
+                let e = e.map_err(|e| err(e.to_string()))?;
+                let Ok(v) = e.file_name().to_string_lossy().parse::<u64>() else {
+                    continue;
+                };
+                let file = e.path().join("model.rkm");
+                if file.is_file() {
+                    found.push((v, file));
+                }
+            }
         }
     }
-    best.ok_or_else(|| {
-        TrainError::Data(format!(
-            "{}: no VERSION/model.rkm to start from",
-            dir.display()
-        ))
-    })
+    found
+        .into_iter()
+        .max_by_key(|(v, _)| *v)
+        .ok_or_else(|| err("no VERSION/model.rkm to start from".into()))
 }
 
 impl Online<'_> {
@@ -813,20 +839,16 @@ impl Online<'_> {
     fn snapshot(&mut self, dir: &Path, log: &mut dyn std::io::Write) -> Result<()> {
         // Changes not yet published go into the file, not into a delta.
         let _ = self.take_delta();
-        let on_disk = newest_version(dir).map(|(v, _)| v).unwrap_or(0);
+        let hdfs = self.cfg.train.hdfs();
+        let on_disk = newest_version(dir, &hdfs).map(|(v, _)| v).unwrap_or(0);
         let version = self.base_version.max(on_disk) + 1;
-        let tmp = dir.join(format!(".online-{version}.partial"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)
-            .map_err(|e| TrainError::Data(format!("{}: {e}", tmp.display())))?;
-        self.write_model(&tmp.join("model.rkm"), version)?;
-        let dest = dir.join(version.to_string());
-        std::fs::rename(&tmp, &dest)
-            .map_err(|e| TrainError::Data(format!("{}: {e}", dest.display())))?;
+        let local = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
+        let file = local.path().join("model.rkm");
+        self.write_model(&file, version)?;
+        let dest = place_version(dir, version, &file, &hdfs)?;
         let _ = writeln!(
             log,
-            "online: snapshot version {version} written to {} (deltas now refer to it)",
-            dest.display()
+            "online: snapshot version {version} written to {dest} (deltas now refer to it)"
         );
         self.base_version = version;
         self.sequence = 0;
@@ -852,6 +874,45 @@ impl Online<'_> {
     }
 }
 
+/// Puts the model file `local` into `dir` (local or `hdfs://`) as `VERSION/model.rkm`: into a
+/// hidden directory first, which is then renamed, so that a daemon never sees a partial version.
+/// Returns the version directory.
+pub fn place_version(
+    dir: &Path,
+    version: u64,
+    local: &Path,
+    hdfs: &rankd_storage::HdfsSettings,
+) -> Result<String> {
+    let err = |e: String| TrainError::Data(format!("{}: {e}", dir.display()));
+    let hidden = format!(".online-{version}.partial");
+    match rankd_storage::Location::from_path(dir).map_err(|e| err(e.to_string()))? {
+        rankd_storage::Location::Hdfs(h) => {
+            let client = rankd_storage::Hdfs::for_path(&h, hdfs).map_err(|e| err(e.to_string()))?;
+            let tmp = h.join(&hidden);
+            let _ = client.delete(&tmp.path, true);
+            client.mkdirs(&tmp.path).map_err(|e| err(e.to_string()))?;
+            let mut f = std::fs::File::open(local).map_err(|e| err(e.to_string()))?;
+            client
+                .upload(&mut f, &tmp.join("model.rkm").path, true)
+                .map_err(|e| err(e.to_string()))?;
+            let dest = h.join(&version.to_string());
+            client
+                .rename(&tmp.path, &dest.path, false)
+                .map_err(|e| err(e.to_string()))?;
+            Ok(dest.url())
+        }
+        rankd_storage::Location::Local(_) => {
+            let tmp = dir.join(&hidden);
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp).map_err(|e| err(e.to_string()))?;
+            std::fs::copy(local, tmp.join("model.rkm")).map_err(|e| err(e.to_string()))?;
+            let dest = dir.join(version.to_string());
+            std::fs::rename(&tmp, &dest).map_err(|e| err(e.to_string()))?;
+            Ok(dest.display().to_string())
+        }
+    }
+}
+
 fn parse_label(text: &str) -> std::result::Result<f32, String> {
     match text.trim() {
         "0" | "0.0" | "false" => Ok(0.0),
@@ -864,4 +925,133 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_file_reads_back_as_the_config_and_parameters_that_write_it_again() {
+        use rankd_formats::synth::{write_synthetic, ModelKind, SynthOptions};
+        let dir = tempfile::tempdir().unwrap();
+        for kind in [ModelKind::Wide, ModelKind::WideDeep, ModelKind::DeepFm] {
+            let a = dir.path().join(format!("{kind:?}-a.rkm"));
+            write_synthetic(
+                &a,
+                &SynthOptions {
+                    kind,
+                    ..SynthOptions::default()
+                },
+            )
+            .unwrap();
+            let file = ModelFile::open(&a).unwrap();
+            let config = model_config_of(&file).unwrap();
+            let layout = Layout::new(&config, file.compiled()).unwrap();
+            let params = params_of(&file, &layout);
+            let b = dir.path().join(format!("{kind:?}-b.rkm"));
+            rankd_formats::config::write_model(
+                &config,
+                file.spec().metadata.clone(),
+                &params.tensors(&layout),
+                &b,
+            )
+            .unwrap();
+            let again = ModelFile::open(&b).unwrap();
+            // The same spec and every blob equal: the file the trainer would write is the one
+            // it started from.
+            assert_eq!(again.spec().features, file.spec().features, "{kind:?}");
+            let blobs = |f: &ModelFile| -> Vec<Vec<f32>> {
+                let arch = &f.spec().architecture;
+                let mut v: Vec<Vec<f32>> = arch
+                    .embeddings
+                    .iter()
+                    .map(|e| f.weights(e.weights).to_vec())
+                    .collect();
+                v.extend(
+                    arch.deep
+                        .iter()
+                        .flat_map(|l| [f.weights(l.weight).to_vec(), f.weights(l.bias).to_vec()]),
+                );
+                if let Some(w) = &arch.wide {
+                    v.extend(w.slots.iter().map(|s| f.weights(s.weights).to_vec()));
+                    v.push(vec![w.bias]);
+                }
+                v
+            };
+            assert_eq!(blobs(&again), blobs(&file), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn config_errors_say_what_is_wrong() {
+        let ok = "[train]\ntrain_files = []\n[online]\nsamples = \"kafka://a:1/s\"\n";
+        assert!(OnlineConfig::from_toml(ok).is_ok());
+        for (text, want) in [
+            ("[train]\ntrain_files = []\n", "no [online]"),
+            (&format!("{ok}holdout = 1.5\n"), "holdout"),
+            (&format!("{ok}start = \"middle\"\n"), "earliest or latest"),
+            (
+                &format!("{ok}publish_interval_ms = 0\n"),
+                "publish_interval_ms",
+            ),
+            (&format!("{ok}colums = []\n"), "unknown field"),
+        ] {
+            let e = OnlineConfig::from_toml(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn versions_are_placed_whole_locally_and_on_a_real_hdfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.rkm");
+        rankd_formats::synth::write_synthetic(&file, &Default::default()).unwrap();
+        let hdfs = rankd_storage::HdfsSettings::default();
+        let local_root = dir.path().join("m");
+        std::fs::create_dir_all(&local_root).unwrap();
+        assert!(newest_version(&local_root, &hdfs).is_err());
+        place_version(&local_root, 3, &file, &hdfs).unwrap();
+        place_version(&local_root, 12, &file, &hdfs).unwrap();
+        let (v, p) = newest_version(&local_root, &hdfs).unwrap();
+        assert_eq!((v, p), (12, local_root.join("12/model.rkm")));
+        // Nothing hidden is left behind.
+        let names: Vec<_> = std::fs::read_dir(&local_root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+
+        let Some(cluster) = rankd_storage::testing::cluster() else {
+            return;
+        };
+        let root = PathBuf::from(cluster.unique_dir("online-versions"));
+        place_version(&root, 4, &file, &hdfs).unwrap();
+        place_version(&root, 9, &file, &hdfs).unwrap();
+        let (v, p) = newest_version(&root, &hdfs).unwrap();
+        assert_eq!(v, 9);
+        let back = dir.path().join("back.rkm");
+        rankd_storage::get_file(&p, &back, &hdfs).unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&file).unwrap());
+    }
+
+    #[test]
+    fn changed_rows_come_out_once_and_sorted() {
+        let mut c = Changed::new(200);
+        for r in [150, 3, 150, 64, 3, 199] {
+            c.add(r);
+        }
+        assert_eq!(c.take(), [3, 64, 150, 199]);
+        assert!(c.take().is_empty());
+        c.add(3);
+        assert_eq!(c.take(), [3]);
+    }
+
+    #[test]
+    fn the_held_back_fraction_is_close_to_the_setting() {
+        let n = 100_000;
+        let held = (0..n).filter(|&o| is_held_out(o, 0.05)).count();
+        assert!((4_500..5_500).contains(&held), "{held}");
+        assert_eq!((0..n).filter(|&o| is_held_out(o, 0.0)).count(), 0);
+    }
 }
