@@ -304,7 +304,23 @@ impl Consumer {
         }
         self.track_versions();
         let topic = self.topic.as_ref().expect("connected above");
-        let (messages, _) = topic.fetch(self.offset, FETCH_WAIT)?;
+        let (messages, _) = match topic.fetch(self.offset, FETCH_WAIT) {
+            Ok(m) => m,
+            Err(e) if e.to_string().contains("OffsetOutOfRange") => {
+                // Retention removed what this replica had not read yet: go on from the oldest
+                // message still held. A version whose deltas were lost sees the gap in its
+                // sequence and waits for the next snapshot.
+                let first = topic.offsets()?.0;
+                eprintln!(
+                    "rankd: model `{}`: offset {} of {} is no longer held; reading on from {first}",
+                    self.name, self.offset, self.url
+                );
+                self.offset = first;
+                self.assembler = Assembler::new(MAX_DELTA_BYTES);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let offset = self.offset;
         self.shared.updates.with(&self.name, |m| {
             m.connected = true;
