@@ -47,6 +47,10 @@ struct Scratch {
     fm_sum: Vec<f32>,
     h: Vec<f32>,
     h2: Vec<f32>,
+    /// Cross layers: the running output `x_l`, a layer's product, a low-rank layer's middle.
+    xc: Vec<f32>,
+    ct: Vec<f32>,
+    cp: Vec<f32>,
     logits: Vec<f32>,
     segs: Vec<Seg>,
     /// For each item row of the group, the index of its request in `segs`.
@@ -373,6 +377,14 @@ impl CpuEngine {
                     s.x[i * k + xoff] = v;
                 }
             }
+            // Cross layers: x_{l+1} = x0 ⊙ (W x_l + b) + x_l, on the whole deep input (the
+            // plan of a cross model has every column per item, in model order).
+            if let Some(c) = &model.cross {
+                cross_layers(
+                    model, c, self.isa, n, k, &s.x, &mut s.xc, &mut s.ct, &mut s.cp,
+                );
+            }
+            let stacked = model.cross.as_ref().is_some_and(|c| c.output.is_none());
             // Deep part: the request-level part (bias included) is each row's bias.
             if let Some(l0) = model.layers.first() {
                 grow(&mut s.h, n * out1);
@@ -380,7 +392,7 @@ impl CpuEngine {
                 kernel::dense(
                     self.isa,
                     n,
-                    &s.x,
+                    if stacked { &s.xc } else { &s.x },
                     k,
                     &plan.w1_item,
                     |i| {
@@ -398,6 +410,17 @@ impl CpuEngine {
                     &mut s.logits[r0..r1],
                     n,
                 );
+            }
+            // A parallel cross network's output joins the logit.
+            if let Some(out) = model.cross.as_ref().and_then(|c| c.output) {
+                let w = model.weights(out);
+                for (i, logit) in s.logits[r0..r1].iter_mut().enumerate() {
+                    *logit += s.xc[i * k..(i + 1) * k]
+                        .iter()
+                        .zip(w)
+                        .map(|(x, w)| x * w)
+                        .sum::<f32>();
+                }
             }
             // FM: the request's sums plus the item's fields.
             if model.fm {
@@ -454,6 +477,38 @@ impl CpuEngine {
     }
 }
 
+/// The cross layers on `n` rows of the deep input `x0` (row stride `k`): `xc` ends as the last
+/// layer's output. `ct` and `cp` are scratch.
+#[allow(clippy::too_many_arguments)]
+fn cross_layers(
+    model: &Model,
+    c: &crate::CrossView,
+    isa: Isa,
+    n: usize,
+    k: usize,
+    x0: &[f32],
+    xc: &mut Vec<f32>,
+    ct: &mut Vec<f32>,
+    cp: &mut Vec<f32>,
+) {
+    grow(xc, n * k);
+    xc[..n * k].copy_from_slice(&x0[..n * k]);
+    for l in &c.layers {
+        let bias = model.weights(l.bias);
+        grow(ct, n * k);
+        if l.rank == 0 {
+            kernel::dense(isa, n, xc, k, &l.w, |_| bias, false, ct);
+        } else {
+            grow(cp, n * l.rank);
+            kernel::dense(isa, n, xc, k, &l.v, |_| &l.zeros, false, cp);
+            kernel::dense(isa, n, cp, l.rank, &l.u, |_| bias, false, ct);
+        }
+        for ((x, &t), &x0) in xc[..n * k].iter_mut().zip(&ct[..n * k]).zip(&x0[..n * k]) {
+            *x += x0 * t;
+        }
+    }
+}
+
 /// Rows per chunk: the chunk's deep input in about 192 KiB, so that it stays in the core's L2
 /// (512 KiB and up on x86 servers) while every weight panel of the first layer streams past it.
 /// Measured on the feed model (AVX2, 2-core EPYC): 96 KiB to 384 KiB are within noise of each
@@ -474,8 +529,14 @@ impl InferenceBackend for CpuEngine {
         let mut start = 0;
         let mut key = std::mem::take(&mut self.s.key);
         let mut next = std::mem::take(&mut self.s.next_key);
+        // Cross layers mix every column of the deep input: no request-level split for them.
+        let split = if model.cross.is_some() {
+            Split::Off
+        } else {
+            self.split
+        };
         while start < requests.len() {
-            let end = group_end(model, requests, start, self.split, &mut key, &mut next);
+            let end = group_end(model, requests, start, split, &mut key, &mut next);
             let plan: Arc<Plan> = self.plans.get(model, &key);
             self.score_group(model, &plan, requests, start..end, out, base);
             start = end;

@@ -113,6 +113,62 @@ pub(crate) struct LayerView {
     pub bias: BlobRef,
 }
 
+/// One DCN-v2 cross layer as the CPU engine runs it.
+#[derive(Clone, Debug)]
+pub(crate) struct CrossLayerView {
+    /// 0: full-rank (`w` packed `[d][d]`); `r`: `v` (`d` to `r`) then `u` (`r` to `d`).
+    pub rank: usize,
+    pub w: kernel::Packed,
+    pub v: kernel::Packed,
+    pub u: kernel::Packed,
+    pub bias: BlobRef,
+    /// `rank` zeros: the bias of the first low-rank product.
+    pub zeros: Vec<f32>,
+}
+
+/// The cross network as the CPU engine runs it.
+#[derive(Clone, Debug)]
+pub(crate) struct CrossView {
+    pub layers: Vec<CrossLayerView>,
+    /// Parallel: the output weights; stacked: `None`.
+    pub output: Option<BlobRef>,
+}
+
+impl CrossView {
+    fn new(file: &ModelFile, c: &rankd_formats::Cross) -> CrossView {
+        let layers = c
+            .layers
+            .iter()
+            .map(|l| {
+                let d = l.dim as usize;
+                let r = l.rank as usize;
+                let mut view = CrossLayerView {
+                    rank: r,
+                    w: kernel::Packed::default(),
+                    v: kernel::Packed::default(),
+                    u: kernel::Packed::default(),
+                    bias: l.bias,
+                    zeros: vec![0.0; r],
+                };
+                if r == 0 {
+                    let w = file.weights(l.weight.expect("validated: full rank has a weight"));
+                    view.w = kernel::Packed::from_out_in(w, d, d);
+                } else {
+                    let v = file.weights(l.v.expect("validated: low rank has v"));
+                    let u = file.weights(l.u.expect("validated: low rank has u"));
+                    view.v = kernel::Packed::new(d, r, |kk, j| v[kk * r + j]);
+                    view.u = kernel::Packed::from_out_in(u, d, r);
+                }
+                view
+            })
+            .collect();
+        CrossView {
+            layers,
+            output: c.output,
+        }
+    }
+}
+
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
 
 /// An open model, ready to score. Immutable; share it through `Arc`.
@@ -132,6 +188,9 @@ pub struct Model {
     /// product per row).
     pub(crate) packed: Vec<kernel::Packed>,
     pub(crate) fm: bool,
+    /// DCN-v2 cross layers over the deep input (such a model runs without the request-level
+    /// split: every cross layer mixes all columns).
+    pub(crate) cross: Option<CrossView>,
     pub(crate) deep_in: usize,
     /// Plans built for this model so far, by any core or by the warm-up before the model was
     /// published: a core meeting a request shape for the first time takes the plan from here
@@ -214,6 +273,11 @@ impl Model {
             layers,
             packed,
             fm: spec.architecture.fm,
+            cross: spec
+                .architecture
+                .cross
+                .as_ref()
+                .map(|c| CrossView::new(&file, c)),
             deep_in: col,
             plans: std::sync::Mutex::new(Vec::new()),
             placement: gpu::Placement::default(),

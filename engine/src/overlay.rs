@@ -239,6 +239,7 @@ impl Model {
             layers: self.layers.clone(),
             packed,
             fm: self.fm,
+            cross: self.cross.clone(),
             deep_in: self.deep_in,
             plans: std::sync::Mutex::new(Vec::new()),
             placement: crate::gpu::Placement::default(),

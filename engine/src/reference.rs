@@ -77,6 +77,44 @@ pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> 
             x.push(f64::from(b.dense(slot(d), 0)));
         }
         let mut logit = 0f64;
+        // DCN-v2 cross layers: x_{l+1} = x0 * (W x_l + b) + x_l.
+        if let Some(c) = &arch.cross {
+            let d = x.len();
+            let x0 = x.clone();
+            let mut xl = x.clone();
+            for l in &c.layers {
+                let r = l.rank as usize;
+                let bias = model.file().weights(l.bias);
+                let mut t: Vec<f64> = bias.iter().map(|&b| f64::from(b)).collect();
+                if r == 0 {
+                    let w = model.file().weights(l.weight.expect("validated"));
+                    for (o, t) in t.iter_mut().enumerate() {
+                        *t += (0..d).map(|i| f64::from(w[o * d + i]) * xl[i]).sum::<f64>();
+                    }
+                } else {
+                    let u = model.file().weights(l.u.expect("validated"));
+                    let v = model.file().weights(l.v.expect("validated"));
+                    let p: Vec<f64> = (0..r)
+                        .map(|j| (0..d).map(|i| f64::from(v[i * r + j]) * xl[i]).sum())
+                        .collect();
+                    for (o, t) in t.iter_mut().enumerate() {
+                        *t += (0..r).map(|j| f64::from(u[o * r + j]) * p[j]).sum::<f64>();
+                    }
+                }
+                for i in 0..d {
+                    xl[i] += x0[i] * t[i];
+                }
+            }
+            match c.output {
+                // Parallel: the deep layers take x0, the cross output joins the logit.
+                Some(out) => {
+                    let w = model.file().weights(out);
+                    logit += (0..d).map(|i| f64::from(w[i]) * xl[i]).sum::<f64>();
+                }
+                // Stacked: the deep layers take the cross output.
+                None => x = xl,
+            }
+        }
         if !arch.deep.is_empty() {
             let mut h = x;
             for (li, l) in arch.deep.iter().enumerate() {

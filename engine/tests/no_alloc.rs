@@ -166,4 +166,35 @@ fn scoring_in_steady_state_does_not_allocate() {
         counts.iter().all(|&n| n == 0),
         "updated feed model: {counts:?}"
     );
+    // DCN-v2 cross layers, full-rank stacked and low-rank parallel.
+    for (rank, structure) in [
+        (0, rankd_formats::CrossStructure::Stacked),
+        (8, rankd_formats::CrossStructure::Parallel),
+    ] {
+        let mut config = feed::config();
+        config.cross = Some(rankd_formats::config::CrossConfig {
+            layers: 2,
+            rank,
+            structure,
+        });
+        let mut rng = rankd_formats::synth::Rng::new(1);
+        let mut t = rankd_formats::config::TensorMap::new();
+        for s in config.tensors().unwrap() {
+            let n = s.numel() as usize;
+            t.insert(s.name, (s.shape, rng.vec(n, 0.05)));
+        }
+        let path = dir.path().join(format!("cross-{rank}.rkm"));
+        let meta = rankd_formats::Metadata {
+            name: "feed".into(),
+            version: 1,
+            ..Default::default()
+        };
+        rankd_formats::config::write_model(&config, meta, &t, &path).unwrap();
+        let cross = Model::open(&path).unwrap();
+        let counts = count(&cross, &req);
+        assert!(
+            counts.iter().all(|&n| n == 0),
+            "cross rank {rank}: {counts:?}"
+        );
+    }
 }

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FormatError, Result};
 use crate::spec::{
-    Activation, Architecture, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling, WeightType,
-    Wide, WideSlot,
+    Activation, Architecture, Cross, CrossLayer, CrossStructure, DenseLayer, EmbeddingTable,
+    Metadata, ModelSpec, Pooling, WeightType, Wide, WideSlot,
 };
 use crate::writer::{BlobSink, ModelWriter, Written};
 
@@ -69,6 +69,22 @@ pub struct DeepConfig {
     pub layers: Vec<u32>,
 }
 
+/// DCN-v2 cross layers in the config (`[cross]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrossConfig {
+    /// How many cross layers.
+    pub layers: u32,
+    /// 0 (default): full-rank layers (`d * d` weights each); `r > 0`: `W = U Vᵀ` with `U`, `V`
+    /// of `d * r` each.
+    #[serde(default)]
+    pub rank: u32,
+    /// `stacked` (default: the deep layers take the cross network's output) or `parallel` (the
+    /// deep layers take the deep input; the cross output is weighed into the logit).
+    #[serde(default)]
+    pub structure: crate::spec::CrossStructure,
+}
+
 /// A model config.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -93,6 +109,9 @@ pub struct ModelConfig {
     /// The FM term over the pooled embeddings.
     #[serde(default)]
     pub fm: bool,
+    /// DCN-v2 cross layers over the deep input (needs `[deep]`).
+    #[serde(default)]
+    pub cross: Option<CrossConfig>,
 }
 
 const KEYS: &[&str] = &[
@@ -103,6 +122,7 @@ const KEYS: &[&str] = &[
     "wide",
     "deep",
     "fm",
+    "cross",
 ];
 
 /// A tensor's name and shape, as import expects them.
@@ -231,6 +251,55 @@ impl ModelConfig {
                 width = u64::from(out_dim);
             }
         }
+        if let Some(c) = &self.cross {
+            let Some(d) = &self.deep else {
+                return Err(FormatError::Config(
+                    "[cross] needs [deep]: the cross layers work on the deep input".into(),
+                ));
+            };
+            let width: u64 = self
+                .embeddings
+                .iter()
+                .map(|e| u64::from(e.dim))
+                .sum::<u64>()
+                + d.dense.len() as u64;
+            if c.layers == 0 {
+                return Err(FormatError::Config(
+                    "[cross] layers must be at least 1".into(),
+                ));
+            }
+            if u64::from(c.rank) >= width {
+                return Err(FormatError::Config(format!(
+                    "[cross] rank {} must be below the deep input's width {width} (0: full rank)",
+                    c.rank
+                )));
+            }
+            for i in 0..c.layers {
+                if c.rank == 0 {
+                    out.push(TensorSpec {
+                        name: format!("cross.{i}.weight"),
+                        shape: vec![width, width],
+                    });
+                } else {
+                    for part in ["u", "v"] {
+                        out.push(TensorSpec {
+                            name: format!("cross.{i}.{part}"),
+                            shape: vec![width, u64::from(c.rank)],
+                        });
+                    }
+                }
+                out.push(TensorSpec {
+                    name: format!("cross.{i}.bias"),
+                    shape: vec![width],
+                });
+            }
+            if c.structure == crate::spec::CrossStructure::Parallel {
+                out.push(TensorSpec {
+                    name: "cross.output".into(),
+                    shape: vec![width],
+                });
+            }
+        }
         if self.wide.is_none() && self.deep.is_none() && !self.fm {
             return Err(FormatError::Config(
                 "the config has neither [wide], [deep] nor fm = true".into(),
@@ -341,6 +410,46 @@ pub fn write_model(
             });
         }
     }
+    let cross = match &config.cross {
+        Some(c) => {
+            let mut layers = Vec::new();
+            for i in 0..c.layers {
+                let bias_name = format!("cross.{i}.bias");
+                let dim = tensors.shape(&bias_name).expect("checked above")[0] as u32;
+                let (weight, u, v) = if c.rank == 0 {
+                    (
+                        Some(blob(&mut w, &format!("cross.{i}.weight"))?),
+                        None,
+                        None,
+                    )
+                } else {
+                    (
+                        None,
+                        Some(blob(&mut w, &format!("cross.{i}.u"))?),
+                        Some(blob(&mut w, &format!("cross.{i}.v"))?),
+                    )
+                };
+                layers.push(CrossLayer {
+                    dim,
+                    rank: c.rank,
+                    weight,
+                    u,
+                    v,
+                    bias: blob(&mut w, &bias_name)?,
+                });
+            }
+            let output = match c.structure {
+                CrossStructure::Parallel => Some(blob(&mut w, "cross.output")?),
+                CrossStructure::Stacked => None,
+            };
+            Some(Cross {
+                layers,
+                structure: c.structure,
+                output,
+            })
+        }
+        None => None,
+    };
     // The wide bias is a scalar in the metadata, not a blob.
     let wide = match wide {
         Some(slots) => {
@@ -368,6 +477,7 @@ pub fn write_model(
             wide,
             deep,
             fm: config.fm,
+            cross,
         },
     };
     w.finish(&spec)

@@ -10,8 +10,8 @@ use rankd_feature_ops::{FeatureSpec, FeatureType, RawFeature, SlotSpec, Transfor
 use crate::error::{FormatError, Result};
 use crate::gen::rankd::fb;
 use crate::spec::{
-    Activation, Architecture, BlobRef, DenseLayer, EmbeddingTable, Metadata, ModelSpec, Pooling,
-    WeightType, Wide, WideSlot,
+    Activation, Architecture, BlobRef, Cross, CrossLayer, CrossStructure, DenseLayer,
+    EmbeddingTable, Metadata, ModelSpec, Pooling, WeightType, Wide, WideSlot,
 };
 
 fn invalid(msg: String) -> FormatError {
@@ -308,6 +308,37 @@ pub fn encode(spec: &ModelSpec) -> Vec<u8> {
         })
         .collect();
     let deep = fbb.create_vector(&deep);
+    let cross = a.cross.as_ref().map(|c| {
+        let layers: Vec<_> = c
+            .layers
+            .iter()
+            .map(|l| {
+                fb::CrossLayer::create(
+                    &mut fbb,
+                    &fb::CrossLayerArgs {
+                        dim: l.dim,
+                        rank: l.rank,
+                        weight: l.weight.map(blob).as_ref(),
+                        u: l.u.map(blob).as_ref(),
+                        v: l.v.map(blob).as_ref(),
+                        bias: Some(&blob(l.bias)),
+                    },
+                )
+            })
+            .collect();
+        let layers = fbb.create_vector(&layers);
+        fb::Cross::create(
+            &mut fbb,
+            &fb::CrossArgs {
+                layers: Some(layers),
+                structure: match c.structure {
+                    CrossStructure::Stacked => fb::CrossStructure::Stacked,
+                    CrossStructure::Parallel => fb::CrossStructure::Parallel,
+                },
+                output: c.output.map(blob).as_ref(),
+            },
+        )
+    });
     let architecture = fb::Architecture::create(
         &mut fbb,
         &fb::ArchitectureArgs {
@@ -316,6 +347,7 @@ pub fn encode(spec: &ModelSpec) -> Vec<u8> {
             wide,
             deep: Some(deep),
             fm: a.fm,
+            cross,
         },
     );
     let model = fb::Model::create(
@@ -538,12 +570,36 @@ pub fn decode(model: fb::Model<'_>) -> Result<ModelSpec> {
             bias: own_blob(l.bias()),
         });
     }
+    let cross = match a.cross() {
+        None => None,
+        Some(c) => Some(Cross {
+            layers: c
+                .layers()
+                .iter()
+                .map(|l| CrossLayer {
+                    dim: l.dim(),
+                    rank: l.rank(),
+                    weight: l.weight().map(own_blob),
+                    u: l.u().map(own_blob),
+                    v: l.v().map(own_blob),
+                    bias: own_blob(l.bias()),
+                })
+                .collect(),
+            structure: match c.structure() {
+                fb::CrossStructure::Stacked => CrossStructure::Stacked,
+                fb::CrossStructure::Parallel => CrossStructure::Parallel,
+                other => return Err(invalid(format!("unknown cross structure {}", other.0))),
+            },
+            output: c.output().map(own_blob),
+        }),
+    };
     let architecture = Architecture {
         embeddings,
         dense_inputs: own_strings(a.dense_inputs()),
         wide,
         deep,
         fm: a.fm(),
+        cross,
     };
     Ok(ModelSpec {
         metadata,

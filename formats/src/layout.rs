@@ -25,10 +25,10 @@ use crate::error::{FormatError, Result};
 
 /// The eight magic bytes at offset 0.
 pub const MAGIC: [u8; 8] = *b"RANKDMDL";
-/// The newest format version this build reads and writes. Version 2 adds f16 embedding tables;
-/// a file without one is written as version 1, which older readers read too
-/// ([`crate::ModelSpec::format_version`]).
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest format version this build reads and writes. Version 2 adds f16 and int8 embedding
+/// tables, version 3 DCN-v2 cross layers; a file is written with the oldest version that holds
+/// it, so older readers read what they can ([`crate::ModelSpec::format_version`]).
+pub const FORMAT_VERSION: u32 = 3;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every blob and of the metadata section.

@@ -142,6 +142,47 @@ pub struct DenseLayer {
     pub bias: BlobRef,
 }
 
+/// How DCN-v2 cross layers join the deep tower.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrossStructure {
+    /// The deep layers take the last cross layer's output.
+    #[default]
+    Stacked,
+    /// The deep layers take the deep input; the last cross layer's output is weighed into the
+    /// logit by [`Cross::output`].
+    Parallel,
+}
+
+/// One DCN-v2 cross layer: `x_{l+1} = x0 ⊙ (W x_l + b) + x_l` over the deep input `x0`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CrossLayer {
+    /// The deep input's width `d`.
+    pub dim: u32,
+    /// 0: full-rank `W` in [`Self::weight`]; `r > 0`: `W = U Vᵀ` with `U`, `V` in [`Self::u`] and
+    /// [`Self::v`].
+    pub rank: u32,
+    /// Full-rank: `d * d` f32, `[out][in]`.
+    pub weight: Option<BlobRef>,
+    /// Low-rank: `d * r` f32, `[d][r]`.
+    pub u: Option<BlobRef>,
+    /// Low-rank: `d * r` f32, `[d][r]`.
+    pub v: Option<BlobRef>,
+    /// `d` f32.
+    pub bias: BlobRef,
+}
+
+/// The cross network (DCN-v2, Wang et al. 2021).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cross {
+    /// The layers, first to last.
+    pub layers: Vec<CrossLayer>,
+    /// How they join the deep tower.
+    pub structure: CrossStructure,
+    /// [`CrossStructure::Parallel`]: `d` f32 weighing the last layer's output into the logit.
+    pub output: Option<BlobRef>,
+}
+
 /// The network.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Architecture {
@@ -155,11 +196,17 @@ pub struct Architecture {
     pub deep: Vec<DenseLayer>,
     /// Whether the FM term is added.
     pub fm: bool,
+    /// DCN-v2 cross layers over the deep input, if any.
+    #[serde(default)]
+    pub cross: Option<Cross>,
 }
 
 impl Architecture {
     /// The kind of model, for display.
     pub fn kind(&self) -> &'static str {
+        if self.cross.is_some() {
+            return "dcn_v2";
+        }
         match (self.wide.is_some(), !self.deep.is_empty(), self.fm) {
             (true, true, true) | (false, true, true) => "deepfm",
             (true, true, false) => "wide_and_deep",
@@ -198,14 +245,31 @@ impl Architecture {
             out.push((format!("deep layer {i} weight"), l.weight));
             out.push((format!("deep layer {i} bias"), l.bias));
         }
+        if let Some(c) = &self.cross {
+            for (i, l) in c.layers.iter().enumerate() {
+                for (what, b) in [("weight", l.weight), ("u", l.u), ("v", l.v)] {
+                    if let Some(b) = b {
+                        out.push((format!("cross layer {i} {what}"), b));
+                    }
+                }
+                out.push((format!("cross layer {i} bias"), l.bias));
+            }
+            if let Some(b) = c.output {
+                out.push(("cross output".into(), b));
+            }
+        }
         out
     }
 }
 
 impl ModelSpec {
-    /// The format version a file of this spec needs: 2 with an f16 embedding table, else 1.
+    /// The format version a file of this spec needs: 3 with cross layers, 2 with an f16 or
+    /// int8 embedding table, else 1 (so that a reader that would ignore a part of the model
+    /// refuses the file instead).
     pub fn format_version(&self) -> u32 {
-        if self
+        if self.architecture.cross.is_some() {
+            3
+        } else if self
             .architecture
             .embeddings
             .iter()

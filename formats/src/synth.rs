@@ -321,6 +321,7 @@ pub fn write_synthetic(path: &Path, opts: &SynthOptions) -> Result<Written> {
             wide,
             deep,
             fm,
+            cross: None,
         },
     };
     w.finish(&spec)
@@ -483,6 +484,7 @@ pub mod feed {
                 layers: vec![256, 128, 1],
             }),
             fm: false,
+            cross: None,
         }
     }
 

@@ -148,6 +148,64 @@ pub fn validate(spec: &ModelSpec, blob_end: u64) -> Result<CompiledSpec> {
             ));
         }
     }
+    if let Some(c) = &arch.cross {
+        let d = arch.deep_input_dim();
+        if arch.deep.is_empty() {
+            return Err(invalid("cross layers without deep layers".into()));
+        }
+        if c.layers.is_empty() {
+            return Err(invalid("a cross network without layers".into()));
+        }
+        for (i, l) in c.layers.iter().enumerate() {
+            if u64::from(l.dim) != d {
+                return Err(invalid(format!(
+                    "cross layer {i} has width {} but the deep input has {d}",
+                    l.dim
+                )));
+            }
+            let name = |what: &str| format!("cross layer {i} {what}");
+            if l.rank == 0 {
+                let w = l
+                    .weight
+                    .ok_or_else(|| invalid(format!("full-rank cross layer {i} has no weight")))?;
+                expect_len(&name("weight"), w, d.checked_mul(d))?;
+                if l.u.is_some() || l.v.is_some() {
+                    return Err(invalid(format!("full-rank cross layer {i} has u or v")));
+                }
+            } else {
+                if u64::from(l.rank) >= d {
+                    return Err(invalid(format!(
+                        "cross layer {i} has rank {} for a width of {d}",
+                        l.rank
+                    )));
+                }
+                let (Some(u), Some(v), None) = (l.u, l.v, l.weight) else {
+                    return Err(invalid(format!(
+                        "low-rank cross layer {i} needs u and v and no weight"
+                    )));
+                };
+                expect_len(&name("u"), u, d.checked_mul(u64::from(l.rank)))?;
+                expect_len(&name("v"), v, d.checked_mul(u64::from(l.rank)))?;
+            }
+            expect_len(&name("bias"), l.bias, Some(d))?;
+        }
+        match (c.structure, c.output) {
+            (crate::spec::CrossStructure::Parallel, Some(o)) => {
+                expect_len("cross output", o, Some(d))?;
+            }
+            (crate::spec::CrossStructure::Parallel, None) => {
+                return Err(invalid(
+                    "a parallel cross network without output weights".into(),
+                ));
+            }
+            (crate::spec::CrossStructure::Stacked, Some(_)) => {
+                return Err(invalid(
+                    "a stacked cross network with output weights".into(),
+                ));
+            }
+            (crate::spec::CrossStructure::Stacked, None) => {}
+        }
+    }
     if arch.wide.is_none() && arch.deep.is_empty() && !arch.fm {
         return Err(invalid(
             "the model has neither a wide part, a deep part nor an FM term".into(),

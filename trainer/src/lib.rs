@@ -168,7 +168,7 @@ fn train_with(
     };
     let base_rate = train.labels.iter().sum::<f32>() / train.labels.len() as f32;
     let mut params = Params::init(&layout, s.seed, base_rate);
-    let mut opt = config.optimizer(&params);
+    let mut opt = config.optimizer(&params).with_cross(&layout);
     let mut compute = CpuCompute::default();
     let mut grads = Grads::new(&layout);
     let mut workers_state: Vec<(CpuCompute, Grads)> = (0..s.workers.max(1))

@@ -32,6 +32,47 @@ pub struct EmbSpec {
     pub col: usize,
 }
 
+/// DCN-v2 cross layers in the layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrossSpec {
+    /// How many layers.
+    pub layers: usize,
+    /// 0: full-rank; `r`: `W = U Vᵀ`.
+    pub rank: usize,
+    /// Parallel to the deep tower (else stacked below it).
+    pub parallel: bool,
+}
+
+impl CrossSpec {
+    /// Tensors per layer: `weight, bias` or `u, v, bias`.
+    pub fn per_layer(&self) -> usize {
+        if self.rank == 0 {
+            2
+        } else {
+            3
+        }
+    }
+
+    /// Names, shapes and whether L2 applies, of every cross tensor of a deep input of width
+    /// `d`, in [`Params::cross`] order (the model config's order).
+    pub fn tensors(&self, d: usize) -> Vec<(String, Vec<usize>, bool)> {
+        let mut out = Vec::new();
+        for i in 0..self.layers {
+            if self.rank == 0 {
+                out.push((format!("cross.{i}.weight"), vec![d, d], true));
+            } else {
+                out.push((format!("cross.{i}.u"), vec![d, self.rank], true));
+                out.push((format!("cross.{i}.v"), vec![d, self.rank], true));
+            }
+            out.push((format!("cross.{i}.bias"), vec![d], false));
+        }
+        if self.parallel {
+            out.push(("cross.output".into(), vec![d], true));
+        }
+        out
+    }
+}
+
 /// The shapes of the network, from the model config.
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -49,6 +90,8 @@ pub struct Layout {
     pub fm: bool,
     /// Deep input width.
     pub deep_in: usize,
+    /// DCN-v2 cross layers over the deep input.
+    pub cross: Option<CrossSpec>,
 }
 
 impl Layout {
@@ -105,6 +148,11 @@ impl Layout {
             layers,
             fm: config.fm,
             deep_in: col,
+            cross: config.cross.as_ref().map(|c| CrossSpec {
+                layers: c.layers as usize,
+                rank: c.rank as usize,
+                parallel: c.structure == rankd_formats::CrossStructure::Parallel,
+            }),
         })
     }
 }
@@ -122,6 +170,8 @@ pub struct Params {
     pub w: Vec<Vec<f32>>,
     /// Layer biases.
     pub b: Vec<Vec<f32>>,
+    /// Cross tensors, in [`CrossSpec::tensors`] order.
+    pub cross: Vec<Vec<f32>>,
 }
 
 impl Params {
@@ -149,6 +199,7 @@ impl Params {
                 .map(|i| init_layer(layout, seed, i))
                 .collect(),
             b: layout.layers.iter().map(|&(_, o)| vec![0.0; o]).collect(),
+            cross: init_cross(layout, seed),
         }
     }
 
@@ -161,6 +212,7 @@ impl Params {
         v.push(std::slice::from_mut(&mut self.wide_bias));
         v.extend(self.w.iter_mut().map(|t| t.as_mut_slice()));
         v.extend(self.b.iter_mut().map(|t| t.as_mut_slice()));
+        v.extend(self.cross.iter_mut().map(|t| t.as_mut_slice()));
         v
     }
 
@@ -191,6 +243,11 @@ impl Params {
             );
             t.insert(format!("deep.{i}.bias"), (vec![out as u64], b.clone()));
         }
+        if let Some(c) = &layout.cross {
+            for ((name, shape, _), v) in c.tensors(layout.deep_in).into_iter().zip(&self.cross) {
+                t.insert(name, (shape.iter().map(|&x| x as u64).collect(), v.clone()));
+            }
+        }
         t
     }
 }
@@ -212,6 +269,27 @@ pub fn init_layer(layout: &Layout, seed: u64, i: usize) -> Vec<f32> {
     let (inp, out) = layout.layers[i];
     let mut rng = Rng::new((seed ^ 0x006c_6179_6572).wrapping_add(i as u64 + 1));
     rng.vec(inp * out, (6.0 / (inp + out) as f32).sqrt())
+}
+
+/// The initial cross tensors: weights Glorot-uniform, biases zero, each from a generator of its
+/// own.
+pub fn init_cross(layout: &Layout, seed: u64) -> Vec<Vec<f32>> {
+    let Some(c) = &layout.cross else {
+        return Vec::new();
+    };
+    c.tensors(layout.deep_in)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, shape, weight))| {
+            let n: usize = shape.iter().product();
+            if !weight {
+                return vec![0.0; n];
+            }
+            let fan = shape[0] + shape.get(1).copied().unwrap_or(1);
+            let mut rng = Rng::new((seed ^ 0x0063_726f_7373).wrapping_add(i as u64 + 1));
+            rng.vec(n, (6.0 / fan as f32).sqrt())
+        })
+        .collect()
 }
 
 /// The wide bias before training: the logit of `base_rate` (0 without a wide part).
@@ -347,6 +425,8 @@ pub struct Grads {
     pub w: Vec<Vec<f32>>,
     /// Layer biases.
     pub b: Vec<Vec<f32>>,
+    /// Cross tensors.
+    pub cross: Vec<Vec<f32>>,
 }
 
 impl Grads {
@@ -362,6 +442,12 @@ impl Grads {
                 .map(|&(i, o)| vec![0.0; i * o])
                 .collect(),
             b: layout.layers.iter().map(|&(_, o)| vec![0.0; o]).collect(),
+            cross: layout.cross.map_or(Vec::new(), |c| {
+                c.tensors(layout.deep_in)
+                    .iter()
+                    .map(|(_, s, _)| vec![0.0; s.iter().product()])
+                    .collect()
+            }),
         }
     }
 
@@ -378,7 +464,8 @@ impl Grads {
             .w
             .iter_mut()
             .chain(self.b.iter_mut())
-            .zip(other.w.iter().chain(&other.b))
+            .chain(self.cross.iter_mut())
+            .zip(other.w.iter().chain(&other.b).chain(&other.cross))
         {
             a.iter_mut().zip(b).for_each(|(x, y)| *x += scale * y);
         }
@@ -390,7 +477,12 @@ impl Grads {
             g.values.iter_mut().for_each(|v| *v *= scale);
         }
         self.wide_bias *= scale;
-        for a in self.w.iter_mut().chain(self.b.iter_mut()) {
+        for a in self
+            .w
+            .iter_mut()
+            .chain(self.b.iter_mut())
+            .chain(self.cross.iter_mut())
+        {
             a.iter_mut().for_each(|v| *v *= scale);
         }
     }
@@ -401,6 +493,7 @@ impl Grads {
         self.wide_bias = 0.0;
         self.w.iter_mut().for_each(|g| g.fill(0.0));
         self.b.iter_mut().for_each(|g| g.fill(0.0));
+        self.cross.iter_mut().for_each(|g| g.fill(0.0));
     }
 }
 
@@ -433,6 +526,11 @@ pub trait Compute {
 #[derive(Debug, Default)]
 pub struct CpuCompute {
     x: Vec<f32>,
+    /// Cross layers: the inputs `x_l` of each layer and the last output, each layer's product
+    /// `t_l = W x_l + b`, and a low-rank layer's middle `p_l = V x_l`.
+    xs: Vec<Vec<f32>>,
+    ts: Vec<Vec<f32>>,
+    ps: Vec<Vec<f32>>,
     hs: Vec<Vec<f32>>,
     logits: Vec<f32>,
     fm_sum: Vec<f32>,
@@ -473,10 +571,18 @@ impl CpuCompute {
         }
         self.logits.clear();
         self.logits.resize(n, 0.0);
+        if let Some(c) = l.cross {
+            self.cross_forward(&c, k, p, n);
+        }
+        let stacked = l.cross.is_some_and(|c| !c.parallel);
         self.hs.resize(l.layers.len(), Vec::new());
         for (i, &(inp, out)) in l.layers.iter().enumerate() {
             let (prev, rest) = self.hs.split_at_mut(i);
-            let input: &[f32] = if i == 0 { &self.x } else { &prev[i - 1] };
+            let input: &[f32] = match i {
+                0 if stacked => &self.xs[l.cross.map_or(0, |c| c.layers)],
+                0 => &self.x,
+                _ => &prev[i - 1],
+            };
             let h = &mut rest[0];
             h.clear();
             for _ in 0..n {
@@ -489,6 +595,19 @@ impl CpuCompute {
         }
         if let Some(last) = self.hs.last() {
             self.logits.copy_from_slice(&last[..n]);
+        }
+        if let Some(c) = l.cross.filter(|c| c.parallel) {
+            let w = p
+                .cross
+                .last()
+                .expect("a parallel cross network has output weights");
+            for (b, logit) in self.logits.iter_mut().enumerate() {
+                *logit += self.xs[c.layers][b * k..(b + 1) * k]
+                    .iter()
+                    .zip(w)
+                    .map(|(x, w)| x * w)
+                    .sum::<f32>();
+            }
         }
         if l.has_wide {
             for (b, &r) in rows.iter().enumerate() {
@@ -522,6 +641,187 @@ impl CpuCompute {
                 self.logits[b] += 0.5 * (total - sq);
             }
         }
+    }
+}
+
+impl CpuCompute {
+    /// The cross layers on the deep input `self.x` (`n` rows of `d`): `x_{l+1} = x0 ⊙ (W x_l +
+    /// b) + x_l`, keeping what the backward pass needs.
+    fn cross_forward(&mut self, c: &CrossSpec, d: usize, p: &Params, n: usize) {
+        let per = c.per_layer();
+        self.xs.resize(c.layers + 1, Vec::new());
+        self.ts.resize(c.layers, Vec::new());
+        self.ps.resize(c.layers, Vec::new());
+        self.xs[0].clear();
+        self.xs[0].extend_from_slice(&self.x);
+        for li in 0..c.layers {
+            let base = li * per;
+            let bias = &p.cross[base + per - 1];
+            let t = &mut self.ts[li];
+            t.clear();
+            for _ in 0..n {
+                t.extend_from_slice(bias);
+            }
+            if c.rank == 0 {
+                // t += x_l Wᵀ.
+                matmul(
+                    n,
+                    d,
+                    d,
+                    t,
+                    &self.xs[li],
+                    d,
+                    &p.cross[base],
+                    1,
+                    d as isize,
+                    true,
+                );
+            } else {
+                let r = c.rank;
+                let pm = &mut self.ps[li];
+                pm.clear();
+                pm.resize(n * r, 0.0);
+                // p = x_l V (V is [d][r]); t += p Uᵀ (U is [d][r]).
+                matmul(
+                    n,
+                    r,
+                    d,
+                    pm,
+                    &self.xs[li],
+                    d,
+                    &p.cross[base + 1],
+                    r as isize,
+                    1,
+                    false,
+                );
+                matmul(n, d, r, t, pm, r, &p.cross[base], 1, r as isize, true);
+            }
+            let (done, next) = self.xs.split_at_mut(li + 1);
+            let next = &mut next[0];
+            next.clear();
+            next.extend(
+                done[li]
+                    .iter()
+                    .zip(&self.x)
+                    .zip(self.ts[li].iter())
+                    .map(|((xl, x0), t)| xl + x0 * t),
+            );
+        }
+    }
+
+    /// The cross layers' gradients, from `g` (the gradient of the last layer's output) and, for
+    /// a parallel network, `dlogit`; adds the gradient of the deep input to `dx0`.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_backward(
+        &mut self,
+        c: &CrossSpec,
+        d: usize,
+        p: &Params,
+        gr: &mut Grads,
+        n: usize,
+        mut g: Vec<f32>,
+        dx0: &mut [f32],
+    ) {
+        let per = c.per_layer();
+        let mut dt = vec![0f32; n * d];
+        let mut prev = vec![0f32; n * d];
+        for li in (0..c.layers).rev() {
+            let base = li * per;
+            let t = &self.ts[li];
+            for i in 0..n * d {
+                dt[i] = g[i] * self.x[i];
+                dx0[i] += g[i] * t[i];
+            }
+            let db = &mut gr.cross[base + per - 1];
+            db.fill(0.0);
+            for row in dt.chunks_exact(d) {
+                db.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            let xl = &self.xs[li];
+            if c.rank == 0 {
+                // dW = dtᵀ x_l; dx_l = g + dt W.
+                matmul_strided(
+                    d,
+                    d,
+                    n,
+                    &mut gr.cross[base],
+                    &dt,
+                    (1, d as isize),
+                    xl,
+                    (d as isize, 1),
+                    false,
+                );
+                matmul(
+                    n,
+                    d,
+                    d,
+                    &mut prev,
+                    &dt,
+                    d,
+                    &p.cross[base],
+                    d as isize,
+                    1,
+                    false,
+                );
+            } else {
+                let r = c.rank;
+                let pm = &self.ps[li];
+                // dU = dtᵀ p; dp = dt U; dV = x_lᵀ dp; dx_l = g + dp Vᵀ.
+                matmul_strided(
+                    d,
+                    r,
+                    n,
+                    &mut gr.cross[base],
+                    &dt,
+                    (1, d as isize),
+                    pm,
+                    (r as isize, 1),
+                    false,
+                );
+                let mut dp = vec![0f32; n * r];
+                matmul(
+                    n,
+                    r,
+                    d,
+                    &mut dp,
+                    &dt,
+                    d,
+                    &p.cross[base],
+                    r as isize,
+                    1,
+                    false,
+                );
+                matmul_strided(
+                    d,
+                    r,
+                    n,
+                    &mut gr.cross[base + 1],
+                    xl,
+                    (1, d as isize),
+                    &dp,
+                    (r as isize, 1),
+                    false,
+                );
+                matmul(
+                    n,
+                    d,
+                    r,
+                    &mut prev,
+                    &dp,
+                    r,
+                    &p.cross[base + 1],
+                    1,
+                    r as isize,
+                    false,
+                );
+            }
+            for (pv, gv) in prev.iter_mut().zip(&g) {
+                *pv += gv;
+            }
+            std::mem::swap(&mut g, &mut prev);
+        }
+        // x_0 is the deep input itself.
+        dx0.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
     }
 }
 
@@ -572,7 +872,11 @@ impl Compute for CpuCompute {
             self.dz.extend_from_slice(&dlogit);
             for i in (0..l.layers.len()).rev() {
                 let (inp, out) = l.layers[i];
-                let input: &[f32] = if i == 0 { &self.x } else { &self.hs[i - 1] };
+                let input: &[f32] = match (i, l.cross) {
+                    (0, Some(c)) if !c.parallel => &self.xs[c.layers],
+                    (0, _) => &self.x,
+                    _ => &self.hs[i - 1],
+                };
                 // dW = dZᵀ H_in, dZᵀ read through its strides (no copy).
                 matmul_strided(
                     out,
@@ -592,8 +896,13 @@ impl Compute for CpuCompute {
                 }
                 // dH_in = dZ W. Below the first layer only the embedding columns (the first
                 // `emb_width` of the input) have anything to learn: the dense inputs' columns
-                // are not computed (none at all for a model without embeddings).
-                let width = if i == 0 { emb_width } else { inp };
+                // are not computed (none at all for a model without embeddings); under cross
+                // layers every column is.
+                let width = if i == 0 && l.cross.is_none() {
+                    emb_width
+                } else {
+                    inp
+                };
                 self.dh.clear();
                 self.dh.resize(n * width, 0.0);
                 matmul(
@@ -609,7 +918,7 @@ impl Compute for CpuCompute {
                     false,
                 );
                 if i == 0 {
-                    if width > 0 {
+                    if width > 0 && l.cross.is_none() {
                         for (d, h) in dx.chunks_exact_mut(k).zip(self.dh.chunks_exact(width)) {
                             d[..width].copy_from_slice(h);
                         }
@@ -626,6 +935,30 @@ impl Compute for CpuCompute {
                     );
                 }
             }
+        }
+        // Cross layers: stacked, the deep layers' input gradient is the cross output's; parallel,
+        // it is the deep input's, and the output weights carry the logit's gradient.
+        if let Some(c) = l.cross {
+            let dmlp = std::mem::take(&mut self.dh);
+            let g_last = if c.parallel {
+                dx.copy_from_slice(&dmlp[..n * k]);
+                let w = p.cross.last().expect("output weights");
+                let gw = g.cross.last_mut().expect("output weights");
+                gw.fill(0.0);
+                let xl = &self.xs[c.layers];
+                let mut gl = vec![0f32; n * k];
+                for b in 0..n {
+                    for j in 0..k {
+                        gw[j] += dlogit[b] * xl[b * k + j];
+                        gl[b * k + j] = dlogit[b] * w[j];
+                    }
+                }
+                gl
+            } else {
+                dmlp[..n * k].to_vec()
+            };
+            self.cross_backward(&c, k, p, g, n, g_last, &mut dx);
+            self.dh = dmlp;
         }
         // FM: d fm / d e_f = S - e_f.
         if l.fm {
@@ -746,6 +1079,10 @@ pub struct Optimizer {
     mb: Vec<Vec<f32>>,
     vb: Vec<Vec<f32>>,
     t: i32,
+    /// Adam moments of the cross tensors, and whether L2 applies to each.
+    mc: Vec<Vec<f32>>,
+    vc: Vec<Vec<f32>>,
+    cross_decay: Vec<bool>,
     acc_emb: Vec<Vec<f32>>,
     acc_wide: Vec<Vec<f32>>,
     acc_bias: f32,
@@ -769,6 +1106,9 @@ impl Optimizer {
             mb: zeros(&params.b),
             vb: zeros(&params.b),
             t: 0,
+            mc: zeros(&params.cross),
+            vc: zeros(&params.cross),
+            cross_decay: Vec::new(),
             acc_emb: params
                 .emb
                 .iter()
@@ -824,6 +1164,8 @@ impl Optimizer {
             &mut self.vb,
             &mut self.acc_emb,
             &mut self.acc_wide,
+            &mut self.mc,
+            &mut self.vc,
         ] {
             v.extend(group.iter_mut().map(|t| t.as_mut_slice()));
         }
@@ -835,6 +1177,17 @@ impl Optimizer {
     /// Takes the step count back after [`Self::tensors_mut`] was loaded.
     pub fn sync_step(&mut self) {
         self.t = self.t_f32 as i32;
+    }
+
+    /// Which cross tensors L2 applies to (weights, not biases), from the layout.
+    pub fn with_cross(mut self, layout: &Layout) -> Self {
+        self.cross_decay = layout.cross.map_or(Vec::new(), |c| {
+            c.tensors(layout.deep_in)
+                .into_iter()
+                .map(|(_, _, w)| w)
+                .collect()
+        });
+        self
     }
 
     /// Hold and update the parameters as `shards` shards (dense tensors by name, embedding and
@@ -882,6 +1235,15 @@ impl Optimizer {
                 .zip(self.mb.iter_mut().zip(self.vb.iter_mut()));
         for (i, ((w, g), (m, v))) in biases.enumerate() {
             dense[(2 * i + 1) % self.shards].push((w, g, m, v, false));
+        }
+        let cross = p
+            .cross
+            .iter_mut()
+            .zip(&g.cross)
+            .zip(self.mc.iter_mut().zip(self.vc.iter_mut()));
+        for (i, ((w, g), (m, v))) in cross.enumerate() {
+            let decay = self.cross_decay.get(i).copied().unwrap_or(true);
+            dense[i % self.shards].push((w, g, m, v, decay));
         }
         // Sparse tables, cut into one contiguous row range per shard.
         let mut sparse: Vec<Vec<SparseWork<'_>>> = (0..self.shards).map(|_| Vec::new()).collect();
@@ -931,6 +1293,12 @@ mod tests {
     use rankd_formats::synth::synthetic_features;
 
     fn setup() -> (Layout, Params, SlotBatch, Vec<f32>) {
+        setup_with(None)
+    }
+
+    fn setup_with(
+        cross: Option<rankd_formats::config::CrossConfig>,
+    ) -> (Layout, Params, SlotBatch, Vec<f32>) {
         let features = synthetic_features(40);
         let config = ModelConfig {
             hash_seed: 0,
@@ -957,6 +1325,7 @@ mod tests {
                 layers: vec![5, 4, 1],
             }),
             fm: true,
+            cross,
         };
         let spec = CompiledSpec::compile(&config.feature_spec()).unwrap();
         let layout = Layout::new(&config, &spec).unwrap();
@@ -1032,11 +1401,40 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        let (l, p, s, y) = setup();
+        use rankd_formats::config::CrossConfig;
+        use rankd_formats::CrossStructure::{Parallel, Stacked};
+        for cross in [
+            None,
+            Some((0, Stacked)),
+            Some((0, Parallel)),
+            Some((3, Stacked)),
+            Some((3, Parallel)),
+        ] {
+            let cross = cross.map(|(rank, structure)| CrossConfig {
+                layers: 2,
+                rank,
+                structure,
+            });
+            gradients_match_finite_differences_of(cross);
+        }
+    }
+
+    fn gradients_match_finite_differences_of(cross: Option<rankd_formats::config::CrossConfig>) {
+        let (l, mut p, s, y) = setup_with(cross.clone());
+        // Nonzero cross biases, so that every product in the cross layers matters.
+        let mut rng = Rng::new(21);
+        for t in &mut p.cross {
+            for v in t.iter_mut() {
+                *v += rng.uniform(0.2);
+            }
+        }
+        let p = p;
         let mut c = CpuCompute::default();
         let mut g = Grads::new(&l);
         c.step(&l, &p, &s, &y, &[0, 1, 2, 3], &mut g);
-        let h = 1e-3f32;
+        // Small enough that no ReLU of the deep layers changes sides between the two probes.
+        let h = 2e-4f32;
+        let what = std::cell::RefCell::new(String::new());
         let check = |analytic: f32, f: &dyn Fn(&mut Params, f32)| {
             let mut a = p.clone();
             f(&mut a, h);
@@ -1046,14 +1444,22 @@ mod tests {
                 ((loss(&l, &a, &s, &y) - loss(&l, &b, &s, &y)) / (2.0 * f64::from(h))) as f32;
             assert!(
                 (numeric - analytic).abs() <= 2e-3 + 0.02 * numeric.abs(),
-                "numeric {numeric} vs analytic {analytic}"
+                "{cross:?} {}: numeric {numeric} vs analytic {analytic}",
+                what.borrow()
             );
         };
         for i in 0..l.layers.len() {
+            *what.borrow_mut() = format!("deep layer {i}");
             for j in [0, g.w[i].len() / 2, g.w[i].len() - 1] {
                 check(g.w[i][j], &|p, d| p.w[i][j] += d);
             }
             check(g.b[i][0], &|p, d| p.b[i][0] += d);
+        }
+        for (t, gc) in g.cross.iter().enumerate() {
+            for j in [0, gc.len() / 3, gc.len() / 2, gc.len() - 1] {
+                *what.borrow_mut() = format!("cross tensor {t} element {j}");
+                check(gc[j], &|p, d| p.cross[t][j] += d);
+            }
         }
         check(g.wide_bias, &|p, d| p.wide_bias += d);
         for (t, sg) in g.wide.iter().enumerate() {
@@ -1062,6 +1468,7 @@ mod tests {
             }
         }
         for (t, sg) in g.emb.iter().enumerate() {
+            *what.borrow_mut() = format!("embedding {t}");
             let dim = l.emb[t].dim;
             for (j, &row) in sg.rows.iter().enumerate() {
                 for k in 0..dim {

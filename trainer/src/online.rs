@@ -155,6 +155,13 @@ impl OnlineConfig {
 pub fn model_config_of(file: &ModelFile) -> Result<ModelConfig> {
     let spec = file.spec();
     let arch = &spec.architecture;
+    if arch.cross.is_some() {
+        return Err(TrainError::Config(format!(
+            "{}: a model with DCN-v2 cross layers; online training and its deltas do not carry \
+             cross layers yet",
+            file.path().display()
+        )));
+    }
     let last = arch.deep.len().saturating_sub(1);
     for (i, l) in arch.deep.iter().enumerate() {
         let want = if i == last {
@@ -193,6 +200,7 @@ pub fn model_config_of(file: &ModelFile) -> Result<ModelConfig> {
             layers: arch.deep.iter().map(|l| l.out_dim).collect(),
         }),
         fm: arch.fm,
+        cross: None,
     })
 }
 
@@ -243,6 +251,7 @@ pub fn params_of(file: &ModelFile, layout: &Layout) -> Params {
             .iter()
             .map(|l| file.weights(l.bias).to_vec())
             .collect(),
+        cross: Vec::new(),
     }
     .checked(layout)
 }

@@ -179,7 +179,13 @@ fn every_model_kind_trains_and_serves_the_same() {
     };
     let dir = tempfile::tempdir().unwrap();
     let base = slice_config(&data, dir.path(), 2000, 500);
-    for kind in ["wide", "deep", "deepfm"] {
+    for kind in [
+        "wide",
+        "deep",
+        "deepfm",
+        "dcn_stacked",
+        "dcn_parallel_low_rank",
+    ] {
         let mut config = base.clone();
         config.train.epochs = 1;
         config.train.batch_size = 64;
@@ -192,7 +198,21 @@ fn every_model_kind_trains_and_serves_the_same() {
                 config.model.embeddings.clear();
             }
             "deep" => config.model.wide = None,
-            _ => config.model.fm = true,
+            "deepfm" => config.model.fm = true,
+            "dcn_stacked" => {
+                config.model.cross = Some(rankd_formats::config::CrossConfig {
+                    layers: 2,
+                    rank: 0,
+                    structure: rankd_formats::CrossStructure::Stacked,
+                })
+            }
+            _ => {
+                config.model.cross = Some(rankd_formats::config::CrossConfig {
+                    layers: 3,
+                    rank: 8,
+                    structure: rankd_formats::CrossStructure::Parallel,
+                })
+            }
         }
         let mut log = Vec::new();
         let trained = rankd_trainer::train(&config, &mut log).unwrap();
@@ -203,12 +223,9 @@ fn every_model_kind_trains_and_serves_the_same() {
         let m = rankd_formats::ModelFile::open(&path).unwrap();
         assert_eq!(
             m.spec().architecture.kind(),
-            if kind == "wide" {
-                "wide"
-            } else if kind == "deep" {
-                "deep"
-            } else {
-                "deepfm"
+            match kind {
+                "wide" | "deep" | "deepfm" => kind,
+                _ => "dcn_v2",
             }
         );
         assert_served_equal(&path, &trained);

@@ -472,6 +472,90 @@ impl<'a> ::flatbuffers::Verifiable for Activation {
 }
 
 impl ::flatbuffers::SimpleToVerifyInSlice for Activation {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_CROSS_STRUCTURE: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_CROSS_STRUCTURE: u8 = 1;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_CROSS_STRUCTURE: [CrossStructure; 2] = [
+  CrossStructure::Stacked,
+  CrossStructure::Parallel,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct CrossStructure(pub u8);
+#[allow(non_upper_case_globals)]
+impl CrossStructure {
+  pub const Stacked: Self = Self(0);
+  pub const Parallel: Self = Self(1);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 1;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Stacked,
+    Self::Parallel,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Stacked => Some("Stacked"),
+      Self::Parallel => Some("Parallel"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for CrossStructure {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for CrossStructure {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for CrossStructure {
+    type Output = CrossStructure;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for CrossStructure {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for CrossStructure {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for CrossStructure {}
 // struct BlobRef, aligned to 8
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq)]
@@ -2635,6 +2719,319 @@ impl ::core::fmt::Debug for DenseLayer<'_> {
       ds.finish()
   }
 }
+pub enum CrossLayerOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CrossLayer<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CrossLayer<'a> {
+  type Inner = CrossLayer<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CrossLayer<'a> {
+  pub const VT_DIM: ::flatbuffers::VOffsetT = 4;
+  pub const VT_RANK: ::flatbuffers::VOffsetT = 6;
+  pub const VT_WEIGHT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_U: ::flatbuffers::VOffsetT = 10;
+  pub const VT_V: ::flatbuffers::VOffsetT = 12;
+  pub const VT_BIAS: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CrossLayer { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CrossLayerArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CrossLayer<'bldr>> {
+    let mut builder = CrossLayerBuilder::new(_fbb);
+    if let Some(x) = args.bias { builder.add_bias(x); }
+    if let Some(x) = args.v { builder.add_v(x); }
+    if let Some(x) = args.u { builder.add_u(x); }
+    if let Some(x) = args.weight { builder.add_weight(x); }
+    builder.add_rank(args.rank);
+    builder.add_dim(args.dim);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn dim(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CrossLayer::VT_DIM, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn rank(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CrossLayer::VT_RANK, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn weight(&self) -> Option<&'a BlobRef> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<BlobRef>(CrossLayer::VT_WEIGHT, None)}
+  }
+  #[inline]
+  pub fn u(&self) -> Option<&'a BlobRef> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<BlobRef>(CrossLayer::VT_U, None)}
+  }
+  #[inline]
+  pub fn v(&self) -> Option<&'a BlobRef> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<BlobRef>(CrossLayer::VT_V, None)}
+  }
+  #[inline]
+  pub fn bias(&self) -> &'a BlobRef {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<BlobRef>(CrossLayer::VT_BIAS, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CrossLayer<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("dim", Self::VT_DIM, false)?
+     .visit_field::<u32>("rank", Self::VT_RANK, false)?
+     .visit_field::<BlobRef>("weight", Self::VT_WEIGHT, false)?
+     .visit_field::<BlobRef>("u", Self::VT_U, false)?
+     .visit_field::<BlobRef>("v", Self::VT_V, false)?
+     .visit_field::<BlobRef>("bias", Self::VT_BIAS, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CrossLayerArgs<'a> {
+    pub dim: u32,
+    pub rank: u32,
+    pub weight: Option<&'a BlobRef>,
+    pub u: Option<&'a BlobRef>,
+    pub v: Option<&'a BlobRef>,
+    pub bias: Option<&'a BlobRef>,
+}
+impl<'a> Default for CrossLayerArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CrossLayerArgs {
+      dim: 0,
+      rank: 0,
+      weight: None,
+      u: None,
+      v: None,
+      bias: None, // required field
+    }
+  }
+}
+
+pub struct CrossLayerBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CrossLayerBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_dim(&mut self, dim: u32) {
+    self.fbb_.push_slot::<u32>(CrossLayer::VT_DIM, dim, 0);
+  }
+  #[inline]
+  pub fn add_rank(&mut self, rank: u32) {
+    self.fbb_.push_slot::<u32>(CrossLayer::VT_RANK, rank, 0);
+  }
+  #[inline]
+  pub fn add_weight(&mut self, weight: &BlobRef) {
+    self.fbb_.push_slot_always::<&BlobRef>(CrossLayer::VT_WEIGHT, weight);
+  }
+  #[inline]
+  pub fn add_u(&mut self, u: &BlobRef) {
+    self.fbb_.push_slot_always::<&BlobRef>(CrossLayer::VT_U, u);
+  }
+  #[inline]
+  pub fn add_v(&mut self, v: &BlobRef) {
+    self.fbb_.push_slot_always::<&BlobRef>(CrossLayer::VT_V, v);
+  }
+  #[inline]
+  pub fn add_bias(&mut self, bias: &BlobRef) {
+    self.fbb_.push_slot_always::<&BlobRef>(CrossLayer::VT_BIAS, bias);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CrossLayerBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CrossLayerBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CrossLayer<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CrossLayer::VT_BIAS,"bias");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CrossLayer<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CrossLayer");
+      ds.field("dim", &self.dim());
+      ds.field("rank", &self.rank());
+      ds.field("weight", &self.weight());
+      ds.field("u", &self.u());
+      ds.field("v", &self.v());
+      ds.field("bias", &self.bias());
+      ds.finish()
+  }
+}
+pub enum CrossOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Cross<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Cross<'a> {
+  type Inner = Cross<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Cross<'a> {
+  pub const VT_LAYERS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_STRUCTURE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_OUTPUT: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Cross { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CrossArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Cross<'bldr>> {
+    let mut builder = CrossBuilder::new(_fbb);
+    if let Some(x) = args.output { builder.add_output(x); }
+    if let Some(x) = args.layers { builder.add_layers(x); }
+    builder.add_structure(args.structure);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn layers(&self) -> ::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CrossLayer<'a>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CrossLayer>>>>(Cross::VT_LAYERS, None).unwrap()}
+  }
+  #[inline]
+  pub fn structure(&self) -> CrossStructure {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CrossStructure>(Cross::VT_STRUCTURE, Some(CrossStructure::Stacked)).unwrap()}
+  }
+  #[inline]
+  pub fn output(&self) -> Option<&'a BlobRef> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<BlobRef>(Cross::VT_OUTPUT, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Cross<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<CrossLayer>>>>("layers", Self::VT_LAYERS, true)?
+     .visit_field::<CrossStructure>("structure", Self::VT_STRUCTURE, false)?
+     .visit_field::<BlobRef>("output", Self::VT_OUTPUT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CrossArgs<'a> {
+    pub layers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<CrossLayer<'a>>>>>,
+    pub structure: CrossStructure,
+    pub output: Option<&'a BlobRef>,
+}
+impl<'a> Default for CrossArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CrossArgs {
+      layers: None, // required field
+      structure: CrossStructure::Stacked,
+      output: None,
+    }
+  }
+}
+
+pub struct CrossBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CrossBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_layers(&mut self, layers: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<CrossLayer<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Cross::VT_LAYERS, layers);
+  }
+  #[inline]
+  pub fn add_structure(&mut self, structure: CrossStructure) {
+    self.fbb_.push_slot::<CrossStructure>(Cross::VT_STRUCTURE, structure, CrossStructure::Stacked);
+  }
+  #[inline]
+  pub fn add_output(&mut self, output: &BlobRef) {
+    self.fbb_.push_slot_always::<&BlobRef>(Cross::VT_OUTPUT, output);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CrossBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CrossBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Cross<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Cross::VT_LAYERS,"layers");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Cross<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Cross");
+      ds.field("layers", &self.layers());
+      ds.field("structure", &self.structure());
+      ds.field("output", &self.output());
+      ds.finish()
+  }
+}
 pub enum ArchitectureOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2656,6 +3053,7 @@ impl<'a> Architecture<'a> {
   pub const VT_WIDE: ::flatbuffers::VOffsetT = 8;
   pub const VT_DEEP: ::flatbuffers::VOffsetT = 10;
   pub const VT_FM: ::flatbuffers::VOffsetT = 12;
+  pub const VT_CROSS: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2667,6 +3065,7 @@ impl<'a> Architecture<'a> {
     args: &'args ArchitectureArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Architecture<'bldr>> {
     let mut builder = ArchitectureBuilder::new(_fbb);
+    if let Some(x) = args.cross { builder.add_cross(x); }
     if let Some(x) = args.deep { builder.add_deep(x); }
     if let Some(x) = args.wide { builder.add_wide(x); }
     if let Some(x) = args.dense_inputs { builder.add_dense_inputs(x); }
@@ -2711,6 +3110,13 @@ impl<'a> Architecture<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Architecture::VT_FM, Some(false)).unwrap()}
   }
+  #[inline]
+  pub fn cross(&self) -> Option<Cross<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Cross>>(Architecture::VT_CROSS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Architecture<'_> {
@@ -2724,6 +3130,7 @@ impl ::flatbuffers::Verifiable for Architecture<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<Wide>>("wide", Self::VT_WIDE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<DenseLayer>>>>("deep", Self::VT_DEEP, true)?
      .visit_field::<bool>("fm", Self::VT_FM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Cross>>("cross", Self::VT_CROSS, false)?
      .finish();
     Ok(())
   }
@@ -2734,6 +3141,7 @@ pub struct ArchitectureArgs<'a> {
     pub wide: Option<::flatbuffers::WIPOffset<Wide<'a>>>,
     pub deep: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DenseLayer<'a>>>>>,
     pub fm: bool,
+    pub cross: Option<::flatbuffers::WIPOffset<Cross<'a>>>,
 }
 impl<'a> Default for ArchitectureArgs<'a> {
   #[inline]
@@ -2744,6 +3152,7 @@ impl<'a> Default for ArchitectureArgs<'a> {
       wide: None,
       deep: None, // required field
       fm: false,
+      cross: None,
     }
   }
 }
@@ -2774,6 +3183,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ArchitectureBuilder<'a, 'b, A
     self.fbb_.push_slot::<bool>(Architecture::VT_FM, fm, false);
   }
   #[inline]
+  pub fn add_cross(&mut self, cross: ::flatbuffers::WIPOffset<Cross<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Cross>>(Architecture::VT_CROSS, cross);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ArchitectureBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ArchitectureBuilder {
@@ -2799,6 +3212,7 @@ impl ::core::fmt::Debug for Architecture<'_> {
       ds.field("wide", &self.wide());
       ds.field("deep", &self.deep());
       ds.field("fm", &self.fm());
+      ds.field("cross", &self.cross());
       ds.finish()
   }
 }
