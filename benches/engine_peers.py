@@ -17,7 +17,11 @@ rankd's scores. The peers get those precomputed ids (they skip the transforms ra
 Every peer's scores are checked against rankd's (max absolute difference printed; the check
 fails above 1e-5). Rounds alternate rankd and the peers; each cell is the median of the rounds.
 
-Usage: engine_peers.py EXPORT_DIR ENGINE_SIZES_BINARY [ROUNDS] [SECONDS] [ISA]
+With a DCN-v2 export (`engine_sizes --cross L:R:S --export DIR`, issue #21) the ORT whole models
+add the cross layers (Gemm, or MatMul then Gemm for low rank; Mul; Add) and only the whole
+models are compared (rankd runs a cross model without the split).
+
+Usage: engine_peers.py EXPORT_DIR ENGINE_SIZES_BINARY [ROUNDS] [SECONDS] [ISA] [CROSS]
 """
 import json
 import os
@@ -48,6 +52,43 @@ def load(d):
     return emb, wide, a("wide_bias.npy"), layers, req
 
 
+def load_cross(d):
+    path = os.path.join(d, "cross.json")
+    if not os.path.exists(path):
+        return None
+    c = json.load(open(path))
+    a = lambda name: np.load(os.path.join(d, name))  # noqa: E731
+    c["tensors"] = []
+    for l in range(c["layers"]):
+        if c["rank"] == 0:
+            c["tensors"].append((a(f"cross_{l}_w.npy"), None, a(f"cross_{l}_b.npy")))
+        else:
+            c["tensors"].append((a(f"cross_{l}_u.npy"), a(f"cross_{l}_v.npy"), a(f"cross_{l}_b.npy")))
+    c["out"] = a("cross_out.npy") if c["parallel"] else None
+    return c
+
+
+def cross_nodes(helper, numpy_helper, cross, x, inits, nodes):
+    """x_{l+1} = x0 * (W x_l + b) + x_l; returns the last output's name."""
+    prev = x
+    for l, (w, v, b) in enumerate(cross["tensors"]):
+        inits += [numpy_helper.from_array(w, f"cw{l}"), numpy_helper.from_array(b, f"cb{l}")]
+        if v is None:
+            nodes.append(helper.make_node("Gemm", [prev, f"cw{l}", f"cb{l}"], [f"ct{l}"], transB=1))
+        else:
+            inits.append(numpy_helper.from_array(v, f"cv{l}"))
+            nodes += [
+                helper.make_node("MatMul", [prev, f"cv{l}"], [f"cp{l}"]),
+                helper.make_node("Gemm", [f"cp{l}", f"cw{l}", f"cb{l}"], [f"ct{l}"], transB=1),
+            ]
+        nodes += [
+            helper.make_node("Mul", [x, f"ct{l}"], [f"cm{l}"]),
+            helper.make_node("Add", [f"cm{l}", prev], [f"cx{l}"]),
+        ]
+        prev = f"cx{l}"
+    return prev
+
+
 def session(model):
     import onnxruntime as ort
 
@@ -72,7 +113,7 @@ def deep_nodes(helper, numpy_helper, layers, x, inits, nodes):
     return prev
 
 
-def ort_whole(emb, wide, bias, layers, fused):
+def ort_whole(emb, wide, bias, layers, fused, cross=None):
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits = [], []
@@ -116,7 +157,20 @@ def ort_whole(emb, wide, bias, layers, fused):
         helper.make_node("Reshape", ["g", "shape"], ["flat"]),
         helper.make_node("Concat", ["flat", "dense"], ["x"], axis=1),
     ]
-    deep = deep_nodes(helper, numpy_helper, layers, "x", inits, nodes)
+    if cross is None:
+        deep = deep_nodes(helper, numpy_helper, layers, "x", inits, nodes)
+    elif cross["parallel"]:
+        xl = cross_nodes(helper, numpy_helper, cross, "x", inits, nodes)
+        d = deep_nodes(helper, numpy_helper, layers, "x", inits, nodes)
+        inits.append(numpy_helper.from_array(cross["out"], "cout"))
+        nodes += [
+            helper.make_node("MatMul", [xl, "cout"], ["clogit"]),
+            helper.make_node("Add", [d, "clogit"], ["dc"]),
+        ]
+        deep = "dc"
+    else:
+        xl = cross_nodes(helper, numpy_helper, cross, "x", inits, nodes)
+        deep = deep_nodes(helper, numpy_helper, layers, xl, inits, nodes)
     nodes += [
         helper.make_node("ReduceSum", ["gw", "axis1"], ["ws"], keepdims=1),
         helper.make_node("Add", ["ws", "bias"], ["wb"]),
@@ -192,13 +246,16 @@ def main():
     secs = float(sys.argv[4]) if len(sys.argv) > 4 else 0.4
     isa = sys.argv[5] if len(sys.argv) > 5 else ""
     emb, wide, bias, layers, req = load(d)
+    cross = load_cross(d)
     import onnxruntime as ort
 
     peers = {
-        "ort_fused": ort_whole(emb, wide, bias, layers, True),
-        "ort_slots": ort_whole(emb, wide, bias, layers, False),
-        "ort_mlp": ort_mlp(layers),
+        "ort_fused": ort_whole(emb, wide, bias, layers, True, cross),
+        "ort_slots": ort_whole(emb, wide, bias, layers, False, cross),
     }
+    if cross is not None:
+        return main_cross(peers, req, binary, rounds, secs, isa, cross, ort)
+    peers["ort_mlp"] = ort_mlp(layers)
     tmodel, torch = torch_whole(emb, wide, bias, layers)
     # Scores against rankd's.
     worst = {}
@@ -258,6 +315,49 @@ def main():
         ("rankd deep layers only", "ort mlp", "rankd deep layers only / ORT MLP only"),
     ]:
         print(f"| {label} | " + " | ".join(f"{med[(a, n)] / med[(b, n)]:.2f}" for n in SIZES) + " |")
+
+
+def main_cross(peers, req, binary, rounds, secs, isa, cross, ort):
+    """A DCN-v2 feed model: rankd's whole engine against ORT's whole models."""
+    worst = {}
+    for n in SIZES:
+        ids, dense, want = req[n]
+        for name in ["ort_fused", "ort_slots"]:
+            got = peers[name].run(None, {"ids": ids, "dense": dense})[0][:, 0]
+            worst[name] = max(worst.get(name, 0.0), float(np.abs(got - want).max()))
+    for name, w in worst.items():
+        print(json.dumps({"check": name, "max_abs_score_diff_vs_rankd": w}))
+        assert w <= 1e-5, f"{name} scores differ from rankd's by {w}"
+    cells = {}
+    add = lambda k, n, v: cells.setdefault((k, n), []).append(v)  # noqa: E731
+    spec = f"{cross['layers']}:{cross['rank']}:{'parallel' if cross['parallel'] else 'stacked'}"
+    for r in range(rounds):
+        args = [binary, "1", str(secs), "--json", "--cross", spec] + (["--isa", isa] if isa else [])
+        out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+        rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        best = isa.lower() if isa else rows[-1]["isa"].lower()
+        for row in rows:
+            if row["isa"].lower() == best:
+                add("rankd whole", row["items"], row["items_per_s"])
+        for n in SIZES:
+            ids, dense, _ = req[n]
+            add("ort whole, fused", n, rate(lambda: peers["ort_fused"].run(None, {"ids": ids, "dense": dense}), n, secs))
+            add("ort whole, per-slot", n, rate(lambda: peers["ort_slots"].run(None, {"ids": ids, "dense": dense}), n, secs))
+    med = {k: float(np.median(v)) for k, v in cells.items()}
+    rng = {k: (min(v), max(v)) for k, v in cells.items()}
+    print()
+    print(f"DCN-v2 feed model ({spec}); rankd ISA: {best}; onnxruntime {ort.__version__}; "
+          f"one thread each; {rounds} rounds of {secs} s; medians")
+    print()
+    print("| items/s (median of rounds) | " + " | ".join(f"{n:,} items" for n in SIZES) + " |")
+    print("|---|" + "---:|" * len(SIZES))
+    for what in ["rankd whole", "ort whole, fused", "ort whole, per-slot"]:
+        print(f"| {what} | " + " | ".join(f"{med[(what, n)] / 1e3:.0f}K ({rng[(what, n)][0] / 1e3:.0f}-{rng[(what, n)][1] / 1e3:.0f})" for n in SIZES) + " |")
+    print()
+    print("| rankd / peer | " + " | ".join(f"{n:,} items" for n in SIZES) + " |")
+    print("|---|" + "---:|" * len(SIZES))
+    for b in ["ort whole, fused", "ort whole, per-slot"]:
+        print(f"| rankd / {b} | " + " | ".join(f"{med[('rankd whole', n)] / med[(b, n)]:.2f}" for n in SIZES) + " |")
 
 
 if __name__ == "__main__":

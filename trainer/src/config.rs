@@ -67,6 +67,14 @@ pub struct TrainSettings {
     /// L2 penalty on the weights a step touches.
     #[serde(default)]
     pub l2: f32,
+    /// Dropout on the hidden layers' outputs in training (0 = off; inverted, so the served
+    /// model is unchanged).
+    #[serde(default)]
+    pub dropout: f32,
+    /// Batch normalization of the hidden layers' pre-activations in training, folded into the
+    /// layers' weights and biases when the model is written (no cost at serving).
+    #[serde(default)]
+    pub batch_norm: bool,
     /// Seed of the initialization and the shuffling.
     #[serde(default)]
     pub seed: u64,
@@ -366,6 +374,12 @@ impl TrainConfig {
                     "give valid_files or valid_split, not both".into(),
                 ));
             }
+        }
+        if !(0.0..0.95).contains(&train.dropout) {
+            return Err(TrainError::Config(format!(
+                "dropout {} must be in [0, 0.95)",
+                train.dropout
+            )));
         }
         if train.batch_size == 0 || train.epochs == 0 {
             return Err(TrainError::Config(

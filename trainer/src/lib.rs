@@ -123,7 +123,9 @@ pub fn prepare(config: &TrainConfig, log: &mut dyn std::io::Write) -> Result<Pre
     }
     let spec = CompiledSpec::compile(&fitted.feature_spec())?;
     let train = data::transform(raw, &spec)?;
-    let layout = Layout::new(&fitted, &spec)?;
+    let mut layout = Layout::new(&fitted, &spec)?;
+    layout.batch_norm = s.batch_norm;
+    layout.dropout = s.dropout;
     Ok(Prepared {
         model: fitted,
         spec,
@@ -169,10 +171,15 @@ fn train_with(
     let base_rate = train.labels.iter().sum::<f32>() / train.labels.len() as f32;
     let mut params = Params::init(&layout, s.seed, base_rate);
     let mut opt = config.optimizer(&params).with_cross(&layout);
-    let mut compute = CpuCompute::default();
+    let mut compute = CpuCompute::with_seed(s.seed);
     let mut grads = Grads::new(&layout);
     let mut workers_state: Vec<(CpuCompute, Grads)> = (0..s.workers.max(1))
-        .map(|_| (CpuCompute::default(), Grads::new(&layout)))
+        .map(|w| {
+            (
+                CpuCompute::with_seed(s.seed.wrapping_add(w as u64)),
+                Grads::new(&layout),
+            )
+        })
         .collect();
     let mut order: Vec<usize> = (0..train.labels.len()).collect();
     let eval_rows: Vec<usize> = (0..eval.labels.len()).collect();

@@ -92,9 +92,20 @@ pub struct Layout {
     pub deep_in: usize,
     /// DCN-v2 cross layers over the deep input.
     pub cross: Option<CrossSpec>,
+    /// Batch normalization of every hidden layer's pre-activation in training (a training
+    /// setting, `[train] batch_norm`: the written model has it folded into the layers).
+    pub batch_norm: bool,
+    /// Dropout on the hidden layers' outputs in training (`[train] dropout`; inverted: kept
+    /// units scaled by `1 / (1 - dropout)`, so serving computes nothing for it).
+    pub dropout: f32,
 }
 
 impl Layout {
+    /// Hidden layers (every deep layer but the output layer).
+    pub fn hidden(&self) -> usize {
+        self.layers.len().saturating_sub(1)
+    }
+
     /// The layout of `config` over the compiled spec.
     pub fn new(config: &ModelConfig, spec: &CompiledSpec) -> Result<Layout> {
         config.tensors()?;
@@ -148,6 +159,8 @@ impl Layout {
             layers,
             fm: config.fm,
             deep_in: col,
+            batch_norm: false,
+            dropout: 0.0,
             cross: config.cross.as_ref().map(|c| CrossSpec {
                 layers: c.layers as usize,
                 rank: c.rank as usize,
@@ -172,7 +185,17 @@ pub struct Params {
     pub b: Vec<Vec<f32>>,
     /// Cross tensors, in [`CrossSpec::tensors`] order.
     pub cross: Vec<Vec<f32>>,
+    /// Batch normalization: per hidden layer its scale γ and shift β (`[γ0, β0, γ1, β1, ...]`);
+    /// empty without it.
+    pub bn: Vec<Vec<f32>>,
+    /// Batch normalization's running mean and variance per hidden layer (`[μ0, σ²0, ...]`).
+    pub bn_stats: Vec<Vec<f32>>,
 }
+
+/// Batch normalization's ε.
+pub const BN_EPS: f32 = 1e-5;
+/// The running statistics' momentum: `stat = m * stat + (1 - m) * batch`.
+pub const BN_MOMENTUM: f32 = 0.9;
 
 impl Params {
     /// Random initialization: small uniform embeddings, zero wide weights, Glorot-uniform
@@ -200,6 +223,8 @@ impl Params {
                 .collect(),
             b: layout.layers.iter().map(|&(_, o)| vec![0.0; o]).collect(),
             cross: init_cross(layout, seed),
+            bn: bn_init(layout, 1.0, 0.0),
+            bn_stats: bn_init(layout, 0.0, 1.0),
         }
     }
 
@@ -213,7 +238,28 @@ impl Params {
         v.extend(self.w.iter_mut().map(|t| t.as_mut_slice()));
         v.extend(self.b.iter_mut().map(|t| t.as_mut_slice()));
         v.extend(self.cross.iter_mut().map(|t| t.as_mut_slice()));
+        v.extend(self.bn.iter_mut().map(|t| t.as_mut_slice()));
+        v.extend(self.bn_stats.iter_mut().map(|t| t.as_mut_slice()));
         v
+    }
+
+    /// Deep layer `i`'s weights and bias as served: with batch normalization folded in
+    /// (`W' = diag(s) W`, `b' = s (b - μ) + β`, `s = γ / sqrt(σ² + ε)`), else as they are.
+    pub fn served_layer(&self, layout: &Layout, i: usize) -> (Vec<f32>, Vec<f32>) {
+        if self.bn.is_empty() || i >= layout.hidden() {
+            return (self.w[i].clone(), self.b[i].clone());
+        }
+        let (inp, out) = layout.layers[i];
+        let (gamma, beta) = (&self.bn[2 * i], &self.bn[2 * i + 1]);
+        let (mean, var) = (&self.bn_stats[2 * i], &self.bn_stats[2 * i + 1]);
+        let mut w = self.w[i].clone();
+        let mut b = self.b[i].clone();
+        for o in 0..out {
+            let s = gamma[o] / (var[o] + BN_EPS).sqrt();
+            w[o * inp..(o + 1) * inp].iter_mut().for_each(|x| *x *= s);
+            b[o] = (b[o] - mean[o]) * s + beta[o];
+        }
+        (w, b)
     }
 
     /// The tensors `rankd_formats::config::write_model` expects.
@@ -231,17 +277,13 @@ impl Params {
         if layout.has_wide {
             t.insert("wide.bias".into(), (vec![1], vec![self.wide_bias]));
         }
-        for (i, (&(inp, out), (w, b))) in layout
-            .layers
-            .iter()
-            .zip(self.w.iter().zip(&self.b))
-            .enumerate()
-        {
+        for (i, &(inp, out)) in layout.layers.iter().enumerate() {
+            let (w, b) = self.served_layer(layout, i);
             t.insert(
                 format!("deep.{i}.weight"),
-                (vec![out as u64, inp as u64], w.clone()),
+                (vec![out as u64, inp as u64], w),
             );
-            t.insert(format!("deep.{i}.bias"), (vec![out as u64], b.clone()));
+            t.insert(format!("deep.{i}.bias"), (vec![out as u64], b));
         }
         if let Some(c) = &layout.cross {
             for ((name, shape, _), v) in c.tensors(layout.deep_in).into_iter().zip(&self.cross) {
@@ -269,6 +311,18 @@ pub fn init_layer(layout: &Layout, seed: u64, i: usize) -> Vec<f32> {
     let (inp, out) = layout.layers[i];
     let mut rng = Rng::new((seed ^ 0x006c_6179_6572).wrapping_add(i as u64 + 1));
     rng.vec(inp * out, (6.0 / (inp + out) as f32).sqrt())
+}
+
+/// Per hidden layer two vectors of its width, filled with `a` and `b` (empty without batch
+/// normalization).
+fn bn_init(layout: &Layout, a: f32, b: f32) -> Vec<Vec<f32>> {
+    if !layout.batch_norm {
+        return Vec::new();
+    }
+    layout.layers[..layout.hidden()]
+        .iter()
+        .flat_map(|&(_, o)| [vec![a; o], vec![b; o]])
+        .collect()
 }
 
 /// The initial cross tensors: weights Glorot-uniform, biases zero, each from a generator of its
@@ -427,6 +481,11 @@ pub struct Grads {
     pub b: Vec<Vec<f32>>,
     /// Cross tensors.
     pub cross: Vec<Vec<f32>>,
+    /// Batch normalization's γ and β.
+    pub bn: Vec<Vec<f32>>,
+    /// The batch's mean and variance per hidden layer (averaged like gradients when workers'
+    /// gradients are merged), which the optimizer folds into the running statistics.
+    pub bn_batch: Vec<Vec<f32>>,
 }
 
 impl Grads {
@@ -448,6 +507,8 @@ impl Grads {
                     .map(|(_, s, _)| vec![0.0; s.iter().product()])
                     .collect()
             }),
+            bn: bn_init(layout, 0.0, 0.0),
+            bn_batch: bn_init(layout, 0.0, 0.0),
         }
     }
 
@@ -465,7 +526,17 @@ impl Grads {
             .iter_mut()
             .chain(self.b.iter_mut())
             .chain(self.cross.iter_mut())
-            .zip(other.w.iter().chain(&other.b).chain(&other.cross))
+            .chain(self.bn.iter_mut())
+            .chain(self.bn_batch.iter_mut())
+            .zip(
+                other
+                    .w
+                    .iter()
+                    .chain(&other.b)
+                    .chain(&other.cross)
+                    .chain(&other.bn)
+                    .chain(&other.bn_batch),
+            )
         {
             a.iter_mut().zip(b).for_each(|(x, y)| *x += scale * y);
         }
@@ -482,6 +553,8 @@ impl Grads {
             .iter_mut()
             .chain(self.b.iter_mut())
             .chain(self.cross.iter_mut())
+            .chain(self.bn.iter_mut())
+            .chain(self.bn_batch.iter_mut())
         {
             a.iter_mut().for_each(|v| *v *= scale);
         }
@@ -494,6 +567,8 @@ impl Grads {
         self.w.iter_mut().for_each(|g| g.fill(0.0));
         self.b.iter_mut().for_each(|g| g.fill(0.0));
         self.cross.iter_mut().for_each(|g| g.fill(0.0));
+        self.bn.iter_mut().for_each(|g| g.fill(0.0));
+        self.bn_batch.iter_mut().for_each(|g| g.fill(0.0));
     }
 }
 
@@ -525,6 +600,15 @@ pub trait Compute {
 /// The CPU worker, with its activations kept between forward and backward.
 #[derive(Debug, Default)]
 pub struct CpuCompute {
+    /// Whether the pass is a training step (batch statistics, dropout) or a prediction.
+    training: bool,
+    /// The state of the dropout masks' generator.
+    rng_state: u64,
+    /// Batch normalization, per hidden layer: the normalized pre-activations, the inverse
+    /// standard deviations, and the batch's mean and variance (`[μ0, σ²0, ...]`).
+    bn_xhat: Vec<Vec<f32>>,
+    bn_inv: Vec<Vec<f32>>,
+    bn_batch: Vec<Vec<f32>>,
     x: Vec<f32>,
     /// Cross layers: the inputs `x_l` of each layer and the last output, each layer's product
     /// `t_l = W x_l + b`, and a low-rank layer's middle `p_l = V x_l`.
@@ -590,7 +674,53 @@ impl CpuCompute {
             }
             matmul(n, out, inp, h, input, inp, &p.w[i], 1, inp as isize, true);
             if i + 1 < l.layers.len() {
+                if l.batch_norm {
+                    self.bn_xhat.resize(l.hidden(), Vec::new());
+                    self.bn_inv.resize(l.hidden(), Vec::new());
+                    self.bn_batch.resize(2 * l.hidden(), Vec::new());
+                    let (xh, inv) = (&mut self.bn_xhat[i], &mut self.bn_inv[i]);
+                    xh.resize(n * out, 0.0);
+                    inv.resize(out, 0.0);
+                    let (mean, var) = if self.training {
+                        let mut mean = vec![0f32; out];
+                        let mut var = vec![0f32; out];
+                        for row in h.chunks_exact(out) {
+                            mean.iter_mut().zip(row).for_each(|(m, v)| *m += v);
+                        }
+                        mean.iter_mut().for_each(|m| *m /= n as f32);
+                        for row in h.chunks_exact(out) {
+                            for ((s, v), m) in var.iter_mut().zip(row).zip(&mean) {
+                                *s += (v - m) * (v - m);
+                            }
+                        }
+                        var.iter_mut().for_each(|s| *s /= n as f32);
+                        self.bn_batch[2 * i] = mean.clone();
+                        self.bn_batch[2 * i + 1] = var.clone();
+                        (mean, var)
+                    } else {
+                        (p.bn_stats[2 * i].clone(), p.bn_stats[2 * i + 1].clone())
+                    };
+                    for (o, iv) in inv.iter_mut().enumerate() {
+                        *iv = 1.0 / (var[o] + BN_EPS).sqrt();
+                    }
+                    let (gamma, beta) = (&p.bn[2 * i], &p.bn[2 * i + 1]);
+                    for (row, xrow) in h.chunks_exact_mut(out).zip(xh.chunks_exact_mut(out)) {
+                        for o in 0..out {
+                            xrow[o] = (row[o] - mean[o]) * inv[o];
+                            row[o] = gamma[o] * xrow[o] + beta[o];
+                        }
+                    }
+                }
                 h.iter_mut().for_each(|v| *v = v.max(0.0));
+                if self.training && l.dropout > 0.0 {
+                    let mut rng = Rng::from_state(self.rng_state);
+                    let keep = 1.0 / (1.0 - l.dropout);
+                    let cut = (f64::from(l.dropout) * u64::MAX as f64) as u64;
+                    for v in h.iter_mut() {
+                        *v = if rng.next_u64() < cut { 0.0 } else { *v * keep };
+                    }
+                    self.rng_state = rng.state();
+                }
             }
         }
         if let Some(last) = self.hs.last() {
@@ -645,6 +775,15 @@ impl CpuCompute {
 }
 
 impl CpuCompute {
+    /// A worker whose dropout masks ([`Layout::dropout`]) come from a generator seeded by
+    /// `seed` (workers of one run take different seeds).
+    pub fn with_seed(seed: u64) -> CpuCompute {
+        CpuCompute {
+            rng_state: Rng::new(seed ^ 0x0064_726f_706f_7574).state(),
+            ..CpuCompute::default()
+        }
+    }
+
     /// The cross layers on the deep input `self.x` (`n` rows of `d`): `x_{l+1} = x0 ⊙ (W x_l +
     /// b) + x_l`, keeping what the backward pass needs.
     fn cross_forward(&mut self, c: &CrossSpec, d: usize, p: &Params, n: usize) {
@@ -836,7 +975,9 @@ impl Compute for CpuCompute {
         g: &mut Grads,
     ) -> f64 {
         g.clear();
+        self.training = true;
         self.forward(l, p, slots, rows);
+        self.training = false;
         let n = rows.len();
         let k = l.deep_in;
         let inv = 1.0 / n as f32;
@@ -924,15 +1065,49 @@ impl Compute for CpuCompute {
                         }
                     }
                 } else {
-                    // Through the ReLU of the layer below.
+                    // Through the dropout and the ReLU of the layer below (a dropped unit is
+                    // 0, a kept one was scaled).
                     let below = &self.hs[i - 1];
+                    let keep = 1.0 / (1.0 - l.dropout);
                     self.dz.clear();
-                    self.dz.extend(
-                        self.dh
-                            .iter()
-                            .zip(below)
-                            .map(|(d, h)| if *h > 0.0 { *d } else { 0.0 }),
-                    );
+                    self.dz.extend(self.dh.iter().zip(below).map(|(d, h)| {
+                        if *h > 0.0 {
+                            *d * keep
+                        } else {
+                            0.0
+                        }
+                    }));
+                    // Through its batch normalization, with the batch's statistics.
+                    if l.batch_norm {
+                        let j = i - 1;
+                        let out = l.layers[j].1;
+                        let (xh, inv) = (&self.bn_xhat[j], &self.bn_inv[j]);
+                        let gamma = &p.bn[2 * j];
+                        let (dgamma, dbeta) = {
+                            let (a, b) = g.bn.split_at_mut(2 * j + 1);
+                            (&mut a[2 * j], &mut b[0])
+                        };
+                        dgamma.fill(0.0);
+                        dbeta.fill(0.0);
+                        let mut sum_dx = vec![0f32; out];
+                        let mut sum_dx_x = vec![0f32; out];
+                        for (dy, xrow) in self.dz.chunks_exact(out).zip(xh.chunks_exact(out)) {
+                            for o in 0..out {
+                                dgamma[o] += dy[o] * xrow[o];
+                                dbeta[o] += dy[o];
+                                let dx = dy[o] * gamma[o];
+                                sum_dx[o] += dx;
+                                sum_dx_x[o] += dx * xrow[o];
+                            }
+                        }
+                        let nf = n as f32;
+                        for (dy, xrow) in self.dz.chunks_exact_mut(out).zip(xh.chunks_exact(out)) {
+                            for o in 0..out {
+                                let dx = dy[o] * gamma[o];
+                                dy[o] = inv[o] / nf * (nf * dx - sum_dx[o] - xrow[o] * sum_dx_x[o]);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -984,6 +1159,9 @@ impl Compute for CpuCompute {
             }
         }
         self.dx = dx;
+        for (gb, b) in g.bn_batch.iter_mut().zip(&self.bn_batch) {
+            gb.copy_from_slice(b);
+        }
         loss
     }
 
@@ -1083,6 +1261,9 @@ pub struct Optimizer {
     mc: Vec<Vec<f32>>,
     vc: Vec<Vec<f32>>,
     cross_decay: Vec<bool>,
+    /// Adam moments of batch normalization's γ and β.
+    mbn: Vec<Vec<f32>>,
+    vbn: Vec<Vec<f32>>,
     acc_emb: Vec<Vec<f32>>,
     acc_wide: Vec<Vec<f32>>,
     acc_bias: f32,
@@ -1109,6 +1290,8 @@ impl Optimizer {
             mc: zeros(&params.cross),
             vc: zeros(&params.cross),
             cross_decay: Vec::new(),
+            mbn: zeros(&params.bn),
+            vbn: zeros(&params.bn),
             acc_emb: params
                 .emb
                 .iter()
@@ -1166,6 +1349,8 @@ impl Optimizer {
             &mut self.acc_wide,
             &mut self.mc,
             &mut self.vc,
+            &mut self.mbn,
+            &mut self.vbn,
         ] {
             v.extend(group.iter_mut().map(|t| t.as_mut_slice()));
         }
@@ -1245,6 +1430,19 @@ impl Optimizer {
             let decay = self.cross_decay.get(i).copied().unwrap_or(true);
             dense[i % self.shards].push((w, g, m, v, decay));
         }
+        let bn =
+            p.bn.iter_mut()
+                .zip(&g.bn)
+                .zip(self.mbn.iter_mut().zip(self.vbn.iter_mut()));
+        for (i, ((w, g), (m, v))) in bn.enumerate() {
+            dense[i % self.shards].push((w, g, m, v, false));
+        }
+        // The running statistics follow the batches.
+        for (s, b) in p.bn_stats.iter_mut().zip(&g.bn_batch) {
+            for (s, b) in s.iter_mut().zip(b) {
+                *s = BN_MOMENTUM * *s + (1.0 - BN_MOMENTUM) * b;
+            }
+        }
         // Sparse tables, cut into one contiguous row range per shard.
         let mut sparse: Vec<Vec<SparseWork<'_>>> = (0..self.shards).map(|_| Vec::new()).collect();
         let tables = p
@@ -1293,11 +1491,13 @@ mod tests {
     use rankd_formats::synth::synthetic_features;
 
     fn setup() -> (Layout, Params, SlotBatch, Vec<f32>) {
-        setup_with(None)
+        setup_with(None, false, 0.0)
     }
 
     fn setup_with(
         cross: Option<rankd_formats::config::CrossConfig>,
+        batch_norm: bool,
+        dropout: f32,
     ) -> (Layout, Params, SlotBatch, Vec<f32>) {
         let features = synthetic_features(40);
         let config = ModelConfig {
@@ -1328,7 +1528,9 @@ mod tests {
             cross,
         };
         let spec = CompiledSpec::compile(&config.feature_spec()).unwrap();
-        let layout = Layout::new(&config, &spec).unwrap();
+        let mut layout = Layout::new(&config, &spec).unwrap();
+        layout.batch_norm = batch_norm;
+        layout.dropout = dropout;
         let mut params = Params::init(&layout, 3, 0.3);
         let mut rng = Rng::new(9);
         for w in &mut params.wide {
@@ -1415,12 +1617,36 @@ mod tests {
                 rank,
                 structure,
             });
-            gradients_match_finite_differences_of(cross);
+            gradients_match_finite_differences_of(cross, false, 0.0);
         }
+        // Batch normalization (batch statistics in training), dropout (the same masks in every
+        // pass: each starts from a fresh generator), both with cross layers too.
+        gradients_match_finite_differences_of(None, true, 0.0);
+        gradients_match_finite_differences_of(None, false, 0.3);
+        gradients_match_finite_differences_of(
+            Some(CrossConfig {
+                layers: 2,
+                rank: 0,
+                structure: Parallel,
+            }),
+            true,
+            0.3,
+        );
     }
 
-    fn gradients_match_finite_differences_of(cross: Option<rankd_formats::config::CrossConfig>) {
-        let (l, mut p, s, y) = setup_with(cross.clone());
+    fn gradients_match_finite_differences_of(
+        cross: Option<rankd_formats::config::CrossConfig>,
+        batch_norm: bool,
+        dropout: f32,
+    ) {
+        let (l, mut p, s, y) = setup_with(cross.clone(), batch_norm, dropout);
+        // Batch normalization's scale and shift away from 1 and 0.
+        let mut rng = Rng::new(33);
+        for t in &mut p.bn {
+            for v in t.iter_mut() {
+                *v += rng.uniform(0.3);
+            }
+        }
         // Nonzero cross biases, so that every product in the cross layers matters.
         let mut rng = Rng::new(21);
         for t in &mut p.cross {
@@ -1444,7 +1670,7 @@ mod tests {
                 ((loss(&l, &a, &s, &y) - loss(&l, &b, &s, &y)) / (2.0 * f64::from(h))) as f32;
             assert!(
                 (numeric - analytic).abs() <= 2e-3 + 0.02 * numeric.abs(),
-                "{cross:?} {}: numeric {numeric} vs analytic {analytic}",
+                "{cross:?} bn {batch_norm} dropout {dropout} {}: numeric {numeric} vs analytic {analytic}",
                 what.borrow()
             );
         };
@@ -1454,6 +1680,12 @@ mod tests {
                 check(g.w[i][j], &|p, d| p.w[i][j] += d);
             }
             check(g.b[i][0], &|p, d| p.b[i][0] += d);
+        }
+        for (t, gb) in g.bn.iter().enumerate() {
+            for (j, &gv) in gb.iter().enumerate() {
+                *what.borrow_mut() = format!("batch norm tensor {t} element {j}");
+                check(gv, &|p, d| p.bn[t][j] += d);
+            }
         }
         for (t, gc) in g.cross.iter().enumerate() {
             for j in [0, gc.len() / 3, gc.len() / 2, gc.len() - 1] {

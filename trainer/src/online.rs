@@ -127,6 +127,13 @@ impl OnlineConfig {
         if train.batch_size == 0 {
             return Err(TrainError::Config("batch_size must be at least 1".into()));
         }
+        if train.batch_norm || train.dropout > 0.0 {
+            return Err(TrainError::Config(
+                "online training does not use batch_norm or dropout (the base model has any \
+                 batch normalization folded in already)"
+                    .into(),
+            ));
+        }
         if !(0.0..1.0).contains(&online.holdout) {
             return Err(TrainError::Config(format!(
                 "[online] holdout {} must be in [0, 1)",
@@ -252,6 +259,8 @@ pub fn params_of(file: &ModelFile, layout: &Layout) -> Params {
             .map(|l| file.weights(l.bias).to_vec())
             .collect(),
         cross: Vec::new(),
+        bn: Vec::new(),
+        bn_stats: Vec::new(),
     }
     .checked(layout)
 }

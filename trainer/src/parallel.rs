@@ -86,7 +86,7 @@ pub fn async_epoch(
             .map(|w| {
                 let (shared, optimizer, batches) = (&shared, &optimizer, &batches);
                 scope.spawn(move || {
-                    let mut compute = CpuCompute::default();
+                    let mut compute = CpuCompute::with_seed(w as u64);
                     let mut grads = Grads::new(layout);
                     let mut loss = 0f64;
                     for batch in batches.iter().skip(w).step_by(k.max(1)) {

@@ -185,6 +185,7 @@ fn every_model_kind_trains_and_serves_the_same() {
         "deepfm",
         "dcn_stacked",
         "dcn_parallel_low_rank",
+        "deep_batch_norm_dropout",
     ] {
         let mut config = base.clone();
         config.train.epochs = 1;
@@ -199,6 +200,12 @@ fn every_model_kind_trains_and_serves_the_same() {
             }
             "deep" => config.model.wide = None,
             "deepfm" => config.model.fm = true,
+            "deep_batch_norm_dropout" => {
+                // Folded into the written layers: the file is a plain deep model.
+                config.model.wide = None;
+                config.train.batch_norm = true;
+                config.train.dropout = 0.2;
+            }
             "dcn_stacked" => {
                 config.model.cross = Some(rankd_formats::config::CrossConfig {
                     layers: 2,
@@ -225,6 +232,7 @@ fn every_model_kind_trains_and_serves_the_same() {
             m.spec().architecture.kind(),
             match kind {
                 "wide" | "deep" | "deepfm" => kind,
+                "deep_batch_norm_dropout" => "deep",
                 _ => "dcn_v2",
             }
         );

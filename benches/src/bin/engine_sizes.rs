@@ -8,6 +8,9 @@
 //! `engine_sizes --export DIR`: writes what the peers of `benches/engine_peers.py` need, as
 //! `.npy` files: the feed model's tensors, and per request size the precomputed ids and dense
 //! inputs of every item (what rankd computes from the raw features) with rankd's scores.
+//!
+//! `--cross LAYERS:RANK:STRUCTURE` (e.g. `3:0:parallel`, `3:64:stacked`): the feed model with
+//! DCN-v2 cross layers (#21); the export then holds their tensors and `cross.json`.
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +62,38 @@ fn f32s(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// The feed model with DCN-v2 cross layers over its deep input (cross weights drawn at 0.05, the
+/// rest as `feed::write_version` draws them).
+fn write_cross(path: &std::path::Path, layers: u32, rank: u32, structure: &str) {
+    let mut config = rankd_formats::synth::feed::config();
+    config.cross = Some(rankd_formats::config::CrossConfig {
+        layers,
+        rank,
+        structure: if structure == "parallel" {
+            rankd_formats::CrossStructure::Parallel
+        } else {
+            rankd_formats::CrossStructure::Stacked
+        },
+    });
+    let mut rng = rankd_formats::synth::Rng::new(17);
+    let mut t = rankd_formats::config::TensorMap::new();
+    for s in config.tensors().unwrap() {
+        let n = s.numel() as usize;
+        let scale = if s.name.starts_with("deep.") && s.name.ends_with("weight") {
+            (2.0 / s.shape[1] as f32).sqrt()
+        } else {
+            0.05
+        };
+        t.insert(s.name, (s.shape, rng.vec(n, scale)));
+    }
+    let meta = rankd_formats::Metadata {
+        name: "feed".into(),
+        version: 1,
+        ..Default::default()
+    };
+    rankd_formats::config::write_model(&config, meta, &t, path).unwrap();
+}
+
 /// `--export DIR`: the feed model's tensors, and per size the items' ids, dense inputs and
 /// rankd's scores.
 fn export(dir: &std::path::Path, path: &std::path::Path, model: &Model, sizes: &[usize]) {
@@ -85,6 +120,41 @@ fn export(dir: &std::path::Path, path: &std::path::Path, model: &Model, sizes: &
         );
     }
     npy(&dir.join("wide_bias.npy"), "<f4", &[1], &f32s(&[wide.bias]));
+    if let Some(c) = &a.cross {
+        let d = a.deep_input_dim() as usize;
+        for (l, x) in c.layers.iter().enumerate() {
+            let r = x.rank as usize;
+            let mut put = |name: String, shape: &[usize], b: rankd_formats::BlobRef| {
+                npy(&dir.join(name), "<f4", shape, &f32s(file.weights(b)));
+            };
+            if let Some(w) = x.weight {
+                put(format!("cross_{l}_w.npy"), &[d, d], w);
+            }
+            if let (Some(u), Some(v)) = (x.u, x.v) {
+                put(format!("cross_{l}_u.npy"), &[d, r], u);
+                put(format!("cross_{l}_v.npy"), &[d, r], v);
+            }
+            put(format!("cross_{l}_b.npy"), &[d], x.bias);
+        }
+        if let Some(o) = c.output {
+            npy(
+                &dir.join("cross_out.npy"),
+                "<f4",
+                &[d, 1],
+                &f32s(file.weights(o)),
+            );
+        }
+        std::fs::write(
+            dir.join("cross.json"),
+            format!(
+                "{{\"layers\": {}, \"rank\": {}, \"parallel\": {}}}",
+                c.layers.len(),
+                c.layers[0].rank,
+                c.output.is_some()
+            ),
+        )
+        .unwrap();
+    }
     for (l, d) in a.deep.iter().enumerate() {
         let (o, i) = (d.out_dim as usize, d.in_dim as usize);
         npy(
@@ -163,7 +233,26 @@ fn main() {
         rankd_formats::WeightType::F32
     };
 
-    feed::write_typed(&path, 1, 17, weight_type).unwrap();
+    let cross = args
+        .iter()
+        .position(|a| a == "--cross")
+        .and_then(|i| args.get(i + 1))
+        .map(|c| {
+            let parts: Vec<&str> = c.split(':').collect();
+            (
+                parts[0]
+                    .parse::<u32>()
+                    .expect("--cross LAYERS:RANK:STRUCTURE"),
+                parts[1]
+                    .parse::<u32>()
+                    .expect("--cross LAYERS:RANK:STRUCTURE"),
+                parts.get(2).copied().unwrap_or("stacked").to_owned(),
+            )
+        });
+    match &cross {
+        Some((layers, rank, structure)) => write_cross(&path, *layers, *rank, structure),
+        None => feed::write_typed(&path, 1, 17, weight_type).unwrap(),
+    }
     let model = Model::open(&path).unwrap();
     let sizes = [20usize, 200, 1000, 10_000];
     if weight_type != rankd_formats::WeightType::F32 {
@@ -229,6 +318,10 @@ fn main() {
             ("whole, no split", Some(Split::Off)),
             ("deep layers only", None),
         ] {
+            // A cross model has no split, and its deep layers alone are not the model.
+            if cross.is_some() && mode != "whole, split" {
+                continue;
+            }
             // `--mode split|no-split|deep`: one mode only (for profiling).
             if let Some(only) = args
                 .iter()

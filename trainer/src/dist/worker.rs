@@ -608,6 +608,13 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     let (start_epoch, mut epoch_over, fitted) = ready;
     let spec = CompiledSpec::compile(&fitted.feature_spec())?;
     let layout = Layout::new(&fitted, &spec)?;
+    if s.batch_norm || s.dropout > 0.0 || layout.cross.is_some() {
+        return Err(TrainError::Config(
+            "batch_norm, dropout and DCN-v2 cross layers train in one process (rankd-train \
+             --config); the parameter-server job does not carry them yet"
+                .into(),
+        ));
+    }
     let plan = Plan::new(layout, k, &fitted);
     let local_batch = (s.batch_size / job.workers).max(1);
     let share = Share {
