@@ -124,7 +124,7 @@ fn export(dir: &std::path::Path, path: &std::path::Path, model: &Model, sizes: &
         let d = a.deep_input_dim() as usize;
         for (l, x) in c.layers.iter().enumerate() {
             let r = x.rank as usize;
-            let mut put = |name: String, shape: &[usize], b: rankd_formats::BlobRef| {
+            let put = |name: String, shape: &[usize], b: rankd_formats::BlobRef| {
                 npy(&dir.join(name), "<f4", shape, &f32s(file.weights(b)));
             };
             if let Some(w) = x.weight {
