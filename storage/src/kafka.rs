@@ -260,10 +260,10 @@ async fn deadline<T, E: std::fmt::Display>(
     match tokio::time::timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(kafka_err(op, url, e)),
-        Err(_) => Err(StorageError::Timeout {
+        Err(_) => Err(StorageError::Kafka {
             op,
-            path: url.to_string(),
-            ms: limit.as_millis(),
+            topic: url.to_string(),
+            message: format!("no answer within {} ms", limit.as_millis()),
         }),
     }
 }
@@ -305,6 +305,11 @@ pub mod testing {
                 dir: None,
             });
         }
+        private_broker()
+    }
+
+    /// A broker of this test's own (stopped on drop), for tests that pause or stop it.
+    pub fn private_broker() -> Option<Broker> {
         let present = ["java", "mvn"].iter().all(|t| {
             Command::new("sh")
                 .args(["-c", &format!("command -v {t}")])
@@ -341,6 +346,15 @@ pub mod testing {
     }
 
     impl Broker {
+        /// The broker JVM's process id, for a private broker.
+        pub fn pid(&self) -> Option<i32> {
+            std::fs::read_to_string(self.dir.as_ref()?.join("pid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        }
+
         /// `kafka://ADDRESS/TOPIC`.
         pub fn url(&self, topic: &str) -> String {
             format!("kafka://{}/{topic}", self.address)

@@ -362,8 +362,21 @@ struct Online<'a> {
     columns: Vec<usize>,
     label_col: Option<usize>,
     window: std::collections::VecDeque<(f32, f32)>,
+    /// Produce requests not yet accepted by the broker, oldest first (deltas stay in order
+    /// through a broker outage), and their bytes.
+    outbox: std::collections::VecDeque<Vec<Vec<u8>>>,
+    outbox_bytes: usize,
+    /// Since when the broker has refused or not answered, for one log line per outage.
+    outage: Option<Instant>,
+    /// Queued deltas were dropped (a snapshot is due).
+    dropped_deltas: bool,
     report: OnlineReport,
 }
+
+/// The most bytes of unsent deltas kept through a broker outage; past it they are dropped
+/// (replicas then see a gap and wait for the next snapshot, which is written at once when there
+/// is a `snapshot_dir`).
+const MAX_OUTBOX_BYTES: usize = 1 << 30;
 
 /// Runs online training until `stop` is set or `limits` are reached; progress goes to `log`.
 pub fn run(
@@ -458,6 +471,10 @@ pub fn run(
         columns,
         label_col,
         window: Default::default(),
+        outbox: Default::default(),
+        outbox_bytes: 0,
+        outage: None,
+        dropped_deltas: false,
         report: OnlineReport::default(),
     };
     drop(file);
@@ -477,7 +494,19 @@ pub fn run(
         let done = stop.load(Ordering::Relaxed) || limits.max_samples.is_some_and(|m| read >= m);
         if !done {
             let left = limits.max_samples.map_or(u64::MAX, |m| m - read);
-            let (messages, _) = samples.fetch(offset, wait).map_err(kafka)?;
+            // A broker outage does not end the run: training goes on with what was read,
+            // deltas queue, and reading resumes when the broker answers again.
+            let messages = match samples.fetch(offset, wait) {
+                Ok((m, _)) => {
+                    run.broker_back(log);
+                    m
+                }
+                Err(e) => {
+                    run.broker_down(&e.to_string(), log);
+                    std::thread::sleep(wait.max(Duration::from_millis(200)));
+                    Vec::new()
+                }
+            };
             for m in messages
                 .into_iter()
                 .take(left.min(usize::MAX as u64) as usize)
@@ -519,9 +548,12 @@ pub fn run(
         if done || Instant::now() >= next_publish {
             run.publish(log)?;
             next_publish = Instant::now() + publish_every;
+        } else if !run.outbox.is_empty() {
+            run.flush(log);
         }
+        let dropped = std::mem::take(&mut run.dropped_deltas);
         if let (Some(at), Some(dir)) = (next_snapshot, &o.snapshot_dir) {
-            if Instant::now() >= at {
+            if dropped || Instant::now() >= at {
                 run.snapshot(dir, log)?;
                 next_snapshot = Some(Instant::now() + Duration::from_secs(o.snapshot_interval_s));
             }
@@ -529,6 +561,20 @@ pub fn run(
         if done {
             break;
         }
+    }
+    // What is still queued gets the Kafka deadline to go out.
+    let until = Instant::now() + Duration::from_millis(o.kafka_timeout_ms);
+    while !run.outbox.is_empty() && Instant::now() < until {
+        run.flush(log);
+        if !run.outbox.is_empty() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    if !run.outbox.is_empty() {
+        return Err(TrainError::Data(format!(
+            "{} produce requests of deltas could not be published to {updates_url}",
+            run.outbox.len()
+        )));
     }
     if let Some(path) = &limits.export {
         run.write_model(path, run.base_version)?;
@@ -803,6 +849,48 @@ impl Online<'_> {
         Some(d)
     }
 
+    fn broker_down(&mut self, e: &str, log: &mut dyn std::io::Write) {
+        if self.outage.is_none() {
+            self.outage = Some(Instant::now());
+            let _ = writeln!(
+                log,
+                "online: Kafka does not answer ({e}); training goes on, deltas are queued"
+            );
+        }
+    }
+
+    fn broker_back(&mut self, log: &mut dyn std::io::Write) {
+        if let Some(t) = self.outage.take() {
+            let _ = writeln!(
+                log,
+                "online: Kafka answers again after {:.1} s; {} queued produce requests to send",
+                t.elapsed().as_secs_f64(),
+                self.outbox.len()
+            );
+        }
+    }
+
+    /// Sends queued produce requests in order until one fails.
+    fn flush(&mut self, log: &mut dyn std::io::Write) {
+        while let Some(group) = self.outbox.front() {
+            let bytes: usize = group.iter().map(Vec::len).sum();
+            match self
+                .updates
+                .produce(Some(self.name.as_bytes()), group.clone())
+            {
+                Ok(_) => {
+                    self.outbox.pop_front();
+                    self.outbox_bytes -= bytes;
+                    self.broker_back(log);
+                }
+                Err(e) => {
+                    self.broker_down(&e.to_string(), log);
+                    return;
+                }
+            }
+        }
+    }
+
     fn publish(&mut self, log: &mut dyn std::io::Write) -> Result<()> {
         let Some(d) = self.take_delta() else {
             return Ok(());
@@ -820,15 +908,32 @@ impl Online<'_> {
         let mut bytes = 0;
         for p in parts {
             if !group.is_empty() && bytes + p.len() > 900 << 10 {
-                self.send(std::mem::take(&mut group))?;
+                self.outbox.push_back(std::mem::take(&mut group));
                 bytes = 0;
             }
             bytes += p.len();
             group.push(p);
         }
         if !group.is_empty() {
-            self.send(group)?;
+            self.outbox.push_back(group);
         }
+        self.outbox_bytes += encoded.len() + nparts * delta::PART_HEADER_LEN;
+        if self.outbox_bytes > MAX_OUTBOX_BYTES {
+            let _ = writeln!(
+                log,
+                "online: {} bytes of deltas queued through the outage: dropped; replicas wait for the next snapshot{}",
+                self.outbox_bytes,
+                if self.cfg.online.snapshot_dir.is_some() {
+                    ", written now"
+                } else {
+                    " (no snapshot_dir: none will come)"
+                }
+            );
+            self.outbox.clear();
+            self.outbox_bytes = 0;
+            self.dropped_deltas = true;
+        }
+        self.flush(log);
         self.report.deltas += 1;
         let (auc, logloss) = self.rolling();
         let _ = writeln!(
@@ -843,13 +948,6 @@ impl Online<'_> {
             self.report.held_out,
         );
         Ok(())
-    }
-
-    fn send(&self, group: Vec<Vec<u8>>) -> Result<()> {
-        self.updates
-            .produce(Some(self.name.as_bytes()), group)
-            .map(drop)
-            .map_err(|e| TrainError::Data(e.to_string()))
     }
 
     /// Writes the current parameters as a new version in `dir` and makes it the base of the
@@ -1051,6 +1149,112 @@ mod tests {
         let back = dir.path().join("back.rkm");
         rankd_storage::get_file(&p, &back, &hdfs).unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&file).unwrap());
+    }
+
+    #[test]
+    fn deltas_stay_in_sequence_through_a_broker_outage() {
+        use rankd_storage::kafka::testing;
+        let Some(broker) = testing::private_broker() else {
+            return;
+        };
+        let Some(pid) = broker.pid() else {
+            panic!("a private broker has a pid");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.rkm");
+        rankd_formats::synth::write_synthetic(
+            &base,
+            &rankd_formats::synth::SynthOptions {
+                kind: rankd_formats::synth::ModelKind::WideDeep,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let samples_url = broker.url("samples");
+        let updates_url = broker.url("updates");
+        let timeout = Duration::from_secs(20);
+        let samples = Topic::connect(&samples_url.parse().unwrap(), true, timeout).unwrap();
+        let n = 1500u64;
+        let sample = |i: u64| {
+            format!(
+                r#"{{"user_age": {}, "user_city": "c{}", "hour": {}, "item_id": {}, "item_tags": ["t{}"], "item_price": 1.5, "label": {}}}"#,
+                20 + i % 40,
+                i % 5,
+                i % 24,
+                i % 300,
+                i % 7,
+                i % 3 == 0
+            )
+            .into_bytes()
+        };
+        let producer = std::thread::spawn(move || {
+            for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+                samples
+                    .produce(None, chunk.iter().map(|&i| sample(i)).collect())
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+        let cfg = OnlineConfig::from_toml(&format!(
+            "[train]\ntrain_files = []\nbatch_size = 32\n[online]\nsamples = \"{samples_url}\"\nupdates = \"{updates_url}\"\nbase = \"{}\"\npublish_interval_ms = 100\nmax_batch_wait_ms = 20\nkafka_timeout_ms = 1000\n",
+            base.display()
+        ))
+        .unwrap();
+        // The broker pauses for three seconds in the middle of the run.
+        let pauser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            let signal = |s: &str| {
+                std::process::Command::new("kill")
+                    .args([s, &pid.to_string()])
+                    .status()
+                    .unwrap()
+            };
+            assert!(signal("-STOP").success());
+            std::thread::sleep(Duration::from_secs(3));
+            assert!(signal("-CONT").success());
+        });
+        let mut log = Vec::new();
+        let report = run(
+            &cfg,
+            &AtomicBool::new(false),
+            Limits {
+                max_samples: Some(n),
+                export: None,
+            },
+            &mut log,
+        )
+        .unwrap();
+        pauser.join().unwrap();
+        producer.join().unwrap();
+        let log = String::from_utf8(log).unwrap();
+        assert!(log.contains("Kafka does not answer"), "{log}");
+        assert!(log.contains("Kafka answers again"), "{log}");
+        assert_eq!(report.trained + report.held_out, n, "{report:?}");
+        // Every delta is in the topic, whole and in sequence.
+        let updates = Topic::connect(&updates_url.parse().unwrap(), false, timeout).unwrap();
+        let mut assembler = delta::Assembler::new(1 << 30);
+        let mut sequences = Vec::new();
+        let mut offset = 0;
+        loop {
+            let (messages, high) = updates.fetch(offset, Duration::from_millis(100)).unwrap();
+            for m in &messages {
+                offset = m.offset + 1;
+                for outcome in assembler.push(&m.value) {
+                    let (_, bytes) = outcome.unwrap();
+                    sequences.push(Delta::decode(&bytes).unwrap().sequence);
+                }
+            }
+            if offset >= high {
+                break;
+            }
+        }
+        // At least once: a produce request the client gave up on may have reached the broker
+        // before it was sent again; a replica skips the copy (its sequence number is applied).
+        let mut unique = sequences.clone();
+        unique.dedup();
+        let want: Vec<u64> = (1..=report.sequence).collect();
+        assert_eq!(unique, want, "{sequences:?}\n{log}");
+        assert!(report.deltas >= 5, "{report:?}");
     }
 
     #[test]
