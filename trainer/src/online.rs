@@ -1183,7 +1183,7 @@ mod tests {
                 i % 24,
                 i % 300,
                 i % 7,
-                i % 3 == 0
+                i.is_multiple_of(3)
             )
             .into_bytes()
         };
