@@ -51,6 +51,11 @@ struct Scratch {
     xc: Vec<f32>,
     ct: Vec<f32>,
     cp: Vec<f32>,
+    /// Cross layers with the split: each request's part of the first product, its user vector,
+    /// and a chunk's deep input in model column order.
+    cu: Vec<f32>,
+    uv_all: Vec<f32>,
+    x0: Vec<f32>,
     logits: Vec<f32>,
     segs: Vec<Seg>,
     /// For each item row of the group, the index of its request in `segs`.
@@ -275,6 +280,13 @@ impl CpuEngine {
         s.wide_user.resize(nseg, 0.0);
         s.fm_user.clear();
         s.fm_user.resize(nseg * (fm_dim + 1), 0.0);
+        let cw = plan.cross0_width;
+        if model.cross.is_some() {
+            s.cu.clear();
+            s.cu.resize(nseg * cw, 0.0);
+            s.uv_all.clear();
+            s.uv_all.resize(nseg * plan.k_user, 0.0);
+        }
         for (g, seg) in s.segs.iter().enumerate() {
             let ku = plan.k_user;
             s.user_vec.clear();
@@ -290,6 +302,20 @@ impl CpuEngine {
             }
             for &(di, off) in &plan.user_dense {
                 s.user_vec[off] = s.user.dense(model.dense[di].0, seg.user_row);
+            }
+            // The first cross product's request-level part (with the bias, for full rank).
+            if let Some(c) = &model.cross {
+                let cu = &mut s.cu[g * cw..(g + 1) * cw];
+                if c.layers[0].rank == 0 {
+                    cu.copy_from_slice(model.weights(c.layers[0].bias));
+                }
+                for (j, &xj) in s.user_vec.iter().enumerate() {
+                    if xj != 0.0 {
+                        axpy(xj, &plan.cross0_user[j * cw..(j + 1) * cw], cu);
+                    }
+                }
+                let ku = plan.k_user;
+                s.uv_all[g * ku..(g + 1) * ku].copy_from_slice(&s.user_vec);
             }
             if !model.layers.is_empty() {
                 let u = &mut s.u[g * out1..(g + 1) * out1];
@@ -377,11 +403,28 @@ impl CpuEngine {
                     s.x[i * k + xoff] = v;
                 }
             }
-            // Cross layers: x_{l+1} = x0 ⊙ (W x_l + b) + x_l, on the whole deep input (the
-            // plan of a cross model has every column per item, in model order).
+            // Cross layers: x_{l+1} = x0 ⊙ (W x_l + b) + x_l over the deep input in model
+            // column order; the first product split like the first deep layer.
+            let d = model.deep_in;
             if let Some(c) = &model.cross {
                 cross_layers(
-                    model, c, self.isa, n, k, &s.x, &mut s.xc, &mut s.ct, &mut s.cp,
+                    model,
+                    c,
+                    plan,
+                    self.isa,
+                    CrossChunk {
+                        n,
+                        k,
+                        r0,
+                        x: &s.x,
+                        row_seg: &s.row_seg,
+                        cu: &s.cu,
+                        uv_all: &s.uv_all,
+                    },
+                    &mut s.x0,
+                    &mut s.xc,
+                    &mut s.ct,
+                    &mut s.cp,
                 );
             }
             let stacked = model.cross.as_ref().is_some_and(|c| c.output.is_none());
@@ -389,19 +432,26 @@ impl CpuEngine {
             if let Some(l0) = model.layers.first() {
                 grow(&mut s.h, n * out1);
                 let (u, row_seg) = (&s.u, &s.row_seg);
-                kernel::dense(
-                    self.isa,
-                    n,
-                    if stacked { &s.xc } else { &s.x },
-                    k,
-                    &plan.w1_item,
-                    |i| {
-                        let g = row_seg[r0 + i] as usize;
-                        &u[g * out1..(g + 1) * out1]
-                    },
-                    l0.relu,
-                    &mut s.h,
-                );
+                if stacked {
+                    // On the cross output: every column per item.
+                    let c = model.cross.as_ref().expect("stacked cross");
+                    let b = model.layer_bias(0);
+                    kernel::dense(self.isa, n, &s.xc, d, &c.w1_full, |_| b, l0.relu, &mut s.h);
+                } else {
+                    kernel::dense(
+                        self.isa,
+                        n,
+                        &s.x,
+                        k,
+                        &plan.w1_item,
+                        |i| {
+                            let g = row_seg[r0 + i] as usize;
+                            &u[g * out1..(g + 1) * out1]
+                        },
+                        l0.relu,
+                        &mut s.h,
+                    );
+                }
                 upper_layers(
                     model,
                     self.isa,
@@ -415,7 +465,7 @@ impl CpuEngine {
             if let Some(out) = model.cross.as_ref().and_then(|c| c.output) {
                 let w = model.weights(out);
                 for (i, logit) in s.logits[r0..r1].iter_mut().enumerate() {
-                    *logit += s.xc[i * k..(i + 1) * k]
+                    *logit += s.xc[i * d..(i + 1) * d]
                         .iter()
                         .zip(w)
                         .map(|(x, w)| x * w)
@@ -477,34 +527,79 @@ impl CpuEngine {
     }
 }
 
-/// The cross layers on `n` rows of the deep input `x0` (row stride `k`): `xc` ends as the last
-/// layer's output. `ct` and `cp` are scratch.
+/// A chunk of rows as the cross layers see it: `n` rows of X (item columns in plan order, row
+/// stride `k`) starting at group row `r0`, each row's request, and the requests' parts of the
+/// first product (`cu`) and user vectors (`uv_all`).
+struct CrossChunk<'a> {
+    n: usize,
+    k: usize,
+    r0: usize,
+    x: &'a [f32],
+    row_seg: &'a [u32],
+    cu: &'a [f32],
+    uv_all: &'a [f32],
+}
+
+/// The cross layers on a chunk: `x0` becomes the deep input in model column order (X's columns
+/// and the request's user vector put back in place) and `xc` the last layer's output. The first
+/// product takes X's columns per item and the request-level part once per request. `ct` and
+/// `cp` are scratch.
 #[allow(clippy::too_many_arguments)]
 fn cross_layers(
     model: &Model,
     c: &crate::CrossView,
+    plan: &Plan,
     isa: Isa,
-    n: usize,
-    k: usize,
-    x0: &[f32],
+    ch: CrossChunk<'_>,
+    x0: &mut Vec<f32>,
     xc: &mut Vec<f32>,
     ct: &mut Vec<f32>,
     cp: &mut Vec<f32>,
 ) {
-    grow(xc, n * k);
-    xc[..n * k].copy_from_slice(&x0[..n * k]);
-    for l in &c.layers {
-        let bias = model.weights(l.bias);
-        grow(ct, n * k);
-        if l.rank == 0 {
-            kernel::dense(isa, n, xc, k, &l.w, |_| bias, false, ct);
-        } else {
-            grow(cp, n * l.rank);
-            kernel::dense(isa, n, xc, k, &l.v, |_| &l.zeros, false, cp);
-            kernel::dense(isa, n, cp, l.rank, &l.u, |_| bias, false, ct);
+    let (n, k, d, cw) = (ch.n, ch.k, model.deep_in, plan.cross0_width);
+    let ku = plan.k_user;
+    grow(x0, n * d);
+    for i in 0..n {
+        let g = ch.row_seg[ch.r0 + i] as usize;
+        let row = &mut x0[i * d..(i + 1) * d];
+        for (kk, &col) in plan.item_cols.iter().enumerate() {
+            row[col] = ch.x[i * k + kk];
         }
-        for ((x, &t), &x0) in xc[..n * k].iter_mut().zip(&ct[..n * k]).zip(&x0[..n * k]) {
-            *x += x0 * t;
+        for (j, &col) in plan.user_cols.iter().enumerate() {
+            row[col] = ch.uv_all[g * ku + j];
+        }
+    }
+    grow(xc, n * d);
+    grow(ct, n * d);
+    let per_request = |i: usize| {
+        let g = ch.row_seg[ch.r0 + i] as usize;
+        &ch.cu[g * cw..(g + 1) * cw]
+    };
+    for (li, l) in c.layers.iter().enumerate() {
+        let bias = model.weights(l.bias);
+        let input: &[f32] = if li == 0 { &x0[..n * d] } else { &xc[..n * d] };
+        match (li, l.rank) {
+            (0, 0) => kernel::dense(isa, n, ch.x, k, &plan.cross0_item, per_request, false, ct),
+            (0, r) => {
+                grow(cp, n * r);
+                kernel::dense(isa, n, ch.x, k, &plan.cross0_item, per_request, false, cp);
+                kernel::dense(isa, n, cp, r, &l.u, |_| bias, false, ct);
+            }
+            (_, 0) => kernel::dense(isa, n, input, d, &l.w, |_| bias, false, ct),
+            (_, r) => {
+                grow(cp, n * r);
+                kernel::dense(isa, n, input, d, &l.v, |_| &l.zeros, false, cp);
+                kernel::dense(isa, n, cp, r, &l.u, |_| bias, false, ct);
+            }
+        }
+        if li == 0 {
+            for ((x, &t), &x0) in xc[..n * d].iter_mut().zip(&ct[..n * d]).zip(&x0[..n * d]) {
+                *x = x0 + x0 * t;
+            }
+        } else {
+            for ((x, &t), &x0) in xc[..n * d].iter_mut().zip(&ct[..n * d]).zip(&x0[..n * d]) {
+                *x += x0 * t;
+            }
         }
     }
 }
@@ -529,14 +624,8 @@ impl InferenceBackend for CpuEngine {
         let mut start = 0;
         let mut key = std::mem::take(&mut self.s.key);
         let mut next = std::mem::take(&mut self.s.next_key);
-        // Cross layers mix every column of the deep input: no request-level split for them.
-        let split = if model.cross.is_some() {
-            Split::Off
-        } else {
-            self.split
-        };
         while start < requests.len() {
-            let end = group_end(model, requests, start, split, &mut key, &mut next);
+            let end = group_end(model, requests, start, self.split, &mut key, &mut next);
             let plan: Arc<Plan> = self.plans.get(model, &key);
             self.score_group(model, &plan, requests, start..end, out, base);
             start = end;

@@ -132,10 +132,13 @@ pub(crate) struct CrossView {
     pub layers: Vec<CrossLayerView>,
     /// Parallel: the output weights; stacked: `None`.
     pub output: Option<BlobRef>,
+    /// Stacked: the first deep layer packed over the whole deep input in model column order (it
+    /// takes the cross output, which has no request-level part).
+    pub w1_full: kernel::Packed,
 }
 
 impl CrossView {
-    fn new(file: &ModelFile, c: &rankd_formats::Cross) -> CrossView {
+    fn new(file: &ModelFile, c: &rankd_formats::Cross, deep: &[LayerView]) -> CrossView {
         let layers = c
             .layers
             .iter()
@@ -162,9 +165,16 @@ impl CrossView {
                 view
             })
             .collect();
+        let w1_full = match (c.output, deep.first()) {
+            (None, Some(l)) => {
+                kernel::Packed::from_out_in(file.weights(l.weight), l.out_dim, l.in_dim)
+            }
+            _ => kernel::Packed::default(),
+        };
         CrossView {
             layers,
             output: c.output,
+            w1_full,
         }
     }
 }
@@ -263,6 +273,11 @@ impl Model {
                 }
             })
             .collect();
+        let cross = spec
+            .architecture
+            .cross
+            .as_ref()
+            .map(|c| CrossView::new(&file, c, &layers));
         Model {
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             alive: std::sync::Arc::new(()),
@@ -273,11 +288,7 @@ impl Model {
             layers,
             packed,
             fm: spec.architecture.fm,
-            cross: spec
-                .architecture
-                .cross
-                .as_ref()
-                .map(|c| CrossView::new(&file, c)),
+            cross,
             deep_in: col,
             plans: std::sync::Mutex::new(Vec::new()),
             placement: gpu::Placement::default(),

@@ -125,6 +125,11 @@ impl Model {
                 self.version()
             ));
         }
+        if self.cross.is_some() {
+            return bad(
+                "online updates of a model with DCN-v2 cross layers are not supported".into(),
+            );
+        }
         let mut up = self.updates.clone();
         up.emb.resize(self.emb.len(), None);
         up.wide.resize(self.wide.len(), None);

@@ -41,6 +41,12 @@ pub(crate) struct Plan {
     /// Deep-input columns (model order) of X and of the user vector.
     pub item_cols: Vec<usize>,
     pub user_cols: Vec<usize>,
+    /// DCN-v2: the first cross layer's first product split like the first deep layer: `W_0`
+    /// (full rank, `d` outputs) or `V_0ᵀ` (rank `r`, `r` outputs) over X's columns, packed, and
+    /// over the user vector's, `[k_user][width]`.
+    pub cross0_item: Packed,
+    pub cross0_user: Vec<f32>,
+    pub cross0_width: usize,
 }
 
 impl Plan {
@@ -78,6 +84,9 @@ impl Plan {
             w1_user: Vec::new(),
             item_cols: Vec::new(),
             user_cols: Vec::new(),
+            cross0_item: Packed::default(),
+            cross0_user: Vec::new(),
+            cross0_width: 0,
         };
         // Deep-input columns in model order, split in two.
         let mut item_cols = Vec::new();
@@ -124,6 +133,31 @@ impl Plan {
                 w[o * l.in_dim + item_cols[kk]]
             });
             plan.w1_user = gather(&user_cols);
+        }
+        if let Some(first) = model
+            .cross
+            .as_ref()
+            .and_then(|_| model.file().spec().architecture.cross.as_ref())
+            .and_then(|c| c.layers.first())
+        {
+            let d = first.dim as usize;
+            let r = first.rank as usize;
+            // Element (input column c, output o) of the first product is values[c * cs + o * os].
+            let (m, values, cs, os) = if r == 0 {
+                let w = model.weights(first.weight.expect("validated: full rank has a weight"));
+                (d, w, 1, d)
+            } else {
+                let v = model.weights(first.v.expect("validated: low rank has v"));
+                (r, v, r, 1)
+            };
+            plan.cross0_item = Packed::new(item_cols.len(), m, |kk, o| {
+                values[item_cols[kk] * cs + o * os]
+            });
+            plan.cross0_user = user_cols
+                .iter()
+                .flat_map(|&c| (0..m).map(move |o| values[c * cs + o * os]))
+                .collect();
+            plan.cross0_width = m;
         }
         plan.item_cols = item_cols;
         plan.user_cols = user_cols;

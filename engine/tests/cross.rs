@@ -1,8 +1,9 @@
 //! DCN-v2 cross layers (full-rank and low-rank, stacked and parallel) in the CPU engine, on
-//! every kernel build this CPU runs, against the f64 reference; and a cross model is refused by
+//! every kernel build this CPU runs, with the request-level split of the first cross product and
+//! without, against the f64 reference; and a cross model is refused by
 //! the GPU backend's placement (it is served by the CPU engine).
 
-use rankd_engine::cpu::CpuEngine;
+use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::kernel::Isa;
 use rankd_engine::request::DenseRequest;
 use rankd_engine::{BatchOutput, InferenceBackend, Model};
@@ -60,8 +61,11 @@ fn cross_models_score_what_the_reference_scores_on_every_isa() {
             .collect();
         let spread = want.iter().fold(0f64, |a, &p| a.max((p - 0.5).abs()));
         assert!(spread > 0.05, "degenerate scores: {spread}");
-        for isa in Isa::available() {
-            let mut e = CpuEngine::new().with_isa(isa);
+        for (isa, split) in Isa::available()
+            .into_iter()
+            .flat_map(|i| [(i, Split::RequestLevel), (i, Split::Off)])
+        {
+            let mut e = CpuEngine::with_split(split).with_isa(isa);
             let refs: Vec<&dyn rankd_engine::Request> = reqs
                 .iter()
                 .map(|r| r as &dyn rankd_engine::Request)
@@ -78,7 +82,7 @@ fn cross_models_score_what_the_reference_scores_on_every_isa() {
                 .fold(0f64, f64::max);
             assert!(
                 max < 2e-5,
-                "rank {rank} {structure:?} {isa:?}: max difference {max}"
+                "rank {rank} {structure:?} {isa:?} {split:?}: max difference {max}"
             );
         }
     }
