@@ -324,3 +324,110 @@ holdout = 0.1
     let diff = max_diff(&daemon_scores(d1.addr), &engine_scores(&fresh));
     assert!(diff <= 1e-6, "{diff}");
 }
+
+/// A delta on `model` changing the first rows of every embedding and wide table and scaling the
+/// first deep layer.
+fn crafted_delta(model: &Model, sequence: u64, seed: u64) -> rankd_formats::delta::Delta {
+    use rankd_formats::delta::{Delta, LayerUpdate, RowUpdate, TableKind};
+    let arch = &model.file().spec().architecture;
+    let mut rng = rankd_formats::synth::Rng::new(seed);
+    let mut d = Delta {
+        model: model.name().into(),
+        base_version: model.version(),
+        sequence,
+        ..Delta::default()
+    };
+    for (i, e) in arch.embeddings.iter().enumerate() {
+        let rows: Vec<u32> = (0..e.rows.min(64) as u32).collect();
+        d.tables.push(RowUpdate {
+            kind: TableKind::Embedding,
+            index: i as u32,
+            dim: e.dim,
+            values: rng.vec(rows.len() * e.dim as usize, 0.3),
+            rows,
+        });
+    }
+    if let Some(w) = &arch.wide {
+        for (i, s) in w.slots.iter().enumerate() {
+            let rows: Vec<u32> = (0..s.weights.len.min(64) as u32).collect();
+            d.tables.push(RowUpdate {
+                kind: TableKind::Wide,
+                index: i as u32,
+                dim: 1,
+                values: rng.vec(rows.len(), 0.3),
+                rows,
+            });
+        }
+    }
+    let l = &arch.deep[0];
+    d.layers.push(LayerUpdate {
+        index: 0,
+        out_dim: l.out_dim,
+        in_dim: l.in_dim,
+        weight: model
+            .file()
+            .weights(l.weight)
+            .iter()
+            .map(|w| w * (0.5 + seed as f32 * 0.1))
+            .collect(),
+        bias: model.file().weights(l.bias).to_vec(),
+    });
+    d
+}
+
+fn publish(topic: &Topic, d: &rankd_formats::delta::Delta) {
+    let bytes = d.encode();
+    // Small parts: every delta travels in several messages.
+    let parts = rankd_formats::delta::split(&bytes, d.base_version, d.sequence, 4096);
+    topic.produce(Some(b"m"), parts).unwrap();
+}
+
+#[test]
+fn deltas_for_a_version_not_loaded_yet_are_applied_when_it_arrives_and_copies_are_skipped() {
+    let Some(broker) = testing::broker() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("models");
+    model_dir(&root, 1, 5);
+    let updates_url = broker.url(&testing::Broker::unique_topic("pending"));
+    let topic =
+        Topic::connect(&updates_url.parse().unwrap(), true, Duration::from_secs(20)).unwrap();
+    // Version 2 exists only outside the model root for now.
+    let staged = dir.path().join("staged");
+    model_dir(&staged, 2, 6);
+    let v2 = Model::open(staged.join("m/2/model.rkm")).unwrap();
+    let v1 = Model::open(root.join("m/1/model.rkm")).unwrap();
+    let (a, b) = (crafted_delta(&v2, 1, 1), crafted_delta(&v2, 2, 2));
+    let c = crafted_delta(&v1, 1, 3);
+    // Deltas on version 2 (not loaded), a copy of the first (at least once), one on version 1.
+    for d in [&a, &b, &a, &c] {
+        publish(&topic, d);
+    }
+    let config = dir.path().join("rankd.toml");
+    std::fs::write(&config, format!("[model.m]\nupdates = \"{updates_url}\"\n")).unwrap();
+    let d = start_daemon(&root, Some(&config), &[]);
+    let seq = |v: u64| {
+        metric(
+            d.admin,
+            &format!("rankd_updates_last_sequence{{model=\"m\",version=\"{v}\"}}"),
+        )
+    };
+    wait_for("version 1's delta", Duration::from_secs(30), || {
+        seq(1) == Some(1.0)
+    });
+    let want = engine_scores(&v1.apply(&c).unwrap());
+    assert!(max_diff(&daemon_scores(d.addr), &want) <= 1e-6);
+    // Version 2 arrives: the consumer goes back for its deltas.
+    std::fs::rename(staged.join("m/2"), root.join("m/2")).unwrap();
+    wait_for("version 2's deltas", Duration::from_secs(30), || {
+        seq(2) == Some(2.0)
+    });
+    let want = engine_scores(&v2.apply(&a).unwrap().apply(&b).unwrap());
+    let diff = max_diff(&daemon_scores(d.addr), &want);
+    assert!(diff <= 1e-6, "{diff}");
+    // Nothing was refused: the copy was skipped, the early deltas waited.
+    let models = get(d.admin, "/models");
+    assert!(models.contains("\"refused\":{}"), "{models}");
+    assert!(models.contains("\"applied\":3"), "{models}");
+}
