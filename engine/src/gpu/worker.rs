@@ -366,16 +366,21 @@ impl<E: Executor> Worker<E> {
     fn failed(&mut self, jobs: Vec<Job>, e: GpuError) {
         self.shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
         eprintln!("rankd: GPU {}: {e}", self.index);
-        for j in jobs {
-            answer(j, Err(e.clone()));
-        }
-        if e.kind == GpuErrorKind::Lost && self.lost.is_none() {
+        let lost_now = e.kind == GpuErrorKind::Lost && self.lost.is_none();
+        // The device leaves service before anyone hears of the failure: a core that falls back
+        // for these jobs must not route its next request to this device.
+        if lost_now {
             eprintln!(
                 "rankd: GPU {} is lost; its models are served by the CPU engine from now on",
                 self.index
             );
             self.lost = Some(e.message.clone());
             self.shared.mark_lost(self.index);
+        }
+        for j in jobs {
+            answer(j, Err(e.clone()));
+        }
+        if lost_now {
             for j in self.pending.drain(..) {
                 answer(j, Err(e.clone()));
             }
