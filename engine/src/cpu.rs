@@ -368,32 +368,27 @@ impl CpuEngine {
                 let col = s.items.column(e.slot);
                 // A table without changed rows (every table of a version as loaded) takes the
                 // plain gather; the overlay is looked up once per table and chunk.
+                let (dim, mean) = (e.dim, e.mean);
+                let x = &mut s.x;
                 match model.emb_overlay(ei) {
-                    None => {
-                        for row in r0..r1 {
-                            let at = (row - r0) * k + xoff;
-                            pool(
-                                table,
-                                e.dim,
-                                col.row_ids(row),
-                                e.mean,
-                                &mut s.x[at..at + e.dim],
-                            );
-                        }
-                    }
-                    Some(o) => {
-                        for row in r0..r1 {
-                            let at = (row - r0) * k + xoff;
-                            pool_overlay(
-                                table,
-                                o,
-                                e.dim,
-                                col.row_ids(row),
-                                e.mean,
-                                &mut s.x[at..at + e.dim],
-                            );
-                        }
-                    }
+                    None => pool_rows(
+                        r0..r1,
+                        k,
+                        xoff,
+                        dim,
+                        x,
+                        |r| col.row_ids(r),
+                        |ids, dst| pool(table, dim, ids, mean, dst),
+                    ),
+                    Some(o) => pool_rows(
+                        r0..r1,
+                        k,
+                        xoff,
+                        dim,
+                        x,
+                        |r| col.row_ids(r),
+                        |ids, dst| pool_overlay(table, o, dim, ids, mean, dst),
+                    ),
                 }
             }
             for &(di, xoff) in &plan.item_dense {
@@ -755,6 +750,25 @@ fn pool(table: Table<'_>, dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) 
         for d in dst.iter_mut() {
             *d /= n;
         }
+    }
+}
+
+/// Pools `rows` of a chunk into X (row stride `k`, `dim` columns from `xoff`) with `pool_one`,
+/// the ids of a row from `ids`.
+#[inline(always)]
+fn pool_rows<'a>(
+    rows: std::ops::Range<usize>,
+    k: usize,
+    xoff: usize,
+    dim: usize,
+    x: &mut [f32],
+    ids: impl Fn(usize) -> &'a [u32],
+    mut pool_one: impl FnMut(&[u32], &mut [f32]),
+) {
+    let r0 = rows.start;
+    for row in rows {
+        let at = (row - r0) * k + xoff;
+        pool_one(ids(row), &mut x[at..at + dim]);
     }
 }
 

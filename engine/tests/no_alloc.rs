@@ -177,19 +177,8 @@ fn scoring_in_steady_state_does_not_allocate() {
             rank,
             structure,
         });
-        let mut rng = rankd_formats::synth::Rng::new(1);
-        let mut t = rankd_formats::config::TensorMap::new();
-        for s in config.tensors().unwrap() {
-            let n = s.numel() as usize;
-            t.insert(s.name, (s.shape, rng.vec(n, 0.05)));
-        }
         let path = dir.path().join(format!("cross-{rank}.rkm"));
-        let meta = rankd_formats::Metadata {
-            name: "feed".into(),
-            version: 1,
-            ..Default::default()
-        };
-        rankd_formats::config::write_model(&config, meta, &t, &path).unwrap();
+        feed::write_config(&path, &config, 1, 1).unwrap();
         let cross = Model::open(&path).unwrap();
         let counts = count(&cross, &req);
         assert!(

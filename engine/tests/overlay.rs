@@ -14,22 +14,6 @@ use rankd_formats::delta::{Delta, DeltaError, LayerUpdate, RowUpdate, TableKind}
 use rankd_formats::synth::{feed, Rng};
 use rankd_formats::Metadata;
 
-fn tensors(seed: u64) -> TensorMap {
-    let config = feed::config();
-    let mut rng = Rng::new(seed);
-    let mut t = TensorMap::new();
-    for s in config.tensors().unwrap() {
-        let n = s.numel() as usize;
-        let scale = if s.name.starts_with("deep.") && s.name.ends_with("weight") {
-            (2.0 / s.shape[1] as f32).sqrt()
-        } else {
-            0.05
-        };
-        t.insert(s.name, (s.shape, rng.vec(n, scale)));
-    }
-    t
-}
-
 fn write(path: &std::path::Path, t: &TensorMap) -> Model {
     let meta = Metadata {
         name: "feed".into(),
@@ -90,7 +74,7 @@ struct Case {
 /// changed parameters.
 fn case(reqs: &[DenseRequest<'_>]) -> Case {
     let dir = tempfile::tempdir().unwrap();
-    let t0 = tensors(17);
+    let t0 = feed::tensors(&feed::config(), 17).unwrap();
     let base = write(&dir.path().join("base.rkm"), &t0);
     let config = feed::config();
     let ids = touched(&base, reqs);

@@ -506,7 +506,13 @@ pub mod feed {
         seed: u64,
         weight_type: WeightType,
     ) -> crate::Result<()> {
-        let config = config_with(weight_type);
+        write_config(path, &config_with(weight_type), version, seed)
+    }
+
+    /// Weights for `config` (the feed config or a variant of it: cross layers, other types),
+    /// drawn from `seed` in the config's tensor order: deep weights uniform in
+    /// `±sqrt(2 / inputs)`, everything else in `±0.05`.
+    pub fn tensors(config: &ModelConfig, seed: u64) -> crate::Result<TensorMap> {
         let mut rng = Rng::new(seed);
         let mut tensors = TensorMap::new();
         for t in config.tensors()? {
@@ -518,13 +524,24 @@ pub mod feed {
             };
             tensors.insert(t.name, (t.shape, rng.vec(n, scale)));
         }
+        Ok(tensors)
+    }
+
+    /// Writes a model named `feed` of `config` as `version`, with [`tensors`] drawn from
+    /// `seed`.
+    pub fn write_config(
+        path: &std::path::Path,
+        config: &ModelConfig,
+        version: u64,
+        seed: u64,
+    ) -> crate::Result<()> {
         let metadata = Metadata {
             name: "feed".into(),
             version,
             producer: format!("rankd-formats synth feed {}", env!("CARGO_PKG_VERSION")),
             ..Metadata::default()
         };
-        write_model(&config, metadata, &tensors, path)?;
+        write_model(config, metadata, &tensors(config, seed)?, path)?;
         Ok(())
     }
 

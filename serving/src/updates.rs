@@ -66,12 +66,21 @@ pub struct ModelUpdates {
 }
 
 /// Every model's update state, shared with the admin endpoint.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Updates {
     models: Mutex<BTreeMap<String, ModelUpdates>>,
     /// Milliseconds from a sample's arrival in the samples topic to the moment a delta
     /// reflecting it was applied (the newest sample of each delta).
-    pub freshness_ms: Mutex<Vec<u64>>,
+    freshness_ms: crate::metrics::Histogram,
+}
+
+impl Default for Updates {
+    fn default() -> Self {
+        Updates {
+            models: Mutex::default(),
+            freshness_ms: crate::metrics::Histogram::new(&FRESHNESS_BUCKETS_MS),
+        }
+    }
 }
 
 impl Updates {
@@ -87,15 +96,6 @@ impl Updates {
             .unwrap_or_else(|e| e.into_inner())
             .get(model)
             .cloned()
-    }
-
-    fn observe_freshness(&self, ms: u64) {
-        let mut f = self.freshness_ms.lock().unwrap_or_else(|e| e.into_inner());
-        // Bounded: the newest observations are kept.
-        if f.len() >= 100_000 {
-            f.drain(..50_000);
-        }
-        f.push(ms);
     }
 
     /// The Prometheus families of the update consumers.
@@ -166,16 +166,11 @@ impl Updates {
             out.push_str(body);
         }
         drop(models);
-        let f = self.freshness_ms.lock().unwrap_or_else(|e| e.into_inner());
-        let fam = "rankd_updates_freshness_ms";
-        let _ = writeln!(out, "# HELP {fam} Milliseconds from a sample's arrival in the samples topic to the applied delta reflecting it.\n# TYPE {fam} histogram");
-        for b in FRESHNESS_BUCKETS_MS {
-            let n = f.iter().filter(|&&x| x <= b).count();
-            let _ = writeln!(out, "{fam}_bucket{{le=\"{b}\"}} {n}");
-        }
-        let _ = writeln!(out, "{fam}_bucket{{le=\"+Inf\"}} {}", f.len());
-        let _ = writeln!(out, "{fam}_sum {}", f.iter().sum::<u64>());
-        let _ = writeln!(out, "{fam}_count {}", f.len());
+        self.freshness_ms.render(
+            out,
+            "rankd_updates_freshness_ms",
+            "Milliseconds from a sample's arrival in the samples topic to the applied delta reflecting it.",
+        );
     }
 }
 
@@ -377,7 +372,11 @@ impl Consumer {
     }
 
     fn refuse(&self, version: Option<u64>, e: &DeltaError) {
-        let why = reason(e);
+        self.refuse_as(version, reason(e), e);
+    }
+
+    /// Counts a refusal as `why`; the version, when named, then waits for the next snapshot.
+    fn refuse_as(&self, version: Option<u64>, why: &'static str, e: &DeltaError) {
         eprintln!(
             "rankd: model `{}`: refused a delta{}: {e}",
             self.name,
@@ -463,10 +462,7 @@ impl Consumer {
                 state.sequence + 1,
                 delta.sequence - 1
             ));
-            self.shared.updates.with(&self.name, |m| {
-                *m.refused.entry("sequence_gap").or_default() += 1;
-            });
-            return self.refuse_gap(version, &e);
+            return self.refuse_as(Some(version), "sequence_gap", &e);
         }
         // Apply to whatever the registry holds for the version now; a rescan that swapped the
         // snapshot in between keeps the updated model (see `Registry::keep_updates`).
@@ -492,26 +488,14 @@ impl Consumer {
         if delta.newest_sample_ms > 0 {
             self.shared
                 .updates
-                .observe_freshness(now.saturating_sub(delta.newest_sample_ms));
+                .freshness_ms
+                .observe(now.saturating_sub(delta.newest_sample_ms));
         }
         self.shared.updates.with(&self.name, |m| {
             m.applied += 1;
             if let Some(v) = m.versions.get_mut(&version) {
                 v.sequence = delta.sequence;
                 v.applied_ms = now;
-            }
-        });
-    }
-
-    fn refuse_gap(&self, version: u64, e: &DeltaError) {
-        eprintln!(
-            "rankd: model `{}` version {version}: {e}; waits for the next snapshot",
-            self.name
-        );
-        self.shared.updates.with(&self.name, |m| {
-            if let Some(v) = m.versions.get_mut(&version) {
-                v.waiting
-                    .get_or_insert_with(|| format!("sequence_gap: {e}"));
             }
         });
     }

@@ -290,11 +290,7 @@ pub mod testing {
     }
 
     fn skip_or_fail(reason: &str) -> Option<Broker> {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("Kafka tests must run in CI: {reason}");
-        }
-        println!("skipped: {reason}");
-        None
+        crate::testing::skip_or_fail_in_ci("Kafka", reason)
     }
 
     /// The shared broker of `RANKD_KAFKA_URL`, else a private one (stopped on drop).
@@ -310,13 +306,7 @@ pub mod testing {
 
     /// A broker of this test's own (stopped on drop), for tests that pause or stop it.
     pub fn private_broker() -> Option<Broker> {
-        let present = ["java", "mvn"].iter().all(|t| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {t}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        if !present {
+        if !crate::testing::tools_present() {
             return skip_or_fail("java and mvn are needed to run a Kafka broker");
         }
         let dir = std::env::temp_dir().join(format!(

@@ -935,14 +935,21 @@ pub mod testing {
     }
 
     fn skip_or_fail(reason: &str) -> Option<Cluster> {
+        skip_or_fail_in_ci("HDFS", reason)
+    }
+
+    /// `None`, with `reason` printed; in CI (`CI=true`), where every `what` test must run, a
+    /// panic.
+    pub(crate) fn skip_or_fail_in_ci<T>(what: &str, reason: &str) -> Option<T> {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("HDFS tests must run in CI: {reason}");
+            panic!("{what} tests must run in CI: {reason}");
         }
         println!("skipped: {reason}");
         None
     }
 
-    fn tools_present() -> bool {
+    /// Whether Java and Maven, which the real HDFS and Kafka for tests need, are installed.
+    pub(crate) fn tools_present() -> bool {
         ["java", "mvn"].iter().all(|t| {
             Command::new("sh")
                 .args(["-c", &format!("command -v {t}")])

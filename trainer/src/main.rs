@@ -87,34 +87,38 @@ enum Role {
     /// Online learning: trains continuously on samples from a Kafka topic, starting from a
     /// served model, and publishes parameter deltas (and, every `snapshot_interval_s`, a new
     /// version). Settings in the config's [online] table; the flags override them.
-    Online {
-        /// A config with [train] and [online] tables.
-        #[arg(long)]
-        config: PathBuf,
-        /// The base model file (default: [online].base, else the newest version in
-        /// [online].snapshot_dir).
-        #[arg(long)]
-        base: Option<PathBuf>,
-        /// The samples topic, kafka://host:port/topic.
-        #[arg(long)]
-        samples: Option<String>,
-        /// The updates topic.
-        #[arg(long)]
-        updates: Option<String>,
-        /// The model's directory in the daemon's model root, for snapshots.
-        #[arg(long)]
-        snapshot_dir: Option<PathBuf>,
-        /// Publish a delta every this many milliseconds.
-        #[arg(long)]
-        publish_interval_ms: Option<u64>,
-        /// Stop after reading this many samples (after a last delta).
-        #[arg(long)]
-        max_samples: Option<u64>,
-        /// At the end, write the current parameters as a model file of the current base
-        /// version (what the base plus the published deltas amount to).
-        #[arg(long)]
-        export: Option<PathBuf>,
-    },
+    Online(OnlineArgs),
+}
+
+/// `rankd-train online`'s flags.
+#[derive(clap::Args, Debug)]
+struct OnlineArgs {
+    /// A config with [train] and [online] tables.
+    #[arg(long)]
+    config: PathBuf,
+    /// The base model file (default: [online].base, else the newest version in
+    /// [online].snapshot_dir).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// The samples topic, kafka://host:port/topic.
+    #[arg(long)]
+    samples: Option<String>,
+    /// The updates topic.
+    #[arg(long)]
+    updates: Option<String>,
+    /// The model's directory in the daemon's model root, for snapshots.
+    #[arg(long)]
+    snapshot_dir: Option<PathBuf>,
+    /// Publish a delta every this many milliseconds.
+    #[arg(long)]
+    publish_interval_ms: Option<u64>,
+    /// Stop after reading this many samples (after a last delta).
+    #[arg(long)]
+    max_samples: Option<u64>,
+    /// At the end, write the current parameters as a model file of the current base
+    /// version (what the base plus the published deltas amount to).
+    #[arg(long)]
+    export: Option<PathBuf>,
 }
 
 fn load(path: &Path) -> Result<TrainConfig> {
@@ -206,18 +210,19 @@ fn run_worker(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_online(
-    config: &Path,
-    base: Option<PathBuf>,
-    samples: Option<String>,
-    updates: Option<String>,
-    snapshot_dir: Option<PathBuf>,
-    publish_interval_ms: Option<u64>,
-    max_samples: Option<u64>,
-    export: Option<PathBuf>,
-) -> Result<()> {
+fn run_online(args: OnlineArgs) -> Result<()> {
     use rankd_trainer::online;
+    let OnlineArgs {
+        config,
+        base,
+        samples,
+        updates,
+        snapshot_dir,
+        publish_interval_ms,
+        max_samples,
+        export,
+    } = args;
+    let config = config.as_path();
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
     let mut cfg = online::OnlineConfig::from_toml(&text)
@@ -260,27 +265,7 @@ fn run_online(
 fn run(cli: Cli) -> Result<()> {
     let patience = Duration::from_secs(cli.connect_timeout);
     match cli.role {
-        Some(Role::Online {
-            config,
-            base,
-            samples,
-            updates,
-            snapshot_dir,
-            publish_interval_ms,
-            max_samples,
-            export,
-        }) => {
-            return run_online(
-                &config,
-                base,
-                samples,
-                updates,
-                snapshot_dir,
-                publish_interval_ms,
-                max_samples,
-                export,
-            );
-        }
+        Some(Role::Online(args)) => return run_online(args),
         Some(Role::Ps {
             shard,
             shards,

@@ -237,7 +237,7 @@ pub fn params_of(file: &ModelFile, layout: &Layout) -> Params {
         })
         .collect();
     let wide = arch.wide.as_ref();
-    Params {
+    let params = Params {
         emb,
         wide: wide
             .map(|w| {
@@ -261,16 +261,10 @@ pub fn params_of(file: &ModelFile, layout: &Layout) -> Params {
         cross: Vec::new(),
         bn: Vec::new(),
         bn_stats: Vec::new(),
-    }
-    .checked(layout)
-}
-
-impl Params {
-    fn checked(self, layout: &Layout) -> Params {
-        debug_assert_eq!(self.emb.len(), layout.emb.len());
-        debug_assert_eq!(self.w.len(), layout.layers.len());
-        self
-    }
+    };
+    debug_assert_eq!(params.emb.len(), layout.emb.len());
+    debug_assert_eq!(params.w.len(), layout.layers.len());
+    params
 }
 
 /// Rows of one table changed since the last delta: a bit per row and the list of set bits.
@@ -403,15 +397,15 @@ pub fn run(
             ))
         }
     };
-    // A base on HDFS is read from a local copy (the file is mapped).
-    let local_copy = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
-    let local_base = if rankd_storage::Location::is_hdfs(&base) {
-        let p = local_copy.path().join("base.rkm");
+    // A base on HDFS is read from a local copy (the file is mapped), kept while it is open.
+    let (local_base, _copy) = if rankd_storage::Location::is_hdfs(&base) {
+        let dir = tempfile::tempdir().map_err(|e| TrainError::Data(e.to_string()))?;
+        let p = dir.path().join("base.rkm");
         rankd_storage::get_file(&base, &p, &cfg.train.hdfs())
             .map_err(|e| TrainError::Data(e.to_string()))?;
-        p
+        (p, Some(dir))
     } else {
-        base.clone()
+        (base.clone(), None)
     };
     let file = ModelFile::open(&local_base).map_err(|e| TrainError::Data(e.to_string()))?;
     let config = model_config_of(&file)?;

@@ -62,10 +62,10 @@ fn f32s(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// The feed model with DCN-v2 cross layers over its deep input (cross weights drawn at 0.05, the
-/// rest as `feed::write_version` draws them).
+/// The feed model with DCN-v2 cross layers over its deep input (drawn as `feed::tensors` draws
+/// them).
 fn write_cross(path: &std::path::Path, layers: u32, rank: u32, structure: &str) {
-    let mut config = rankd_formats::synth::feed::config();
+    let mut config = feed::config();
     config.cross = Some(rankd_formats::config::CrossConfig {
         layers,
         rank,
@@ -75,23 +75,7 @@ fn write_cross(path: &std::path::Path, layers: u32, rank: u32, structure: &str) 
             rankd_formats::CrossStructure::Stacked
         },
     });
-    let mut rng = rankd_formats::synth::Rng::new(17);
-    let mut t = rankd_formats::config::TensorMap::new();
-    for s in config.tensors().unwrap() {
-        let n = s.numel() as usize;
-        let scale = if s.name.starts_with("deep.") && s.name.ends_with("weight") {
-            (2.0 / s.shape[1] as f32).sqrt()
-        } else {
-            0.05
-        };
-        t.insert(s.name, (s.shape, rng.vec(n, scale)));
-    }
-    let meta = rankd_formats::Metadata {
-        name: "feed".into(),
-        version: 1,
-        ..Default::default()
-    };
-    rankd_formats::config::write_model(&config, meta, &t, path).unwrap();
+    feed::write_config(path, &config, 1, 17).unwrap();
 }
 
 /// `--export DIR`: the feed model's tensors, and per size the items' ids, dense inputs and

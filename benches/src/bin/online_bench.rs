@@ -314,8 +314,7 @@ fn delta_producer(url: String, rows: usize, stop: Arc<AtomicBool>, mut seq: u64)
                 .collect();
             ids.sort_unstable();
             ids.dedup();
-            let mut wide_ids = ids.clone();
-            wide_ids.truncate(ids.len());
+            let wide_ids = ids.clone();
             d.tables.push(RowUpdate {
                 kind: TableKind::Embedding,
                 index: i as u32,
