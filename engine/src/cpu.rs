@@ -57,6 +57,11 @@ struct Scratch {
     uv_all: Vec<f32>,
     x0: Vec<f32>,
     logits: Vec<f32>,
+    /// Multi-task heads: every expert's output of a chunk, two layer buffers, a head's logits.
+    experts: Vec<f32>,
+    ma: Vec<f32>,
+    mb: Vec<f32>,
+    head_logits: Vec<f32>,
     segs: Vec<Seg>,
     /// For each item row of the group, the index of its request in `segs`.
     row_seg: Vec<u32>,
@@ -346,8 +351,10 @@ impl CpuEngine {
             }
         }
 
+        // One logit per item and head (one head for a single-task model).
+        let nh = model.num_heads();
         s.logits.clear();
-        s.logits.resize(rows, 0.0);
+        s.logits.resize(rows * nh, 0.0);
         s.row_seg.clear();
         for (g, seg) in s.segs.iter().enumerate() {
             s.row_seg.extend(std::iter::repeat_n(g as u32, seg.len));
@@ -447,14 +454,30 @@ impl CpuEngine {
                         &mut s.h,
                     );
                 }
-                upper_layers(
-                    model,
-                    self.isa,
-                    &mut s.h,
-                    &mut s.h2,
-                    &mut s.logits[r0..r1],
-                    n,
-                );
+                match &model.mt {
+                    Some(mt) => multitask_heads(
+                        model,
+                        mt,
+                        self.isa,
+                        n,
+                        &mut s.h,
+                        MtScratch {
+                            experts: &mut s.experts,
+                            a: &mut s.ma,
+                            b: &mut s.mb,
+                            t: &mut s.head_logits,
+                        },
+                        &mut s.logits[r0 * nh..r1 * nh],
+                    ),
+                    None => upper_layers(
+                        model,
+                        self.isa,
+                        &mut s.h,
+                        &mut s.h2,
+                        &mut s.logits[r0..r1],
+                        n,
+                    ),
+                }
             }
             // A parallel cross network's output joins the logit.
             if let Some(out) = model.cross.as_ref().and_then(|c| c.output) {
@@ -512,6 +535,23 @@ impl CpuEngine {
         }
 
         // The request-level wide part, sigmoid.
+        if nh > 1 {
+            // A multi-task model (no wide part): the default head to `scores`, the others to
+            // `heads`, head by head.
+            for seg in &s.segs {
+                let rows = seg.start..seg.start + seg.len;
+                let begin = out.scores.len();
+                out.scores
+                    .extend(rows.clone().map(|row| sigmoid(s.logits[row * nh])));
+                out.results[base + seg.request] = Ok(begin..out.scores.len());
+                out.head_at[base + seg.request] = (out.heads.len(), (nh - 1) as u32);
+                for h in 1..nh {
+                    out.heads
+                        .extend(rows.clone().map(|row| sigmoid(s.logits[row * nh + h])));
+                }
+            }
+            return;
+        }
         for (g, seg) in s.segs.iter().enumerate() {
             let begin = out.scores.len();
             for row in seg.start..seg.start + seg.len {
@@ -615,7 +655,7 @@ impl InferenceBackend for CpuEngine {
 
     fn score(&mut self, model: &Model, requests: &[&dyn Request], out: &mut BatchOutput) {
         let base = out.results.len();
-        out.results.extend(requests.iter().map(|_| Ok(0..0)));
+        out.begin(requests.len());
         let mut start = 0;
         let mut key = std::mem::take(&mut self.s.key);
         let mut next = std::mem::take(&mut self.s.next_key);
@@ -627,6 +667,98 @@ impl InferenceBackend for CpuEngine {
         }
         self.s.key = key;
         self.s.next_key = next;
+    }
+}
+
+/// Scratch of [`multitask_heads`].
+struct MtScratch<'a> {
+    experts: &'a mut Vec<f32>,
+    a: &'a mut Vec<f32>,
+    b: &'a mut Vec<f32>,
+    t: &'a mut Vec<f32>,
+}
+
+/// A multi-task model's experts, gates and towers on a chunk of `n` rows. `h` holds the fused
+/// first layer's output (rows of `mt.width()`: every expert's first layer, then the gates; bias
+/// added, no activation); each row's head logits go to `logits` (rows of one per head).
+fn multitask_heads(
+    model: &Model,
+    mt: &crate::MultiTaskView,
+    isa: Isa,
+    n: usize,
+    h: &mut [f32],
+    sc: MtScratch<'_>,
+    logits: &mut [f32],
+) {
+    let (k, e1, eo, w) = (mt.experts, mt.e1, mt.e_out, mt.width());
+    let nh = mt.heads.len();
+    // The experts' first layers take their ReLU here (the gates take none).
+    for row in h[..n * w].chunks_exact_mut(w) {
+        for v in &mut row[..k * e1] {
+            *v = v.max(0.0);
+        }
+    }
+    grow(sc.experts, k * n * eo);
+    for e in 0..k {
+        let dst = &mut sc.experts[e * n * eo..(e + 1) * n * eo];
+        let Some((last, below)) = mt.upper[e].split_last() else {
+            // One layer: the expert's output is its columns of `h`.
+            for (d, row) in dst.chunks_exact_mut(eo).zip(h.chunks_exact(w)) {
+                d.copy_from_slice(&row[e * e1..(e + 1) * e1]);
+            }
+            continue;
+        };
+        // Layers after the first, the first of them reading the expert's columns of `h` in
+        // place (row stride `w`).
+        let (mut input, mut stride): (&[f32], usize) = (&h[e * e1..], w);
+        for l in below {
+            grow(sc.a, n * l.out_dim);
+            let b = model.weights(l.bias);
+            kernel::dense(isa, n, input, stride, &l.packed, |_| b, true, sc.a);
+            std::mem::swap(sc.a, sc.b);
+            (input, stride) = (&sc.b[..], l.out_dim);
+        }
+        let b = model.weights(last.bias);
+        kernel::dense(isa, n, input, stride, &last.packed, |_| b, true, dst);
+    }
+    for (hi, head) in mt.heads.iter().enumerate() {
+        // The head's input: the one expert's output, or the experts' mixed by the gate's
+        // softmax.
+        let mixed: &[f32] = if k == 1 {
+            &sc.experts[..n * eo]
+        } else {
+            grow(sc.a, n * eo);
+            for (i, row) in sc.a[..n * eo].chunks_exact_mut(eo).enumerate() {
+                let g = &h[i * w + head.gate_col..i * w + head.gate_col + k];
+                let max = g.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let sum: f32 = g.iter().map(|&v| (v - max).exp()).sum();
+                row.fill(0.0);
+                for (e, &gv) in g.iter().enumerate() {
+                    let p = (gv - max).exp() / sum;
+                    axpy(p, &sc.experts[(e * n + i) * eo..(e * n + i + 1) * eo], row);
+                }
+            }
+            &sc.a[..n * eo]
+        };
+        let (mut input, mut width) = (mixed, eo);
+        let mut hidden = std::mem::take(sc.b);
+        let mut spare = std::mem::take(sc.t);
+        for l in &head.hidden {
+            grow(&mut hidden, n * l.out_dim);
+            let b = model.weights(l.bias);
+            kernel::dense(isa, n, input, width, &l.packed, |_| b, true, &mut hidden);
+            std::mem::swap(&mut hidden, &mut spare);
+            (input, width) = (&spare[..], l.out_dim);
+        }
+        let wout = model.weights(head.out_w);
+        let bout = model.weights(head.out_b)[0];
+        grow(&mut hidden, n);
+        kernel::dot_rows(isa, input, width, wout, &mut hidden[..n]);
+        for (i, &z) in hidden[..n].iter().enumerate() {
+            logits[i * nh + hi] = z + bout;
+        }
+        *sc.b = hidden;
+        *sc.t = spare;
     }
 }
 
@@ -672,9 +804,10 @@ impl CpuEngine {
     /// `out`. For benchmarks of the dense math alone and for cross-checking other backends.
     ///
     /// # Panics
-    /// If the model has no deep part or `x` is shorter than `rows` rows.
+    /// If the model has no deep part or multi-task heads, or `x` is shorter than `rows` rows.
     pub fn forward_dense(&mut self, model: &Model, x: &[f32], rows: usize, out: &mut Vec<f32>) {
         let l0 = model.layers.first().expect("the model has a deep part");
+        assert!(model.mt.is_none(), "forward_dense runs single-task models");
         // The unsplit plan packs the whole first layer in model column order.
         let mut key = std::mem::take(&mut self.s.key);
         let n = model.features().features().len();

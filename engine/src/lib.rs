@@ -43,13 +43,20 @@ pub enum EngineError {
 }
 
 /// What a backend produced for a batch of requests: one result per request, each a range of
-/// `scores` (one score per item) or the error that stopped that request alone.
+/// `scores` (one score per item; a multi-task model's default head) or the error that stopped
+/// that request alone. A multi-task model's other heads are in `heads`.
 #[derive(Debug, Default)]
 pub struct BatchOutput {
     /// Scores of all scored requests, back to back.
     pub scores: Vec<f32>,
     /// Per request, in input order.
     pub results: Vec<Result<Range<usize>, EngineError>>,
+    /// A multi-task model's heads after the default one: request `i`'s values start at
+    /// `head_at[i]`, head by head, one score per item each (see [`BatchOutput::head`]).
+    pub heads: Vec<f32>,
+    /// Per request, parallel to `results`: where its other heads start in `heads`, and how many
+    /// there are (0 for a single-task model).
+    pub head_at: Vec<(usize, u32)>,
 }
 
 impl BatchOutput {
@@ -57,6 +64,33 @@ impl BatchOutput {
     pub fn clear(&mut self) {
         self.scores.clear();
         self.results.clear();
+        self.heads.clear();
+        self.head_at.clear();
+    }
+
+    /// Adds `n` results, each `Ok(0..0)` until a backend fills it.
+    pub(crate) fn begin(&mut self, n: usize) {
+        self.results.extend((0..n).map(|_| Ok(0..0)));
+        self.head_at.resize(self.results.len(), (0, 0));
+    }
+
+    /// Request `i`'s scores of head `h` (0: the default head, the same as [`Self::get`]); `None`
+    /// when the model has no head `h`.
+    pub fn head(&self, i: usize, h: usize) -> Option<Result<&[f32], &EngineError>> {
+        let scores = match self.get(i) {
+            Ok(s) => s,
+            Err(e) => return Some(Err(e)),
+        };
+        if h == 0 {
+            return Some(Ok(scores));
+        }
+        let (at, more) = self.head_at.get(i).copied().unwrap_or((0, 0));
+        if h > more as usize {
+            return None;
+        }
+        let n = scores.len();
+        let start = at + (h - 1) * n;
+        Some(Ok(&self.heads[start..start + n]))
     }
 
     /// The scores of request `i`, or its error.
@@ -179,6 +213,106 @@ impl CrossView {
     }
 }
 
+/// A dense layer after the first, packed for the kernel.
+#[derive(Clone, Debug)]
+pub(crate) struct PackedLayer {
+    pub packed: kernel::Packed,
+    pub bias: BlobRef,
+    pub out_dim: usize,
+}
+
+/// A multi-task head as the CPU engine runs it.
+#[derive(Clone, Debug)]
+pub(crate) struct HeadView {
+    pub name: String,
+    /// Its gate's first column in the fused first layer's output (with more than one expert).
+    pub gate_col: usize,
+    /// Its tower's hidden layers.
+    pub hidden: Vec<PackedLayer>,
+    /// Its tower's one-wide output layer.
+    pub out_w: BlobRef,
+    pub out_b: BlobRef,
+}
+
+/// A multi-task model as the CPU engine runs it. Every expert's first layer and every gate read
+/// the deep input, so they run as one fused first layer (`[K e1 + H K][d]`, experts first, then
+/// the gates head by head) and take the request-level split together; the rest runs per expert
+/// and per head.
+#[derive(Clone, Debug)]
+pub(crate) struct MultiTaskView {
+    /// Experts (1: a shared bottom).
+    pub experts: usize,
+    /// Width of an expert's first layer.
+    pub e1: usize,
+    /// Width of an expert's output.
+    pub e_out: usize,
+    /// The fused first layer, `[out][in]`, and its bias.
+    pub w0: Vec<f32>,
+    pub b0: Vec<f32>,
+    /// Per expert, its layers after the first.
+    pub upper: Vec<Vec<PackedLayer>>,
+    pub heads: Vec<HeadView>,
+}
+
+impl MultiTaskView {
+    fn new(file: &ModelFile, m: &rankd_formats::MultiTask, d: usize) -> MultiTaskView {
+        let k = m.experts.len();
+        let e1 = m.experts[0].layers[0].out_dim as usize;
+        let width = k * e1 + if k > 1 { m.heads.len() * k } else { 0 };
+        let mut w0 = Vec::with_capacity(width * d);
+        let mut b0 = Vec::with_capacity(width);
+        let first = m.experts.iter().map(|e| &e.layers[0]);
+        let gates = m.heads.iter().filter_map(|h| h.gate.as_ref());
+        for l in first.chain(gates) {
+            w0.extend_from_slice(file.weights(l.weight));
+            b0.extend_from_slice(file.weights(l.bias));
+        }
+        let packed = |l: &rankd_formats::DenseLayer| PackedLayer {
+            packed: kernel::Packed::from_out_in(
+                file.weights(l.weight),
+                l.out_dim as usize,
+                l.in_dim as usize,
+            ),
+            bias: l.bias,
+            out_dim: l.out_dim as usize,
+        };
+        let upper = m
+            .experts
+            .iter()
+            .map(|e| e.layers[1..].iter().map(packed).collect())
+            .collect();
+        let heads = m
+            .heads
+            .iter()
+            .enumerate()
+            .map(|(h, head)| {
+                let (out, hidden) = head.tower.split_last().expect("validated: a tower");
+                HeadView {
+                    name: head.name.clone(),
+                    gate_col: k * e1 + h * k,
+                    hidden: hidden.iter().map(packed).collect(),
+                    out_w: out.weight,
+                    out_b: out.bias,
+                }
+            })
+            .collect();
+        MultiTaskView {
+            experts: k,
+            e1,
+            e_out: m.experts[0].layers.last().expect("validated").out_dim as usize,
+            w0,
+            b0,
+            upper,
+            heads,
+        }
+    }
+
+    /// The fused first layer's width.
+    pub fn width(&self) -> usize {
+        self.b0.len()
+    }
+}
+
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
 
 /// An open model, ready to score. Immutable; share it through `Arc`.
@@ -201,6 +335,9 @@ pub struct Model {
     /// DCN-v2 cross layers over the deep input (such a model runs without the request-level
     /// split: every cross layer mixes all columns).
     pub(crate) cross: Option<CrossView>,
+    /// Multi-task heads: `layers` then holds one layer, the fused first layer (see
+    /// [`MultiTaskView`]), and the heads' scores come from here.
+    pub(crate) mt: Option<std::sync::Arc<MultiTaskView>>,
     pub(crate) deep_in: usize,
     /// Plans built for this model so far, by any core or by the warm-up before the model was
     /// published: a core meeting a request shape for the first time takes the plan from here
@@ -249,7 +386,12 @@ impl Model {
             .as_ref()
             .map(|w| w.slots.iter().map(|s| (slot(&s.slot), s.weights)).collect())
             .unwrap_or_default();
-        let layers: Vec<LayerView> = spec
+        let mt = spec
+            .architecture
+            .multitask
+            .as_ref()
+            .map(|m| std::sync::Arc::new(MultiTaskView::new(&file, m, col)));
+        let mut layers: Vec<LayerView> = spec
             .architecture
             .deep
             .iter()
@@ -261,6 +403,18 @@ impl Model {
                 bias: l.bias,
             })
             .collect();
+        if let (Some(m), Some(mtv)) = (&spec.architecture.multitask, &mt) {
+            // The fused first layer; its weights are `mt.w0` (the blobs named here are expert
+            // 0's, never read through this view).
+            let l = &m.experts[0].layers[0];
+            layers.push(LayerView {
+                in_dim: col,
+                out_dim: mtv.width(),
+                relu: false,
+                weight: l.weight,
+                bias: l.bias,
+            });
+        }
         let last = layers.len().saturating_sub(1);
         let packed = layers
             .iter()
@@ -289,6 +443,7 @@ impl Model {
             packed,
             fm: spec.architecture.fm,
             cross,
+            mt,
             deep_in: col,
             plans: std::sync::Mutex::new(Vec::new()),
             placement: gpu::Placement::default(),
@@ -367,6 +522,18 @@ impl Model {
         self.plans.lock().map_or(0, |p| p.len())
     }
 
+    /// The heads' names, the default head first; empty for a single-task model.
+    pub fn heads(&self) -> Vec<&str> {
+        self.mt.as_ref().map_or(Vec::new(), |m| {
+            m.heads.iter().map(|h| h.name.as_str()).collect()
+        })
+    }
+
+    /// Scores per item: the number of heads, 1 for a single-task model.
+    pub fn num_heads(&self) -> usize {
+        self.mt.as_ref().map_or(1, |m| m.heads.len())
+    }
+
     /// Width of the deep input (pooled embeddings, then dense values).
     pub fn deep_input_dim(&self) -> usize {
         self.deep_in
@@ -379,10 +546,35 @@ impl Model {
 
     /// Multiply-adds per item of the deep part without the request-level split.
     pub fn deep_macs_per_item(&self) -> u64 {
-        self.layers
+        let layers: u64 = self
+            .layers
             .iter()
             .map(|l| (l.in_dim * l.out_dim) as u64)
-            .sum()
+            .sum();
+        let Some(m) = &self.mt else {
+            return layers;
+        };
+        let mut width = m.e1;
+        let mut experts = 0;
+        for l in &m.upper[0] {
+            experts += (width * l.out_dim) as u64;
+            width = l.out_dim;
+        }
+        let mut towers = 0;
+        for h in &m.heads {
+            let mut width = m.e_out;
+            for l in &h.hidden {
+                towers += (width * l.out_dim) as u64;
+                width = l.out_dim;
+            }
+            towers += width as u64;
+        }
+        let mixture = if m.experts > 1 {
+            (m.heads.len() * m.experts * m.e_out) as u64
+        } else {
+            0
+        };
+        layers + m.experts as u64 * experts + towers + mixture
     }
 
     pub(crate) fn weights(&self, b: BlobRef) -> &[f32] {

@@ -125,9 +125,11 @@ impl Model {
                 self.version()
             ));
         }
-        if self.cross.is_some() {
+        if self.cross.is_some() || self.mt.is_some() {
             return bad(
-                "online updates of a model with DCN-v2 cross layers are not supported".into(),
+                "online updates of a model with DCN-v2 cross layers or multi-task heads are not \
+                 supported"
+                    .into(),
             );
         }
         let mut up = self.updates.clone();
@@ -245,6 +247,7 @@ impl Model {
             packed,
             fm: self.fm,
             cross: self.cross.clone(),
+            mt: self.mt.clone(),
             deep_in: self.deep_in,
             plans: std::sync::Mutex::new(Vec::new()),
             placement: crate::gpu::Placement::default(),
@@ -304,8 +307,9 @@ impl Model {
     /// Deep layer `i`'s weights `[out][in]`: replaced by a delta, or the file's.
     #[inline]
     pub(crate) fn layer_weight(&self, i: usize) -> &[f32] {
-        match self.updates.layers.get(i) {
-            Some(Some(l)) => &l.weight,
+        match (self.updates.layers.get(i), &self.mt) {
+            (Some(Some(l)), _) => &l.weight,
+            (_, Some(m)) => &m.w0,
             _ => self.file.weights(self.layers[i].weight),
         }
     }
@@ -313,8 +317,9 @@ impl Model {
     /// Deep layer `i`'s bias.
     #[inline]
     pub(crate) fn layer_bias(&self, i: usize) -> &[f32] {
-        match self.updates.layers.get(i) {
-            Some(Some(l)) => &l.bias,
+        match (self.updates.layers.get(i), &self.mt) {
+            (Some(Some(l)), _) => &l.bias,
+            (_, Some(m)) => &m.b0,
             _ => self.file.weights(self.layers[i].bias),
         }
     }

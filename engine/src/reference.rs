@@ -21,8 +21,14 @@ fn f16_value(bits: u16) -> f64 {
     }
 }
 
-/// Scores every item of `req` in f64.
+/// Scores every item of `req` in f64 (a multi-task model: its default head).
 pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> {
+    Ok(score_heads(model, req)?.swap_remove(0))
+}
+
+/// Every head's scores of every item of `req` in f64: one vector per head, the default head
+/// first (one vector for a single-task model).
+pub fn score_heads(model: &Model, req: &dyn Request) -> Result<Vec<Vec<f64>>, EngineError> {
     let spec = model.file().spec();
     let compiled = model.features();
     let arch = &spec.architecture;
@@ -31,7 +37,8 @@ pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> 
     compiled
         .transform_row(&UserRow(req), &mut SlotBatch::new())
         .map_err(EngineError::User)?;
-    let mut scores = Vec::with_capacity(req.num_items());
+    let heads = arch.multitask.as_ref().map_or(1, |m| m.heads.len());
+    let mut scores = vec![Vec::with_capacity(req.num_items()); heads];
     for item in 0..req.num_items() {
         let mut b = SlotBatch::new();
         compiled
@@ -75,6 +82,12 @@ pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> 
         }
         for d in &arch.dense_inputs {
             x.push(f64::from(b.dense(slot(d), 0)));
+        }
+        if let Some(m) = &arch.multitask {
+            for (h, logit) in multitask_logits(model, m, &x).into_iter().enumerate() {
+                scores[h].push(1.0 / (1.0 + (-logit).exp()));
+            }
+            continue;
         }
         let mut logit = 0f64;
         // DCN-v2 cross layers: x_{l+1} = x0 * (W x_l + b) + x_l.
@@ -154,7 +167,58 @@ pub fn score(model: &Model, req: &dyn Request) -> Result<Vec<f64>, EngineError> 
             }
             logit += 0.5 * fm;
         }
-        scores.push(1.0 / (1.0 + (-logit).exp()));
+        scores[0].push(1.0 / (1.0 + (-logit).exp()));
     }
     Ok(scores)
+}
+
+/// `act(W x + b)` of one dense layer in f64, weights from the file.
+fn layer(model: &Model, l: &rankd_formats::DenseLayer, x: &[f64]) -> Vec<f64> {
+    let w = model.file().weights(l.weight);
+    let b = model.file().weights(l.bias);
+    let i_n = l.in_dim as usize;
+    (0..l.out_dim as usize)
+        .map(|o| {
+            let acc = f64::from(b[o])
+                + (0..i_n)
+                    .map(|i| f64::from(w[o * i_n + i]) * x[i])
+                    .sum::<f64>();
+            match l.activation {
+                Activation::Relu => acc.max(0.0),
+                Activation::None => acc,
+            }
+        })
+        .collect()
+}
+
+/// Each head's logit for the deep input `x`: the experts on `x`, each head's softmax gate over
+/// them (with one expert, its output as is), the head's tower.
+fn multitask_logits(model: &Model, m: &rankd_formats::MultiTask, x: &[f64]) -> Vec<f64> {
+    let experts: Vec<Vec<f64>> = m
+        .experts
+        .iter()
+        .map(|e| e.layers.iter().fold(x.to_vec(), |h, l| layer(model, l, &h)))
+        .collect();
+    m.heads
+        .iter()
+        .map(|head| {
+            let input = match &head.gate {
+                None => experts[0].clone(),
+                Some(g) => {
+                    let z = layer(model, g, x);
+                    let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = z.iter().map(|v| (v - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    let mut mixed = vec![0f64; experts[0].len()];
+                    for (p, out) in e.iter().zip(&experts) {
+                        for (m, v) in mixed.iter_mut().zip(out) {
+                            *m += p / sum * v;
+                        }
+                    }
+                    mixed
+                }
+            };
+            head.tower.iter().fold(input, |h, l| layer(model, l, &h))[0]
+        })
+        .collect()
 }

@@ -186,4 +186,16 @@ fn scoring_in_steady_state_does_not_allocate() {
             "cross rank {rank}: {counts:?}"
         );
     }
+    // Multi-task heads: MMoE with towers, and a shared bottom.
+    for (experts, layers, tower) in [(3, &[64, 32][..], &[16, 1][..]), (1, &[32][..], &[1][..])] {
+        let config = feed::multitask_config(experts, layers, tower, 3);
+        let path = dir.path().join(format!("mt-{experts}.rkm"));
+        feed::write_config(&path, &config, 1, 1).unwrap();
+        let mt = Model::open(&path).unwrap();
+        let counts = count(&mt, &req);
+        assert!(
+            counts.iter().all(|&n| n == 0),
+            "multi-task, {experts} experts: {counts:?}"
+        );
+    }
 }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{FormatError, Result};
 use crate::spec::{
     Activation, Architecture, Cross, CrossLayer, CrossStructure, DenseLayer, EmbeddingTable,
-    Metadata, ModelSpec, Pooling, WeightType, Wide, WideSlot,
+    Expert, Head, Metadata, ModelSpec, MultiTask, Pooling, WeightType, Wide, WideSlot,
 };
 use crate::writer::{BlobSink, ModelWriter, Written};
 
@@ -85,6 +85,59 @@ pub struct CrossConfig {
     pub structure: crate::spec::CrossStructure,
 }
 
+/// One head of a multi-task model (`[[heads]]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadConfig {
+    /// The head's name: its tensors' names and the name of its scores in responses.
+    pub name: String,
+    /// The trainer's label column (default: the head's name). The model file does not keep it.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// The trainer reads a numeric label column as `value > threshold` (without it the column
+    /// holds 0 or 1).
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// The head's weight in the trainer's loss (default 1).
+    #[serde(default = "one")]
+    pub weight: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// How the heads of a multi-task model share the network (`[multitask]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiTaskConfig {
+    /// 1 (default): a shared bottom, `[deep] layers` over the deep input, feeding every head.
+    /// `K > 1`: MMoE, K experts of `[deep] layers` each and a softmax gate per head over them.
+    #[serde(default = "one_u32")]
+    pub experts: u32,
+    /// Each head's tower over the bottom's (or the mixture's) output: widths ending with 1,
+    /// e.g. `[32, 1]` (default `[1]`: a logistic output on the bottom).
+    #[serde(default = "default_tower")]
+    pub tower: Vec<u32>,
+}
+
+impl Default for MultiTaskConfig {
+    fn default() -> Self {
+        MultiTaskConfig {
+            experts: 1,
+            tower: default_tower(),
+        }
+    }
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
+fn default_tower() -> Vec<u32> {
+    vec![1]
+}
+
 /// A model config.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -112,6 +165,13 @@ pub struct ModelConfig {
     /// DCN-v2 cross layers over the deep input (needs `[deep]`).
     #[serde(default)]
     pub cross: Option<CrossConfig>,
+    /// Multi-task heads; with them `[deep] layers` are the bottom's (or each expert's) hidden
+    /// layers.
+    #[serde(default)]
+    pub heads: Vec<HeadConfig>,
+    /// How the heads share the network (default: a shared bottom, `[1]` towers).
+    #[serde(default)]
+    pub multitask: Option<MultiTaskConfig>,
 }
 
 const KEYS: &[&str] = &[
@@ -123,6 +183,8 @@ const KEYS: &[&str] = &[
     "deep",
     "fm",
     "cross",
+    "heads",
+    "multitask",
 ];
 
 /// A tensor's name and shape, as import expects them.
@@ -224,7 +286,9 @@ impl ModelConfig {
                 shape: vec![1],
             });
         }
-        if let Some(d) = &self.deep {
+        if !self.heads.is_empty() || self.multitask.is_some() {
+            out.extend(self.multitask_tensors()?);
+        } else if let Some(d) = &self.deep {
             if d.layers.last() != Some(&1) {
                 return Err(FormatError::Config(
                     "deep.layers must end with 1 (the logit)".into(),
@@ -304,6 +368,113 @@ impl ModelConfig {
             return Err(FormatError::Config(
                 "the config has neither [wide], [deep] nor fm = true".into(),
             ));
+        }
+        Ok(out)
+    }
+
+    /// The multi-task settings, if the config has heads.
+    pub fn multitask(&self) -> Option<MultiTaskConfig> {
+        if self.heads.is_empty() {
+            return None;
+        }
+        Some(self.multitask.clone().unwrap_or_default())
+    }
+
+    /// The tensors of the experts, gates and towers, after checking the multi-task settings.
+    fn multitask_tensors(&self) -> Result<Vec<TensorSpec>> {
+        let bad = |m: String| Err(FormatError::Config(m));
+        let Some(m) = self.multitask() else {
+            return bad("[multitask] needs [[heads]]".into());
+        };
+        let Some(d) = &self.deep else {
+            return bad(
+                "[[heads]] needs [deep]: its layers are the shared bottom (or each \
+                        expert)"
+                    .into(),
+            );
+        };
+        if self.wide.is_some() || self.fm || self.cross.is_some() {
+            return bad(
+                "[[heads]] take a deep network: a multi-task model has no [wide], fm \
+                        or [cross]"
+                    .into(),
+            );
+        }
+        if d.layers.is_empty() || d.layers.contains(&0) {
+            return bad(
+                "[deep] layers of a multi-task model are the bottom's hidden layers: \
+                        at least one, none of width 0"
+                    .into(),
+            );
+        }
+        if m.experts == 0 || m.experts as usize > crate::validate::MAX_EXPERTS {
+            return bad(format!(
+                "[multitask] experts = {} (1 to {})",
+                m.experts,
+                crate::validate::MAX_EXPERTS
+            ));
+        }
+        if m.tower.last() != Some(&1) || m.tower.contains(&0) {
+            return bad(
+                "[multitask] tower must end with 1 (the head's logit), e.g. [32, 1]".into(),
+            );
+        }
+        if self.heads.len() > crate::validate::MAX_HEADS {
+            return bad(format!(
+                "{} heads (at most {})",
+                self.heads.len(),
+                crate::validate::MAX_HEADS
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for h in &self.heads {
+            if !crate::validate::valid_head_name(&h.name) {
+                return bad(format!(
+                    "head name {:?} is not 1 to 64 ASCII letters, digits, `_` or `-`",
+                    h.name
+                ));
+            }
+            if !seen.insert(h.name.as_str()) {
+                return bad(format!("head `{}` is defined twice", h.name));
+            }
+            if !(h.weight.is_finite() && h.weight >= 0.0) {
+                return bad(format!("head `{}` has weight {}", h.name, h.weight));
+            }
+        }
+        let d_in: u64 = self
+            .embeddings
+            .iter()
+            .map(|e| u64::from(e.dim))
+            .sum::<u64>()
+            + d.dense.len() as u64;
+        let mut out = Vec::new();
+        let mut layer = |name: String, inp: u64, o: u32| {
+            out.push(TensorSpec {
+                name: format!("{name}.weight"),
+                shape: vec![u64::from(o), inp],
+            });
+            out.push(TensorSpec {
+                name: format!("{name}.bias"),
+                shape: vec![u64::from(o)],
+            });
+        };
+        for k in 0..m.experts {
+            let mut width = d_in;
+            for (i, &o) in d.layers.iter().enumerate() {
+                layer(format!("expert.{k}.{i}"), width, o);
+                width = u64::from(o);
+            }
+        }
+        let bottom = u64::from(*d.layers.last().expect("checked non-empty"));
+        for h in &self.heads {
+            if m.experts > 1 {
+                layer(format!("gate.{}", h.name), d_in, m.experts);
+            }
+            let mut width = bottom;
+            for (i, &o) in m.tower.iter().enumerate() {
+                layer(format!("tower.{}.{i}", h.name), width, o);
+                width = u64::from(o);
+            }
         }
         Ok(out)
     }
@@ -392,7 +563,11 @@ pub fn write_model(
         None => None,
     };
     let mut deep = Vec::new();
-    if let Some(d) = &config.deep {
+    let multitask = match config.multitask() {
+        Some(m) => Some(write_multitask(config, &m, &mut w, tensors)?),
+        None => None,
+    };
+    if let (Some(d), None) = (&config.deep, &multitask) {
         for (i, &out_dim) in d.layers.iter().enumerate() {
             let shape = tensors
                 .shape(&format!("deep.{i}.weight"))
@@ -478,9 +653,68 @@ pub fn write_model(
             deep,
             fm: config.fm,
             cross,
+            multitask,
         },
     };
     w.finish(&spec)
+}
+
+/// Writes the experts, gates and towers of `config` (checked by [`ModelConfig::tensors`]).
+fn write_multitask(
+    config: &ModelConfig,
+    m: &MultiTaskConfig,
+    w: &mut ModelWriter,
+    tensors: &dyn Tensors,
+) -> Result<MultiTask> {
+    let mut layer = |name: String, activation: Activation| -> Result<DenseLayer> {
+        let shape = tensors
+            .shape(&format!("{name}.weight"))
+            .expect("checked by write_model");
+        let mut blob = |part: &str| -> Result<crate::spec::BlobRef> {
+            let mut sink: BlobSink<'_> = w.blob()?;
+            tensors.read(&format!("{name}.{part}"), &mut |chunk| sink.write(chunk))?;
+            Ok(sink.finish())
+        };
+        Ok(DenseLayer {
+            in_dim: shape[1] as u32,
+            out_dim: shape[0] as u32,
+            activation,
+            weight: blob("weight")?,
+            bias: blob("bias")?,
+        })
+    };
+    let layers = config.deep.as_ref().map_or(0, |d| d.layers.len());
+    let mut experts = Vec::new();
+    for k in 0..m.experts {
+        let mut expert = Vec::new();
+        for i in 0..layers {
+            expert.push(layer(format!("expert.{k}.{i}"), Activation::Relu)?);
+        }
+        experts.push(Expert { layers: expert });
+    }
+    let mut heads = Vec::new();
+    for h in &config.heads {
+        let gate = if m.experts > 1 {
+            Some(layer(format!("gate.{}", h.name), Activation::None)?)
+        } else {
+            None
+        };
+        let mut tower = Vec::new();
+        for i in 0..m.tower.len() {
+            let act = if i + 1 == m.tower.len() {
+                Activation::None
+            } else {
+                Activation::Relu
+            };
+            tower.push(layer(format!("tower.{}.{i}", h.name), act)?);
+        }
+        heads.push(Head {
+            name: h.name.clone(),
+            gate,
+            tower,
+        });
+    }
+    Ok(MultiTask { experts, heads })
 }
 
 /// In-memory tensors by name: `(shape, values)`. What the trainer and benchmarks hand to

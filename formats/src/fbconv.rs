@@ -11,7 +11,8 @@ use crate::error::{FormatError, Result};
 use crate::gen::rankd::fb;
 use crate::spec::{
     Activation, Architecture, BlobRef, Cross, CrossLayer, CrossStructure, DenseLayer,
-    EmbeddingTable, Metadata, ModelSpec, Pooling, WeightType, Wide, WideSlot,
+    EmbeddingTable, Expert, Head, Metadata, ModelSpec, MultiTask, Pooling, WeightType, Wide,
+    WideSlot,
 };
 
 fn invalid(msg: String) -> FormatError {
@@ -288,25 +289,7 @@ pub fn encode(spec: &ModelSpec) -> Vec<u8> {
             },
         )
     });
-    let deep: Vec<_> = a
-        .deep
-        .iter()
-        .map(|l| {
-            fb::DenseLayer::create(
-                &mut fbb,
-                &fb::DenseLayerArgs {
-                    in_dim: l.in_dim,
-                    out_dim: l.out_dim,
-                    activation: match l.activation {
-                        Activation::None => fb::Activation::None,
-                        Activation::Relu => fb::Activation::Relu,
-                    },
-                    weight: Some(&blob(l.weight)),
-                    bias: Some(&blob(l.bias)),
-                },
-            )
-        })
-        .collect();
+    let deep: Vec<_> = a.deep.iter().map(|l| dense_layer(&mut fbb, l)).collect();
     let deep = fbb.create_vector(&deep);
     let cross = a.cross.as_ref().map(|c| {
         let layers: Vec<_> = c
@@ -339,6 +322,49 @@ pub fn encode(spec: &ModelSpec) -> Vec<u8> {
             },
         )
     });
+    let multitask = a.multitask.as_ref().map(|m| {
+        let experts: Vec<_> = m
+            .experts
+            .iter()
+            .map(|e| {
+                let layers: Vec<_> = e.layers.iter().map(|l| dense_layer(&mut fbb, l)).collect();
+                let layers = fbb.create_vector(&layers);
+                fb::Expert::create(
+                    &mut fbb,
+                    &fb::ExpertArgs {
+                        layers: Some(layers),
+                    },
+                )
+            })
+            .collect();
+        let experts = fbb.create_vector(&experts);
+        let heads: Vec<_> = m
+            .heads
+            .iter()
+            .map(|h| {
+                let name = fbb.create_string(&h.name);
+                let gate = h.gate.as_ref().map(|g| dense_layer(&mut fbb, g));
+                let tower: Vec<_> = h.tower.iter().map(|l| dense_layer(&mut fbb, l)).collect();
+                let tower = fbb.create_vector(&tower);
+                fb::Head::create(
+                    &mut fbb,
+                    &fb::HeadArgs {
+                        name: Some(name),
+                        gate,
+                        tower: Some(tower),
+                    },
+                )
+            })
+            .collect();
+        let heads = fbb.create_vector(&heads);
+        fb::MultiTask::create(
+            &mut fbb,
+            &fb::MultiTaskArgs {
+                experts: Some(experts),
+                heads: Some(heads),
+            },
+        )
+    });
     let architecture = fb::Architecture::create(
         &mut fbb,
         &fb::ArchitectureArgs {
@@ -348,6 +374,7 @@ pub fn encode(spec: &ModelSpec) -> Vec<u8> {
             deep: Some(deep),
             fm: a.fm,
             cross,
+            multitask,
         },
     );
     let model = fb::Model::create(
@@ -550,26 +577,15 @@ pub fn decode(model: fb::Model<'_>) -> Result<ModelSpec> {
             .collect(),
         bias: w.bias(),
     });
-    let mut deep = Vec::with_capacity(a.deep().len());
-    for (i, l) in a.deep().iter().enumerate() {
-        let activation = match l.activation() {
-            fb::Activation::None => Activation::None,
-            fb::Activation::Relu => Activation::Relu,
-            other => {
-                return Err(invalid(format!(
-                    "deep layer {i} has unknown activation {}",
-                    other.0
-                )))
-            }
-        };
-        deep.push(DenseLayer {
-            in_dim: l.in_dim(),
-            out_dim: l.out_dim(),
-            activation,
-            weight: own_blob(l.weight()),
-            bias: own_blob(l.bias()),
-        });
-    }
+    let layers = |v: flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<fb::DenseLayer<'_>>>,
+                  what: &dyn Fn(usize) -> String|
+     -> Result<Vec<DenseLayer>> {
+        v.iter()
+            .enumerate()
+            .map(|(i, l)| own_layer(l, &what(i)))
+            .collect()
+    };
+    let deep = layers(a.deep(), &|i| format!("deep layer {i}"))?;
     let cross = match a.cross() {
         None => None,
         Some(c) => Some(Cross {
@@ -593,6 +609,30 @@ pub fn decode(model: fb::Model<'_>) -> Result<ModelSpec> {
             output: c.output().map(own_blob),
         }),
     };
+    let multitask = match a.multitask() {
+        None => None,
+        Some(m) => {
+            let mut experts = Vec::with_capacity(m.experts().len());
+            for (k, e) in m.experts().iter().enumerate() {
+                experts.push(Expert {
+                    layers: layers(e.layers(), &|i| format!("expert {k} layer {i}"))?,
+                });
+            }
+            let mut heads = Vec::with_capacity(m.heads().len());
+            for h in m.heads().iter() {
+                let name = h.name();
+                heads.push(Head {
+                    name: name.to_owned(),
+                    gate: h
+                        .gate()
+                        .map(|g| own_layer(g, &format!("head `{name}` gate")))
+                        .transpose()?,
+                    tower: layers(h.tower(), &|i| format!("head `{name}` tower layer {i}"))?,
+                });
+            }
+            Some(MultiTask { experts, heads })
+        }
+    };
     let architecture = Architecture {
         embeddings,
         dense_inputs: own_strings(a.dense_inputs()),
@@ -600,10 +640,50 @@ pub fn decode(model: fb::Model<'_>) -> Result<ModelSpec> {
         deep,
         fm: a.fm(),
         cross,
+        multitask,
     };
     Ok(ModelSpec {
         metadata,
         features: feature_spec,
         architecture,
+    })
+}
+
+fn dense_layer<'a>(
+    fbb: &mut flatbuffers::FlatBufferBuilder<'a>,
+    l: &DenseLayer,
+) -> flatbuffers::WIPOffset<fb::DenseLayer<'a>> {
+    fb::DenseLayer::create(
+        fbb,
+        &fb::DenseLayerArgs {
+            in_dim: l.in_dim,
+            out_dim: l.out_dim,
+            activation: match l.activation {
+                Activation::None => fb::Activation::None,
+                Activation::Relu => fb::Activation::Relu,
+            },
+            weight: Some(&blob(l.weight)),
+            bias: Some(&blob(l.bias)),
+        },
+    )
+}
+
+fn own_layer(l: fb::DenseLayer<'_>, what: &str) -> Result<DenseLayer> {
+    let activation = match l.activation() {
+        fb::Activation::None => Activation::None,
+        fb::Activation::Relu => Activation::Relu,
+        other => {
+            return Err(invalid(format!(
+                "{what} has unknown activation {}",
+                other.0
+            )))
+        }
+    };
+    Ok(DenseLayer {
+        in_dim: l.in_dim(),
+        out_dim: l.out_dim(),
+        activation,
+        weight: own_blob(l.weight()),
+        bias: own_blob(l.bias()),
     })
 }

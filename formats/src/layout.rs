@@ -26,9 +26,10 @@ use crate::error::{FormatError, Result};
 /// The eight magic bytes at offset 0.
 pub const MAGIC: [u8; 8] = *b"RANKDMDL";
 /// The newest format version this build reads and writes. Version 2 adds f16 and int8 embedding
-/// tables, version 3 DCN-v2 cross layers; a file is written with the oldest version that holds
+/// tables, version 3 DCN-v2 cross layers,
+/// version 4 multi-task heads; a file is written with the oldest version that holds
 /// it, so older readers read what they can ([`crate::ModelSpec::format_version`]).
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Alignment of every blob and of the metadata section.

@@ -44,7 +44,8 @@ pub use layout::{
 pub use reader::{parse, Integrity, ModelFile, Parsed, StreamCheck, Verify};
 pub use spec::{
     Activation, Architecture, BlobRef, Cross, CrossLayer, CrossStructure, DenseLayer,
-    EmbeddingTable, Metadata, ModelSpec, Pooling, WeightType, Wide, WideSlot,
+    EmbeddingTable, Expert, Head, Metadata, ModelSpec, MultiTask, Pooling, WeightType, Wide,
+    WideSlot,
 };
 pub use validate::validate;
 pub use writer::{quantize_row, BlobSink, F16Sink, I8Sink, ModelWriter, Written};

@@ -183,6 +183,35 @@ pub struct Cross {
     pub output: Option<BlobRef>,
 }
 
+/// One expert of a multi-task model: hidden layers over the deep input, each with ReLU.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Expert {
+    /// The layers, first to last.
+    pub layers: Vec<DenseLayer>,
+}
+
+/// One head of a multi-task model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Head {
+    /// Its name (the name of its scores in responses).
+    pub name: String,
+    /// With more than one expert: one output per expert over the deep input, no activation;
+    /// the head takes the experts' outputs weighed by their softmax.
+    pub gate: Option<DenseLayer>,
+    /// Hidden layers with ReLU over the head's input, then one output without activation.
+    pub tower: Vec<DenseLayer>,
+}
+
+/// Multi-task heads: a shared bottom (one expert) or a multi-gate mixture of experts (MMoE,
+/// Ma et al. 2018), and a tower per head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MultiTask {
+    /// The experts (one: a shared bottom).
+    pub experts: Vec<Expert>,
+    /// The heads; the first is the default.
+    pub heads: Vec<Head>,
+}
+
 /// The network.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Architecture {
@@ -199,11 +228,21 @@ pub struct Architecture {
     /// DCN-v2 cross layers over the deep input, if any.
     #[serde(default)]
     pub cross: Option<Cross>,
+    /// Multi-task heads, if any (then `deep` is empty).
+    #[serde(default)]
+    pub multitask: Option<MultiTask>,
 }
 
 impl Architecture {
     /// The kind of model, for display.
     pub fn kind(&self) -> &'static str {
+        if let Some(m) = &self.multitask {
+            return if m.experts.len() > 1 {
+                "mmoe"
+            } else {
+                "shared_bottom"
+            };
+        }
         if self.cross.is_some() {
             return "dcn_v2";
         }
@@ -258,16 +297,37 @@ impl Architecture {
                 out.push(("cross output".into(), b));
             }
         }
+        if let Some(m) = &self.multitask {
+            let mut layer = |what: String, l: &DenseLayer| {
+                out.push((format!("{what} weight"), l.weight));
+                out.push((format!("{what} bias"), l.bias));
+            };
+            for (k, e) in m.experts.iter().enumerate() {
+                for (i, l) in e.layers.iter().enumerate() {
+                    layer(format!("expert {k} layer {i}"), l);
+                }
+            }
+            for h in &m.heads {
+                if let Some(g) = &h.gate {
+                    layer(format!("head `{}` gate", h.name), g);
+                }
+                for (i, l) in h.tower.iter().enumerate() {
+                    layer(format!("head `{}` tower layer {i}", h.name), l);
+                }
+            }
+        }
         out
     }
 }
 
 impl ModelSpec {
-    /// The format version a file of this spec needs: 3 with cross layers, 2 with an f16 or
-    /// int8 embedding table, else 1 (so that a reader that would ignore a part of the model
-    /// refuses the file instead).
+    /// The format version a file of this spec needs: 4 with multi-task heads, 3 with cross
+    /// layers, 2 with an f16 or int8 embedding table, else 1 (so that a reader that would ignore
+    /// a part of the model refuses the file instead).
     pub fn format_version(&self) -> u32 {
-        if self.architecture.cross.is_some() {
+        if self.architecture.multitask.is_some() {
+            4
+        } else if self.architecture.cross.is_some() {
             3
         } else if self
             .architecture

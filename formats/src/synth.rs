@@ -322,6 +322,7 @@ pub fn write_synthetic(path: &Path, opts: &SynthOptions) -> Result<Written> {
             deep,
             fm,
             cross: None,
+            multitask: None,
         },
     };
     w.finish(&spec)
@@ -418,6 +419,37 @@ pub mod feed {
         config_with(WeightType::F32)
     }
 
+    /// The feed model as a multi-task model: the same features and embeddings, no wide part,
+    /// `experts` experts of `layers` (1: a shared bottom), and heads `click`, `like`, `share`...
+    /// (the first `heads` of them) with towers `tower`.
+    pub fn multitask_config(
+        experts: u32,
+        layers: &[u32],
+        tower: &[u32],
+        heads: usize,
+    ) -> ModelConfig {
+        const NAMES: [&str; 6] = ["click", "like", "share", "dwell", "follow", "hide"];
+        let mut config = config();
+        config.wide = None;
+        if let Some(d) = config.deep.as_mut() {
+            d.layers = layers.to_vec();
+        }
+        config.heads = NAMES[..heads]
+            .iter()
+            .map(|name| crate::config::HeadConfig {
+                name: (*name).into(),
+                label: None,
+                threshold: None,
+                weight: 1.0,
+            })
+            .collect();
+        config.multitask = Some(crate::config::MultiTaskConfig {
+            experts,
+            tower: tower.to_vec(),
+        });
+        config
+    }
+
     /// The model config with every embedding table stored as `weight_type`.
     pub fn config_with(weight_type: WeightType) -> ModelConfig {
         let mut features = Vec::new();
@@ -485,6 +517,8 @@ pub mod feed {
             }),
             fm: false,
             cross: None,
+            heads: vec![],
+            multitask: None,
         }
     }
 
@@ -510,14 +544,17 @@ pub mod feed {
     }
 
     /// Weights for `config` (the feed config or a variant of it: cross layers, other types),
-    /// drawn from `seed` in the config's tensor order: deep weights uniform in
-    /// `±sqrt(2 / inputs)`, everything else in `±0.05`.
+    /// drawn from `seed` in the config's tensor order: dense layers' weights (deep, experts,
+    /// gates, towers) uniform in `±sqrt(2 / inputs)`, everything else in `±0.05`.
     pub fn tensors(config: &ModelConfig, seed: u64) -> crate::Result<TensorMap> {
         let mut rng = Rng::new(seed);
         let mut tensors = TensorMap::new();
         for t in config.tensors()? {
             let n = t.numel() as usize;
-            let scale = if t.name.starts_with("deep.") && t.name.ends_with("weight") {
+            let dense = ["deep.", "expert.", "gate.", "tower."]
+                .iter()
+                .any(|p| t.name.starts_with(p));
+            let scale = if dense && t.name.ends_with("weight") {
                 (2.0 / t.shape[1] as f32).sqrt()
             } else {
                 0.05

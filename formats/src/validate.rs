@@ -206,13 +206,162 @@ pub fn validate(spec: &ModelSpec, blob_end: u64) -> Result<CompiledSpec> {
             (crate::spec::CrossStructure::Stacked, None) => {}
         }
     }
-    if arch.wide.is_none() && arch.deep.is_empty() && !arch.fm {
+    if let Some(m) = &arch.multitask {
+        validate_multitask(arch, m)?;
+    }
+    if arch.wide.is_none() && arch.deep.is_empty() && !arch.fm && arch.multitask.is_none() {
         return Err(invalid(
             "the model has neither a wide part, a deep part nor an FM term".into(),
         ));
     }
     validate_blobs(&arch.blobs(), blob_end)?;
     Ok(compiled)
+}
+
+/// The most experts and heads a multi-task model may have.
+pub const MAX_EXPERTS: usize = 64;
+/// See [`MAX_EXPERTS`].
+pub const MAX_HEADS: usize = 64;
+
+/// Whether `name` may name a head: 1 to 64 ASCII letters, digits, `_` and `-` (it appears in
+/// tensor names, metric labels and protocol output names).
+pub fn valid_head_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Checks a chain of dense layers starting at width `width`: each takes the previous one's
+/// outputs, has outputs, and its blobs have the lengths of its shape. Returns the last width.
+fn chain(
+    layers: &[crate::spec::DenseLayer],
+    mut width: u64,
+    what: &dyn Fn(usize) -> String,
+) -> Result<u64> {
+    for (i, l) in layers.iter().enumerate() {
+        let name = what(i);
+        if u64::from(l.in_dim) != width {
+            return Err(invalid(format!(
+                "{name} takes {} inputs but receives {width}",
+                l.in_dim
+            )));
+        }
+        if l.out_dim == 0 {
+            return Err(invalid(format!("{name} has no outputs")));
+        }
+        expect_len(
+            &format!("{name} weight"),
+            l.weight,
+            u64::from(l.in_dim).checked_mul(u64::from(l.out_dim)),
+        )?;
+        expect_len(&format!("{name} bias"), l.bias, Some(u64::from(l.out_dim)))?;
+        width = u64::from(l.out_dim);
+    }
+    Ok(width)
+}
+
+fn validate_multitask(arch: &crate::spec::Architecture, m: &crate::spec::MultiTask) -> Result<()> {
+    if !arch.deep.is_empty() || arch.wide.is_some() || arch.fm || arch.cross.is_some() {
+        return Err(invalid(
+            "a multi-task model has no deep layers outside its experts and towers, and no wide \
+             part, FM term or cross network"
+                .into(),
+        ));
+    }
+    let k = m.experts.len();
+    if k == 0 || k > MAX_EXPERTS {
+        return Err(invalid(format!(
+            "a multi-task model has {k} experts (1 to {MAX_EXPERTS})"
+        )));
+    }
+    if m.heads.is_empty() || m.heads.len() > MAX_HEADS {
+        return Err(invalid(format!(
+            "a multi-task model has {} heads (1 to {MAX_HEADS})",
+            m.heads.len()
+        )));
+    }
+    let d = arch.deep_input_dim();
+    let mut expert_out = None;
+    for (e, expert) in m.experts.iter().enumerate() {
+        if expert.layers.is_empty() {
+            return Err(invalid(format!("expert {e} has no layers")));
+        }
+        if expert
+            .layers
+            .iter()
+            .any(|l| l.activation != Activation::Relu)
+        {
+            return Err(invalid(format!("expert {e} has a layer without ReLU")));
+        }
+        let widths: Vec<u32> = expert.layers.iter().map(|l| l.out_dim).collect();
+        let first: Vec<u32> = m.experts[0].layers.iter().map(|l| l.out_dim).collect();
+        if widths != first {
+            return Err(invalid(format!(
+                "expert {e} has layer widths {widths:?}, expert 0 {first:?}"
+            )));
+        }
+        expert_out = Some(chain(&expert.layers, d, &|i| {
+            format!("expert {e} layer {i}")
+        })?);
+    }
+    let expert_out = expert_out.expect("at least one expert");
+    let mut names = std::collections::HashSet::new();
+    for h in &m.heads {
+        if !valid_head_name(&h.name) {
+            return Err(invalid(format!(
+                "head name {:?} is not 1 to 64 ASCII letters, digits, `_` or `-`",
+                h.name
+            )));
+        }
+        if !names.insert(h.name.as_str()) {
+            return Err(invalid(format!("head `{}` is defined twice", h.name)));
+        }
+        match (&h.gate, k) {
+            (None, 1) => {}
+            (Some(_), 1) => {
+                return Err(invalid(format!(
+                    "head `{}` has a gate but there is one expert",
+                    h.name
+                )))
+            }
+            (None, _) => {
+                return Err(invalid(format!(
+                    "head `{}` has no gate over the {k} experts",
+                    h.name
+                )))
+            }
+            (Some(g), _) => {
+                if u64::from(g.out_dim) != k as u64 || g.activation != Activation::None {
+                    return Err(invalid(format!(
+                        "head `{}`'s gate must have {k} outputs (one per expert) and no activation",
+                        h.name
+                    )));
+                }
+                chain(std::slice::from_ref(g), d, &|_| {
+                    format!("head `{}` gate", h.name)
+                })?;
+            }
+        }
+        let Some(last) = h.tower.last() else {
+            return Err(invalid(format!("head `{}` has no tower", h.name)));
+        };
+        chain(&h.tower, expert_out, &|i| {
+            format!("head `{}` tower layer {i}", h.name)
+        })?;
+        let hidden = &h.tower[..h.tower.len() - 1];
+        if hidden.iter().any(|l| l.activation != Activation::Relu)
+            || last.out_dim != 1
+            || last.activation != Activation::None
+        {
+            return Err(invalid(format!(
+                "head `{}`'s tower must be hidden layers with ReLU, then one output without \
+                 activation",
+                h.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn validate_blobs(blobs: &[(String, BlobRef)], blob_end: u64) -> Result<()> {

@@ -1526,6 +1526,8 @@ mod tests {
             }),
             fm: true,
             cross,
+            heads: vec![],
+            multitask: None,
         };
         let spec = CompiledSpec::compile(&config.feature_spec()).unwrap();
         let mut layout = Layout::new(&config, &spec).unwrap();

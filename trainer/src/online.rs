@@ -162,11 +162,12 @@ impl OnlineConfig {
 pub fn model_config_of(file: &ModelFile) -> Result<ModelConfig> {
     let spec = file.spec();
     let arch = &spec.architecture;
-    if arch.cross.is_some() {
+    if arch.cross.is_some() || arch.multitask.is_some() {
         return Err(TrainError::Config(format!(
-            "{}: a model with DCN-v2 cross layers; online training and its deltas do not carry \
-             cross layers yet",
-            file.path().display()
+            "{}: a {} model; online training and its deltas carry wide, deep and FM parameters \
+             only (no cross layers, experts or heads yet)",
+            file.path().display(),
+            arch.kind()
         )));
     }
     let last = arch.deep.len().saturating_sub(1);
@@ -208,6 +209,8 @@ pub fn model_config_of(file: &ModelFile) -> Result<ModelConfig> {
         }),
         fm: arch.fm,
         cross: None,
+        heads: vec![],
+        multitask: None,
     })
 }
 

@@ -464,10 +464,10 @@ impl Gpus {
     /// that took it; one that refuses it (out of memory) leaves it to the others, and a model
     /// no device took runs on the CPU. Returns the first refusal when no device took it.
     pub fn load(&self, model: &Arc<Model>) -> Result<(), GpuError> {
-        if model.cross.is_some() {
+        if model.cross.is_some() || model.mt.is_some() {
             let e = GpuError::new(
                 GpuErrorKind::NotResident,
-                "DCN-v2 cross layers run on the CPU engine only",
+                "DCN-v2 cross layers and multi-task heads run on the CPU engine only",
             );
             *model
                 .placement
@@ -636,7 +636,7 @@ impl GpuCore {
             return;
         }
         let base = out.results.len();
-        out.results.extend(requests.iter().map(|_| Ok(0..0)));
+        out.begin(requests.len());
         let mut waits = Vec::new();
         let mut key = std::mem::take(&mut self.key);
         let mut next = std::mem::take(&mut self.next_key);

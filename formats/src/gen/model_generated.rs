@@ -3032,6 +3032,350 @@ impl ::core::fmt::Debug for Cross<'_> {
       ds.finish()
   }
 }
+pub enum ExpertOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Expert<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Expert<'a> {
+  type Inner = Expert<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Expert<'a> {
+  pub const VT_LAYERS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Expert { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ExpertArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Expert<'bldr>> {
+    let mut builder = ExpertBuilder::new(_fbb);
+    if let Some(x) = args.layers { builder.add_layers(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn layers(&self) -> ::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DenseLayer<'a>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DenseLayer>>>>(Expert::VT_LAYERS, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Expert<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<DenseLayer>>>>("layers", Self::VT_LAYERS, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ExpertArgs<'a> {
+    pub layers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DenseLayer<'a>>>>>,
+}
+impl<'a> Default for ExpertArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ExpertArgs {
+      layers: None, // required field
+    }
+  }
+}
+
+pub struct ExpertBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ExpertBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_layers(&mut self, layers: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<DenseLayer<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Expert::VT_LAYERS, layers);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ExpertBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ExpertBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Expert<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Expert::VT_LAYERS,"layers");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Expert<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Expert");
+      ds.field("layers", &self.layers());
+      ds.finish()
+  }
+}
+pub enum HeadOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Head<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Head<'a> {
+  type Inner = Head<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Head<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_GATE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TOWER: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Head { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args HeadArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Head<'bldr>> {
+    let mut builder = HeadBuilder::new(_fbb);
+    if let Some(x) = args.tower { builder.add_tower(x); }
+    if let Some(x) = args.gate { builder.add_gate(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Head::VT_NAME, None).unwrap()}
+  }
+  #[inline]
+  pub fn gate(&self) -> Option<DenseLayer<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<DenseLayer>>(Head::VT_GATE, None)}
+  }
+  #[inline]
+  pub fn tower(&self) -> ::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DenseLayer<'a>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DenseLayer>>>>(Head::VT_TOWER, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Head<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<DenseLayer>>("gate", Self::VT_GATE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<DenseLayer>>>>("tower", Self::VT_TOWER, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct HeadArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub gate: Option<::flatbuffers::WIPOffset<DenseLayer<'a>>>,
+    pub tower: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DenseLayer<'a>>>>>,
+}
+impl<'a> Default for HeadArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    HeadArgs {
+      name: None, // required field
+      gate: None,
+      tower: None, // required field
+    }
+  }
+}
+
+pub struct HeadBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeadBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Head::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_gate(&mut self, gate: ::flatbuffers::WIPOffset<DenseLayer<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<DenseLayer>>(Head::VT_GATE, gate);
+  }
+  #[inline]
+  pub fn add_tower(&mut self, tower: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<DenseLayer<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Head::VT_TOWER, tower);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HeadBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    HeadBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Head<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Head::VT_NAME,"name");
+    self.fbb_.required(o, Head::VT_TOWER,"tower");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Head<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Head");
+      ds.field("name", &self.name());
+      ds.field("gate", &self.gate());
+      ds.field("tower", &self.tower());
+      ds.finish()
+  }
+}
+pub enum MultiTaskOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MultiTask<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MultiTask<'a> {
+  type Inner = MultiTask<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MultiTask<'a> {
+  pub const VT_EXPERTS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_HEADS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MultiTask { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MultiTaskArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<MultiTask<'bldr>> {
+    let mut builder = MultiTaskBuilder::new(_fbb);
+    if let Some(x) = args.heads { builder.add_heads(x); }
+    if let Some(x) = args.experts { builder.add_experts(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn experts(&self) -> ::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Expert<'a>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Expert>>>>(MultiTask::VT_EXPERTS, None).unwrap()}
+  }
+  #[inline]
+  pub fn heads(&self) -> ::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Head<'a>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Head>>>>(MultiTask::VT_HEADS, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MultiTask<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Expert>>>>("experts", Self::VT_EXPERTS, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Head>>>>("heads", Self::VT_HEADS, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MultiTaskArgs<'a> {
+    pub experts: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Expert<'a>>>>>,
+    pub heads: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Head<'a>>>>>,
+}
+impl<'a> Default for MultiTaskArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MultiTaskArgs {
+      experts: None, // required field
+      heads: None, // required field
+    }
+  }
+}
+
+pub struct MultiTaskBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MultiTaskBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_experts(&mut self, experts: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Expert<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MultiTask::VT_EXPERTS, experts);
+  }
+  #[inline]
+  pub fn add_heads(&mut self, heads: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Head<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MultiTask::VT_HEADS, heads);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MultiTaskBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MultiTaskBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MultiTask<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, MultiTask::VT_EXPERTS,"experts");
+    self.fbb_.required(o, MultiTask::VT_HEADS,"heads");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MultiTask<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MultiTask");
+      ds.field("experts", &self.experts());
+      ds.field("heads", &self.heads());
+      ds.finish()
+  }
+}
 pub enum ArchitectureOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3054,6 +3398,7 @@ impl<'a> Architecture<'a> {
   pub const VT_DEEP: ::flatbuffers::VOffsetT = 10;
   pub const VT_FM: ::flatbuffers::VOffsetT = 12;
   pub const VT_CROSS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_MULTITASK: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3065,6 +3410,7 @@ impl<'a> Architecture<'a> {
     args: &'args ArchitectureArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Architecture<'bldr>> {
     let mut builder = ArchitectureBuilder::new(_fbb);
+    if let Some(x) = args.multitask { builder.add_multitask(x); }
     if let Some(x) = args.cross { builder.add_cross(x); }
     if let Some(x) = args.deep { builder.add_deep(x); }
     if let Some(x) = args.wide { builder.add_wide(x); }
@@ -3117,6 +3463,13 @@ impl<'a> Architecture<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Cross>>(Architecture::VT_CROSS, None)}
   }
+  #[inline]
+  pub fn multitask(&self) -> Option<MultiTask<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<MultiTask>>(Architecture::VT_MULTITASK, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Architecture<'_> {
@@ -3131,6 +3484,7 @@ impl ::flatbuffers::Verifiable for Architecture<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<DenseLayer>>>>("deep", Self::VT_DEEP, true)?
      .visit_field::<bool>("fm", Self::VT_FM, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<Cross>>("cross", Self::VT_CROSS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<MultiTask>>("multitask", Self::VT_MULTITASK, false)?
      .finish();
     Ok(())
   }
@@ -3142,6 +3496,7 @@ pub struct ArchitectureArgs<'a> {
     pub deep: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DenseLayer<'a>>>>>,
     pub fm: bool,
     pub cross: Option<::flatbuffers::WIPOffset<Cross<'a>>>,
+    pub multitask: Option<::flatbuffers::WIPOffset<MultiTask<'a>>>,
 }
 impl<'a> Default for ArchitectureArgs<'a> {
   #[inline]
@@ -3153,6 +3508,7 @@ impl<'a> Default for ArchitectureArgs<'a> {
       deep: None, // required field
       fm: false,
       cross: None,
+      multitask: None,
     }
   }
 }
@@ -3187,6 +3543,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ArchitectureBuilder<'a, 'b, A
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Cross>>(Architecture::VT_CROSS, cross);
   }
   #[inline]
+  pub fn add_multitask(&mut self, multitask: ::flatbuffers::WIPOffset<MultiTask<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<MultiTask>>(Architecture::VT_MULTITASK, multitask);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ArchitectureBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ArchitectureBuilder {
@@ -3213,6 +3573,7 @@ impl ::core::fmt::Debug for Architecture<'_> {
       ds.field("deep", &self.deep());
       ds.field("fm", &self.fm());
       ds.field("cross", &self.cross());
+      ds.field("multitask", &self.multitask());
       ds.finish()
   }
 }
