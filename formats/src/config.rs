@@ -737,3 +737,50 @@ impl Tensors for TensorMap {
         f(values)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::feed;
+
+    fn error(edit: impl FnOnce(&mut ModelConfig)) -> String {
+        let mut c = feed::multitask_config(3, &[32, 16], &[8, 1], 2);
+        edit(&mut c);
+        c.tensors().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn multitask_tensors_are_named_per_expert_gate_and_tower() {
+        let c = feed::multitask_config(3, &[32, 16], &[8, 1], 2);
+        let names: Vec<String> = c.tensors().unwrap().into_iter().map(|t| t.name).collect();
+        for want in [
+            "expert.0.0.weight",
+            "expert.2.1.bias",
+            "gate.click.weight",
+            "gate.like.bias",
+            "tower.click.0.weight",
+            "tower.like.1.bias",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+        }
+        assert!(!names
+            .iter()
+            .any(|n| n.starts_with("deep.") || n.starts_with("wide.")));
+        // One expert: a shared bottom without gates.
+        let c = feed::multitask_config(1, &[32], &[1], 2);
+        let names: Vec<String> = c.tensors().unwrap().into_iter().map(|t| t.name).collect();
+        assert!(!names.iter().any(|n| n.starts_with("gate.")), "{names:?}");
+    }
+
+    #[test]
+    fn bad_multitask_settings_are_refused_saying_why() {
+        assert!(error(|c| c.fm = true).contains("no [wide], fm"));
+        assert!(error(|c| c.multitask.as_mut().unwrap().tower = vec![8]).contains("end with 1"));
+        assert!(error(|c| c.multitask.as_mut().unwrap().experts = 0).contains("experts = 0"));
+        assert!(error(|c| c.heads[1].name = "click".into()).contains("defined twice"));
+        assert!(error(|c| c.heads[1].name = "a b".into()).contains("is not 1 to 64"));
+        assert!(error(|c| c.heads[0].weight = f32::NAN).contains("weight"));
+        assert!(error(|c| c.heads.clear()).contains("[multitask] needs [[heads]]"));
+        assert!(error(|c| c.deep.as_mut().unwrap().layers.clear()).contains("at least one"));
+    }
+}

@@ -525,3 +525,51 @@ fn format_v2_fixture_with_an_f16_table_still_opens() {
     }
     assert_eq!(&q[21..24], &[0, 0, 0], "padding bytes are zero");
 }
+
+#[test]
+fn the_writer_refuses_inconsistent_multitask_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mt.rkm");
+    let config = rankd_formats::synth::feed::multitask_config(3, &[16, 8], &[4, 1], 2);
+    rankd_formats::synth::feed::write_config(&path, &config, 1, 3).unwrap();
+    let good = ModelFile::open(&path).unwrap().spec().clone();
+    assert_eq!(good.format_version(), 4);
+    assert_eq!(good.architecture.kind(), "mmoe");
+    let check = |f: &dyn Fn(&mut rankd_formats::MultiTask), needle: &str| {
+        let mut spec = good.clone();
+        f(spec.architecture.multitask.as_mut().unwrap());
+        let err = write_err(&spec);
+        assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    };
+    check(
+        &|m| m.heads[1].gate = None,
+        "has no gate over the 3 experts",
+    );
+    check(
+        &|m| m.experts[2].layers[1].out_dim = 9,
+        "expert 2 has layer widths",
+    );
+    check(
+        &|m| m.experts[0].layers[0].in_dim += 1,
+        "expert 0 layer 0 takes",
+    );
+    check(
+        &|m| m.heads[0].tower[1].activation = Activation::Relu,
+        "tower must be hidden layers with ReLU",
+    );
+    check(
+        &|m| m.heads[1].name = m.heads[0].name.clone(),
+        "defined twice",
+    );
+    check(&|m| m.heads[0].name = "no spaces".into(), "is not 1 to 64");
+    check(
+        &|m| m.heads[0].gate.as_mut().unwrap().out_dim = 2,
+        "one per expert",
+    );
+    check(&|m| m.heads[1].tower.clear(), "has no tower");
+    check(&|m| m.experts.clear(), "0 experts");
+    check(&|m| m.heads[0].tower[0].bias.len += 1, "tower layer 0 bias");
+    let mut spec = good.clone();
+    spec.architecture.fm = true;
+    assert!(write_err(&spec).contains("no deep layers outside its experts"));
+}

@@ -34,6 +34,10 @@ pub struct TrainSettings {
     /// The label column (0/1).
     #[serde(default = "default_label")]
     pub label: String,
+    /// A multi-task model's label columns, one per head in head order (from `[[heads]]`);
+    /// empty for a single-task model, whose label is `label`.
+    #[serde(skip)]
+    pub heads: Vec<LabelColumn>,
     /// Field delimiter.
     #[serde(default = "default_delimiter")]
     pub delimiter: char,
@@ -210,6 +214,16 @@ fn one_worker() -> usize {
     1
 }
 
+/// Where a head's label comes from: a column holding 0 or 1, or with `threshold`, a numeric
+/// column read as `value > threshold`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelColumn {
+    /// The column's name.
+    pub column: String,
+    /// See above.
+    pub threshold: Option<f64>,
+}
+
 fn default_label() -> String {
     "label".into()
 }
@@ -374,6 +388,21 @@ impl TrainConfig {
                     "give valid_files or valid_split, not both".into(),
                 ));
             }
+        }
+        train.heads = model
+            .heads
+            .iter()
+            .map(|h| LabelColumn {
+                column: h.label.clone().unwrap_or_else(|| h.name.clone()),
+                threshold: h.threshold,
+            })
+            .collect();
+        if !train.heads.is_empty() && (train.batch_norm || train.dropout > 0.0) {
+            return Err(TrainError::Config(
+                "batch_norm and dropout apply to a single-task deep tower; a model with \
+                 [[heads]] trains without them"
+                    .into(),
+            ));
         }
         if !(0.0..0.95).contains(&train.dropout) {
             return Err(TrainError::Config(format!(

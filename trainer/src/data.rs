@@ -16,7 +16,8 @@ use crate::error::{Result, TrainError};
 pub struct Dataset {
     /// Raw cells per row, in model feature order (kept for checks against the engine).
     pub rows: Vec<Vec<OwnedValue>>,
-    /// Labels (0 or 1).
+    /// Labels (0 or 1): one per row, or for a multi-task model one per head, row by row (row
+    /// `r`'s head `h` at `r * heads + h`).
     pub labels: Vec<f32>,
     /// The slots of every row.
     pub slots: SlotBatch,
@@ -61,7 +62,7 @@ pub(crate) fn parse_cell(
 pub struct RawData {
     /// Cells per row.
     pub rows: Vec<Vec<OwnedValue>>,
-    /// Labels (0 or 1).
+    /// Labels (0 or 1), laid out as [`Dataset::labels`].
     pub labels: Vec<f32>,
 }
 
@@ -106,9 +107,9 @@ pub fn read_share(
     share: Share,
 ) -> Result<RawData> {
     let mut out = RawData::default();
-    stream_share(files, features, s, share, &mut |row, label| {
+    stream_share(files, features, s, share, &mut |row, labels| {
         out.rows.push(row);
-        out.labels.push(label);
+        out.labels.extend_from_slice(labels);
         Ok(())
     })?;
     if out.rows.is_empty() {
@@ -120,8 +121,9 @@ pub fn read_share(
     Ok(out)
 }
 
-/// What [`stream_share`] and [`stream`] call with every row and its label.
-pub type RowSink<'a> = dyn FnMut(Vec<OwnedValue>, f32) -> Result<()> + 'a;
+/// What [`stream_share`] and [`stream`] call with every row and its labels (one, or one per
+/// head of a multi-task model).
+pub type RowSink<'a> = dyn FnMut(Vec<OwnedValue>, &[f32]) -> Result<()> + 'a;
 
 /// Streams the rows of `share` of `files` into `sink`, one at a time, in file order: memory
 /// stays bounded by one read buffer whatever the size of the files. Returns the row count.
@@ -268,11 +270,18 @@ fn read_with(
         let source = rankd_storage::open_read(path, &s.hdfs())
             .map_err(|e| TrainError::Data(e.to_string()))?;
         let mut source = decompressed(path, source)?;
-        stream_from(&mut source, path, features, s, labels, &mut |row, label| {
-            out.rows.push(row);
-            out.labels.push(label);
-            Ok(())
-        })?;
+        stream_from(
+            &mut source,
+            path,
+            features,
+            s,
+            labels,
+            &mut |row, labels| {
+                out.rows.push(row);
+                out.labels.extend_from_slice(labels);
+                Ok(())
+            },
+        )?;
     }
     if out.rows.is_empty() {
         return Err(TrainError::Data("no examples".into()));
@@ -327,17 +336,30 @@ fn stream_from(
         })
         .collect();
     let col = |name: &str| header.iter().position(|h| h == name);
-    let label_col = match (col(&s.label), labels) {
-        (Some(c), _) => Some(c),
-        (None, Labels::Optional) => None,
-        (None, Labels::Required) => {
-            return Err(TrainError::Data(format!(
-                "{}: no label column `{}`",
-                path.display(),
-                s.label
-            )))
-        }
+    let single = [crate::config::LabelColumn {
+        column: s.label.clone(),
+        threshold: None,
+    }];
+    let wanted = if s.heads.is_empty() {
+        &single[..]
+    } else {
+        &s.heads[..]
     };
+    let mut label_cols = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        label_cols.push(match (col(&w.column), labels) {
+            (Some(c), _) => Some((c, w.threshold)),
+            (None, Labels::Optional) => None,
+            (None, Labels::Required) => {
+                return Err(TrainError::Data(format!(
+                    "{}: no label column `{}`",
+                    path.display(),
+                    w.column
+                )))
+            }
+        });
+    }
+    let mut label = vec![0f32; label_cols.len()];
     let mut cols = Vec::with_capacity(features.len());
     for f in features {
         cols.push(col(&f.name).ok_or_else(|| {
@@ -363,12 +385,18 @@ fn stream_from(
             )));
         }
         let at = |c: usize| record.get(c).unwrap_or("");
-        let label = match label_col.map(|c| at(c).trim()) {
-            None => f32::NAN,
-            Some("0" | "0.0") => 0.0,
-            Some("1" | "1.0") => 1.0,
-            Some(other) => return Err(ctx(format!("label {other:?} is not 0 or 1"))),
-        };
+        for (y, c) in label.iter_mut().zip(&label_cols) {
+            *y = match c.map(|(c, t)| (at(c).trim(), t)) {
+                None => f32::NAN,
+                Some((v, Some(t))) => match v.parse::<f64>() {
+                    Ok(x) if x.is_finite() => f32::from(u8::from(x > t)),
+                    _ => return Err(ctx(format!("label {v:?} is not a number"))),
+                },
+                Some(("0" | "0.0", None)) => 0.0,
+                Some(("1" | "1.0", None)) => 1.0,
+                Some((other, None)) => return Err(ctx(format!("label {other:?} is not 0 or 1"))),
+            };
+        }
         let mut row = Vec::with_capacity(cols.len());
         for (f, &c) in features.iter().zip(&cols) {
             row.push(
@@ -376,7 +404,7 @@ fn stream_from(
                     .map_err(|e| ctx(format!("feature `{}`: {e}", f.name)))?,
             );
         }
-        sink(row, label)?;
+        sink(row, &label)?;
         n += 1;
     }
     Ok(n)
@@ -557,6 +585,38 @@ mod tests {
             }
             assert_eq!(cells(&union), cells(&all), "{count} shares");
         }
+    }
+
+    #[test]
+    fn a_multitask_model_reads_a_label_per_head_row_by_row() {
+        use crate::config::LabelColumn;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.csv");
+        std::fs::write(&p, "x,name,label,hours\n1,a,1,45\n2,b,0,40\n3,c,1,12.5\n").unwrap();
+        let mut s = TrainSettings::defaults();
+        s.heads = vec![
+            LabelColumn {
+                column: "label".into(),
+                threshold: None,
+            },
+            LabelColumn {
+                column: "hours".into(),
+                threshold: Some(40.0),
+            },
+        ];
+        let raw = read(&[&p], &features(), &s).unwrap();
+        assert_eq!(raw.labels, [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]);
+        // A value that is no number under a threshold is refused, with its line.
+        std::fs::write(&p, "x,name,label,hours\n1,a,1,45\n1,a,1,many\n").unwrap();
+        let e = read(&[&p], &features(), &s).unwrap_err().to_string();
+        assert!(
+            e.contains(":3:") && e.contains("\"many\" is not a number"),
+            "{e}"
+        );
+        // A head's missing column is named.
+        s.heads[1].column = "dwell".into();
+        let e = read(&[&p], &features(), &s).unwrap_err().to_string();
+        assert!(e.contains("no label column `dwell`"), "{e}");
     }
 
     fn features() -> Vec<RawFeature> {

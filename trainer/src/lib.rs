@@ -30,7 +30,7 @@ use rankd_formats::Metadata;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
-use metrics::{evaluate, EvalMetrics};
+use metrics::{evaluate_heads, EvalMetrics};
 use model::{Compute, CpuCompute, Grads, Layout, Params};
 
 /// What a training run produced.
@@ -49,8 +49,11 @@ pub struct Trained {
     pub eval_predictions: Vec<f32>,
     /// The validation data.
     pub eval: data::Dataset,
-    /// Metrics of the kept weights on `test_files`, when given.
+    /// Metrics of the kept weights on `test_files`, when given (a multi-task model: its
+    /// default head's).
     pub test: Option<EvalMetrics>,
+    /// A multi-task model's test metrics, head by head (empty otherwise).
+    pub test_heads: Vec<EvalMetrics>,
     /// Training examples per second over the run.
     pub samples_per_second: f64,
     /// The model config with fitted vocabularies and boundaries: what the model file holds.
@@ -65,9 +68,18 @@ impl Trained {
         self.epochs_before + self.history.len()
     }
 
-    /// Validation metrics of the kept weights.
+    /// Validation metrics of the kept weights (a multi-task model: its default head's).
     pub fn kept(&self) -> EvalMetrics {
-        evaluate(&self.eval_predictions, &self.eval.labels)
+        self.kept_heads()[0]
+    }
+
+    /// Validation metrics of the kept weights, head by head (one for a single-task model).
+    pub fn kept_heads(&self) -> Vec<EvalMetrics> {
+        evaluate_heads(
+            &self.eval_predictions,
+            &self.eval.labels,
+            self.layout.heads(),
+        )
     }
 }
 
@@ -98,11 +110,13 @@ pub fn prepare(config: &TrainConfig, log: &mut dyn std::io::Write) -> Result<Pre
         let threshold = (frac * u64::MAX as f64) as u64;
         let mut train = data::RawData::default();
         let mut eval = data::RawData::default();
-        for (i, (row, label)) in raw.rows.into_iter().zip(raw.labels).enumerate() {
+        let heads = s.heads.len().max(1);
+        let rows = raw.rows.into_iter().zip(raw.labels.chunks_exact(heads));
+        for (i, (row, labels)) in rows.enumerate() {
             let h = Rng::new(s.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64();
             let part = if h < threshold { &mut eval } else { &mut train };
             part.rows.push(row);
-            part.labels.push(label);
+            part.labels.extend_from_slice(labels);
         }
         if train.rows.is_empty() || eval.rows.is_empty() {
             return Err(TrainError::Config(
@@ -168,9 +182,21 @@ fn train_with(
         None if s.eval_files.is_empty() => data::load(&s.train_files, &spec, s)?,
         None => data::load(&s.eval_files, &spec, s)?,
     };
-    let base_rate = train.labels.iter().sum::<f32>() / train.labels.len() as f32;
-    let mut params = Params::init(&layout, s.seed, base_rate);
-    let mut opt = config.optimizer(&params).with_cross(&layout);
+    let heads = layout.heads();
+    let rates: Vec<f32> = (0..heads)
+        .map(|h| {
+            let y = metrics::head_of(&train.labels, heads, h);
+            y.iter().sum::<f32>() / y.len() as f32
+        })
+        .collect();
+    let mut params = Params::init(&layout, s.seed, rates[0]);
+    model::set_base_rates(&layout, &mut params, &rates);
+    // Early stopping on a multi-task model goes by the heads' metric weighed as in the loss.
+    let weights: Vec<f64> = layout.mt.as_ref().map_or(vec![1.0], |m| {
+        m.weights.iter().map(|&w| f64::from(w)).collect()
+    });
+    let head_names: Vec<String> = layout.mt.as_ref().map_or(Vec::new(), |m| m.heads.clone());
+    let mut opt = config.optimizer(&params).with_layout(&layout);
     let mut compute = CpuCompute::with_seed(s.seed);
     let mut grads = Grads::new(&layout);
     let mut workers_state: Vec<(CpuCompute, Grads)> = (0..s.workers.max(1))
@@ -181,8 +207,8 @@ fn train_with(
             )
         })
         .collect();
-    let mut order: Vec<usize> = (0..train.labels.len()).collect();
-    let eval_rows: Vec<usize> = (0..eval.labels.len()).collect();
+    let mut order: Vec<usize> = (0..train.rows.len()).collect();
+    let eval_rows: Vec<usize> = (0..eval.rows.len()).collect();
     let mut history = Vec::new();
     let metric = s.early_stopping_metric;
     let mut best = (f64::NEG_INFINITY, params.clone(), 0usize);
@@ -281,7 +307,8 @@ fn train_with(
         for chunk in eval_rows.chunks(4096) {
             compute.predict(&layout, &params, &eval.slots, chunk, &mut preds);
         }
-        let m = evaluate(&preds, &eval.labels);
+        let per_head = evaluate_heads(&preds, &eval.labels, heads);
+        let m = per_head[0];
         let _ = writeln!(
             log,
             "epoch {}: train logloss {:.4}, {:.0} samples/s; eval auc {:.4} logloss {:.4} accuracy {:.4} calibration {:.3}",
@@ -293,9 +320,16 @@ fn train_with(
             m.accuracy,
             m.calibration
         );
+        log_heads(log, "  eval", &head_names, &per_head);
         history.push(m);
-        let stop = if metric.score(&m) > best.0 {
-            best = (metric.score(&m), params.clone(), epoch);
+        let score = per_head
+            .iter()
+            .zip(&weights)
+            .map(|(m, w)| w * metric.score(m))
+            .sum::<f64>()
+            / weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        let stop = if score > best.0 {
+            best = (score, params.clone(), epoch);
             false
         } else {
             s.early_stopping > 0 && epoch - best.2 >= s.early_stopping
@@ -333,7 +367,8 @@ fn train_with(
     for chunk in eval_rows.chunks(4096) {
         compute.predict(&layout, &params, &eval.slots, chunk, &mut preds);
     }
-    let kept = evaluate(&preds, &eval.labels);
+    let kept_heads = evaluate_heads(&preds, &eval.labels, heads);
+    let kept = kept_heads[0];
     let _ = writeln!(
         log,
         "kept epoch {}: validation auc {:.4} logloss {:.4} accuracy {:.4}",
@@ -342,16 +377,19 @@ fn train_with(
         kept.logloss,
         kept.accuracy
     );
+    log_heads(log, "  validation", &head_names, &kept_heads);
+    let mut test_heads = Vec::new();
     let test = if s.test_files.is_empty() {
         None
     } else {
         let test = data::load(&s.test_files, &spec, s)?;
-        let rows: Vec<usize> = (0..test.labels.len()).collect();
-        let mut test_preds = Vec::with_capacity(rows.len());
+        let rows: Vec<usize> = (0..test.rows.len()).collect();
+        let mut test_preds = Vec::with_capacity(rows.len() * heads);
         for chunk in rows.chunks(4096) {
             compute.predict(&layout, &params, &test.slots, chunk, &mut test_preds);
         }
-        let m = evaluate(&test_preds, &test.labels);
+        let per_head = evaluate_heads(&test_preds, &test.labels, heads);
+        let m = per_head[0];
         let _ = writeln!(
             log,
             "test ({} rows): auc {:.4} logloss {:.4} accuracy {:.4} calibration {:.3}",
@@ -361,6 +399,10 @@ fn train_with(
             m.accuracy,
             m.calibration
         );
+        log_heads(log, "  test", &head_names, &per_head);
+        if heads > 1 {
+            test_heads = per_head;
+        }
         Some(m)
     };
     Ok(Trained {
@@ -371,15 +413,50 @@ fn train_with(
         eval_predictions: preds,
         eval,
         test,
+        test_heads,
         samples_per_second: trained as f64 / busy.max(1e-9),
         model: fitted,
         epochs_before: first_epoch,
     })
 }
 
+/// One line per head of a multi-task model (nothing for a single-task one).
+fn log_heads(log: &mut dyn std::io::Write, what: &str, names: &[String], m: &[EvalMetrics]) {
+    for (name, m) in names.iter().zip(m) {
+        let _ = writeln!(
+            log,
+            "{what} head {name}: auc {:.4} logloss {:.4} accuracy {:.4} calibration {:.3}",
+            m.auc, m.logloss, m.accuracy, m.calibration
+        );
+    }
+}
+
+/// A multi-task model's per-head metrics for the model file: `eval_auc.HEAD` and so on for every
+/// head, and `test_*.HEAD` when there is a test set.
+pub fn head_metrics(
+    names: &[String],
+    eval: &[EvalMetrics],
+    test: &[EvalMetrics],
+) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for (set, per_head) in [("eval", eval), ("test", test)] {
+        for (name, m) in names.iter().zip(per_head) {
+            for (what, v) in [
+                ("auc", m.auc),
+                ("logloss", m.logloss),
+                ("accuracy", m.accuracy),
+                ("calibration", m.calibration),
+            ] {
+                out.push((format!("{set}_{what}.{name}"), v));
+            }
+        }
+    }
+    out
+}
+
 /// The metrics written into a model file: `eval_*` on the validation set, `test_*` on the test
-/// set when there is one, `epochs` (how many ran, counting a resumed run's) and `kept_epoch`
-/// (1-based).
+/// set when there is one (a multi-task model's default head; [`head_metrics`] adds every
+/// head's), `epochs` (how many ran, counting a resumed run's) and `kept_epoch` (1-based).
 pub fn metrics_of(
     eval: &EvalMetrics,
     test: Option<&EvalMetrics>,
@@ -408,8 +485,11 @@ pub fn metrics_of(
 /// Writes the trained model with the metrics of the weights it holds in the metadata (see
 /// [`metrics_of`]).
 pub fn write(config: &TrainConfig, t: &Trained, path: &Path) -> Result<rankd_formats::Written> {
-    let m = evaluate(&t.eval_predictions, &t.eval.labels);
-    let metrics = metrics_of(&m, t.test.as_ref(), t.epochs_run(), t.kept_epoch);
+    let kept = t.kept_heads();
+    let mut metrics = metrics_of(&kept[0], t.test.as_ref(), t.epochs_run(), t.kept_epoch);
+    if let Some(m) = &t.layout.mt {
+        metrics.extend(head_metrics(&m.heads, &kept, &t.test_heads));
+    }
     write_tensors(
         config,
         &t.model,

@@ -364,6 +364,17 @@ fn run(cli: Cli) -> Result<()> {
         kept.logloss,
         trained.samples_per_second
     );
+    if let Some(m) = &trained.layout.mt {
+        for (h, (name, kept)) in m.heads.iter().zip(trained.kept_heads()).enumerate() {
+            let test = trained.test_heads.get(h).map_or(String::new(), |t| {
+                format!("; test auc {:.4} logloss {:.4}", t.auc, t.logloss)
+            });
+            println!(
+                "head {name}: validation auc {:.4} logloss {:.4}{test}",
+                kept.auc, kept.logloss
+            );
+        }
+    }
     Ok(())
 }
 

@@ -59,6 +59,24 @@ pub fn evaluate(preds: &[f32], labels: &[f32]) -> EvalMetrics {
     }
 }
 
+/// Head `h`'s values of `values` laid out row by row with `heads` values per row.
+pub fn head_of(values: &[f32], heads: usize, h: usize) -> Vec<f32> {
+    values
+        .iter()
+        .skip(h)
+        .step_by(heads.max(1))
+        .copied()
+        .collect()
+}
+
+/// [`evaluate`] for each head of predictions and labels laid out row by row with `heads` values
+/// per row.
+pub fn evaluate_heads(preds: &[f32], labels: &[f32], heads: usize) -> Vec<EvalMetrics> {
+    (0..heads)
+        .map(|h| evaluate(&head_of(preds, heads, h), &head_of(labels, heads, h)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

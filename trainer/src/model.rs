@@ -15,6 +15,9 @@ use rankd_formats::Pooling;
 
 use crate::error::{Result, TrainError};
 
+mod multitask;
+pub use multitask::{set_base_rates, MtSpec};
+
 /// An embedding table's place in the network.
 #[derive(Clone, Debug)]
 pub struct EmbSpec {
@@ -98,12 +101,19 @@ pub struct Layout {
     /// Dropout on the hidden layers' outputs in training (`[train] dropout`; inverted: kept
     /// units scaled by `1 / (1 - dropout)`, so serving computes nothing for it).
     pub dropout: f32,
+    /// Multi-task heads (then `layers` is empty: the experts and towers are here).
+    pub mt: Option<MtSpec>,
 }
 
 impl Layout {
     /// Hidden layers (every deep layer but the output layer).
     pub fn hidden(&self) -> usize {
         self.layers.len().saturating_sub(1)
+    }
+
+    /// Labels and predictions per example: the number of heads (1 for a single-task model).
+    pub fn heads(&self) -> usize {
+        self.mt.as_ref().map_or(1, |m| m.heads.len())
     }
 
     /// The layout of `config` over the compiled spec.
@@ -132,10 +142,12 @@ impl Layout {
                 dense.push((slot(n), col));
                 col += 1;
             }
-            let mut width = col;
-            for &out in &d.layers {
-                layers.push((width, out as usize));
-                width = out as usize;
+            if config.multitask().is_none() {
+                let mut width = col;
+                for &out in &d.layers {
+                    layers.push((width, out as usize));
+                    width = out as usize;
+                }
             }
         }
         let wide = config
@@ -161,6 +173,7 @@ impl Layout {
             deep_in: col,
             batch_norm: false,
             dropout: 0.0,
+            mt: MtSpec::new(config, col),
             cross: config.cross.as_ref().map(|c| CrossSpec {
                 layers: c.layers as usize,
                 rank: c.rank as usize,
@@ -190,6 +203,8 @@ pub struct Params {
     pub bn: Vec<Vec<f32>>,
     /// Batch normalization's running mean and variance per hidden layer (`[μ0, σ²0, ...]`).
     pub bn_stats: Vec<Vec<f32>>,
+    /// Multi-task tensors, in [`MtSpec::tensors`] order.
+    pub mt: Vec<Vec<f32>>,
 }
 
 /// Batch normalization's ε.
@@ -225,6 +240,7 @@ impl Params {
             cross: init_cross(layout, seed),
             bn: bn_init(layout, 1.0, 0.0),
             bn_stats: bn_init(layout, 0.0, 1.0),
+            mt: multitask::init(layout, seed),
         }
     }
 
@@ -240,6 +256,7 @@ impl Params {
         v.extend(self.cross.iter_mut().map(|t| t.as_mut_slice()));
         v.extend(self.bn.iter_mut().map(|t| t.as_mut_slice()));
         v.extend(self.bn_stats.iter_mut().map(|t| t.as_mut_slice()));
+        v.extend(self.mt.iter_mut().map(|t| t.as_mut_slice()));
         v
     }
 
@@ -287,6 +304,11 @@ impl Params {
         }
         if let Some(c) = &layout.cross {
             for ((name, shape, _), v) in c.tensors(layout.deep_in).into_iter().zip(&self.cross) {
+                t.insert(name, (shape.iter().map(|&x| x as u64).collect(), v.clone()));
+            }
+        }
+        if let Some(m) = &layout.mt {
+            for ((name, shape, _), v) in m.tensors(layout.deep_in).into_iter().zip(&self.mt) {
                 t.insert(name, (shape.iter().map(|&x| x as u64).collect(), v.clone()));
             }
         }
@@ -486,6 +508,8 @@ pub struct Grads {
     /// The batch's mean and variance per hidden layer (averaged like gradients when workers'
     /// gradients are merged), which the optimizer folds into the running statistics.
     pub bn_batch: Vec<Vec<f32>>,
+    /// Multi-task tensors.
+    pub mt: Vec<Vec<f32>>,
 }
 
 impl Grads {
@@ -509,6 +533,12 @@ impl Grads {
             }),
             bn: bn_init(layout, 0.0, 0.0),
             bn_batch: bn_init(layout, 0.0, 0.0),
+            mt: layout.mt.as_ref().map_or(Vec::new(), |m| {
+                m.tensors(layout.deep_in)
+                    .iter()
+                    .map(|(_, s, _)| vec![0.0; s.iter().product()])
+                    .collect()
+            }),
         }
     }
 
@@ -528,6 +558,7 @@ impl Grads {
             .chain(self.cross.iter_mut())
             .chain(self.bn.iter_mut())
             .chain(self.bn_batch.iter_mut())
+            .chain(self.mt.iter_mut())
             .zip(
                 other
                     .w
@@ -535,7 +566,8 @@ impl Grads {
                     .chain(&other.b)
                     .chain(&other.cross)
                     .chain(&other.bn)
-                    .chain(&other.bn_batch),
+                    .chain(&other.bn_batch)
+                    .chain(&other.mt),
             )
         {
             a.iter_mut().zip(b).for_each(|(x, y)| *x += scale * y);
@@ -555,6 +587,7 @@ impl Grads {
             .chain(self.cross.iter_mut())
             .chain(self.bn.iter_mut())
             .chain(self.bn_batch.iter_mut())
+            .chain(self.mt.iter_mut())
         {
             a.iter_mut().for_each(|v| *v *= scale);
         }
@@ -569,6 +602,7 @@ impl Grads {
         self.cross.iter_mut().for_each(|g| g.fill(0.0));
         self.bn.iter_mut().for_each(|g| g.fill(0.0));
         self.bn_batch.iter_mut().for_each(|g| g.fill(0.0));
+        self.mt.iter_mut().for_each(|g| g.fill(0.0));
     }
 }
 
@@ -621,6 +655,8 @@ pub struct CpuCompute {
     dz: Vec<f32>,
     dh: Vec<f32>,
     dx: Vec<f32>,
+    /// Multi-task activations.
+    mt: multitask::Cache,
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -652,6 +688,10 @@ impl CpuCompute {
             for (b, &r) in rows.iter().enumerate() {
                 self.x[b * k + col] = slots.dense(slot, r);
             }
+        }
+        if let Some(m) = &l.mt {
+            self.mt_forward(l, m, p, n);
+            return;
         }
         self.logits.clear();
         self.logits.resize(n, 0.0);
@@ -980,6 +1020,15 @@ impl Compute for CpuCompute {
         self.training = false;
         let n = rows.len();
         let k = l.deep_in;
+        if l.mt.is_some() {
+            let mut dx = std::mem::take(&mut self.dx);
+            dx.clear();
+            dx.resize(n * k, 0.0);
+            let loss = self.mt_backward(l, p, labels, rows, g, &mut dx);
+            scatter_emb(l, slots, rows, &dx, g);
+            self.dx = dx;
+            return loss;
+        }
         let inv = 1.0 / n as f32;
         let mut loss = 0f64;
         // dL/dlogit per example.
@@ -1147,17 +1196,7 @@ impl Compute for CpuCompute {
                 }
             }
         }
-        // Scatter into the embedding rows.
-        for (t, e) in l.emb.iter().enumerate() {
-            for (b, &r) in rows.iter().enumerate() {
-                let ids = slots.ids(e.slot, r);
-                let scale = if e.mean { 1.0 / ids.len() as f32 } else { 1.0 };
-                let gv = &dx[b * k + e.col..b * k + e.col + e.dim];
-                for &id in ids {
-                    g.emb[t].add(id, scale, gv);
-                }
-            }
-        }
+        scatter_emb(l, slots, rows, &dx, g);
         self.dx = dx;
         for (gb, b) in g.bn_batch.iter_mut().zip(&self.bn_batch) {
             gb.copy_from_slice(b);
@@ -1175,6 +1214,22 @@ impl Compute for CpuCompute {
     ) {
         self.forward(l, p, slots, rows);
         out.extend(self.logits.iter().map(|&z| sigmoid(z)));
+    }
+}
+
+/// Scatters the deep input's gradient `dx` (`rows` rows) into the embedding rows the examples
+/// pooled.
+fn scatter_emb(l: &Layout, slots: &SlotBatch, rows: &[usize], dx: &[f32], g: &mut Grads) {
+    let k = l.deep_in;
+    for (t, e) in l.emb.iter().enumerate() {
+        for (b, &r) in rows.iter().enumerate() {
+            let ids = slots.ids(e.slot, r);
+            let scale = if e.mean { 1.0 / ids.len() as f32 } else { 1.0 };
+            let gv = &dx[b * k + e.col..b * k + e.col + e.dim];
+            for &id in ids {
+                g.emb[t].add(id, scale, gv);
+            }
+        }
     }
 }
 
@@ -1264,6 +1319,10 @@ pub struct Optimizer {
     /// Adam moments of batch normalization's γ and β.
     mbn: Vec<Vec<f32>>,
     vbn: Vec<Vec<f32>>,
+    /// Adam moments of the multi-task tensors, and whether L2 applies to each.
+    mm: Vec<Vec<f32>>,
+    vm: Vec<Vec<f32>>,
+    mt_decay: Vec<bool>,
     acc_emb: Vec<Vec<f32>>,
     acc_wide: Vec<Vec<f32>>,
     acc_bias: f32,
@@ -1292,6 +1351,9 @@ impl Optimizer {
             cross_decay: Vec::new(),
             mbn: zeros(&params.bn),
             vbn: zeros(&params.bn),
+            mm: zeros(&params.mt),
+            vm: zeros(&params.mt),
+            mt_decay: Vec::new(),
             acc_emb: params
                 .emb
                 .iter()
@@ -1351,6 +1413,8 @@ impl Optimizer {
             &mut self.vc,
             &mut self.mbn,
             &mut self.vbn,
+            &mut self.mm,
+            &mut self.vm,
         ] {
             v.extend(group.iter_mut().map(|t| t.as_mut_slice()));
         }
@@ -1364,10 +1428,16 @@ impl Optimizer {
         self.t = self.t_f32 as i32;
     }
 
-    /// Which cross tensors L2 applies to (weights, not biases), from the layout.
-    pub fn with_cross(mut self, layout: &Layout) -> Self {
+    /// Which cross and multi-task tensors L2 applies to (weights, not biases), from the layout.
+    pub fn with_layout(mut self, layout: &Layout) -> Self {
         self.cross_decay = layout.cross.map_or(Vec::new(), |c| {
             c.tensors(layout.deep_in)
+                .into_iter()
+                .map(|(_, _, w)| w)
+                .collect()
+        });
+        self.mt_decay = layout.mt.as_ref().map_or(Vec::new(), |m| {
+            m.tensors(layout.deep_in)
                 .into_iter()
                 .map(|(_, _, w)| w)
                 .collect()
@@ -1428,6 +1498,14 @@ impl Optimizer {
             .zip(self.mc.iter_mut().zip(self.vc.iter_mut()));
         for (i, ((w, g), (m, v))) in cross.enumerate() {
             let decay = self.cross_decay.get(i).copied().unwrap_or(true);
+            dense[i % self.shards].push((w, g, m, v, decay));
+        }
+        let mt =
+            p.mt.iter_mut()
+                .zip(&g.mt)
+                .zip(self.mm.iter_mut().zip(self.vm.iter_mut()));
+        for (i, ((w, g), (m, v))) in mt.enumerate() {
+            let decay = self.mt_decay.get(i).copied().unwrap_or(true);
             dense[i % self.shards].push((w, g, m, v, decay));
         }
         let bn =
@@ -1499,8 +1577,45 @@ mod tests {
         batch_norm: bool,
         dropout: f32,
     ) -> (Layout, Params, SlotBatch, Vec<f32>) {
+        setup_config(cross, batch_norm, dropout, |_| {})
+    }
+
+    /// A multi-task variant: no wide part or FM, `[5, 4]` experts, three heads with labels
+    /// row by row.
+    fn setup_mt(experts: u32, tower: &[u32]) -> (Layout, Params, SlotBatch, Vec<f32>) {
+        let (l, p, s, _) = setup_config(None, false, 0.0, |c| {
+            c.wide = None;
+            c.fm = false;
+            if let Some(d) = c.deep.as_mut() {
+                d.layers = vec![5, 4];
+            }
+            c.heads = ["click", "like", "share"]
+                .iter()
+                .enumerate()
+                .map(|(i, n)| rankd_formats::config::HeadConfig {
+                    name: (*n).into(),
+                    label: None,
+                    threshold: None,
+                    weight: 1.0 - 0.3 * i as f32,
+                })
+                .collect();
+            c.multitask = Some(rankd_formats::config::MultiTaskConfig {
+                experts,
+                tower: tower.to_vec(),
+            });
+        });
+        let y = vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0];
+        (l, p, s, y)
+    }
+
+    fn setup_config(
+        cross: Option<rankd_formats::config::CrossConfig>,
+        batch_norm: bool,
+        dropout: f32,
+        edit: impl FnOnce(&mut ModelConfig),
+    ) -> (Layout, Params, SlotBatch, Vec<f32>) {
         let features = synthetic_features(40);
-        let config = ModelConfig {
+        let mut config = ModelConfig {
             hash_seed: 0,
             features: features.features.clone(),
             slots: features.slots.clone(),
@@ -1529,6 +1644,7 @@ mod tests {
             heads: vec![],
             multitask: None,
         };
+        edit(&mut config);
         let spec = CompiledSpec::compile(&config.feature_spec()).unwrap();
         let mut layout = Layout::new(&config, &spec).unwrap();
         layout.batch_norm = batch_norm;
@@ -1636,6 +1752,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn multitask_gradients_match_finite_differences() {
+        // MMoE with a tower, MMoE with a bare output, a shared bottom.
+        for (experts, tower) in [(3, &[3, 1][..]), (2, &[1][..]), (1, &[3, 1][..])] {
+            let (l, mut p, s, y) = setup_mt(experts, tower);
+            // Gates and biases away from zero, so that every path matters.
+            let mut rng = Rng::new(17);
+            for t in &mut p.mt {
+                for v in t.iter_mut() {
+                    *v += rng.uniform(0.3);
+                }
+            }
+            check_gradients(&format!("{experts} experts {tower:?}"), &l, &p, &s, &y);
+        }
+    }
+
+    #[test]
+    fn multitask_predictions_are_per_head_and_the_loss_is_the_weighted_sum() {
+        let (l, p, s, y) = setup_mt(2, &[3, 1]);
+        assert_eq!(l.heads(), 3);
+        let mut c = CpuCompute::default();
+        let mut preds = Vec::new();
+        c.predict(&l, &p, &s, &[0, 1, 2, 3], &mut preds);
+        assert_eq!(preds.len(), 12);
+        let m = l.mt.as_ref().unwrap();
+        let mut want = 0f64;
+        for (i, (&pr, &y)) in preds.iter().zip(&y).enumerate() {
+            let pr = f64::from(pr);
+            let ll = -(f64::from(y) * pr.ln() + (1.0 - f64::from(y)) * (1.0 - pr).ln());
+            want += f64::from(m.weights[i % 3]) * ll;
+        }
+        let got = loss(&l, &p, &s, &y) * 4.0;
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+
     fn gradients_match_finite_differences_of(
         cross: Option<rankd_formats::config::CrossConfig>,
         batch_norm: bool,
@@ -1656,10 +1807,16 @@ mod tests {
                 *v += rng.uniform(0.2);
             }
         }
-        let p = p;
+        let label = format!("{cross:?} bn {batch_norm} dropout {dropout}");
+        check_gradients(&label, &l, &p, &s, &y);
+    }
+
+    /// Every gradient of a step on the four examples against central differences of the loss.
+    fn check_gradients(label: &str, l: &Layout, p: &Params, s: &SlotBatch, y: &[f32]) {
+        let (l, p, s, y) = (l.clone(), p.clone(), s, y);
         let mut c = CpuCompute::default();
         let mut g = Grads::new(&l);
-        c.step(&l, &p, &s, &y, &[0, 1, 2, 3], &mut g);
+        c.step(&l, &p, s, y, &[0, 1, 2, 3], &mut g);
         // Small enough that no ReLU of the deep layers changes sides between the two probes.
         let h = 2e-4f32;
         let what = std::cell::RefCell::new(String::new());
@@ -1668,11 +1825,10 @@ mod tests {
             f(&mut a, h);
             let mut b = p.clone();
             f(&mut b, -h);
-            let numeric =
-                ((loss(&l, &a, &s, &y) - loss(&l, &b, &s, &y)) / (2.0 * f64::from(h))) as f32;
+            let numeric = ((loss(&l, &a, s, y) - loss(&l, &b, s, y)) / (2.0 * f64::from(h))) as f32;
             assert!(
                 (numeric - analytic).abs() <= 2e-3 + 0.02 * numeric.abs(),
-                "{cross:?} bn {batch_norm} dropout {dropout} {}: numeric {numeric} vs analytic {analytic}",
+                "{label} {}: numeric {numeric} vs analytic {analytic}",
                 what.borrow()
             );
         };
@@ -1687,6 +1843,12 @@ mod tests {
             for (j, &gv) in gb.iter().enumerate() {
                 *what.borrow_mut() = format!("batch norm tensor {t} element {j}");
                 check(gv, &|p, d| p.bn[t][j] += d);
+            }
+        }
+        for (t, gc) in g.mt.iter().enumerate() {
+            for j in [0, gc.len() / 3, gc.len() / 2, gc.len() - 1] {
+                *what.borrow_mut() = format!("multi-task tensor {t} element {j}");
+                check(gc[j], &|p, d| p.mt[t][j] += d);
             }
         }
         for (t, gc) in g.cross.iter().enumerate() {

@@ -264,6 +264,7 @@ pub fn params_of(file: &ModelFile, layout: &Layout) -> Params {
         cross: Vec::new(),
         bn: Vec::new(),
         bn_stats: Vec::new(),
+        mt: Vec::new(),
     };
     debug_assert_eq!(params.emb.len(), layout.emb.len());
     debug_assert_eq!(params.w.len(), layout.layers.len());

@@ -38,8 +38,14 @@ fn assert_served_equal(path: &Path, trained: &rankd_trainer::Trained) {
         };
         out.clear();
         engine.score(&model, &[&req], &mut out);
-        let served = out.get(0).unwrap()[0];
-        worst = worst.max((served - trained.eval_predictions[i]).abs());
+        // Every head (one for a single-task model); the trainer's predictions hold them row
+        // by row.
+        let heads = trained.layout.heads();
+        assert_eq!(model.num_heads(), heads);
+        for h in 0..heads {
+            let served = out.head(0, h).unwrap().unwrap()[0];
+            worst = worst.max((served - trained.eval_predictions[i * heads + h]).abs());
+        }
     }
     assert!(
         worst <= 1e-5,
@@ -417,4 +423,38 @@ fn stored_tables_serve_what_the_trainer_evaluated(weight_type: rankd_formats::We
         std::fs::metadata(&f16_path).unwrap().len(),
     );
     assert!(l16 < l32, "{l16} vs {l32}");
+}
+
+#[test]
+fn multitask_heads_serve_what_the_trainer_evaluated() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let train = head(&data.join("train.csv"), 3000, dir.path(), "train.csv");
+    let eval = head(&data.join("test.csv"), 600, dir.path(), "test.csv");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/multitask.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let mut config = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
+    config.train.train_files = vec![train];
+    config.train.eval_files = vec![eval];
+    config.train.eval_split = None;
+    config.train.test_files = vec![];
+    config.train.epochs = 2;
+    config.train.early_stopping = 0;
+    let trained = rankd_trainer::train(&config, &mut Vec::new()).unwrap();
+    let heads = trained.kept_heads();
+    assert_eq!(heads.len(), 2);
+    assert!(heads[0].auc > 0.7, "income: {:?}", heads[0]);
+    assert!(heads[1].auc > 0.55, "long_hours: {:?}", heads[1]);
+    let path = dir.path().join("mt.rkm");
+    rankd_trainer::write(&config, &trained, &path).unwrap();
+    let model = Model::open(&path).unwrap();
+    assert_eq!(model.heads(), ["income", "long_hours"]);
+    let metrics = &model.file().spec().metadata.metrics;
+    let stored = |k: &str| metrics.iter().find(|(n, _)| n == k).map(|m| m.1);
+    assert_eq!(stored("eval_auc.long_hours"), Some(heads[1].auc));
+    assert_eq!(stored("eval_auc"), Some(heads[0].auc));
+    assert_served_equal(&path, &trained);
 }

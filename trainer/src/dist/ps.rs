@@ -356,10 +356,10 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
         .map_err(|e| TrainError::Data(format!("the chief's model config: {e}")))?;
     let spec = CompiledSpec::compile(&model.feature_spec())?;
     let layout = Layout::new(&model, &spec)?;
-    if layout.cross.is_some() {
+    if layout.cross.is_some() || layout.mt.is_some() {
         return Err(TrainError::Config(
-            "DCN-v2 cross layers train in one process (rankd-train --config); the parameter-server \
-             job does not hold cross tensors yet"
+            "DCN-v2 cross layers and multi-task heads train in one process (rankd-train \
+             --config); the parameter-server job does not hold their tensors yet"
                 .into(),
         ));
     }

@@ -332,8 +332,9 @@ impl Plan {
             labels.extend_from_slice(&local.labels);
             Ok::<(), TrainError>(())
         };
+        // The job trains single-task models: one label per row.
         data::stream(files, spec.features(), &config.train, &mut |row, label| {
-            batch.push((row, label));
+            batch.push((row, label[0]));
             if batch.len() == 4096 {
                 run(&mut batch, shards)?;
             }
@@ -394,7 +395,7 @@ fn read_epoch(
         s,
         share,
         &mut |row, label| {
-            if let Some(out) = shuffle.push((row, label)) {
+            if let Some(out) = shuffle.push((row, label[0])) {
                 rows.push(out);
                 if rows.len() == batch {
                     emit(&mut rows)?;
@@ -435,6 +436,7 @@ fn fit(config: &TrainConfig, log: &mut dyn Write) -> Result<(ModelConfig, f32)> 
         s.fit_sample_rows
     };
     data::stream(&s.train_files, &fitted.features, s, &mut |row, label| {
+        let label = label[0];
         seen += 1;
         positives += label;
         if raw.rows.len() < keep {
@@ -608,10 +610,10 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     let (start_epoch, mut epoch_over, fitted) = ready;
     let spec = CompiledSpec::compile(&fitted.feature_spec())?;
     let layout = Layout::new(&fitted, &spec)?;
-    if s.batch_norm || s.dropout > 0.0 || layout.cross.is_some() {
+    if s.batch_norm || s.dropout > 0.0 || layout.cross.is_some() || layout.mt.is_some() {
         return Err(TrainError::Config(
-            "batch_norm, dropout and DCN-v2 cross layers train in one process (rankd-train \
-             --config); the parameter-server job does not carry them yet"
+            "batch_norm, dropout, DCN-v2 cross layers and multi-task heads train in one process \
+             (rankd-train --config); the parameter-server job does not carry them yet"
                 .into(),
         ));
     }
