@@ -116,8 +116,21 @@ pub struct ScoreResult {
     pub model: String,
     /// The version that served.
     pub version: u64,
-    /// One score per item.
+    /// One score per item (a multi-task model: its default head's).
     pub scores: Vec<f32>,
+    /// A multi-task model's heads by name, the default head first, each with one score per
+    /// item (the default head's are `scores` again); empty for a single-task model.
+    pub heads: Vec<(String, Vec<f32>)>,
+}
+
+impl ScoreResult {
+    /// Head `name`'s scores, if the model has such a head.
+    pub fn head(&self, name: &str) -> Option<&[f32]> {
+        self.heads
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.as_slice())
+    }
 }
 
 impl ScoreRequest {
@@ -290,10 +303,20 @@ impl Response {
             Some(MessageType::ScoreResponse) => {
                 let r = flatbuffers::root::<fb::ScoreResponse<'_>>(&self.body)
                     .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let scores: Vec<f32> = r.scores().map(|s| s.iter().collect()).unwrap_or_default();
+                let mut heads = Vec::new();
+                if let Some(first) = r.head() {
+                    heads.push((first.to_owned(), scores.clone()));
+                    for h in r.heads().iter().flatten() {
+                        let values = h.scores().map(|s| s.iter().collect()).unwrap_or_default();
+                        heads.push((h.name().to_owned(), values));
+                    }
+                }
                 Ok(ScoreResult {
                     model: r.model().unwrap_or("").to_owned(),
                     version: r.version(),
-                    scores: r.scores().map(|s| s.iter().collect()).unwrap_or_default(),
+                    scores,
+                    heads,
                 })
             }
             Some(MessageType::Error) => Err(self.into_error()),

@@ -96,15 +96,46 @@ fn cases() -> Vec<(&'static str, u64, ScoreRequest)> {
 }
 
 fn score_response(model: &str, version: u64, scores: &[f32]) -> Vec<u8> {
+    heads_response(model, version, scores, &[])
+}
+
+/// A multi-task model's response: `heads[0]` names the default head (whose scores are
+/// `scores`), the others follow with theirs.
+fn heads_response(model: &str, version: u64, scores: &[f32], heads: &[(&str, &[f32])]) -> Vec<u8> {
     let mut fbb = FlatBufferBuilder::new();
     let m = fbb.create_string(model);
     let s = fbb.create_vector(scores);
+    let (head, list) = match heads.split_first() {
+        None => (None, None),
+        Some(((first, _), rest)) => {
+            let list: Vec<_> = rest
+                .iter()
+                .map(|(n, v)| {
+                    let name = fbb.create_string(n);
+                    let scores = fbb.create_vector(v);
+                    fb::HeadScores::create(
+                        &mut fbb,
+                        &fb::HeadScoresArgs {
+                            name: Some(name),
+                            scores: Some(scores),
+                        },
+                    )
+                })
+                .collect();
+            (
+                Some(fbb.create_string(first)),
+                Some(fbb.create_vector(&list)),
+            )
+        }
+    };
     let r = fb::ScoreResponse::create(
         &mut fbb,
         &fb::ScoreResponseArgs {
             model: Some(m),
             version,
             scores: Some(s),
+            head,
+            heads: list,
         },
     );
     fbb.finish(r, None);
@@ -173,6 +204,26 @@ fn golden_frames() {
             json!({"type": 2, "id": 9, "model": "m", "version": 12, "scores": []}),
         ),
         (
+            "score_heads",
+            frame(
+                MessageType::ScoreResponse,
+                11,
+                &heads_response(
+                    "feed",
+                    3,
+                    &[0.5, 0.125],
+                    &[
+                        ("click", &[0.5, 0.125]),
+                        ("like", &[0.25, 0.0625]),
+                        ("share", &[0.75, 1.0]),
+                    ],
+                ),
+            ),
+            json!({"type": 2, "id": 11, "model": "feed", "version": 3, "scores": [0.5, 0.125],
+                   "heads": [["click", [0.5, 0.125]], ["like", [0.25, 0.0625]],
+                             ["share", [0.75, 1.0]]]}),
+        ),
+        (
             "error_unknown_model",
             frame(
                 MessageType::Error,
@@ -214,6 +265,20 @@ fn golden_frames() {
                     .map(|x| x.as_f64().unwrap() as f32)
                     .collect();
                 assert_eq!(s.scores, want);
+                let heads: Vec<(String, Vec<f32>)> = doc
+                    .get("heads")
+                    .and_then(Value::as_array)
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| {
+                                let v = h[1].as_array().unwrap();
+                                let v = v.iter().map(|x| x.as_f64().unwrap() as f32).collect();
+                                (h[0].as_str().unwrap().to_owned(), v)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                assert_eq!(s.heads, heads);
             }
             7 => match resp.into_score() {
                 Err(ClientError::Server {

@@ -45,6 +45,7 @@ pub fn models_json(shared: &Shared) -> String {
                         "version": v,
                         "state": "serving",
                         "kind": m.file().spec().architecture.kind(),
+                        "heads": m.heads(),
                         "mapped_bytes": m.file().mapped_len(),
                         "backend": m.backend(),
                         "backend_note": m.placement_note(),

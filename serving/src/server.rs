@@ -469,11 +469,12 @@ impl Core {
         let mut ok = 0u64;
         let mut ok_items = 0u64;
         let mut errors: Vec<&'static str> = Vec::new();
+        let head_names = model.heads();
         for (p, failure) in batch.iter().zip(failures) {
             let result = match failure {
                 Some(f) => Err(f),
                 None => {
-                    let r = output.get(next).map_err(|e| match e {
+                    let r = output.get(next).map(|s| (s, next)).map_err(|e| match e {
                         EngineError::Device(_) => (ErrorCode::Internal, e.to_string()),
                         _ => (ErrorCode::BadFeature, e.to_string()),
                     });
@@ -482,17 +483,45 @@ impl Core {
                 }
             };
             match result {
-                Ok(scores) => {
+                Ok((scores, index)) => {
                     ok_items += scores.len() as u64;
                     fbb.reset();
                     let m = fbb.create_string(&name);
                     let s = fbb.create_vector(scores);
+                    // A multi-task model: the default head's name and the other heads.
+                    let (head, heads) = match head_names.split_first() {
+                        None => (None, None),
+                        Some((first, rest)) => {
+                            let mut list = Vec::with_capacity(rest.len());
+                            for (h, n) in rest.iter().enumerate() {
+                                let values = match output.head(index, h + 1) {
+                                    Some(Ok(v)) => v,
+                                    _ => &[],
+                                };
+                                let name = fbb.create_string(n);
+                                let scores = fbb.create_vector(values);
+                                list.push(fb::HeadScores::create(
+                                    fbb,
+                                    &fb::HeadScoresArgs {
+                                        name: Some(name),
+                                        scores: Some(scores),
+                                    },
+                                ));
+                            }
+                            (
+                                Some(fbb.create_string(first)),
+                                Some(fbb.create_vector(&list)),
+                            )
+                        }
+                    };
                     let r = fb::ScoreResponse::create(
                         fbb,
                         &fb::ScoreResponseArgs {
                             model: Some(m),
                             version,
                             scores: Some(s),
+                            head,
+                            heads,
                         },
                     );
                     fbb.finish(r, None);
@@ -584,6 +613,11 @@ fn status_body(fbb: &mut FlatBufferBuilder<'_>, reg: &Registry, filter: &str) ->
                     })
                     .collect();
                 let features = fbb.create_vector(&features);
+                let names = m.heads();
+                let heads = (!names.is_empty()).then(|| {
+                    let names: Vec<_> = names.iter().map(|n| fbb.create_string(n)).collect();
+                    fbb.create_vector(&names)
+                });
                 fb::VersionStatus::create(
                     fbb,
                     &fb::VersionStatusArgs {
@@ -592,6 +626,7 @@ fn status_body(fbb: &mut FlatBufferBuilder<'_>, reg: &Registry, filter: &str) ->
                         mapped_bytes: m.file().mapped_len(),
                         kind: Some(kind),
                         features: Some(features),
+                        heads,
                     },
                 )
             })

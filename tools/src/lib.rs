@@ -213,7 +213,14 @@ pub fn inspect_text(model: &ModelFile) -> String {
             let _ = writeln!(s, "wide        none");
         }
     }
-    if a.deep.is_empty() {
+    let layer = |s: &mut String, what: String, l: &rankd_formats::DenseLayer| {
+        let _ = writeln!(
+            s,
+            "  {what:<24} {} -> {} {:?}",
+            l.in_dim, l.out_dim, l.activation
+        );
+    };
+    if a.deep.is_empty() && a.multitask.is_none() {
         let _ = writeln!(s, "deep        none");
     } else {
         let _ = writeln!(
@@ -225,11 +232,41 @@ pub fn inspect_text(model: &ModelFile) -> String {
             a.dense_inputs.join(", ")
         );
         for (i, l) in a.deep.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "  layer {i:<18} {} -> {} {:?}",
-                l.in_dim, l.out_dim, l.activation
-            );
+            layer(&mut s, format!("layer {i}"), l);
+        }
+    }
+    if let Some(c) = &a.cross {
+        let rank = match c.layers.first().map_or(0, |l| l.rank) {
+            0 => "full rank".to_owned(),
+            r => format!("rank {r}"),
+        };
+        let _ = writeln!(
+            s,
+            "cross       {} layers, {rank}, {:?}",
+            c.layers.len(),
+            c.structure
+        );
+    }
+    if let Some(m) = &a.multitask {
+        let _ = writeln!(
+            s,
+            "multitask   {} experts, {} heads (default `{}`)",
+            m.experts.len(),
+            m.heads.len(),
+            m.heads[0].name
+        );
+        for (k, e) in m.experts.iter().enumerate() {
+            for (i, l) in e.layers.iter().enumerate() {
+                layer(&mut s, format!("expert {k} layer {i}"), l);
+            }
+        }
+        for h in &m.heads {
+            if let Some(g) = &h.gate {
+                layer(&mut s, format!("{} gate", h.name), g);
+            }
+            for (i, l) in h.tower.iter().enumerate() {
+                layer(&mut s, format!("{} tower {i}", h.name), l);
+            }
         }
     }
     let _ = writeln!(s, "fm          {}", if a.fm { "yes" } else { "no" });

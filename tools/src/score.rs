@@ -34,19 +34,39 @@ fn flush(
     let mut batch = BatchOutput::default();
     engine.score(model, &parsed, &mut batch);
     let mut next = 0;
+    let heads = model.heads();
     for (line, req) in pending.iter() {
         let result = match req {
             Err(e) => Err(e.clone()),
             Ok(_) => {
-                let r = batch.get(next).map_err(|e| e.to_string());
+                let r = batch
+                    .get(next)
+                    .map_err(|e| e.to_string())
+                    .map(|s| (s, next));
                 next += 1;
-                r.map(<[f32]>::to_vec)
+                r
             }
         };
         match result {
-            Ok(scores) => {
+            Ok((scores, i)) => {
                 summary.ok += 1;
-                writeln!(out, "{}", serde_json::json!({ "scores": scores }))?;
+                let mut line = serde_json::json!({ "scores": scores });
+                if !heads.is_empty() {
+                    // A multi-task model: every head by name (the default's are `scores`).
+                    let by_name: serde_json::Map<String, serde_json::Value> = heads
+                        .iter()
+                        .enumerate()
+                        .map(|(h, name)| {
+                            let v = match batch.head(i, h) {
+                                Some(Ok(v)) => v,
+                                _ => &[],
+                            };
+                            ((*name).to_owned(), serde_json::json!(v))
+                        })
+                        .collect();
+                    line["heads"] = serde_json::Value::Object(by_name);
+                }
+                writeln!(out, "{line}")?;
             }
             Err(e) => {
                 summary.failed += 1;
@@ -60,8 +80,9 @@ fn flush(
     Ok(())
 }
 
-/// Scores every line of `input`, writing one JSON line per request to `out` (`{"scores": [...]}`
-/// or `{"error": "..."}`) and a message per bad line to `err`.
+/// Scores every line of `input`, writing one JSON line per request to `out` (`{"scores": [...]}`,
+/// with `"heads": {"NAME": [...], ...}` for a multi-task model, or `{"error": "..."}`) and a
+/// message per bad line to `err`.
 pub fn score(
     model: &Model,
     input: &mut dyn BufRead,
@@ -96,7 +117,8 @@ pub struct CsvOptions {
 
 /// `rankd-tool score MODEL --csv FILE`: rows read with the trainer's CSV reader (the same
 /// parsing of cells, missing values and lists as training), one score per row from the serving
-/// engine. Writes `row,score,label` (label empty when the file has none).
+/// engine. Writes `row,score,label` (label empty when the file has none), and for a multi-task
+/// model a column `score.HEAD` per head after those.
 pub fn score_csv(
     model: &Model,
     file: &std::path::Path,
@@ -111,7 +133,12 @@ pub fn score_csv(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut engine = CpuEngine::new();
     let mut batch = BatchOutput::default();
-    writeln!(out, "row,score,label")?;
+    let heads = model.heads();
+    write!(out, "row,score,label")?;
+    for h in &heads {
+        write!(out, ",score.{h}")?;
+    }
+    writeln!(out)?;
     let mut row = 0usize;
     for chunk in raw.rows.chunks(256).zip(raw.labels.chunks(256)) {
         let (rows, labels) = chunk;
@@ -128,14 +155,24 @@ pub fn score_csv(
         let scores = batch
             .get(0)
             .map_err(|e| anyhow::anyhow!("rows {}..{}: {e}", row + 1, row + rows.len()))?;
-        for (s, l) in scores.iter().zip(labels) {
+        let per_head: Vec<&[f32]> = (0..heads.len())
+            .map(|h| match batch.head(0, h) {
+                Some(Ok(v)) => v,
+                _ => &[],
+            })
+            .collect();
+        for (i, (s, l)) in scores.iter().zip(labels).enumerate() {
             row += 1;
             let label = if l.is_nan() {
                 String::new()
             } else {
                 l.to_string()
             };
-            writeln!(out, "{row},{s},{label}")?;
+            write!(out, "{row},{s},{label}")?;
+            for v in &per_head {
+                write!(out, ",{}", v[i])?;
+            }
+            writeln!(out)?;
         }
     }
     Ok(row)

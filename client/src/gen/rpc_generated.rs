@@ -724,6 +724,120 @@ impl ::core::fmt::Debug for ScoreRequest<'_> {
       ds.finish()
   }
 }
+pub enum HeadScoresOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct HeadScores<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for HeadScores<'a> {
+  type Inner = HeadScores<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> HeadScores<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SCORES: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    HeadScores { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args HeadScoresArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<HeadScores<'bldr>> {
+    let mut builder = HeadScoresBuilder::new(_fbb);
+    if let Some(x) = args.scores { builder.add_scores(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn name(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(HeadScores::VT_NAME, None).unwrap()}
+  }
+  #[inline]
+  pub fn scores(&self) -> Option<::flatbuffers::Vector<'a, f32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, f32>>>(HeadScores::VT_SCORES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for HeadScores<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, f32>>>("scores", Self::VT_SCORES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct HeadScoresArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub scores: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, f32>>>,
+}
+impl<'a> Default for HeadScoresArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    HeadScoresArgs {
+      name: None, // required field
+      scores: None,
+    }
+  }
+}
+
+pub struct HeadScoresBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeadScoresBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(HeadScores::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_scores(&mut self, scores: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , f32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(HeadScores::VT_SCORES, scores);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HeadScoresBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    HeadScoresBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<HeadScores<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, HeadScores::VT_NAME,"name");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for HeadScores<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("HeadScores");
+      ds.field("name", &self.name());
+      ds.field("scores", &self.scores());
+      ds.finish()
+  }
+}
 pub enum ScoreResponseOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -743,6 +857,8 @@ impl<'a> ScoreResponse<'a> {
   pub const VT_MODEL: ::flatbuffers::VOffsetT = 4;
   pub const VT_VERSION: ::flatbuffers::VOffsetT = 6;
   pub const VT_SCORES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_HEAD: ::flatbuffers::VOffsetT = 10;
+  pub const VT_HEADS: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -755,6 +871,8 @@ impl<'a> ScoreResponse<'a> {
   ) -> ::flatbuffers::WIPOffset<ScoreResponse<'bldr>> {
     let mut builder = ScoreResponseBuilder::new(_fbb);
     builder.add_version(args.version);
+    if let Some(x) = args.heads { builder.add_heads(x); }
+    if let Some(x) = args.head { builder.add_head(x); }
     if let Some(x) = args.scores { builder.add_scores(x); }
     if let Some(x) = args.model { builder.add_model(x); }
     builder.finish()
@@ -782,6 +900,20 @@ impl<'a> ScoreResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, f32>>>(ScoreResponse::VT_SCORES, None)}
   }
+  #[inline]
+  pub fn head(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ScoreResponse::VT_HEAD, None)}
+  }
+  #[inline]
+  pub fn heads(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<HeadScores<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<HeadScores>>>>(ScoreResponse::VT_HEADS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ScoreResponse<'_> {
@@ -793,6 +925,8 @@ impl ::flatbuffers::Verifiable for ScoreResponse<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("model", Self::VT_MODEL, false)?
      .visit_field::<u64>("version", Self::VT_VERSION, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, f32>>>("scores", Self::VT_SCORES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("head", Self::VT_HEAD, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<HeadScores>>>>("heads", Self::VT_HEADS, false)?
      .finish();
     Ok(())
   }
@@ -801,6 +935,8 @@ pub struct ScoreResponseArgs<'a> {
     pub model: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub version: u64,
     pub scores: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, f32>>>,
+    pub head: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub heads: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<HeadScores<'a>>>>>,
 }
 impl<'a> Default for ScoreResponseArgs<'a> {
   #[inline]
@@ -809,6 +945,8 @@ impl<'a> Default for ScoreResponseArgs<'a> {
       model: None,
       version: 0,
       scores: None,
+      head: None,
+      heads: None,
     }
   }
 }
@@ -831,6 +969,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ScoreResponseBuilder<'a, 'b, 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ScoreResponse::VT_SCORES, scores);
   }
   #[inline]
+  pub fn add_head(&mut self, head: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ScoreResponse::VT_HEAD, head);
+  }
+  #[inline]
+  pub fn add_heads(&mut self, heads: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<HeadScores<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ScoreResponse::VT_HEADS, heads);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ScoreResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ScoreResponseBuilder {
@@ -851,6 +997,8 @@ impl ::core::fmt::Debug for ScoreResponse<'_> {
       ds.field("model", &self.model());
       ds.field("version", &self.version());
       ds.field("scores", &self.scores());
+      ds.field("head", &self.head());
+      ds.field("heads", &self.heads());
       ds.finish()
   }
 }
@@ -1346,6 +1494,7 @@ impl<'a> VersionStatus<'a> {
   pub const VT_MAPPED_BYTES: ::flatbuffers::VOffsetT = 8;
   pub const VT_KIND: ::flatbuffers::VOffsetT = 10;
   pub const VT_FEATURES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_HEADS: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1359,6 +1508,7 @@ impl<'a> VersionStatus<'a> {
     let mut builder = VersionStatusBuilder::new(_fbb);
     builder.add_mapped_bytes(args.mapped_bytes);
     builder.add_version(args.version);
+    if let Some(x) = args.heads { builder.add_heads(x); }
     if let Some(x) = args.features { builder.add_features(x); }
     if let Some(x) = args.kind { builder.add_kind(x); }
     if let Some(x) = args.state { builder.add_state(x); }
@@ -1401,6 +1551,13 @@ impl<'a> VersionStatus<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<FeatureInfo>>>>(VersionStatus::VT_FEATURES, None)}
   }
+  #[inline]
+  pub fn heads(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(VersionStatus::VT_HEADS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for VersionStatus<'_> {
@@ -1414,6 +1571,7 @@ impl ::flatbuffers::Verifiable for VersionStatus<'_> {
      .visit_field::<u64>("mapped_bytes", Self::VT_MAPPED_BYTES, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("kind", Self::VT_KIND, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<FeatureInfo>>>>("features", Self::VT_FEATURES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("heads", Self::VT_HEADS, false)?
      .finish();
     Ok(())
   }
@@ -1424,6 +1582,7 @@ pub struct VersionStatusArgs<'a> {
     pub mapped_bytes: u64,
     pub kind: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub features: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<FeatureInfo<'a>>>>>,
+    pub heads: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
 }
 impl<'a> Default for VersionStatusArgs<'a> {
   #[inline]
@@ -1434,6 +1593,7 @@ impl<'a> Default for VersionStatusArgs<'a> {
       mapped_bytes: 0,
       kind: None,
       features: None,
+      heads: None,
     }
   }
 }
@@ -1464,6 +1624,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> VersionStatusBuilder<'a, 'b, 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(VersionStatus::VT_FEATURES, features);
   }
   #[inline]
+  pub fn add_heads(&mut self, heads: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(VersionStatus::VT_HEADS, heads);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> VersionStatusBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     VersionStatusBuilder {
@@ -1486,6 +1650,7 @@ impl ::core::fmt::Debug for VersionStatus<'_> {
       ds.field("mapped_bytes", &self.mapped_bytes());
       ds.field("kind", &self.kind());
       ds.field("features", &self.features());
+      ds.field("heads", &self.heads());
       ds.finish()
   }
 }

@@ -209,19 +209,33 @@ def encode_status_request(model=""):
     return bytes(b.Output())
 
 
-def decode_score_response(body, as_numpy=False):
-    """(model, version, scores) of a ScoreResponse body."""
-    r = g.ScoreResponse.GetRootAs(body, 0)
+def _floats(t, as_numpy):
+    """A table's `scores` vector: a list of float, or a numpy array."""
     if as_numpy:
-        scores = r.ScoresAsNumpy()
+        scores = t.ScoresAsNumpy()
         if isinstance(scores, int):  # no scores vector
             import numpy as np
 
             scores = np.zeros(0, dtype=np.float32)
-    else:
-        scores = [r.Scores(i) for i in range(r.ScoresLength())]
+        return scores
+    return [t.Scores(i) for i in range(t.ScoresLength())]
+
+
+def decode_score_response(body, as_numpy=False):
+    """(model, version, scores, heads) of a ScoreResponse body: `heads` maps a multi-task
+    model's head names, the default head first, to their scores (empty for a single-task
+    model)."""
+    r = g.ScoreResponse.GetRootAs(body, 0)
+    scores = _floats(r, as_numpy)
+    heads = {}
+    first = r.Head()
+    if first is not None:
+        heads[first.decode()] = scores
+        for i in range(r.HeadsLength()):
+            h = r.Heads(i)
+            heads[h.Name().decode()] = _floats(h, as_numpy)
     model = r.Model()
-    return (model.decode() if model else ""), r.Version(), scores
+    return (model.decode() if model else ""), r.Version(), scores, heads
 
 
 def decode_error(body):

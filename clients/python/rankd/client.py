@@ -3,7 +3,7 @@ import asyncio
 import itertools
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import _wire as w
 from .errors import ConnectionLost, DeadlineExceeded, ProtocolError, ServerError
@@ -11,10 +11,13 @@ from .errors import ConnectionLost, DeadlineExceeded, ProtocolError, ServerError
 
 @dataclass
 class Scores:
-    """A scored request: the model, the version that served it, one score per item."""
+    """A scored request: the model, the version that served it, one score per item (a
+    multi-task model: its default head's), and a multi-task model's heads by name (the default
+    head first; empty for a single-task model)."""
     model: str
     version: int
     scores: object  # list of float, or numpy.ndarray with numpy=True
+    heads: dict = field(default_factory=dict)
 
     def __len__(self):
         return len(self.scores)

@@ -500,6 +500,75 @@ def ScoreRequestEnd(builder):
 
 
 
+class HeadScores(object):
+    __slots__ = ['_tab']
+
+    @classmethod
+    def GetRootAs(cls, buf, offset=0):
+        n = flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, offset)
+        x = HeadScores()
+        x.Init(buf, n + offset)
+        return x
+
+    @classmethod
+    def GetRootAsHeadScores(cls, buf, offset=0):
+        """This method is deprecated. Please switch to GetRootAs."""
+        return cls.GetRootAs(buf, offset)
+    # HeadScores
+    def Init(self, buf, pos):
+        self._tab = flatbuffers.table.Table(buf, pos)
+
+    # HeadScores
+    def Name(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # HeadScores
+    def Scores(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Float32Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return 0
+
+    # HeadScores
+    def ScoresAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Float32Flags, o)
+        return 0
+
+    # HeadScores
+    def ScoresLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # HeadScores
+    def ScoresIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        return o == 0
+
+def HeadScoresStart(builder):
+    builder.StartObject(2)
+
+def HeadScoresAddName(builder, name):
+    builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(name), 0)
+
+def HeadScoresAddScores(builder, scores):
+    builder.PrependUOffsetTRelativeSlot(1, flatbuffers.number_types.UOffsetTFlags.py_type(scores), 0)
+
+def HeadScoresStartScoresVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def HeadScoresEnd(builder):
+    return builder.EndObject()
+
+
+
 class ScoreResponse(object):
     __slots__ = ['_tab']
 
@@ -559,8 +628,39 @@ class ScoreResponse(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
         return o == 0
 
+    # ScoreResponse
+    def Head(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # ScoreResponse
+    def Heads(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            x = self._tab.Vector(o)
+            x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
+            x = self._tab.Indirect(x)
+            obj = HeadScores()
+            obj.Init(self._tab.Bytes, x)
+            return obj
+        return None
+
+    # ScoreResponse
+    def HeadsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # ScoreResponse
+    def HeadsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        return o == 0
+
 def ScoreResponseStart(builder):
-    builder.StartObject(3)
+    builder.StartObject(5)
 
 def ScoreResponseAddModel(builder, model):
     builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(model), 0)
@@ -572,6 +672,15 @@ def ScoreResponseAddScores(builder, scores):
     builder.PrependUOffsetTRelativeSlot(2, flatbuffers.number_types.UOffsetTFlags.py_type(scores), 0)
 
 def ScoreResponseStartScoresVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def ScoreResponseAddHead(builder, head):
+    builder.PrependUOffsetTRelativeSlot(3, flatbuffers.number_types.UOffsetTFlags.py_type(head), 0)
+
+def ScoreResponseAddHeads(builder, heads):
+    builder.PrependUOffsetTRelativeSlot(4, flatbuffers.number_types.UOffsetTFlags.py_type(heads), 0)
+
+def ScoreResponseStartHeadsVector(builder, numElems):
     return builder.StartVector(4, numElems, 4)
 
 def ScoreResponseEnd(builder):
@@ -843,8 +952,28 @@ class VersionStatus(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
         return o == 0
 
+    # VersionStatus
+    def Heads(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.String(a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return ""
+
+    # VersionStatus
+    def HeadsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # VersionStatus
+    def HeadsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        return o == 0
+
 def VersionStatusStart(builder):
-    builder.StartObject(5)
+    builder.StartObject(6)
 
 def VersionStatusAddVersion(builder, version):
     builder.PrependUint64Slot(0, version, 0)
@@ -862,6 +991,12 @@ def VersionStatusAddFeatures(builder, features):
     builder.PrependUOffsetTRelativeSlot(4, flatbuffers.number_types.UOffsetTFlags.py_type(features), 0)
 
 def VersionStatusStartFeaturesVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def VersionStatusAddHeads(builder, heads):
+    builder.PrependUOffsetTRelativeSlot(5, flatbuffers.number_types.UOffsetTFlags.py_type(heads), 0)
+
+def VersionStatusStartHeadsVector(builder, numElems):
     return builder.StartVector(4, numElems, 4)
 
 def VersionStatusEnd(builder):

@@ -42,15 +42,43 @@ def adult_requests():
     return reqs
 
 
-def reference_scores(reqs):
+def reference_lines(reqs, model=None):
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rankd-py-{os.getpid()}.jsonl")
     with open(path, "w") as f:
         for r in reqs:
             f.write(json.dumps(r) + "\n")
-    out = subprocess.run([binary("rankd-tool"), "score", ADULT, "--requests", path],
+    out = subprocess.run([binary("rankd-tool"), "score", model or ADULT, "--requests", path],
                          check=True, capture_output=True, text=True).stdout
     os.remove(path)
-    return [json.loads(l)["scores"] for l in out.splitlines() if l.strip()]
+    return [json.loads(l) for l in out.splitlines() if l.strip()]
+
+
+def reference_scores(reqs):
+    return [line["scores"] for line in reference_lines(reqs)]
+
+
+def test_multitask_heads_equal_rankd_tool(daemon):
+    """The bundled multi-task Adult model: every head by name, the default head's scores as
+    `scores`, each equal to `rankd-tool score`."""
+    model = os.path.join(REPO, "examples", "models", "adult-multitask", "1", "model.rkm")
+    reqs = []
+    for r in adult_requests():
+        items = [{k: v for k, v in i.items() if k != "hours-per-week"} for i in r["items"]]
+        user = {k: v for k, v in (r.get("user") or {}).items() if k != "hours-per-week"}
+        reqs.append({"user": user, "items": items})
+    want = reference_lines(reqs, model)
+    d = daemon()
+    with rankd.Client(d.addr) as c:
+        for r, w in zip(reqs, want):
+            got = c.score("adult-multitask", r["items"], r["user"])
+            assert list(got.heads) == ["income", "long_hours"]
+            assert got.heads["income"] == got.scores
+            for name, values in w["heads"].items():
+                assert got.heads[name] == pytest.approx(values, abs=1e-6)
+            arr = c.score("adult-multitask", r["items"], r["user"], numpy=True)
+            np.testing.assert_allclose(arr.heads["long_hours"], w["heads"]["long_hours"], atol=1e-6)
+        # A single-task model's answers carry no heads.
+        assert c.score("adult", reqs[0]["items"]).heads == {}
 
 
 def test_scores_equal_rankd_tool(daemon):

@@ -83,9 +83,13 @@ def test_responses_decode_as_documented(case):
     body = data[20:20 + n]
     assert (t, rid) == (case["type"], case["id"]) and len(data) == 20 + n
     if t == w.SCORE_RESPONSE:
-        model, version, scores = w.decode_score_response(body)
+        model, version, scores, heads = w.decode_score_response(body)
         assert (model, version) == (case["model"], case["version"])
         assert scores == pytest.approx(case["scores"], rel=1e-7)
+        want = case.get("heads", [])
+        assert list(heads) == [name for name, _ in want]
+        for name, values in want:
+            assert heads[name] == pytest.approx(values, rel=1e-7)
     elif t == w.ERROR:
         with pytest.raises(rankd.ServerError) as e:
             raise rankd.ServerError(*w.decode_error(body))

@@ -118,14 +118,7 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<Call, Failure> {
             data,
         });
     }
-    for o in &req.outputs {
-        if o.name != "score" {
-            return Err((
-                ErrorCode::BadFeature,
-                format!("unknown output `{}`; the model's output is `score`", o.name),
-            ));
-        }
-    }
+    let outputs = req.outputs.iter().map(|o| o.name.clone()).collect();
     Ok(Call {
         model: req.model_name,
         version: req.model_version,
@@ -134,6 +127,7 @@ pub fn decode(req: pb::ModelInferRequest) -> Result<Call, Failure> {
         routing_key: param_str(&req.parameters, "routing_key").unwrap_or_default(),
         timeout_us: param_u64(&req.parameters, "timeout"),
         tensors: out,
+        outputs,
     })
 }
 
@@ -161,11 +155,14 @@ pub fn metadata(model: &rankd_engine::Model, versions: &[u64]) -> pb::ModelMetad
                 },
             })
             .collect(),
-        outputs: vec![pb::model_metadata_response::TensorMetadata {
-            name: "score".into(),
-            datatype: "FP32".into(),
-            shape: vec![-1, 1],
-        }],
+        outputs: super::output_names(model)
+            .into_iter()
+            .map(|name| pb::model_metadata_response::TensorMetadata {
+                name,
+                datatype: "FP32".into(),
+                shape: vec![-1, 1],
+            })
+            .collect(),
     }
 }
 
@@ -203,11 +200,14 @@ pub fn config(model: &rankd_engine::Model, max_items: usize, gpus: bool) -> pb::
                 optional: true,
             })
             .collect(),
-        output: vec![pb::ModelOutput {
-            name: "score".into(),
-            data_type: DataType::TypeFp32 as i32,
-            dims: vec![1],
-        }],
+        output: super::output_names(model)
+            .into_iter()
+            .map(|name| pb::ModelOutput {
+                name,
+                data_type: DataType::TypeFp32 as i32,
+                dims: vec![1],
+            })
+            .collect(),
         instance_group: vec![pb::ModelInstanceGroup {
             name: model.name().to_owned(),
             count: 1,
@@ -332,19 +332,28 @@ impl GrpcInferenceService for Service {
             status(f)
         })?;
         let a = self.0.infer(call, received).map_err(status)?;
+        let raw = a
+            .outputs
+            .iter()
+            .map(|(_, v)| tensors::encode_fp32(v))
+            .collect();
         Ok(Response::new(pb::ModelInferResponse {
             model_name: a.model,
             model_version: a.version.to_string(),
             id: a.id,
             parameters: Default::default(),
-            outputs: vec![pb::model_infer_response::InferOutputTensor {
-                name: "score".into(),
-                datatype: "FP32".into(),
-                shape: a.shape,
-                parameters: Default::default(),
-                contents: None,
-            }],
-            raw_output_contents: vec![tensors::encode_fp32(&a.scores)],
+            outputs: a
+                .outputs
+                .into_iter()
+                .map(|(name, _)| pb::model_infer_response::InferOutputTensor {
+                    name,
+                    datatype: "FP32".into(),
+                    shape: a.shape.clone(),
+                    parameters: Default::default(),
+                    contents: None,
+                })
+                .collect(),
+            raw_output_contents: raw,
         }))
     }
 

@@ -65,6 +65,8 @@ pub struct Call {
     pub timeout_us: Option<u64>,
     /// Inputs.
     pub tensors: Vec<Tensor>,
+    /// The outputs asked for by name, in order; empty: the default set (see [`output_names`]).
+    pub outputs: Vec<String>,
 }
 
 /// A scored call.
@@ -76,10 +78,61 @@ pub struct Answer {
     pub version: u64,
     /// The request id.
     pub id: String,
-    /// One score per item.
-    pub scores: Vec<f32>,
-    /// The shape of `score`: `[N]`, or `[N, 1]` when the scalar inputs came as `[N, 1]`.
+    /// The output tensors, by name, one score per item each: `score`, and a multi-task model's
+    /// other heads, or those the call asked for.
+    pub outputs: Vec<(String, Vec<f32>)>,
+    /// The shape of every output: `[N]`, or `[N, 1]` when the scalar inputs came as `[N, 1]`.
     pub shape: Vec<i64>,
+}
+
+/// The name of head `h`'s output: `score.HEAD` (`score` is the default head's too).
+fn head_output(head: &str) -> String {
+    format!("score.{head}")
+}
+
+/// The outputs a model has: `score` (a multi-task model's default head), then for a multi-task
+/// model `score.HEAD` for every head.
+pub fn output_names(model: &Model) -> Vec<String> {
+    std::iter::once("score".to_owned())
+        .chain(model.heads().into_iter().map(head_output))
+        .collect()
+}
+
+/// The outputs a call gets: those it asked for, each `score` or `score.HEAD`, or without a list,
+/// `score` and every head after the default one. Each as `(name, head index)`.
+fn resolve_outputs(model: &Model, asked: &[String]) -> Result<Vec<(String, usize)>, Failure> {
+    let heads = model.heads();
+    if asked.is_empty() {
+        return Ok(std::iter::once(("score".to_owned(), 0))
+            .chain(
+                heads
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .map(|(h, n)| (head_output(n), h)),
+            )
+            .collect());
+    }
+    asked
+        .iter()
+        .map(|name| {
+            let h = if name == "score" {
+                Some(0)
+            } else {
+                name.strip_prefix("score.")
+                    .and_then(|n| heads.iter().position(|h| *h == n))
+            };
+            h.map(|h| (name.clone(), h)).ok_or_else(|| {
+                (
+                    ErrorCode::BadFeature,
+                    format!(
+                        "unknown output `{name}`; the model's outputs are {}",
+                        output_names(model).join(", ")
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 thread_local! {
@@ -142,6 +195,7 @@ impl Frontend {
             &call.label,
             call.routing_key.as_bytes(),
         )?;
+        let outputs = resolve_outputs(&selected.model, &call.outputs)?;
         let req = TensorRequest::new(selected.model.features(), call.tensors, self.limits())?;
         if let Some(t) = call.timeout_us {
             if received.elapsed() > Duration::from_micros(t) {
@@ -162,11 +216,21 @@ impl Frontend {
                     .metrics
                     .record_execution(&name, selected.version, 1, 0, items, elapsed);
                 let n = scores.len() as i64;
+                let outputs = outputs
+                    .into_iter()
+                    .map(|(name, h)| {
+                        let values = match out.head(0, h) {
+                            Some(Ok(v)) => v.to_vec(),
+                            _ => Vec::new(),
+                        };
+                        (name, values)
+                    })
+                    .collect();
                 Ok(Answer {
                     model: name,
                     version: selected.version,
                     id: call.id,
-                    scores: scores.to_vec(),
+                    outputs,
                     shape: if req.column_shaped {
                         vec![n, 1]
                     } else {

@@ -476,15 +476,11 @@ pub fn decode(
     let mut binary_out = param(params, "binary_data_output")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let mut asked = Vec::new();
     if let Some(outputs) = req.get("outputs").and_then(Value::as_array) {
         for o in outputs {
             let n = o.get("name").and_then(Value::as_str).unwrap_or_default();
-            if n != "score" {
-                return Err((
-                    ErrorCode::BadFeature,
-                    format!("unknown output `{n}`; the model's output is `score`"),
-                ));
-            }
+            asked.push(n.to_owned());
             if let Some(b) = param(o.get("parameters"), "binary_data").and_then(Value::as_bool) {
                 binary_out = b;
             }
@@ -502,6 +498,7 @@ pub fn decode(
         routing_key: param_string(params, "routing_key").unwrap_or_default(),
         timeout_us: param(params, "timeout").and_then(Value::as_u64),
         tensors,
+        outputs: asked,
     };
     Ok((call, binary_out))
 }
@@ -533,15 +530,27 @@ fn infer(
     }
     let shape = a.shape.clone();
     if binary {
-        let raw = super::tensors::encode_fp32(&a.scores);
-        out.insert(
-            "outputs".into(),
-            json!([{ "name": "score", "datatype": "FP32", "shape": shape,
-                     "parameters": { "binary_data_size": raw.len() } }]),
-        );
+        // Each output's bytes after the JSON, in the order of `outputs`.
+        let raw: Vec<Vec<u8>> = a
+            .outputs
+            .iter()
+            .map(|(_, v)| super::tensors::encode_fp32(v))
+            .collect();
+        let outputs: Vec<Value> = a
+            .outputs
+            .iter()
+            .zip(&raw)
+            .map(|((name, _), raw)| {
+                json!({ "name": name, "datatype": "FP32", "shape": shape,
+                        "parameters": { "binary_data_size": raw.len() } })
+            })
+            .collect();
+        out.insert("outputs".into(), Value::Array(outputs));
         let mut bytes = serde_json::to_vec(&Value::Object(out)).expect("JSON encodes");
         let head = bytes.len();
-        bytes.extend_from_slice(&raw);
+        for r in &raw {
+            bytes.extend_from_slice(r);
+        }
         let mut r = (StatusCode::OK, bytes).into_response();
         let h = r.headers_mut();
         h.insert(
@@ -551,10 +560,12 @@ fn infer(
         h.insert(HEADER_LENGTH, HeaderValue::from(head));
         r
     } else {
-        out.insert(
-            "outputs".into(),
-            json!([{ "name": "score", "datatype": "FP32", "shape": shape, "data": a.scores }]),
-        );
+        let outputs: Vec<Value> = a
+            .outputs
+            .iter()
+            .map(|(name, v)| json!({ "name": name, "datatype": "FP32", "shape": shape, "data": v }))
+            .collect();
+        out.insert("outputs".into(), Value::Array(outputs));
         ok_json(Value::Object(out))
     }
 }

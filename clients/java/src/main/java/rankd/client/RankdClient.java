@@ -242,17 +242,34 @@ public final class RankdClient implements AutoCloseable {
     return t instanceof RankdException r ? r : new RankdException(t.toString(), t);
   }
 
+  /** {@code n} little-endian floats from {@code raw} (absent: zeros). */
+  private static float[] floats(int n, ByteBuffer raw) {
+    float[] out = new float[n];
+    if (raw != null) {
+      raw.order(java.nio.ByteOrder.LITTLE_ENDIAN).asFloatBuffer().get(out);
+    }
+    return out;
+  }
+
   static Scores decode(Connection.Frame frame) {
     ByteBuffer bb = ByteBuffer.wrap(frame.body());
     switch (frame.type()) {
       case Connection.SCORE_RESPONSE -> {
         ScoreResponse r = ScoreResponse.getRootAsScoreResponse(bb);
-        float[] scores = new float[r.scoresLength()];
-        ByteBuffer raw = r.scoresAsByteBuffer();
-        if (raw != null) {
-          raw.order(java.nio.ByteOrder.LITTLE_ENDIAN).asFloatBuffer().get(scores);
+        float[] scores = floats(r.scoresLength(), r.scoresAsByteBuffer());
+        java.util.Map<String, float[]> heads = new java.util.LinkedHashMap<>();
+        if (r.head() != null) {
+          heads.put(r.head(), scores);
+          for (int i = 0; i < r.headsLength(); i++) {
+            rankd.rpc.HeadScores h = r.heads(i);
+            heads.put(h.name(), floats(h.scoresLength(), h.scoresAsByteBuffer()));
+          }
         }
-        return new Scores(r.model() == null ? "" : r.model(), r.version(), scores);
+        return new Scores(
+            r.model() == null ? "" : r.model(),
+            r.version(),
+            scores,
+            java.util.Collections.unmodifiableMap(heads));
       }
       case Connection.ERROR -> {
         ErrorResponse e = ErrorResponse.getRootAsErrorResponse(bb);

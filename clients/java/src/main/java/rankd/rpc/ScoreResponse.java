@@ -35,24 +35,40 @@ public final class ScoreResponse extends com.google.flatbuffers.Table {
   public FloatVector scoresVector(FloatVector obj) { int o = __offset(8); return o != 0 ? obj.__assign(__vector(o), bb) : null; }
   public ByteBuffer scoresAsByteBuffer() { return __vector_as_bytebuffer(8, 4); }
   public ByteBuffer scoresInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 8, 4); }
+  public String head() { int o = __offset(10); return o != 0 ? __string(o + bb_pos) : null; }
+  public ByteBuffer headAsByteBuffer() { return __vector_as_bytebuffer(10, 1); }
+  public ByteBuffer headInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 10, 1); }
+  public rankd.rpc.HeadScores heads(int j) { return heads(new rankd.rpc.HeadScores(), j); }
+  public rankd.rpc.HeadScores heads(rankd.rpc.HeadScores obj, int j) { int o = __offset(12); return o != 0 ? obj.__assign(__indirect(__vector(o) + j * 4), bb) : null; }
+  public int headsLength() { int o = __offset(12); return o != 0 ? __vector_len(o) : 0; }
+  public rankd.rpc.HeadScores.Vector headsVector() { return headsVector(new rankd.rpc.HeadScores.Vector()); }
+  public rankd.rpc.HeadScores.Vector headsVector(rankd.rpc.HeadScores.Vector obj) { int o = __offset(12); return o != 0 ? obj.__assign(__vector(o), 4, bb) : null; }
 
   public static int createScoreResponse(FlatBufferBuilder builder,
       int modelOffset,
       long version,
-      int scoresOffset) {
-    builder.startTable(3);
+      int scoresOffset,
+      int headOffset,
+      int headsOffset) {
+    builder.startTable(5);
     ScoreResponse.addVersion(builder, version);
+    ScoreResponse.addHeads(builder, headsOffset);
+    ScoreResponse.addHead(builder, headOffset);
     ScoreResponse.addScores(builder, scoresOffset);
     ScoreResponse.addModel(builder, modelOffset);
     return ScoreResponse.endScoreResponse(builder);
   }
 
-  public static void startScoreResponse(FlatBufferBuilder builder) { builder.startTable(3); }
+  public static void startScoreResponse(FlatBufferBuilder builder) { builder.startTable(5); }
   public static void addModel(FlatBufferBuilder builder, int modelOffset) { builder.addOffset(0, modelOffset, 0); }
   public static void addVersion(FlatBufferBuilder builder, long version) { builder.addLong(1, version, 0L); }
   public static void addScores(FlatBufferBuilder builder, int scoresOffset) { builder.addOffset(2, scoresOffset, 0); }
   public static int createScoresVector(FlatBufferBuilder builder, float[] data) { builder.startVector(4, data.length, 4); for (int i = data.length - 1; i >= 0; i--) builder.addFloat(data[i]); return builder.endVector(); }
   public static void startScoresVector(FlatBufferBuilder builder, int numElems) { builder.startVector(4, numElems, 4); }
+  public static void addHead(FlatBufferBuilder builder, int headOffset) { builder.addOffset(3, headOffset, 0); }
+  public static void addHeads(FlatBufferBuilder builder, int headsOffset) { builder.addOffset(4, headsOffset, 0); }
+  public static int createHeadsVector(FlatBufferBuilder builder, int[] data) { builder.startVector(4, data.length, 4); for (int i = data.length - 1; i >= 0; i--) builder.addOffset(data[i]); return builder.endVector(); }
+  public static void startHeadsVector(FlatBufferBuilder builder, int numElems) { builder.startVector(4, numElems, 4); }
   public static int endScoreResponse(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;

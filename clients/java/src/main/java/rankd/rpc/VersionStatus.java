@@ -38,23 +38,29 @@ public final class VersionStatus extends com.google.flatbuffers.Table {
   public int featuresLength() { int o = __offset(12); return o != 0 ? __vector_len(o) : 0; }
   public rankd.rpc.FeatureInfo.Vector featuresVector() { return featuresVector(new rankd.rpc.FeatureInfo.Vector()); }
   public rankd.rpc.FeatureInfo.Vector featuresVector(rankd.rpc.FeatureInfo.Vector obj) { int o = __offset(12); return o != 0 ? obj.__assign(__vector(o), 4, bb) : null; }
+  public String heads(int j) { int o = __offset(14); return o != 0 ? __string(__vector(o) + j * 4) : null; }
+  public int headsLength() { int o = __offset(14); return o != 0 ? __vector_len(o) : 0; }
+  public StringVector headsVector() { return headsVector(new StringVector()); }
+  public StringVector headsVector(StringVector obj) { int o = __offset(14); return o != 0 ? obj.__assign(__vector(o), 4, bb) : null; }
 
   public static int createVersionStatus(FlatBufferBuilder builder,
       long version,
       int stateOffset,
       long mappedBytes,
       int kindOffset,
-      int featuresOffset) {
-    builder.startTable(5);
+      int featuresOffset,
+      int headsOffset) {
+    builder.startTable(6);
     VersionStatus.addMappedBytes(builder, mappedBytes);
     VersionStatus.addVersion(builder, version);
+    VersionStatus.addHeads(builder, headsOffset);
     VersionStatus.addFeatures(builder, featuresOffset);
     VersionStatus.addKind(builder, kindOffset);
     VersionStatus.addState(builder, stateOffset);
     return VersionStatus.endVersionStatus(builder);
   }
 
-  public static void startVersionStatus(FlatBufferBuilder builder) { builder.startTable(5); }
+  public static void startVersionStatus(FlatBufferBuilder builder) { builder.startTable(6); }
   public static void addVersion(FlatBufferBuilder builder, long version) { builder.addLong(0, version, 0L); }
   public static void addState(FlatBufferBuilder builder, int stateOffset) { builder.addOffset(1, stateOffset, 0); }
   public static void addMappedBytes(FlatBufferBuilder builder, long mappedBytes) { builder.addLong(2, mappedBytes, 0L); }
@@ -62,6 +68,9 @@ public final class VersionStatus extends com.google.flatbuffers.Table {
   public static void addFeatures(FlatBufferBuilder builder, int featuresOffset) { builder.addOffset(4, featuresOffset, 0); }
   public static int createFeaturesVector(FlatBufferBuilder builder, int[] data) { builder.startVector(4, data.length, 4); for (int i = data.length - 1; i >= 0; i--) builder.addOffset(data[i]); return builder.endVector(); }
   public static void startFeaturesVector(FlatBufferBuilder builder, int numElems) { builder.startVector(4, numElems, 4); }
+  public static void addHeads(FlatBufferBuilder builder, int headsOffset) { builder.addOffset(5, headsOffset, 0); }
+  public static int createHeadsVector(FlatBufferBuilder builder, int[] data) { builder.startVector(4, data.length, 4); for (int i = data.length - 1; i >= 0; i--) builder.addOffset(data[i]); return builder.endVector(); }
+  public static void startHeadsVector(FlatBufferBuilder builder, int numElems) { builder.startVector(4, numElems, 4); }
   public static int endVersionStatus(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;

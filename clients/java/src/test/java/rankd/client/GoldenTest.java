@@ -182,6 +182,19 @@ class GoldenTest {
         float[] want = new float[a.size()];
         for (int i = 0; i < want.length; i++) want[i] = a.get(i).getAsFloat();
         assertArrayEquals(want, s.scores());
+        java.util.List<String> names = new java.util.ArrayList<>();
+        if (cs.has("heads")) {
+          for (JsonElement he : cs.getAsJsonArray("heads")) {
+            JsonArray pair = he.getAsJsonArray();
+            String name = pair.get(0).getAsString();
+            names.add(name);
+            JsonArray v = pair.get(1).getAsJsonArray();
+            float[] hw = new float[v.size()];
+            for (int i = 0; i < hw.length; i++) hw[i] = v.get(i).getAsFloat();
+            assertArrayEquals(hw, s.heads().get(name), name);
+          }
+        }
+        assertEquals(names, new java.util.ArrayList<>(s.heads().keySet()));
       } else if (type == Connection.ERROR) {
         ServerException se = assertThrows(ServerException.class, () -> RankdClient.decode(f));
         assertEquals(cs.get("code").getAsInt(), se.code());

@@ -66,7 +66,11 @@ class RankdClientTest {
   }
 
   static ScoreRequest request(ScoreRequest r, Case c) {
-    r.reset("adult", c.n());
+    return request(r, c, "adult");
+  }
+
+  static ScoreRequest request(ScoreRequest r, Case c, String model) {
+    r.reset(model, c.n());
     for (var e : c.columns().entrySet()) {
       if (e.getValue() instanceof double[] d) {
         r.column(e.getKey(), d, null);
@@ -77,8 +81,25 @@ class RankdClientTest {
     return r;
   }
 
-  /** rankd-tool score on the same requests. */
+  /** rankd-tool score on the same requests: the scores. */
   static List<float[]> reference(List<Case> cases) throws Exception {
+    List<float[]> res = new ArrayList<>();
+    for (JsonObject line : referenceLines(cases, "examples/models/adult/1/model.rkm")) {
+      res.add(floats(line.getAsJsonArray("scores")));
+    }
+    return res;
+  }
+
+  static float[] floats(JsonArray a) {
+    float[] f = new float[a.size()];
+    for (int i = 0; i < f.length; i++) {
+      f[i] = a.get(i).getAsFloat();
+    }
+    return f;
+  }
+
+  /** rankd-tool score on the same requests with the model file {@code model}: its lines. */
+  static List<JsonObject> referenceLines(List<Case> cases, String model) throws Exception {
     Path jsonl = Files.createTempFile("rankd-java", ".jsonl");
     StringBuilder sb = new StringBuilder();
     Gson gson = new Gson();
@@ -102,24 +123,46 @@ class RankdClientTest {
     }
     Files.writeString(jsonl, sb);
     Process p = new ProcessBuilder(Daemon.binary("rankd-tool", "RANKD_TOOL_BIN").toString(), "score",
-        Daemon.REPO.resolve("examples/models/adult/1/model.rkm").toString(), "--requests", jsonl.toString())
+        Daemon.REPO.resolve(model).toString(), "--requests", jsonl.toString())
         .redirectError(ProcessBuilder.Redirect.INHERIT).start();
     String out = new String(p.getInputStream().readAllBytes(), StandardCharsets.UTF_8);
     assertEquals(0, p.waitFor());
     Files.delete(jsonl);
-    List<float[]> res = new ArrayList<>();
+    List<JsonObject> res = new ArrayList<>();
     for (String line : out.split("\n")) {
-      if (line.isBlank()) {
-        continue;
+      if (!line.isBlank()) {
+        res.add(JsonParser.parseString(line).getAsJsonObject());
       }
-      JsonArray a = JsonParser.parseString(line).getAsJsonObject().getAsJsonArray("scores");
-      float[] f = new float[a.size()];
-      for (int i = 0; i < f.length; i++) {
-        f[i] = a.get(i).getAsFloat();
-      }
-      res.add(f);
     }
     return res;
+  }
+
+  @Test
+  void multitaskHeadsEqualRankdTool() throws Exception {
+    // The bundled multi-task Adult model reads no hours-per-week (it is a label there).
+    List<Case> cases = new ArrayList<>();
+    for (Case c : adultCases(5, 40)) {
+      Map<String, Object> cols = new LinkedHashMap<>(c.columns());
+      cols.remove("hours-per-week");
+      cases.add(new Case(c.n(), cols));
+    }
+    List<JsonObject> want =
+        referenceLines(cases, "examples/models/adult-multitask/1/model.rkm");
+    try (Daemon d = new Daemon("127.0.0.1:0");
+        RankdClient c = RankdClient.builder().address(d.addr).build()) {
+      ScoreRequest r = new ScoreRequest("adult-multitask", 0);
+      for (int k = 0; k < cases.size(); k++) {
+        Scores s = c.score(request(r, cases.get(k), "adult-multitask"));
+        assertEquals(List.of("income", "long_hours"), new ArrayList<>(s.heads().keySet()));
+        assertScores(s.scores(), s.heads().get("income"));
+        JsonObject heads = want.get(k).getAsJsonObject("heads");
+        for (String name : s.heads().keySet()) {
+          assertScores(floats(heads.getAsJsonArray(name)), s.heads().get(name));
+        }
+      }
+      // A single-task model's answers carry no heads.
+      assertEquals(0, c.score(request(r, cases.get(0))).heads().size());
+    }
   }
 
   @Test
