@@ -5,12 +5,15 @@ Writes tools/tests/data/numpy/{model.toml, weights.safetensors, requests.jsonl, 
 a DeepFM model with a wide part (every term of docs/model.md), its weights in PyTorch layout,
 requests with multi-valued, missing, unknown and request-level features, and the scores computed
 here in float64 from the model math and the feature rules (scripts/feature_ops_vectors.py).
+The same four files under numpy/dcn/ (wide & deep with two low-rank DCN-v2 cross layers parallel
+to the deep tower) and numpy/mmoe/ (a multi-task model: three experts, a softmax gate and a tower
+per head; expected.json then also has "heads", every head's scores by name).
 
     pip install numpy xxhash
     python3 scripts/numpy_reference.py
 
-The Rust test tools/tests/numpy_import.rs imports the weights with `rankd-tool import`, scores the
-requests with `rankd-tool score` and compares within 1e-5.
+The Rust test tools/tests/import_score.rs imports the weights with `rankd-tool import`, scores the
+requests with `rankd-tool score` and compares within 1e-5 (every head of the multi-task case).
 """
 import json
 import os
@@ -52,6 +55,10 @@ DIM = 4
 WIDE = ["age_b", "city", "item", "cat", "age_x_gender", "cat_x_city"]
 DENSE = ["age_n", "price_n"]
 LAYERS = [16, 8, 1]
+# numpy/dcn: cross layers of rank CROSS_RANK parallel to the deep tower.
+CROSS_LAYERS, CROSS_RANK = 2, 3
+# numpy/mmoe: EXPERTS experts of EXPERT, a gate and a TOWER per head.
+EXPERTS, EXPERT, TOWER, HEADS = 3, [12, 8], [4, 1], ["click", "like"]
 
 
 def toml_value(v):
@@ -64,8 +71,8 @@ def toml_value(v):
     return "[" + ", ".join(toml_value(x) for x in v) + "]"
 
 
-def write_toml(path):
-    lines = [f"hash_seed = {SPEC['hash_seed']}", "fm = true", ""]
+def write_toml(path, kind="deepfm"):
+    lines = [f"hash_seed = {SPEC['hash_seed']}", f"fm = {toml_value(kind == 'deepfm')}", ""]
     for n, t in FEATURES:
         lines += ["[[feature]]", f"name = {json.dumps(n)}", f"type = {json.dumps(t)}", ""]
     for s in SLOTS:
@@ -74,8 +81,17 @@ def write_toml(path):
         lines.append("")
     for slot, pooling in EMB:
         lines += ["[[embedding]]", f"slot = {json.dumps(slot)}", f"dim = {DIM}", f"pooling = {json.dumps(pooling)}", ""]
-    lines += ["[wide]", f"slots = {toml_value(WIDE)}", ""]
-    lines += ["[deep]", f"dense = {toml_value(DENSE)}", f"layers = {toml_value(LAYERS)}", ""]
+    if kind == "mmoe":
+        lines += ["[deep]", f"dense = {toml_value(DENSE)}", f"layers = {toml_value(EXPERT)}", ""]
+        lines += ["[multitask]", f"experts = {EXPERTS}", f"tower = {toml_value(TOWER)}", ""]
+        for h in HEADS:
+            lines += ["[[heads]]", f"name = {json.dumps(h)}", ""]
+    else:
+        lines += ["[wide]", f"slots = {toml_value(WIDE)}", ""]
+        lines += ["[deep]", f"dense = {toml_value(DENSE)}", f"layers = {toml_value(LAYERS)}", ""]
+    if kind == "dcn":
+        lines += ["[cross]", f"layers = {CROSS_LAYERS}", f"rank = {CROSS_RANK}",
+                  'structure = "parallel"', ""]
     open(path, "w").write("\n".join(lines))
 
 
@@ -115,25 +131,95 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
-def main():
-    os.makedirs(OUT, exist_ok=True)
-    rng = np.random.default_rng(2024)
+def dense(T, name, x, relu):
+    h = T[f"{name}.weight"].astype(np.float64) @ x + T[f"{name}.bias"].astype(np.float64)
+    return np.maximum(h, 0.0) if relu else h
+
+
+def logits(kind, T, fields, x, slots):
+    """Every head's logit (one for a single-task model) of one item, from docs/model.md."""
+    if kind == "mmoe":
+        experts = []
+        for k in range(EXPERTS):
+            h = x
+            for i in range(len(EXPERT)):
+                h = dense(T, f"expert.{k}.{i}", h, True)
+            experts.append(h)
+        out = []
+        for head in HEADS:
+            z = dense(T, f"gate.{head}", x, False)
+            g = np.exp(z - z.max())
+            g /= g.sum()
+            h = sum(g[k] * experts[k] for k in range(EXPERTS))
+            for i in range(len(TOWER)):
+                h = dense(T, f"tower.{head}.{i}", h, i + 1 < len(TOWER))
+            out.append(h[0])
+        return out
+    h = x
+    for i in range(len(LAYERS)):
+        h = dense(T, f"deep.{i}", h, i + 1 < len(LAYERS))
+    logit = h[0] + float(T["wide.bias"][0])
+    for slot in WIDE:
+        logit += T[f"wide.{slot}"].astype(np.float64)[slots[slot]].sum()
+    if kind == "deepfm":
+        F = np.stack(fields)
+        logit += 0.5 * ((F.sum(axis=0) ** 2) - (F ** 2).sum(axis=0)).sum()
+    if kind == "dcn":
+        xl = x.copy()
+        for l in range(CROSS_LAYERS):
+            U = T[f"cross.{l}.u"].astype(np.float64)
+            V = T[f"cross.{l}.v"].astype(np.float64)
+            xl = x * (U @ (V.T @ xl) + T[f"cross.{l}.bias"].astype(np.float64)) + xl
+        logit += T["cross.output"].astype(np.float64) @ xl
+    return [logit]
+
+
+def build(kind, out, seed):
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
     ids = num_ids()
     T = {}
     for slot, _ in EMB:
         T[f"embedding.{slot}"] = (rng.standard_normal((ids[slot], DIM)) * 0.3).astype(np.float32)
-    for slot in WIDE:
-        T[f"wide.{slot}"] = (rng.standard_normal(ids[slot]) * 0.2).astype(np.float32)
-    T["wide.bias"] = np.array([-0.4], dtype=np.float32)
     width = len(EMB) * DIM + len(DENSE)
-    for i, out in enumerate(LAYERS):
-        T[f"deep.{i}.weight"] = (rng.standard_normal((out, width)) * np.sqrt(2.0 / width)).astype(np.float32)
-        T[f"deep.{i}.bias"] = (rng.standard_normal(out) * 0.05).astype(np.float32)
-        width = out
-    write_toml(os.path.join(OUT, "model.toml"))
-    write_safetensors(os.path.join(OUT, "weights.safetensors"), T)
+    d = width
 
-    requests, expected = [], []
+    def layer(name, out, inp, scale=None):
+        scale = np.sqrt(2.0 / inp) if scale is None else scale
+        T[f"{name}.weight"] = (rng.standard_normal((out, inp)) * scale).astype(np.float32)
+        T[f"{name}.bias"] = (rng.standard_normal(out) * 0.05).astype(np.float32)
+
+    if kind == "mmoe":
+        for k in range(EXPERTS):
+            w = d
+            for i, o in enumerate(EXPERT):
+                layer(f"expert.{k}.{i}", o, w)
+                w = o
+        for head in HEADS:
+            layer(f"gate.{head}", EXPERTS, d, 0.5)
+            w = EXPERT[-1]
+            for i, o in enumerate(TOWER):
+                layer(f"tower.{head}.{i}", o, w)
+                w = o
+    else:
+        for slot in WIDE:
+            T[f"wide.{slot}"] = (rng.standard_normal(ids[slot]) * 0.2).astype(np.float32)
+        T["wide.bias"] = np.array([-0.4], dtype=np.float32)
+        for i, o in enumerate(LAYERS):
+            layer(f"deep.{i}", o, width)
+            width = o
+    if kind == "dcn":
+        for l in range(CROSS_LAYERS):
+            for part in ("u", "v"):
+                T[f"cross.{l}.{part}"] = (rng.standard_normal((d, CROSS_RANK)) * 0.15).astype(np.float32)
+            T[f"cross.{l}.bias"] = (rng.standard_normal(d) * 0.05).astype(np.float32)
+        T["cross.output"] = (rng.standard_normal(d) * 0.2).astype(np.float32)
+    write_toml(os.path.join(out, "model.toml"), kind)
+    write_safetensors(os.path.join(out, "weights.safetensors"), T)
+
+    requests = []
+    heads = HEADS if kind == "mmoe" else ["score"]
+    expected = {h: [] for h in heads}
     cities = ["Paris", "Tokyo", "Atlantis", "Lima", None]
     for r in range(25):
         user = {}
@@ -159,7 +245,7 @@ def main():
                 item["item_id"] = None
             items.append(item)
         requests.append({"user": user, "items": items})
-        scores = []
+        per_head = {h: [] for h in heads}
         for item in items:
             row = dict(user)
             row.update({k: v for k, v in item.items() if v is not None})
@@ -171,23 +257,24 @@ def main():
                 rows = table[slots[slot]]
                 fields.append(rows.mean(axis=0) if pooling == "mean" else rows.sum(axis=0))
             x = np.concatenate(fields + [np.array([np.float64(np.float32(slots[d]))]) for d in DENSE])
-            h = x
-            for i in range(len(LAYERS)):
-                h = T[f"deep.{i}.weight"].astype(np.float64) @ h + T[f"deep.{i}.bias"].astype(np.float64)
-                if i + 1 < len(LAYERS):
-                    h = np.maximum(h, 0.0)
-            logit = h[0] + float(T["wide.bias"][0])
-            for slot in WIDE:
-                logit += T[f"wide.{slot}"].astype(np.float64)[slots[slot]].sum()
-            F = np.stack(fields)
-            logit += 0.5 * ((F.sum(axis=0) ** 2) - (F ** 2).sum(axis=0)).sum()
-            scores.append(1.0 / (1.0 + np.exp(-logit)))
-        expected.append(scores)
-    with open(os.path.join(OUT, "requests.jsonl"), "w") as f:
+            for h, logit in zip(heads, logits(kind, T, fields, x, slots)):
+                per_head[h].append(1.0 / (1.0 + np.exp(-logit)))
+        for h in heads:
+            expected[h].append(per_head[h])
+    with open(os.path.join(out, "requests.jsonl"), "w") as f:
         for r in requests:
             f.write(json.dumps(r) + "\n")
-    with open(os.path.join(OUT, "expected.json"), "w") as f:
-        json.dump({"scores": expected}, f)
+    doc = {"scores": expected[heads[0]]}
+    if kind == "mmoe":
+        doc["heads"] = expected
+    with open(os.path.join(out, "expected.json"), "w") as f:
+        json.dump(doc, f)
+
+
+def main():
+    build("deepfm", OUT, 2024)
+    build("dcn", os.path.join(OUT, "dcn"), 2025)
+    build("mmoe", os.path.join(OUT, "mmoe"), 2026)
 
 
 if __name__ == "__main__":

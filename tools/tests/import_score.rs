@@ -27,10 +27,14 @@ fn tool(args: &[&str]) -> (bool, String, String) {
 }
 
 fn import(weights: &Path, out: &Path) -> (bool, String, String) {
+    import_with(&data("model.toml"), weights, out)
+}
+
+fn import_with(config: &Path, weights: &Path, out: &Path) -> (bool, String, String) {
     tool(&[
         "import",
         "--config",
-        data("model.toml").to_str().unwrap(),
+        config.to_str().unwrap(),
         "--weights",
         weights.to_str().unwrap(),
         "--name",
@@ -44,38 +48,80 @@ fn import(weights: &Path, out: &Path) -> (bool, String, String) {
 
 #[test]
 fn imported_model_scores_like_numpy() {
+    imports_and_scores_like_numpy("", "deepfm");
+}
+
+#[test]
+fn imported_dcn_model_scores_like_numpy() {
+    imports_and_scores_like_numpy("dcn/", "dcn_v2");
+}
+
+#[test]
+fn imported_multitask_model_scores_every_head_like_numpy() {
+    imports_and_scores_like_numpy("mmoe/", "mmoe");
+}
+
+/// Imports the numpy case under `numpy/<case>` (its config and safetensors), checks its kind,
+/// scores its requests and compares every score (every head's, for a multi-task case) with
+/// numpy's within 1e-5.
+fn imports_and_scores_like_numpy(case: &str, kind: &str) {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("np.rkm");
-    let (ok, out, err) = import(&data("weights.safetensors"), &model);
+    let (ok, out, err) = import_with(
+        &data(&format!("{case}model.toml")),
+        &data(&format!("{case}weights.safetensors")),
+        &model,
+    );
     assert!(ok, "{out}{err}");
     let (ok, out, err) = tool(&["inspect", "--json", model.to_str().unwrap()]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["kind"], "deepfm");
+    assert_eq!(v["kind"], kind);
     assert_eq!(v["spec"]["metadata"]["version"], 4);
 
     let (ok, out, err) = tool(&[
         "score",
         model.to_str().unwrap(),
         "--requests",
-        data("requests.jsonl").to_str().unwrap(),
+        data(&format!("{case}requests.jsonl")).to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data("expected.json")).unwrap()).unwrap();
-    let expected = expected["scores"].as_array().unwrap();
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), expected.len());
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data(&format!("{case}expected.json"))).unwrap(),
+    )
+    .unwrap();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // (what the engine wrote, what numpy computed): the scores, then each head's.
+    let mut pairs = vec![(
+        lines
+            .iter()
+            .map(|l| l["scores"].clone())
+            .collect::<Vec<_>>(),
+        expected["scores"].as_array().unwrap().clone(),
+    )];
+    if let Some(heads) = expected.get("heads").and_then(|h| h.as_object()) {
+        for (name, want) in heads {
+            let got = lines.iter().map(|l| l["heads"][name].clone()).collect();
+            pairs.push((got, want.as_array().unwrap().clone()));
+        }
+    }
     let mut compared = 0;
-    for (i, (line, want)) in lines.iter().zip(expected).enumerate() {
-        let got: serde_json::Value = serde_json::from_str(line).unwrap();
-        let got = got["scores"].as_array().unwrap();
-        let want = want.as_array().unwrap();
-        assert_eq!(got.len(), want.len(), "request {i}");
-        for (g, w) in got.iter().zip(want) {
-            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
-            assert!((g - w).abs() <= 1e-5, "request {i}: rankd {g} vs numpy {w}");
-            compared += 1;
+    for (got, expected) in pairs {
+        assert_eq!(got.len(), expected.len());
+        for (i, (got, want)) in got.iter().zip(&expected).enumerate() {
+            let (got, want) = (got.as_array().unwrap(), want.as_array().unwrap());
+            assert_eq!(got.len(), want.len(), "request {i}");
+            for (g, w) in got.iter().zip(want) {
+                let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+                assert!(
+                    (g - w).abs() <= 1e-5,
+                    "{case} request {i}: rankd {g} vs numpy {w}"
+                );
+                compared += 1;
+            }
         }
     }
     assert!(compared > 300, "only {compared} scores compared");
