@@ -52,7 +52,8 @@ pub struct Trained {
     /// Metrics of the kept weights on `test_files`, when given (a multi-task model: its
     /// default head's).
     pub test: Option<EvalMetrics>,
-    /// A multi-task model's test metrics, head by head (empty otherwise).
+    /// A multi-task model's test metrics, head by head (empty for a single-task model or
+    /// without `test_files`).
     pub test_heads: Vec<EvalMetrics>,
     /// Training examples per second over the run.
     pub samples_per_second: f64,
@@ -400,7 +401,7 @@ fn train_with(
             m.calibration
         );
         log_heads(log, "  test", &head_names, &per_head);
-        if heads > 1 {
+        if layout.mt.is_some() {
             test_heads = per_head;
         }
         Some(m)

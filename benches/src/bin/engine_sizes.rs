@@ -11,6 +11,11 @@
 //!
 //! `--cross LAYERS:RANK:STRUCTURE` (e.g. `3:0:parallel`, `3:64:stacked`): the feed model with
 //! DCN-v2 cross layers (#21); the export then holds their tensors and `cross.json`.
+//!
+//! `--mmoe EXPERTS:HEADS:TOWER` (e.g. `1:3:64`, a shared bottom; `4:3:64`, MMoE): the feed model
+//! as a multi-task model (#21): no wide part, `EXPERTS` bottoms of the feed model's hidden layers
+//! (256, 128), `HEADS` heads with towers `[TOWER, 1]` (`[1]` for 0). Items/s count items, each
+//! scored by every head.
 
 use std::time::{Duration, Instant};
 
@@ -233,9 +238,25 @@ fn main() {
                 parts.get(2).copied().unwrap_or("stacked").to_owned(),
             )
         });
-    match &cross {
-        Some((layers, rank, structure)) => write_cross(&path, *layers, *rank, structure),
-        None => feed::write_typed(&path, 1, 17, weight_type).unwrap(),
+    let mmoe = args
+        .iter()
+        .position(|a| a == "--mmoe")
+        .and_then(|i| args.get(i + 1))
+        .map(|c| {
+            let p: Vec<u32> = c
+                .split(':')
+                .map(|x| x.parse().expect("--mmoe EXPERTS:HEADS:TOWER"))
+                .collect();
+            (p[0], p[1] as usize, p[2])
+        });
+    match (&cross, mmoe) {
+        (Some((layers, rank, structure)), _) => write_cross(&path, *layers, *rank, structure),
+        (None, Some((experts, heads, tower))) => {
+            let tower = if tower == 0 { vec![1] } else { vec![tower, 1] };
+            let config = feed::multitask_config(experts, &[256, 128], &tower, heads);
+            feed::write_config(&path, &config, 1, 17).unwrap();
+        }
+        (None, None) => feed::write_typed(&path, 1, 17, weight_type).unwrap(),
     }
     let model = Model::open(&path).unwrap();
     let sizes = [20usize, 200, 1000, 10_000];
@@ -302,8 +323,11 @@ fn main() {
             ("whole, no split", Some(Split::Off)),
             ("deep layers only", None),
         ] {
-            // A cross model has no split, and its deep layers alone are not the model.
-            if cross.is_some() && mode != "whole, split" {
+            // A cross model has no split, and its deep layers alone are not the model (nor a
+            // multi-task model's).
+            if (cross.is_some() && mode != "whole, split")
+                || (mmoe.is_some() && mode == "deep layers only")
+            {
                 continue;
             }
             // `--mode split|no-split|deep`: one mode only (for profiling).
