@@ -16,18 +16,19 @@ prepare() {
   set -e
   mkdir -p "$out"
   local json
-  json=$(cargo test --release -p rankd-engine --test gpu -p rankd-serving --test gpu --no-run \
-    --message-format=json 2>/dev/null)
-  for t in engine serving; do
-    local exe
+  json=$(cargo test --release -p rankd-engine --test gpu --test multitask -p rankd-serving \
+    --test gpu --no-run --message-format=json 2>/dev/null)
+  # (package, test target) -> gpu-check/<package>-<target>-tests
+  for pt in engine:gpu serving:gpu engine:multitask; do
+    local exe p=${pt%%:*} t=${pt##*:}
     exe=$(echo "$json" | python3 -c "
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get('reason') == 'compiler-artifact' and m['target']['name'] == 'gpu' \
-       and m['package_id'].find('rankd-$t') >= 0 and m.get('executable'):
+    if m.get('reason') == 'compiler-artifact' and m['target']['name'] == '$t' \
+       and m['package_id'].find('rankd-$p') >= 0 and m.get('executable'):
         print(m['executable'])")
-    cp "$exe" "$out/$t-gpu-tests"
+    cp "$exe" "$out/$p-$t-tests"
   done
   cargo build --release -p rankd-serving -p rankd-loadtest -p rankd-benches \
     --bin rankd --bin rankd-load --bin gpu_bench
@@ -41,7 +42,7 @@ if [ "${1:-}" = "--prepare" ]; then
   prepare
   exit 0
 fi
-[ -x "$out/gpu_bench" ] || prepare
+[ -x "$out/gpu_bench" ] && [ -x "$out/engine-multitask-tests" ] || prepare
 
 # cuBLAS and NVRTC: the toolkit's, or the ones the image's Python packages carry
 # (nvidia-cublas, nvidia-cuda-nvrtc), when they are not on the loader path already.
@@ -73,13 +74,15 @@ else
   echo "no nvidia-smi: no GPU here; the GPU tests below skip and say why"
 fi
 
-for t in engine serving; do
-  echo "== $t GPU tests"
+# The GPU test binaries; the multi-task one runs its GPU tests only (emulated and CUDA).
+for t in engine-gpu serving-gpu "engine-multitask every_head_on"; do
+  set -- $t
+  echo "== $1 tests ${2:+(filter: $2)}"
   log=$(mktemp)
-  RANKD_BIN="$PWD/$out/rankd" "$out/$t-gpu-tests" --test-threads 1 --nocapture 2>&1 | tee "$log"
+  RANKD_BIN="$PWD/$out/rankd" "$out/$1-tests" ${2:-} --test-threads 1 --nocapture 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || failed=1
-  summary+=("$t GPU tests: $(grep -E '^test result' "$log" | tail -1) $(grep -m1 -o 'skipped: .*' "$log")")
+  summary+=("$1 tests: $(grep -E '^test result' "$log" | tail -1) $(grep -m1 -o 'skipped: .*' "$log")")
 done
 
 echo "== GPU benchmark"

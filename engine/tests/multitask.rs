@@ -1,7 +1,8 @@
 //! Multi-task heads (a shared bottom and MMoE, towers with and without hidden layers) in the
 //! CPU engine, on every kernel build this CPU runs, with the request-level split of the fused
 //! first layer and without, against the f64 reference head by head; a bad request fails alone
-//! with the other requests' heads in place; and the GPU backend leaves such a model to the CPU.
+//! with the other requests' heads in place; and every head on the GPU backend (emulated devices
+//! here, real ones where there are any) equal to the CPU engine's.
 
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::kernel::Isa;
@@ -115,19 +116,122 @@ fn a_bad_request_fails_alone_and_the_others_keep_their_heads() {
     }
 }
 
-#[test]
-fn a_multitask_model_stays_on_the_cpu_engine_when_gpus_serve() {
-    use rankd_engine::gpu::{BatchSettings, Gpus};
+/// Scores `reqs` of every multi-task model on `gpus` and compares every head with the CPU
+/// engine: one-layer and deeper experts, one expert and several, towers with and without hidden
+/// layers; requests of different shapes merged into one device batch.
+fn gpu_heads_equal_the_cpu_engine(gpus: &std::sync::Arc<rankd_engine::gpu::Gpus>, tolerance: f32) {
     let dir = tempfile::tempdir().unwrap();
-    let m = std::sync::Arc::new(model(dir.path(), 2, &[16], &[1], 2));
-    let gpus = Gpus::emulated(1, BatchSettings::default());
-    let err = gpus.load(&m).unwrap_err();
-    assert!(err.to_string().contains("multi-task"), "{err}");
-    assert_eq!(m.backend(), "cpu");
-    // Its GPU core's handle scores it on the CPU, every head.
-    let values = feed::request(12, 6);
-    let req = DenseRequest::from(&values);
-    let mut out = BatchOutput::default();
-    gpus.core().score_blocking(&m, &[&req], &mut out);
-    assert_eq!(out.head(0, 1).unwrap().unwrap().len(), 12);
+    let values = [
+        feed::request(130, 3),
+        feed::request(7, 4),
+        feed::request(1, 5),
+        feed::request(300, 6),
+    ];
+    let reqs: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
+    let refs: Vec<&dyn Request> = reqs.iter().map(|r| r as &dyn Request).collect();
+    for (experts, layers, tower, heads) in [
+        (4, &[64, 32][..], &[16, 1][..], 3),
+        (1, &[48][..], &[1][..], 2),
+        (3, &[40][..], &[8, 8, 1][..], 4),
+        (1, &[32, 16, 8][..], &[16, 1][..], 2),
+    ] {
+        let m = std::sync::Arc::new(model(dir.path(), experts, layers, tower, heads));
+        gpus.load(&m).unwrap();
+        assert_ne!(m.backend(), "cpu");
+        let mut got = BatchOutput::default();
+        gpus.core().score_blocking(&m, &refs, &mut got);
+        let mut want = BatchOutput::default();
+        CpuEngine::new().score(&m, &refs, &mut want);
+        for i in 0..refs.len() {
+            for h in 0..heads {
+                let (g, w) = (
+                    got.head(i, h).unwrap().unwrap(),
+                    want.head(i, h).unwrap().unwrap(),
+                );
+                assert_eq!(g.len(), w.len());
+                for (j, (a, b)) in g.iter().zip(w).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tolerance,
+                        "{experts} experts {layers:?} {tower:?}: request {i} head {h} item {j}: \
+                         gpu {a} vs cpu {b}"
+                    );
+                }
+            }
+            assert!(got.head(i, heads).is_none());
+        }
+    }
+}
+
+#[test]
+fn every_head_on_the_emulated_gpu_equals_the_cpu_engine() {
+    use rankd_engine::gpu::{BatchSettings, Gpus};
+    gpu_heads_equal_the_cpu_engine(&Gpus::emulated(2, BatchSettings::default()), 1e-5);
+}
+
+/// The same on real GPUs, where the CUDA driver finds one.
+#[test]
+fn every_head_on_cuda_equals_the_cpu_engine() {
+    use rankd_engine::gpu::{probe, BatchSettings, Gpus};
+    match probe() {
+        Err(why) => eprintln!("skipped: no GPU here: {why}"),
+        Ok(devs) => {
+            let ordinals: Vec<usize> = devs.iter().map(|d| d.ordinal).collect();
+            let gpus = Gpus::start(&ordinals, BatchSettings::default()).expect("the GPUs start");
+            gpu_heads_equal_the_cpu_engine(&gpus, 1e-4);
+        }
+    }
+}
+
+/// Jobs from several cores merge into shared device batches, and each gets every head of its
+/// own rows back.
+#[test]
+fn merged_device_batches_give_each_core_its_heads() {
+    use rankd_engine::gpu::{BatchSettings, Gpus};
+    use std::sync::Arc;
+    let gpus = Gpus::emulated(
+        1,
+        BatchSettings {
+            max_batch_items: 4096,
+            max_wait: std::time::Duration::from_millis(5),
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let m = Arc::new(model(dir.path(), 3, &[32, 16], &[8, 1], 3));
+    gpus.load(&m).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (gpus, m) = (gpus.clone(), m.clone());
+            std::thread::spawn(move || {
+                let mut core = gpus.core();
+                let mut cpu = CpuEngine::new();
+                for round in 0..15 {
+                    let v = feed::request(10 + t * 7, (round * 4 + t) as u64);
+                    let r = DenseRequest::from(&v);
+                    let (mut g, mut c) = (BatchOutput::default(), BatchOutput::default());
+                    core.score_blocking(&m, &[&r], &mut g);
+                    cpu.score(&m, &[&r], &mut c);
+                    for h in 0..3 {
+                        let (a, b) = (
+                            g.head(0, h).unwrap().unwrap(),
+                            c.head(0, h).unwrap().unwrap(),
+                        );
+                        for (x, y) in a.iter().zip(b) {
+                            assert!((x - y).abs() <= 1e-5, "thread {t} round {round} head {h}");
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let metrics = gpus.metrics();
+    let jobs = metrics.jobs.load(std::sync::atomic::Ordering::Relaxed);
+    let batches = metrics.batches.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(jobs, 60);
+    assert!(
+        batches < jobs,
+        "{batches} device batches for {jobs} jobs: nothing merged"
+    );
 }

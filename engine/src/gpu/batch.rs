@@ -41,6 +41,11 @@ pub(crate) struct ArenaLayout {
     pub wide: Vec<u64>,
     pub layer_w: Vec<u64>,
     pub layer_b: Vec<u64>,
+    /// A multi-task model: each expert's layers after the first, and each head's tower, as
+    /// (weight, bias) offsets. (Its first layer is the fused one of the plan's parts, its bias
+    /// the experts' and gates' first biases back to back at `layer_b[0]`.)
+    pub mt_upper: Vec<Vec<(u64, u64)>>,
+    pub mt_tower: Vec<Vec<(u64, u64)>>,
     /// Total length in f32 elements.
     pub len: u64,
     /// Every placed blob: (arena offset, blob, and the embedding table it holds when that is
@@ -71,11 +76,40 @@ impl ArenaLayout {
             let at = place(b, b.len, None, &mut a);
             a.wide.push(at);
         }
-        for l in &model.layers {
-            let w = place(l.weight, l.weight.len, None, &mut a);
-            let b = place(l.bias, l.bias.len, None, &mut a);
-            a.layer_w.push(w);
-            a.layer_b.push(b);
+        let Some(m) = model.file().spec().architecture.multitask.as_ref() else {
+            for l in &model.layers {
+                let w = place(l.weight, l.weight.len, None, &mut a);
+                let b = place(l.bias, l.bias.len, None, &mut a);
+                a.layer_w.push(w);
+                a.layer_b.push(b);
+            }
+            return a;
+        };
+        // The fused first layer's bias: every expert's first bias, then every gate's, back to
+        // back (the order of `MultiTaskView`'s fused rows).
+        let first = m.experts.iter().map(|e| &e.layers[0]);
+        let gates = m.heads.iter().filter_map(|h| h.gate.as_ref());
+        a.layer_w.push(0);
+        a.layer_b.push(a.len);
+        for l in first.chain(gates) {
+            let at = a.len;
+            a.blobs.push((at, l.bias, None));
+            a.len = at + l.bias.len;
+        }
+        a.len = a.len.div_ceil(64) * 64;
+        let pair = |l: &rankd_formats::DenseLayer, a: &mut ArenaLayout| {
+            (
+                place(l.weight, l.weight.len, None, a),
+                place(l.bias, l.bias.len, None, a),
+            )
+        };
+        for e in &m.experts {
+            let upper = e.layers[1..].iter().map(|l| pair(l, &mut a)).collect();
+            a.mt_upper.push(upper);
+        }
+        for h in &m.heads {
+            let tower = h.tower.iter().map(|l| pair(l, &mut a)).collect();
+            a.mt_tower.push(tower);
         }
         a
     }
@@ -93,7 +127,8 @@ pub(crate) fn first_layer_parts(model: &Model, plan: &Plan) -> (Vec<f32>, Vec<f3
     let Some(l) = model.layers.first() else {
         return (Vec::new(), Vec::new());
     };
-    let w = model.weights(l.weight);
+    // A multi-task model's is the fused first layer (no online updates on a GPU).
+    let w = model.layer_weight(0);
     let gather = |cols: &[usize]| {
         let mut out = vec![0f32; cols.len() * l.out_dim];
         for (j, &c) in cols.iter().enumerate() {
@@ -120,12 +155,19 @@ pub(crate) enum Mat {
     H1,
     /// Per request: wide sum (bias included), FM square sum, FM sums.
     Ut,
+    /// Multi-task: every expert's output (expert `e`'s rows from `e * rows * width`), a head's
+    /// mixture of them, and a third layer buffer.
+    E,
+    M,
+    T,
 }
 
 /// An operand of a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Src {
     Mat(Mat),
+    /// A work matrix from this element on.
+    MatAt(Mat, u32),
     /// The model's weight arena from this element on.
     Arena(u64),
     /// The plan's first-layer weights for the item / request columns.
@@ -157,12 +199,15 @@ pub(crate) enum Op {
         b: Src,
         ldb: u32,
         c: Mat,
+        /// Where in `c` the product starts.
+        c_at: u32,
         ldc: u32,
     },
     /// `dst[r][j] = act(dst[r][j] + bias[j])`, the bias row being `bias` itself or, with
-    /// `row_req_at`, row `row_req[r]` of the `bias` matrix.
+    /// `row_req_at`, row `row_req[r]` of the `bias` matrix; `dst` from element `dst_at` on.
     AddBias {
         dst: Mat,
+        dst_at: u32,
         rows: u32,
         width: u32,
         bias: Src,
@@ -181,6 +226,33 @@ pub(crate) enum Op {
         wide_bias: f32,
         fm_dim: u32,
     },
+    /// `dst[r][j] = max(dst[r][j], 0)` for the first `cols` columns of each row (a multi-task
+    /// model's fused first layer: the experts' columns, not the gates').
+    Relu {
+        dst: Mat,
+        rows: u32,
+        width: u32,
+        cols: u32,
+    },
+    /// A head's mixture of the experts: `out[r] = sum over e of softmax(g_r)[e] x_e[r]`, where
+    /// `g_r` is the `k` values of `gates` row `r` (row stride `gate_ld`) from column `gate_col`,
+    /// and `x_e[r]` the `width` values of `experts` at `e * step + r * ld`; `out` rows are
+    /// `width` apart.
+    Mix {
+        rows: u32,
+        k: u32,
+        width: u32,
+        gates: Mat,
+        gate_col: u32,
+        gate_ld: u32,
+        experts: Mat,
+        step: u32,
+        ld: u32,
+        out: Mat,
+    },
+    /// `scores[at + r] = sigmoid(src[r])` (a multi-task head's scores: head `h` at
+    /// `h * rows`).
+    Score { src: Mat, rows: u32, at: u32 },
     /// Per item row: `score = sigmoid(deep + wide + Ut[req][0] + fm)`, into the scores.
     Finish {
         rows: u32,
@@ -205,6 +277,13 @@ pub(crate) struct Sizes {
     pub ub: usize,
     pub h: usize,
     pub ut: usize,
+    /// Multi-task: the experts' outputs, a mixture, the third layer buffer.
+    pub e: usize,
+    pub m: usize,
+    pub t: usize,
+    /// Scores per row: the heads (1 for a single-task model). The scores are head by head:
+    /// head `h` of row `r` at `h * rows + r`.
+    pub heads: usize,
 }
 
 impl Sizes {
@@ -215,7 +294,15 @@ impl Sizes {
             Mat::Ub => self.ub,
             Mat::H0 | Mat::H1 => self.h,
             Mat::Ut => self.ut,
+            Mat::E => self.e,
+            Mat::M => self.m,
+            Mat::T => self.t,
         }
+    }
+
+    /// Scores of the batch: a row's per head.
+    pub fn scores(&self) -> usize {
+        self.rows * self.heads.max(1)
     }
 }
 
@@ -359,14 +446,27 @@ pub(crate) fn assemble(
     let fm_dim = if model.fm { model.emb[0].dim as u32 } else { 0 };
     let out1 = model.layers.first().map_or(0, |l| l.out_dim);
     let widest = model.layers.iter().map(|l| l.out_dim).max().unwrap_or(0);
+    let mt = model.mt.as_deref();
+    let mt_widest = mt.map_or(0, |m| {
+        let upper = m.upper.iter().flatten().map(|l| l.out_dim);
+        let towers = m
+            .heads
+            .iter()
+            .flat_map(|h| h.hidden.iter().map(|l| l.out_dim));
+        upper.chain(towers).max().unwrap_or(0).max(1)
+    });
     let sizes = Sizes {
         rows,
         reqs,
         x: rows * plan.k_item,
         u: reqs * plan.k_user,
         ub: reqs * out1,
-        h: rows * widest,
+        h: rows * widest.max(mt_widest),
         ut: reqs * (fm_dim as usize + 2),
+        e: mt.map_or(0, |m| m.experts * rows * m.e_out),
+        m: mt.map_or(0, |m| rows * m.e_out),
+        t: rows * mt_widest,
+        heads: model.num_heads(),
     };
 
     ops.push(Op::Fill {
@@ -397,10 +497,12 @@ pub(crate) fn assemble(
             b: Src::Mat(Mat::U),
             ldb: k_user.max(1),
             c: Mat::Ub,
+            c_at: 0,
             ldc: out1,
         });
         ops.push(Op::AddBias {
             dst: Mat::Ub,
+            dst_at: 0,
             rows: reqs32,
             width: out1,
             bias: Src::Arena(arena.layer_b[0]),
@@ -418,16 +520,22 @@ pub(crate) fn assemble(
             b: Src::Mat(Mat::X),
             ldb: k_item.max(1),
             c: Mat::H0,
+            c_at: 0,
             ldc: out1,
         });
         ops.push(Op::AddBias {
             dst: Mat::H0,
+            dst_at: 0,
             rows: rows32,
             width: out1,
             bias: Src::Mat(Mat::Ub),
             row_req_at: Some(row_req_at),
             relu: l0.relu,
         });
+        if let Some(m) = mt {
+            multitask_ops(m, arena, rows32, ops);
+            return sizes;
+        }
         let mut cur = Mat::H0;
         for (i, l) in model.layers.iter().enumerate().skip(1) {
             let next = if cur == Mat::H0 { Mat::H1 } else { Mat::H0 };
@@ -442,10 +550,12 @@ pub(crate) fn assemble(
                 b: Src::Mat(cur),
                 ldb: l.in_dim as u32,
                 c: next,
+                c_at: 0,
                 ldc: l.out_dim as u32,
             });
             ops.push(Op::AddBias {
                 dst: next,
+                dst_at: 0,
                 rows: rows32,
                 width: l.out_dim as u32,
                 bias: Src::Arena(arena.layer_b[i]),
@@ -478,6 +588,150 @@ pub(crate) fn assemble(
         fm_dim,
     });
     sizes
+}
+
+/// The ops of a multi-task model after its fused first layer (in `H0`, bias added, no
+/// activation): the experts' ReLU, their later layers, each head's mixture and tower, and the
+/// heads' scores (docs/model.md).
+fn multitask_ops(m: &crate::MultiTaskView, arena: &ArenaLayout, rows: u32, ops: &mut Vec<Op>) {
+    let (k, e1, eo, w0) = (
+        m.experts as u32,
+        m.e1 as u32,
+        m.e_out as u32,
+        m.width() as u32,
+    );
+    ops.push(Op::Relu {
+        dst: Mat::H0,
+        rows,
+        width: w0,
+        cols: k * e1,
+    });
+    // Where each expert's output is: its columns of H0 (one-layer experts), or `E`.
+    let deep = !m.upper[0].is_empty();
+    let (experts, step, ld) = if deep {
+        (Mat::E, rows * eo, eo)
+    } else {
+        (Mat::H0, e1, w0)
+    };
+    if deep {
+        for (e, upper) in m.upper.iter().enumerate() {
+            let (mut src, mut at, mut ld, mut width) = (Mat::H0, e as u32 * e1, w0, e1);
+            for (i, l) in upper.iter().enumerate() {
+                let out = l.out_dim as u32;
+                let next = if i + 1 == upper.len() {
+                    None
+                } else if src == Mat::H1 {
+                    Some(Mat::T)
+                } else {
+                    Some(Mat::H1)
+                };
+                let (dst, dst_at) = next.map_or((Mat::E, e as u32 * rows * eo), |n| (n, 0));
+                let (wo, bo) = arena.mt_upper[e][i];
+                ops.push(Op::Gemm {
+                    transa: true,
+                    m: out,
+                    n: rows,
+                    k: width,
+                    a: Src::Arena(wo),
+                    lda: width,
+                    b: Src::MatAt(src, at),
+                    ldb: ld,
+                    c: dst,
+                    c_at: dst_at,
+                    ldc: out,
+                });
+                ops.push(Op::AddBias {
+                    dst,
+                    dst_at,
+                    rows,
+                    width: out,
+                    bias: Src::Arena(bo),
+                    row_req_at: None,
+                    relu: true,
+                });
+                (src, at, ld, width) = (dst, dst_at, out, out);
+            }
+        }
+    }
+    for (h, head) in m.heads.iter().enumerate() {
+        // The head's input: the mixture, or the one expert's output.
+        let (mut src, mut at, mut ld) = if k > 1 {
+            ops.push(Op::Mix {
+                rows,
+                k,
+                width: eo,
+                gates: Mat::H0,
+                gate_col: head.gate_col as u32,
+                gate_ld: w0,
+                experts,
+                step,
+                ld,
+                out: Mat::M,
+            });
+            (Mat::M, 0, eo)
+        } else {
+            (experts, 0, ld)
+        };
+        let mut width = eo;
+        let tower = &arena.mt_tower[h];
+        for (i, l) in head.hidden.iter().enumerate() {
+            let dst = if src == Mat::H1 { Mat::T } else { Mat::H1 };
+            let out = l.out_dim as u32;
+            ops.push(Op::Gemm {
+                transa: true,
+                m: out,
+                n: rows,
+                k: width,
+                a: Src::Arena(tower[i].0),
+                lda: width,
+                b: Src::MatAt(src, at),
+                ldb: ld,
+                c: dst,
+                c_at: 0,
+                ldc: out,
+            });
+            ops.push(Op::AddBias {
+                dst,
+                dst_at: 0,
+                rows,
+                width: out,
+                bias: Src::Arena(tower[i].1),
+                row_req_at: None,
+                relu: true,
+            });
+            (src, at, ld, width) = (dst, 0, out, out);
+        }
+        // The one-wide output: a row of logits, then its bias, then the head's scores.
+        let dst = if src == Mat::H1 { Mat::T } else { Mat::H1 };
+        let (wo, bo) = tower[head.hidden.len()];
+        ops.push(Op::Gemm {
+            transa: true,
+            m: 1,
+            n: rows,
+            k: width,
+            a: Src::Arena(wo),
+            lda: width,
+            b: Src::MatAt(src, at),
+            ldb: ld,
+            c: dst,
+            c_at: 0,
+            ldc: 1,
+        });
+        ops.push(Op::AddBias {
+            dst,
+            dst_at: 0,
+            rows,
+            width: 1,
+            bias: Src::Arena(bo),
+            row_req_at: None,
+            relu: false,
+        });
+        ops.push(Op::Score {
+            src: dst,
+            rows,
+            at: h as u32 * rows,
+        });
+    }
 }
 
 fn side(p: &Rows, item: bool) -> &SlotBatch {

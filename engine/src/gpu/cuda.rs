@@ -134,6 +134,47 @@ extern "C" __global__ void rk_finish(const unsigned* __restrict__ w,
     }
     scores[row] = logit >= 0.0f ? 1.0f / (1.0f + expf(-logit)) : expf(logit) / (1.0f + expf(logit));
 }
+
+extern "C" __global__ void rk_relu_cols(float* __restrict__ dst, unsigned rows, unsigned width,
+                                        unsigned cols) {
+    unsigned long long n = (unsigned long long)rows * cols;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        float* p = dst + (i / cols) * width + (i % cols);
+        *p = fmaxf(*p, 0.0f);
+    }
+}
+
+// One thread per (row, column) of the mixture; each recomputes its row's softmax (k is small)
+// in the host executor's order: max, sum of exp, then p_e x_e summed over e.
+extern "C" __global__ void rk_mix(const float* __restrict__ g, const float* __restrict__ x,
+                                  float* __restrict__ out, unsigned rows, unsigned k,
+                                  unsigned width, unsigned gate_col, unsigned gate_ld,
+                                  unsigned step, unsigned ld) {
+    unsigned long long n = (unsigned long long)rows * width;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long r = i / width, j = i % width;
+        const float* z = g + r * gate_ld + gate_col;
+        float mx = -INFINITY;
+        for (unsigned e = 0; e < k; ++e) mx = fmaxf(mx, z[e]);
+        float sum = 0.0f;
+        for (unsigned e = 0; e < k; ++e) sum += expf(z[e] - mx);
+        float acc = 0.0f;
+        for (unsigned e = 0; e < k; ++e) {
+            acc += expf(z[e] - mx) / sum * x[(unsigned long long)e * step + r * ld + j];
+        }
+        out[i] = acc;
+    }
+}
+
+extern "C" __global__ void rk_score(const float* __restrict__ src, float* __restrict__ scores,
+                                    unsigned rows, unsigned at) {
+    unsigned r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float logit = src[r];
+    scores[at + r] = logit >= 0.0f ? 1.0f / (1.0f + expf(-logit)) : expf(logit) / (1.0f + expf(logit));
+}
 "#;
 
 /// Finds the libraries and the devices. Never panics: each library is looked for before the
@@ -206,6 +247,9 @@ struct Kernels {
     add_bias: CudaFunction,
     user_terms: CudaFunction,
     finish: CudaFunction,
+    relu_cols: CudaFunction,
+    mix: CudaFunction,
+    score: CudaFunction,
 }
 
 /// Starts device `ordinal`: context, kernels, streams, cuBLAS handles.
@@ -247,6 +291,9 @@ pub(super) fn open(ordinal: usize) -> Result<(CudaExecutor, CudaUploader, String
         add_bias: f("rk_add_bias")?,
         user_terms: f("rk_user_terms")?,
         finish: f("rk_finish")?,
+        relu_cols: f("rk_relu_cols")?,
+        mix: f("rk_mix")?,
+        score: f("rk_score")?,
     };
     let mut slots = Vec::new();
     for _ in 0..SLOTS {
@@ -327,10 +374,21 @@ struct Slot {
     mats: Vec<Option<CudaSlice<f32>>>,
     scores: CudaSlice<f32>,
     host_scores: PinnedHostSlice<f32>,
-    rows: usize,
+    /// Scores of the batch in flight (rows times heads).
+    n_scores: usize,
 }
 
-const MATS: [Mat; 6] = [Mat::X, Mat::U, Mat::Ub, Mat::H0, Mat::H1, Mat::Ut];
+const MATS: [Mat; 9] = [
+    Mat::X,
+    Mat::U,
+    Mat::Ub,
+    Mat::H0,
+    Mat::H1,
+    Mat::Ut,
+    Mat::E,
+    Mat::M,
+    Mat::T,
+];
 
 fn mat(mats: &[Option<CudaSlice<f32>>], m: Mat) -> &CudaSlice<f32> {
     mats[mat_index(m)]
@@ -349,6 +407,7 @@ fn source<'a>(
 ) -> CudaView<'a, f32> {
     match src {
         Src::Mat(m) => mat(mats, m).as_view(),
+        Src::MatAt(m, at) => mat(mats, m).slice(at as usize..),
         Src::Arena(off) => arena.slice(off as usize..),
         Src::W1Item => w1_item.as_view(),
         Src::W1User => w1_user.as_view(),
@@ -386,7 +445,7 @@ impl Slot {
             stream,
             blas,
             done,
-            rows: 0,
+            n_scores: 0,
         })
     }
 
@@ -412,10 +471,11 @@ impl Slot {
                 self.mats[i] = Some(self.stream.alloc_zeros(grow(need))?);
             }
         }
-        if self.scores.len() < sizes.rows.max(1) || self.host_scores.len() < sizes.rows.max(1) {
-            self.scores = self.stream.alloc_zeros(grow(sizes.rows))?;
+        let scores = sizes.scores();
+        if self.scores.len() < scores.max(1) || self.host_scores.len() < scores.max(1) {
+            self.scores = self.stream.alloc_zeros(grow(scores))?;
             // SAFETY: read only after the copy into it completed.
-            self.host_scores = unsafe { ctx.alloc_pinned_with_flags(grow(sizes.rows), 0) }?;
+            self.host_scores = unsafe { ctx.alloc_pinned_with_flags(grow(scores), 0) }?;
         }
         Ok(())
     }
@@ -522,6 +582,7 @@ impl CudaExecutor {
                     b,
                     ldb,
                     c,
+                    c_at,
                     ldc,
                 } => {
                     let ci = mat_index(c);
@@ -533,10 +594,11 @@ impl CudaExecutor {
                         .take()
                         .expect("work matrices are in place between ops");
                     let result = (|| -> Result<(), GpuError> {
+                        let at = c_at as usize;
                         if kk == 0 {
                             return s
                                 .stream
-                                .memset_zeros(&mut cbuf.slice_mut(..m as usize * n as usize))
+                                .memset_zeros(&mut cbuf.slice_mut(at..at + m as usize * n as usize))
                                 .map_err(|e| driver("gemm (k = 0)", e));
                         }
                         let view = |src| source(&s.mats, arena, w1_item, w1_user, src);
@@ -557,9 +619,10 @@ impl CudaExecutor {
                             beta: 0.0f32,
                             ldc: ldc as i32,
                         };
-                        // SAFETY: shapes and leading dimensions come from `assemble` for the
-                        // buffers `reserve` sized; C is a different buffer from A and B.
-                        unsafe { s.blas.gemm(cfg, &av, &bv, &mut cbuf) }.map_err(|e| {
+                        let mut cv = cbuf.slice_mut(at..);
+                        // SAFETY: shapes, leading dimensions and C's offset come from `assemble`
+                        // for the buffers `reserve` sized; C is a different buffer from A and B.
+                        unsafe { s.blas.gemm(cfg, &av, &bv, &mut cv) }.map_err(|e| {
                             GpuError::new(GpuErrorKind::Failed, format!("cuBLAS sgemm: {e:?}"))
                         })
                     })();
@@ -568,6 +631,7 @@ impl CudaExecutor {
                 }
                 Op::AddBias {
                     dst,
+                    dst_at,
                     rows,
                     width,
                     bias,
@@ -590,13 +654,90 @@ impl CudaExecutor {
                         block_dim: (256, 1, 1),
                         shared_mem_bytes: 0,
                     };
-                    let mut b = s.stream.launch_builder(&k.add_bias);
-                    b.arg(&mut out).arg(&bias_view).arg(&s.staging);
-                    b.arg(&rows).arg(&width).arg(&at).arg(&per).arg(&relu);
-                    // SAFETY: signature matches; indices stay inside the buffers (see `assemble`).
-                    let r = unsafe { b.launch(cfg) }.map_err(|e| driver("bias", e));
+                    let r = {
+                        let mut dst_view = out.slice_mut(dst_at as usize..);
+                        let mut b = s.stream.launch_builder(&k.add_bias);
+                        b.arg(&mut dst_view).arg(&bias_view).arg(&s.staging);
+                        b.arg(&rows).arg(&width).arg(&at).arg(&per).arg(&relu);
+                        // SAFETY: signature matches; indices stay inside the buffers (see
+                        // `assemble`).
+                        unsafe { b.launch(cfg) }.map_err(|e| driver("bias", e))
+                    };
                     s.mats[di] = Some(out);
                     r?;
+                }
+                Op::Relu {
+                    dst,
+                    rows,
+                    width,
+                    cols,
+                } => {
+                    let n = rows as u64 * cols as u64;
+                    if n == 0 {
+                        continue;
+                    }
+                    let cfg = LaunchConfig {
+                        grid_dim: (blocks(n, 256), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let out = s.mats[mat_index(dst)].as_mut().expect("in place");
+                    let mut b = s.stream.launch_builder(&k.relu_cols);
+                    b.arg(out).arg(&rows).arg(&width).arg(&cols);
+                    // SAFETY: signature matches; `rows * width` elements are in place.
+                    unsafe { b.launch(cfg) }.map_err(|e| driver("relu", e))?;
+                }
+                Op::Mix {
+                    rows,
+                    k: experts,
+                    width,
+                    gates,
+                    gate_col,
+                    gate_ld,
+                    experts: xs,
+                    step,
+                    ld,
+                    out,
+                } => {
+                    let n = rows as u64 * width as u64;
+                    if n == 0 {
+                        continue;
+                    }
+                    let cfg = LaunchConfig {
+                        grid_dim: (blocks(n, 256), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let oi = mat_index(out);
+                    let mut dst = s.mats[oi]
+                        .take()
+                        .expect("work matrices are in place between ops");
+                    let mut b = s.stream.launch_builder(&k.mix);
+                    b.arg(mat(&s.mats, gates))
+                        .arg(mat(&s.mats, xs))
+                        .arg(&mut dst);
+                    b.arg(&rows).arg(&experts).arg(&width).arg(&gate_col);
+                    b.arg(&gate_ld).arg(&step).arg(&ld);
+                    // SAFETY: signature matches; the gates, experts and output sizes come from
+                    // `assemble` (Sizes::e, m, h); `out` is neither input.
+                    let r = unsafe { b.launch(cfg) }.map_err(|e| driver("mix", e));
+                    s.mats[oi] = Some(dst);
+                    r?;
+                }
+                Op::Score { src, rows, at } => {
+                    if rows == 0 {
+                        continue;
+                    }
+                    let cfg = LaunchConfig {
+                        grid_dim: (blocks(rows as u64, 128), 1, 1),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let mut b = s.stream.launch_builder(&k.score);
+                    b.arg(mat(&s.mats, src)).arg(&mut s.scores);
+                    b.arg(&rows).arg(&at);
+                    // SAFETY: signature matches; the scores hold `rows * heads` values.
+                    unsafe { b.launch(cfg) }.map_err(|e| driver("score", e))?;
                 }
                 Op::UserTerms {
                     reqs,
@@ -734,14 +875,15 @@ impl CudaExecutor {
         }
         self.run_ops(slot, &resident.arena, plan_key, ops)?;
         let s = &mut self.slots[slot];
-        s.rows = sizes.rows;
-        if sizes.rows > 0 {
+        // Every head's scores, head by head.
+        s.n_scores = sizes.scores();
+        if s.n_scores > 0 {
             let host = s
                 .host_scores
                 .as_mut_slice()
                 .map_err(|e| driver("scores", e))?;
             s.stream
-                .memcpy_dtoh(&s.scores.slice(..sizes.rows), &mut host[..sizes.rows])
+                .memcpy_dtoh(&s.scores.slice(..s.n_scores), &mut host[..s.n_scores])
                 .map_err(|e| driver("scores download", e))?;
         }
         s.done.record(&s.stream).map_err(|e| driver("event", e))?;
@@ -792,7 +934,7 @@ impl super::worker::Executor for CudaExecutor {
         let s = &self.slots[slot];
         s.done.synchronize().map_err(|e| driver("batch", e))?;
         let host = s.host_scores.as_slice().map_err(|e| driver("scores", e))?;
-        Ok(&host[..s.rows])
+        Ok(&host[..s.n_scores])
     }
 
     fn forget(&mut self, model_id: u64) {

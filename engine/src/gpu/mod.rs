@@ -464,10 +464,10 @@ impl Gpus {
     /// that took it; one that refuses it (out of memory) leaves it to the others, and a model
     /// no device took runs on the CPU. Returns the first refusal when no device took it.
     pub fn load(&self, model: &Arc<Model>) -> Result<(), GpuError> {
-        if model.cross.is_some() || model.mt.is_some() {
+        if model.cross.is_some() {
             let e = GpuError::new(
                 GpuErrorKind::NotResident,
-                "DCN-v2 cross layers and multi-task heads run on the CPU engine only",
+                "DCN-v2 cross layers run on the CPU engine only",
             );
             *model
                 .placement
@@ -696,11 +696,23 @@ impl GpuCore {
                     rows,
                     result: Ok(()),
                 }) => {
+                    // Head by head (one head for a single-task model): the default head to
+                    // `scores`, the others to `heads`.
+                    let n = rows.items();
+                    let heads = model.num_heads();
                     for seg in &rows.segs {
                         let begin = out.scores.len();
                         out.scores
                             .extend_from_slice(&rows.scores[seg.start..seg.start + seg.len]);
                         out.results[base + seg.request] = Ok(begin..out.scores.len());
+                        if heads > 1 {
+                            out.head_at[base + seg.request] = (out.heads.len(), (heads - 1) as u32);
+                            for h in 1..heads {
+                                let from = h * n + seg.start;
+                                out.heads
+                                    .extend_from_slice(&rows.scores[from..from + seg.len]);
+                            }
+                        }
                     }
                     self.spare.push(rows);
                 }
@@ -752,11 +764,20 @@ impl GpuCore {
         let subset: Vec<&dyn Request> = rows.segs.iter().map(|s| requests[s.request]).collect();
         let mut tmp = BatchOutput::default();
         self.cpu.score(model, &subset, &mut tmp);
+        let heads = model.num_heads();
         for (i, seg) in rows.segs.iter().enumerate() {
             out.results[base + seg.request] = match tmp.get(i) {
                 Ok(s) => {
                     let begin = out.scores.len();
                     out.scores.extend_from_slice(s);
+                    if heads > 1 {
+                        out.head_at[base + seg.request] = (out.heads.len(), (heads - 1) as u32);
+                        for h in 1..heads {
+                            if let Some(Ok(v)) = tmp.head(i, h) {
+                                out.heads.extend_from_slice(v);
+                            }
+                        }
+                    }
                     Ok(begin..out.scores.len())
                 }
                 Err(_) => match std::mem::replace(&mut tmp.results[i], Ok(0..0)) {

@@ -14,8 +14,23 @@ pub(crate) struct Work {
     pub h0: Vec<f32>,
     pub h1: Vec<f32>,
     pub ut: Vec<f32>,
+    pub e: Vec<f32>,
+    pub m: Vec<f32>,
+    pub t: Vec<f32>,
     pub scores: Vec<f32>,
 }
+
+const MATS: [Mat; 9] = [
+    Mat::X,
+    Mat::U,
+    Mat::Ub,
+    Mat::H0,
+    Mat::H1,
+    Mat::Ut,
+    Mat::E,
+    Mat::M,
+    Mat::T,
+];
 
 impl Work {
     fn mat(&self, m: Mat) -> &Vec<f32> {
@@ -26,6 +41,9 @@ impl Work {
             Mat::H0 => &self.h0,
             Mat::H1 => &self.h1,
             Mat::Ut => &self.ut,
+            Mat::E => &self.e,
+            Mat::M => &self.m,
+            Mat::T => &self.t,
         }
     }
 
@@ -37,19 +55,22 @@ impl Work {
             Mat::H0 => &mut self.h0,
             Mat::H1 => &mut self.h1,
             Mat::Ut => &mut self.ut,
+            Mat::E => &mut self.e,
+            Mat::M => &mut self.m,
+            Mat::T => &mut self.t,
         }
     }
 
     /// Sizes every buffer for `s`, with garbage (NaN) where the ops must write before they
     /// read, so that a missing write shows in the scores.
     fn size(&mut self, s: &Sizes) {
-        for m in [Mat::X, Mat::U, Mat::Ub, Mat::H0, Mat::H1, Mat::Ut] {
+        for m in MATS {
             let v = self.mat_mut(m);
             v.clear();
             v.resize(s.of(m), f32::NAN);
         }
         self.scores.clear();
-        self.scores.resize(s.rows, f32::NAN);
+        self.scores.resize(s.scores(), f32::NAN);
     }
 }
 
@@ -65,6 +86,7 @@ pub(crate) struct Weights<'a> {
 fn source<'a>(w: &Weights<'a>, work: &'a Work, s: Src) -> &'a [f32] {
     match s {
         Src::Mat(m) => work.mat(m),
+        Src::MatAt(m, at) => &work.mat(m)[at as usize..],
         Src::Arena(off) => &w.arena[off as usize..],
         Src::W1Item => w.w1_item,
         Src::W1User => w.w1_user,
@@ -127,9 +149,11 @@ pub(crate) fn run(w: Weights<'_>, words: &[u32], ops: &[Op], sizes: &Sizes, work
                 b,
                 ldb,
                 c,
+                c_at,
                 ldc,
             } => {
-                let mut out = std::mem::take(work.mat_mut(c));
+                let mut whole = std::mem::take(work.mat_mut(c));
+                let out = &mut whole[c_at as usize..];
                 let (a, b) = (source(&w, work, a), source(&w, work, b));
                 let (lda, ldb, ldc) = (lda as usize, ldb as usize, ldc as usize);
                 for j in 0..n as usize {
@@ -146,17 +170,19 @@ pub(crate) fn run(w: Weights<'_>, words: &[u32], ops: &[Op], sizes: &Sizes, work
                         out[i + j * ldc] = acc;
                     }
                 }
-                *work.mat_mut(c) = out;
+                *work.mat_mut(c) = whole;
             }
             Op::AddBias {
                 dst,
+                dst_at,
                 rows,
                 width,
                 bias,
                 row_req_at,
                 relu,
             } => {
-                let mut out = std::mem::take(work.mat_mut(dst));
+                let mut whole = std::mem::take(work.mat_mut(dst));
+                let out = &mut whole[dst_at as usize..];
                 let bias = source(&w, work, bias);
                 let width = width as usize;
                 for r in 0..rows as usize {
@@ -166,7 +192,56 @@ pub(crate) fn run(w: Weights<'_>, words: &[u32], ops: &[Op], sizes: &Sizes, work
                         out[r * width + j] = if relu { v.max(0.0) } else { v };
                     }
                 }
-                *work.mat_mut(dst) = out;
+                *work.mat_mut(dst) = whole;
+            }
+            Op::Relu {
+                dst,
+                rows,
+                width,
+                cols,
+            } => {
+                let out = work.mat_mut(dst);
+                for r in 0..rows as usize {
+                    for v in &mut out[r * width as usize..][..cols as usize] {
+                        *v = v.max(0.0);
+                    }
+                }
+            }
+            Op::Mix {
+                rows,
+                k,
+                width,
+                gates,
+                gate_col,
+                gate_ld,
+                experts,
+                step,
+                ld,
+                out,
+            } => {
+                let mut dst = std::mem::take(work.mat_mut(out));
+                let (g, x) = (work.mat(gates), work.mat(experts));
+                let (k, width) = (k as usize, width as usize);
+                for r in 0..rows as usize {
+                    let z = &g[r * gate_ld as usize + gate_col as usize..][..k];
+                    let max = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                    let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
+                    let o = &mut dst[r * width..(r + 1) * width];
+                    o.fill(0.0);
+                    for (e, &zv) in z.iter().enumerate() {
+                        let p = (zv - max).exp() / sum;
+                        let xe = &x[e * step as usize + r * ld as usize..][..width];
+                        for (o, v) in o.iter_mut().zip(xe) {
+                            *o += p * v;
+                        }
+                    }
+                }
+                *work.mat_mut(out) = dst;
+            }
+            Op::Score { src, rows, at } => {
+                for r in 0..rows as usize {
+                    work.scores[at as usize + r] = crate::sigmoid(work.mat(src)[r]);
+                }
             }
             Op::UserTerms {
                 reqs,

@@ -348,11 +348,18 @@ impl<E: Executor> Worker<E> {
         let jobs = std::mem::take(&mut self.busy[slot]);
         match self.exec.finish(slot) {
             Ok(scores) => {
+                // Head by head over the whole batch; each job takes its rows of every head,
+                // head by head too.
+                let heads = jobs.first().map_or(1, |j| j.model.num_heads());
+                let total = scores.len() / heads;
                 let mut at = 0;
                 for mut j in jobs {
                     let n = j.rows.items();
                     j.rows.scores.clear();
-                    j.rows.scores.extend_from_slice(&scores[at..at + n]);
+                    for h in 0..heads {
+                        let from = h * total + at;
+                        j.rows.scores.extend_from_slice(&scores[from..from + n]);
+                    }
                     at += n;
                     answer(j, Ok(()));
                 }
