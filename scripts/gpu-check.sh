@@ -16,10 +16,10 @@ prepare() {
   set -e
   mkdir -p "$out"
   local json
-  json=$(cargo test --release -p rankd-engine --test gpu --test multitask -p rankd-serving \
-    --test gpu --no-run --message-format=json 2>/dev/null)
+  json=$(cargo test --release -p rankd-engine --test gpu --test multitask --test cross \
+    -p rankd-serving --test gpu --no-run --message-format=json 2>/dev/null)
   # (package, test target) -> gpu-check/<package>-<target>-tests
-  for pt in engine:gpu serving:gpu engine:multitask; do
+  for pt in engine:gpu serving:gpu engine:multitask engine:cross; do
     local exe p=${pt%%:*} t=${pt##*:}
     exe=$(echo "$json" | python3 -c "
 import json, sys
@@ -42,7 +42,7 @@ if [ "${1:-}" = "--prepare" ]; then
   prepare
   exit 0
 fi
-[ -x "$out/gpu_bench" ] && [ -x "$out/engine-multitask-tests" ] || prepare
+[ -x "$out/gpu_bench" ] && [ -x "$out/engine-cross-tests" ] || prepare
 
 # cuBLAS and NVRTC: the toolkit's, or the ones the image's Python packages carry
 # (nvidia-cublas, nvidia-cuda-nvrtc), when they are not on the loader path already.
@@ -74,8 +74,9 @@ else
   echo "no nvidia-smi: no GPU here; the GPU tests below skip and say why"
 fi
 
-# The GPU test binaries; the multi-task one runs its GPU tests only (emulated and CUDA).
-for t in engine-gpu serving-gpu "engine-multitask every_head_on"; do
+# The GPU test binaries; the multi-task and cross ones run their GPU tests only (emulated and
+# CUDA).
+for t in engine-gpu serving-gpu "engine-multitask every_head_on" "engine-cross cross_models_on"; do
   set -- $t
   echo "== $1 tests ${2:+(filter: $2)}"
   log=$(mktemp)

@@ -1,7 +1,7 @@
 //! DCN-v2 cross layers (full-rank and low-rank, stacked and parallel) in the CPU engine, on
 //! every kernel build this CPU runs, with the request-level split of the first cross product and
-//! without, against the f64 reference; and a cross model is refused by
-//! the GPU backend's placement (it is served by the CPU engine).
+//! without, against the f64 reference; and on the GPU backend (emulated devices here, real ones
+//! where there are any) equal to the CPU engine.
 
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::kernel::Isa;
@@ -88,14 +88,63 @@ fn cross_models_score_what_the_reference_scores_on_every_isa() {
     }
 }
 
-#[test]
-fn a_cross_model_stays_on_the_cpu_engine_when_gpus_serve() {
-    use rankd_engine::gpu::{BatchSettings, Gpus};
+/// Every cross variant on `gpus` against the CPU engine: requests of several shapes in one call
+/// (the first product split by request), merged into device batches.
+fn gpu_equals_the_cpu_engine(gpus: &std::sync::Arc<rankd_engine::gpu::Gpus>, tolerance: f32) {
     let dir = tempfile::tempdir().unwrap();
-    let m = std::sync::Arc::new(model(dir.path(), 8, CrossStructure::Parallel));
-    let gpus = Gpus::emulated(1, BatchSettings::default());
-    let err = gpus.load(&m).unwrap_err();
-    assert!(err.to_string().contains("cross"), "{err}");
-    assert_eq!(m.backend(), "cpu");
-    assert!(m.placement_note().is_some_and(|n| n.contains("cross")));
+    let values = [
+        feed::request(130, 3),
+        feed::request(7, 4),
+        feed::request(1, 5),
+        feed::request(300, 6),
+    ];
+    let reqs: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
+    let refs: Vec<&dyn rankd_engine::Request> = reqs
+        .iter()
+        .map(|r| r as &dyn rankd_engine::Request)
+        .collect();
+    for (rank, structure) in [
+        (0, CrossStructure::Stacked),
+        (0, CrossStructure::Parallel),
+        (16, CrossStructure::Stacked),
+        (16, CrossStructure::Parallel),
+    ] {
+        let m = std::sync::Arc::new(model(dir.path(), rank, structure));
+        gpus.load(&m).unwrap();
+        assert_ne!(m.backend(), "cpu");
+        let mut got = BatchOutput::default();
+        gpus.core().score_blocking(&m, &refs, &mut got);
+        let mut want = BatchOutput::default();
+        CpuEngine::new().score(&m, &refs, &mut want);
+        for i in 0..refs.len() {
+            let (g, w) = (got.get(i).unwrap(), want.get(i).unwrap());
+            assert_eq!(g.len(), w.len());
+            for (j, (a, b)) in g.iter().zip(w).enumerate() {
+                assert!(
+                    (a - b).abs() <= tolerance,
+                    "rank {rank} {structure:?}: request {i} item {j}: gpu {a} vs cpu {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cross_models_on_the_emulated_gpu_equal_the_cpu_engine() {
+    use rankd_engine::gpu::{BatchSettings, Gpus};
+    gpu_equals_the_cpu_engine(&Gpus::emulated(2, BatchSettings::default()), 1e-5);
+}
+
+/// The same on real GPUs, where the CUDA driver finds one.
+#[test]
+fn cross_models_on_cuda_equal_the_cpu_engine() {
+    use rankd_engine::gpu::{probe, BatchSettings, Gpus};
+    match probe() {
+        Err(why) => eprintln!("skipped: no GPU here: {why}"),
+        Ok(devs) => {
+            let ordinals: Vec<usize> = devs.iter().map(|d| d.ordinal).collect();
+            let gpus = Gpus::start(&ordinals, BatchSettings::default()).expect("the GPUs start");
+            gpu_equals_the_cpu_engine(&gpus, 1e-4);
+        }
+    }
 }

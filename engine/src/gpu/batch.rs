@@ -46,6 +46,10 @@ pub(crate) struct ArenaLayout {
     /// the experts' and gates' first biases back to back at `layer_b[0]`.)
     pub mt_upper: Vec<Vec<(u64, u64)>>,
     pub mt_tower: Vec<Vec<(u64, u64)>>,
+    /// DCN-v2: per cross layer its weight (full rank; 0 otherwise), `u`, `v` (low rank) and
+    /// bias offsets, and a parallel network's output weights.
+    pub cross: Vec<[u64; 4]>,
+    pub cross_out: Option<u64>,
     /// Total length in f32 elements.
     pub len: u64,
     /// Every placed blob: (arena offset, blob, and the embedding table it holds when that is
@@ -75,6 +79,19 @@ impl ArenaLayout {
         for &(_, b) in &model.wide {
             let at = place(b, b.len, None, &mut a);
             a.wide.push(at);
+        }
+        if let Some(c) = model.file().spec().architecture.cross.as_ref() {
+            let opt = |b: Option<rankd_formats::BlobRef>, a: &mut ArenaLayout| {
+                b.map_or(0, |b| place(b, b.len, None, a))
+            };
+            for l in &c.layers {
+                let w = opt(l.weight, &mut a);
+                let u = opt(l.u, &mut a);
+                let v = opt(l.v, &mut a);
+                let b = place(l.bias, l.bias.len, None, &mut a);
+                a.cross.push([w, u, v, b]);
+            }
+            a.cross_out = c.output.map(|o| place(o, o.len, None, &mut a));
         }
         let Some(m) = model.file().spec().architecture.multitask.as_ref() else {
             for l in &model.layers {
@@ -120,10 +137,55 @@ impl ArenaLayout {
     }
 }
 
+/// A plan's weights on a device: the first layer's and the first cross product's, each split
+/// into the item and the request columns.
+#[derive(Debug, Default)]
+pub(crate) struct PlanParts<T> {
+    pub w1_item: T,
+    pub w1_user: T,
+    pub c0_item: T,
+    pub c0_user: T,
+}
+
+/// The plan's parts as the device uses them (see [`first_layer_parts`]; the first cross
+/// product's the same way, `[k][m]` with `m` its width).
+pub(crate) fn plan_parts(model: &Model, plan: &Plan) -> PlanParts<Vec<f32>> {
+    let (w1_item, w1_user) = first_layer_parts(model, plan);
+    let (mut c0_item, mut c0_user) = (Vec::new(), Vec::new());
+    if let Some(first) = model
+        .file()
+        .spec()
+        .architecture
+        .cross
+        .as_ref()
+        .and_then(|c| c.layers.first())
+    {
+        let (d, r, m) = (first.dim as usize, first.rank as usize, plan.cross0_width);
+        // Element (input column c, output o) of the first product, as the plan reads it.
+        let (values, cs, os) = if r == 0 {
+            (model.weights(first.weight.expect("validated")), 1, d)
+        } else {
+            (model.weights(first.v.expect("validated")), r, 1)
+        };
+        c0_item = plan
+            .item_cols
+            .iter()
+            .flat_map(|&c| (0..m).map(move |o| values[c * cs + o * os]))
+            .collect();
+        c0_user = plan.cross0_user.clone();
+    }
+    PlanParts {
+        w1_item,
+        w1_user,
+        c0_item,
+        c0_user,
+    }
+}
+
 /// The plan's first-layer weights as the device uses them: `[k][out]` row-major, which
 /// cuBLAS reads as the column-major `out x k` matrix `W`, so `Hᵀ = W · Xᵀ` needs no
 /// transposition.
-pub(crate) fn first_layer_parts(model: &Model, plan: &Plan) -> (Vec<f32>, Vec<f32>) {
+fn first_layer_parts(model: &Model, plan: &Plan) -> (Vec<f32>, Vec<f32>) {
     let Some(l) = model.layers.first() else {
         return (Vec::new(), Vec::new());
     };
@@ -160,6 +222,14 @@ pub(crate) enum Mat {
     E,
     M,
     T,
+    /// DCN-v2: the deep input in model column order, the running cross output `x_l`, a
+    /// layer's product `t_l`, a low-rank layer's middle, and per request the first product's
+    /// request-level part.
+    X0,
+    Xl,
+    Ct,
+    Cp,
+    Cu,
 }
 
 /// An operand of a product.
@@ -173,6 +243,9 @@ pub(crate) enum Src {
     /// The plan's first-layer weights for the item / request columns.
     W1Item,
     W1User,
+    /// The plan's first cross product's weights for the item / request columns.
+    C0Item,
+    C0User,
 }
 
 /// One device operation. Shapes are in elements; `*_at` are word offsets into the staging
@@ -187,9 +260,11 @@ pub(crate) enum Op {
         descs_at: u32,
         ndesc: u32,
     },
-    /// cuBLAS `sgemm` semantics (column-major), `alpha = 1`, `beta = 0`:
-    /// `c = op(a) · b`, `op(a)` being `a` transposed when `transa`. `k == 0` writes zeros.
+    /// cuBLAS `sgemm` semantics (column-major), `alpha = 1`, `beta = 0` (`1` when
+    /// `accumulate`): `c = op(a) · b (+ c)`, `op(a)` being `a` transposed when `transa`.
+    /// `k == 0` writes zeros (or leaves `c`).
     Gemm {
+        accumulate: bool,
         transa: bool,
         m: u32,
         n: u32,
@@ -253,6 +328,20 @@ pub(crate) enum Op {
     /// `scores[at + r] = sigmoid(src[r])` (a multi-task head's scores: head `h` at
     /// `h * rows`).
     Score { src: Mat, rows: u32, at: u32 },
+    /// DCN-v2's deep input in model column order: `X0[r][cols[j]] = X[r][j]` for the
+    /// `x_width` item columns and `X0[r][cols[x_width + j]] = U[req(r)][j]` for the `u_width`
+    /// request columns (`cols` the words at `cols_at`, `req(r)` at `row_req_at`).
+    Scatter {
+        rows: u32,
+        d: u32,
+        x_width: u32,
+        u_width: u32,
+        cols_at: u32,
+        row_req_at: u32,
+    },
+    /// A cross layer's update of `Xl` (`rows x d`): `Xl = X0 + X0 ⊙ Ct` for the first layer,
+    /// `Xl += X0 ⊙ Ct` for the others.
+    CrossUpdate { rows: u32, d: u32, first: bool },
     /// Per item row: `score = sigmoid(deep + wide + Ut[req][0] + fm)`, into the scores.
     Finish {
         rows: u32,
@@ -281,6 +370,10 @@ pub(crate) struct Sizes {
     pub e: usize,
     pub m: usize,
     pub t: usize,
+    /// DCN-v2: `X0`, `Xl` and `Ct` (each `rows x d`), `Cp`, `Cu`.
+    pub xd: usize,
+    pub cp: usize,
+    pub cu: usize,
     /// Scores per row: the heads (1 for a single-task model). The scores are head by head:
     /// head `h` of row `r` at `h * rows + r`.
     pub heads: usize,
@@ -297,6 +390,9 @@ impl Sizes {
             Mat::E => self.e,
             Mat::M => self.m,
             Mat::T => self.t,
+            Mat::X0 | Mat::Xl | Mat::Ct => self.xd,
+            Mat::Cp => self.cp,
+            Mat::Cu => self.cu,
         }
     }
 
@@ -440,6 +536,14 @@ pub(crate) fn assemble(
     let u_at = put(&u_descs, words);
     let iw_at = put(&item_wide, words);
     let uw_at = put(&user_wide, words);
+    // DCN-v2: the model columns of X's and U's columns.
+    let cols: Vec<u32> = plan
+        .item_cols
+        .iter()
+        .chain(&plan.user_cols)
+        .map(|&c| c as u32)
+        .collect();
+    let cols_at = put(&cols, words);
 
     let (k_item, k_user) = (plan.k_item as u32, plan.k_user as u32);
     let (rows32, reqs32) = (rows as u32, reqs as u32);
@@ -467,6 +571,21 @@ pub(crate) fn assemble(
         m: mt.map_or(0, |m| rows * m.e_out),
         t: rows * mt_widest,
         heads: model.num_heads(),
+        xd: if model.cross.is_some() {
+            rows * model.deep_in
+        } else {
+            0
+        },
+        cp: model.cross.as_ref().map_or(0, |c| {
+            rows * c
+                .layers
+                .iter()
+                .map(|l| l.rank)
+                .max()
+                .unwrap_or(0)
+                .max(plan.cross0_width)
+        }),
+        cu: reqs * plan.cross0_width,
     };
 
     ops.push(Op::Fill {
@@ -484,54 +603,92 @@ pub(crate) fn assemble(
         ndesc: (u_descs.len() / FILL_DESC_WORDS) as u32,
     });
     let mut deep = None;
-    if let Some(l0) = model.layers.first() {
-        let out1 = l0.out_dim as u32;
-        // The request-level part once per request: Ubᵀ = W1_user · Uᵀ, plus the bias.
+    if let Some(c) = &model.cross {
+        cross_ops(
+            model, c, plan, arena, rows32, reqs32, cols_at, row_req_at, ops,
+        );
+    }
+    let stacked = model.cross.as_ref().is_some_and(|c| c.output.is_none());
+    if let (Some(l0), true) = (model.layers.first(), stacked) {
+        // The deep layers on the last cross output: the whole first layer per item.
+        let d = model.deep_in as u32;
         ops.push(Op::Gemm {
-            transa: false,
-            m: out1,
-            n: reqs32,
-            k: k_user,
-            a: Src::W1User,
-            lda: out1,
-            b: Src::Mat(Mat::U),
-            ldb: k_user.max(1),
-            c: Mat::Ub,
-            c_at: 0,
-            ldc: out1,
-        });
-        ops.push(Op::AddBias {
-            dst: Mat::Ub,
-            dst_at: 0,
-            rows: reqs32,
-            width: out1,
-            bias: Src::Arena(arena.layer_b[0]),
-            row_req_at: None,
-            relu: false,
-        });
-        // H1ᵀ = W1_item · Xᵀ, each row's bias its request's row of Ub.
-        ops.push(Op::Gemm {
-            transa: false,
-            m: out1,
+            accumulate: false,
+            transa: true,
+            m: l0.out_dim as u32,
             n: rows32,
-            k: k_item,
-            a: Src::W1Item,
-            lda: out1,
-            b: Src::Mat(Mat::X),
-            ldb: k_item.max(1),
+            k: d,
+            a: Src::Arena(arena.layer_w[0]),
+            lda: d,
+            b: Src::Mat(Mat::Xl),
+            ldb: d,
             c: Mat::H0,
             c_at: 0,
-            ldc: out1,
+            ldc: l0.out_dim as u32,
         });
         ops.push(Op::AddBias {
             dst: Mat::H0,
             dst_at: 0,
             rows: rows32,
-            width: out1,
-            bias: Src::Mat(Mat::Ub),
-            row_req_at: Some(row_req_at),
+            width: l0.out_dim as u32,
+            bias: Src::Arena(arena.layer_b[0]),
+            row_req_at: None,
             relu: l0.relu,
         });
+    }
+    if let Some(l0) = model.layers.first() {
+        let out1 = l0.out_dim as u32;
+        // (Computed above for a stacked cross network.)
+        if !stacked {
+            // The request-level part once per request: Ubᵀ = W1_user · Uᵀ, plus the bias.
+            ops.push(Op::Gemm {
+                accumulate: false,
+                transa: false,
+                m: out1,
+                n: reqs32,
+                k: k_user,
+                a: Src::W1User,
+                lda: out1,
+                b: Src::Mat(Mat::U),
+                ldb: k_user.max(1),
+                c: Mat::Ub,
+                c_at: 0,
+                ldc: out1,
+            });
+            ops.push(Op::AddBias {
+                dst: Mat::Ub,
+                dst_at: 0,
+                rows: reqs32,
+                width: out1,
+                bias: Src::Arena(arena.layer_b[0]),
+                row_req_at: None,
+                relu: false,
+            });
+            // H1ᵀ = W1_item · Xᵀ, each row's bias its request's row of Ub.
+            ops.push(Op::Gemm {
+                accumulate: false,
+                transa: false,
+                m: out1,
+                n: rows32,
+                k: k_item,
+                a: Src::W1Item,
+                lda: out1,
+                b: Src::Mat(Mat::X),
+                ldb: k_item.max(1),
+                c: Mat::H0,
+                c_at: 0,
+                ldc: out1,
+            });
+            ops.push(Op::AddBias {
+                dst: Mat::H0,
+                dst_at: 0,
+                rows: rows32,
+                width: out1,
+                bias: Src::Mat(Mat::Ub),
+                row_req_at: Some(row_req_at),
+                relu: l0.relu,
+            });
+        }
         if let Some(m) = mt {
             multitask_ops(m, arena, rows32, ops);
             return sizes;
@@ -541,6 +698,7 @@ pub(crate) fn assemble(
             let next = if cur == Mat::H0 { Mat::H1 } else { Mat::H0 };
             // The weight is `out x in` row-major: column-major `in x out`, transposed.
             ops.push(Op::Gemm {
+                accumulate: false,
                 transa: true,
                 m: l.out_dim as u32,
                 n: rows32,
@@ -563,6 +721,24 @@ pub(crate) fn assemble(
                 relu: l.relu,
             });
             cur = next;
+        }
+        // A parallel cross network's output joins the deep logit: `cur += o · Xl`.
+        if let Some(o) = arena.cross_out {
+            let d = model.deep_in as u32;
+            ops.push(Op::Gemm {
+                accumulate: true,
+                transa: true,
+                m: 1,
+                n: rows32,
+                k: d,
+                a: Src::Arena(o),
+                lda: d,
+                b: Src::Mat(Mat::Xl),
+                ldb: d,
+                c: cur,
+                c_at: 0,
+                ldc: 1,
+            });
         }
         deep = Some(cur);
     }
@@ -588,6 +764,134 @@ pub(crate) fn assemble(
         fm_dim,
     });
     sizes
+}
+
+/// The DCN-v2 cross layers (docs/model.md) into `Xl`: the deep input put together in model
+/// column order (`X0`), the first product split like the first layer (its request-level part
+/// once per request, with the bias for a full-rank layer), then per layer the product and the
+/// update `Xl (+)= X0 ⊙ (t + b)`.
+#[allow(clippy::too_many_arguments)]
+fn cross_ops(
+    model: &Model,
+    c: &crate::CrossView,
+    plan: &Plan,
+    arena: &ArenaLayout,
+    rows: u32,
+    reqs: u32,
+    cols_at: u32,
+    row_req_at: u32,
+    ops: &mut Vec<Op>,
+) {
+    let (d, cw) = (model.deep_in as u32, plan.cross0_width as u32);
+    let (k_item, k_user) = (plan.k_item as u32, plan.k_user as u32);
+    ops.push(Op::Scatter {
+        rows,
+        d,
+        x_width: k_item,
+        u_width: k_user,
+        cols_at,
+        row_req_at,
+    });
+    let gemm = |transa, m, k, a, lda, b, ldb, c: Mat| Op::Gemm {
+        accumulate: false,
+        transa,
+        m,
+        n: if c == Mat::Cu { reqs } else { rows },
+        k,
+        a,
+        lda,
+        b,
+        ldb,
+        c,
+        c_at: 0,
+        ldc: m,
+    };
+    let bias = |dst: Mat, n: u32, width: u32, bias: Src, row_req_at: Option<u32>| Op::AddBias {
+        dst,
+        dst_at: 0,
+        rows: n,
+        width,
+        bias,
+        row_req_at,
+        relu: false,
+    };
+    for (li, l) in c.layers.iter().enumerate() {
+        let [w, u, v, b] = arena.cross[li];
+        let r = l.rank as u32;
+        if li == 0 {
+            // The request-level part once per request (with the bias for full rank), then
+            // each item's part with its request's row as the bias.
+            ops.push(gemm(
+                false,
+                cw,
+                k_user,
+                Src::C0User,
+                cw,
+                Src::Mat(Mat::U),
+                k_user.max(1),
+                Mat::Cu,
+            ));
+            if r == 0 {
+                ops.push(bias(Mat::Cu, reqs, cw, Src::Arena(b), None));
+            }
+            let first = if r == 0 { Mat::Ct } else { Mat::Cp };
+            ops.push(gemm(
+                false,
+                cw,
+                k_item,
+                Src::C0Item,
+                cw,
+                Src::Mat(Mat::X),
+                k_item.max(1),
+                first,
+            ));
+            ops.push(bias(first, rows, cw, Src::Mat(Mat::Cu), Some(row_req_at)));
+        } else if r == 0 {
+            ops.push(gemm(
+                true,
+                d,
+                d,
+                Src::Arena(w),
+                d,
+                Src::Mat(Mat::Xl),
+                d,
+                Mat::Ct,
+            ));
+        } else {
+            // p = Vᵀ x (V `[d][r]` is the column-major `r x d` Vᵀ).
+            ops.push(gemm(
+                false,
+                r,
+                d,
+                Src::Arena(v),
+                r,
+                Src::Mat(Mat::Xl),
+                d,
+                Mat::Cp,
+            ));
+        }
+        if r > 0 {
+            // t = U p (U `[d][r]` read transposed).
+            ops.push(gemm(
+                true,
+                d,
+                r,
+                Src::Arena(u),
+                r,
+                Src::Mat(Mat::Cp),
+                r,
+                Mat::Ct,
+            ));
+        }
+        if li > 0 || r > 0 {
+            ops.push(bias(Mat::Ct, rows, d, Src::Arena(b), None));
+        }
+        ops.push(Op::CrossUpdate {
+            rows,
+            d,
+            first: li == 0,
+        });
+    }
 }
 
 /// The ops of a multi-task model after its fused first layer (in `H0`, bias added, no
@@ -628,6 +932,7 @@ fn multitask_ops(m: &crate::MultiTaskView, arena: &ArenaLayout, rows: u32, ops: 
                 let (dst, dst_at) = next.map_or((Mat::E, e as u32 * rows * eo), |n| (n, 0));
                 let (wo, bo) = arena.mt_upper[e][i];
                 ops.push(Op::Gemm {
+                    accumulate: false,
                     transa: true,
                     m: out,
                     n: rows,
@@ -678,6 +983,7 @@ fn multitask_ops(m: &crate::MultiTaskView, arena: &ArenaLayout, rows: u32, ops: 
             let dst = if src == Mat::H1 { Mat::T } else { Mat::H1 };
             let out = l.out_dim as u32;
             ops.push(Op::Gemm {
+                accumulate: false,
                 transa: true,
                 m: out,
                 n: rows,
@@ -705,6 +1011,7 @@ fn multitask_ops(m: &crate::MultiTaskView, arena: &ArenaLayout, rows: u32, ops: 
         let dst = if src == Mat::H1 { Mat::T } else { Mat::H1 };
         let (wo, bo) = tower[head.hidden.len()];
         ops.push(Op::Gemm {
+            accumulate: false,
             transa: true,
             m: 1,
             n: rows,

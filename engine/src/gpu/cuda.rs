@@ -18,7 +18,7 @@ use cudarc::driver::{
     LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 
-use super::batch::{ArenaLayout, Mat, Op, Sizes, Src};
+use super::batch::{ArenaLayout, Mat, Op, PlanParts, Sizes, Src};
 use super::{DeviceInfo, GpuError, GpuErrorKind, Unavailable, Uploader};
 use crate::plan::Plan;
 use crate::Model;
@@ -168,6 +168,31 @@ extern "C" __global__ void rk_mix(const float* __restrict__ g, const float* __re
     }
 }
 
+extern "C" __global__ void rk_scatter(const unsigned* __restrict__ w, const float* __restrict__ x,
+                                      const float* __restrict__ u, float* __restrict__ x0,
+                                      unsigned rows, unsigned d, unsigned x_width,
+                                      unsigned u_width, unsigned cols_at, unsigned row_req_at) {
+    unsigned long long k = (unsigned long long)x_width + u_width;
+    unsigned long long n = (unsigned long long)rows * k;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long r = i / k, j = i % k;
+        float v = j < x_width ? x[r * x_width + j]
+                              : u[(unsigned long long)w[row_req_at + r] * u_width + (j - x_width)];
+        x0[r * d + w[cols_at + j]] = v;
+    }
+}
+
+extern "C" __global__ void rk_cross_update(const float* __restrict__ x0,
+                                           const float* __restrict__ t, float* __restrict__ xl,
+                                           unsigned long long n, int first) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x) {
+        float a = x0[i];
+        xl[i] = first ? a + a * t[i] : xl[i] + a * t[i];
+    }
+}
+
 extern "C" __global__ void rk_score(const float* __restrict__ src, float* __restrict__ scores,
                                     unsigned rows, unsigned at) {
     unsigned r = blockIdx.x * blockDim.x + threadIdx.x;
@@ -250,6 +275,8 @@ struct Kernels {
     relu_cols: CudaFunction,
     mix: CudaFunction,
     score: CudaFunction,
+    scatter: CudaFunction,
+    cross_update: CudaFunction,
 }
 
 /// Starts device `ordinal`: context, kernels, streams, cuBLAS handles.
@@ -294,6 +321,8 @@ pub(super) fn open(ordinal: usize) -> Result<(CudaExecutor, CudaUploader, String
         relu_cols: f("rk_relu_cols")?,
         mix: f("rk_mix")?,
         score: f("rk_score")?,
+        scatter: f("rk_scatter")?,
+        cross_update: f("rk_cross_update")?,
     };
     let mut slots = Vec::new();
     for _ in 0..SLOTS {
@@ -378,7 +407,7 @@ struct Slot {
     n_scores: usize,
 }
 
-const MATS: [Mat; 9] = [
+const MATS: [Mat; 14] = [
     Mat::X,
     Mat::U,
     Mat::Ub,
@@ -388,6 +417,11 @@ const MATS: [Mat; 9] = [
     Mat::E,
     Mat::M,
     Mat::T,
+    Mat::X0,
+    Mat::Xl,
+    Mat::Ct,
+    Mat::Cp,
+    Mat::Cu,
 ];
 
 fn mat(mats: &[Option<CudaSlice<f32>>], m: Mat) -> &CudaSlice<f32> {
@@ -401,16 +435,17 @@ fn mat(mats: &[Option<CudaSlice<f32>>], m: Mat) -> &CudaSlice<f32> {
 fn source<'a>(
     mats: &'a [Option<CudaSlice<f32>>],
     arena: &'a CudaSlice<f32>,
-    w1_item: &'a CudaSlice<f32>,
-    w1_user: &'a CudaSlice<f32>,
+    parts: &'a PlanParts<CudaSlice<f32>>,
     src: Src,
 ) -> CudaView<'a, f32> {
     match src {
         Src::Mat(m) => mat(mats, m).as_view(),
         Src::MatAt(m, at) => mat(mats, m).slice(at as usize..),
         Src::Arena(off) => arena.slice(off as usize..),
-        Src::W1Item => w1_item.as_view(),
-        Src::W1User => w1_user.as_view(),
+        Src::W1Item => parts.w1_item.as_view(),
+        Src::W1User => parts.w1_user.as_view(),
+        Src::C0Item => parts.c0_item.as_view(),
+        Src::C0User => parts.c0_user.as_view(),
     }
 }
 
@@ -481,8 +516,8 @@ impl Slot {
     }
 }
 
-/// A plan kept alive (its address is the key) with its first-layer parts on the device.
-type DevicePlan = (Arc<Plan>, CudaSlice<f32>, CudaSlice<f32>);
+/// A plan kept alive (its address is the key) with its parts on the device.
+type DevicePlan = (Arc<Plan>, PlanParts<CudaSlice<f32>>);
 
 /// The per-device executor, owned by the device's worker thread.
 pub(crate) struct CudaExecutor {
@@ -515,7 +550,7 @@ impl CudaExecutor {
     ) -> Result<(u64, usize), GpuError> {
         let key = (model.id(), Arc::as_ptr(plan) as usize);
         if let std::collections::hash_map::Entry::Vacant(slot) = self.plans.entry(key) {
-            let (item, user) = super::batch::first_layer_parts(model, plan);
+            let parts = super::batch::plan_parts(model, plan);
             let up = |v: &[f32]| -> Result<CudaSlice<f32>, GpuError> {
                 let mut d = stream
                     .alloc_zeros::<f32>(v.len().max(1))
@@ -527,10 +562,15 @@ impl CudaExecutor {
                 }
                 Ok(d)
             };
-            let (i, u) = (up(&item)?, up(&user)?);
+            let parts = PlanParts {
+                w1_item: up(&parts.w1_item)?,
+                w1_user: up(&parts.w1_user)?,
+                c0_item: up(&parts.c0_item)?,
+                c0_user: up(&parts.c0_user)?,
+            };
             // Both slots' streams use them: finish the copies first.
             stream.synchronize().map_err(|e| driver("plan upload", e))?;
-            slot.insert((plan.clone(), i, u));
+            slot.insert((plan.clone(), parts));
         }
         Ok(key)
     }
@@ -544,7 +584,7 @@ impl CudaExecutor {
         ops: &[Op],
     ) -> Result<(), GpuError> {
         let s = &mut self.slots[slot];
-        let (_, w1_item, w1_user) = &self.plans[&plan_key];
+        let (_, parts) = &self.plans[&plan_key];
         let k = &self.kernels;
         for op in ops {
             match *op {
@@ -573,6 +613,7 @@ impl CudaExecutor {
                     unsafe { b.launch(cfg) }.map_err(|e| driver("fill", e))?;
                 }
                 Op::Gemm {
+                    accumulate,
                     transa,
                     m,
                     n,
@@ -595,13 +636,16 @@ impl CudaExecutor {
                         .expect("work matrices are in place between ops");
                     let result = (|| -> Result<(), GpuError> {
                         let at = c_at as usize;
+                        if kk == 0 && accumulate {
+                            return Ok(());
+                        }
                         if kk == 0 {
                             return s
                                 .stream
                                 .memset_zeros(&mut cbuf.slice_mut(at..at + m as usize * n as usize))
                                 .map_err(|e| driver("gemm (k = 0)", e));
                         }
-                        let view = |src| source(&s.mats, arena, w1_item, w1_user, src);
+                        let view = |src| source(&s.mats, arena, parts, src);
                         let (av, bv) = (view(a), view(b));
                         let cfg = GemmConfig {
                             transa: if transa {
@@ -616,7 +660,7 @@ impl CudaExecutor {
                             alpha: 1.0f32,
                             lda: lda as i32,
                             ldb: ldb as i32,
-                            beta: 0.0f32,
+                            beta: if accumulate { 1.0f32 } else { 0.0f32 },
                             ldc: ldc as i32,
                         };
                         let mut cv = cbuf.slice_mut(at..);
@@ -646,7 +690,7 @@ impl CudaExecutor {
                     let mut out = s.mats[di]
                         .take()
                         .expect("work matrices are in place between ops");
-                    let bias_view = source(&s.mats, arena, w1_item, w1_user, bias);
+                    let bias_view = source(&s.mats, arena, parts, bias);
                     let (at, per) = (row_req_at.unwrap_or(0), i32::from(row_req_at.is_some()));
                     let relu = i32::from(relu);
                     let cfg = LaunchConfig {
@@ -722,6 +766,65 @@ impl CudaExecutor {
                     // `assemble` (Sizes::e, m, h); `out` is neither input.
                     let r = unsafe { b.launch(cfg) }.map_err(|e| driver("mix", e));
                     s.mats[oi] = Some(dst);
+                    r?;
+                }
+                Op::Scatter {
+                    rows,
+                    d,
+                    x_width,
+                    u_width,
+                    cols_at,
+                    row_req_at,
+                } => {
+                    let n = rows as u64 * (x_width as u64 + u_width as u64);
+                    if n == 0 {
+                        continue;
+                    }
+                    let cfg = LaunchConfig {
+                        grid_dim: (blocks(n, 256), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let xi = mat_index(Mat::X0);
+                    let mut x0 = s.mats[xi]
+                        .take()
+                        .expect("work matrices are in place between ops");
+                    let mut b = s.stream.launch_builder(&k.scatter);
+                    b.arg(&s.staging)
+                        .arg(mat(&s.mats, Mat::X))
+                        .arg(mat(&s.mats, Mat::U))
+                        .arg(&mut x0);
+                    b.arg(&rows).arg(&d).arg(&x_width).arg(&u_width);
+                    b.arg(&cols_at).arg(&row_req_at);
+                    // SAFETY: signature matches; the column map and the request index are in
+                    // the staging words (`assemble`), every column is below `d`.
+                    let r = unsafe { b.launch(cfg) }.map_err(|e| driver("scatter", e));
+                    s.mats[xi] = Some(x0);
+                    r?;
+                }
+                Op::CrossUpdate { rows, d, first } => {
+                    let n = rows as u64 * d as u64;
+                    if n == 0 {
+                        continue;
+                    }
+                    let cfg = LaunchConfig {
+                        grid_dim: (blocks(n, 256), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let li = mat_index(Mat::Xl);
+                    let mut xl = s.mats[li]
+                        .take()
+                        .expect("work matrices are in place between ops");
+                    let first = i32::from(first);
+                    let mut b = s.stream.launch_builder(&k.cross_update);
+                    b.arg(mat(&s.mats, Mat::X0))
+                        .arg(mat(&s.mats, Mat::Ct))
+                        .arg(&mut xl);
+                    b.arg(&n).arg(&first);
+                    // SAFETY: signature matches; X0, Ct and Xl each hold `rows * d` values.
+                    let r = unsafe { b.launch(cfg) }.map_err(|e| driver("cross update", e));
+                    s.mats[li] = Some(xl);
                     r?;
                 }
                 Op::Score { src, rows, at } => {

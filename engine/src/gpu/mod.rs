@@ -464,18 +464,6 @@ impl Gpus {
     /// that took it; one that refuses it (out of memory) leaves it to the others, and a model
     /// no device took runs on the CPU. Returns the first refusal when no device took it.
     pub fn load(&self, model: &Arc<Model>) -> Result<(), GpuError> {
-        if model.cross.is_some() {
-            let e = GpuError::new(
-                GpuErrorKind::NotResident,
-                "DCN-v2 cross layers run on the CPU engine only",
-            );
-            *model
-                .placement
-                .note
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(e.message.clone());
-            return Err(e);
-        }
         let layout = ArenaLayout::new(model);
         let lost = self.shared.lost.load(Ordering::SeqCst);
         let mut bits = 0u32;

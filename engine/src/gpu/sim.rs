@@ -17,10 +17,15 @@ pub(crate) struct Work {
     pub e: Vec<f32>,
     pub m: Vec<f32>,
     pub t: Vec<f32>,
+    pub x0: Vec<f32>,
+    pub xl: Vec<f32>,
+    pub ct: Vec<f32>,
+    pub cp: Vec<f32>,
+    pub cu: Vec<f32>,
     pub scores: Vec<f32>,
 }
 
-const MATS: [Mat; 9] = [
+const MATS: [Mat; 14] = [
     Mat::X,
     Mat::U,
     Mat::Ub,
@@ -30,6 +35,11 @@ const MATS: [Mat; 9] = [
     Mat::E,
     Mat::M,
     Mat::T,
+    Mat::X0,
+    Mat::Xl,
+    Mat::Ct,
+    Mat::Cp,
+    Mat::Cu,
 ];
 
 impl Work {
@@ -44,6 +54,11 @@ impl Work {
             Mat::E => &self.e,
             Mat::M => &self.m,
             Mat::T => &self.t,
+            Mat::X0 => &self.x0,
+            Mat::Xl => &self.xl,
+            Mat::Ct => &self.ct,
+            Mat::Cp => &self.cp,
+            Mat::Cu => &self.cu,
         }
     }
 
@@ -58,6 +73,11 @@ impl Work {
             Mat::E => &mut self.e,
             Mat::M => &mut self.m,
             Mat::T => &mut self.t,
+            Mat::X0 => &mut self.x0,
+            Mat::Xl => &mut self.xl,
+            Mat::Ct => &mut self.ct,
+            Mat::Cp => &mut self.cp,
+            Mat::Cu => &mut self.cu,
         }
     }
 
@@ -78,8 +98,7 @@ impl Work {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Weights<'a> {
     pub arena: &'a [f32],
-    pub w1_item: &'a [f32],
-    pub w1_user: &'a [f32],
+    pub parts: &'a super::batch::PlanParts<Vec<f32>>,
 }
 
 /// The values an operand names.
@@ -88,8 +107,10 @@ fn source<'a>(w: &Weights<'a>, work: &'a Work, s: Src) -> &'a [f32] {
         Src::Mat(m) => work.mat(m),
         Src::MatAt(m, at) => &work.mat(m)[at as usize..],
         Src::Arena(off) => &w.arena[off as usize..],
-        Src::W1Item => w.w1_item,
-        Src::W1User => w.w1_user,
+        Src::W1Item => &w.parts.w1_item,
+        Src::W1User => &w.parts.w1_user,
+        Src::C0Item => &w.parts.c0_item,
+        Src::C0User => &w.parts.c0_user,
     }
 }
 
@@ -140,6 +161,7 @@ pub(crate) fn run(w: Weights<'_>, words: &[u32], ops: &[Op], sizes: &Sizes, work
                 *work.mat_mut(dst) = out;
             }
             Op::Gemm {
+                accumulate,
                 transa,
                 m,
                 n,
@@ -167,7 +189,8 @@ pub(crate) fn run(w: Weights<'_>, words: &[u32], ops: &[Op], sizes: &Sizes, work
                             };
                             acc += av * b[l + j * ldb];
                         }
-                        out[i + j * ldc] = acc;
+                        let o = &mut out[i + j * ldc];
+                        *o = if accumulate { *o + acc } else { acc };
                     }
                 }
                 *work.mat_mut(c) = whole;
@@ -237,6 +260,38 @@ pub(crate) fn run(w: Weights<'_>, words: &[u32], ops: &[Op], sizes: &Sizes, work
                     }
                 }
                 *work.mat_mut(out) = dst;
+            }
+            Op::Scatter {
+                rows,
+                d,
+                x_width,
+                u_width,
+                cols_at,
+                row_req_at,
+            } => {
+                let (d, xw, uw) = (d as usize, x_width as usize, u_width as usize);
+                let cols = &words[cols_at as usize..][..xw + uw];
+                for r in 0..rows as usize {
+                    let req = words[row_req_at as usize + r] as usize;
+                    for (j, &c) in cols.iter().enumerate() {
+                        work.x0[r * d + c as usize] = if j < xw {
+                            work.x[r * xw + j]
+                        } else {
+                            work.u[req * uw + j - xw]
+                        };
+                    }
+                }
+            }
+            Op::CrossUpdate { rows, d, first } => {
+                let n = rows as usize * d as usize;
+                for i in 0..n {
+                    let (x0, t) = (work.x0[i], work.ct[i]);
+                    work.xl[i] = if first {
+                        x0 + x0 * t
+                    } else {
+                        work.xl[i] + x0 * t
+                    };
+                }
             }
             Op::Score { src, rows, at } => {
                 for r in 0..rows as usize {
@@ -372,8 +427,11 @@ impl super::Uploader for HostUploader {
 
 type PlanKey = (u64, usize);
 
-/// A plan kept alive (its address is the key) with its first-layer parts.
-type HostPlan = (std::sync::Arc<crate::plan::Plan>, Vec<f32>, Vec<f32>);
+/// A plan kept alive (its address is the key) with its parts.
+type HostPlan = (
+    std::sync::Arc<crate::plan::Plan>,
+    super::batch::PlanParts<Vec<f32>>,
+);
 
 /// An emulated device: runs each batch on the host when it is launched, in one of `slots`
 /// slots, and can be told to fail the next launch.
@@ -427,15 +485,13 @@ impl super::worker::Executor for HostExecutor {
             None => {}
         }
         let key = (model.id(), std::sync::Arc::as_ptr(plan) as usize);
-        let (_, w1_item, w1_user) = self.plans.entry(key).or_insert_with(|| {
+        let (_, parts) = self.plans.entry(key).or_insert_with(|| {
             // Keeping the plan alive keeps its address a valid key.
-            let (item, user) = super::batch::first_layer_parts(model, plan);
-            (plan.clone(), item, user)
+            (plan.clone(), super::batch::plan_parts(model, plan))
         });
         let w = Weights {
             arena: &resident.0,
-            w1_item,
-            w1_user,
+            parts,
         };
         run(w, words, ops, sizes, &mut self.slots[slot]);
         Ok(())
