@@ -762,6 +762,30 @@ fn multitask_heads_through_every_protocol() {
         .collect();
     assert_eq!(names, ["score.long_hours", "score.income"]);
     assert_eq!(floats(&outputs[1]), want.scores);
+    // Binary outputs: each output's bytes after the JSON header, in the order of `outputs`.
+    let mut binary = rest_json(case);
+    binary["parameters"] = json!({"binary_data_output": true});
+    let (status, body) = http(http_addr, "POST", &path, binary.to_string().as_bytes());
+    assert_eq!(status, 200);
+    let mut stream = serde_json::Deserializer::from_slice(&body).into_iter::<Value>();
+    let header = stream.next().unwrap().unwrap();
+    let mut rest = &body[stream.byte_offset()..];
+    let outputs = header["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 2);
+    for (o, want) in outputs
+        .iter()
+        .zip([&want.scores[..], want.head("long_hours").unwrap()])
+    {
+        let n = o["parameters"]["binary_data_size"].as_u64().unwrap() as usize;
+        assert_eq!(n, 4 * want.len());
+        let got: Vec<f32> = rest[..n]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, want, "{}", o["name"]);
+        rest = &rest[n..];
+    }
+    assert!(rest.is_empty());
     asked["outputs"] = json!([{"name": "score.dwell"}]);
     let (status, body) = http(http_addr, "POST", &path, asked.to_string().as_bytes());
     let text = String::from_utf8_lossy(&body);

@@ -1,7 +1,8 @@
 """python -m rankd score --addr HOST:PORT --model NAME requests.jsonl
 
 Scores JSON-lines requests ({"user": {...}, "items": [{...}, ...]}, the offline scorer's format)
-and prints one {"scores": [...]} line per request, or {"error": ...}."""
+and prints one {"scores": [...]} line per request (with "heads": {"NAME": [...], ...} for a
+multi-task model, as `rankd-tool score` writes), or {"error": ...}."""
 import argparse
 import json
 import sys
@@ -30,7 +31,10 @@ def main(argv=None):
             try:
                 res = c.score(a.model, r.get("items", []), r.get("user"), version=a.version,
                               label=a.label)
-                print(json.dumps({"scores": res.scores}))
+                out = {"scores": res.scores}
+                if res.heads:  # a multi-task model: every head, as `rankd-tool score` writes
+                    out["heads"] = res.heads
+                print(json.dumps(out))
             except ServerError as e:
                 failed += 1
                 print(json.dumps({"error": e.name, "message": e.message}))

@@ -174,3 +174,15 @@ def test_cli(daemon):
     lines = [json.loads(l) for l in out.stdout.splitlines()]
     want = reference_scores([json.loads(l) for l in open(REQUESTS) if l.strip()])
     assert [l["scores"] for l in lines] == [pytest.approx(x, abs=1e-6) for x in want]
+    assert all("heads" not in l for l in lines)
+    # A multi-task model: every head by name, as rankd-tool score writes them.
+    out = subprocess.run([sys.executable, "-m", "rankd", "score", "--addr", d.addr, "--model",
+                          "adult-multitask", REQUESTS], check=True, capture_output=True,
+                         text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    lines = [json.loads(l) for l in out.stdout.splitlines()]
+    model = os.path.join(REPO, "examples", "models", "adult-multitask", "1", "model.rkm")
+    want = reference_lines([json.loads(l) for l in open(REQUESTS) if l.strip()], model)
+    for got, w in zip(lines, want):
+        assert list(got["heads"]) == ["income", "long_hours"]
+        for name, values in w["heads"].items():
+            assert got["heads"][name] == pytest.approx(values, abs=1e-6)
