@@ -389,10 +389,36 @@ fn kserve_scores_equal_the_binary_rpc() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cases_path = dir.path().join("cases.json");
+    // With each case, the bundled multi-task model's heads over the binary RPC (for the same
+    // request without hours-per-week, a label of that model).
     let doc: Vec<Value> = cases
         .iter()
         .zip(&want)
-        .map(|(c, w)| json!({"user": c.0, "items": c.1, "scores": w}))
+        .map(|(case, w)| {
+            let strip = |m: &serde_json::Map<String, Value>| {
+                let mut m = m.clone();
+                m.remove("hours-per-week");
+                m
+            };
+            let (user, items) = (strip(&case.0), case.1.iter().map(strip).collect::<Vec<_>>());
+            let req = ScoreRequest {
+                model: "adult-multitask".into(),
+                user: user.iter().map(|(k, v)| (k.clone(), feature(v))).collect(),
+                items: items
+                    .iter()
+                    .map(|i| i.iter().map(|(k, v)| (k.clone(), feature(v))).collect())
+                    .collect(),
+                ..ScoreRequest::default()
+            };
+            let heads: serde_json::Map<String, Value> = c
+                .score(&req)
+                .unwrap()
+                .heads
+                .into_iter()
+                .map(|(n, v)| (n, json!(v)))
+                .collect();
+            json!({"user": case.0, "items": case.1, "scores": w, "heads": heads})
+        })
         .collect();
     std::fs::write(&cases_path, serde_json::to_vec(&doc).unwrap()).unwrap();
     let out = std::process::Command::new(&python)

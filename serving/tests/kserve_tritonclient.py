@@ -1,6 +1,7 @@
 """Scores the Adult requests through Triton's own Python clients (gRPC and HTTP, binary and
 JSON tensors) against a running rankd and checks every score equals the binary RPC's within
-1e-6. Run by serving/tests/kserve.rs with: GRPC_ADDR HTTP_ADDR CASES_JSON."""
+1e-6; then the bundled multi-task model's heads (outputs `score.income`, `score.long_hours`)
+against the binary RPC's. Run by serving/tests/kserve.rs with: GRPC_ADDR HTTP_ADDR CASES_JSON."""
 
 import json
 import sys
@@ -37,10 +38,10 @@ def array(datatype, values):
     return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
 
 
-def inputs(module, case, binary):
+def inputs(module, case, binary, types=types, skip=()):
     out = []
     n = len(case["items"])
-    item_names = sorted({k for item in case["items"] for k in item})
+    item_names = sorted({k for item in case["items"] for k in item} - set(skip))
     for name in item_names:
         a = array(types[name], [item.get(name) for item in case["items"]])
         i = module.InferInput(name, [n], types[name])
@@ -50,6 +51,8 @@ def inputs(module, case, binary):
             i.set_data_from_numpy(a)
         out.append(i)
     for name, v in sorted(case["user"].items()):
+        if name in skip:
+            continue
         a = array(types[name], [v])
         i = module.InferInput(name, [1], types[name])
         if module is th:
@@ -77,6 +80,34 @@ for k, case in enumerate(cases):
         diff = float(np.max(np.abs(got.astype(np.float64) - want))) if len(want) else 0.0
         assert diff <= 1e-6, (how, k, diff)
         worst[how] = max(worst.get(how, 0.0), diff)
+
+# The multi-task model: its outputs by name, every head equal to the binary RPC's.
+MT = "adult-multitask"
+mt_meta = hc.get_model_metadata(MT)
+assert [t["name"] for t in mt_meta["outputs"]] == ["score", "score.income", "score.long_hours"]
+mt_types = {t["name"]: t["datatype"] for t in mt_meta["inputs"]}
+for k, case in enumerate(cases):
+    skip = ("hours-per-week",)
+    for name, want in case["heads"].items():
+        want = np.array(want, dtype=np.float32)
+        out = "score." + name
+        for how, r in {
+            "grpc": gc.infer(MT, inputs(tg, case, True, mt_types, skip),
+                             outputs=[tg.InferRequestedOutput(out)]),
+            "http-binary": hc.infer(MT, inputs(th, case, True, mt_types, skip),
+                                    outputs=[th.InferRequestedOutput(out, binary_data=True)]),
+            "http-json": hc.infer(MT, inputs(th, case, False, mt_types, skip),
+                                  outputs=[th.InferRequestedOutput(out, binary_data=False)]),
+        }.items():
+            got = r.as_numpy(out)
+            assert got.shape == want.shape, (how, k, name, got.shape, want.shape)
+            diff = float(np.max(np.abs(got.astype(np.float64) - want))) if len(want) else 0.0
+            assert diff <= 1e-6, (how, k, name, diff)
+            worst["heads " + how] = max(worst.get("heads " + how, 0.0), diff)
+    # Without outputs asked for: `score` (the default head) and `score.long_hours`.
+    r = gc.infer(MT, inputs(tg, case, True, mt_types, skip))
+    assert np.array_equal(r.as_numpy("score"), np.array(case["heads"]["income"], np.float32))
+    assert r.as_numpy("score.long_hours") is not None
 
 # Errors come back as the clients' exceptions with the server's message.
 for c, m in ((gc, tg), (hc, th)):
