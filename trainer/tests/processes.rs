@@ -94,6 +94,14 @@ fn weights(model: &Path) -> Vec<Vec<f32>> {
         v.push(m.weights(l.weight).to_vec());
         v.push(m.weights(l.bias).to_vec());
     }
+    if let Some(c) = &a.cross {
+        for l in &c.layers {
+            for b in [l.weight, l.u, l.v, Some(l.bias)].into_iter().flatten() {
+                v.push(m.weights(b).to_vec());
+            }
+        }
+        v.extend(c.output.map(|o| m.weights(o).to_vec()));
+    }
     v
 }
 
@@ -176,6 +184,40 @@ fn one_process_one_shard_and_two_shards_train_the_same_model() {
     }
     assert_eq!(weights(&k1), weights(&k2), "2 workers: 1 shard vs 2 shards");
     assert!(eval_auc(&k2) > 0.85, "{}", eval_auc(&k2));
+}
+
+/// DCN-v2 cross tensors live on the shards like the deep layers: a job with low-rank cross
+/// layers parallel to the deep tower trains the very model one process trains.
+#[test]
+fn cross_layers_train_the_same_in_a_job() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &data);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "[train]\n",
+            "[cross]\nlayers = 2\nrank = 4\nstructure = \"parallel\"\n\n[train]\n",
+        ),
+    )
+    .unwrap();
+    let one = dir.path().join("one.rkm");
+    train(&cfg, &one, &[]);
+    let sharded = dir.path().join("sharded.rkm");
+    train(&cfg, &sharded, &["--processes", "1", "--ps-shards", "2"]);
+    let (a, b) = (weights(&one), weights(&sharded));
+    let cross = rankd_formats::ModelFile::open(&sharded).unwrap();
+    assert_eq!(cross.spec().architecture.kind(), "dcn_v2");
+    assert_eq!(a.len(), b.len());
+    assert_eq!(
+        a, b,
+        "one process vs 1 worker x 2 shards, with cross layers"
+    );
+    assert!(eval_auc(&sharded) > 0.85, "{}", eval_auc(&sharded));
 }
 
 #[test]

@@ -38,10 +38,13 @@ pub enum DenseKind {
     Weight(usize),
     /// Deep layer `i`'s bias (Adam).
     Bias(usize),
+    /// DCN-v2 cross tensor `i` ([`crate::model::CrossSpec::tensors`] order; Adam, with L2 on
+    /// weights, not biases).
+    Cross(usize, bool),
 }
 
 /// The dense tensors with their lengths: the wide bias (with a wide part), then each layer's
-/// weights and bias. Tensor `d` lives on shard `d % K`.
+/// weights and bias, then the cross tensors. Tensor `d` lives on shard `d % K`.
 pub fn dense_tensors(layout: &Layout) -> Vec<(DenseKind, usize)> {
     let mut v = Vec::new();
     if layout.has_wide {
@@ -50,6 +53,11 @@ pub fn dense_tensors(layout: &Layout) -> Vec<(DenseKind, usize)> {
     for (i, &(inp, out)) in layout.layers.iter().enumerate() {
         v.push((DenseKind::Weight(i), inp * out));
         v.push((DenseKind::Bias(i), out));
+    }
+    if let Some(c) = &layout.cross {
+        for (i, (_, shape, decay)) in c.tensors(layout.deep_in).into_iter().enumerate() {
+            v.push((DenseKind::Cross(i, decay), shape.iter().product()));
+        }
     }
     v
 }

@@ -356,13 +356,14 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
         .map_err(|e| TrainError::Data(format!("the chief's model config: {e}")))?;
     let spec = CompiledSpec::compile(&model.feature_spec())?;
     let layout = Layout::new(&model, &spec)?;
-    if layout.cross.is_some() || layout.mt.is_some() {
+    if layout.mt.is_some() {
         return Err(TrainError::Config(
-            "DCN-v2 cross layers and multi-task heads train in one process (rankd-train \
-             --config); the parameter-server job does not hold their tensors yet"
+            "multi-task heads train in one process (rankd-train --config); the parameter-server \
+             job does not hold their tensors yet"
                 .into(),
         ));
     }
+    let cross = model::init_cross(&layout, seed);
     let tables: Vec<Table> = layout
         .emb
         .iter()
@@ -386,6 +387,7 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
                 DenseKind::WideBias => vec![model::initial_wide_bias(&layout, base_rate)],
                 DenseKind::Weight(i) => model::init_layer(&layout, seed, i),
                 DenseKind::Bias(_) => vec![0.0; len],
+                DenseKind::Cross(i, _) => cross[i].clone(),
             };
             let m = match kind {
                 DenseKind::WideBias => vec![model::ADAGRAD_INIT],
@@ -632,6 +634,7 @@ fn apply(job: &mut Job, sparse: &[SparseGrad], dense: &[Vec<f32>]) {
             DenseKind::WideBias => model::adagrad_bias(&h, &mut d.w[0], &mut d.m[0], g[0]),
             DenseKind::Weight(_) => model::adam(&h, &mut d.w, g, &mut d.m, &mut d.v, true),
             DenseKind::Bias(_) => model::adam(&h, &mut d.w, g, &mut d.m, &mut d.v, false),
+            DenseKind::Cross(_, decay) => model::adam(&h, &mut d.w, g, &mut d.m, &mut d.v, decay),
         }
     }
 }

@@ -193,6 +193,12 @@ impl Plan {
         if dense {
             params.w = l.layers.iter().map(|&(i, o)| vec![0.0; i * o]).collect();
             params.b = l.layers.iter().map(|&(_, o)| vec![0.0; o]).collect();
+            params.cross = l.cross.map_or(Vec::new(), |c| {
+                c.tensors(l.deep_in)
+                    .iter()
+                    .map(|(_, s, _)| vec![0.0; s.iter().product()])
+                    .collect()
+            });
         }
         let mut all_exhausted = false;
         for i in 0..k {
@@ -226,6 +232,7 @@ impl Plan {
                         }
                         DenseKind::Weight(j) => c.f32s_into(&mut params.w[j])?,
                         DenseKind::Bias(j) => c.f32s_into(&mut params.b[j])?,
+                        DenseKind::Cross(j, _) => c.f32s_into(&mut params.cross[j])?,
                     }
                 }
             }
@@ -288,6 +295,7 @@ impl Plan {
                 DenseKind::WideBias => m.f32s(&[grads.wide_bias]),
                 DenseKind::Weight(j) => m.f32s(&grads.w[j]),
                 DenseKind::Bias(j) => m.f32s(&grads.b[j]),
+                DenseKind::Cross(j, _) => m.f32s(&grads.cross[j]),
             }
         }
         for (i, m) in msgs.iter().enumerate() {
@@ -610,10 +618,10 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     let (start_epoch, mut epoch_over, fitted) = ready;
     let spec = CompiledSpec::compile(&fitted.feature_spec())?;
     let layout = Layout::new(&fitted, &spec)?;
-    if s.batch_norm || s.dropout > 0.0 || layout.cross.is_some() || layout.mt.is_some() {
+    if s.batch_norm || s.dropout > 0.0 || layout.mt.is_some() {
         return Err(TrainError::Config(
-            "batch_norm, dropout, DCN-v2 cross layers and multi-task heads train in one process \
-             (rankd-train --config); the parameter-server job does not carry them yet"
+            "batch_norm, dropout and multi-task heads train in one process (rankd-train \
+             --config); the parameter-server job does not carry them yet"
                 .into(),
         ));
     }
@@ -1041,6 +1049,12 @@ impl Tensors for Export<'_> {
             }
             if name == format!("deep.{i}.bias") {
                 return f(&params.b[i]);
+            }
+        }
+        if let Some(c) = &l.cross {
+            let names = c.tensors(l.deep_in);
+            if let Some(i) = names.iter().position(|(n, _, _)| n == name) {
+                return f(&params.cross[i]);
             }
         }
         Err(rankd_formats::FormatError::Config(format!(
