@@ -192,10 +192,6 @@ fn train_with(
         .collect();
     let mut params = Params::init(&layout, s.seed, rates[0]);
     model::set_base_rates(&layout, &mut params, &rates);
-    // Early stopping on a multi-task model goes by the heads' metric weighed as in the loss.
-    let weights: Vec<f64> = layout.mt.as_ref().map_or(vec![1.0], |m| {
-        m.weights.iter().map(|&w| f64::from(w)).collect()
-    });
     let head_names: Vec<String> = layout.mt.as_ref().map_or(Vec::new(), |m| m.heads.clone());
     let mut opt = config.optimizer(&params).with_layout(&layout);
     let mut compute = CpuCompute::with_seed(s.seed);
@@ -323,12 +319,7 @@ fn train_with(
         );
         log_heads(log, "  eval", &head_names, &per_head);
         history.push(m);
-        let score = per_head
-            .iter()
-            .zip(&weights)
-            .map(|(m, w)| w * metric.score(m))
-            .sum::<f64>()
-            / weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        let score = stop_score(metric, &per_head, &layout);
         let stop = if score > best.0 {
             best = (score, params.clone(), epoch);
             false
@@ -421,8 +412,31 @@ fn train_with(
     })
 }
 
+/// What early stopping compares: `metric` of the heads, averaged with their loss weights (the
+/// one head's of a single-task model).
+pub(crate) fn stop_score(
+    metric: config::StopMetric,
+    per_head: &[EvalMetrics],
+    layout: &model::Layout,
+) -> f64 {
+    let weights: Vec<f64> = layout.mt.as_ref().map_or(vec![1.0], |m| {
+        m.weights.iter().map(|&w| f64::from(w)).collect()
+    });
+    per_head
+        .iter()
+        .zip(&weights)
+        .map(|(m, w)| w * metric.score(m))
+        .sum::<f64>()
+        / weights.iter().sum::<f64>().max(f64::MIN_POSITIVE)
+}
+
 /// One line per head of a multi-task model (nothing for a single-task one).
-fn log_heads(log: &mut dyn std::io::Write, what: &str, names: &[String], m: &[EvalMetrics]) {
+pub(crate) fn log_heads(
+    log: &mut dyn std::io::Write,
+    what: &str,
+    names: &[String],
+    m: &[EvalMetrics],
+) {
     for (name, m) in names.iter().zip(m) {
         let _ = writeln!(
             log,

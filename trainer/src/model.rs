@@ -16,7 +16,7 @@ use rankd_formats::Pooling;
 use crate::error::{Result, TrainError};
 
 mod multitask;
-pub use multitask::{set_base_rates, MtSpec};
+pub use multitask::{init as init_mt, set_base_rates, MtSpec};
 
 /// An embedding table's place in the network.
 #[derive(Clone, Debug)]

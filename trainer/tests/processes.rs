@@ -37,6 +37,18 @@ fn config(dir: &Path, data: &Path) -> PathBuf {
     path
 }
 
+/// The multi-task Adult example (`income`, `long_hours`) on the same slices as [`config`].
+fn multitask_config(dir: &Path, data: &Path) -> PathBuf {
+    let cfg = config(dir, data);
+    let ours = std::fs::read_to_string(&cfg).unwrap();
+    let train = &ours[ours.find("\n[train]\n").unwrap() + 1..];
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/multitask.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    let model = &text[..text.find("\n[train]\n").unwrap() + 1];
+    std::fs::write(&cfg, format!("{model}{train}")).unwrap();
+    cfg
+}
+
 /// [`config`] in async mode.
 fn async_config(dir: &Path, data: &Path) -> PathBuf {
     let cfg = config(dir, data);
@@ -93,6 +105,14 @@ fn weights(model: &Path) -> Vec<Vec<f32>> {
     for l in &a.deep {
         v.push(m.weights(l.weight).to_vec());
         v.push(m.weights(l.bias).to_vec());
+    }
+    if let Some(mt) = &a.multitask {
+        let experts = mt.experts.iter().flat_map(|e| &e.layers);
+        let heads = mt.heads.iter().flat_map(|h| h.gate.iter().chain(&h.tower));
+        for l in experts.chain(heads) {
+            v.push(m.weights(l.weight).to_vec());
+            v.push(m.weights(l.bias).to_vec());
+        }
     }
     if let Some(c) = &a.cross {
         for l in &c.layers {
@@ -218,6 +238,40 @@ fn cross_layers_train_the_same_in_a_job() {
         "one process vs 1 worker x 2 shards, with cross layers"
     );
     assert!(eval_auc(&sharded) > 0.85, "{}", eval_auc(&sharded));
+}
+
+/// Multi-task experts, gates and towers live on the shards too, each head's labels travel with
+/// its rows: a job trains bit for bit the model one process trains, with every head's metrics.
+#[test]
+fn multitask_heads_train_the_same_in_a_job() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = multitask_config(dir.path(), &data);
+    let one = dir.path().join("one.rkm");
+    train(&cfg, &one, &[]);
+    let sharded = dir.path().join("sharded.rkm");
+    let log = train(&cfg, &sharded, &["--processes", "1", "--ps-shards", "2"]);
+    assert!(log.contains("head long_hours"), "{log}");
+    let (a, b) = (weights(&one), weights(&sharded));
+    let file = rankd_formats::ModelFile::open(&sharded).unwrap();
+    assert_eq!(file.spec().architecture.kind(), "mmoe");
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a, b, "one process vs 1 worker x 2 shards, multi-task");
+    let metric = |k: &str| {
+        file.spec()
+            .metadata
+            .metrics
+            .iter()
+            .find(|(n, _)| n == k)
+            .unwrap_or_else(|| panic!("no metric {k}"))
+            .1
+    };
+    assert_eq!(metric("eval_auc"), metric("eval_auc.income"));
+    assert!(metric("eval_auc.long_hours") > 0.6);
+    assert_eq!(eval_auc(&one), eval_auc(&sharded));
 }
 
 #[test]

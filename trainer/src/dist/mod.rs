@@ -41,10 +41,13 @@ pub enum DenseKind {
     /// DCN-v2 cross tensor `i` ([`crate::model::CrossSpec::tensors`] order; Adam, with L2 on
     /// weights, not biases).
     Cross(usize, bool),
+    /// Multi-task tensor `i` ([`crate::model::MtSpec::tensors`] order; Adam, with L2 on
+    /// weights, not biases).
+    Mt(usize, bool),
 }
 
 /// The dense tensors with their lengths: the wide bias (with a wide part), then each layer's
-/// weights and bias, then the cross tensors. Tensor `d` lives on shard `d % K`.
+/// weights and bias, then the cross tensors, then the multi-task tensors. Tensor `d` lives on shard `d % K`.
 pub fn dense_tensors(layout: &Layout) -> Vec<(DenseKind, usize)> {
     let mut v = Vec::new();
     if layout.has_wide {
@@ -57,6 +60,11 @@ pub fn dense_tensors(layout: &Layout) -> Vec<(DenseKind, usize)> {
     if let Some(c) = &layout.cross {
         for (i, (_, shape, decay)) in c.tensors(layout.deep_in).into_iter().enumerate() {
             v.push((DenseKind::Cross(i, decay), shape.iter().product()));
+        }
+    }
+    if let Some(m) = &layout.mt {
+        for (i, (_, shape, decay)) in m.tensors(layout.deep_in).into_iter().enumerate() {
+            v.push((DenseKind::Mt(i, decay), shape.iter().product()));
         }
     }
     v

@@ -339,7 +339,15 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
     let workers = c.u32()? as usize;
     let sync = c.u8()? == 1;
     let seed = c.u64()?;
-    let base_rate = c.f32()?;
+    let n_rates = c.u32()? as usize;
+    if n_rates == 0 || n_rates > 64 {
+        return Err(TrainError::Data(format!(
+            "{n_rates} base rates in the job's start"
+        )));
+    }
+    let mut base_rates = Vec::with_capacity(n_rates);
+    c.f32s_push(n_rates, &mut base_rates)?;
+    let base_rate = base_rates[0];
     let rates = Rates::read(c)?;
     let start_epoch = c.u64()?;
     let restore = c.str()?.to_owned();
@@ -356,14 +364,14 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
         .map_err(|e| TrainError::Data(format!("the chief's model config: {e}")))?;
     let spec = CompiledSpec::compile(&model.feature_spec())?;
     let layout = Layout::new(&model, &spec)?;
-    if layout.mt.is_some() {
-        return Err(TrainError::Config(
-            "multi-task heads train in one process (rankd-train --config); the parameter-server \
-             job does not hold their tensors yet"
-                .into(),
-        ));
-    }
     let cross = model::init_cross(&layout, seed);
+    // The multi-task tensors as one process starts them: each head's output bias at the logit of
+    // its base rate.
+    let mut mt = model::Params {
+        mt: model::init_mt(&layout, seed),
+        ..model::Params::default()
+    };
+    model::set_base_rates(&layout, &mut mt, &base_rates);
     let tables: Vec<Table> = layout
         .emb
         .iter()
@@ -388,6 +396,7 @@ fn init(shared: &Shared, c: &mut Cursor<'_>, out: &mut Buf) -> Result<usize> {
                 DenseKind::Weight(i) => model::init_layer(&layout, seed, i),
                 DenseKind::Bias(_) => vec![0.0; len],
                 DenseKind::Cross(i, _) => cross[i].clone(),
+                DenseKind::Mt(i, _) => mt.mt[i].clone(),
             };
             let m = match kind {
                 DenseKind::WideBias => vec![model::ADAGRAD_INIT],
@@ -634,7 +643,9 @@ fn apply(job: &mut Job, sparse: &[SparseGrad], dense: &[Vec<f32>]) {
             DenseKind::WideBias => model::adagrad_bias(&h, &mut d.w[0], &mut d.m[0], g[0]),
             DenseKind::Weight(_) => model::adam(&h, &mut d.w, g, &mut d.m, &mut d.v, true),
             DenseKind::Bias(_) => model::adam(&h, &mut d.w, g, &mut d.m, &mut d.v, false),
-            DenseKind::Cross(_, decay) => model::adam(&h, &mut d.w, g, &mut d.m, &mut d.v, decay),
+            DenseKind::Cross(_, decay) | DenseKind::Mt(_, decay) => {
+                model::adam(&h, &mut d.w, g, &mut d.m, &mut d.v, decay)
+            }
         }
     }
 }

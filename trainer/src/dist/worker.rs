@@ -22,7 +22,7 @@ use super::{dense_tensors, store, DenseKind, Rates, Shards};
 use crate::config::{Mode, TrainConfig};
 use crate::data::{self, Share, Shuffle};
 use crate::error::{Result, TrainError};
-use crate::metrics::{evaluate, EvalMetrics};
+use crate::metrics::{evaluate_heads, EvalMetrics};
 use crate::model::{Compute, CpuCompute, Grads, Layout, Params};
 
 /// What a worker is told to do.
@@ -199,6 +199,12 @@ impl Plan {
                     .map(|(_, s, _)| vec![0.0; s.iter().product()])
                     .collect()
             });
+            params.mt = l.mt.as_ref().map_or(Vec::new(), |m| {
+                m.tensors(l.deep_in)
+                    .iter()
+                    .map(|(_, s, _)| vec![0.0; s.iter().product()])
+                    .collect()
+            });
         }
         let mut all_exhausted = false;
         for i in 0..k {
@@ -233,6 +239,7 @@ impl Plan {
                         DenseKind::Weight(j) => c.f32s_into(&mut params.w[j])?,
                         DenseKind::Bias(j) => c.f32s_into(&mut params.b[j])?,
                         DenseKind::Cross(j, _) => c.f32s_into(&mut params.cross[j])?,
+                        DenseKind::Mt(j, _) => c.f32s_into(&mut params.mt[j])?,
                     }
                 }
             }
@@ -296,6 +303,7 @@ impl Plan {
                 DenseKind::Weight(j) => m.f32s(&grads.w[j]),
                 DenseKind::Bias(j) => m.f32s(&grads.b[j]),
                 DenseKind::Cross(j, _) => m.f32s(&grads.cross[j]),
+                DenseKind::Mt(j, _) => m.f32s(&grads.mt[j]),
             }
         }
         for (i, m) in msgs.iter().enumerate() {
@@ -318,8 +326,8 @@ impl Plan {
         let mut labels = Vec::new();
         let mut compute = CpuCompute::default();
         let mut params = Params::default();
-        let mut batch: Vec<(Vec<OwnedValue>, f32)> = Vec::new();
-        let mut run = |batch: &mut Vec<(Vec<OwnedValue>, f32)>, shards: &mut Shards| {
+        let mut batch: Vec<Row> = Vec::new();
+        let mut run = |batch: &mut Vec<Row>, shards: &mut Shards| {
             let (slots, ls) = transform(spec, batch)?;
             batch.clear();
             let local = self.localize(slots, ls);
@@ -335,14 +343,13 @@ impl Plan {
                     crate::model::round_as_stored(*w, e.dim, t);
                 }
             }
-            let rows: Vec<usize> = (0..local.labels.len()).collect();
+            let rows: Vec<usize> = (0..local.slots.rows()).collect();
             compute.predict(&self.layout, &params, &local.slots, &rows, &mut preds);
             labels.extend_from_slice(&local.labels);
             Ok::<(), TrainError>(())
         };
-        // The job trains single-task models: one label per row.
-        data::stream(files, spec.features(), &config.train, &mut |row, label| {
-            batch.push((row, label[0]));
+        data::stream(files, spec.features(), &config.train, &mut |row, labels| {
+            batch.push((row, labels.to_vec()));
             if batch.len() == 4096 {
                 run(&mut batch, shards)?;
             }
@@ -355,18 +362,18 @@ impl Plan {
     }
 }
 
-/// Runs rows through the feature spec: the slots and the labels.
-fn transform(
-    spec: &CompiledSpec,
-    rows: &[(Vec<OwnedValue>, f32)],
-) -> Result<(SlotBatch, Vec<f32>)> {
+/// A row's cells and its labels (one, or one per head of a multi-task model).
+type Row = (Vec<OwnedValue>, Vec<f32>);
+
+/// Runs rows through the feature spec: the slots and the labels, row by row.
+fn transform(spec: &CompiledSpec, rows: &[Row]) -> Result<(SlotBatch, Vec<f32>)> {
     let mut slots = SlotBatch::new();
     let mut labels = Vec::with_capacity(rows.len());
     for (row, label) in rows {
         let values: Vec<Value<'_>> = row.iter().map(OwnedValue::value).collect();
         spec.transform_row(&values, &mut slots)
             .map_err(|e| TrainError::Data(e.to_string()))?;
-        labels.push(*label);
+        labels.extend_from_slice(label);
     }
     Ok((slots, labels))
 }
@@ -389,10 +396,10 @@ fn read_epoch(
         s.shuffle_buffer,
         data::epoch_rng(s.seed, share.index, epoch),
     );
-    let mut rows: Vec<(Vec<OwnedValue>, f32)> = Vec::with_capacity(batch);
+    let mut rows: Vec<Row> = Vec::with_capacity(batch);
     // The consumer hung up: stop reading (not an error of ours).
     let hung_up = || TrainError::Data("stopped".into());
-    let emit = |rows: &mut Vec<(Vec<OwnedValue>, f32)>| -> Result<()> {
+    let emit = |rows: &mut Vec<Row>| -> Result<()> {
         let b = transform(spec, rows);
         rows.clear();
         tx.send(b).map_err(|_| hung_up())
@@ -403,7 +410,7 @@ fn read_epoch(
         s,
         share,
         &mut |row, label| {
-            if let Some(out) = shuffle.push((row, label[0])) {
+            if let Some(out) = shuffle.push((row, label.to_vec())) {
                 rows.push(out);
                 if rows.len() == batch {
                     emit(&mut rows)?;
@@ -430,23 +437,23 @@ fn read_epoch(
 }
 
 /// The chief's pass over the training data before training: the slots fitted on (a bounded
-/// sample of) the rows, and the base rate over all of them.
-fn fit(config: &TrainConfig, log: &mut dyn Write) -> Result<(ModelConfig, f32)> {
+/// sample of) the rows, and the base rate over all of them (per head of a multi-task model).
+fn fit(config: &TrainConfig, log: &mut dyn Write) -> Result<(ModelConfig, Vec<f32>)> {
     let s = &config.train;
     let mut fitted = config.model.clone();
     let mut raw = data::RawData::default();
     let mut seen = 0u64;
-    let mut positives = 0f32;
+    let mut positives = vec![0f32; s.heads.len().max(1)];
     let mut rng = rankd_formats::synth::Rng::new(s.seed ^ 0x0066_6974);
     let keep = if s.fit.is_empty() {
         0
     } else {
         s.fit_sample_rows
     };
-    data::stream(&s.train_files, &fitted.features, s, &mut |row, label| {
-        let label = label[0];
+    data::stream(&s.train_files, &fitted.features, s, &mut |row, labels| {
+        let label = labels[0];
         seen += 1;
-        positives += label;
+        positives.iter_mut().zip(labels).for_each(|(p, y)| *p += y);
         if raw.rows.len() < keep {
             raw.rows.push(row);
             raw.labels.push(label);
@@ -474,7 +481,7 @@ fn fit(config: &TrainConfig, log: &mut dyn Write) -> Result<(ModelConfig, f32)> 
             raw.rows.len()
         );
     }
-    Ok((fitted, positives / seen as f32))
+    Ok((fitted, positives.iter().map(|p| p / seen as f32).collect()))
 }
 
 /// A complete checkpoint: where the job stood.
@@ -548,7 +555,7 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     // The job: the chief fits and initializes the shards; the others wait for it.
     let mut resumed: Option<Position> = None;
     let ready = if chief {
-        let (fitted, base_rate) = fit(config, log)?;
+        let (fitted, base_rates) = fit(config, log)?;
         let latest = job.checkpoint.join("LATEST");
         let hdfs = s.hdfs();
         let mut restore = String::new();
@@ -592,7 +599,8 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
         b.u32(job.workers as u32);
         b.u8(u8::from(s.mode == Mode::Sync));
         b.u64(s.seed);
-        b.f32s(&[base_rate]);
+        b.u32(base_rates.len() as u32);
+        b.f32s(&base_rates);
         Rates::of(s).write(&mut b);
         b.u64(start);
         b.bytes(restore.as_bytes());
@@ -618,10 +626,10 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     let (start_epoch, mut epoch_over, fitted) = ready;
     let spec = CompiledSpec::compile(&fitted.feature_spec())?;
     let layout = Layout::new(&fitted, &spec)?;
-    if s.batch_norm || s.dropout > 0.0 || layout.mt.is_some() {
+    if s.batch_norm || s.dropout > 0.0 {
         return Err(TrainError::Config(
-            "batch_norm, dropout and multi-task heads train in one process (rankd-train \
-             --config); the parameter-server job does not carry them yet"
+            "batch_norm and dropout train in one process (rankd-train --config); the \
+             parameter-server job does not carry them yet"
                 .into(),
         ));
     }
@@ -632,6 +640,12 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
         count: job.workers,
     };
     let metric = s.early_stopping_metric;
+    let heads = plan.layout.heads();
+    let head_names: Vec<String> = plan
+        .layout
+        .mt
+        .as_ref()
+        .map_or(Vec::new(), |m| m.heads.clone());
     let mut best = resumed.map_or((f64::NEG_INFINITY, 0usize), |p| {
         (p.best_score, p.best_epoch)
     });
@@ -679,7 +693,7 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
                     });
                     for pulled in ready_rx {
                         let (local, params) = pulled?;
-                        let n = local.labels.len();
+                        let n = local.slots.rows();
                         let r: Vec<usize> = (0..n).collect();
                         loss += compute.step(
                             &plan.layout,
@@ -710,7 +724,7 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
                     exhausted = batch.is_none();
                     let (slots, labels) = batch.unwrap_or_default();
                     let local = plan.localize(slots, labels);
-                    let n = local.labels.len();
+                    let n = local.slots.rows();
                     let next = round + 1;
                     plan.send_pull(&mut shards, next, &local, n > 0)?;
                     let all_done = plan.recv_pull(&mut shards, &local, n > 0, &mut params)?;
@@ -754,7 +768,8 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
         if chief {
             let (preds, labels) =
                 plan.predict_files(&mut shards, config, &spec, eval_files(config), false)?;
-            let m = evaluate(&preds, &labels);
+            let per_head = evaluate_heads(&preds, &labels, heads);
+            let m = per_head[0];
             let _ = writeln!(
                 log,
                 "epoch {}: train logloss {:.4}, {:.0} samples/s; eval auc {:.4} logloss {:.4} accuracy {:.4} calibration {:.3}",
@@ -766,8 +781,10 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
                 m.accuracy,
                 m.calibration
             );
-            if metric.score(&m) > best.0 {
-                best = (metric.score(&m), epoch);
+            crate::log_heads(log, "  eval", &head_names, &per_head);
+            let score = crate::stop_score(metric, &per_head, &plan.layout);
+            if score > best.0 {
+                best = (score, epoch);
                 if s.early_stopping > 0 {
                     save(
                         &mut shards,
@@ -853,7 +870,8 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     };
     let (preds, labels) =
         plan.predict_files(&mut shards, config, &spec, eval_files(config), true)?;
-    let kept = evaluate(&preds, &labels);
+    let kept_heads = evaluate_heads(&preds, &labels, heads);
+    let kept = kept_heads[0];
     let _ = writeln!(
         log,
         "kept epoch {}: validation auc {:.4} logloss {:.4} accuracy {:.4}",
@@ -862,24 +880,32 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
         kept.logloss,
         kept.accuracy
     );
+    crate::log_heads(log, "  validation", &head_names, &kept_heads);
+    let mut test_heads = Vec::new();
     let test = if s.test_files.is_empty() {
         None
     } else {
         let (p, l) = plan.predict_files(&mut shards, config, &spec, &s.test_files, true)?;
-        let m = evaluate(&p, &l);
+        let per_head = evaluate_heads(&p, &l, heads);
+        let m = per_head[0];
         let _ = writeln!(
             log,
             "test ({} rows): auc {:.4} logloss {:.4} accuracy {:.4} calibration {:.3}",
-            l.len(),
+            l.len() / heads,
             m.auc,
             m.logloss,
             m.accuracy,
             m.calibration
         );
+        crate::log_heads(log, "  test", &head_names, &per_head);
+        test_heads = per_head;
         Some(m)
     };
     let epochs = last_epoch + 1;
-    let metrics = crate::metrics_of(&kept, test.as_ref(), epochs, kept_epoch);
+    let mut metrics = crate::metrics_of(&kept, test.as_ref(), epochs, kept_epoch);
+    if !head_names.is_empty() {
+        metrics.extend(crate::head_metrics(&head_names, &kept_heads, &test_heads));
+    }
     {
         let export = Export {
             plan: &plan,
@@ -1055,6 +1081,12 @@ impl Tensors for Export<'_> {
             let names = c.tensors(l.deep_in);
             if let Some(i) = names.iter().position(|(n, _, _)| n == name) {
                 return f(&params.cross[i]);
+            }
+        }
+        if let Some(m) = &l.mt {
+            let names = m.tensors(l.deep_in);
+            if let Some(i) = names.iter().position(|(n, _, _)| n == name) {
+                return f(&params.mt[i]);
             }
         }
         Err(rankd_formats::FormatError::Config(format!(
