@@ -385,9 +385,15 @@ fn stream_from(
             )));
         }
         let at = |c: usize| record.get(c).unwrap_or("");
+        // A multi-task head's label may be missing on a row (a dwell time only for clicks): the
+        // row then teaches the other heads only.
+        let multitask = !s.heads.is_empty();
         for (y, c) in label.iter_mut().zip(&label_cols) {
             *y = match c.map(|(c, t)| (at(c).trim(), t)) {
                 None => f32::NAN,
+                Some((v, _)) if multitask && (v.is_empty() || s.missing.iter().any(|m| m == v)) => {
+                    f32::NAN
+                }
                 Some((v, Some(t))) => match v.parse::<f64>() {
                     Ok(x) if x.is_finite() => f32::from(u8::from(x > t)),
                     _ => return Err(ctx(format!("label {v:?} is not a number"))),
@@ -606,6 +612,12 @@ mod tests {
         ];
         let raw = read(&[&p], &features(), &s).unwrap();
         assert_eq!(raw.labels, [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]);
+        // A head's label may be missing on a row (empty, or a `missing` value): NaN, and the
+        // row still teaches the other head.
+        std::fs::write(&p, "x,name,label,hours\n1,a,,45\n2,b,0,?\n").unwrap();
+        let raw = read(&[&p], &features(), &s).unwrap();
+        assert!(raw.labels[0].is_nan() && raw.labels[3].is_nan());
+        assert_eq!((raw.labels[1], raw.labels[2]), (1.0, 0.0));
         // A value that is no number under a threshold is refused, with its line.
         std::fs::write(&p, "x,name,label,hours\n1,a,1,45\n1,a,1,many\n").unwrap();
         let e = read(&[&p], &features(), &s).unwrap_err().to_string();
@@ -617,6 +629,17 @@ mod tests {
         s.heads[1].column = "dwell".into();
         let e = read(&[&p], &features(), &s).unwrap_err().to_string();
         assert!(e.contains("no label column `dwell`"), "{e}");
+    }
+
+    #[test]
+    fn a_single_task_label_is_never_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.csv");
+        std::fs::write(&p, "x,name,label\n1,a,\n").unwrap();
+        let e = read(&[&p], &features(), &TrainSettings::defaults())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not 0 or 1"), "{e}");
     }
 
     fn features() -> Vec<RawFeature> {

@@ -184,10 +184,14 @@ fn train_with(
         None => data::load(&s.eval_files, &spec, s)?,
     };
     let heads = layout.heads();
+    // Each head's base rate over the rows that have its label.
     let rates: Vec<f32> = (0..heads)
         .map(|h| {
-            let y = metrics::head_of(&train.labels, heads, h);
-            y.iter().sum::<f32>() / y.len() as f32
+            let y: Vec<f32> = metrics::head_of(&train.labels, heads, h)
+                .into_iter()
+                .filter(|y| !y.is_nan())
+                .collect();
+            y.iter().sum::<f32>() / y.len().max(1) as f32
         })
         .collect();
     let mut params = Params::init(&layout, s.seed, rates[0]);

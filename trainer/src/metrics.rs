@@ -70,15 +70,36 @@ pub fn head_of(values: &[f32], heads: usize, h: usize) -> Vec<f32> {
 }
 
 /// [`evaluate`] for each head of predictions and labels laid out row by row with `heads` values
-/// per row.
+/// per row; a head is evaluated on the rows that have its label (not NaN).
 pub fn evaluate_heads(preds: &[f32], labels: &[f32], heads: usize) -> Vec<EvalMetrics> {
     (0..heads)
-        .map(|h| evaluate(&head_of(preds, heads, h), &head_of(labels, heads, h)))
+        .map(|h| {
+            let (p, y): (Vec<f32>, Vec<f32>) = head_of(preds, heads, h)
+                .into_iter()
+                .zip(head_of(labels, heads, h))
+                .filter(|(_, y)| !y.is_nan())
+                .unzip();
+            evaluate(&p, &y)
+        })
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_head_is_evaluated_on_the_rows_with_its_label() {
+        // Two heads, row by row; head 1 has no label on rows 1 and 3.
+        let preds = [0.9, 0.2, 0.1, 0.8, 0.7, 0.3, 0.4, 0.6];
+        let labels = [1.0, 0.0, 0.0, f32::NAN, 1.0, 1.0, 0.0, f32::NAN];
+        let m = super::evaluate_heads(&preds, &labels, 2);
+        assert_eq!(
+            m[0],
+            super::evaluate(&[0.9, 0.1, 0.7, 0.4], &[1.0, 0.0, 1.0, 0.0])
+        );
+        assert_eq!(m[1], super::evaluate(&[0.2, 0.3], &[0.0, 1.0]));
+        assert!(m[1].logloss.is_finite());
+    }
+
     use super::*;
 
     #[test]

@@ -1766,6 +1766,17 @@ mod tests {
             }
             check_gradients(&format!("{experts} experts {tower:?}"), &l, &p, &s, &y);
         }
+        // Rows without a head's label (NaN) teach that head nothing and the others as usual.
+        let (l, mut p, s, mut y) = setup_mt(3, &[3, 1]);
+        let mut rng = Rng::new(17);
+        for t in &mut p.mt {
+            for v in t.iter_mut() {
+                *v += rng.uniform(0.3);
+            }
+        }
+        y[1] = f32::NAN;
+        y[6] = f32::NAN;
+        check_gradients("missing labels", &l, &p, &s, &y);
     }
 
     #[test]
@@ -1785,6 +1796,18 @@ mod tests {
         }
         let got = loss(&l, &p, &s, &y) * 4.0;
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        // A missing label drops its term, nothing else.
+        let mut missing = y.clone();
+        missing[4] = f32::NAN;
+        let pr = f64::from(preds[4]);
+        let term = f64::from(m.weights[1])
+            * -(f64::from(y[4]) * pr.ln() + (1.0 - f64::from(y[4])) * (1.0 - pr).ln());
+        let got = loss(&l, &p, &s, &missing) * 4.0;
+        assert!(
+            (got - (want - term)).abs() < 1e-4,
+            "{got} vs {}",
+            want - term
+        );
     }
 
     fn gradients_match_finite_differences_of(

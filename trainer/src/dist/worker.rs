@@ -443,7 +443,9 @@ fn fit(config: &TrainConfig, log: &mut dyn Write) -> Result<(ModelConfig, Vec<f3
     let mut fitted = config.model.clone();
     let mut raw = data::RawData::default();
     let mut seen = 0u64;
+    // Per head: positives and rows with its label.
     let mut positives = vec![0f32; s.heads.len().max(1)];
+    let mut labeled = vec![0u64; positives.len()];
     let mut rng = rankd_formats::synth::Rng::new(s.seed ^ 0x0066_6974);
     let keep = if s.fit.is_empty() {
         0
@@ -453,7 +455,12 @@ fn fit(config: &TrainConfig, log: &mut dyn Write) -> Result<(ModelConfig, Vec<f3
     data::stream(&s.train_files, &fitted.features, s, &mut |row, labels| {
         let label = labels[0];
         seen += 1;
-        positives.iter_mut().zip(labels).for_each(|(p, y)| *p += y);
+        for ((p, n), y) in positives.iter_mut().zip(&mut labeled).zip(labels) {
+            if !y.is_nan() {
+                *p += y;
+                *n += 1;
+            }
+        }
         if raw.rows.len() < keep {
             raw.rows.push(row);
             raw.labels.push(label);
@@ -481,7 +488,14 @@ fn fit(config: &TrainConfig, log: &mut dyn Write) -> Result<(ModelConfig, Vec<f3
             raw.rows.len()
         );
     }
-    Ok((fitted, positives.iter().map(|p| p / seen as f32).collect()))
+    Ok((
+        fitted,
+        positives
+            .iter()
+            .zip(&labeled)
+            .map(|(p, &n)| p / n.max(1) as f32)
+            .collect(),
+    ))
 }
 
 /// A complete checkpoint: where the job stood.

@@ -281,7 +281,7 @@ impl CpuCompute {
     }
 
     /// The loss of the heads' logits in `self.logits` against `labels` (row `r`'s head `h` at
-    /// `labels[r * H + h]`), and every multi-task gradient into `g.mt`; adds the deep input's
+    /// `labels[r * H + h]`; NaN: the row has no label for that head and teaches it nothing), and every multi-task gradient into `g.mt`; adds the deep input's
     /// gradient to `dx`. Returns the summed weighted loss.
     pub(super) fn mt_backward(
         &mut self,
@@ -307,6 +307,11 @@ impl CpuCompute {
             dz.clear();
             for (b, &r) in rows.iter().enumerate() {
                 let (y, z) = (labels[r * nh + h], self.logits[b * nh + h]);
+                // A row without this head's label (NaN) adds nothing to its loss.
+                if y.is_nan() {
+                    dz.push(0.0);
+                    continue;
+                }
                 loss += f64::from(w * ((-z.abs()).exp().ln_1p() + z.max(0.0) - y * z));
                 dz.push(w * (sigmoid(z) - y) * inv);
             }
