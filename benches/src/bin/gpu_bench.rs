@@ -5,6 +5,8 @@
 //!    4,096 and 65,536 rows, as a share of it.
 //! 2. The whole engine, feed model, items/s: GPUs (every visible one, requests from one thread
 //!    per core) against the CPU engine on every core, at 200, 4,096 and 65,536 items per request.
+//! 3. The same at 4,096 items for the feed model with DCN-v2 cross layers (full rank, parallel;
+//!    rank 64, stacked) and as a multi-task model (MMoE, 4 experts, 3 heads with [64, 1] towers).
 //!
 //! Without a GPU it says why and exits 0. `--write-feed DIR` writes the feed model as
 //! `DIR/feed/1/model.rkm` (for the daemon part of `scripts/gpu-check.sh`).
@@ -128,6 +130,50 @@ fn main() {
             "  {items:>6} items/request: GPU {:>12.0} items/s, CPU ({cores} cores) {:>12.0} items/s, GPU/CPU {:.2}x",
             gpu,
             cpu,
+            gpu / cpu
+        );
+    }
+    // 3. The new model kinds (#21).
+    let kinds: [(&str, rankd_formats::config::ModelConfig); 3] = [
+        ("DCN-v2 3 full-rank layers, parallel", {
+            let mut c = feed::config();
+            c.cross = Some(rankd_formats::config::CrossConfig {
+                layers: 3,
+                rank: 0,
+                structure: rankd_formats::CrossStructure::Parallel,
+            });
+            c
+        }),
+        ("DCN-v2 3 rank-64 layers, stacked", {
+            let mut c = feed::config();
+            c.cross = Some(rankd_formats::config::CrossConfig {
+                layers: 3,
+                rank: 64,
+                structure: rankd_formats::CrossStructure::Stacked,
+            });
+            c
+        }),
+        (
+            "MMoE 4 experts x 3 heads",
+            feed::multitask_config(4, &[256, 128], &[64, 1], 3),
+        ),
+    ];
+    for (name, config) in kinds {
+        let path = dir.path().join("kind.rkm");
+        feed::write_config(&path, &config, 1, 17).unwrap();
+        let model = Arc::new(Model::open(&path).unwrap());
+        gpus.load(&model).expect("the model fits");
+        let items = 4096;
+        let cpu = items_per_sec(cores, items, secs, |_| {
+            let (m, mut e) = (model.clone(), CpuEngine::new());
+            Box::new(move |r, out| e.score(&m, &[r], out))
+        });
+        let gpu = items_per_sec(cores, items, secs, |_| {
+            let (m, mut core) = (model.clone(), gpus.core());
+            Box::new(move |r, out| core.score_blocking(&m, &[r], out))
+        });
+        println!(
+            "  {name}, {items} items/request: GPU {gpu:>12.0} items/s, CPU ({cores} cores) {cpu:>12.0} items/s, GPU/CPU {:.2}x",
             gpu / cpu
         );
     }
