@@ -496,6 +496,23 @@ impl Connection {
         })
     }
 
+    /// The heads of each loaded version of `model`, from the status response: `(version, head
+    /// names, the default first)`; no names for a single-task version.
+    pub fn heads(&mut self, model: &str) -> Result<Vec<(u64, Vec<String>)>, ClientError> {
+        self.with_status(model, |s| {
+            s.models()
+                .iter()
+                .flatten()
+                .filter(|m| m.name() == model)
+                .flat_map(|m| m.versions().into_iter().flatten())
+                .map(|v| {
+                    let names = v.heads().iter().flatten().map(str::to_owned).collect();
+                    (v.version(), names)
+                })
+                .collect()
+        })
+    }
+
     /// The raw features each loaded version of `model` reads, from the status response:
     /// `(version, [(name, declared type, wire kind)])`. Every feature may be sent at the request
     /// level or per item.

@@ -738,6 +738,12 @@ fn multitask_heads_through_every_protocol() {
         assert_eq!(a.head("long_hours").unwrap().len(), case.1.len());
         assert_ne!(a.head("long_hours"), a.head("income"));
     }
+    // The status lists the heads.
+    assert_eq!(
+        c.heads(model).unwrap(),
+        [(1, vec!["income".to_owned(), "long_hours".to_owned()])]
+    );
+    assert_eq!(c.heads("adult").unwrap(), [(1, Vec::<String>::new())]);
     // The single-task model's responses carry no heads.
     assert!(c
         .score(&ScoreRequest {

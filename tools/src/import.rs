@@ -110,6 +110,13 @@ pub fn import(opts: &ImportOptions<'_>) -> Result<Written> {
                 .unwrap_or_default(),
         )],
     };
-    let written = write_model(&config, metadata, &SafetensorsWeights(st), opts.output)?;
+    let written = write_model(&config, metadata, &SafetensorsWeights(st), opts.output)
+        .with_context(|| {
+            format!(
+                "{} against {}",
+                opts.weights.display(),
+                opts.config.display()
+            )
+        })?;
     Ok(written)
 }

@@ -321,6 +321,10 @@ struct InspectJson<'a> {
     embeddings: Vec<EmbeddingJson<'a>>,
     wide: Option<&'a rankd_formats::Wide>,
     deep_input_dim: u64,
+    /// A multi-task model's heads, the default first (empty for a single-task model), and its
+    /// experts (0 for a single-task model); the layers are in `spec.architecture.multitask`.
+    heads: Vec<&'a str>,
+    experts: usize,
     dense_inputs: &'a [String],
     deep: Vec<LayerJson>,
     fm: bool,
@@ -383,11 +387,15 @@ pub fn inspect_json(model: &ModelFile) -> Result<String> {
             })
             .collect(),
         wide: a.wide.as_ref(),
-        deep_input_dim: if a.deep.is_empty() {
+        deep_input_dim: if a.deep.is_empty() && a.multitask.is_none() {
             0
         } else {
             a.deep_input_dim()
         },
+        heads: a.multitask.as_ref().map_or(Vec::new(), |m| {
+            m.heads.iter().map(|h| h.name.as_str()).collect()
+        }),
+        experts: a.multitask.as_ref().map_or(0, |m| m.experts.len()),
         dense_inputs: &a.dense_inputs,
         deep: a
             .deep

@@ -273,3 +273,30 @@ fn score_csv_equals_the_json_path() {
         assert_eq!(cells[2], label);
     }
 }
+
+/// A multi-task model: the text form shows the experts, gates and towers; the JSON form its heads
+/// (default first), experts and deep input at the top level.
+#[test]
+fn inspect_shows_a_multitask_model() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/models/adult-multitask/1/model.rkm")
+        .display()
+        .to_string();
+    let (ok, text, err) = tool(&["inspect", &path]);
+    assert!(ok, "{err}");
+    for want in [
+        "kind        mmoe",
+        "multitask   4 experts, 2 heads (default `income`)",
+        "expert 3 layer 1",
+        "long_hours gate",
+        "income tower 1           32 -> 1 None",
+    ] {
+        assert!(text.contains(want), "`{want}` in:\n{text}");
+    }
+    let (ok, out, err) = tool(&["inspect", "--json", &path]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["heads"], serde_json::json!(["income", "long_hours"]));
+    assert_eq!(v["experts"], 4);
+    assert_eq!(v["deep_input_dim"], 133);
+}

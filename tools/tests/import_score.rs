@@ -223,6 +223,8 @@ fn import_names_the_tensor_that_is_wrong() {
         let (ok, stdout, err) = import(&weights, &out);
         assert!(!ok, "{stdout}");
         assert!(err.contains(needle), "expected `{needle}` in: {err}");
+        // The message names the weights file it is about.
+        assert!(err.contains("w.safetensors against"), "{err}");
         assert!(!out.exists());
     }
     // The unchanged tensors import fine (the harness itself is sound).

@@ -264,6 +264,8 @@ def decode_status(body):
                     "type": (v.Features(k).Type() or b"").decode(),
                     "kind": v.Features(k).Kind(),
                 } for k in range(v.FeaturesLength())],
+                # A multi-task version's heads, the default first; [] for a single-task one.
+                "heads": [v.Heads(k).decode() for k in range(v.HeadsLength())],
             })
         labels = [{"name": m.Labels(j).Name().decode(), "version": m.Labels(j).Version(),
                    "weight": m.Labels(j).Weight()} for j in range(m.LabelsLength())]

@@ -79,6 +79,9 @@ def test_multitask_heads_equal_rankd_tool(daemon):
             np.testing.assert_allclose(arr.heads["long_hours"], w["heads"]["long_hours"], atol=1e-6)
         # A single-task model's answers carry no heads.
         assert c.score("adult", reqs[0]["items"]).heads == {}
+        # The status lists each version's heads.
+        heads = {m["name"]: m["versions"][0]["heads"] for m in c.status()}
+        assert heads == {"adult": [], "adult-multitask": ["income", "long_hours"]}
 
 
 def test_scores_equal_rankd_tool(daemon):
