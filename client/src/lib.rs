@@ -499,16 +499,25 @@ impl Connection {
     /// The heads of each loaded version of `model`, from the status response: `(version, head
     /// names, the default first)`; no names for a single-task version.
     pub fn heads(&mut self, model: &str) -> Result<Vec<(u64, Vec<String>)>, ClientError> {
+        self.with_versions(model, |v| {
+            let names = v.heads().iter().flatten().map(str::to_owned).collect();
+            (v.version(), names)
+        })
+    }
+
+    /// `read` of each loaded version of `model`, from the status response.
+    fn with_versions<T>(
+        &mut self,
+        model: &str,
+        read: impl Fn(fb::VersionStatus<'_>) -> T,
+    ) -> Result<Vec<T>, ClientError> {
         self.with_status(model, |s| {
             s.models()
                 .iter()
                 .flatten()
                 .filter(|m| m.name() == model)
                 .flat_map(|m| m.versions().into_iter().flatten())
-                .map(|v| {
-                    let names = v.heads().iter().flatten().map(str::to_owned).collect();
-                    (v.version(), names)
-                })
+                .map(read)
                 .collect()
         })
     }
@@ -521,28 +530,20 @@ impl Connection {
         &mut self,
         model: &str,
     ) -> Result<Vec<(u64, Vec<(String, String, u8)>)>, ClientError> {
-        self.with_status(model, |s| {
-            s.models()
+        self.with_versions(model, |v| {
+            let features = v
+                .features()
                 .iter()
                 .flatten()
-                .filter(|m| m.name() == model)
-                .flat_map(|m| m.versions().into_iter().flatten())
-                .map(|v| {
-                    let features = v
-                        .features()
-                        .iter()
-                        .flatten()
-                        .map(|f| {
-                            (
-                                f.name().to_owned(),
-                                f.type_().unwrap_or("").to_owned(),
-                                f.kind().0,
-                            )
-                        })
-                        .collect();
-                    (v.version(), features)
+                .map(|f| {
+                    (
+                        f.name().to_owned(),
+                        f.type_().unwrap_or("").to_owned(),
+                        f.kind().0,
+                    )
                 })
-                .collect()
+                .collect();
+            (v.version(), features)
         })
     }
 }

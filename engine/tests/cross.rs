@@ -3,6 +3,8 @@
 //! without, against the f64 reference; and on the GPU backend (emulated devices here, real ones
 //! where there are any) equal to the CPU engine.
 
+mod common;
+
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::kernel::Isa;
 use rankd_engine::request::DenseRequest;
@@ -92,12 +94,7 @@ fn cross_models_score_what_the_reference_scores_on_every_isa() {
 /// (the first product split by request), merged into device batches.
 fn gpu_equals_the_cpu_engine(gpus: &std::sync::Arc<rankd_engine::gpu::Gpus>, tolerance: f32) {
     let dir = tempfile::tempdir().unwrap();
-    let values = [
-        feed::request(130, 3),
-        feed::request(7, 4),
-        feed::request(1, 5),
-        feed::request(300, 6),
-    ];
+    let values = common::feed_requests(&[130, 7, 1, 300]);
     let reqs: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
     let refs: Vec<&dyn rankd_engine::Request> = reqs
         .iter()
@@ -138,13 +135,7 @@ fn cross_models_on_the_emulated_gpu_equal_the_cpu_engine() {
 /// The same on real GPUs, where the CUDA driver finds one.
 #[test]
 fn cross_models_on_cuda_equal_the_cpu_engine() {
-    use rankd_engine::gpu::{probe, BatchSettings, Gpus};
-    match probe() {
-        Err(why) => eprintln!("skipped: no GPU here: {why}"),
-        Ok(devs) => {
-            let ordinals: Vec<usize> = devs.iter().map(|d| d.ordinal).collect();
-            let gpus = Gpus::start(&ordinals, BatchSettings::default()).expect("the GPUs start");
-            gpu_equals_the_cpu_engine(&gpus, 1e-4);
-        }
+    if let Some(gpus) = common::real_gpus() {
+        gpu_equals_the_cpu_engine(&gpus, 1e-4);
     }
 }

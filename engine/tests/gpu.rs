@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{model, owned, request};
+use common::{model, owned, real_gpus, request};
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::gpu::{self, BatchSettings, Gpus};
 use rankd_engine::{BatchOutput, EngineError, InferenceBackend, Model, Request};
@@ -136,19 +136,6 @@ fn fault_fails_one_batch(gpus: &Arc<Gpus>) {
     );
     assert!(!gpus.is_lost(0), "a failed launch does not lose the device");
     same_as_cpu(gpus, &m, &[&r], 1e-4);
-}
-
-fn real_gpus() -> Option<Arc<Gpus>> {
-    match gpu::probe() {
-        Err(why) => {
-            eprintln!("skipped: no GPU here: {why}");
-            None
-        }
-        Ok(devs) => {
-            let ordinals: Vec<usize> = devs.iter().map(|d| d.ordinal).collect();
-            Some(Gpus::start(&ordinals, BatchSettings::default()).expect("the GPUs start"))
-        }
-    }
 }
 
 /// Requests from several cores merge into shared device batches, and each core gets its own

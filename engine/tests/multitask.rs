@@ -4,6 +4,8 @@
 //! with the other requests' heads in place; and every head on the GPU backend (emulated devices
 //! here, real ones where there are any) equal to the CPU engine's.
 
+mod common;
+
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::kernel::Isa;
 use rankd_engine::request::DenseRequest;
@@ -121,12 +123,7 @@ fn a_bad_request_fails_alone_and_the_others_keep_their_heads() {
 /// layers; requests of different shapes merged into one device batch.
 fn gpu_heads_equal_the_cpu_engine(gpus: &std::sync::Arc<rankd_engine::gpu::Gpus>, tolerance: f32) {
     let dir = tempfile::tempdir().unwrap();
-    let values = [
-        feed::request(130, 3),
-        feed::request(7, 4),
-        feed::request(1, 5),
-        feed::request(300, 6),
-    ];
+    let values = common::feed_requests(&[130, 7, 1, 300]);
     let reqs: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
     let refs: Vec<&dyn Request> = reqs.iter().map(|r| r as &dyn Request).collect();
     for (experts, layers, tower, heads) in [
@@ -171,14 +168,8 @@ fn every_head_on_the_emulated_gpu_equals_the_cpu_engine() {
 /// The same on real GPUs, where the CUDA driver finds one.
 #[test]
 fn every_head_on_cuda_equals_the_cpu_engine() {
-    use rankd_engine::gpu::{probe, BatchSettings, Gpus};
-    match probe() {
-        Err(why) => eprintln!("skipped: no GPU here: {why}"),
-        Ok(devs) => {
-            let ordinals: Vec<usize> = devs.iter().map(|d| d.ordinal).collect();
-            let gpus = Gpus::start(&ordinals, BatchSettings::default()).expect("the GPUs start");
-            gpu_heads_equal_the_cpu_engine(&gpus, 1e-4);
-        }
+    if let Some(gpus) = common::real_gpus() {
+        gpu_heads_equal_the_cpu_engine(&gpus, 1e-4);
     }
 }
 

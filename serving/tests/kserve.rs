@@ -91,9 +91,10 @@ fn feature(v: &Value) -> FeatureValue {
     }
 }
 
-fn binary_scores(c: &mut Connection, case: &Case) -> Vec<f32> {
-    let req = ScoreRequest {
-        model: "adult".into(),
+/// The binary RPC request of `case` for `model`.
+fn score_request(model: &str, case: &Case) -> ScoreRequest {
+    ScoreRequest {
+        model: model.into(),
         user: case
             .0
             .iter()
@@ -105,8 +106,21 @@ fn binary_scores(c: &mut Connection, case: &Case) -> Vec<f32> {
             .map(|i| i.iter().map(|(k, v)| (k.clone(), feature(v))).collect())
             .collect(),
         ..ScoreRequest::default()
+    }
+}
+
+fn binary_scores(c: &mut Connection, case: &Case) -> Vec<f32> {
+    c.score(&score_request("adult", case)).unwrap().scores
+}
+
+/// `case` without `hours-per-week` (a label of the multi-task model, not one of its inputs).
+fn without_hours(case: &Case) -> Case {
+    let strip = |m: &serde_json::Map<String, Value>| {
+        let mut m = m.clone();
+        m.remove("hours-per-week");
+        m
     };
-    c.score(&req).unwrap().scores
+    (strip(&case.0), case.1.iter().map(strip).collect())
 }
 
 /// One input from JSON values of one feature (numbers as FP64 with NaN for missing, strings as
@@ -395,21 +409,7 @@ fn kserve_scores_equal_the_binary_rpc() {
         .iter()
         .zip(&want)
         .map(|(case, w)| {
-            let strip = |m: &serde_json::Map<String, Value>| {
-                let mut m = m.clone();
-                m.remove("hours-per-week");
-                m
-            };
-            let (user, items) = (strip(&case.0), case.1.iter().map(strip).collect::<Vec<_>>());
-            let req = ScoreRequest {
-                model: "adult-multitask".into(),
-                user: user.iter().map(|(k, v)| (k.clone(), feature(v))).collect(),
-                items: items
-                    .iter()
-                    .map(|i| i.iter().map(|(k, v)| (k.clone(), feature(v))).collect())
-                    .collect(),
-                ..ScoreRequest::default()
-            };
+            let req = score_request("adult-multitask", &without_hours(case));
             let heads: serde_json::Map<String, Value> = c
                 .score(&req)
                 .unwrap()

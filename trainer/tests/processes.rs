@@ -225,19 +225,25 @@ fn cross_layers_train_the_same_in_a_job() {
         ),
     )
     .unwrap();
-    let one = dir.path().join("one.rkm");
-    train(&cfg, &one, &[]);
-    let sharded = dir.path().join("sharded.rkm");
-    train(&cfg, &sharded, &["--processes", "1", "--ps-shards", "2"]);
-    let (a, b) = (weights(&one), weights(&sharded));
-    let cross = rankd_formats::ModelFile::open(&sharded).unwrap();
-    assert_eq!(cross.spec().architecture.kind(), "dcn_v2");
-    assert_eq!(a.len(), b.len());
-    assert_eq!(
-        a, b,
-        "one process vs 1 worker x 2 shards, with cross layers"
-    );
+    let (_, sharded) = same_in_a_job(&cfg, "dcn_v2");
     assert!(eval_auc(&sharded) > 0.85, "{}", eval_auc(&sharded));
+}
+
+/// Trains `cfg` in one process and as 1 worker x 2 shards, checks both files hold a model of
+/// `kind` with the very same weights, and returns the job's log and file.
+fn same_in_a_job(cfg: &Path, kind: &str) -> (String, PathBuf) {
+    let dir = cfg.parent().unwrap();
+    let one = dir.join("one.rkm");
+    train(cfg, &one, &[]);
+    let sharded = dir.join("sharded.rkm");
+    let log = train(cfg, &sharded, &["--processes", "1", "--ps-shards", "2"]);
+    let (a, b) = (weights(&one), weights(&sharded));
+    let file = rankd_formats::ModelFile::open(&sharded).unwrap();
+    assert_eq!(file.spec().architecture.kind(), kind);
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a, b, "{kind}: one process vs 1 worker x 2 shards");
+    assert_eq!(eval_auc(&one), eval_auc(&sharded));
+    (log, sharded)
 }
 
 /// Multi-task experts, gates and towers live on the shards too, each head's labels travel with
@@ -250,16 +256,9 @@ fn multitask_heads_train_the_same_in_a_job() {
     };
     let dir = tempfile::tempdir().unwrap();
     let cfg = multitask_config(dir.path(), &data);
-    let one = dir.path().join("one.rkm");
-    train(&cfg, &one, &[]);
-    let sharded = dir.path().join("sharded.rkm");
-    let log = train(&cfg, &sharded, &["--processes", "1", "--ps-shards", "2"]);
+    let (log, sharded) = same_in_a_job(&cfg, "mmoe");
     assert!(log.contains("head long_hours"), "{log}");
-    let (a, b) = (weights(&one), weights(&sharded));
     let file = rankd_formats::ModelFile::open(&sharded).unwrap();
-    assert_eq!(file.spec().architecture.kind(), "mmoe");
-    assert_eq!(a.len(), b.len());
-    assert_eq!(a, b, "one process vs 1 worker x 2 shards, multi-task");
     let metric = |k: &str| {
         file.spec()
             .metadata
@@ -271,7 +270,6 @@ fn multitask_heads_train_the_same_in_a_job() {
     };
     assert_eq!(metric("eval_auc"), metric("eval_auc.income"));
     assert!(metric("eval_auc.long_hours") > 0.6);
-    assert_eq!(eval_auc(&one), eval_auc(&sharded));
 }
 
 #[test]

@@ -117,7 +117,8 @@ fn main() {
         "engine, feed model, {cores} cores, {} GPUs:",
         ordinals.len()
     );
-    for items in [200, 4096, 65_536] {
+    // Items/s of the GPUs and of the CPU engine on every core, scoring `model`.
+    let both = |model: &Arc<Model>, items: usize| {
         let cpu = items_per_sec(cores, items, secs, |_| {
             let (m, mut e) = (model.clone(), CpuEngine::new());
             Box::new(move |r, out| e.score(&m, &[r], out))
@@ -126,6 +127,10 @@ fn main() {
             let (m, mut core) = (model.clone(), gpus.core());
             Box::new(move |r, out| core.score_blocking(&m, &[r], out))
         });
+        (gpu, cpu)
+    };
+    for items in [200, 4096, 65_536] {
+        let (gpu, cpu) = both(&model, items);
         println!(
             "  {items:>6} items/request: GPU {:>12.0} items/s, CPU ({cores} cores) {:>12.0} items/s, GPU/CPU {:.2}x",
             gpu,
@@ -164,14 +169,7 @@ fn main() {
         let model = Arc::new(Model::open(&path).unwrap());
         gpus.load(&model).expect("the model fits");
         let items = 4096;
-        let cpu = items_per_sec(cores, items, secs, |_| {
-            let (m, mut e) = (model.clone(), CpuEngine::new());
-            Box::new(move |r, out| e.score(&m, &[r], out))
-        });
-        let gpu = items_per_sec(cores, items, secs, |_| {
-            let (m, mut core) = (model.clone(), gpus.core());
-            Box::new(move |r, out| core.score_blocking(&m, &[r], out))
-        });
+        let (gpu, cpu) = both(&model, items);
         println!(
             "  {name}, {items} items/request: GPU {gpu:>12.0} items/s, CPU ({cores} cores) {cpu:>12.0} items/s, GPU/CPU {:.2}x",
             gpu / cpu

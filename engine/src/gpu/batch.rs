@@ -232,6 +232,26 @@ pub(crate) enum Mat {
     Cu,
 }
 
+impl Mat {
+    /// Every work matrix.
+    pub const ALL: [Mat; 14] = [
+        Mat::X,
+        Mat::U,
+        Mat::Ub,
+        Mat::H0,
+        Mat::H1,
+        Mat::Ut,
+        Mat::E,
+        Mat::M,
+        Mat::T,
+        Mat::X0,
+        Mat::Xl,
+        Mat::Ct,
+        Mat::Cp,
+        Mat::Cu,
+    ];
+}
+
 /// An operand of a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Src {
@@ -910,6 +930,8 @@ fn multitask_ops(m: &crate::MultiTaskView, arena: &ArenaLayout, rows: u32, ops: 
         width: w0,
         cols: k * e1,
     });
+    // The other of the two layer buffers.
+    let other = |m: Mat| if m == Mat::H1 { Mat::T } else { Mat::H1 };
     // Where each expert's output is: its columns of H0 (one-layer experts), or `E`.
     let deep = !m.upper[0].is_empty();
     let (experts, step, ld) = if deep {
@@ -919,48 +941,34 @@ fn multitask_ops(m: &crate::MultiTaskView, arena: &ArenaLayout, rows: u32, ops: 
     };
     if deep {
         for (e, upper) in m.upper.iter().enumerate() {
-            let (mut src, mut at, mut ld, mut width) = (Mat::H0, e as u32 * e1, w0, e1);
+            // From the expert's columns of H0, in place, to its rows of `E`.
+            let mut input = Input {
+                src: Mat::H0,
+                at: e as u32 * e1,
+                ld: w0,
+                width: e1,
+            };
             for (i, l) in upper.iter().enumerate() {
-                let out = l.out_dim as u32;
-                let next = if i + 1 == upper.len() {
-                    None
-                } else if src == Mat::H1 {
-                    Some(Mat::T)
+                let dst = if i + 1 == upper.len() {
+                    (Mat::E, e as u32 * rows * eo)
                 } else {
-                    Some(Mat::H1)
+                    (other(input.src), 0)
                 };
-                let (dst, dst_at) = next.map_or((Mat::E, e as u32 * rows * eo), |n| (n, 0));
-                let (wo, bo) = arena.mt_upper[e][i];
-                ops.push(Op::Gemm {
-                    accumulate: false,
-                    transa: true,
-                    m: out,
-                    n: rows,
-                    k: width,
-                    a: Src::Arena(wo),
-                    lda: width,
-                    b: Src::MatAt(src, at),
-                    ldb: ld,
-                    c: dst,
-                    c_at: dst_at,
-                    ldc: out,
-                });
-                ops.push(Op::AddBias {
-                    dst,
-                    dst_at,
+                input = layer_ops(
+                    arena.mt_upper[e][i],
+                    l.out_dim as u32,
+                    true,
                     rows,
-                    width: out,
-                    bias: Src::Arena(bo),
-                    row_req_at: None,
-                    relu: true,
-                });
-                (src, at, ld, width) = (dst, dst_at, out, out);
+                    input,
+                    dst,
+                    ops,
+                );
             }
         }
     }
     for (h, head) in m.heads.iter().enumerate() {
         // The head's input: the mixture, or the one expert's output.
-        let (mut src, mut at, mut ld) = if k > 1 {
+        let mut input = if k > 1 {
             ops.push(Op::Mix {
                 rows,
                 k,
@@ -973,71 +981,93 @@ fn multitask_ops(m: &crate::MultiTaskView, arena: &ArenaLayout, rows: u32, ops: 
                 ld,
                 out: Mat::M,
             });
-            (Mat::M, 0, eo)
+            Input {
+                src: Mat::M,
+                at: 0,
+                ld: eo,
+                width: eo,
+            }
         } else {
-            (experts, 0, ld)
+            Input {
+                src: experts,
+                at: 0,
+                ld,
+                width: eo,
+            }
         };
-        let mut width = eo;
         let tower = &arena.mt_tower[h];
         for (i, l) in head.hidden.iter().enumerate() {
-            let dst = if src == Mat::H1 { Mat::T } else { Mat::H1 };
-            let out = l.out_dim as u32;
-            ops.push(Op::Gemm {
-                accumulate: false,
-                transa: true,
-                m: out,
-                n: rows,
-                k: width,
-                a: Src::Arena(tower[i].0),
-                lda: width,
-                b: Src::MatAt(src, at),
-                ldb: ld,
-                c: dst,
-                c_at: 0,
-                ldc: out,
-            });
-            ops.push(Op::AddBias {
-                dst,
-                dst_at: 0,
-                rows,
-                width: out,
-                bias: Src::Arena(tower[i].1),
-                row_req_at: None,
-                relu: true,
-            });
-            (src, at, ld, width) = (dst, 0, out, out);
+            let dst = (other(input.src), 0);
+            input = layer_ops(tower[i], l.out_dim as u32, true, rows, input, dst, ops);
         }
-        // The one-wide output: a row of logits, then its bias, then the head's scores.
-        let dst = if src == Mat::H1 { Mat::T } else { Mat::H1 };
-        let (wo, bo) = tower[head.hidden.len()];
-        ops.push(Op::Gemm {
-            accumulate: false,
-            transa: true,
-            m: 1,
-            n: rows,
-            k: width,
-            a: Src::Arena(wo),
-            lda: width,
-            b: Src::MatAt(src, at),
-            ldb: ld,
-            c: dst,
-            c_at: 0,
-            ldc: 1,
-        });
-        ops.push(Op::AddBias {
-            dst,
-            dst_at: 0,
+        // The one-wide output: a row of logits with its bias, then the head's scores.
+        let dst = other(input.src);
+        layer_ops(
+            tower[head.hidden.len()],
+            1,
+            false,
             rows,
-            width: 1,
-            bias: Src::Arena(bo),
-            row_req_at: None,
-            relu: false,
-        });
+            input,
+            (dst, 0),
+            ops,
+        );
         ops.push(Op::Score {
             src: dst,
             rows,
             at: h as u32 * rows,
         });
+    }
+}
+
+/// A layer's input: `width` values a row in `src` from element `at`, rows `ld` apart.
+#[derive(Clone, Copy)]
+struct Input {
+    src: Mat,
+    at: u32,
+    ld: u32,
+    width: u32,
+}
+
+/// `act(W x + b)` of a layer (arena offsets of `W` and `b`) with `out` outputs over `rows` rows
+/// of `input`, into `dst` (a matrix and an element offset, rows `out` apart). Returns where its
+/// output is, as the next layer's input.
+fn layer_ops(
+    (w, b): (u64, u64),
+    out: u32,
+    relu: bool,
+    rows: u32,
+    input: Input,
+    (dst, dst_at): (Mat, u32),
+    ops: &mut Vec<Op>,
+) -> Input {
+    ops.push(Op::Gemm {
+        accumulate: false,
+        transa: true,
+        m: out,
+        n: rows,
+        k: input.width,
+        a: Src::Arena(w),
+        lda: input.width,
+        b: Src::MatAt(input.src, input.at),
+        ldb: input.ld,
+        c: dst,
+        c_at: dst_at,
+        ldc: out,
+    });
+    ops.push(Op::AddBias {
+        dst,
+        dst_at,
+        rows,
+        width: out,
+        bias: Src::Arena(b),
+        row_req_at: None,
+        relu,
+    });
+    Input {
+        src: dst,
+        at: dst_at,
+        ld: out,
+        width: out,
     }
 }
 

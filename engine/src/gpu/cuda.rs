@@ -407,22 +407,7 @@ struct Slot {
     n_scores: usize,
 }
 
-const MATS: [Mat; 14] = [
-    Mat::X,
-    Mat::U,
-    Mat::Ub,
-    Mat::H0,
-    Mat::H1,
-    Mat::Ut,
-    Mat::E,
-    Mat::M,
-    Mat::T,
-    Mat::X0,
-    Mat::Xl,
-    Mat::Ct,
-    Mat::Cp,
-    Mat::Cu,
-];
+const MATS: [Mat; 14] = Mat::ALL;
 
 fn mat(mats: &[Option<CudaSlice<f32>>], m: Mat) -> &CudaSlice<f32> {
     mats[mat_index(m)]

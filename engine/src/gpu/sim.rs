@@ -25,22 +25,7 @@ pub(crate) struct Work {
     pub scores: Vec<f32>,
 }
 
-const MATS: [Mat; 14] = [
-    Mat::X,
-    Mat::U,
-    Mat::Ub,
-    Mat::H0,
-    Mat::H1,
-    Mat::Ut,
-    Mat::E,
-    Mat::M,
-    Mat::T,
-    Mat::X0,
-    Mat::Xl,
-    Mat::Ct,
-    Mat::Cp,
-    Mat::Cu,
-];
+const MATS: [Mat; 14] = Mat::ALL;
 
 impl Work {
     fn mat(&self, m: Mat) -> &Vec<f32> {

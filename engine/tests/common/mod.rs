@@ -81,3 +81,27 @@ pub fn request<'a>(o: &'a Owned, n: usize, variant: usize) -> DenseRequest<'a> {
         .collect();
     DenseRequest { user, items }
 }
+
+/// Every GPU the CUDA driver finds, started; `None` (and the reason printed) where there is none.
+pub fn real_gpus() -> Option<std::sync::Arc<rankd_engine::gpu::Gpus>> {
+    use rankd_engine::gpu::{probe, BatchSettings, Gpus};
+    match probe() {
+        Err(why) => {
+            eprintln!("skipped: no GPU here: {why}");
+            None
+        }
+        Ok(devs) => {
+            let ordinals: Vec<usize> = devs.iter().map(|d| d.ordinal).collect();
+            Some(Gpus::start(&ordinals, BatchSettings::default()).expect("the GPUs start"))
+        }
+    }
+}
+
+/// Feed-model requests of these sizes, each from a seed of its own (3, 4, ...).
+pub fn feed_requests(sizes: &[usize]) -> Vec<rankd_formats::synth::feed::Values> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| rankd_formats::synth::feed::request(n, 3 + i as u64))
+        .collect()
+}
