@@ -702,31 +702,9 @@ fn multitask_heads_through_every_protocol() {
     let model = "adult-multitask";
     let heads = ["income", "long_hours"];
     // The example requests without hours-per-week (a label of this model, not an input).
-    let cases: Vec<Case> = adult_cases(0)
-        .into_iter()
-        .map(|(mut user, mut items)| {
-            user.remove("hours-per-week");
-            for i in &mut items {
-                i.remove("hours-per-week");
-            }
-            (user, items)
-        })
-        .collect();
+    let cases: Vec<Case> = adult_cases(0).iter().map(without_hours).collect();
     let mut c = Connection::connect(d.addr).unwrap();
-    let request = |case: &Case| ScoreRequest {
-        model: model.into(),
-        user: case
-            .0
-            .iter()
-            .map(|(k, v)| (k.clone(), feature(v)))
-            .collect(),
-        items: case
-            .1
-            .iter()
-            .map(|i| i.iter().map(|(k, v)| (k.clone(), feature(v))).collect())
-            .collect(),
-        ..ScoreRequest::default()
-    };
+    let request = |case: &Case| score_request(model, case);
     let answers: Vec<_> = cases
         .iter()
         .map(|k| c.score(&request(k)).unwrap())
