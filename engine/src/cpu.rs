@@ -456,7 +456,6 @@ impl CpuEngine {
                 }
                 match &model.mt {
                     Some(mt) => multitask_heads(
-                        model,
                         mt,
                         self.isa,
                         n,
@@ -682,7 +681,6 @@ struct MtScratch<'a> {
 /// first layer's output (rows of `mt.width()`: every expert's first layer, then the gates; bias
 /// added, no activation); each row's head logits go to `logits` (rows of one per head).
 fn multitask_heads(
-    model: &Model,
     mt: &crate::MultiTaskView,
     isa: Isa,
     n: usize,
@@ -713,12 +711,12 @@ fn multitask_heads(
         let (mut input, mut stride): (&[f32], usize) = (&h[e * e1..], w);
         for l in below {
             grow(sc.a, n * l.out_dim);
-            let b = model.weights(l.bias);
+            let b = &l.bias[..];
             kernel::dense(isa, n, input, stride, &l.packed, |_| b, true, sc.a);
             std::mem::swap(sc.a, sc.b);
             (input, stride) = (&sc.b[..], l.out_dim);
         }
-        let b = model.weights(last.bias);
+        let b = &last.bias[..];
         kernel::dense(isa, n, input, stride, &last.packed, |_| b, true, dst);
     }
     for (hi, head) in mt.heads.iter().enumerate() {
@@ -745,13 +743,12 @@ fn multitask_heads(
         let mut spare = std::mem::take(sc.t);
         for l in &head.hidden {
             grow(&mut hidden, n * l.out_dim);
-            let b = model.weights(l.bias);
+            let b = &l.bias[..];
             kernel::dense(isa, n, input, width, &l.packed, |_| b, true, &mut hidden);
             std::mem::swap(&mut hidden, &mut spare);
             (input, width) = (&spare[..], l.out_dim);
         }
-        let wout = model.weights(head.out_w);
-        let bout = model.weights(head.out_b)[0];
+        let (wout, bout) = (&head.out_w[..], head.out_b);
         grow(&mut hidden, n);
         kernel::dot_rows(isa, input, width, wout, &mut hidden[..n]);
         for (i, &z) in hidden[..n].iter().enumerate() {

@@ -213,11 +213,11 @@ impl CrossView {
     }
 }
 
-/// A dense layer after the first, packed for the kernel.
+/// A dense layer after the first, packed for the kernel, with its bias.
 #[derive(Clone, Debug)]
 pub(crate) struct PackedLayer {
     pub packed: kernel::Packed,
-    pub bias: BlobRef,
+    pub bias: Vec<f32>,
     pub out_dim: usize,
 }
 
@@ -229,9 +229,9 @@ pub(crate) struct HeadView {
     pub gate_col: usize,
     /// Its tower's hidden layers.
     pub hidden: Vec<PackedLayer>,
-    /// Its tower's one-wide output layer.
-    pub out_w: BlobRef,
-    pub out_b: BlobRef,
+    /// Its tower's one-wide output layer: weights and bias.
+    pub out_w: Vec<f32>,
+    pub out_b: f32,
 }
 
 /// A multi-task model as the CPU engine runs it. Every expert's first layer and every gate read
@@ -254,27 +254,47 @@ pub(crate) struct MultiTaskView {
     pub heads: Vec<HeadView>,
 }
 
+/// The layers of a multi-task model in their flat order (the order online deltas index them):
+/// each expert's layers, expert by expert, then per head its gate (with more than one expert)
+/// and its tower's layers.
+pub(crate) fn multitask_layers(m: &rankd_formats::MultiTask) -> Vec<&rankd_formats::DenseLayer> {
+    let experts = m.experts.iter().flat_map(|e| &e.layers);
+    let heads = m.heads.iter().flat_map(|h| h.gate.iter().chain(&h.tower));
+    experts.chain(heads).collect()
+}
+
 impl MultiTaskView {
-    fn new(file: &ModelFile, m: &rankd_formats::MultiTask, d: usize) -> MultiTaskView {
+    /// The view of `m`, each layer's weights and bias (by flat index, see [`multitask_layers`])
+    /// from `layer`.
+    fn new<'a>(
+        m: &rankd_formats::MultiTask,
+        layer: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    ) -> MultiTaskView {
         let k = m.experts.len();
+        let flat = multitask_layers(m);
+        let index = |l: &rankd_formats::DenseLayer| {
+            flat.iter()
+                .position(|x| std::ptr::eq(*x, l))
+                .expect("a layer of the model")
+        };
         let e1 = m.experts[0].layers[0].out_dim as usize;
         let width = k * e1 + if k > 1 { m.heads.len() * k } else { 0 };
-        let mut w0 = Vec::with_capacity(width * d);
+        let mut w0 = Vec::with_capacity(width * flat[0].in_dim as usize);
         let mut b0 = Vec::with_capacity(width);
         let first = m.experts.iter().map(|e| &e.layers[0]);
         let gates = m.heads.iter().filter_map(|h| h.gate.as_ref());
         for l in first.chain(gates) {
-            w0.extend_from_slice(file.weights(l.weight));
-            b0.extend_from_slice(file.weights(l.bias));
+            let (w, b) = layer(index(l));
+            w0.extend_from_slice(w);
+            b0.extend_from_slice(b);
         }
-        let packed = |l: &rankd_formats::DenseLayer| PackedLayer {
-            packed: kernel::Packed::from_out_in(
-                file.weights(l.weight),
-                l.out_dim as usize,
-                l.in_dim as usize,
-            ),
-            bias: l.bias,
-            out_dim: l.out_dim as usize,
+        let packed = |l: &rankd_formats::DenseLayer| {
+            let (w, b) = layer(index(l));
+            PackedLayer {
+                packed: kernel::Packed::from_out_in(w, l.out_dim as usize, l.in_dim as usize),
+                bias: b.to_vec(),
+                out_dim: l.out_dim as usize,
+            }
         };
         let upper = m
             .experts
@@ -287,12 +307,13 @@ impl MultiTaskView {
             .enumerate()
             .map(|(h, head)| {
                 let (out, hidden) = head.tower.split_last().expect("validated: a tower");
+                let (w, b) = layer(index(out));
                 HeadView {
                     name: head.name.clone(),
                     gate_col: k * e1 + h * k,
                     hidden: hidden.iter().map(packed).collect(),
-                    out_w: out.weight,
-                    out_b: out.bias,
+                    out_w: w.to_vec(),
+                    out_b: b[0],
                 }
             })
             .collect();
@@ -386,11 +407,12 @@ impl Model {
             .as_ref()
             .map(|w| w.slots.iter().map(|s| (slot(&s.slot), s.weights)).collect())
             .unwrap_or_default();
-        let mt = spec
-            .architecture
-            .multitask
-            .as_ref()
-            .map(|m| std::sync::Arc::new(MultiTaskView::new(&file, m, col)));
+        let mt = spec.architecture.multitask.as_ref().map(|m| {
+            let flat = multitask_layers(m);
+            std::sync::Arc::new(MultiTaskView::new(m, |i| {
+                (file.weights(flat[i].weight), file.weights(flat[i].bias))
+            }))
+        });
         let mut layers: Vec<LayerView> = spec
             .architecture
             .deep

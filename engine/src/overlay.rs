@@ -125,17 +125,25 @@ impl Model {
                 self.version()
             ));
         }
-        if self.cross.is_some() || self.mt.is_some() {
+        if self.cross.is_some() {
             return bad(
-                "online updates of a model with DCN-v2 cross layers or multi-task heads are not \
-                 supported"
-                    .into(),
+                "online updates of a model with DCN-v2 cross layers are not supported".into(),
             );
         }
+        // The layers a delta indexes: the deep layers, or a multi-task model's layers in their
+        // flat order (docs/online.md), each as (outputs, inputs).
+        let mt_spec = self.file.spec().architecture.multitask.as_ref();
+        let shapes: Vec<(usize, usize)> = match mt_spec {
+            Some(m) => crate::multitask_layers(m)
+                .iter()
+                .map(|l| (l.out_dim as usize, l.in_dim as usize))
+                .collect(),
+            None => self.layers.iter().map(|l| (l.out_dim, l.in_dim)).collect(),
+        };
         let mut up = self.updates.clone();
         up.emb.resize(self.emb.len(), None);
         up.wide.resize(self.wide.len(), None);
-        up.layers.resize(self.layers.len(), None);
+        up.layers.resize(shapes.len(), None);
         let mut emb_new: Vec<Option<RowOverlay>> = vec![None; self.emb.len()];
         let mut wide_new: Vec<Option<RowOverlay>> = vec![None; self.wide.len()];
         for (n, t) in delta.tables.iter().enumerate() {
@@ -200,23 +208,23 @@ impl Model {
         let mut packed = self.packed.clone();
         for l in &delta.layers {
             let i = l.index as usize;
-            let Some(view) = self.layers.get(i) else {
+            let Some(&(out_dim, in_dim)) = shapes.get(i) else {
                 return bad(format!("no deep layer {i}"));
             };
-            if (l.out_dim as usize, l.in_dim as usize) != (view.out_dim, view.in_dim)
-                || l.weight.len() != view.out_dim * view.in_dim
-                || l.bias.len() != view.out_dim
+            if (l.out_dim as usize, l.in_dim as usize) != (out_dim, in_dim)
+                || l.weight.len() != out_dim * in_dim
+                || l.bias.len() != out_dim
             {
                 return bad(format!(
-                    "layer {i} is {}x{} in the delta, {}x{} in the model",
-                    l.out_dim, l.in_dim, view.out_dim, view.in_dim
+                    "layer {i} is {}x{} in the delta, {out_dim}x{in_dim} in the model",
+                    l.out_dim, l.in_dim
                 ));
             }
             if l.weight.iter().chain(&l.bias).any(|v| !v.is_finite()) {
                 return bad(format!("layer {i}: a value is not finite"));
             }
-            if i != 0 && i + 1 != self.layers.len() {
-                packed[i] = kernel::Packed::from_out_in(&l.weight, view.out_dim, view.in_dim);
+            if mt_spec.is_none() && i != 0 && i + 1 != self.layers.len() {
+                packed[i] = kernel::Packed::from_out_in(&l.weight, out_dim, in_dim);
             }
             up.layers[i] = Some(Arc::new(OwnedLayer {
                 weight: l.weight.clone(),
@@ -234,7 +242,24 @@ impl Model {
             }
         }
         up.last = Some((delta.sequence, delta.created_ms, delta.newest_sample_ms));
-        let first_changed = delta.layers.iter().any(|l| l.index == 0);
+        // A multi-task model's view again over the new layers (every one may feed the fused
+        // first layer, so its plans are built again too).
+        let mt = match (mt_spec, delta.layers.is_empty()) {
+            (Some(m), false) => {
+                let flat = crate::multitask_layers(m);
+                let file = &self.file;
+                let layers = &up.layers;
+                Some(Arc::new(crate::MultiTaskView::new(m, |i| {
+                    match &layers[i] {
+                        Some(l) => (&l.weight[..], &l.bias[..]),
+                        None => (file.weights(flat[i].weight), file.weights(flat[i].bias)),
+                    }
+                })))
+            }
+            _ => self.mt.clone(),
+        };
+        let first_changed =
+            delta.layers.iter().any(|l| l.index == 0) || (mt.is_some() && !delta.layers.is_empty());
         let model = Model {
             id: crate::NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             alive: Arc::new(()),
@@ -247,7 +272,7 @@ impl Model {
             packed,
             fm: self.fm,
             cross: self.cross.clone(),
-            mt: self.mt.clone(),
+            mt,
             deep_in: self.deep_in,
             plans: std::sync::Mutex::new(Vec::new()),
             placement: crate::gpu::Placement::default(),
@@ -307,19 +332,38 @@ impl Model {
     /// Deep layer `i`'s weights `[out][in]`: replaced by a delta, or the file's.
     #[inline]
     pub(crate) fn layer_weight(&self, i: usize) -> &[f32] {
-        match (self.updates.layers.get(i), &self.mt) {
-            (Some(Some(l)), _) => &l.weight,
-            (_, Some(m)) => &m.w0,
+        // A multi-task model's one layer is the fused first layer (its updates index the
+        // multi-task layers; see `mt_layer`).
+        match (&self.mt, self.updates.layers.get(i)) {
+            (Some(m), _) => &m.w0,
+            (None, Some(Some(l))) => &l.weight,
             _ => self.file.weights(self.layers[i].weight),
         }
+    }
+
+    /// A multi-task model's layer `i` in the flat order of `multitask_layers`: weights and
+    /// bias, replaced by a delta or the file's.
+    pub(crate) fn mt_layer(&self, i: usize) -> (&[f32], &[f32]) {
+        if let Some(Some(l)) = self.updates.layers.get(i) {
+            return (&l.weight, &l.bias);
+        }
+        let m = self
+            .file
+            .spec()
+            .architecture
+            .multitask
+            .as_ref()
+            .expect("a multi-task model");
+        let l = crate::multitask_layers(m)[i];
+        (self.file.weights(l.weight), self.file.weights(l.bias))
     }
 
     /// Deep layer `i`'s bias.
     #[inline]
     pub(crate) fn layer_bias(&self, i: usize) -> &[f32] {
-        match (self.updates.layers.get(i), &self.mt) {
-            (Some(Some(l)), _) => &l.bias,
-            (_, Some(m)) => &m.b0,
+        match (&self.mt, self.updates.layers.get(i)) {
+            (Some(m), _) => &m.b0,
+            (None, Some(Some(l))) => &l.bias,
             _ => self.file.weights(self.layers[i].bias),
         }
     }

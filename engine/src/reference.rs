@@ -172,10 +172,10 @@ pub fn score_heads(model: &Model, req: &dyn Request) -> Result<Vec<Vec<f64>>, En
     Ok(scores)
 }
 
-/// `act(W x + b)` of one dense layer in f64, weights from the file.
-fn layer(model: &Model, l: &rankd_formats::DenseLayer, x: &[f64]) -> Vec<f64> {
-    let w = model.file().weights(l.weight);
-    let b = model.file().weights(l.bias);
+/// `act(W x + b)` of a multi-task model's layer `l` (flat index `i`) in f64, weights from the
+/// file or, when online updates replaced it, from the version's updates.
+fn layer(model: &Model, i: usize, l: &rankd_formats::DenseLayer, x: &[f64]) -> Vec<f64> {
+    let (w, b) = model.mt_layer(i);
     let i_n = l.in_dim as usize;
     (0..l.out_dim as usize)
         .map(|o| {
@@ -194,10 +194,20 @@ fn layer(model: &Model, l: &rankd_formats::DenseLayer, x: &[f64]) -> Vec<f64> {
 /// Each head's logit for the deep input `x`: the experts on `x`, each head's softmax gate over
 /// them (with one expert, its output as is), the head's tower.
 fn multitask_logits(model: &Model, m: &rankd_formats::MultiTask, x: &[f64]) -> Vec<f64> {
+    // Flat layer indices, in the order the file lists the layers.
+    let mut next = 0;
+    let mut index = || {
+        next += 1;
+        next - 1
+    };
     let experts: Vec<Vec<f64>> = m
         .experts
         .iter()
-        .map(|e| e.layers.iter().fold(x.to_vec(), |h, l| layer(model, l, &h)))
+        .map(|e| {
+            e.layers
+                .iter()
+                .fold(x.to_vec(), |h, l| layer(model, index(), l, &h))
+        })
         .collect();
     m.heads
         .iter()
@@ -205,7 +215,7 @@ fn multitask_logits(model: &Model, m: &rankd_formats::MultiTask, x: &[f64]) -> V
             let input = match &head.gate {
                 None => experts[0].clone(),
                 Some(g) => {
-                    let z = layer(model, g, x);
+                    let z = layer(model, index(), g, x);
                     let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = z.iter().map(|v| (v - max).exp()).collect();
                     let sum: f64 = e.iter().sum();
@@ -218,7 +228,9 @@ fn multitask_logits(model: &Model, m: &rankd_formats::MultiTask, x: &[f64]) -> V
                     mixed
                 }
             };
-            head.tower.iter().fold(input, |h, l| layer(model, l, &h))[0]
+            head.tower
+                .iter()
+                .fold(input, |h, l| layer(model, index(), l, &h))[0]
         })
         .collect()
 }

@@ -197,5 +197,34 @@ fn scoring_in_steady_state_does_not_allocate() {
             counts.iter().all(|&n| n == 0),
             "multi-task, {experts} experts: {counts:?}"
         );
+        // With a delta of its first layer applied.
+        let l = &mt
+            .file()
+            .spec()
+            .architecture
+            .multitask
+            .as_ref()
+            .unwrap()
+            .experts[0]
+            .layers[0];
+        let (o, i) = (l.out_dim, l.in_dim);
+        let delta = rankd_formats::delta::Delta {
+            model: "feed".into(),
+            base_version: 1,
+            sequence: 1,
+            layers: vec![rankd_formats::delta::LayerUpdate {
+                index: 0,
+                out_dim: o,
+                in_dim: i,
+                weight: vec![0.001; (o * i) as usize],
+                bias: vec![0.0; o as usize],
+            }],
+            ..Default::default()
+        };
+        let counts = count(&mt.apply(&delta).unwrap(), &req);
+        assert!(
+            counts.iter().all(|&n| n == 0),
+            "updated multi-task, {experts} experts: {counts:?}"
+        );
     }
 }

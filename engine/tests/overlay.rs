@@ -250,3 +250,137 @@ fn bad_deltas_are_refused_whole() {
     }
     assert_eq!(score(&mut e, &c.base, &reqs), before);
 }
+
+/// A multi-task model (MMoE): a delta with rows of every table and some of its layers in their
+/// flat order (docs/online.md: each expert's layers, then per head its gate and tower) scores,
+/// every head, what a file written with those parameters scores; the f64 reference reads the
+/// changed layers too; a layer of the wrong shape is refused whole.
+#[test]
+fn a_multitask_model_takes_deltas_of_its_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = feed::multitask_config(3, &[32, 16], &[8, 1], 2);
+    let t0 = feed::tensors(&config, 5).unwrap();
+    let meta = |v| Metadata {
+        name: "feed".into(),
+        version: v,
+        ..Metadata::default()
+    };
+    let base_path = dir.path().join("base.rkm");
+    write_model(&config, meta(1), &t0, &base_path).unwrap();
+    let base = Model::open(&base_path).unwrap();
+    let values = [feed::request(40, 8), feed::request(9, 9)];
+    let reqs: Vec<DenseRequest<'_>> = values.iter().map(DenseRequest::from).collect();
+    let ids = touched(&base, &reqs);
+    // Flat layer order: expert 0 (2 layers), expert 1, expert 2, then per head gate, tower 0,
+    // tower 1. Change expert 0's first layer (fused), expert 2's second, the second head's gate
+    // (fused) and the first head's tower output.
+    let flat = [
+        "expert.0.0",
+        "expert.0.1",
+        "expert.1.0",
+        "expert.1.1",
+        "expert.2.0",
+        "expert.2.1",
+        "gate.click",
+        "tower.click.0",
+        "tower.click.1",
+        "gate.like",
+        "tower.like.0",
+        "tower.like.1",
+    ];
+    let mut t1 = t0.clone();
+    let mut delta = Delta {
+        model: "feed".into(),
+        base_version: 1,
+        sequence: 1,
+        ..Delta::default()
+    };
+    let mut rng = Rng::new(3);
+    let e = &config.embeddings[4];
+    let slot = base.features().slot_index(&e.slot).unwrap();
+    let rows: Vec<u32> = ids[slot].iter().copied().step_by(2).collect();
+    let dim = e.dim as usize;
+    let vals = rng.vec(rows.len() * dim, 0.1);
+    let table = &mut t1.get_mut(&format!("embedding.{}", e.slot)).unwrap().1;
+    for (r, v) in rows.iter().zip(vals.chunks(dim)) {
+        table[*r as usize * dim..(*r as usize + 1) * dim].copy_from_slice(v);
+    }
+    delta.tables.push(RowUpdate {
+        kind: TableKind::Embedding,
+        index: 4,
+        dim: dim as u32,
+        rows,
+        values: vals,
+    });
+    for i in [0usize, 5, 9, 8] {
+        let name = flat[i];
+        let (shape, w) = t1.get_mut(&format!("{name}.weight")).unwrap();
+        let (out_dim, in_dim) = (shape[0] as u32, shape[1] as u32);
+        w.iter_mut().for_each(|v| *v = -*v * 1.3);
+        let w = w.clone();
+        let b = &mut t1.get_mut(&format!("{name}.bias")).unwrap().1;
+        b.iter_mut().for_each(|v| *v += 0.2);
+        delta.layers.push(LayerUpdate {
+            index: i as u32,
+            out_dim,
+            in_dim,
+            weight: w,
+            bias: b.clone(),
+        });
+    }
+    let patched_path = dir.path().join("patched.rkm");
+    write_model(&config, meta(1), &t1, &patched_path).unwrap();
+    let patched = Model::open(&patched_path).unwrap();
+    let updated = base.apply(&delta).unwrap();
+    let refs: Vec<&dyn rankd_engine::Request> = reqs
+        .iter()
+        .map(|r| r as &dyn rankd_engine::Request)
+        .collect();
+    let heads = |m: &Model, split| {
+        let mut out = BatchOutput::default();
+        CpuEngine::with_split(split).score(m, &refs, &mut out);
+        let mut all = Vec::new();
+        for i in 0..refs.len() {
+            for h in 0..2 {
+                all.extend_from_slice(out.head(i, h).unwrap().unwrap());
+            }
+        }
+        all
+    };
+    for split in [Split::RequestLevel, Split::Off] {
+        let (got, want, old) = (
+            heads(&updated, split),
+            heads(&patched, split),
+            heads(&base, split),
+        );
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-6, "{split:?}: updated vs patched {max}");
+        assert!(
+            got.iter().zip(&old).any(|(a, b)| (a - b).abs() > 1e-3),
+            "the delta changed nothing"
+        );
+    }
+    for r in &reqs {
+        let got = rankd_engine::reference::score_heads(&updated, r).unwrap();
+        let want = rankd_engine::reference::score_heads(&patched, r).unwrap();
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - w).abs() < 1e-9, "reference: {g} vs {w}");
+        }
+    }
+    // A layer of the wrong shape: refused whole.
+    let mut bad = delta.clone();
+    bad.layers[1].bias.push(0.0);
+    let e = base.apply(&bad).unwrap_err();
+    assert!(matches!(e, DeltaError::Mismatch(_)), "{e}");
+    bad = delta;
+    bad.layers[0].index = 12;
+    assert!(base
+        .apply(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("no deep layer 12"));
+}
