@@ -360,6 +360,9 @@ fn stream_from(
         });
     }
     let mut label = vec![0f32; label_cols.len()];
+    // A multi-task head's label may be missing on a row (a dwell time only for clicks): the row
+    // then teaches the other heads only.
+    let multitask = !s.heads.is_empty();
     let mut cols = Vec::with_capacity(features.len());
     for f in features {
         cols.push(col(&f.name).ok_or_else(|| {
@@ -385,9 +388,6 @@ fn stream_from(
             )));
         }
         let at = |c: usize| record.get(c).unwrap_or("");
-        // A multi-task head's label may be missing on a row (a dwell time only for clicks): the
-        // row then teaches the other heads only.
-        let multitask = !s.heads.is_empty();
         for (y, c) in label.iter_mut().zip(&label_cols) {
             *y = match c.map(|(c, t)| (at(c).trim(), t)) {
                 None => f32::NAN,

@@ -1312,17 +1312,17 @@ pub struct Optimizer {
     mb: Vec<Vec<f32>>,
     vb: Vec<Vec<f32>>,
     t: i32,
-    /// Adam moments of the cross tensors, and whether L2 applies to each.
+    /// Adam moments of the cross tensors.
     mc: Vec<Vec<f32>>,
     vc: Vec<Vec<f32>>,
-    cross_decay: Vec<bool>,
+    /// Whether L2 applies to each cross tensor, then to each multi-task tensor.
+    named_decay: Vec<bool>,
     /// Adam moments of batch normalization's γ and β.
     mbn: Vec<Vec<f32>>,
     vbn: Vec<Vec<f32>>,
-    /// Adam moments of the multi-task tensors, and whether L2 applies to each.
+    /// Adam moments of the multi-task tensors.
     mm: Vec<Vec<f32>>,
     vm: Vec<Vec<f32>>,
-    mt_decay: Vec<bool>,
     acc_emb: Vec<Vec<f32>>,
     acc_wide: Vec<Vec<f32>>,
     acc_bias: f32,
@@ -1348,12 +1348,11 @@ impl Optimizer {
             t: 0,
             mc: zeros(&params.cross),
             vc: zeros(&params.cross),
-            cross_decay: Vec::new(),
+            named_decay: Vec::new(),
             mbn: zeros(&params.bn),
             vbn: zeros(&params.bn),
             mm: zeros(&params.mt),
             vm: zeros(&params.mt),
-            mt_decay: Vec::new(),
             acc_emb: params
                 .emb
                 .iter()
@@ -1430,18 +1429,14 @@ impl Optimizer {
 
     /// Which cross and multi-task tensors L2 applies to (weights, not biases), from the layout.
     pub fn with_layout(mut self, layout: &Layout) -> Self {
-        self.cross_decay = layout.cross.map_or(Vec::new(), |c| {
-            c.tensors(layout.deep_in)
-                .into_iter()
-                .map(|(_, _, w)| w)
-                .collect()
-        });
-        self.mt_decay = layout.mt.as_ref().map_or(Vec::new(), |m| {
-            m.tensors(layout.deep_in)
-                .into_iter()
-                .map(|(_, _, w)| w)
-                .collect()
-        });
+        let cross = layout
+            .cross
+            .map_or(Vec::new(), |c| c.tensors(layout.deep_in));
+        let mt = layout
+            .mt
+            .as_ref()
+            .map_or(Vec::new(), |m| m.tensors(layout.deep_in));
+        self.named_decay = cross.into_iter().chain(mt).map(|(_, _, w)| w).collect();
         self
     }
 
@@ -1491,21 +1486,20 @@ impl Optimizer {
         for (i, ((w, g), (m, v))) in biases.enumerate() {
             dense[(2 * i + 1) % self.shards].push((w, g, m, v, false));
         }
-        let cross = p
+        // The cross tensors, then the multi-task tensors, with L2 as their layout says.
+        let named = p
             .cross
             .iter_mut()
-            .zip(&g.cross)
-            .zip(self.mc.iter_mut().zip(self.vc.iter_mut()));
-        for (i, ((w, g), (m, v))) in cross.enumerate() {
-            let decay = self.cross_decay.get(i).copied().unwrap_or(true);
-            dense[i % self.shards].push((w, g, m, v, decay));
-        }
-        let mt =
-            p.mt.iter_mut()
-                .zip(&g.mt)
-                .zip(self.mm.iter_mut().zip(self.vm.iter_mut()));
-        for (i, ((w, g), (m, v))) in mt.enumerate() {
-            let decay = self.mt_decay.get(i).copied().unwrap_or(true);
+            .chain(p.mt.iter_mut())
+            .zip(g.cross.iter().chain(&g.mt))
+            .zip(
+                self.mc
+                    .iter_mut()
+                    .chain(self.mm.iter_mut())
+                    .zip(self.vc.iter_mut().chain(self.vm.iter_mut())),
+            );
+        for (i, ((w, g), (m, v))) in named.enumerate() {
+            let decay = self.named_decay.get(i).copied().unwrap_or(true);
             dense[i % self.shards].push((w, g, m, v, decay));
         }
         let bn =

@@ -522,6 +522,15 @@ impl std::fmt::Debug for CudaExecutor {
     }
 }
 
+/// The launch of a grid-stride kernel over `n` elements: 256 threads a block.
+fn elementwise(n: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks(n, 256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn blocks(n: u64, per: u32) -> u32 {
     n.div_ceil(per as u64).clamp(1, 65_535 * 64) as u32
 }
@@ -678,11 +687,7 @@ impl CudaExecutor {
                     let bias_view = source(&s.mats, arena, parts, bias);
                     let (at, per) = (row_req_at.unwrap_or(0), i32::from(row_req_at.is_some()));
                     let relu = i32::from(relu);
-                    let cfg = LaunchConfig {
-                        grid_dim: (blocks(n, 256), 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
+                    let cfg = elementwise(n);
                     let r = {
                         let mut dst_view = out.slice_mut(dst_at as usize..);
                         let mut b = s.stream.launch_builder(&k.add_bias);
@@ -705,11 +710,7 @@ impl CudaExecutor {
                     if n == 0 {
                         continue;
                     }
-                    let cfg = LaunchConfig {
-                        grid_dim: (blocks(n, 256), 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
+                    let cfg = elementwise(n);
                     let out = s.mats[mat_index(dst)].as_mut().expect("in place");
                     let mut b = s.stream.launch_builder(&k.relu_cols);
                     b.arg(out).arg(&rows).arg(&width).arg(&cols);
@@ -732,11 +733,7 @@ impl CudaExecutor {
                     if n == 0 {
                         continue;
                     }
-                    let cfg = LaunchConfig {
-                        grid_dim: (blocks(n, 256), 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
+                    let cfg = elementwise(n);
                     let oi = mat_index(out);
                     let mut dst = s.mats[oi]
                         .take()
@@ -765,11 +762,7 @@ impl CudaExecutor {
                     if n == 0 {
                         continue;
                     }
-                    let cfg = LaunchConfig {
-                        grid_dim: (blocks(n, 256), 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
+                    let cfg = elementwise(n);
                     let xi = mat_index(Mat::X0);
                     let mut x0 = s.mats[xi]
                         .take()
@@ -792,11 +785,7 @@ impl CudaExecutor {
                     if n == 0 {
                         continue;
                     }
-                    let cfg = LaunchConfig {
-                        grid_dim: (blocks(n, 256), 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
+                    let cfg = elementwise(n);
                     let li = mat_index(Mat::Xl);
                     let mut xl = s.mats[li]
                         .take()
