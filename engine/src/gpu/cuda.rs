@@ -434,6 +434,22 @@ fn source<'a>(
     }
 }
 
+/// Runs `f` on work matrix `m` taken out of `mats`, so that `f` can read the others (an operand
+/// of a product, a kernel's inputs) beside it, and puts it back whatever `f` returns.
+fn with_taken<R>(
+    mats: &mut [Option<CudaSlice<f32>>],
+    m: Mat,
+    f: impl FnOnce(&mut CudaSlice<f32>, &[Option<CudaSlice<f32>>]) -> R,
+) -> R {
+    let i = mat_index(m);
+    let mut out = mats[i]
+        .take()
+        .expect("work matrices are in place between ops");
+    let r = f(&mut out, mats);
+    mats[i] = Some(out);
+    r
+}
+
 fn mat_index(m: Mat) -> usize {
     MATS.iter()
         .position(|&x| x == m)
@@ -620,15 +636,11 @@ impl CudaExecutor {
                     c_at,
                     ldc,
                 } => {
-                    let ci = mat_index(c);
                     if m == 0 || n == 0 {
                         continue;
                     }
-                    // Take C out so that A and B can borrow the other matrices.
-                    let mut cbuf = s.mats[ci]
-                        .take()
-                        .expect("work matrices are in place between ops");
-                    let result = (|| -> Result<(), GpuError> {
+                    // C taken out so that A and B can borrow the other matrices.
+                    with_taken(&mut s.mats, c, |cbuf, mats| -> Result<(), GpuError> {
                         let at = c_at as usize;
                         if kk == 0 && accumulate {
                             return Ok(());
@@ -639,7 +651,7 @@ impl CudaExecutor {
                                 .memset_zeros(&mut cbuf.slice_mut(at..at + m as usize * n as usize))
                                 .map_err(|e| driver("gemm (k = 0)", e));
                         }
-                        let view = |src| source(&s.mats, arena, parts, src);
+                        let view = |src| source(mats, arena, parts, src);
                         let (av, bv) = (view(a), view(b));
                         let cfg = GemmConfig {
                             transa: if transa {
@@ -663,9 +675,7 @@ impl CudaExecutor {
                         unsafe { s.blas.gemm(cfg, &av, &bv, &mut cv) }.map_err(|e| {
                             GpuError::new(GpuErrorKind::Failed, format!("cuBLAS sgemm: {e:?}"))
                         })
-                    })();
-                    s.mats[ci] = Some(cbuf);
-                    result?;
+                    })?;
                 }
                 Op::AddBias {
                     dst,
@@ -680,15 +690,11 @@ impl CudaExecutor {
                     if n == 0 {
                         continue;
                     }
-                    let di = mat_index(dst);
-                    let mut out = s.mats[di]
-                        .take()
-                        .expect("work matrices are in place between ops");
-                    let bias_view = source(&s.mats, arena, parts, bias);
                     let (at, per) = (row_req_at.unwrap_or(0), i32::from(row_req_at.is_some()));
                     let relu = i32::from(relu);
                     let cfg = elementwise(n);
-                    let r = {
+                    with_taken(&mut s.mats, dst, |out, mats| {
+                        let bias_view = source(mats, arena, parts, bias);
                         let mut dst_view = out.slice_mut(dst_at as usize..);
                         let mut b = s.stream.launch_builder(&k.add_bias);
                         b.arg(&mut dst_view).arg(&bias_view).arg(&s.staging);
@@ -696,9 +702,7 @@ impl CudaExecutor {
                         // SAFETY: signature matches; indices stay inside the buffers (see
                         // `assemble`).
                         unsafe { b.launch(cfg) }.map_err(|e| driver("bias", e))
-                    };
-                    s.mats[di] = Some(out);
-                    r?;
+                    })?;
                 }
                 Op::Relu {
                     dst,
@@ -734,21 +738,15 @@ impl CudaExecutor {
                         continue;
                     }
                     let cfg = elementwise(n);
-                    let oi = mat_index(out);
-                    let mut dst = s.mats[oi]
-                        .take()
-                        .expect("work matrices are in place between ops");
-                    let mut b = s.stream.launch_builder(&k.mix);
-                    b.arg(mat(&s.mats, gates))
-                        .arg(mat(&s.mats, xs))
-                        .arg(&mut dst);
-                    b.arg(&rows).arg(&experts).arg(&width).arg(&gate_col);
-                    b.arg(&gate_ld).arg(&step).arg(&ld);
-                    // SAFETY: signature matches; the gates, experts and output sizes come from
-                    // `assemble` (Sizes::e, m, h); `out` is neither input.
-                    let r = unsafe { b.launch(cfg) }.map_err(|e| driver("mix", e));
-                    s.mats[oi] = Some(dst);
-                    r?;
+                    with_taken(&mut s.mats, out, |dst, mats| {
+                        let mut b = s.stream.launch_builder(&k.mix);
+                        b.arg(mat(mats, gates)).arg(mat(mats, xs)).arg(dst);
+                        b.arg(&rows).arg(&experts).arg(&width).arg(&gate_col);
+                        b.arg(&gate_ld).arg(&step).arg(&ld);
+                        // SAFETY: signature matches; the gates, experts and output sizes come
+                        // from `assemble` (Sizes::e, m, h); `out` is neither input.
+                        unsafe { b.launch(cfg) }.map_err(|e| driver("mix", e))
+                    })?;
                 }
                 Op::Scatter {
                     rows,
@@ -763,22 +761,18 @@ impl CudaExecutor {
                         continue;
                     }
                     let cfg = elementwise(n);
-                    let xi = mat_index(Mat::X0);
-                    let mut x0 = s.mats[xi]
-                        .take()
-                        .expect("work matrices are in place between ops");
-                    let mut b = s.stream.launch_builder(&k.scatter);
-                    b.arg(&s.staging)
-                        .arg(mat(&s.mats, Mat::X))
-                        .arg(mat(&s.mats, Mat::U))
-                        .arg(&mut x0);
-                    b.arg(&rows).arg(&d).arg(&x_width).arg(&u_width);
-                    b.arg(&cols_at).arg(&row_req_at);
-                    // SAFETY: signature matches; the column map and the request index are in
-                    // the staging words (`assemble`), every column is below `d`.
-                    let r = unsafe { b.launch(cfg) }.map_err(|e| driver("scatter", e));
-                    s.mats[xi] = Some(x0);
-                    r?;
+                    with_taken(&mut s.mats, Mat::X0, |x0, mats| {
+                        let mut b = s.stream.launch_builder(&k.scatter);
+                        b.arg(&s.staging)
+                            .arg(mat(mats, Mat::X))
+                            .arg(mat(mats, Mat::U))
+                            .arg(x0);
+                        b.arg(&rows).arg(&d).arg(&x_width).arg(&u_width);
+                        b.arg(&cols_at).arg(&row_req_at);
+                        // SAFETY: signature matches; the column map and the request index are
+                        // in the staging words (`assemble`), every column is below `d`.
+                        unsafe { b.launch(cfg) }.map_err(|e| driver("scatter", e))
+                    })?;
                 }
                 Op::CrossUpdate { rows, d, first } => {
                     let n = rows as u64 * d as u64;
@@ -786,20 +780,14 @@ impl CudaExecutor {
                         continue;
                     }
                     let cfg = elementwise(n);
-                    let li = mat_index(Mat::Xl);
-                    let mut xl = s.mats[li]
-                        .take()
-                        .expect("work matrices are in place between ops");
                     let first = i32::from(first);
-                    let mut b = s.stream.launch_builder(&k.cross_update);
-                    b.arg(mat(&s.mats, Mat::X0))
-                        .arg(mat(&s.mats, Mat::Ct))
-                        .arg(&mut xl);
-                    b.arg(&n).arg(&first);
-                    // SAFETY: signature matches; X0, Ct and Xl each hold `rows * d` values.
-                    let r = unsafe { b.launch(cfg) }.map_err(|e| driver("cross update", e));
-                    s.mats[li] = Some(xl);
-                    r?;
+                    with_taken(&mut s.mats, Mat::Xl, |xl, mats| {
+                        let mut b = s.stream.launch_builder(&k.cross_update);
+                        b.arg(mat(mats, Mat::X0)).arg(mat(mats, Mat::Ct)).arg(xl);
+                        b.arg(&n).arg(&first);
+                        // SAFETY: signature matches; X0, Ct and Xl each hold `rows * d` values.
+                        unsafe { b.launch(cfg) }.map_err(|e| driver("cross update", e))
+                    })?;
                 }
                 Op::Score { src, rows, at } => {
                     if rows == 0 {
@@ -834,21 +822,14 @@ impl CudaExecutor {
                         block_dim: (128, 1, 1),
                         shared_mem_bytes: 0,
                     };
-                    let ut = mat_index(Mat::Ut);
-                    let mut out = s.mats[ut]
-                        .take()
-                        .expect("work matrices are in place between ops");
-                    let mut b = s.stream.launch_builder(&k.user_terms);
-                    b.arg(&s.staging)
-                        .arg(arena)
-                        .arg(mat(&s.mats, Mat::U))
-                        .arg(&mut out);
-                    b.arg(&reqs).arg(&u_width).arg(&u_descs_at).arg(&u_ndesc);
-                    b.arg(&wide_at).arg(&nwide).arg(&wide_bias).arg(&fm_dim);
-                    // SAFETY: signature matches; indices stay inside the buffers.
-                    let r = unsafe { b.launch(cfg) }.map_err(|e| driver("user terms", e));
-                    s.mats[ut] = Some(out);
-                    r?;
+                    with_taken(&mut s.mats, Mat::Ut, |out, mats| {
+                        let mut b = s.stream.launch_builder(&k.user_terms);
+                        b.arg(&s.staging).arg(arena).arg(mat(mats, Mat::U)).arg(out);
+                        b.arg(&reqs).arg(&u_width).arg(&u_descs_at).arg(&u_ndesc);
+                        b.arg(&wide_at).arg(&nwide).arg(&wide_bias).arg(&fm_dim);
+                        // SAFETY: signature matches; indices stay inside the buffers.
+                        unsafe { b.launch(cfg) }.map_err(|e| driver("user terms", e))
+                    })?;
                 }
                 Op::Finish {
                     rows,
