@@ -301,7 +301,8 @@ def main():
     print()
     print("| items/s (median of rounds) | " + " | ".join(f"{n:,} items" for n in SIZES) + " |")
     print("|---|" + "---:|" * len(SIZES))
-    for what in ["rankd whole, split", "rankd whole, no split", "rankd deep layers only",
+    for what in ["rankd whole, split", "rankd whole, split, unfolded", "rankd whole, no split",
+                 "rankd deep layers only",
                  "ort whole, fused", "ort whole, per-slot", "torch whole, fused", "ort mlp"]:
         print(f"| {what} | " + " | ".join(f"{med[(what, n)] / 1e3:.0f}K ({rng[(what, n)][0] / 1e3:.0f}-{rng[(what, n)][1] / 1e3:.0f})" for n in SIZES) + " |")
     print()
@@ -310,6 +311,8 @@ def main():
     for a, b, label in [
         ("rankd whole, split", "ort whole, fused", "rankd split / ORT whole model (one fused table)"),
         ("rankd whole, split", "ort whole, per-slot", "rankd split / ORT whole model (per-slot gathers)"),
+        ("rankd whole, split, unfolded", "ort whole, fused",
+         "rankd split, no folded tables / ORT whole model (fused)"),
         ("rankd whole, no split", "ort whole, fused", "rankd no split / ORT whole model (fused)"),
         ("rankd whole, split", "torch whole, fused", "rankd split / PyTorch TorchScript (fused table)"),
         ("rankd deep layers only", "ort mlp", "rankd deep layers only / ORT MLP only"),

@@ -47,6 +47,9 @@ struct Scratch {
     fm_sum: Vec<f32>,
     h: Vec<f32>,
     h2: Vec<f32>,
+    /// Each row's first-layer bias when tables are folded: the request-level part plus the
+    /// folded tables' rows.
+    hb: Vec<f32>,
     /// Cross layers: the running output `x_l`, a layer's product, a low-rank layer's middle.
     xc: Vec<f32>,
     ct: Vec<f32>,
@@ -274,7 +277,8 @@ impl CpuEngine {
             return;
         }
 
-        let k = plan.k_item;
+        let lay = plan.cpu_layout();
+        let k = lay.k;
         // Per request: the user vector, its first-layer contribution, wide and FM parts.
         let out1 = model.layers.first().map_or(0, |l| l.out_dim);
         let fm_dim = if model.fm { model.emb[0].dim } else { 0 };
@@ -361,7 +365,8 @@ impl CpuEngine {
         }
         // The item rows go through gather, deep layers and FM a chunk at a time, so that a
         // chunk's input and layer outputs stay in the core's L2 whatever the request size.
-        let chunk = chunk_rows(k);
+        // With folded tables each row's first-layer bias (`hb`) is read alongside X.
+        let chunk = chunk_rows(if lay.folded.is_empty() { k } else { k + out1 });
         // Every element of X and H of a chunk is written before it is read: grow only.
         grow(&mut s.x, chunk.min(rows) * k);
         let mut r0 = 0;
@@ -369,7 +374,7 @@ impl CpuEngine {
             let r1 = (r0 + chunk).min(rows);
             let n = r1 - r0;
             // X: pooled item-level embeddings and dense values.
-            for &(ei, xoff) in &plan.item_emb {
+            for &(ei, xoff) in lay.emb {
                 let e = &model.emb[ei];
                 let table = model.table(e);
                 let col = s.items.column(e.slot);
@@ -385,6 +390,7 @@ impl CpuEngine {
                         dim,
                         x,
                         |r| col.row_ids(r),
+                        |ids| table.prefetch_rows(ids, dim),
                         |ids, dst| pool(table, dim, ids, mean, dst),
                     ),
                     Some(o) => pool_rows(
@@ -394,11 +400,12 @@ impl CpuEngine {
                         dim,
                         x,
                         |r| col.row_ids(r),
+                        |ids| table.prefetch_rows(ids, dim),
                         |ids, dst| pool_overlay(table, o, dim, ids, mean, dst),
                     ),
                 }
             }
-            for &(di, xoff) in &plan.item_dense {
+            for &(di, xoff) in lay.dense {
                 let slot = model.dense[di].0;
                 let dense = &s.items.column(slot).dense;
                 for (i, &v) in dense[r0..r1].iter().enumerate() {
@@ -439,17 +446,51 @@ impl CpuEngine {
                     let c = model.cross.as_ref().expect("stacked cross");
                     let b = model.layer_bias(0);
                     kernel::dense(self.isa, n, &s.xc, d, &c.w1_full, |_| b, l0.relu, &mut s.h);
-                } else {
+                } else if lay.folded.is_empty() {
                     kernel::dense(
                         self.isa,
                         n,
                         &s.x,
                         k,
-                        &plan.w1_item,
+                        lay.w1,
                         |i| {
                             let g = row_seg[r0 + i] as usize;
                             &u[g * out1..(g + 1) * out1]
                         },
+                        l0.relu,
+                        &mut s.h,
+                    );
+                } else {
+                    // Each row's bias: its request's part plus its folded tables' rows, the
+                    // rows of a later item asked for ahead.
+                    grow(&mut s.hb, n * out1);
+                    for (i, hb) in s.hb[..n * out1].chunks_exact_mut(out1).enumerate() {
+                        if i + AHEAD < n {
+                            for &ei in lay.folded {
+                                let e = &model.emb[ei];
+                                let ids = s.items.column(e.slot).row_ids(r0 + i + AHEAD);
+                                if let Some(p) = model.folded(ei) {
+                                    crate::fold::prefetch_rows(p, ids, out1);
+                                }
+                            }
+                        }
+                        let g = row_seg[r0 + i] as usize;
+                        hb.copy_from_slice(&u[g * out1..(g + 1) * out1]);
+                        for &ei in lay.folded {
+                            let e = &model.emb[ei];
+                            let ids = s.items.column(e.slot).row_ids(r0 + i);
+                            let p = model.folded(ei).expect("the plan folds only folded tables");
+                            crate::fold::add_pooled(p, ids, e.mean, hb);
+                        }
+                    }
+                    let hb = &s.hb;
+                    kernel::dense(
+                        self.isa,
+                        n,
+                        &s.x,
+                        k,
+                        lay.w1,
+                        |i| &hb[i * out1..(i + 1) * out1],
                         l0.relu,
                         &mut s.h,
                     );
@@ -498,7 +539,7 @@ impl CpuEngine {
                     fm_sum.clear();
                     fm_sum.extend_from_slice(&user[..fm_dim]);
                     let mut sq = user[fm_dim];
-                    for &(ei, xoff) in &plan.item_emb {
+                    for &(ei, xoff) in lay.emb {
                         let at = (row - r0) * k + xoff;
                         let v = &s.x[at..at + model.emb[ei].dim];
                         for d in 0..fm_dim {
@@ -526,7 +567,15 @@ impl CpuEngine {
                 continue;
             }
             let weights = model.weights(blob);
+            let rows = s.logits.len();
             for (row, logit) in s.logits.iter_mut().enumerate() {
+                if row + AHEAD < rows {
+                    for &id in col.row_ids(row + AHEAD) {
+                        if let Some(w) = weights.get(id as usize) {
+                            prefetch(std::slice::from_ref(w));
+                        }
+                    }
+                }
                 for &id in col.row_ids(row) {
                     *logit += weights[id as usize];
                 }
@@ -845,6 +894,42 @@ impl CpuEngine {
     }
 }
 
+/// Asks the cache for the lines of `data` (a hint: no effect on results, none where the target
+/// has no prefetch instruction).
+#[inline(always)]
+pub(crate) fn prefetch<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let start = data.as_ptr().cast::<i8>();
+        for off in (0..std::mem::size_of_val(data)).step_by(64) {
+            // SAFETY: a prefetch never faults and reads nothing into the program; the
+            // address is inside `data` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
+/// [`prefetch`] into the second-level cache only: for data read a little later and in
+/// quantity (a folded row is 16 lines), so that the requests queue at the L2, not in the few
+/// first-level miss buffers the core's own loads need.
+#[inline(always)]
+pub(crate) fn prefetch_l2<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let start = data.as_ptr().cast::<i8>();
+        for off in (0..std::mem::size_of_val(data)).step_by(64) {
+            // SAFETY: as in `prefetch`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// Makes `v` at least `n` long without touching existing elements: for buffers whose first `n`
 /// elements are about to be overwritten.
 #[inline]
@@ -883,9 +968,14 @@ fn pool(table: Table<'_>, dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) 
     }
 }
 
+/// Rows ahead whose table rows the gathers ask the cache for: a hashed table's rows are spread
+/// over megabytes, and a row read only when needed waits on memory.
+const AHEAD: usize = 4;
+
 /// Pools `rows` of a chunk into X (row stride `k`, `dim` columns from `xoff`) with `pool_one`,
-/// the ids of a row from `ids`.
+/// the ids of a row from `ids`, the table rows of the row [`AHEAD`] asked for with `prefetch`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn pool_rows<'a>(
     rows: std::ops::Range<usize>,
     k: usize,
@@ -893,10 +983,14 @@ fn pool_rows<'a>(
     dim: usize,
     x: &mut [f32],
     ids: impl Fn(usize) -> &'a [u32],
+    prefetch: impl Fn(&[u32]),
     mut pool_one: impl FnMut(&[u32], &mut [f32]),
 ) {
-    let r0 = rows.start;
+    let (r0, end) = (rows.start, rows.end);
     for row in rows {
+        if row + AHEAD < end {
+            prefetch(ids(row + AHEAD));
+        }
         let at = (row - r0) * k + xoff;
         pool_one(ids(row), &mut x[at..at + dim]);
     }
@@ -930,10 +1024,23 @@ fn pool_overlay(
 }
 
 impl Table<'_> {
+    /// Asks the cache for rows `ids` (`dim` values each).
+    #[inline(always)]
+    fn prefetch_rows(self, ids: &[u32], dim: usize) {
+        for &id in ids {
+            let start = id as usize * dim;
+            match self {
+                Table::F32(t) => t.get(start..start + dim).map(prefetch),
+                Table::F16(t) => t.get(start..start + dim).map(prefetch),
+                Table::I8(q, _) => q.get(start..start + dim).map(prefetch),
+            };
+        }
+    }
+
     /// `dst` = row `id` in f32 (`dst.len()` values a row): an f16 value converted exactly, an
     /// int8 one as `q * scale`.
     #[inline]
-    fn read_row(self, id: u32, dst: &mut [f32]) {
+    pub(crate) fn read_row(self, id: u32, dst: &mut [f32]) {
         let dim = dst.len();
         let start = id as usize * dim;
         match self {

@@ -6,6 +6,7 @@
 //! implementation the tests compare against.
 
 pub mod cpu;
+mod fold;
 pub mod gpu;
 pub mod json;
 pub mod kernel;
@@ -369,11 +370,36 @@ pub struct Model {
     /// Rows and layers changed by online updates ([`Model::apply`]); empty for a version as
     /// loaded.
     pub(crate) updates: overlay::Updates,
+    /// Per embedding table, the table folded into the first layer when the CPU engine folds it
+    /// (see [`fold`]).
+    pub(crate) folded: Vec<Option<std::sync::Arc<[f32]>>>,
+}
+
+/// How a model is prepared for the engines ([`Model::with_options`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelOptions {
+    /// Bytes of memory the CPU engine may spend on embedding tables folded into the first deep
+    /// layer (a folded table holds each row's contribution to the first layer: `rows x
+    /// first-layer width` f32 values), smallest tables first; 0 folds none. Default 64 MiB.
+    pub fold_bytes: usize,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            fold_bytes: 64 << 20,
+        }
+    }
 }
 
 impl Model {
-    /// Wraps an opened (and so validated) model file.
+    /// Wraps an opened (and so validated) model file, with the default [`ModelOptions`].
     pub fn new(file: ModelFile) -> Model {
+        Model::with_options(file, ModelOptions::default())
+    }
+
+    /// Wraps an opened (and so validated) model file, prepared as `options` say.
+    pub fn with_options(file: ModelFile, options: ModelOptions) -> Model {
         let spec = file.spec().clone();
         let compiled = file.compiled();
         let slot = |name: &str| {
@@ -454,7 +480,7 @@ impl Model {
             .cross
             .as_ref()
             .map(|c| CrossView::new(&file, c, &layers));
-        Model {
+        let mut model = Model {
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             alive: std::sync::Arc::new(()),
             emb,
@@ -471,7 +497,11 @@ impl Model {
             placement: gpu::Placement::default(),
             updates: overlay::Updates::default(),
             file: std::sync::Arc::new(file),
-        }
+            folded: Vec::new(),
+        };
+        let pick = fold::choose(&model, options.fold_bytes);
+        model.folded = fold::build(&model, |ei| pick[ei]);
+        model
     }
 
     /// Opens and validates a model file.
@@ -635,6 +665,17 @@ impl Model {
                     .collect(),
             ),
         }
+    }
+
+    /// Embedding table `ei` folded into the first layer, when the CPU engine folds it.
+    #[inline]
+    pub(crate) fn folded(&self, ei: usize) -> Option<&[f32]> {
+        self.folded.get(ei)?.as_deref()
+    }
+
+    /// Bytes held by the folded tables.
+    pub fn folded_bytes(&self) -> usize {
+        self.folded.iter().flatten().map(|p| p.len() * 4).sum()
     }
 
     pub(crate) fn num_slots(&self) -> usize {

@@ -231,6 +231,7 @@ impl Model {
                 bias: l.bias.clone(),
             }));
         }
+        let touched: Vec<bool> = emb_new.iter().map(Option::is_some).collect();
         for (slot, new) in up.emb.iter_mut().zip(emb_new) {
             if let Some(o) = new {
                 *slot = Some(Arc::new(o));
@@ -260,7 +261,7 @@ impl Model {
         };
         let first_changed =
             delta.layers.iter().any(|l| l.index == 0) || (mt.is_some() && !delta.layers.is_empty());
-        let model = Model {
+        let mut model = Model {
             id: crate::NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             alive: Arc::new(()),
             file: self.file.clone(),
@@ -277,7 +278,10 @@ impl Model {
             plans: std::sync::Mutex::new(Vec::new()),
             placement: crate::gpu::Placement::default(),
             updates: up,
+            folded: Vec::new(),
         };
+        // Folded tables follow their rows and the first layer.
+        model.folded = crate::fold::rebuild(&model, self, &touched, first_changed);
         // The plans of the shapes served so far: shared when the first layer is unchanged
         // (a plan depends on nothing else that a delta changes), built again otherwise, so that
         // no core packs a first layer on the request path after a swap.

@@ -47,6 +47,34 @@ pub(crate) struct Plan {
     pub cross0_item: Packed,
     pub cross0_user: Vec<f32>,
     pub cross0_width: usize,
+    /// The CPU engine's X when item-level tables are folded into the first layer; `None` when
+    /// none is (X is then laid out as above, which the GPU backend always uses).
+    pub folded: Option<Folded>,
+}
+
+/// X without the folded tables' columns: what the CPU engine gathers per item when some
+/// item-level tables are folded into the first layer (see [`crate::fold`]).
+#[derive(Debug)]
+pub(crate) struct Folded {
+    /// Gathered tables and dense slots with their column in X, as `item_emb`/`item_dense`.
+    pub emb: Vec<(usize, usize)>,
+    pub dense: Vec<(usize, usize)>,
+    /// Folded item-level tables: their rows are added to each item's first-layer bias.
+    pub tables: Vec<usize>,
+    /// Width of X.
+    pub k: usize,
+    /// First-layer weights for X's columns, packed.
+    pub w1: Packed,
+}
+
+/// The item layout the CPU engine runs: [`Folded`]'s when the plan has one, else the plan's.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Layout<'a> {
+    pub emb: &'a [(usize, usize)],
+    pub dense: &'a [(usize, usize)],
+    pub folded: &'a [usize],
+    pub k: usize,
+    pub w1: &'a Packed,
 }
 
 impl Plan {
@@ -87,6 +115,7 @@ impl Plan {
             cross0_item: Packed::default(),
             cross0_user: Vec::new(),
             cross0_width: 0,
+            folded: None,
         };
         // Deep-input columns in model order, split in two.
         let mut item_cols = Vec::new();
@@ -159,9 +188,69 @@ impl Plan {
                 .collect();
             plan.cross0_width = m;
         }
+        plan.folded = Folded::new(model, &plan);
         plan.item_cols = item_cols;
         plan.user_cols = user_cols;
         plan
+    }
+
+    /// The item layout the CPU engine runs.
+    pub fn cpu_layout(&self) -> Layout<'_> {
+        match &self.folded {
+            Some(f) => Layout {
+                emb: &f.emb,
+                dense: &f.dense,
+                folded: &f.tables,
+                k: f.k,
+                w1: &f.w1,
+            },
+            None => Layout {
+                emb: &self.item_emb,
+                dense: &self.item_dense,
+                folded: &[],
+                k: self.k_item,
+                w1: &self.w1_item,
+            },
+        }
+    }
+}
+
+impl Folded {
+    /// The folded layout of `plan`'s item columns, when `model` folds any item-level table.
+    fn new(model: &Model, plan: &Plan) -> Option<Folded> {
+        if !plan
+            .item_emb
+            .iter()
+            .any(|&(ei, _)| model.folded(ei).is_some())
+        {
+            return None;
+        }
+        let l = model.layers.first()?;
+        let mut f = Folded {
+            emb: Vec::new(),
+            dense: Vec::new(),
+            tables: Vec::new(),
+            k: 0,
+            w1: Packed::default(),
+        };
+        let mut cols = Vec::new();
+        for &(ei, _) in &plan.item_emb {
+            if model.folded(ei).is_some() {
+                f.tables.push(ei);
+            } else {
+                let e = &model.emb[ei];
+                f.emb.push((ei, cols.len()));
+                cols.extend(e.col..e.col + e.dim);
+            }
+        }
+        for &(di, _) in &plan.item_dense {
+            f.dense.push((di, cols.len()));
+            cols.push(model.dense[di].1);
+        }
+        let w = model.layer_weight(0);
+        f.k = cols.len();
+        f.w1 = Packed::new(cols.len(), l.out_dim, |kk, o| w[o * l.in_dim + cols[kk]]);
+        Some(f)
     }
 }
 

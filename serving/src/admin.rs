@@ -47,6 +47,7 @@ pub fn models_json(shared: &Shared) -> String {
                         "kind": m.file().spec().architecture.kind(),
                         "heads": m.heads(),
                         "mapped_bytes": m.file().mapped_len(),
+                        "folded_tables_bytes": m.folded_bytes(),
                         "backend": m.backend(),
                         "backend_note": m.placement_note(),
                         "path": m.file().path().display().to_string(),

@@ -77,6 +77,10 @@ pub struct EngineConfig {
     pub gpu_max_batch_items: usize,
     /// Longest the first request of a GPU batch waits for others, in microseconds.
     pub gpu_max_wait_us: u64,
+    /// Memory per model version, in MiB, that the CPU engine may spend on embedding tables
+    /// folded into the first deep layer (smallest tables first; 0: none). See
+    /// `rankd_engine::ModelOptions::fold_bytes`.
+    pub fold_tables_mib: u64,
 }
 
 impl Default for EngineConfig {
@@ -85,6 +89,7 @@ impl Default for EngineConfig {
             device: "auto".into(),
             gpu_max_batch_items: 65_536,
             gpu_max_wait_us: 200,
+            fold_tables_mib: 64,
         }
     }
 }
@@ -95,6 +100,14 @@ impl EngineConfig {
         self.device
             .parse()
             .map_err(|e: String| format!("[engine] {e}"))
+    }
+
+    /// How model versions are prepared for the engines.
+    pub fn model_options(&self) -> rankd_engine::ModelOptions {
+        rankd_engine::ModelOptions {
+            fold_bytes: usize::try_from(self.fold_tables_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+        }
     }
 
     /// The GPU batching settings.

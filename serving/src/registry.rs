@@ -73,15 +73,19 @@ fn file_stamp(path: &Path) -> (u64, Option<std::time::SystemTime>) {
 /// rows and vocabulary entries the first requests touch are in memory and in the shared caches
 /// before it serves. Bodies that do not fit the new version are skipped.
 ///
-/// `verify` says how the checksum is verified (threads, pace). Returns the model and how many
-/// of `recent` were replayed.
+/// `verify` says how the checksum is verified (threads, pace), `options` how the model is
+/// prepared (`[engine]`). Returns the model and how many of `recent` were replayed.
 pub fn open_and_warm(
     path: &Path,
     verify: rankd_formats::Verify,
+    options: rankd_engine::ModelOptions,
     recent: &[Vec<u8>],
 ) -> Result<(Model, usize), rankd_formats::FormatError> {
     use crate::engine::{cpu::CpuEngine, request::DenseRequest, BatchOutput, InferenceBackend};
-    let model = Model::new(rankd_formats::ModelFile::open_verified(path, verify)?);
+    let model = Model::with_options(
+        rankd_formats::ModelFile::open_verified(path, verify)?,
+        options,
+    );
     let req = DenseRequest {
         user: Vec::new(),
         items: vec![Vec::new()],
@@ -300,7 +304,7 @@ impl Registry {
                     )
                 };
                 let recent = samples.map(|s| s.recent(&name)).unwrap_or_default();
-                match open_and_warm(&file, verify, &recent) {
+                match open_and_warm(&file, verify, config.engine.model_options(), &recent) {
                     Ok((m, replayed)) => {
                         if previous.is_some() {
                             eprintln!(
@@ -520,8 +524,13 @@ mod tests {
             Vec::new(),
             valid,
         ];
-        let (model, replayed) =
-            open_and_warm(&path, rankd_formats::Verify::threads(1), &bodies).unwrap();
+        let (model, replayed) = open_and_warm(
+            &path,
+            rankd_formats::Verify::threads(1),
+            rankd_engine::ModelOptions::default(),
+            &bodies,
+        )
+        .unwrap();
         assert_eq!(replayed, 2);
         assert!(model.deep_input_dim() > 0);
         // The replay built the plan the cores will need for that shape of request.

@@ -570,3 +570,43 @@ fn sigterm_with_a_stream_of_new_connections() {
     let code = exited.expect("the daemon did not stop within 10 s under a stream of connections");
     assert!(code.success(), "{code:?}");
 }
+
+#[test]
+fn folded_tables_follow_the_engine_config() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("wd").join("1");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_synthetic(
+        &dir.join("model.rkm"),
+        &SynthOptions {
+            name: "wd".into(),
+            kind: ModelKind::WideDeep,
+            ..SynthOptions::default()
+        },
+    )
+    .unwrap();
+    let folded_bytes = |d: &Daemon| {
+        let (code, body) = http_get(d.admin, "/models");
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["models"]["wd"]["versions"][0]["folded_tables_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let scores = |d: &Daemon| {
+        let mut c = Connection::connect(d.addr).unwrap();
+        c.score(&request("wd", 40)).unwrap().scores
+    };
+    let d = start(root.path(), None);
+    let (bytes, folded) = (folded_bytes(&d), scores(&d));
+    drop(d);
+    let d = start(root.path(), Some("[engine]\nfold_tables_mib = 0\n"));
+    assert_eq!(folded_bytes(&d), 0);
+    // Every table of the synthetic model folds by default: each row's 32 first-layer values.
+    let m = Model::open(dir.join("model.rkm")).unwrap();
+    assert_eq!(bytes as usize, m.folded_bytes());
+    assert!(bytes > 0);
+    for (a, b) in folded.iter().zip(&scores(&d)) {
+        assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+    }
+}

@@ -23,7 +23,7 @@ use rankd_benches::feed;
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::kernel::Isa;
 use rankd_engine::request::DenseRequest;
-use rankd_engine::{BatchOutput, InferenceBackend, Model};
+use rankd_engine::{BatchOutput, InferenceBackend, Model, ModelOptions};
 use rankd_feature_ops::Value;
 
 fn rate(secs: f64, items: usize, mut f: impl FnMut()) -> f64 {
@@ -259,6 +259,11 @@ fn main() {
         (None, None) => feed::write_typed(&path, 1, 17, weight_type).unwrap(),
     }
     let model = Model::open(&path).unwrap();
+    // The same model with no table folded into the first layer (the engine before folding).
+    let unfolded = Model::with_options(
+        rankd_formats::ModelFile::open(&path).unwrap(),
+        ModelOptions { fold_bytes: 0 },
+    );
     let sizes = [20usize, 200, 1000, 10_000];
     if weight_type != rankd_formats::WeightType::F32 {
         let p32 = dir.path().join("feed32.rkm");
@@ -292,6 +297,11 @@ fn main() {
         .position(|a| a == "--isa")
         .and_then(|i| args.get(i + 1))
         .map(|s| s.to_ascii_lowercase());
+    let only_items: Option<usize> = args
+        .iter()
+        .position(|a| a == "--items")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.parse().expect("--items N"));
     let numbers: Vec<&String> = args[1..]
         .iter()
         .take_while(|a| !a.starts_with("--"))
@@ -301,9 +311,10 @@ fn main() {
     let secs: f64 = numbers.get(1).and_then(|s| s.parse().ok()).unwrap_or(0.5);
     if !json {
         println!(
-            "feed model: deep input {}, {} deep MACs per item; CPU ISAs: {:?}",
+            "feed model: deep input {}, {} deep MACs per item, {:.1} MiB of folded tables; CPU ISAs: {:?}",
             model.deep_input_dim(),
             model.deep_macs_per_item(),
+            model.folded_bytes() as f64 / f64::from(1 << 20),
             Isa::available()
         );
         println!("| isa | mode | 20 items | 200 items | 1,000 items | 10,000 items |");
@@ -320,11 +331,17 @@ fn main() {
         }
         for (mode, split) in [
             ("whole, split", Some(Split::RequestLevel)),
+            ("whole, split, unfolded", Some(Split::RequestLevel)),
             ("whole, no split", Some(Split::Off)),
             ("deep layers only", None),
         ] {
-            // A cross model has no split, and its deep layers alone are not the model (nor a
-            // multi-task model's).
+            let model = if mode.ends_with("unfolded") {
+                &unfolded
+            } else {
+                &model
+            };
+            // A cross model has no split (nor folded tables), and its deep layers alone are not
+            // the model (nor a multi-task model's).
             if (cross.is_some() && mode != "whole, split")
                 || (mmoe.is_some() && mode == "deep layers only")
             {
@@ -338,6 +355,7 @@ fn main() {
             {
                 let want = match only.as_str() {
                     "split" => "whole, split",
+                    "unfolded" => "whole, split, unfolded",
                     "no-split" => "whole, no split",
                     _ => "deep layers only",
                 };
@@ -347,6 +365,10 @@ fn main() {
             }
             let mut cells = Vec::new();
             for (si, &n) in sizes.iter().enumerate() {
+                // `--items N`: that request size only (for profiling).
+                if only_items.is_some_and(|m| m != n) {
+                    continue;
+                }
                 let mut r = Vec::new();
                 for _ in 0..rounds {
                     let x = match split {
@@ -355,7 +377,7 @@ fn main() {
                             let mut out = BatchOutput::default();
                             rate(secs, n, || {
                                 out.clear();
-                                e.score(&model, &[&requests[si]], &mut out);
+                                e.score(model, &[&requests[si]], &mut out);
                             })
                         }
                         None => {
@@ -364,7 +386,7 @@ fn main() {
                                 .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
                                 .collect();
                             let mut logits = Vec::new();
-                            rate(secs, n, || e.forward_dense(&model, &x, n, &mut logits))
+                            rate(secs, n, || e.forward_dense(model, &x, n, &mut logits))
                         }
                     };
                     r.push(x);

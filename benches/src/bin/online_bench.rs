@@ -13,6 +13,9 @@
 //!   without updates; prints p50/p99 and achieved rate of each, medians over ROUNDS.
 //! - `online_bench memory ROWS`: overlay bytes per changed row after applying ROWS changed
 //!   rows to the feed model's tables, and the process's RSS growth.
+//! - `online_bench refold ROUNDS`: how long applying a delta takes when it replaces the first
+//!   layer (every folded table projected again) or changes 1,000 rows of each vocabulary table
+//!   (those tables projected again), with the default fold budget and with none, medians.
 //!
 //! The broker is `RANKD_KAFKA_URL`'s, else one started by `scripts/kafka.sh`.
 
@@ -482,6 +485,75 @@ fn memory(rows: usize) {
     );
 }
 
+fn refold(rounds: usize) {
+    let (_dir, base) = feed_root();
+    let open = |fold_bytes| {
+        rankd_engine::Model::with_options(
+            rankd_formats::ModelFile::open(&base).unwrap(),
+            rankd_engine::ModelOptions { fold_bytes },
+        )
+    };
+    let folded = open(rankd_engine::ModelOptions::default().fold_bytes);
+    let plain = open(0);
+    let config = feed::config();
+    let mut rng = Rng::new(5);
+    let delta = || Delta {
+        model: "feed".into(),
+        base_version: 1,
+        sequence: 1,
+        ..Delta::default()
+    };
+    let mut layer = delta();
+    layer.layers.push(rankd_formats::delta::LayerUpdate {
+        index: 0,
+        out_dim: 256,
+        in_dim: 429,
+        weight: rng.vec(256 * 429, 0.05),
+        bias: rng.vec(256, 0.05),
+    });
+    let mut rows = delta();
+    for (i, e) in config
+        .embeddings
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+    {
+        let ids: Vec<u32> = (0..1000).collect();
+        rows.tables.push(RowUpdate {
+            kind: TableKind::Embedding,
+            index: i as u32,
+            dim: e.dim,
+            values: rng.vec(ids.len() * e.dim as usize, 0.05),
+            rows: ids,
+        });
+    }
+    println!(
+        "folded tables: {:.1} MiB",
+        folded.folded_bytes() as f64 / f64::from(1 << 20)
+    );
+    for (what, d) in [("first layer", &layer), ("13,000 vocabulary rows", &rows)] {
+        for (name, m) in [("folded", &folded), ("unfolded", &plain)] {
+            let mut ms: Vec<f64> = (0..rounds.max(1))
+                .map(|_| {
+                    let t = Instant::now();
+                    let updated = m.apply(d).unwrap();
+                    let took = t.elapsed().as_secs_f64() * 1e3;
+                    drop(updated);
+                    took
+                })
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            println!(
+                "{what}, {name}: applying took {:.2} ms (median of {}; {:.2}-{:.2})",
+                ms[ms.len() / 2],
+                ms.len(),
+                ms[0],
+                ms[ms.len() - 1]
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize, default: f64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
@@ -494,6 +566,7 @@ fn main() {
             arg(5, 3.0) as usize,
         ),
         Some("memory") => memory(arg(2, 1_000_000.0) as usize),
-        _ => eprintln!("usage: online_bench freshness RATE SECONDS [PUBLISH_MS] | cost ROWS_PER_SEC SECONDS RATE ROUNDS | memory ROWS"),
+        Some("refold") => refold(arg(2, 9.0) as usize),
+        _ => eprintln!("usage: online_bench freshness RATE SECONDS [PUBLISH_MS] | cost ROWS_PER_SEC SECONDS RATE ROUNDS | memory ROWS | refold ROUNDS"),
     }
 }
