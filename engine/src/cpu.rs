@@ -465,10 +465,10 @@ impl CpuEngine {
                     // rows of a later item asked for ahead.
                     grow(&mut s.hb, n * out1);
                     for (i, hb) in s.hb[..n * out1].chunks_exact_mut(out1).enumerate() {
-                        if i + AHEAD < n {
+                        if i + FOLDED_AHEAD < n {
                             for &ei in lay.folded {
                                 let e = &model.emb[ei];
-                                let ids = s.items.column(e.slot).row_ids(r0 + i + AHEAD);
+                                let ids = s.items.column(e.slot).row_ids(r0 + i + FOLDED_AHEAD);
                                 if let Some(p) = model.folded(ei) {
                                     crate::fold::prefetch_rows(p, ids, out1);
                                 }
@@ -569,8 +569,8 @@ impl CpuEngine {
             let weights = model.weights(blob);
             let rows = s.logits.len();
             for (row, logit) in s.logits.iter_mut().enumerate() {
-                if row + AHEAD < rows {
-                    for &id in col.row_ids(row + AHEAD) {
+                if row + WIDE_AHEAD < rows {
+                    for &id in col.row_ids(row + WIDE_AHEAD) {
                         if let Some(w) = weights.get(id as usize) {
                             prefetch(std::slice::from_ref(w));
                         }
@@ -970,7 +970,12 @@ fn pool(table: Table<'_>, dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) 
 
 /// Rows ahead whose table rows the gathers ask the cache for: a hashed table's rows are spread
 /// over megabytes, and a row read only when needed waits on memory.
-const AHEAD: usize = 4;
+const AHEAD: usize = 16;
+
+/// The same for the folded rows (a row's folded tables are added together: fewer rows ahead
+/// cover the same time) and for the wide weights (one addition a row: more).
+const FOLDED_AHEAD: usize = 4;
+const WIDE_AHEAD: usize = 32;
 
 /// Pools `rows` of a chunk into X (row stride `k`, `dim` columns from `xoff`) with `pool_one`,
 /// the ids of a row from `ids`, the table rows of the row [`AHEAD`] asked for with `prefetch`.
