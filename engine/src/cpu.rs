@@ -899,15 +899,7 @@ impl CpuEngine {
 #[inline(always)]
 pub(crate) fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let start = data.as_ptr().cast::<i8>();
-        for off in (0..std::mem::size_of_val(data)).step_by(64) {
-            // SAFETY: a prefetch never faults and reads nothing into the program; the
-            // address is inside `data` anyway.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off)) };
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }, T>(data);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
 }
@@ -918,16 +910,20 @@ pub(crate) fn prefetch<T>(data: &[T]) {
 #[inline(always)]
 pub(crate) fn prefetch_l2<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        let start = data.as_ptr().cast::<i8>();
-        for off in (0..std::mem::size_of_val(data)).step_by(64) {
-            // SAFETY: as in `prefetch`.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(off)) };
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T1 }, T>(data);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_lines<const HINT: i32, T>(data: &[T]) {
+    let start = data.as_ptr().cast::<i8>();
+    for off in (0..std::mem::size_of_val(data)).step_by(64) {
+        // SAFETY: a prefetch never faults and reads nothing into the program; the address is
+        // inside `data` anyway.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(start.wrapping_add(off)) };
+    }
 }
 
 /// Makes `v` at least `n` long without touching existing elements: for buffers whose first `n`

@@ -318,13 +318,7 @@ fn delta_producer(url: String, rows: usize, stop: Arc<AtomicBool>, mut seq: u64)
             ids.sort_unstable();
             ids.dedup();
             let wide_ids = ids.clone();
-            d.tables.push(RowUpdate {
-                kind: TableKind::Embedding,
-                index: i as u32,
-                dim: e.dim,
-                values: rng.vec(ids.len() * e.dim as usize, 0.05),
-                rows: ids,
-            });
+            d.tables.push(emb_rows(i, e.dim, ids, &mut rng));
             d.tables.push(RowUpdate {
                 kind: TableKind::Wide,
                 index: i as u32,
@@ -459,13 +453,7 @@ fn memory(rows: usize) {
             continue;
         }
         let ids: Vec<u32> = (0..per.min(feed::BUCKETS as usize) as u32).collect();
-        d.tables.push(RowUpdate {
-            kind: TableKind::Embedding,
-            index: i as u32,
-            dim: e.dim,
-            values: rng.vec(ids.len() * e.dim as usize, 0.05),
-            rows: ids,
-        });
+        d.tables.push(emb_rows(i, e.dim, ids, &mut rng));
     }
     let changed = d.changed_rows();
     let before = rss_bytes();
@@ -483,6 +471,17 @@ fn memory(rows: usize) {
         after.saturating_sub(before) as f64 / 1e6,
         took.as_secs_f64() * 1e3
     );
+}
+
+/// Embedding table `i`'s rows `ids` (`dim` wide) set to random values.
+fn emb_rows(i: usize, dim: u32, ids: Vec<u32>, rng: &mut Rng) -> RowUpdate {
+    RowUpdate {
+        kind: TableKind::Embedding,
+        index: i as u32,
+        dim,
+        values: rng.vec(ids.len() * dim as usize, 0.05),
+        rows: ids,
+    }
 }
 
 fn refold(rounds: usize) {
@@ -519,13 +518,7 @@ fn refold(rounds: usize) {
         .filter(|(i, _)| i % 2 == 1)
     {
         let ids: Vec<u32> = (0..1000).collect();
-        rows.tables.push(RowUpdate {
-            kind: TableKind::Embedding,
-            index: i as u32,
-            dim: e.dim,
-            values: rng.vec(ids.len() * e.dim as usize, 0.05),
-            rows: ids,
-        });
+        rows.tables.push(emb_rows(i, e.dim, ids, &mut rng));
     }
     println!(
         "folded tables: {:.1} MiB",
