@@ -466,11 +466,13 @@ impl CpuEngine {
                     grow(&mut s.hb, n * out1);
                     for (i, hb) in s.hb[..n * out1].chunks_exact_mut(out1).enumerate() {
                         if i + FOLDED_AHEAD < n {
+                            // A folded row is 16 lines: into the L2, not the L1's few miss
+                            // buffers.
                             for &ei in lay.folded {
                                 let e = &model.emb[ei];
                                 let ids = s.items.column(e.slot).row_ids(r0 + i + FOLDED_AHEAD);
                                 if let Some(p) = model.folded(ei) {
-                                    crate::fold::prefetch_rows(p, ids, out1);
+                                    prefetch_rows(p, ids, out1, prefetch_l2);
                                 }
                             }
                         }
@@ -897,7 +899,7 @@ impl CpuEngine {
 /// Asks the cache for the lines of `data` (a hint: no effect on results, none where the target
 /// has no prefetch instruction).
 #[inline(always)]
-pub(crate) fn prefetch<T>(data: &[T]) {
+fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
     prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }, T>(data);
     #[cfg(not(target_arch = "x86_64"))]
@@ -908,11 +910,23 @@ pub(crate) fn prefetch<T>(data: &[T]) {
 /// quantity (a folded row is 16 lines), so that the requests queue at the L2, not in the few
 /// first-level miss buffers the core's own loads need.
 #[inline(always)]
-pub(crate) fn prefetch_l2<T>(data: &[T]) {
+fn prefetch_l2<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
     prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T1 }, T>(data);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = data;
+}
+
+/// Asks the cache, with `line`, for rows `ids` of `values` (`width` values a row); ids past
+/// the end are skipped (the gather reports them).
+#[inline(always)]
+fn prefetch_rows<T>(values: &[T], ids: &[u32], width: usize, line: impl Fn(&[T])) {
+    for &id in ids {
+        let start = id as usize * width;
+        if let Some(row) = values.get(start..start + width) {
+            line(row);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1028,13 +1042,10 @@ impl Table<'_> {
     /// Asks the cache for rows `ids` (`dim` values each).
     #[inline(always)]
     fn prefetch_rows(self, ids: &[u32], dim: usize) {
-        for &id in ids {
-            let start = id as usize * dim;
-            match self {
-                Table::F32(t) => t.get(start..start + dim).map(prefetch),
-                Table::F16(t) => t.get(start..start + dim).map(prefetch),
-                Table::I8(q, _) => q.get(start..start + dim).map(prefetch),
-            };
+        match self {
+            Table::F32(t) => prefetch_rows(t, ids, dim, prefetch),
+            Table::F16(t) => prefetch_rows(t, ids, dim, prefetch),
+            Table::I8(q, _) => prefetch_rows(q, ids, dim, prefetch),
         }
     }
 

@@ -116,19 +116,6 @@ fn project(model: &Model, ei: usize) -> Arc<[f32]> {
     p.into()
 }
 
-/// Asks the cache for the folded rows of `ids` (`out` values each) ahead of [`add_pooled`]:
-/// a folded row is `out * 4` bytes (1 KiB on the feed model) at an address nothing predicts, so
-/// without this the adds wait on the last-level cache row after row.
-#[inline]
-pub(crate) fn prefetch_rows(p: &[f32], ids: &[u32], out: usize) {
-    for &id in ids {
-        let start = id as usize * out;
-        if let Some(row) = p.get(start..start + out) {
-            crate::cpu::prefetch_l2(row);
-        }
-    }
-}
-
 /// `dst += pool(P[ids])`: the folded rows of `ids` summed, or averaged for a mean-pooled slot
 /// (an empty list adds nothing, as an all-zero pooled embedding would).
 #[inline]

@@ -158,9 +158,7 @@ impl Plan {
                 }
                 out
             };
-            plan.w1_item = Packed::new(item_cols.len(), l.out_dim, |kk, o| {
-                w[o * l.in_dim + item_cols[kk]]
-            });
+            plan.w1_item = first_layer_over(model, &item_cols);
             plan.w1_user = gather(&user_cols);
         }
         if let Some(first) = model
@@ -225,7 +223,7 @@ impl Folded {
         {
             return None;
         }
-        let l = model.layers.first()?;
+        // (A model folds tables only when it has a first layer.)
         let mut f = Folded {
             emb: Vec::new(),
             dense: Vec::new(),
@@ -247,11 +245,17 @@ impl Folded {
             f.dense.push((di, cols.len()));
             cols.push(model.dense[di].1);
         }
-        let w = model.layer_weight(0);
         f.k = cols.len();
-        f.w1 = Packed::new(cols.len(), l.out_dim, |kk, o| w[o * l.in_dim + cols[kk]]);
+        f.w1 = first_layer_over(model, &cols);
         Some(f)
     }
+}
+
+/// The first layer's weights for deep-input columns `cols` (in that order), packed.
+fn first_layer_over(model: &Model, cols: &[usize]) -> Packed {
+    let l = &model.layers[0];
+    let w = model.layer_weight(0);
+    Packed::new(cols.len(), l.out_dim, |kk, o| w[o * l.in_dim + cols[kk]])
 }
 
 /// A small per-core cache of plans, least recently used first out. A miss looks in the model's

@@ -4,34 +4,18 @@
 //! and after online updates of folded rows or of the first layer.
 
 mod common;
+use common::scores;
 
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::kernel::Isa;
 use rankd_engine::request::DenseRequest;
-use rankd_engine::{BatchOutput, InferenceBackend, Model, ModelOptions};
+use rankd_engine::{Model, ModelOptions};
 use rankd_formats::delta::{Delta, LayerUpdate, RowUpdate, TableKind};
 use rankd_formats::synth::{feed, ModelKind};
 use rankd_formats::{ModelFile, WeightType};
 
 fn open(path: &std::path::Path, fold_bytes: usize) -> Model {
     Model::with_options(ModelFile::open(path).unwrap(), ModelOptions { fold_bytes })
-}
-
-/// Every head of every item of `reqs`, request after request.
-fn scores(e: &mut CpuEngine, model: &Model, reqs: &[DenseRequest<'_>]) -> Vec<f32> {
-    let refs: Vec<&dyn rankd_engine::Request> = reqs
-        .iter()
-        .map(|r| r as &dyn rankd_engine::Request)
-        .collect();
-    let mut out = BatchOutput::default();
-    e.score(model, &refs, &mut out);
-    let mut all = Vec::new();
-    for i in 0..reqs.len() {
-        for h in 0..model.num_heads() {
-            all.extend_from_slice(out.head(i, h).unwrap().unwrap());
-        }
-    }
-    all
 }
 
 /// The largest difference between `a`'s and `b`'s scores on every ISA and split mode.
@@ -138,23 +122,10 @@ fn delta(model: &Model, reqs: &[DenseRequest<'_>], first_layer: bool) -> Delta {
     let spec = model.features();
     let config = feed::config();
     let mut rng = rankd_formats::synth::Rng::new(3);
+    let touched = common::touched(model, reqs);
     for (i, e) in config.embeddings.iter().enumerate() {
-        let slot = spec.slot_index(&e.slot).unwrap();
-        // Rows the requests use: every id their slot produces, through the real transforms.
-        let mut ids = std::collections::BTreeSet::new();
-        for r in reqs {
-            let mut b = rankd_feature_ops::SlotBatch::new();
-            spec.transform_row(&rankd_engine::UserRow(r), &mut b)
-                .unwrap();
-            ids.extend(b.ids(slot, 0).iter().copied());
-            for item in 0..rankd_engine::Request::num_items(r) {
-                let mut b = rankd_feature_ops::SlotBatch::new();
-                spec.transform_row(&rankd_engine::ItemRow { request: r, item }, &mut b)
-                    .unwrap();
-                ids.extend(b.ids(slot, 0).iter().copied());
-            }
-        }
-        let rows: Vec<u32> = ids.into_iter().step_by(2).collect();
+        let ids = &touched[spec.slot_index(&e.slot).unwrap()];
+        let rows: Vec<u32> = ids.iter().copied().step_by(2).collect();
         d.tables.push(RowUpdate {
             kind: TableKind::Embedding,
             index: i as u32,

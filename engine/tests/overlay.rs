@@ -2,13 +2,13 @@
 //! file written with the changed parameters scores, on every kernel build and split mode; bad
 //! deltas are refused whole and leave the version as it was.
 
-use std::collections::BTreeSet;
+mod common;
+use common::{scores as score, touched};
 
 use rankd_engine::cpu::{CpuEngine, Split};
 use rankd_engine::kernel::Isa;
 use rankd_engine::request::DenseRequest;
-use rankd_engine::{BatchOutput, InferenceBackend, ItemRow, Model, UserRow};
-use rankd_feature_ops::SlotBatch;
+use rankd_engine::Model;
 use rankd_formats::config::{write_model, TensorMap};
 use rankd_formats::delta::{Delta, DeltaError, LayerUpdate, RowUpdate, TableKind};
 use rankd_formats::synth::{feed, Rng};
@@ -22,44 +22,6 @@ fn write(path: &std::path::Path, t: &TensorMap) -> Model {
     };
     write_model(&feed::config(), meta, t, path).unwrap();
     Model::open(path).unwrap()
-}
-
-/// Ids of every slot the requests touch, per slot.
-fn touched(model: &Model, reqs: &[DenseRequest<'_>]) -> Vec<BTreeSet<u32>> {
-    let spec = model.features();
-    let mut out = vec![BTreeSet::new(); spec.slots().len()];
-    for r in reqs {
-        let mut rows = Vec::new();
-        let mut b = SlotBatch::new();
-        spec.transform_row(&UserRow(r), &mut b).unwrap();
-        rows.push(b);
-        for item in 0..rankd_engine::Request::num_items(r) {
-            let mut b = SlotBatch::new();
-            spec.transform_row(&ItemRow { request: r, item }, &mut b)
-                .unwrap();
-            rows.push(b);
-        }
-        for b in &rows {
-            for (s, set) in out.iter_mut().enumerate() {
-                if spec.slots()[s].kind.num_ids().is_some() {
-                    set.extend(b.ids(s, 0).iter().copied());
-                }
-            }
-        }
-    }
-    out
-}
-
-fn score(engine: &mut CpuEngine, model: &Model, reqs: &[DenseRequest<'_>]) -> Vec<f32> {
-    let refs: Vec<&dyn rankd_engine::Request> = reqs
-        .iter()
-        .map(|r| r as &dyn rankd_engine::Request)
-        .collect();
-    let mut out = BatchOutput::default();
-    engine.score(model, &refs, &mut out);
-    (0..reqs.len())
-        .flat_map(|i| out.get(i).unwrap().to_vec())
-        .collect()
 }
 
 struct Case {
@@ -332,21 +294,7 @@ fn a_multitask_model_takes_deltas_of_its_layers() {
     write_model(&config, meta(1), &t1, &patched_path).unwrap();
     let patched = Model::open(&patched_path).unwrap();
     let updated = base.apply(&delta).unwrap();
-    let refs: Vec<&dyn rankd_engine::Request> = reqs
-        .iter()
-        .map(|r| r as &dyn rankd_engine::Request)
-        .collect();
-    let heads = |m: &Model, split| {
-        let mut out = BatchOutput::default();
-        CpuEngine::with_split(split).score(m, &refs, &mut out);
-        let mut all = Vec::new();
-        for i in 0..refs.len() {
-            for h in 0..2 {
-                all.extend_from_slice(out.head(i, h).unwrap().unwrap());
-            }
-        }
-        all
-    };
+    let heads = |m: &Model, split| common::scores(&mut CpuEngine::with_split(split), m, &reqs);
     for split in [Split::RequestLevel, Split::Off] {
         let (got, want, old) = (
             heads(&updated, split),

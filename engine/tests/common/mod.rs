@@ -105,3 +105,54 @@ pub fn feed_requests(sizes: &[usize]) -> Vec<rankd_formats::synth::feed::Values>
         .map(|(i, &n)| rankd_formats::synth::feed::request(n, 3 + i as u64))
         .collect()
 }
+
+/// Every head's scores of every item of `reqs` (one head for a single-task model), request
+/// after request.
+pub fn scores(
+    engine: &mut rankd_engine::cpu::CpuEngine,
+    model: &Model,
+    reqs: &[DenseRequest<'_>],
+) -> Vec<f32> {
+    use rankd_engine::InferenceBackend;
+    let refs: Vec<&dyn rankd_engine::Request> = reqs
+        .iter()
+        .map(|r| r as &dyn rankd_engine::Request)
+        .collect();
+    let mut out = rankd_engine::BatchOutput::default();
+    engine.score(model, &refs, &mut out);
+    let mut all = Vec::new();
+    for i in 0..reqs.len() {
+        for h in 0..model.num_heads() {
+            all.extend_from_slice(out.head(i, h).unwrap().unwrap());
+        }
+    }
+    all
+}
+
+/// Ids of every slot `reqs` touch (request-level and item rows, through the real transforms),
+/// per slot.
+pub fn touched(model: &Model, reqs: &[DenseRequest<'_>]) -> Vec<std::collections::BTreeSet<u32>> {
+    use rankd_engine::{ItemRow, UserRow};
+    let spec = model.features();
+    let mut out = vec![std::collections::BTreeSet::new(); spec.slots().len()];
+    for r in reqs {
+        let mut rows = Vec::new();
+        let mut b = rankd_feature_ops::SlotBatch::new();
+        spec.transform_row(&UserRow(r), &mut b).unwrap();
+        rows.push(b);
+        for item in 0..rankd_engine::Request::num_items(r) {
+            let mut b = rankd_feature_ops::SlotBatch::new();
+            spec.transform_row(&ItemRow { request: r, item }, &mut b)
+                .unwrap();
+            rows.push(b);
+        }
+        for b in &rows {
+            for (s, set) in out.iter_mut().enumerate() {
+                if spec.slots()[s].kind.num_ids().is_some() {
+                    set.extend(b.ids(s, 0).iter().copied());
+                }
+            }
+        }
+    }
+    out
+}
