@@ -31,6 +31,10 @@ fn start_with(root: &Path, config: Option<&str>, extra: &[&str]) -> Daemon {
 }
 
 fn synth(root: &Path, name: &str, version: u64, seed: u64) {
+    synth_kind(root, name, version, seed, ModelKind::DeepFm);
+}
+
+fn synth_kind(root: &Path, name: &str, version: u64, seed: u64, kind: ModelKind) {
     let dir = root.join(name).join(version.to_string());
     std::fs::create_dir_all(&dir).unwrap();
     write_synthetic(
@@ -38,7 +42,7 @@ fn synth(root: &Path, name: &str, version: u64, seed: u64) {
         &SynthOptions {
             name: name.into(),
             version,
-            kind: ModelKind::DeepFm,
+            kind,
             seed,
             ..SynthOptions::default()
         },
@@ -574,17 +578,8 @@ fn sigterm_with_a_stream_of_new_connections() {
 #[test]
 fn folded_tables_follow_the_engine_config() {
     let root = tempfile::tempdir().unwrap();
+    synth_kind(root.path(), "wd", 1, 1, ModelKind::WideDeep);
     let dir = root.path().join("wd").join("1");
-    std::fs::create_dir_all(&dir).unwrap();
-    write_synthetic(
-        &dir.join("model.rkm"),
-        &SynthOptions {
-            name: "wd".into(),
-            kind: ModelKind::WideDeep,
-            ..SynthOptions::default()
-        },
-    )
-    .unwrap();
     let folded_bytes = |d: &Daemon| {
         let (code, body) = http_get(d.admin, "/models");
         assert_eq!(code, 200);
