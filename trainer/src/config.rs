@@ -98,6 +98,11 @@ pub struct TrainSettings {
     /// Data-parallel workers (threads); 1: a single worker.
     #[serde(default = "one_worker")]
     pub workers: usize,
+    /// Where to train: `auto` (every visible GPU when CUDA loads and the model is one the GPU
+    /// trainer computes, else the CPU, saying why), `cpu`, `cuda` (every GPU, or fail),
+    /// `cuda:0,1` (those GPUs) or `emulated:N` (N emulated devices on the host, for tests).
+    #[serde(default = "default_device")]
+    pub device: String,
     /// `sync` (gradients of every worker combined per step; deterministic for a given seed and
     /// worker count) or `async` (each worker applies its own gradients as it goes).
     #[serde(default)]
@@ -131,6 +136,10 @@ pub struct TrainSettings {
     /// Deadline of each HDFS call and of each chunk read or written, in milliseconds.
     #[serde(default = "default_hdfs_timeout")]
     pub hdfs_timeout_ms: u64,
+}
+
+fn default_device() -> String {
+    "auto".into()
 }
 
 fn default_shuffle_buffer() -> usize {

@@ -12,6 +12,9 @@ pub enum TrainError {
     /// The model file could not be written, or the model config is inconsistent.
     #[error(transparent)]
     Format(#[from] rankd_formats::FormatError),
+    /// A training device (GPU) failed.
+    #[error("device: {0}")]
+    Device(String),
     /// A row's features do not fit the spec.
     #[error("data: {0}")]
     Feature(#[from] rankd_feature_ops::Error),

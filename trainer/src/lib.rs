@@ -4,7 +4,8 @@
 //! Workers ([`model::CpuCompute`] behind the [`model::Compute`] trait) run as threads of one
 //! process, synchronously or asynchronously ([`parallel`]), or as processes talking to a
 //! parameter server over TCP ([`dist`]).
-#![forbid(unsafe_code)]
+// Unsafe only in `gpu::cuda` (kernel launches, cuBLAS, NCCL), which allows it.
+#![deny(unsafe_code)]
 
 pub mod checkpoint;
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod data;
 pub mod dist;
 mod error;
 pub mod fit;
+pub mod gpu;
 pub mod metrics;
 pub mod model;
 pub mod online;
@@ -229,6 +231,9 @@ fn train_with(
             );
         }
     }
+    // GPUs (or emulated devices) when the config asks for them and the model is one they
+    // train; the dense state goes to them after a resume has loaded it.
+    let mut gpus = gpu::start(s, &layout, &params, &mut opt, log)?;
     for epoch in first_epoch..s.epochs {
         // Each epoch's order depends only on the seed and the epoch, so a resumed run shuffles
         // exactly as an uninterrupted one, and a worker process streaming the whole data set
@@ -260,6 +265,23 @@ fn train_with(
                 });
             }
             let loss = match (s.workers.max(1), s.mode) {
+                _ if gpus.is_some() => {
+                    let g = gpus.as_mut().expect("checked");
+                    let loss = g.epoch(
+                        &layout,
+                        &mut params,
+                        &mut opt,
+                        &train,
+                        &order,
+                        s.batch_size,
+                        &done,
+                    );
+                    // The dense layers come back for evaluation, checkpoints and the file.
+                    let stored = g.store(&mut params, &mut opt);
+                    finished.store(true, Ordering::Relaxed);
+                    stored?;
+                    return loss;
+                }
                 (1, _) => {
                     let mut loss = 0f64;
                     for batch in order.chunks(s.batch_size) {

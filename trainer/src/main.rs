@@ -44,6 +44,9 @@ struct Cli {
     /// Parameter-server shard processes started with --processes (default [train].ps_shards).
     #[arg(long)]
     ps_shards: Option<usize>,
+    /// Where to train: auto, cpu, cuda, cuda:0,1 or emulated:N (default [train].device).
+    #[arg(long)]
+    device: Option<String>,
     /// The cluster description (TF_CONFIG JSON) in a file, instead of the TF_CONFIG variable.
     #[arg(long)]
     cluster: Option<PathBuf>,
@@ -331,7 +334,10 @@ fn run(cli: Cli) -> Result<()> {
         };
     }
     let path = cli.config.context("give --config")?;
-    let config = load(&path)?;
+    let mut config = load(&path)?;
+    if let Some(d) = cli.device {
+        config.train.device = d;
+    }
     let output = output_of(&config, cli.output)?;
     if let Some(w) = cli.processes {
         let exe = std::env::current_exe()?;

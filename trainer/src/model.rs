@@ -1236,11 +1236,11 @@ fn scatter_emb(l: &Layout, slots: &SlotBatch, rows: &[usize], dx: &[f32], g: &mu
 /// One step's constants: Adam's bias corrections and the learning rates at that step.
 #[derive(Clone, Copy, Debug)]
 pub struct Hyper {
-    c1: f32,
-    c2: f32,
-    lr_dense: f32,
-    lr_sparse: f32,
-    l2: f32,
+    pub(crate) c1: f32,
+    pub(crate) c2: f32,
+    pub(crate) lr_dense: f32,
+    pub(crate) lr_sparse: f32,
+    pub(crate) l2: f32,
 }
 
 /// Adam on one dense tensor; `decay`: whether L2 applies (weights, not biases).
@@ -1466,6 +1466,36 @@ impl Optimizer {
         self.t
     }
 
+    /// Starts a step whose dense update happens elsewhere (on the GPUs): counts it and returns
+    /// its constants, for [`Self::apply_sparse`] and the devices' Adam.
+    pub fn begin_step(&mut self) -> Hyper {
+        self.t += 1;
+        self.hyper(self.t)
+    }
+
+    /// The sparse half of [`Self::apply`] for the step [`Self::begin_step`] started: Adagrad on
+    /// the touched rows of the embedding tables and wide weights, and on the wide bias. With
+    /// the dense half done by Adam on the same constants, the two equal one [`Self::apply`].
+    pub fn apply_sparse(&mut self, h: &Hyper, p: &mut Params, g: &Grads) {
+        let tables = p
+            .emb
+            .iter_mut()
+            .zip(self.acc_emb.iter_mut())
+            .zip(&g.emb)
+            .chain(p.wide.iter_mut().zip(self.acc_wide.iter_mut()).zip(&g.wide));
+        let sparse: Vec<SparseWork<'_>> = tables
+            .map(|((w, acc), sg)| (w.as_mut_slice(), acc.as_mut_slice(), 0, sg))
+            .collect();
+        run_shard(h, Vec::new(), sparse);
+        adagrad_bias(h, &mut p.wide_bias, &mut self.acc_bias, g.wide_bias);
+    }
+
+    /// Adam's moments of the deep layers: `(m, v)` of the weights, then of the biases, layer by
+    /// layer (the GPU trainer keeps them on the devices and brings them back for checkpoints).
+    pub fn layer_moments_mut(&mut self) -> [&mut Vec<Vec<f32>>; 4] {
+        [&mut self.m, &mut self.v, &mut self.mb, &mut self.vb]
+    }
+
     /// Applies one step of gradients.
     pub fn apply(&mut self, p: &mut Params, g: &Grads) {
         self.t += 1;
@@ -1554,7 +1584,7 @@ impl Optimizer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Finite-difference checks of every gradient.
 
     use super::*;
@@ -1602,7 +1632,9 @@ mod tests {
         (l, p, s, y)
     }
 
-    fn setup_config(
+    /// A small model of every part (four embedding tables, one mean-pooled; wide; deep with
+    /// two dense inputs; FM) as `edit` changes it, with parameters, four examples and labels.
+    pub(crate) fn setup_config(
         cross: Option<rankd_formats::config::CrossConfig>,
         batch_norm: bool,
         dropout: f32,

@@ -458,3 +458,69 @@ fn multitask_heads_serve_what_the_trainer_evaluated() {
     assert_eq!(stored("eval_auc"), Some(heads[0].auc));
     assert_served_equal(&path, &trained);
 }
+
+/// Trains the Adult slice on the CPU and on `device`; the device run learns the same model
+/// (test AUC within 0.002, predictions close) and its written file serves exactly what it
+/// evaluated.
+fn device_trains_like_the_cpu(device: &str, names: &str) {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = slice_config(&data, dir.path(), 3000, 1000);
+    config.train.epochs = 2;
+    config.train.batch_size = 128;
+    config.train.early_stopping = 0;
+    config.train.device = "cpu".into();
+    let mut log = Vec::new();
+    let cpu = rankd_trainer::train(&config, &mut log).unwrap();
+    config.train.device = device.into();
+    let mut log = Vec::new();
+    let dev = rankd_trainer::train(&config, &mut log).unwrap();
+    let log = String::from_utf8(log).unwrap();
+    assert!(log.contains(names), "{log}");
+    let (a, b) = (cpu.history[1].auc, dev.history[1].auc);
+    assert!((a - b).abs() < 0.002, "auc: CPU {a}, {device} {b}");
+    let worst = cpu
+        .eval_predictions
+        .iter()
+        .zip(&dev.eval_predictions)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 0.02, "{device} drifted from the CPU by {worst}");
+    let path = dir.path().join("adult.rkm");
+    rankd_trainer::write(&config, &dev, &path).unwrap();
+    assert_served_equal(&path, &dev);
+}
+
+#[test]
+fn emulated_devices_train_like_the_cpu_and_serve_what_they_evaluated() {
+    device_trains_like_the_cpu(
+        "emulated:2",
+        "training on 2 devices: emulated:0, emulated:1",
+    );
+}
+
+#[test]
+fn a_gpu_trains_like_the_cpu_and_serves_what_it_evaluated() {
+    match rankd_engine::gpu::probe() {
+        Ok(d) if !d.is_empty() => {
+            device_trains_like_the_cpu("cuda:0", "training on 1 device: cuda:0")
+        }
+        Ok(_) => println!("skipped: the CUDA driver sees no GPU"),
+        Err(why) => println!("skipped: no GPU: {why}"),
+    }
+}
+
+#[test]
+fn two_gpus_train_like_the_cpu() {
+    match rankd_engine::gpu::probe() {
+        Ok(d) if d.len() >= 2 && rankd_trainer::gpu::nccl_present() => {
+            device_trains_like_the_cpu("cuda:0,1", "training on 2 devices: cuda:0")
+        }
+        Ok(d) if d.len() >= 2 => println!("skipped: NCCL (libnccl.so) could not be loaded"),
+        Ok(d) => println!("skipped: {} GPU, two are needed", d.len()),
+        Err(why) => println!("skipped: no GPU: {why}"),
+    }
+}

@@ -558,6 +558,15 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
                 .into(),
         ));
     }
+    match s.device.parse::<crate::gpu::DeviceSpec>() {
+        Ok(crate::gpu::DeviceSpec::Auto | crate::gpu::DeviceSpec::Cpu) => {}
+        Ok(other) => {
+            return Err(TrainError::Config(format!(
+                "device = \"{other}\": a worker process of a multi-process job trains on the CPU (GPU workers train in one process: `rankd-train --config F --device cuda`)"
+            )))
+        }
+        Err(e) => return Err(TrainError::Config(e)),
+    }
     let chief = job.index == 0;
     let mut shards = Shards::connect(job.ps, job.patience)?;
     // Async: a second connection to every shard for the prefetching pulls.

@@ -1,0 +1,724 @@
+//! The CUDA executor of [`super::device::Device`]: the step's operations as our kernels (CUDA C
+//! below, compiled at start by NVRTC for the device's architecture) and cuBLAS `sgemm`, one
+//! stream per device; the dense gradients all-reduced with NCCL.
+//!
+//! The CUDA libraries are opened at run time (`cudarc`'s dynamic loading): every build and
+//! every test works on machines without CUDA, and nothing here is called before
+//! `rankd_engine::gpu::probe` found the driver, cuBLAS, NVRTC and a device.
+//!
+//! Kernel by kernel, the semantics are those of [`super::device::HostDevice`] (which the tests
+//! compare with the CPU trainer everywhere): keep the two in step.
+
+use std::sync::Arc;
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm as _, GemmConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+};
+use cudarc::nccl::{Comm, ReduceOp};
+
+use super::device::{AdamStep, DResult, Device, DeviceError, Gemm, Pool, Seg};
+
+/// The device code: one thread per element, example, column or row; a block per example for the
+/// pooling. Every reduction runs in a fixed order (deterministic, as the host executor).
+pub const KERNELS: &str = r#"
+extern "C" __global__ void tr_pool(float* __restrict__ x, const unsigned* __restrict__ offsets,
+                                   const unsigned* __restrict__ ids,
+                                   const float* __restrict__ table, unsigned n, unsigned width,
+                                   unsigned col, unsigned dim, int mean) {
+    unsigned b = blockIdx.x;
+    if (b >= n) return;
+    unsigned from = offsets[b], to = offsets[b + 1];
+    for (unsigned j = threadIdx.x; j < dim; j += blockDim.x) {
+        float acc = 0.0f;
+        for (unsigned i = from; i < to; ++i) acc += table[(unsigned long long)ids[i] * dim + j];
+        if (mean && to - from > 1u) acc /= (float)(to - from);
+        x[(unsigned long long)b * width + col + j] = acc;
+    }
+}
+
+extern "C" __global__ void tr_set_col(float* __restrict__ x, const float* __restrict__ src,
+                                      unsigned n, unsigned width, unsigned col) {
+    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b < n) x[(unsigned long long)b * width + col] = src[b];
+}
+
+extern "C" __global__ void tr_bias_act(float* __restrict__ h, const float* __restrict__ bias,
+                                       unsigned n, unsigned out, int relu) {
+    unsigned long long total = (unsigned long long)n * out;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < total; i += (unsigned long long)gridDim.x * blockDim.x) {
+        float v = h[i] + bias[i % out];
+        h[i] = relu ? fmaxf(v, 0.0f) : v;
+    }
+}
+
+extern "C" __global__ void tr_add_rows(float* __restrict__ acc,
+                                       const unsigned* __restrict__ offsets,
+                                       const unsigned* __restrict__ ids,
+                                       const float* __restrict__ w, unsigned n) {
+    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n) return;
+    float a = acc[b];
+    for (unsigned i = offsets[b]; i < offsets[b + 1]; ++i) a += w[ids[i]];
+    acc[b] = a;
+}
+
+extern "C" __global__ void tr_copy_add(float* __restrict__ dst, const float* __restrict__ src,
+                                       unsigned n, float add) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = src[i] + add;
+}
+
+extern "C" __global__ void tr_add(float* __restrict__ dst, const float* __restrict__ src,
+                                  unsigned n) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] += src[i];
+}
+
+extern "C" __global__ void tr_fm_forward(float* __restrict__ logits, float* __restrict__ sum,
+                                         const float* __restrict__ x,
+                                         const unsigned* __restrict__ cols, unsigned n,
+                                         unsigned width, unsigned fields, unsigned dim) {
+    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n) return;
+    float* s = sum + (unsigned long long)b * dim;
+    for (unsigned d = 0; d < dim; ++d) s[d] = 0.0f;
+    float sq = 0.0f;
+    for (unsigned f = 0; f < fields; ++f) {
+        const float* v = x + (unsigned long long)b * width + cols[f];
+        for (unsigned d = 0; d < dim; ++d) {
+            s[d] += v[d];
+            sq += v[d] * v[d];
+        }
+    }
+    float total = 0.0f;
+    for (unsigned d = 0; d < dim; ++d) total += s[d] * s[d];
+    logits[b] += 0.5f * (total - sq);
+}
+
+extern "C" __global__ void tr_fm_backward(float* __restrict__ dx, const float* __restrict__ x,
+                                          const float* __restrict__ sum,
+                                          const float* __restrict__ dlogit,
+                                          const unsigned* __restrict__ cols, unsigned n,
+                                          unsigned width, unsigned fields, unsigned dim) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (i >= (unsigned long long)n * dim) return;
+    unsigned b = (unsigned)(i / dim), d = (unsigned)(i % dim);
+    for (unsigned f = 0; f < fields; ++f) {
+        unsigned long long at = (unsigned long long)b * width + cols[f] + d;
+        dx[at] += dlogit[b] * (sum[i] - x[at]);
+    }
+}
+
+extern "C" __global__ void tr_loss_grad(const float* __restrict__ logits,
+                                        const float* __restrict__ labels,
+                                        float* __restrict__ dlogit, float* __restrict__ loss,
+                                        unsigned n, float scale) {
+    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n) return;
+    float z = logits[b], y = labels[b];
+    loss[b] = log1pf(expf(-fabsf(z))) + fmaxf(z, 0.0f) - y * z;
+    float p;
+    if (z >= 0.0f) {
+        p = 1.0f / (1.0f + expf(-z));
+    } else {
+        float e = expf(z);
+        p = e / (1.0f + e);
+    }
+    dlogit[b] = (p - y) * scale;
+}
+
+extern "C" __global__ void tr_col_sum(const float* __restrict__ src, float* __restrict__ dst,
+                                      unsigned n, unsigned width) {
+    unsigned o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= width) return;
+    float s = 0.0f;
+    for (unsigned b = 0; b < n; ++b) s += src[(unsigned long long)b * width + o];
+    dst[o] = s;
+}
+
+extern "C" __global__ void tr_relu_back(float* __restrict__ dz, const float* __restrict__ dh,
+                                        const float* __restrict__ h, unsigned long long len) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < len; i += (unsigned long long)gridDim.x * blockDim.x) {
+        dz[i] = h[i] > 0.0f ? dh[i] : 0.0f;
+    }
+}
+
+extern "C" __global__ void tr_seg_reduce(float* __restrict__ out,
+                                         const unsigned* __restrict__ offsets,
+                                         const unsigned* __restrict__ ex,
+                                         const float* __restrict__ scale,
+                                         const float* __restrict__ src, unsigned rows,
+                                         unsigned dim, unsigned width, unsigned col) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (i >= (unsigned long long)rows * dim) return;
+    unsigned u = (unsigned)(i / dim), d = (unsigned)(i % dim);
+    float acc = 0.0f;
+    for (unsigned j = offsets[u]; j < offsets[u + 1]; ++j) {
+        acc += scale[j] * src[(unsigned long long)ex[j] * width + col + d];
+    }
+    out[i] = acc;
+}
+
+extern "C" __global__ void tr_adam(float* __restrict__ w, const float* __restrict__ g,
+                                   float* __restrict__ m, float* __restrict__ v,
+                                   unsigned long long len, float c1, float c2, float lr,
+                                   float l2) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < len; i += (unsigned long long)gridDim.x * blockDim.x) {
+        float gi = g[i] + l2 * w[i];
+        m[i] = 0.9f * m[i] + (1.0f - 0.9f) * gi;
+        v[i] = 0.999f * v[i] + (1.0f - 0.999f) * gi * gi;
+        w[i] -= lr * (m[i] / c1) / (sqrtf(v[i] / c2) + 1e-8f);
+    }
+}
+"#;
+
+/// Whether NCCL can be loaded (multi-GPU training needs it).
+pub fn nccl_present() -> bool {
+    // SAFETY: only tries to open the shared library with `dlopen` (through libloading) and
+    // closes it again; no symbol is called.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+struct Kernels {
+    pool: CudaFunction,
+    set_col: CudaFunction,
+    bias_act: CudaFunction,
+    add_rows: CudaFunction,
+    copy_add: CudaFunction,
+    add: CudaFunction,
+    fm_forward: CudaFunction,
+    fm_backward: CudaFunction,
+    loss_grad: CudaFunction,
+    col_sum: CudaFunction,
+    relu_back: CudaFunction,
+    seg_reduce: CudaFunction,
+    adam: CudaFunction,
+}
+
+/// A GPU: its stream, cuBLAS handle, kernels and (with more than one GPU) NCCL communicator.
+pub struct CudaDevice {
+    ordinal: usize,
+    name: String,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    comm: Option<Comm>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn driver(what: &str, e: DriverError) -> DeviceError {
+    DeviceError(format!("{what}: {e:?}"))
+}
+
+/// Starts the GPUs `ordinals` (contexts, kernels, streams, cuBLAS; NCCL communicators when
+/// there are several).
+pub fn open(ordinals: &[usize]) -> DResult<Vec<CudaDevice>> {
+    let mut devices = Vec::new();
+    for &ordinal in ordinals {
+        devices.push(open_one(ordinal)?);
+    }
+    if devices.len() > 1 {
+        let streams = devices.iter().map(|d| d.stream.clone()).collect();
+        let comms = Comm::from_devices(streams)
+            .map_err(|e| DeviceError(format!("NCCL communicators: {e:?}")))?;
+        for (d, c) in devices.iter_mut().zip(comms) {
+            d.comm = Some(c);
+        }
+    }
+    Ok(devices)
+}
+
+fn open_one(ordinal: usize) -> DResult<CudaDevice> {
+    let start = |what: &str, e: DriverError| driver(&format!("GPU {ordinal}: {what}"), e);
+    let ctx = CudaContext::new(ordinal).map_err(|e| start("context", e))?;
+    let name = format!(
+        "cuda:{ordinal} ({})",
+        ctx.name().unwrap_or_else(|_| "unknown".into())
+    );
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| start("capability", e))?;
+    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+        KERNELS,
+        cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            ftz: Some(false),
+            fmad: Some(false),
+            prec_div: Some(true),
+            prec_sqrt: Some(true),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| DeviceError(format!("GPU {ordinal}: NVRTC: {e:?}")))?;
+    let module = ctx.load_module(ptx).map_err(|e| start("module", e))?;
+    let f = |n: &str| module.load_function(n).map_err(|e| start(n, e));
+    let k = Kernels {
+        pool: f("tr_pool")?,
+        set_col: f("tr_set_col")?,
+        bias_act: f("tr_bias_act")?,
+        add_rows: f("tr_add_rows")?,
+        copy_add: f("tr_copy_add")?,
+        add: f("tr_add")?,
+        fm_forward: f("tr_fm_forward")?,
+        fm_backward: f("tr_fm_backward")?,
+        loss_grad: f("tr_loss_grad")?,
+        col_sum: f("tr_col_sum")?,
+        relu_back: f("tr_relu_back")?,
+        seg_reduce: f("tr_seg_reduce")?,
+        adam: f("tr_adam")?,
+    };
+    let stream = ctx.new_stream().map_err(|e| start("stream", e))?;
+    let blas = CudaBlas::new(stream.clone())
+        .map_err(|e| DeviceError(format!("GPU {ordinal}: cuBLAS: {e:?}")))?;
+    Ok(CudaDevice {
+        ordinal,
+        name,
+        stream,
+        blas,
+        k,
+        comm: None,
+    })
+}
+
+/// One thread per item, 256 per block.
+fn per_item(n: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A launch of a kernel with the arguments pushed by `args`.
+macro_rules! launch {
+    ($dev:expr, $f:ident, $cfg:expr, $what:literal, |$b:ident| $args:block) => {{
+        let mut $b = $dev.stream.launch_builder(&$dev.k.$f);
+        $args
+        // SAFETY: the arguments match the kernel's parameters in number, order and type, and
+        // every buffer was sized by the replica for the counts passed with it.
+        unsafe { $b.launch($cfg) }.map_err(|e| driver($what, e))?;
+        Ok(())
+    }};
+}
+
+fn u(n: usize) -> u32 {
+    n as u32
+}
+
+impl Device for CudaDevice {
+    type F = CudaSlice<f32>;
+    type U = CudaSlice<u32>;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn zeros(&mut self, len: usize) -> DResult<CudaSlice<f32>> {
+        self.stream
+            .alloc_zeros(len.max(1))
+            .map_err(|e| driver("alloc", e))
+    }
+
+    fn words(&mut self) -> DResult<CudaSlice<u32>> {
+        self.stream.alloc_zeros(1).map_err(|e| driver("alloc", e))
+    }
+
+    fn put(&mut self, dst: &mut CudaSlice<f32>, src: &[f32]) -> DResult {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.ensure(dst, src.len())?;
+        self.stream
+            .memcpy_htod(src, &mut dst.slice_mut(..src.len()))
+            .map_err(|e| driver("upload", e))
+    }
+
+    fn put_u32(&mut self, dst: &mut CudaSlice<u32>, src: &[u32]) -> DResult {
+        if src.is_empty() {
+            return Ok(());
+        }
+        if dst.len() < src.len() {
+            *dst = self
+                .stream
+                .alloc_zeros(src.len().next_power_of_two())
+                .map_err(|e| driver("alloc", e))?;
+        }
+        self.stream
+            .memcpy_htod(src, &mut dst.slice_mut(..src.len()))
+            .map_err(|e| driver("upload", e))
+    }
+
+    fn ensure(&mut self, buf: &mut CudaSlice<f32>, len: usize) -> DResult {
+        if buf.len() < len {
+            *buf = self
+                .stream
+                .alloc_zeros(len.next_power_of_two())
+                .map_err(|e| driver("alloc", e))?;
+        }
+        Ok(())
+    }
+
+    fn get(&mut self, src: &CudaSlice<f32>, out: &mut [f32]) -> DResult {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtoh(&src.slice(..out.len()), out)
+            .map_err(|e| driver("download", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| driver("synchronize", e))
+    }
+
+    fn zero(&mut self, buf: &mut CudaSlice<f32>, len: usize) -> DResult {
+        if len == 0 {
+            return Ok(());
+        }
+        self.stream
+            .memset_zeros(&mut buf.slice_mut(..len))
+            .map_err(|e| driver("memset", e))
+    }
+
+    fn gemm(
+        &mut self,
+        g: Gemm,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        c: &mut CudaSlice<f32>,
+    ) -> DResult {
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: B and A swap places.
+        let cfg = GemmConfig {
+            transa: op(g.tb),
+            transb: op(g.ta),
+            m: g.n as i32,
+            n: g.m as i32,
+            k: g.k as i32,
+            alpha: 1.0f32,
+            lda: g.ldb as i32,
+            ldb: g.lda as i32,
+            beta: g.beta,
+            ldc: g.ldc as i32,
+        };
+        // SAFETY: the replica passes shapes and leading dimensions of buffers it sized for them
+        // (checked against the host executor by the tests); C is a different buffer from A, B.
+        unsafe { self.blas.gemm(cfg, b, a, c) }
+            .map_err(|e| DeviceError(format!("cuBLAS sgemm: {e:?}")))
+    }
+
+    fn pool(
+        &mut self,
+        p: Pool,
+        offsets: &CudaSlice<u32>,
+        ids: &CudaSlice<u32>,
+        table: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+    ) -> DResult {
+        if p.n == 0 || p.dim == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (u(p.n), 1, 1),
+            block_dim: (u(p.dim.next_multiple_of(32).min(256)), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, width, col, dim, mean) = (u(p.n), u(p.width), u(p.col), u(p.dim), p.mean as i32);
+        launch!(self, pool, cfg, "pool", |b| {
+            b.arg(x).arg(offsets).arg(ids).arg(table);
+            b.arg(&n).arg(&width).arg(&col).arg(&dim).arg(&mean);
+        })
+    }
+
+    fn set_col(
+        &mut self,
+        x: &mut CudaSlice<f32>,
+        n: usize,
+        width: usize,
+        col: usize,
+        src: &CudaSlice<f32>,
+        at: usize,
+    ) -> DResult {
+        if n == 0 {
+            return Ok(());
+        }
+        let view = src.slice(at..at + n);
+        let (nn, w, c) = (u(n), u(width), u(col));
+        launch!(self, set_col, per_item(n as u64), "set_col", |b| {
+            b.arg(x).arg(&view).arg(&nn).arg(&w).arg(&c);
+        })
+    }
+
+    fn bias_act(
+        &mut self,
+        h: &mut CudaSlice<f32>,
+        n: usize,
+        out: usize,
+        bias: &CudaSlice<f32>,
+        relu: bool,
+    ) -> DResult {
+        if n * out == 0 {
+            return Ok(());
+        }
+        let (nn, o, r) = (u(n), u(out), relu as i32);
+        launch!(self, bias_act, per_item((n * out) as u64), "bias", |b| {
+            b.arg(h).arg(bias).arg(&nn).arg(&o).arg(&r);
+        })
+    }
+
+    fn add_rows(
+        &mut self,
+        acc: &mut CudaSlice<f32>,
+        n: usize,
+        offsets: &CudaSlice<u32>,
+        ids: &CudaSlice<u32>,
+        w: &CudaSlice<f32>,
+    ) -> DResult {
+        if n == 0 {
+            return Ok(());
+        }
+        let nn = u(n);
+        launch!(self, add_rows, per_item(n as u64), "wide", |b| {
+            b.arg(acc).arg(offsets).arg(ids).arg(w).arg(&nn);
+        })
+    }
+
+    fn copy_add(
+        &mut self,
+        dst: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        n: usize,
+        add: f32,
+    ) -> DResult {
+        if n == 0 {
+            return Ok(());
+        }
+        let nn = u(n);
+        launch!(self, copy_add, per_item(n as u64), "copy", |b| {
+            b.arg(dst).arg(src).arg(&nn).arg(&add);
+        })
+    }
+
+    fn add(&mut self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, n: usize) -> DResult {
+        if n == 0 {
+            return Ok(());
+        }
+        let nn = u(n);
+        launch!(self, add, per_item(n as u64), "add", |b| {
+            b.arg(dst).arg(src).arg(&nn);
+        })
+    }
+
+    fn fm_forward(
+        &mut self,
+        logits: &mut CudaSlice<f32>,
+        sum: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        n: usize,
+        width: usize,
+        cols: &CudaSlice<u32>,
+        fields: usize,
+        dim: usize,
+    ) -> DResult {
+        if n == 0 {
+            return Ok(());
+        }
+        let (nn, w, f, d) = (u(n), u(width), u(fields), u(dim));
+        launch!(self, fm_forward, per_item(n as u64), "fm", |b| {
+            b.arg(logits).arg(sum).arg(x).arg(cols);
+            b.arg(&nn).arg(&w).arg(&f).arg(&d);
+        })
+    }
+
+    fn fm_backward(
+        &mut self,
+        dx: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        sum: &CudaSlice<f32>,
+        dlogit: &CudaSlice<f32>,
+        n: usize,
+        width: usize,
+        cols: &CudaSlice<u32>,
+        fields: usize,
+        dim: usize,
+    ) -> DResult {
+        if n * dim == 0 {
+            return Ok(());
+        }
+        let (nn, w, f, d) = (u(n), u(width), u(fields), u(dim));
+        let cfg = LaunchConfig {
+            grid_dim: (((n * dim) as u64).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, fm_backward, cfg, "fm backward", |b| {
+            b.arg(dx).arg(x).arg(sum).arg(dlogit).arg(cols);
+            b.arg(&nn).arg(&w).arg(&f).arg(&d);
+        })
+    }
+
+    fn loss_grad(
+        &mut self,
+        logits: &CudaSlice<f32>,
+        labels: &CudaSlice<f32>,
+        n: usize,
+        scale: f32,
+        dlogit: &mut CudaSlice<f32>,
+        loss: &mut CudaSlice<f32>,
+    ) -> DResult {
+        let nn = u(n);
+        launch!(self, loss_grad, per_item(n as u64), "loss", |b| {
+            b.arg(logits).arg(labels).arg(dlogit).arg(loss);
+            b.arg(&nn).arg(&scale);
+        })
+    }
+
+    fn col_sum(
+        &mut self,
+        src: &CudaSlice<f32>,
+        n: usize,
+        width: usize,
+        dst: &mut CudaSlice<f32>,
+    ) -> DResult {
+        let (nn, w) = (u(n), u(width));
+        launch!(self, col_sum, per_item(width as u64), "column sums", |b| {
+            b.arg(src).arg(dst).arg(&nn).arg(&w);
+        })
+    }
+
+    fn relu_back(
+        &mut self,
+        dz: &mut CudaSlice<f32>,
+        dh: &CudaSlice<f32>,
+        h: &CudaSlice<f32>,
+        len: usize,
+    ) -> DResult {
+        let l = len as u64;
+        launch!(self, relu_back, per_item(l), "relu backward", |b| {
+            b.arg(dz).arg(dh).arg(h).arg(&l);
+        })
+    }
+
+    fn seg_reduce(
+        &mut self,
+        s: Seg,
+        offsets: &CudaSlice<u32>,
+        ex: &CudaSlice<u32>,
+        scale: &CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> DResult {
+        let total = (s.rows * s.dim) as u64;
+        if total == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, dim, width, col) = (u(s.rows), u(s.dim), u(s.width), u(s.col));
+        launch!(self, seg_reduce, cfg, "sparse gradient", |b| {
+            b.arg(out).arg(offsets).arg(ex).arg(scale).arg(src);
+            b.arg(&rows).arg(&dim).arg(&width).arg(&col);
+        })
+    }
+
+    fn adam(
+        &mut self,
+        a: AdamStep,
+        w: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        len: usize,
+    ) -> DResult {
+        let l = len as u64;
+        launch!(self, adam, per_item(l), "adam", |b| {
+            b.arg(w).arg(g).arg(m).arg(v).arg(&l);
+            b.arg(&a.c1).arg(&a.c2).arg(&a.lr).arg(&a.l2);
+        })
+    }
+
+    fn all_reduce(group: &mut [(&mut Self, Vec<(&mut CudaSlice<f32>, usize)>)]) -> DResult {
+        let nccl = |e| DeviceError(format!("NCCL all-reduce: {e:?}"));
+        cudarc::nccl::result::group_start().map_err(nccl)?;
+        let mut out = Ok(());
+        'all: for (dev, bufs) in group.iter_mut() {
+            let Some(comm) = dev.comm.as_ref() else {
+                out = Err(DeviceError(format!(
+                    "GPU {}: no NCCL communicator",
+                    dev.ordinal
+                )));
+                break;
+            };
+            for (buf, len) in bufs.iter_mut() {
+                if *len == 0 {
+                    continue;
+                }
+                if let Err(e) = comm.all_reduce_in_place(&mut buf.slice_mut(..*len), &ReduceOp::Sum)
+                {
+                    out = Err(nccl(e));
+                    break 'all;
+                }
+            }
+        }
+        cudarc::nccl::result::group_end().map_err(nccl)?;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernels' CUDA C, compiled as C11 by the machine's C compiler with the CUDA built-ins
+    /// stubbed: every kernel parses and type-checks with no warning where no GPU and no NVRTC
+    /// are (NVRTC compiles them for real when a device starts).
+    #[test]
+    fn the_kernels_compile_as_c_with_cuda_stubs() {
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+        let prelude = "#include <math.h>\n#define __global__\n#define __restrict__ restrict\n\
+                       typedef struct { unsigned x, y, z; } dim3;\n\
+                       static dim3 blockIdx, threadIdx, blockDim, gridDim;\n";
+        let source = format!("{prelude}{}", super::KERNELS.replace("extern \"C\" ", ""));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kernels.c");
+        std::fs::write(&path, source).unwrap();
+        let out = match std::process::Command::new(&cc)
+            .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-fsyntax-only"])
+            .arg(&path)
+            .output()
+        {
+            Ok(o) => o,
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("skipped: no C compiler `{cc}`: {e}");
+                return;
+            }
+            Err(e) => panic!("no C compiler `{cc}` in CI: {e}"),
+        };
+        assert!(
+            out.status.success(),
+            "the kernels do not compile:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! Training on GPUs: one replica of the dense layers per device, their gradients all-reduced
+//! (NCCL on GPUs), Adam on every device; embedding and wide rows on the parameter server (here
+//! the process's own parameters and sparse Adagrad, as on the CPU), each step pulling the rows
+//! its batch touches and pushing their gradients. The hybrid parallelism of HugeCTR, Persia and
+//! TorchRec.
+//!
+//! - [`device`]: what a device does ([`device::Device`]) and the host executor
+//!   ([`device::HostDevice`]: the operations' contract, and the emulated devices of the tests).
+//! - [`prep`]: a device's share of a step, built by an input thread per device ahead of the step.
+//! - [`replica`]: a device's parameters, buffers and the step as device operations.
+//! - `cuda`: the cudarc executor (our kernels through NVRTC, cuBLAS, NCCL).
+//!
+//! A synchronous step on K devices: the batch is cut into K contiguous shares as the CPU's
+//! workers cut it; each device pulls its share's rows, runs forward and backward with its
+//! share's gradient weighted by its part of the batch, the dense gradients are summed over the
+//! devices, every device applies Adam with the same constants (so the replicas stay equal), and
+//! the host applies the sparse gradients, summed device by device, with Adagrad. The result is
+//! the CPU trainer's within float rounding.
+
+pub mod device;
+pub mod prep;
+pub mod replica;
+
+#[allow(unsafe_code)]
+mod cuda;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use rankd_engine::gpu::{DeviceSpec, Selection};
+
+use crate::config::{Mode, TrainSettings};
+use crate::data::Dataset;
+use crate::error::{Result, TrainError};
+use crate::model::{Grads, Layout, Optimizer, Params, SparseGrad};
+use device::{DResult, Device, DeviceError, HostDevice};
+use prep::Share;
+use replica::Replica;
+
+pub use cuda::nccl_present;
+
+/// The replicas of a run, one per device.
+pub struct Fleet<D: Device> {
+    replicas: Vec<Replica<D>>,
+    grads: Grads,
+}
+
+impl<D: Device> Fleet<D> {
+    /// Replicas of `params` and `opt`'s dense state on `devices`.
+    pub fn new(
+        devices: Vec<D>,
+        layout: &Layout,
+        params: &Params,
+        opt: &mut Optimizer,
+    ) -> DResult<Self> {
+        let mut replicas = Vec::new();
+        for d in devices {
+            replicas.push(Replica::new(d, layout, params)?);
+        }
+        let mut fleet = Fleet {
+            replicas,
+            grads: Grads::new(layout),
+        };
+        fleet.load(params, opt)?;
+        Ok(fleet)
+    }
+
+    /// The devices' names.
+    pub fn names(&self) -> Vec<String> {
+        self.replicas.iter().map(|r| r.dev.name()).collect()
+    }
+
+    /// Puts the host's dense layers and moments on every device (after a resume).
+    pub fn load(&mut self, params: &Params, opt: &mut Optimizer) -> DResult {
+        let moments = opt.layer_moments_mut();
+        for r in &mut self.replicas {
+            r.load(params, &moments)?;
+        }
+        Ok(())
+    }
+
+    /// Brings the dense layers and moments back to the host (they are equal on every device).
+    pub fn store(&mut self, params: &mut Params, opt: &mut Optimizer) -> DResult {
+        self.replicas[0].store(params, opt.layer_moments_mut())
+    }
+
+    /// The replica on device `i` (tests).
+    pub fn replica(&mut self, i: usize) -> &mut Replica<D> {
+        &mut self.replicas[i]
+    }
+
+    /// One synchronous step over `shares` (one per device, unpulled), `total` examples in all;
+    /// returns the summed loss.
+    pub fn step(
+        &mut self,
+        layout: &Layout,
+        params: &mut Params,
+        opt: &mut Optimizer,
+        shares: &mut [Share],
+        total: usize,
+    ) -> DResult<f64> {
+        for (r, s) in self.replicas.iter_mut().zip(shares.iter_mut()) {
+            s.pull(layout, params);
+            r.step(
+                layout,
+                s,
+                params.wide_bias,
+                s.n as f32 / total.max(1) as f32,
+            )?;
+        }
+        if self.replicas.len() > 1 {
+            let mut group: Vec<_> = self.replicas.iter_mut().map(|r| r.grads_mut()).collect();
+            D::all_reduce(&mut group)?;
+        }
+        let h = opt.begin_step();
+        for r in &mut self.replicas {
+            r.adam(&h)?;
+        }
+        let g = &mut self.grads;
+        g.wide_bias = 0.0;
+        let mut loss = 0f64;
+        for (i, (r, s)) in self.replicas.iter_mut().zip(shares.iter()).enumerate() {
+            let pushed = r.push(layout, s)?;
+            loss += pushed.loss;
+            g.wide_bias += pushed.wide_bias;
+            let tables = g.emb.iter_mut().zip(&s.emb).zip(pushed.emb);
+            let wide = g.wide.iter_mut().zip(&s.wide).zip(pushed.wide);
+            for ((sg, t), values) in tables.chain(wide) {
+                if i == 0 {
+                    sg.set(t.rows.clone(), values).map_err(DeviceError)?;
+                } else {
+                    let mut tmp = SparseGrad::new(sg.dim());
+                    tmp.set(t.rows.clone(), values).map_err(DeviceError)?;
+                    sg.merge(&tmp, 1.0);
+                }
+            }
+        }
+        opt.apply_sparse(&h, params, g);
+        Ok(loss)
+    }
+
+    /// One synchronous epoch over `order` in batches of `batch_size`; returns the summed loss.
+    /// An input thread per device builds its shares ahead of the step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn epoch(
+        &mut self,
+        layout: &Layout,
+        params: &mut Params,
+        opt: &mut Optimizer,
+        data: &Dataset,
+        order: &[usize],
+        batch_size: usize,
+        done: &AtomicUsize,
+    ) -> DResult<f64> {
+        let k = self.replicas.len();
+        let batches: Vec<&[usize]> = order.chunks(batch_size.max(1)).collect();
+        std::thread::scope(|scope| {
+            let mut inputs = Vec::new();
+            for d in 0..k {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Share>(2);
+                let batches = &batches;
+                scope.spawn(move || {
+                    for b in batches {
+                        let part = prep::split(b, k)[d];
+                        let share = Share::build(layout, &data.slots, &data.labels, part);
+                        if tx.send(share).is_err() {
+                            return;
+                        }
+                    }
+                });
+                inputs.push(rx);
+            }
+            let mut loss = 0f64;
+            for b in &batches {
+                let mut shares = Vec::with_capacity(k);
+                for rx in &inputs {
+                    shares.push(
+                        rx.recv()
+                            .map_err(|_| DeviceError("an input thread stopped".into()))?,
+                    );
+                }
+                loss += self.step(layout, params, opt, &mut shares, b.len())?;
+                done.fetch_add(b.len(), Ordering::Relaxed);
+            }
+            Ok(loss)
+        })
+    }
+}
+
+impl<D: Device> std::fmt::Debug for Fleet<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("devices", &self.names())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The devices a run trains on.
+#[derive(Debug)]
+pub enum Gpus {
+    /// Emulated devices (the host executor).
+    Emulated(Fleet<HostDevice>),
+    /// GPUs.
+    Cuda(Fleet<cuda::CudaDevice>),
+}
+
+impl Gpus {
+    /// See [`Fleet::names`].
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Gpus::Emulated(f) => f.names(),
+            Gpus::Cuda(f) => f.names(),
+        }
+    }
+
+    /// See [`Fleet::epoch`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn epoch(
+        &mut self,
+        layout: &Layout,
+        params: &mut Params,
+        opt: &mut Optimizer,
+        data: &Dataset,
+        order: &[usize],
+        batch_size: usize,
+        done: &AtomicUsize,
+    ) -> Result<f64> {
+        match self {
+            Gpus::Emulated(f) => f.epoch(layout, params, opt, data, order, batch_size, done),
+            Gpus::Cuda(f) => f.epoch(layout, params, opt, data, order, batch_size, done),
+        }
+        .map_err(device_error)
+    }
+
+    /// See [`Fleet::store`].
+    pub fn store(&mut self, params: &mut Params, opt: &mut Optimizer) -> Result<()> {
+        match self {
+            Gpus::Emulated(f) => f.store(params, opt),
+            Gpus::Cuda(f) => f.store(params, opt),
+        }
+        .map_err(device_error)
+    }
+}
+
+fn device_error(e: DeviceError) -> TrainError {
+    TrainError::Device(e.0)
+}
+
+/// Where a run trains, decided at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// The CPU trainer, and why.
+    Cpu(String),
+    /// These GPUs.
+    Cuda(Vec<usize>),
+    /// This many emulated devices.
+    Emulated(usize),
+}
+
+/// Decides where `layout` trains from the configured device (`[train] device`, `--device`),
+/// what [`rankd_engine::gpu::probe`] found and whether NCCL loads. `auto` falls back to the CPU
+/// with a reason; an explicit `cuda` or `emulated:N` that cannot be honoured is an error.
+pub fn choose(
+    s: &TrainSettings,
+    layout: &Layout,
+    found: &std::result::Result<Vec<rankd_engine::gpu::DeviceInfo>, rankd_engine::gpu::Unavailable>,
+    nccl: bool,
+) -> Result<Choice> {
+    let spec: DeviceSpec = s.device.parse().map_err(TrainError::Config)?;
+    let auto = spec == DeviceSpec::Auto;
+    let picked = rankd_engine::gpu::select(&spec, found).map_err(TrainError::Config)?;
+    let devices = match picked {
+        Selection::Cpu { reason } => return Ok(Choice::Cpu(reason)),
+        Selection::Cuda(list) => Choice::Cuda(list),
+        Selection::Emulated(n) => Choice::Emulated(n),
+    };
+    let why_not = unsupported(s, layout);
+    match (why_not, auto) {
+        (Some(why), true) => {
+            return Ok(Choice::Cpu(format!(
+                "device = \"auto\" and the GPU trainer does not train {why} yet"
+            )))
+        }
+        (Some(why), false) => {
+            return Err(TrainError::Config(format!(
+                "device = \"{spec}\": the GPU trainer does not train {why} yet (use device = \"cpu\" or \"auto\")"
+            )))
+        }
+        (None, _) => {}
+    }
+    match devices {
+        Choice::Cuda(list) if list.len() > 1 && !nccl => {
+            if auto {
+                Ok(Choice::Cuda(vec![list[0]]))
+            } else {
+                Err(TrainError::Config(format!(
+                    "device = \"{spec}\": training on {} GPUs needs NCCL (libnccl.so could not be loaded)",
+                    list.len()
+                )))
+            }
+        }
+        other => Ok(other),
+    }
+}
+
+/// Why the GPU trainer cannot take this run, if it cannot.
+fn unsupported(s: &TrainSettings, layout: &Layout) -> Option<String> {
+    if let Some(what) = replica::unsupported(layout) {
+        return Some(what.into());
+    }
+    if s.mode == Mode::Async {
+        return Some("mode = \"async\"".into());
+    }
+    None
+}
+
+/// Starts the devices `s` asks for, or `None` for the CPU trainer; says which in `log`.
+pub fn start(
+    s: &TrainSettings,
+    layout: &Layout,
+    params: &Params,
+    opt: &mut Optimizer,
+    log: &mut dyn Write,
+) -> Result<Option<Gpus>> {
+    let spec: DeviceSpec = s.device.parse().map_err(TrainError::Config)?;
+    let found = match spec {
+        DeviceSpec::Auto | DeviceSpec::Cuda(_) => rankd_engine::gpu::probe(),
+        _ => Ok(Vec::new()),
+    };
+    let choice = choose(s, layout, &found, nccl_present())?;
+    let gpus = match choice {
+        Choice::Cpu(reason) => {
+            let _ = writeln!(log, "training on the CPU: {reason}");
+            return Ok(None);
+        }
+        Choice::Emulated(n) => {
+            let devices = (0..n).map(HostDevice::new).collect();
+            Gpus::Emulated(Fleet::new(devices, layout, params, opt).map_err(device_error)?)
+        }
+        Choice::Cuda(list) => {
+            let devices = cuda::open(&list).map_err(device_error)?;
+            Gpus::Cuda(Fleet::new(devices, layout, params, opt).map_err(device_error)?)
+        }
+    };
+    let names = gpus.names();
+    let _ = writeln!(
+        log,
+        "training on {} device{}: {}{}",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        names.join(", "),
+        if s.workers > 1 {
+            format!(
+                " (one worker per device; workers = {} is for the CPU)",
+                s.workers
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(Some(gpus))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+//! The host side of a device's share of a step: which sparse rows it touches (pulled from the
+//! parameter server before the step, their gradients pushed after it), each example's ids as
+//! indices into the pulled rows, the occurrence lists the sparse gradient is reduced over, the
+//! dense inputs and the labels. Built by an input thread per device ahead of the step; only the
+//! pull (copying the rows' current values) waits for the previous step's push, so a
+//! synchronous run sees exactly the rows the CPU trainer would.
+
+use rankd_feature_ops::SlotBatch;
+
+use crate::model::{Layout, Params};
+
+/// One sparse table's part of a share.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TableShare {
+    /// The rows touched, ascending.
+    pub rows: Vec<u32>,
+    /// Per example, where its ids start in `local` (`n + 1` offsets).
+    pub offsets: Vec<u32>,
+    /// Each example's ids as indices into `rows`, in the example's order.
+    pub local: Vec<u32>,
+    /// Per touched row, where its occurrences start in `occ_ex` (`rows.len() + 1` offsets).
+    pub occ_offsets: Vec<u32>,
+    /// The example of each occurrence: grouped by row, in example order (and an id repeated in
+    /// one example appears as often as it is there).
+    pub occ_ex: Vec<u32>,
+    /// The gradient's weight of each occurrence: 1, or `1 / ids` for mean pooling.
+    pub occ_scale: Vec<f32>,
+    /// The pulled values of `rows` (`rows.len() × dim`), filled by [`Share::pull`].
+    pub values: Vec<f32>,
+}
+
+impl TableShare {
+    /// The table over `examples`, whose ids `ids_of` gives.
+    fn build<'a>(
+        ids_of: impl Fn(usize) -> &'a [u32],
+        examples: &[usize],
+        mean: bool,
+    ) -> TableShare {
+        let mut t = TableShare::default();
+        let mut all: Vec<(u32, u32, f32)> = Vec::new();
+        for (b, &r) in examples.iter().enumerate() {
+            let ids = ids_of(r);
+            let scale = if mean { 1.0 / ids.len() as f32 } else { 1.0 };
+            all.extend(ids.iter().map(|&id| (id, b as u32, scale)));
+        }
+        // Stable: within a row, occurrences stay in example order.
+        let mut by_row: Vec<usize> = (0..all.len()).collect();
+        by_row.sort_by_key(|&i| all[i].0);
+        let mut local_of = vec![0u32; all.len()];
+        t.occ_offsets.push(0);
+        for &i in &by_row {
+            let (id, b, scale) = all[i];
+            if t.rows.last() != Some(&id) {
+                if !t.rows.is_empty() {
+                    t.occ_offsets.push(t.occ_ex.len() as u32);
+                }
+                t.rows.push(id);
+            }
+            local_of[i] = (t.rows.len() - 1) as u32;
+            t.occ_ex.push(b);
+            t.occ_scale.push(scale);
+        }
+        if !t.rows.is_empty() {
+            t.occ_offsets.push(t.occ_ex.len() as u32);
+        }
+        t.offsets.push(0);
+        let mut at = 0;
+        for &r in examples {
+            let k = ids_of(r).len();
+            t.local.extend_from_slice(&local_of[at..at + k]);
+            at += k;
+            t.offsets.push(at as u32);
+        }
+        t
+    }
+
+    /// Copies the current values of `rows` from `table` (`dim` wide).
+    fn pull(&mut self, table: &[f32], dim: usize) {
+        self.values.clear();
+        for &r in &self.rows {
+            let at = r as usize * dim;
+            self.values.extend_from_slice(&table[at..at + dim]);
+        }
+    }
+}
+
+/// A device's share of one step.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Share {
+    /// Examples.
+    pub n: usize,
+    /// Per embedding table.
+    pub emb: Vec<TableShare>,
+    /// Per wide slot.
+    pub wide: Vec<TableShare>,
+    /// Dense inputs, slot by slot (`dense slots × n`).
+    pub dense: Vec<f32>,
+    /// Labels.
+    pub labels: Vec<f32>,
+}
+
+impl Share {
+    /// The share of `examples` (rows of `slots`, labels in `labels`).
+    pub fn build(layout: &Layout, slots: &SlotBatch, labels: &[f32], examples: &[usize]) -> Share {
+        Share {
+            n: examples.len(),
+            emb: layout
+                .emb
+                .iter()
+                .map(|e| TableShare::build(|r| slots.ids(e.slot, r), examples, e.mean))
+                .collect(),
+            wide: layout
+                .wide
+                .iter()
+                .map(|&(slot, _, _)| TableShare::build(|r| slots.ids(slot, r), examples, false))
+                .collect(),
+            dense: layout
+                .dense
+                .iter()
+                .flat_map(|&(slot, _)| examples.iter().map(move |&r| slots.dense(slot, r)))
+                .collect(),
+            labels: examples.iter().map(|&r| labels[r]).collect(),
+        }
+    }
+
+    /// Pulls the current values of every touched row from the parameters (the in-process
+    /// parameter server).
+    pub fn pull(&mut self, layout: &Layout, params: &Params) {
+        for ((t, e), table) in self.emb.iter_mut().zip(&layout.emb).zip(&params.emb) {
+            t.pull(table, e.dim);
+        }
+        for (t, w) in self.wide.iter_mut().zip(&params.wide) {
+            t.pull(w, 1);
+        }
+    }
+}
+
+/// Cuts a batch into `k` contiguous shares as the CPU's synchronous workers do (the last ones
+/// may be shorter or empty).
+pub fn split(batch: &[usize], k: usize) -> Vec<&[usize]> {
+    let per = batch.len().div_ceil(k.max(1)).max(1);
+    let mut out: Vec<&[usize]> = batch.chunks(per).collect();
+    out.resize(k.max(1), &[]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_unique_and_sorted_and_occurrences_follow_examples() {
+        let s: [&[u32]; 4] = [&[7, 3], &[3], &[], &[9, 3, 3]];
+        let t = TableShare::build(|r| s[r], &[0, 1, 2, 3], true);
+        assert_eq!(t.rows, [3, 7, 9]);
+        assert_eq!(t.offsets, [0, 2, 3, 3, 6]);
+        // Example ids through `rows` are the ids themselves.
+        let ids: Vec<u32> = t.local.iter().map(|&l| t.rows[l as usize]).collect();
+        assert_eq!(ids, [7, 3, 3, 9, 3, 3]);
+        // Row 3: examples 0, 1, 3, 3; row 7: 0; row 9: 3.
+        assert_eq!(t.occ_offsets, [0, 4, 5, 6]);
+        assert_eq!(t.occ_ex, [0, 1, 3, 3, 0, 3]);
+        let third = 1.0 / 3.0;
+        assert_eq!(t.occ_scale, [0.5, 1.0, third, third, 0.5, third]);
+    }
+
+    #[test]
+    fn a_share_of_other_rows_and_the_pull() {
+        let s: [&[u32]; 3] = [&[1], &[4, 2], &[2]];
+        let t = TableShare::build(|r| s[r], &[2, 1], false);
+        assert_eq!(t.rows, [2, 4]);
+        assert_eq!(t.offsets, [0, 1, 3]);
+        assert_eq!(t.local, [0, 1, 0]);
+        assert_eq!(t.occ_ex, [0, 1, 1]);
+        assert_eq!(t.occ_scale, [1.0; 3]);
+        let mut t = t;
+        let table: Vec<f32> = (0..10).map(|v| v as f32).collect();
+        t.pull(&table, 2);
+        assert_eq!(t.values, [4.0, 5.0, 8.0, 9.0]);
+        let empty = TableShare::build(|r| s[r], &[], false);
+        assert_eq!(
+            (empty.rows.len(), empty.offsets, empty.occ_offsets),
+            (0, vec![0], vec![0])
+        );
+    }
+
+    #[test]
+    fn split_matches_the_cpu_workers() {
+        let b: Vec<usize> = (0..10).collect();
+        let parts = split(&b, 3);
+        assert_eq!(parts, [&b[0..4], &b[4..8], &b[8..10]]);
+        let parts = split(&b[..2], 4);
+        assert_eq!(parts.len(), 4);
+        assert_eq!(
+            (parts[0], parts[1], parts[2]),
+            (&b[0..1], &b[1..2], &b[2..2])
+        );
+    }
+}

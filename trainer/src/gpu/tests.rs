@@ -1,0 +1,275 @@
+//! The device step against the CPU trainer: on the host executor everywhere, and on every GPU
+//! where there are any (skipped with the reason elsewhere).
+
+use super::device::{Device, HostDevice};
+use super::prep::Share;
+use super::replica::Replica;
+use super::*;
+use crate::model::tests::setup_config;
+use crate::model::{Compute, CpuCompute};
+use rankd_feature_ops::SlotBatch;
+use rankd_formats::config::ModelConfig;
+
+/// The model kinds the device step computes: every part; no FM; no wide part; wide and FM
+/// without deep layers; deep layers over dense inputs and embeddings only.
+fn kinds() -> Vec<(&'static str, Layout, Params, SlotBatch, Vec<f32>)> {
+    type Edit = fn(&mut ModelConfig);
+    let edits: [(&str, Edit); 5] = [
+        ("wide & deep & fm", |_| {}),
+        ("wide & deep", |c| c.fm = false),
+        ("deep & fm", |c| c.wide = None),
+        ("wide & fm", |c| c.deep = None),
+        ("deep", |c| {
+            c.fm = false;
+            c.wide = None;
+        }),
+    ];
+    edits
+        .into_iter()
+        .map(|(name, edit)| {
+            let (l, p, s, y) = setup_config(None, false, 0.0, edit);
+            (name, l, p, s, y)
+        })
+        .collect()
+}
+
+/// Examples of a step: every row, some twice (repeated ids in the sparse gradients).
+const ROWS: [usize; 7] = [0, 1, 2, 3, 1, 3, 3];
+
+fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: device {x} vs CPU {y}"
+        );
+    }
+}
+
+/// One step's loss and gradients on `dev` equal the CPU's within `tol`, for every model kind.
+fn step_equals_cpu<D: Device>(mut open: impl FnMut() -> D, tol: f32) {
+    for (name, l, p, s, y) in kinds() {
+        let mut cpu = CpuCompute::default();
+        let mut g = Grads::new(&l);
+        let loss = cpu.step(&l, &p, &s, &y, &ROWS, &mut g);
+        let mut r = Replica::new(open(), &l, &p).unwrap();
+        let mut share = Share::build(&l, &s, &y, &ROWS);
+        share.pull(&l, &p);
+        r.step(&l, &share, p.wide_bias, 1.0).unwrap();
+        let (gw, gb) = r.dense_grads().unwrap();
+        let pushed = r.push(&l, &share).unwrap();
+        assert!(
+            (pushed.loss - loss).abs() <= f64::from(tol) * loss.abs(),
+            "{name}: loss {} vs {loss}",
+            pushed.loss
+        );
+        for (i, (a, b)) in gw.iter().zip(&g.w).enumerate() {
+            close(&format!("{name}: dW{i}"), a, b, tol);
+        }
+        for (i, (a, b)) in gb.iter().zip(&g.b).enumerate() {
+            close(&format!("{name}: db{i}"), a, b, tol);
+        }
+        let tables = share.emb.iter().zip(&pushed.emb).zip(&g.emb);
+        let wide = share.wide.iter().zip(&pushed.wide).zip(&g.wide);
+        for (t, ((sh, values), sg)) in tables.chain(wide).enumerate() {
+            let dim = sg.dim().max(1);
+            let mut rows = sh.rows.clone();
+            let mut cpu_rows = sg.rows.clone();
+            rows.sort_unstable();
+            cpu_rows.sort_unstable();
+            assert_eq!(rows, cpu_rows, "{name}: table {t}: the rows touched");
+            for (j, row) in sh.rows.iter().enumerate() {
+                let at = sg.rows.iter().position(|r| r == row).unwrap();
+                close(
+                    &format!("{name}: table {t} row {row}"),
+                    &values[j * dim..(j + 1) * dim],
+                    &sg.values[at * dim..(at + 1) * dim],
+                    tol,
+                );
+            }
+        }
+        if l.has_wide {
+            close(
+                &format!("{name}: wide bias"),
+                &[pushed.wide_bias],
+                &[g.wide_bias],
+                tol,
+            );
+        }
+        // The logits of a prediction are the CPU's.
+        let mut preds = Vec::new();
+        cpu.predict(&l, &p, &s, &ROWS, &mut preds);
+        let logits = r.logits(&l, &share, p.wide_bias).unwrap();
+        let probs: Vec<f32> = logits.iter().map(|&z| rankd_engine::sigmoid(z)).collect();
+        close(&format!("{name}: predictions"), &probs, &preds, tol);
+    }
+}
+
+/// Three steps of a fleet of `k` devices equal three CPU steps (one worker, Adam and Adagrad)
+/// within `tol` on every parameter.
+fn steps_equal_cpu<D: Device>(open: impl Fn(usize) -> D, k: usize, tol: f32) {
+    for (name, l, p, s, y) in kinds() {
+        let mut cpu = (p.clone(), Optimizer::new(&p, 0.01, 0.1, 1e-3));
+        let mut dev = (p.clone(), Optimizer::new(&p, 0.01, 0.1, 1e-3));
+        let mut fleet = Fleet::new((0..k).map(&open).collect(), &l, &dev.0, &mut dev.1).unwrap();
+        let mut compute = CpuCompute::default();
+        let mut g = Grads::new(&l);
+        for _ in 0..3 {
+            let cpu_loss = compute.step(&l, &cpu.0, &s, &y, &ROWS, &mut g);
+            cpu.1.apply(&mut cpu.0, &g);
+            let mut shares: Vec<Share> = prep::split(&ROWS, k)
+                .into_iter()
+                .map(|part| Share::build(&l, &s, &y, part))
+                .collect();
+            let loss = fleet
+                .step(&l, &mut dev.0, &mut dev.1, &mut shares, ROWS.len())
+                .unwrap();
+            assert!((loss - cpu_loss).abs() <= 1e-4 * cpu_loss, "{name}: loss");
+        }
+        fleet.store(&mut dev.0, &mut dev.1).unwrap();
+        let (a, b) = (&mut dev.0, &mut cpu.0);
+        for (i, (x, y)) in a.tensors_mut().into_iter().zip(b.tensors_mut()).enumerate() {
+            close(&format!("{name}: tensor {i} after three steps"), x, y, tol);
+        }
+        assert_eq!(dev.1.steps(), 3);
+    }
+}
+
+#[test]
+fn a_step_on_the_host_executor_equals_the_cpu_step() {
+    step_equals_cpu(|| HostDevice::new(0), 1e-5);
+}
+
+#[test]
+fn steps_on_one_and_on_three_emulated_devices_equal_the_cpu_steps() {
+    steps_equal_cpu(HostDevice::new, 1, 1e-5);
+    // Three shares of 3, 3 and 1 examples, summed by the all-reduce.
+    steps_equal_cpu(HostDevice::new, 3, 1e-5);
+}
+
+/// The GPUs of this machine, or why there are none.
+fn gpus() -> Option<Vec<usize>> {
+    match rankd_engine::gpu::probe() {
+        Ok(d) if !d.is_empty() => Some(d.iter().map(|d| d.ordinal).collect()),
+        Ok(_) => {
+            println!("skipped: the CUDA driver sees no GPU");
+            None
+        }
+        Err(why) => {
+            println!("skipped: no GPU: {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_step_on_a_gpu_equals_the_cpu_step() {
+    let Some(list) = gpus() else { return };
+    step_equals_cpu(|| cuda::open(&list[..1]).unwrap().remove(0), 1e-5);
+    steps_equal_cpu(|i| cuda::open(&[list[i]]).unwrap().remove(0), 1, 1e-5);
+}
+
+#[test]
+fn two_gpus_equal_one_with_the_whole_batch() {
+    let Some(list) = gpus() else { return };
+    if list.len() < 2 {
+        println!("skipped: {} GPU, two are needed", list.len());
+        return;
+    }
+    if !nccl_present() {
+        println!("skipped: NCCL (libnccl.so) could not be loaded");
+        return;
+    }
+    let mut opened = cuda::open(&list[..2]).unwrap().into_iter();
+    let devices = [opened.next(), opened.next()];
+    let devices = std::sync::Mutex::new(devices);
+    steps_equal_cpu(
+        |i| {
+            devices.lock().unwrap()[i]
+                .take()
+                .expect("two GPUs, each used once")
+        },
+        2,
+        1e-5,
+    );
+}
+
+fn settings(device: &str) -> TrainSettings {
+    let mut s = TrainSettings::defaults();
+    s.device = device.into();
+    s
+}
+
+#[test]
+fn where_a_run_trains() {
+    use rankd_engine::gpu::{DeviceInfo, Unavailable};
+    let (plain, ..) = setup_config(None, false, 0.0, |_| {});
+    let gpu = |n: usize| DeviceInfo {
+        ordinal: n,
+        name: "test GPU".into(),
+        total_bytes: 1 << 30,
+    };
+    let two = Ok(vec![gpu(0), gpu(1)]);
+    let none: std::result::Result<Vec<DeviceInfo>, _> = Err(Unavailable::NoDriver);
+    let choose = |d: &str, l: &Layout, found, nccl| choose(&settings(d), l, found, nccl);
+    // Auto: the GPUs when they are there, else the CPU with the reason.
+    assert_eq!(
+        choose("auto", &plain, &two, true).unwrap(),
+        Choice::Cuda(vec![0, 1])
+    );
+    match choose("auto", &plain, &none, true).unwrap() {
+        Choice::Cpu(why) => assert!(why.contains("no CUDA driver"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // Without NCCL, auto trains on one GPU; an explicit list of two is an error.
+    assert_eq!(
+        choose("auto", &plain, &two, false).unwrap(),
+        Choice::Cuda(vec![0])
+    );
+    let e = choose("cuda:0,1", &plain, &two, false).unwrap_err();
+    assert!(e.to_string().contains("NCCL"), "{e}");
+    assert_eq!(
+        choose("cuda:1", &plain, &two, false).unwrap(),
+        Choice::Cuda(vec![1])
+    );
+    // An explicit cuda without CUDA fails, naming what is missing.
+    let e = choose("cuda", &plain, &none, true).unwrap_err();
+    assert!(e.to_string().contains("no CUDA driver"), "{e}");
+    assert!(choose("gpu", &plain, &two, true).is_err());
+    assert_eq!(
+        choose("cpu", &plain, &two, true).unwrap(),
+        Choice::Cpu("device = \"cpu\" is configured".into())
+    );
+    assert_eq!(
+        choose("emulated:2", &plain, &none, true).unwrap(),
+        Choice::Emulated(2)
+    );
+    // What the device step does not compute: auto trains on the CPU, saying so; explicit
+    // devices are refused.
+    let cross = Some(rankd_formats::config::CrossConfig {
+        layers: 1,
+        rank: 0,
+        structure: rankd_formats::CrossStructure::Parallel,
+    });
+    let (with_cross, ..) = setup_config(cross, false, 0.0, |_| {});
+    let (with_bn, ..) = setup_config(None, true, 0.0, |_| {});
+    let (with_dropout, ..) = setup_config(None, false, 0.1, |_| {});
+    for (l, what) in [
+        (&with_cross, "cross layers"),
+        (&with_bn, "batch_norm"),
+        (&with_dropout, "dropout"),
+    ] {
+        match choose("auto", l, &two, true).unwrap() {
+            Choice::Cpu(why) => assert!(why.contains(what), "{why}"),
+            other => panic!("{what}: {other:?}"),
+        }
+        let e = choose("emulated:1", l, &none, true).unwrap_err();
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    let mut s = settings("auto");
+    s.mode = Mode::Async;
+    match super::choose(&s, &plain, &two, true).unwrap() {
+        Choice::Cpu(why) => assert!(why.contains("async"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
