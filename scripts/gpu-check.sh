@@ -17,9 +17,11 @@ prepare() {
   mkdir -p "$out"
   local json
   json=$(cargo test --release -p rankd-engine --test gpu --test multitask --test cross \
-    -p rankd-serving --test gpu --no-run --message-format=json 2>/dev/null)
+    -p rankd-serving --test gpu -p rankd-trainer --lib --test no_skew --no-run \
+    --message-format=json 2>/dev/null)
   # (package, test target) -> gpu-check/<package>-<target>-tests
-  for pt in engine:gpu serving:gpu engine:multitask engine:cross; do
+  for pt in engine:gpu serving:gpu engine:multitask engine:cross trainer:rankd_trainer \
+    trainer:no_skew; do
     local exe p=${pt%%:*} t=${pt##*:}
     exe=$(echo "$json" | python3 -c "
 import json, sys
@@ -31,8 +33,9 @@ for line in sys.stdin:
     cp "$exe" "$out/$p-$t-tests"
   done
   cargo build --release -p rankd-serving -p rankd-loadtest -p rankd-benches \
-    --bin rankd --bin rankd-load --bin gpu_bench
-  cp target/release/rankd target/release/rankd-load target/release/gpu_bench "$out/"
+    --bin rankd --bin rankd-load --bin gpu_bench --bin gpu_train_bench
+  cp target/release/rankd target/release/rankd-load target/release/gpu_bench \
+    target/release/gpu_train_bench benches/torch_train_gpu.py "$out/"
   strip "$out"/* 2>/dev/null || true
   du -sh "$out"
   set +e
@@ -42,7 +45,7 @@ if [ "${1:-}" = "--prepare" ]; then
   prepare
   exit 0
 fi
-[ -x "$out/gpu_bench" ] && [ -x "$out/engine-cross-tests" ] || prepare
+[ -x "$out/gpu_train_bench" ] && [ -x "$out/trainer-no_skew-tests" ] || prepare
 
 # cuBLAS and NVRTC: the toolkit's, or the ones the image's Python packages carry
 # (nvidia-cublas, nvidia-cuda-nvrtc), when they are not on the loader path already.
@@ -76,7 +79,11 @@ fi
 
 # The GPU test binaries; the multi-task and cross ones run their GPU tests only (emulated and
 # CUDA).
-for t in engine-gpu serving-gpu "engine-multitask every_head_on" "engine-cross cross_models_on"; do
+# The trainer's: its GPU unit tests (a step and three steps against the CPU trainer, on one GPU
+# and on two) and Adult trained on cuda:0 and cuda:0,1 against the CPU run (data: ../shared/data
+# or ../../shared/data beside the repository; without it those say so).
+for t in engine-gpu serving-gpu "engine-multitask every_head_on" "engine-cross cross_models_on" \
+  "trainer-rankd_trainer gpu::" "trainer-no_skew gpu"; do
   set -- $t
   echo "== $1 tests ${2:+(filter: $2)}"
   log=$(mktemp)
@@ -90,6 +97,17 @@ echo "== GPU benchmark"
 log=$(mktemp)
 timeout 240 "$out/gpu_bench" 2 2>&1 | tee "$log"
 summary+=("$(grep -E 'limit|dense layers|items/request|skipped' "$log" | sed 's/^/bench: /')")
+
+echo "== training benchmark: GPUs against the CPU trainer on every core, same run"
+log=$(mktemp)
+timeout 150 "$out/gpu_train_bench" 10 2>&1 | tee "$log"
+summary+=("$(grep -E 'samples/s|skipped|not started' "$log" | sed 's/^/train bench: /')")
+if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  timeout 120 python3 "$out/torch_train_gpu.py" 10 2>&1 | tee "$log"
+  summary+=("train bench: $(grep -m1 -E 'samples_per_second|skipped' "$log")")
+else
+  summary+=("train bench: PyTorch peer skipped: no PyTorch with CUDA in this Python")
+fi
 
 echo "== daemon on the GPU: 200-item requests, p50/p99 at 50% and 80% of the max rate"
 if nvidia-smi -L >/dev/null 2>&1; then
