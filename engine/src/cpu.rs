@@ -899,7 +899,7 @@ impl CpuEngine {
 /// Asks the cache for the lines of `data` (a hint: no effect on results, none where the target
 /// has no prefetch instruction).
 #[inline(always)]
-fn prefetch<T>(data: &[T]) {
+pub fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
     prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }, T>(data);
     #[cfg(not(target_arch = "x86_64"))]

@@ -1263,6 +1263,34 @@ pub fn adagrad_row(h: &Hyper, w: &mut [f32], acc: &mut [f32], g: &[f32]) {
     }
 }
 
+/// Adagrad on the rows `rows` (distinct) of a table of width `dim`, whose gradients are
+/// `values` (`rows.len() × dim`, row by row): [`adagrad_row`] on each, the rows a few ahead
+/// asked of the cache first (a row of a large table is a miss to memory).
+pub fn adagrad_rows(
+    h: &Hyper,
+    w: &mut [f32],
+    acc: &mut [f32],
+    dim: usize,
+    rows: &[u32],
+    values: &[f32],
+) {
+    const AHEAD: usize = 8;
+    for (j, &r) in rows.iter().enumerate() {
+        if let Some(&next) = rows.get(j + AHEAD) {
+            let at = next as usize * dim;
+            rankd_engine::cpu::prefetch(&w[at..at + dim]);
+            rankd_engine::cpu::prefetch(&acc[at..at + dim]);
+        }
+        let at = r as usize * dim;
+        adagrad_row(
+            h,
+            &mut w[at..at + dim],
+            &mut acc[at..at + dim],
+            &values[j * dim..(j + 1) * dim],
+        );
+    }
+}
+
 /// Adagrad on the wide bias (no L2).
 pub fn adagrad_bias(h: &Hyper, w: &mut f32, acc: &mut f32, g: f32) {
     *acc += g * g;
@@ -1488,6 +1516,12 @@ impl Optimizer {
             .collect();
         run_shard(h, Vec::new(), sparse);
         adagrad_bias(h, &mut p.wide_bias, &mut self.acc_bias, g.wide_bias);
+    }
+
+    /// The sparse state: Adagrad's accumulators of the embedding tables, of the wide weights,
+    /// and of the wide bias (the GPU trainer updates the rows its devices pushed).
+    pub fn sparse_state_mut(&mut self) -> (&mut [Vec<f32>], &mut [Vec<f32>], &mut f32) {
+        (&mut self.acc_emb, &mut self.acc_wide, &mut self.acc_bias)
     }
 
     /// Adam's moments of the deep layers: `(m, v)` of the weights, then of the biases, layer by

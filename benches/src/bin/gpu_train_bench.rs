@@ -19,6 +19,7 @@ use rankd_formats::synth::Rng;
 use rankd_formats::Pooling;
 use rankd_trainer::config::TrainSettings;
 use rankd_trainer::data::Dataset;
+use rankd_trainer::gpu::replica::Pushed;
 use rankd_trainer::model::{CpuCompute, Grads, Layout, Optimizer, Params};
 
 const SLOTS: usize = 8;
@@ -114,6 +115,8 @@ fn main() {
     });
     println!("cpu, {cores} worker threads: {cpu:.0} samples/s");
 
+    host_side(&layout, &data, &order, secs);
+
     let mut devices: Vec<String> = Vec::new();
     match rankd_engine::gpu::probe() {
         Ok(found) if !found.is_empty() => {
@@ -180,6 +183,55 @@ fn main() {
             _ => println!("{names}: {r:.0} samples/s ({vs})"),
         }
     }
+}
+
+/// The host's part of a GPU step, without a device: an input thread preparing shares, and the
+/// step thread's pull of the touched rows and sparse update (Adagrad) of as many rows. A GPU run
+/// cannot go faster than the slower of the two (per input thread, for the shares).
+fn host_side(layout: &Layout, data: &Dataset, order: &[usize], secs: f64) {
+    use rankd_trainer::gpu::prep::Share;
+    let build = |b: &[usize]| Share::build(layout, &data.slots, &data.labels, b);
+    let prep = rate(secs, || {
+        for b in order.chunks(BATCH) {
+            std::hint::black_box(build(b));
+        }
+        order.len()
+    });
+    let mut shares: Vec<Share> = order.chunks(BATCH).map(build).collect();
+    let mut params = Params::init(layout, 1, 0.25);
+    let mut opt = Optimizer::new(&params, 1e-3, 0.05, 0.0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // What a device pushes: a gradient per touched row.
+    let pushed: Vec<Pushed> = shares
+        .iter()
+        .map(|s| Pushed {
+            emb: s
+                .emb
+                .iter()
+                .zip(&layout.emb)
+                .map(|(t, e)| vec![1e-3; t.rows.len() * e.dim])
+                .collect(),
+            wide: s.wide.iter().map(|t| vec![1e-3; t.rows.len()]).collect(),
+            ..Pushed::default()
+        })
+        .collect();
+    let step = rate(secs, || {
+        for (s, p) in shares.iter_mut().zip(&pushed) {
+            rankd_trainer::gpu::prep::pull(std::slice::from_mut(s), layout, &params, threads);
+            let h = opt.begin_step();
+            let (s, p) = (std::slice::from_ref(&*s), std::slice::from_ref(p));
+            rankd_trainer::gpu::apply_pushed(layout, &mut params, &mut opt, &h, s, p, threads);
+        }
+        order.len()
+    });
+    let touched: usize = shares
+        .iter()
+        .map(|s| s.emb.iter().map(|t| t.rows.len()).sum::<usize>())
+        .sum::<usize>()
+        / shares.len();
+    println!(
+        "host side of a GPU step, no device: shares {prep:.0} samples/s per input thread; pull and sparse update ({threads} threads) {step:.0} samples/s ({touched} embedding rows touched per batch)"
+    );
 }
 
 /// Samples per second of `pass` (which returns the samples it trained) over at least `secs`

@@ -32,17 +32,18 @@ pub use rankd_engine::gpu::{DeviceSpec, Selection};
 use crate::config::{Mode, TrainSettings};
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
-use crate::model::{Grads, Layout, Optimizer, Params, SparseGrad};
+use crate::model::{Hyper, Layout, Optimizer, Params};
 use device::{DResult, Device, DeviceError, HostDevice};
 use prep::Share;
-use replica::Replica;
+use replica::{Pushed, Replica};
 
 pub use cuda::nccl_present;
 
 /// The replicas of a run, one per device.
 pub struct Fleet<D: Device> {
     replicas: Vec<Replica<D>>,
-    grads: Grads,
+    /// Host threads for the pulls and the sparse updates.
+    threads: usize,
 }
 
 impl<D: Device> Fleet<D> {
@@ -59,7 +60,7 @@ impl<D: Device> Fleet<D> {
         }
         let mut fleet = Fleet {
             replicas,
-            grads: Grads::new(layout),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         fleet.load(params, opt)?;
         Ok(fleet)
@@ -99,8 +100,8 @@ impl<D: Device> Fleet<D> {
         shares: &mut [Share],
         total: usize,
     ) -> DResult<f64> {
-        for (r, s) in self.replicas.iter_mut().zip(shares.iter_mut()) {
-            s.pull(layout, params);
+        prep::pull(shares, layout, params, self.threads);
+        for (r, s) in self.replicas.iter_mut().zip(shares.iter()) {
             r.step(
                 layout,
                 s,
@@ -116,26 +117,12 @@ impl<D: Device> Fleet<D> {
         for r in &mut self.replicas {
             r.adam(&h)?;
         }
-        let g = &mut self.grads;
-        g.wide_bias = 0.0;
-        let mut loss = 0f64;
-        for (i, (r, s)) in self.replicas.iter_mut().zip(shares.iter()).enumerate() {
-            let pushed = r.push(layout, s)?;
-            loss += pushed.loss;
-            g.wide_bias += pushed.wide_bias;
-            let tables = g.emb.iter_mut().zip(&s.emb).zip(pushed.emb);
-            let wide = g.wide.iter_mut().zip(&s.wide).zip(pushed.wide);
-            for ((sg, t), values) in tables.chain(wide) {
-                if i == 0 {
-                    sg.set(t.rows.clone(), values).map_err(DeviceError)?;
-                } else {
-                    let mut tmp = SparseGrad::new(sg.dim());
-                    tmp.set(t.rows.clone(), values).map_err(DeviceError)?;
-                    sg.merge(&tmp, 1.0);
-                }
-            }
+        let mut pushed = Vec::with_capacity(shares.len());
+        for (r, s) in self.replicas.iter_mut().zip(shares.iter()) {
+            pushed.push(r.push(layout, s)?);
         }
-        opt.apply_sparse(&h, params, g);
+        let loss = pushed.iter().map(|p| p.loss).sum();
+        apply_pushed(layout, params, opt, &h, shares, &pushed, self.threads);
         Ok(loss)
     }
 
@@ -193,6 +180,56 @@ impl<D: Device> std::fmt::Debug for Fleet<D> {
             .field("devices", &self.names())
             .finish_non_exhaustive()
     }
+}
+
+/// The host's half of a step's sparse update (the parameter server's): every device's pushed
+/// rows of every table merged in device order, Adagrad on them with the step's constants `h`
+/// (tables spread over `threads` threads), and the wide bias.
+pub fn apply_pushed(
+    layout: &Layout,
+    params: &mut Params,
+    opt: &mut Optimizer,
+    h: &Hyper,
+    shares: &[Share],
+    pushed: &[Pushed],
+    threads: usize,
+) {
+    let bias_grad: f32 = pushed.iter().map(|p| p.wide_bias).sum();
+    // Per table (embedding tables, then wide slots): its rows and their gradients, summed
+    // over the devices in device order.
+    let dims = layout
+        .emb
+        .iter()
+        .map(|e| e.dim)
+        .chain(layout.wide.iter().map(|_| 1));
+    let mut merged = Vec::new();
+    for (t, dim) in dims.enumerate() {
+        let runs: Vec<(&[u32], &[f32])> = shares
+            .iter()
+            .zip(pushed)
+            .map(|(s, p)| {
+                let (share, values) = match t.checked_sub(s.emb.len()) {
+                    None => (&s.emb[t], &p.emb[t]),
+                    Some(j) => (&s.wide[j], &p.wide[j]),
+                };
+                (share.rows.as_slice(), values.as_slice())
+            })
+            .collect();
+        let (rows, values) = prep::merge(&runs, dim);
+        merged.push((rows, values, dim));
+    }
+    // The sparse update, tables spread over the cores.
+    let (acc_emb, acc_wide, acc_bias) = opt.sparse_state_mut();
+    let tables = params
+        .emb
+        .iter_mut()
+        .zip(acc_emb.iter_mut())
+        .chain(params.wide.iter_mut().zip(acc_wide.iter_mut()));
+    let work: Vec<_> = tables.zip(&merged).collect();
+    prep::par_each(work, threads, |((w, acc), (rows, values, dim))| {
+        crate::model::adagrad_rows(h, w, acc, *dim, rows, values);
+    });
+    crate::model::adagrad_bias(h, &mut params.wide_bias, acc_bias, bias_grad);
 }
 
 /// The devices a run trains on.

@@ -126,13 +126,70 @@ impl Share {
     /// Pulls the current values of every touched row from the parameters (the in-process
     /// parameter server).
     pub fn pull(&mut self, layout: &Layout, params: &Params) {
-        for ((t, e), table) in self.emb.iter_mut().zip(&layout.emb).zip(&params.emb) {
-            t.pull(table, e.dim);
+        pull(std::slice::from_mut(self), layout, params, 1);
+    }
+}
+
+/// Pulls every share's touched rows, tables spread over `threads` threads.
+pub fn pull(shares: &mut [Share], layout: &Layout, params: &Params, threads: usize) {
+    let mut work: Vec<(&mut TableShare, &[f32], usize)> = Vec::new();
+    for s in shares {
+        let emb = s.emb.iter_mut().zip(&layout.emb).zip(&params.emb);
+        work.extend(emb.map(|((t, e), table)| (t, table.as_slice(), e.dim)));
+        let wide = s.wide.iter_mut().zip(&params.wide);
+        work.extend(wide.map(|(t, w)| (t, w.as_slice(), 1)));
+    }
+    par_each(work, threads, |(t, table, dim)| t.pull(table, dim));
+}
+
+/// Runs `f` on every item, the items dealt round-robin to at most `threads` scoped threads (the
+/// calling thread takes the first share).
+pub fn par_each<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync) {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 {
+        items.into_iter().for_each(f);
+        return;
+    }
+    let mut groups: Vec<Vec<T>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        groups[i % threads].push(item);
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let mut groups = groups.into_iter();
+        let first = groups.next().unwrap_or_default();
+        for g in groups {
+            scope.spawn(move || g.into_iter().for_each(f));
         }
-        for (t, w) in self.wide.iter_mut().zip(&params.wide) {
-            t.pull(w, 1);
+        first.into_iter().for_each(f);
+    });
+}
+
+/// The rows of several devices' pushes of one table (each run's rows ascending and distinct)
+/// as one ascending list with their gradients (`dim` wide) summed in run order.
+pub fn merge(runs: &[(&[u32], &[f32])], dim: usize) -> (Vec<u32>, Vec<f32>) {
+    if let [(rows, values)] = runs {
+        return (rows.to_vec(), values.to_vec());
+    }
+    let mut all: Vec<(u32, usize, usize)> = Vec::new();
+    for (d, (rows, _)) in runs.iter().enumerate() {
+        all.extend(rows.iter().enumerate().map(|(j, &r)| (r, d, j)));
+    }
+    // Stable: equal rows stay in run order.
+    all.sort_by_key(|&(r, _, _)| r);
+    let mut rows: Vec<u32> = Vec::new();
+    let mut values: Vec<f32> = Vec::new();
+    for (r, d, j) in all {
+        let g = &runs[d].1[j * dim..(j + 1) * dim];
+        if rows.last() == Some(&r) {
+            let at = values.len() - dim;
+            values[at..].iter_mut().zip(g).for_each(|(a, v)| *a += v);
+        } else {
+            rows.push(r);
+            values.extend_from_slice(g);
         }
     }
+    (rows, values)
 }
 
 /// Cuts a batch into `k` contiguous shares as the CPU's synchronous workers do (the last ones
@@ -182,6 +239,21 @@ mod tests {
             (empty.rows.len(), empty.offsets, empty.occ_offsets),
             (0, vec![0], vec![0])
         );
+    }
+
+    #[test]
+    fn pushes_of_several_devices_merge_in_device_order() {
+        let a: (&[u32], &[f32]) = (&[1, 4, 9], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let b: (&[u32], &[f32]) = (&[0, 4], &[10.0, 20.0, 30.0, 40.0]);
+        let c: (&[u32], &[f32]) = (&[], &[]);
+        let (rows, values) = merge(&[a, b, c], 2);
+        assert_eq!(rows, [0, 1, 4, 9]);
+        assert_eq!(values, [10.0, 20.0, 1.0, 2.0, 33.0, 44.0, 5.0, 6.0]);
+        assert_eq!(merge(&[a], 2), (a.0.to_vec(), a.1.to_vec()));
+        let mut seen = std::sync::Mutex::new(Vec::new());
+        par_each((0..10).collect(), 3, |i| seen.lock().unwrap().push(i));
+        seen.get_mut().unwrap().sort_unstable();
+        assert_eq!(seen.into_inner().unwrap(), (0..10).collect::<Vec<_>>());
     }
 
     #[test]

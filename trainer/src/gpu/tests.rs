@@ -6,7 +6,7 @@ use super::prep::Share;
 use super::replica::Replica;
 use super::*;
 use crate::model::tests::setup_config;
-use crate::model::{Compute, CpuCompute};
+use crate::model::{Compute, CpuCompute, Grads};
 use rankd_feature_ops::SlotBatch;
 use rankd_formats::config::ModelConfig;
 
