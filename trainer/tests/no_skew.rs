@@ -108,12 +108,23 @@ fn served_scores_equal_trainer_eval() {
 
 #[test]
 fn resume_from_a_checkpoint_equals_an_uninterrupted_run() {
+    resume_equals_uninterrupted("cpu");
+}
+
+/// On emulated devices: the dense layers and their moments go back to the devices on resume.
+#[test]
+fn resume_on_devices_equals_an_uninterrupted_run() {
+    resume_equals_uninterrupted("emulated:2");
+}
+
+fn resume_equals_uninterrupted(device: &str) {
     let Some(data) = adult() else {
         println!("skipped: ../shared/data/adult is not beside the repository");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let mut config = slice_config(&data, dir.path(), 1500, 500);
+    config.train.device = device.into();
     config.train.batch_size = 128;
     config.train.checkpoint_every = 1;
     config.train.early_stopping = 0;
