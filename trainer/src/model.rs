@@ -260,6 +260,28 @@ impl Params {
         v
     }
 
+    /// Every dense tensor trained with Adam but the multi-task ones, in a fixed order: the
+    /// layers' weights, their biases, the cross tensors, batch normalization's γ and β per
+    /// hidden layer ([`Optimizer::dense_moments_mut`] gives their state in the same order).
+    pub fn dense(&self) -> Vec<&Vec<f32>> {
+        self.w
+            .iter()
+            .chain(&self.b)
+            .chain(&self.cross)
+            .chain(&self.bn)
+            .collect()
+    }
+
+    /// [`Params::dense`], to write.
+    pub fn dense_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        self.w
+            .iter_mut()
+            .chain(self.b.iter_mut())
+            .chain(self.cross.iter_mut())
+            .chain(self.bn.iter_mut())
+            .collect()
+    }
+
     /// Deep layer `i`'s weights and bias as served: with batch normalization folded in
     /// (`W' = diag(s) W`, `b' = s (b - μ) + β`, `s = γ / sqrt(σ² + ε)`), else as they are.
     pub fn served_layer(&self, layout: &Layout, i: usize) -> (Vec<f32>, Vec<f32>) {
@@ -814,12 +836,39 @@ impl CpuCompute {
     }
 }
 
+/// The starting state of the dropout masks' generator of a worker seeded by `seed`.
+pub fn dropout_state(seed: u64) -> u64 {
+    Rng::new(seed ^ 0x0064_726f_706f_7574).state()
+}
+
+/// Draws the dropout masks of one training step of `n` examples from the generator state
+/// `state` (advanced): per hidden layer, in order, one value per output (row-major), 0 for a
+/// dropped unit and `1 / (1 - dropout)` for a kept one; exactly the draws `CpuCompute` makes.
+pub fn dropout_masks(layout: &Layout, n: usize, state: &mut u64) -> Vec<Vec<f32>> {
+    if layout.dropout <= 0.0 {
+        return Vec::new();
+    }
+    let mut rng = Rng::from_state(*state);
+    let keep = 1.0 / (1.0 - layout.dropout);
+    let cut = (f64::from(layout.dropout) * u64::MAX as f64) as u64;
+    let masks = layout.layers[..layout.hidden()]
+        .iter()
+        .map(|&(_, out)| {
+            (0..n * out)
+                .map(|_| if rng.next_u64() < cut { 0.0 } else { keep })
+                .collect()
+        })
+        .collect();
+    *state = rng.state();
+    masks
+}
+
 impl CpuCompute {
     /// A worker whose dropout masks ([`Layout::dropout`]) come from a generator seeded by
     /// `seed` (workers of one run take different seeds).
     pub fn with_seed(seed: u64) -> CpuCompute {
         CpuCompute {
-            rng_state: Rng::new(seed ^ 0x0064_726f_706f_7574).state(),
+            rng_state: dropout_state(seed),
             ..CpuCompute::default()
         }
     }
@@ -1524,10 +1573,38 @@ impl Optimizer {
         (&mut self.acc_emb, &mut self.acc_wide, &mut self.acc_bias)
     }
 
-    /// Adam's moments of the deep layers: `(m, v)` of the weights, then of the biases, layer by
-    /// layer (the GPU trainer keeps them on the devices and brings them back for checkpoints).
-    pub fn layer_moments_mut(&mut self) -> [&mut Vec<Vec<f32>>; 4] {
-        [&mut self.m, &mut self.v, &mut self.mb, &mut self.vb]
+    /// Adam's state of every dense tensor but the multi-task ones, in [`Params::dense`] order:
+    /// the moments `(m, v)` and whether L2 applies (the GPU trainer keeps them on the devices
+    /// and brings them back for checkpoints).
+    pub fn dense_moments_mut(&mut self) -> Vec<(&mut Vec<f32>, &mut Vec<f32>, bool)> {
+        let mut out = Vec::new();
+        out.extend(
+            self.m
+                .iter_mut()
+                .zip(self.v.iter_mut())
+                .map(|(m, v)| (m, v, true)),
+        );
+        out.extend(
+            self.mb
+                .iter_mut()
+                .zip(self.vb.iter_mut())
+                .map(|(m, v)| (m, v, false)),
+        );
+        let decay = &self.named_decay;
+        out.extend(
+            self.mc
+                .iter_mut()
+                .zip(self.vc.iter_mut())
+                .enumerate()
+                .map(|(i, (m, v))| (m, v, decay.get(i).copied().unwrap_or(true))),
+        );
+        out.extend(
+            self.mbn
+                .iter_mut()
+                .zip(self.vbn.iter_mut())
+                .map(|(m, v)| (m, v, false)),
+        );
+        out
     }
 
     /// Applies one step of gradients.

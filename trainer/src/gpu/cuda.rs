@@ -139,10 +139,95 @@ extern "C" __global__ void tr_col_sum(const float* __restrict__ src, float* __re
 }
 
 extern "C" __global__ void tr_relu_back(float* __restrict__ dz, const float* __restrict__ dh,
-                                        const float* __restrict__ h, unsigned long long len) {
+                                        const float* __restrict__ h, unsigned long long len,
+                                        float keep) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
          i < len; i += (unsigned long long)gridDim.x * blockDim.x) {
-        dz[i] = h[i] > 0.0f ? dh[i] : 0.0f;
+        dz[i] = h[i] > 0.0f ? dh[i] * keep : 0.0f;
+    }
+}
+
+extern "C" __global__ void tr_mul(float* __restrict__ dst, const float* __restrict__ src,
+                                  unsigned long long len) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < len; i += (unsigned long long)gridDim.x * blockDim.x) {
+        dst[i] *= src[i];
+    }
+}
+
+/* One thread per column: rows in order, as the host executor. */
+extern "C" __global__ void tr_bn_forward(float* __restrict__ h, float* __restrict__ xhat,
+                                         float* __restrict__ inv, float* __restrict__ stats,
+                                         const float* __restrict__ gamma,
+                                         const float* __restrict__ beta, unsigned n,
+                                         unsigned out, float weight) {
+    unsigned o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= out) return;
+    float mean = 0.0f;
+    for (unsigned b = 0; b < n; ++b) mean += h[(unsigned long long)b * out + o];
+    mean /= (float)n;
+    float var = 0.0f;
+    for (unsigned b = 0; b < n; ++b) {
+        float d = h[(unsigned long long)b * out + o] - mean;
+        var += d * d;
+    }
+    var /= (float)n;
+    float iv = 1.0f / sqrtf(var + 1e-5f);
+    inv[o] = iv;
+    for (unsigned b = 0; b < n; ++b) {
+        unsigned long long at = (unsigned long long)b * out + o;
+        float xh = (h[at] - mean) * iv;
+        xhat[at] = xh;
+        h[at] = fmaxf(gamma[o] * xh + beta[o], 0.0f);
+    }
+    stats[o] = mean * weight;
+    stats[out + o] = var * weight;
+}
+
+extern "C" __global__ void tr_bn_backward(float* __restrict__ dz, const float* __restrict__ xhat,
+                                          const float* __restrict__ inv,
+                                          const float* __restrict__ gamma,
+                                          float* __restrict__ dgamma, float* __restrict__ dbeta,
+                                          unsigned n, unsigned out) {
+    unsigned o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= out) return;
+    float dg = 0.0f, db = 0.0f, sum_dx = 0.0f, sum_dx_x = 0.0f;
+    for (unsigned b = 0; b < n; ++b) {
+        unsigned long long at = (unsigned long long)b * out + o;
+        float dy = dz[at], xh = xhat[at];
+        dg += dy * xh;
+        db += dy;
+        float dx = dy * gamma[o];
+        sum_dx += dx;
+        sum_dx_x += dx * xh;
+    }
+    dgamma[o] = dg;
+    dbeta[o] = db;
+    float nf = (float)n;
+    for (unsigned b = 0; b < n; ++b) {
+        unsigned long long at = (unsigned long long)b * out + o;
+        float dx = dz[at] * gamma[o];
+        dz[at] = inv[o] / nf * (nf * dx - sum_dx - xhat[at] * sum_dx_x);
+    }
+}
+
+extern "C" __global__ void tr_cross_mix(float* __restrict__ next, const float* __restrict__ xl,
+                                        const float* __restrict__ x0,
+                                        const float* __restrict__ t, unsigned long long len) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < len; i += (unsigned long long)gridDim.x * blockDim.x) {
+        next[i] = xl[i] + x0[i] * t[i];
+    }
+}
+
+extern "C" __global__ void tr_cross_back(float* __restrict__ dt, float* __restrict__ dx0,
+                                         const float* __restrict__ g,
+                                         const float* __restrict__ x0,
+                                         const float* __restrict__ t, unsigned long long len) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < len; i += (unsigned long long)gridDim.x * blockDim.x) {
+        dt[i] = g[i] * x0[i];
+        dx0[i] += g[i] * t[i];
     }
 }
 
@@ -195,6 +280,11 @@ struct Kernels {
     loss_grad: CudaFunction,
     col_sum: CudaFunction,
     relu_back: CudaFunction,
+    mul: CudaFunction,
+    bn_forward: CudaFunction,
+    bn_backward: CudaFunction,
+    cross_mix: CudaFunction,
+    cross_back: CudaFunction,
     seg_reduce: CudaFunction,
     adam: CudaFunction,
 }
@@ -276,6 +366,11 @@ fn open_one(ordinal: usize) -> DResult<CudaDevice> {
         loss_grad: f("tr_loss_grad")?,
         col_sum: f("tr_col_sum")?,
         relu_back: f("tr_relu_back")?,
+        mul: f("tr_mul")?,
+        bn_forward: f("tr_bn_forward")?,
+        bn_backward: f("tr_bn_backward")?,
+        cross_mix: f("tr_cross_mix")?,
+        cross_back: f("tr_cross_back")?,
         seg_reduce: f("tr_seg_reduce")?,
         adam: f("tr_adam")?,
     };
@@ -612,10 +707,95 @@ impl Device for CudaDevice {
         dh: &CudaSlice<f32>,
         h: &CudaSlice<f32>,
         len: usize,
+        keep: f32,
     ) -> DResult {
         let l = len as u64;
         launch!(self, relu_back, per_item(l), "relu backward", |b| {
-            b.arg(dz).arg(dh).arg(h).arg(&l);
+            b.arg(dz).arg(dh).arg(h).arg(&l).arg(&keep);
+        })
+    }
+
+    fn mul(&mut self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>, len: usize) -> DResult {
+        let l = len as u64;
+        launch!(self, mul, per_item(l), "dropout", |b| {
+            b.arg(dst).arg(src).arg(&l);
+        })
+    }
+
+    fn bn_forward(
+        &mut self,
+        h: &mut CudaSlice<f32>,
+        xhat: &mut CudaSlice<f32>,
+        inv: &mut CudaSlice<f32>,
+        stats: &mut CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        n: usize,
+        out: usize,
+        weight: f32,
+    ) -> DResult {
+        let (nn, o) = (u(n), u(out));
+        launch!(self, bn_forward, per_item(out as u64), "batch norm", |b| {
+            b.arg(h).arg(xhat).arg(inv).arg(stats).arg(gamma).arg(beta);
+            b.arg(&nn).arg(&o).arg(&weight);
+        })
+    }
+
+    fn bn_backward(
+        &mut self,
+        dz: &mut CudaSlice<f32>,
+        xhat: &CudaSlice<f32>,
+        inv: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        dgamma: &mut CudaSlice<f32>,
+        dbeta: &mut CudaSlice<f32>,
+        n: usize,
+        out: usize,
+    ) -> DResult {
+        let (nn, o) = (u(n), u(out));
+        launch!(
+            self,
+            bn_backward,
+            per_item(out as u64),
+            "batch norm backward",
+            |b| {
+                b.arg(dz)
+                    .arg(xhat)
+                    .arg(inv)
+                    .arg(gamma)
+                    .arg(dgamma)
+                    .arg(dbeta);
+                b.arg(&nn).arg(&o);
+            }
+        )
+    }
+
+    fn cross_mix(
+        &mut self,
+        next: &mut CudaSlice<f32>,
+        xl: &CudaSlice<f32>,
+        x0: &CudaSlice<f32>,
+        t: &CudaSlice<f32>,
+        len: usize,
+    ) -> DResult {
+        let l = len as u64;
+        launch!(self, cross_mix, per_item(l), "cross", |b| {
+            b.arg(next).arg(xl).arg(x0).arg(t).arg(&l);
+        })
+    }
+
+    fn cross_back(
+        &mut self,
+        dt: &mut CudaSlice<f32>,
+        dx0: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        x0: &CudaSlice<f32>,
+        t: &CudaSlice<f32>,
+        len: usize,
+    ) -> DResult {
+        let l = len as u64;
+        launch!(self, cross_back, per_item(l), "cross backward", |b| {
+            b.arg(dt).arg(dx0).arg(g).arg(x0).arg(t).arg(&l);
         })
     }
 

@@ -202,8 +202,69 @@ pub trait Device {
     ) -> DResult;
     /// `dst[o] = Σ_b src[b][o]` (rows in order).
     fn col_sum(&mut self, src: &Self::F, n: usize, width: usize, dst: &mut Self::F) -> DResult;
-    /// Through a ReLU: `dz[i] = h[i] > 0 ? dh[i] : 0` for `i < len`.
-    fn relu_back(&mut self, dz: &mut Self::F, dh: &Self::F, h: &Self::F, len: usize) -> DResult;
+    /// Through a ReLU and inverted dropout: `dz[i] = h[i] > 0 ? dh[i] · keep : 0` for `i < len`
+    /// (`h` after the dropout: a dropped unit is 0; `keep` is 1 without dropout).
+    fn relu_back(
+        &mut self,
+        dz: &mut Self::F,
+        dh: &Self::F,
+        h: &Self::F,
+        len: usize,
+        keep: f32,
+    ) -> DResult;
+    /// `dst[i] *= src[i]` for `i < len` (a dropout mask).
+    fn mul(&mut self, dst: &mut Self::F, src: &Self::F, len: usize) -> DResult;
+    /// Batch normalization of the `n × out` pre-activations `h` in training, then the ReLU: per
+    /// column the batch's mean and variance (rows in order, divided by `n`), `inv = 1 /
+    /// sqrt(var + 1e-5)`, `xhat = (h - mean) · inv`, `h = max(γ · xhat + β, 0)`; keeps `xhat`
+    /// and `inv`, and writes `mean · weight` and `var · weight` to `stats` (`[mean | var]`).
+    #[allow(clippy::too_many_arguments)]
+    fn bn_forward(
+        &mut self,
+        h: &mut Self::F,
+        xhat: &mut Self::F,
+        inv: &mut Self::F,
+        stats: &mut Self::F,
+        gamma: &Self::F,
+        beta: &Self::F,
+        n: usize,
+        out: usize,
+        weight: f32,
+    ) -> DResult;
+    /// Its gradient, in place on `dz` (the gradient of the normalized output): per column
+    /// `dγ = Σ dz · xhat`, `dβ = Σ dz` (overwritten), and `dz = inv / n · (n · dz · γ - Σ dz · γ
+    /// - xhat · Σ dz · γ · xhat)`.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_backward(
+        &mut self,
+        dz: &mut Self::F,
+        xhat: &Self::F,
+        inv: &Self::F,
+        gamma: &Self::F,
+        dgamma: &mut Self::F,
+        dbeta: &mut Self::F,
+        n: usize,
+        out: usize,
+    ) -> DResult;
+    /// A cross layer's output: `next[i] = xl[i] + x0[i] · t[i]` for `i < len`.
+    fn cross_mix(
+        &mut self,
+        next: &mut Self::F,
+        xl: &Self::F,
+        x0: &Self::F,
+        t: &Self::F,
+        len: usize,
+    ) -> DResult;
+    /// Its gradient: `dt[i] = g[i] · x0[i]` and `dx0[i] += g[i] · t[i]` for `i < len`.
+    fn cross_back(
+        &mut self,
+        dt: &mut Self::F,
+        dx0: &mut Self::F,
+        g: &Self::F,
+        x0: &Self::F,
+        t: &Self::F,
+        len: usize,
+    ) -> DResult;
     /// [`Seg`]: overwrites `out` (`rows × dim`).
     #[allow(clippy::too_many_arguments)]
     fn seg_reduce(
@@ -490,9 +551,124 @@ impl Device for HostDevice {
         Ok(())
     }
 
-    fn relu_back(&mut self, dz: &mut Vec<f32>, dh: &Vec<f32>, h: &Vec<f32>, len: usize) -> DResult {
+    fn relu_back(
+        &mut self,
+        dz: &mut Vec<f32>,
+        dh: &Vec<f32>,
+        h: &Vec<f32>,
+        len: usize,
+        keep: f32,
+    ) -> DResult {
         for i in 0..len {
-            dz[i] = if h[i] > 0.0 { dh[i] } else { 0.0 };
+            dz[i] = if h[i] > 0.0 { dh[i] * keep } else { 0.0 };
+        }
+        Ok(())
+    }
+
+    fn mul(&mut self, dst: &mut Vec<f32>, src: &Vec<f32>, len: usize) -> DResult {
+        for (d, s) in dst[..len].iter_mut().zip(src) {
+            *d *= s;
+        }
+        Ok(())
+    }
+
+    fn bn_forward(
+        &mut self,
+        h: &mut Vec<f32>,
+        xhat: &mut Vec<f32>,
+        inv: &mut Vec<f32>,
+        stats: &mut Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        n: usize,
+        out: usize,
+        weight: f32,
+    ) -> DResult {
+        for o in 0..out {
+            let mut mean = 0f32;
+            for b in 0..n {
+                mean += h[b * out + o];
+            }
+            mean /= n as f32;
+            let mut var = 0f32;
+            for b in 0..n {
+                let d = h[b * out + o] - mean;
+                var += d * d;
+            }
+            var /= n as f32;
+            let iv = 1.0 / (var + crate::model::BN_EPS).sqrt();
+            inv[o] = iv;
+            for b in 0..n {
+                let at = b * out + o;
+                let xh = (h[at] - mean) * iv;
+                xhat[at] = xh;
+                h[at] = (gamma[o] * xh + beta[o]).max(0.0);
+            }
+            stats[o] = mean * weight;
+            stats[out + o] = var * weight;
+        }
+        Ok(())
+    }
+
+    fn bn_backward(
+        &mut self,
+        dz: &mut Vec<f32>,
+        xhat: &Vec<f32>,
+        inv: &Vec<f32>,
+        gamma: &Vec<f32>,
+        dgamma: &mut Vec<f32>,
+        dbeta: &mut Vec<f32>,
+        n: usize,
+        out: usize,
+    ) -> DResult {
+        let nf = n as f32;
+        for o in 0..out {
+            let (mut dg, mut db, mut sum_dx, mut sum_dx_x) = (0f32, 0f32, 0f32, 0f32);
+            for b in 0..n {
+                let (dy, xh) = (dz[b * out + o], xhat[b * out + o]);
+                dg += dy * xh;
+                db += dy;
+                let dx = dy * gamma[o];
+                sum_dx += dx;
+                sum_dx_x += dx * xh;
+            }
+            dgamma[o] = dg;
+            dbeta[o] = db;
+            for b in 0..n {
+                let at = b * out + o;
+                let dx = dz[at] * gamma[o];
+                dz[at] = inv[o] / nf * (nf * dx - sum_dx - xhat[at] * sum_dx_x);
+            }
+        }
+        Ok(())
+    }
+
+    fn cross_mix(
+        &mut self,
+        next: &mut Vec<f32>,
+        xl: &Vec<f32>,
+        x0: &Vec<f32>,
+        t: &Vec<f32>,
+        len: usize,
+    ) -> DResult {
+        for i in 0..len {
+            next[i] = xl[i] + x0[i] * t[i];
+        }
+        Ok(())
+    }
+
+    fn cross_back(
+        &mut self,
+        dt: &mut Vec<f32>,
+        dx0: &mut Vec<f32>,
+        g: &Vec<f32>,
+        x0: &Vec<f32>,
+        t: &Vec<f32>,
+        len: usize,
+    ) -> DResult {
+        for i in 0..len {
+            dt[i] = g[i] * x0[i];
+            dx0[i] += g[i] * t[i];
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ pub use rankd_engine::gpu::{DeviceSpec, Selection};
 use crate::config::{Mode, TrainSettings};
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
-use crate::model::{Hyper, Layout, Optimizer, Params};
+use crate::model::{Hyper, Layout, Optimizer, Params, BN_MOMENTUM};
 use device::{DResult, Device, DeviceError, HostDevice};
 use prep::Share;
 use replica::{Pushed, Replica};
@@ -44,23 +44,31 @@ pub struct Fleet<D: Device> {
     replicas: Vec<Replica<D>>,
     /// Host threads for the pulls and the sparse updates.
     threads: usize,
+    /// Per device, the state of its dropout masks' generator (device `d` draws as the CPU's
+    /// worker `d` of a run with the same seed).
+    rng: Vec<u64>,
 }
 
 impl<D: Device> Fleet<D> {
-    /// Replicas of `params` and `opt`'s dense state on `devices`.
+    /// Replicas of `params` and `opt`'s dense state on `devices`; dropout masks from `seed`.
     pub fn new(
         devices: Vec<D>,
         layout: &Layout,
         params: &Params,
         opt: &mut Optimizer,
+        seed: u64,
     ) -> DResult<Self> {
         let mut replicas = Vec::new();
         for d in devices {
             replicas.push(Replica::new(d, layout, params)?);
         }
+        let rng = (0..replicas.len())
+            .map(|d| crate::model::dropout_state(seed.wrapping_add(d as u64)))
+            .collect();
         let mut fleet = Fleet {
             replicas,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            rng,
         };
         fleet.load(params, opt)?;
         Ok(fleet)
@@ -71,18 +79,17 @@ impl<D: Device> Fleet<D> {
         self.replicas.iter().map(|r| r.dev.name()).collect()
     }
 
-    /// Puts the host's dense layers and moments on every device (after a resume).
+    /// Puts the host's dense tensors and moments on every device (after a resume).
     pub fn load(&mut self, params: &Params, opt: &mut Optimizer) -> DResult {
-        let moments = opt.layer_moments_mut();
         for r in &mut self.replicas {
-            r.load(params, &moments)?;
+            r.load(params, opt)?;
         }
         Ok(())
     }
 
-    /// Brings the dense layers and moments back to the host (they are equal on every device).
+    /// Brings the dense tensors and moments back to the host (they are equal on every device).
     pub fn store(&mut self, params: &mut Params, opt: &mut Optimizer) -> DResult {
-        self.replicas[0].store(params, opt.layer_moments_mut())
+        self.replicas[0].store(params, opt)
     }
 
     /// The replica on device `i` (tests).
@@ -101,6 +108,9 @@ impl<D: Device> Fleet<D> {
         total: usize,
     ) -> DResult<f64> {
         prep::pull(shares, layout, params, self.threads);
+        for (s, state) in shares.iter_mut().zip(&mut self.rng) {
+            s.draw_masks(layout, state);
+        }
         for (r, s) in self.replicas.iter_mut().zip(shares.iter()) {
             r.step(
                 layout,
@@ -110,8 +120,25 @@ impl<D: Device> Fleet<D> {
             )?;
         }
         if self.replicas.len() > 1 {
-            let mut group: Vec<_> = self.replicas.iter_mut().map(|r| r.grads_mut()).collect();
+            let mut group: Vec<_> = self
+                .replicas
+                .iter_mut()
+                .map(|r| r.grads_mut(layout))
+                .collect();
             D::all_reduce(&mut group)?;
+        }
+        // Batch normalization's running statistics follow the batch's (the shares' weighted).
+        if layout.batch_norm {
+            let stats = self.replicas[0].bn_stats(layout)?;
+            for (i, batch) in stats.iter().enumerate() {
+                let out = batch.len() / 2;
+                for (j, part) in [&batch[..out], &batch[out..]].into_iter().enumerate() {
+                    let running = &mut params.bn_stats[2 * i + j];
+                    for (s, b) in running.iter_mut().zip(part) {
+                        *s = BN_MOMENTUM * *s + (1.0 - BN_MOMENTUM) * b;
+                    }
+                }
+            }
         }
         let h = opt.begin_step();
         for r in &mut self.replicas {
@@ -372,11 +399,13 @@ pub fn start(
         }
         Choice::Emulated(n) => {
             let devices = (0..n).map(HostDevice::new).collect();
-            Gpus::Emulated(Fleet::new(devices, layout, params, opt).map_err(device_error)?)
+            let fleet = Fleet::new(devices, layout, params, opt, s.seed);
+            Gpus::Emulated(fleet.map_err(device_error)?)
         }
         Choice::Cuda(list) => {
             let devices = cuda::open(&list).map_err(device_error)?;
-            Gpus::Cuda(Fleet::new(devices, layout, params, opt).map_err(device_error)?)
+            let fleet = Fleet::new(devices, layout, params, opt, s.seed);
+            Gpus::Cuda(fleet.map_err(device_error)?)
         }
     };
     let names = gpus.names();

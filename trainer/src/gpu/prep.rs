@@ -97,9 +97,18 @@ pub struct Share {
     pub dense: Vec<f32>,
     /// Labels.
     pub labels: Vec<f32>,
+    /// Dropout masks per hidden layer (`n × out`, 0 or `1 / (1 - dropout)`); empty without
+    /// dropout. Drawn by [`Share::draw_masks`].
+    pub masks: Vec<Vec<f32>>,
 }
 
 impl Share {
+    /// Draws the share's dropout masks from the device's generator `state` (advanced), as the
+    /// CPU worker with that state draws them.
+    pub fn draw_masks(&mut self, layout: &Layout, state: &mut u64) {
+        self.masks = crate::model::dropout_masks(layout, self.n, state);
+    }
+
     /// The share of `examples` (rows of `slots`, labels in `labels`).
     pub fn build(layout: &Layout, slots: &SlotBatch, labels: &[f32], examples: &[usize]) -> Share {
         Share {
@@ -120,6 +129,7 @@ impl Share {
                 .flat_map(|&(slot, _)| examples.iter().map(move |&r| slots.dense(slot, r)))
                 .collect(),
             labels: examples.iter().map(|&r| labels[r]).collect(),
+            masks: Vec::new(),
         }
     }
 

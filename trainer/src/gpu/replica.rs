@@ -1,10 +1,11 @@
 //! One device's replica: the dense parameters (resident, with their Adam moments), the step's
 //! buffers, and the step itself as a sequence of [`Device`] operations: the forward and backward
-//! passes of `model::CpuCompute` for wide, deep, wide & deep and DeepFM models.
+//! passes of `model::CpuCompute` for wide, deep, wide & deep, DeepFM and DCN-v2 models, with
+//! batch normalization and dropout.
 
-use super::device::{AdamStep, DResult, Device, Gemm, Pool, Seg};
+use super::device::{AdamStep, DResult, Device, DeviceError, Gemm, Pool, Seg};
 use super::prep::{Share, TableShare};
-use crate::model::{Hyper, Layout, Params};
+use crate::model::{CrossSpec, Hyper, Layout, Optimizer, Params};
 
 /// A sparse table's buffers on the device.
 struct TableBufs<D: Device> {
@@ -41,13 +42,14 @@ impl<D: Device> TableBufs<D> {
     }
 }
 
-/// A dense tensor with its gradient and Adam moments.
+/// A dense tensor with its gradient, Adam moments and whether L2 applies.
 struct Dense<D: Device> {
     w: D::F,
     g: D::F,
     m: D::F,
     v: D::F,
     len: usize,
+    decay: bool,
 }
 
 /// What one step of a replica leaves for the host: the summed loss and, per sparse table, the
@@ -64,19 +66,34 @@ pub struct Pushed {
     pub wide_bias: f32,
 }
 
-/// Per layer, the weights' and the biases' gradients.
-pub type LayerGrads = (Vec<Vec<f32>>, Vec<Vec<f32>>);
-
 /// One device's state.
 pub struct Replica<D: Device> {
     /// The device.
     pub dev: D,
-    weights: Vec<Dense<D>>,
-    biases: Vec<Dense<D>>,
+    /// Every dense tensor, in `Params::dense` order: layer weights, layer biases, cross tensors,
+    /// batch normalization's γ and β per hidden layer.
+    dense: Vec<Dense<D>>,
+    layers: usize,
+    cross_tensors: usize,
     emb: Vec<TableBufs<D>>,
     wide: Vec<TableBufs<D>>,
     x: D::F,
     hs: Vec<D::F>,
+    /// Batch normalization per hidden layer: normalized pre-activations, inverse standard
+    /// deviations, and the share's `[mean | var]` weighted by its part of the batch.
+    xhat: Vec<D::F>,
+    inv: Vec<D::F>,
+    stats: Vec<D::F>,
+    /// Dropout masks per hidden layer.
+    masks: Vec<D::F>,
+    /// Cross layers: inputs `x_l` (and the last output), products `t_l`, low-rank middles.
+    xs: Vec<D::F>,
+    ts: Vec<D::F>,
+    ps: Vec<D::F>,
+    cross_g: D::F,
+    cross_prev: D::F,
+    cross_dt: D::F,
+    cross_dp: D::F,
     logits: D::F,
     wide_acc: D::F,
     fm_sum: D::F,
@@ -101,36 +118,40 @@ impl<D: Device> std::fmt::Debug for Replica<D> {
 
 /// Whether the device step computes `layout` (else the CPU does, and this says why).
 pub fn unsupported(layout: &Layout) -> Option<&'static str> {
-    if layout.cross.is_some() {
-        Some("cross layers")
-    } else if layout.mt.is_some() {
+    if layout.mt.is_some() {
         Some("multi-task heads")
-    } else if layout.batch_norm {
-        Some("batch_norm")
-    } else if layout.dropout > 0.0 {
-        Some("dropout")
+    } else if layout.cross.is_some() && layout.layers.is_empty() {
+        Some("cross layers without deep layers")
     } else {
         None
     }
 }
 
+fn bufs<D: Device>(dev: &mut D, n: usize) -> DResult<Vec<D::F>> {
+    (0..n).map(|_| dev.zeros(1)).collect()
+}
+
 impl<D: Device> Replica<D> {
-    /// A replica of `params`' dense layers (and zero moments) on `dev`.
+    /// A replica of `params`' dense tensors (and zero moments) on `dev`.
     pub fn new(mut dev: D, layout: &Layout, params: &Params) -> DResult<Self> {
-        let mut weights = Vec::new();
-        let mut biases = Vec::new();
-        for (w, b) in params.w.iter().zip(&params.b) {
-            for (v, list) in [(w, &mut weights), (b, &mut biases)] {
-                let mut t = Dense {
-                    w: dev.zeros(v.len().max(1))?,
-                    g: dev.zeros(v.len().max(1))?,
-                    m: dev.zeros(v.len().max(1))?,
-                    v: dev.zeros(v.len().max(1))?,
-                    len: v.len(),
-                };
-                dev.put(&mut t.w, v)?;
-                list.push(t);
-            }
+        let mut dense = Vec::new();
+        let decay = Optimizer::new(params, 0.0, 0.0, 0.0)
+            .with_layout(layout)
+            .dense_moments_mut()
+            .into_iter()
+            .map(|(_, _, d)| d)
+            .collect::<Vec<_>>();
+        for (v, decay) in params.dense().into_iter().zip(decay) {
+            let mut t = Dense {
+                w: dev.zeros(v.len().max(1))?,
+                g: dev.zeros(v.len().max(1))?,
+                m: dev.zeros(v.len().max(1))?,
+                v: dev.zeros(v.len().max(1))?,
+                len: v.len(),
+                decay,
+            };
+            dev.put(&mut t.w, v)?;
+            dense.push(t);
         }
         let cols: Vec<u32> = layout.emb.iter().map(|e| e.col as u32).collect();
         let mut fm_cols = dev.words()?;
@@ -143,17 +164,29 @@ impl<D: Device> Replica<D> {
         for _ in &layout.wide {
             wide.push(TableBufs::new(&mut dev)?);
         }
-        let mut hs = Vec::new();
-        for _ in &layout.layers {
-            hs.push(dev.zeros(1)?);
-        }
+        let hidden = layout.hidden();
+        let bn = if layout.batch_norm { hidden } else { 0 };
+        let drop = if layout.dropout > 0.0 { hidden } else { 0 };
+        let cross = layout.cross.map_or(0, |c| c.layers);
         Ok(Replica {
-            weights,
-            biases,
+            dense,
+            layers: layout.layers.len(),
+            cross_tensors: params.cross.len(),
             emb,
             wide,
             x: dev.zeros(1)?,
-            hs,
+            hs: bufs(&mut dev, layout.layers.len())?,
+            xhat: bufs(&mut dev, bn)?,
+            inv: bufs(&mut dev, bn)?,
+            stats: bufs(&mut dev, bn)?,
+            masks: bufs(&mut dev, drop)?,
+            xs: bufs(&mut dev, if cross > 0 { cross + 1 } else { 0 })?,
+            ts: bufs(&mut dev, cross)?,
+            ps: bufs(&mut dev, cross)?,
+            cross_g: dev.zeros(1)?,
+            cross_prev: dev.zeros(1)?,
+            cross_dt: dev.zeros(1)?,
+            cross_dp: dev.zeros(1)?,
             logits: dev.zeros(1)?,
             wide_acc: dev.zeros(1)?,
             fm_sum: dev.zeros(1)?,
@@ -170,85 +203,177 @@ impl<D: Device> Replica<D> {
         })
     }
 
-    /// Loads the dense layers and their Adam moments (`[m, v, mb, vb]`, as
-    /// `Optimizer::layer_moments_mut`) onto the device.
-    pub fn load(&mut self, params: &Params, moments: &[&mut Vec<Vec<f32>>; 4]) -> DResult {
-        for (i, t) in self.weights.iter_mut().enumerate() {
-            self.dev.put(&mut t.w, &params.w[i])?;
-            self.dev.put(&mut t.m, &moments[0][i])?;
-            self.dev.put(&mut t.v, &moments[1][i])?;
-        }
-        for (i, t) in self.biases.iter_mut().enumerate() {
-            self.dev.put(&mut t.w, &params.b[i])?;
-            self.dev.put(&mut t.m, &moments[2][i])?;
-            self.dev.put(&mut t.v, &moments[3][i])?;
+    /// Loads the dense tensors and their Adam moments onto the device.
+    pub fn load(&mut self, params: &Params, opt: &mut Optimizer) -> DResult {
+        let moments = opt.dense_moments_mut();
+        for ((t, w), (m, v, _)) in self.dense.iter_mut().zip(params.dense()).zip(moments) {
+            self.dev.put(&mut t.w, w)?;
+            self.dev.put(&mut t.m, m)?;
+            self.dev.put(&mut t.v, v)?;
         }
         Ok(())
     }
 
-    /// Brings the dense layers and their moments back to the host.
-    pub fn store(&mut self, params: &mut Params, moments: [&mut Vec<Vec<f32>>; 4]) -> DResult {
-        let [m, v, mb, vb] = moments;
-        for (i, t) in self.weights.iter().enumerate() {
-            self.dev.get(&t.w, &mut params.w[i])?;
-            self.dev.get(&t.m, &mut m[i])?;
-            self.dev.get(&t.v, &mut v[i])?;
-        }
-        for (i, t) in self.biases.iter().enumerate() {
-            self.dev.get(&t.w, &mut params.b[i])?;
-            self.dev.get(&t.m, &mut mb[i])?;
-            self.dev.get(&t.v, &mut vb[i])?;
+    /// Brings the dense tensors and their moments back to the host.
+    pub fn store(&mut self, params: &mut Params, opt: &mut Optimizer) -> DResult {
+        let moments = opt.dense_moments_mut();
+        for ((t, w), (m, v, _)) in self.dense.iter().zip(params.dense_mut()).zip(moments) {
+            self.dev.get(&t.w, w)?;
+            self.dev.get(&t.m, m)?;
+            self.dev.get(&t.v, v)?;
         }
         Ok(())
     }
 
-    /// The dense gradients of the last step, layer by layer (weights, then biases): for tests.
-    pub fn dense_grads(&mut self) -> DResult<LayerGrads> {
-        let mut out = (Vec::new(), Vec::new());
-        for (list, dst) in [(&self.weights, &mut out.0), (&self.biases, &mut out.1)] {
-            for t in list {
-                let mut v = vec![0.0; t.len];
-                self.dev.get(&t.g, &mut v)?;
-                dst.push(v);
-            }
+    /// The dense gradients of the last step, in `Params::dense` order (tests).
+    pub fn dense_grads(&mut self) -> DResult<Vec<Vec<f32>>> {
+        let mut out = Vec::new();
+        for t in &self.dense {
+            let mut v = vec![0.0; t.len];
+            self.dev.get(&t.g, &mut v)?;
+            out.push(v);
         }
         Ok(out)
     }
 
-    /// Uploads `share` (pulled) and runs the forward pass; leaves the logits.
-    fn forward(&mut self, l: &Layout, share: &Share, wide_bias: f32) -> DResult {
+    /// The last step's batch statistics per hidden layer (`[mean | var]`, weighted by the
+    /// share's part of the batch and, after the all-reduce, summed over the devices).
+    pub fn bn_stats(&mut self, l: &Layout) -> DResult<Vec<Vec<f32>>> {
+        let mut out = Vec::new();
+        for (s, &(_, o)) in self.stats.iter().zip(&l.layers) {
+            let mut v = vec![0.0; 2 * o];
+            self.dev.get(s, &mut v)?;
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    /// The cross layers on the deep input `x` (`n` rows of `d`).
+    fn cross_forward(&mut self, c: &CrossSpec, d: usize, n: usize) -> DResult {
+        let per = c.per_layer();
+        let dev = &mut self.dev;
+        dev.ensure(&mut self.xs[0], n * d)?;
+        dev.copy_add(&mut self.xs[0], &self.x, n * d, 0.0)?;
+        for li in 0..c.layers {
+            let base = 2 * self.layers + li * per;
+            let t = &mut self.ts[li];
+            dev.ensure(t, n * d)?;
+            if c.rank == 0 {
+                // t = x_l Wᵀ.
+                let g = Gemm {
+                    m: n,
+                    n: d,
+                    k: d,
+                    ta: false,
+                    tb: true,
+                    lda: d,
+                    ldb: d,
+                    ldc: d,
+                    beta: 0.0,
+                };
+                dev.gemm(g, &self.xs[li], &self.dense[base].w, t)?;
+            } else {
+                let r = c.rank;
+                // p = x_l V (V is [d][r]); t = p Uᵀ (U is [d][r]).
+                let pm = &mut self.ps[li];
+                dev.ensure(pm, n * r)?;
+                let g = Gemm {
+                    m: n,
+                    n: r,
+                    k: d,
+                    ta: false,
+                    tb: false,
+                    lda: d,
+                    ldb: r,
+                    ldc: r,
+                    beta: 0.0,
+                };
+                dev.gemm(g, &self.xs[li], &self.dense[base + 1].w, pm)?;
+                let g = Gemm {
+                    m: n,
+                    n: d,
+                    k: r,
+                    ta: false,
+                    tb: true,
+                    lda: r,
+                    ldb: r,
+                    ldc: d,
+                    beta: 0.0,
+                };
+                dev.gemm(g, pm, &self.dense[base].w, t)?;
+            }
+            dev.bias_act(t, n, d, &self.dense[base + per - 1].w, false)?;
+            let (done, next) = self.xs.split_at_mut(li + 1);
+            dev.ensure(&mut next[0], n * d)?;
+            dev.cross_mix(&mut next[0], &done[li], &self.x, t, n * d)?;
+        }
+        Ok(())
+    }
+
+    /// Uploads `share` (pulled) and runs the forward pass, in training (batch statistics,
+    /// dropout; batch statistics weighted by `weight`) or not; leaves the logits.
+    fn forward(
+        &mut self,
+        l: &Layout,
+        share: &Share,
+        wide_bias: f32,
+        training: bool,
+        weight: f32,
+    ) -> DResult {
+        if l.batch_norm && !training {
+            return Err(DeviceError(
+                "predictions of a batch-normalized network are made on the CPU".into(),
+            ));
+        }
         let n = share.n;
         let k = l.deep_in;
+        {
+            let d = &mut self.dev;
+            for ((bufs, t), e) in self.emb.iter_mut().zip(&share.emb).zip(&l.emb) {
+                bufs.upload(d, t, e.dim)?;
+            }
+            for (bufs, t) in self.wide.iter_mut().zip(&share.wide) {
+                bufs.upload(d, t, 1)?;
+            }
+            d.put(&mut self.labels, &share.labels)?;
+            d.put(&mut self.dense_in, &share.dense)?;
+            if training {
+                for (buf, m) in self.masks.iter_mut().zip(&share.masks) {
+                    d.put(buf, m)?;
+                }
+            }
+            d.ensure(&mut self.x, (n * k).max(1))?;
+            d.ensure(&mut self.logits, n.max(1))?;
+            d.ensure(&mut self.wide_acc, n.max(1))?;
+            for (bufs, e) in self.emb.iter().zip(&l.emb) {
+                let p = Pool {
+                    n,
+                    width: k,
+                    col: e.col,
+                    dim: e.dim,
+                    mean: e.mean,
+                };
+                d.pool(p, &bufs.offsets, &bufs.local, &bufs.values, &mut self.x)?;
+            }
+            for (j, &(_, col)) in l.dense.iter().enumerate() {
+                d.set_col(&mut self.x, n, k, col, &self.dense_in, j * n)?;
+            }
+        }
+        if let Some(c) = &l.cross {
+            self.cross_forward(c, k, n)?;
+        }
+        let stacked = l.cross.filter(|c| !c.parallel).map(|c| c.layers);
+        let nl = self.layers;
         let d = &mut self.dev;
-        for ((bufs, t), e) in self.emb.iter_mut().zip(&share.emb).zip(&l.emb) {
-            bufs.upload(d, t, e.dim)?;
-        }
-        for (bufs, t) in self.wide.iter_mut().zip(&share.wide) {
-            bufs.upload(d, t, 1)?;
-        }
-        d.put(&mut self.labels, &share.labels)?;
-        d.put(&mut self.dense_in, &share.dense)?;
-        d.ensure(&mut self.x, (n * k).max(1))?;
-        d.ensure(&mut self.logits, n.max(1))?;
-        d.ensure(&mut self.wide_acc, n.max(1))?;
-        for (bufs, e) in self.emb.iter().zip(&l.emb) {
-            let p = Pool {
-                n,
-                width: k,
-                col: e.col,
-                dim: e.dim,
-                mean: e.mean,
-            };
-            d.pool(p, &bufs.offsets, &bufs.local, &bufs.values, &mut self.x)?;
-        }
-        for (j, &(_, col)) in l.dense.iter().enumerate() {
-            d.set_col(&mut self.x, n, k, col, &self.dense_in, j * n)?;
-        }
         for (i, &(inp, out)) in l.layers.iter().enumerate() {
             let (prev, rest) = self.hs.split_at_mut(i);
             let h = &mut rest[0];
             d.ensure(h, (n * out).max(1))?;
-            let input = if i == 0 { &self.x } else { &prev[i - 1] };
+            let input = match (i, stacked) {
+                (0, Some(last)) => &self.xs[last],
+                (0, None) => &self.x,
+                _ => &prev[i - 1],
+            };
             let g = Gemm {
                 m: n,
                 n: out,
@@ -260,9 +385,31 @@ impl<D: Device> Replica<D> {
                 ldc: out,
                 beta: 0.0,
             };
-            d.gemm(g, input, &self.weights[i].w, h)?;
-            let relu = i + 1 < l.layers.len();
-            d.bias_act(h, n, out, &self.biases[i].w, relu)?;
+            d.gemm(g, input, &self.dense[i].w, h)?;
+            let hidden = i + 1 < l.layers.len();
+            if hidden && l.batch_norm {
+                d.bias_act(h, n, out, &self.dense[nl + i].w, false)?;
+                let bn = 2 * nl + self.cross_tensors + 2 * i;
+                d.ensure(&mut self.xhat[i], n * out)?;
+                d.ensure(&mut self.inv[i], out)?;
+                d.ensure(&mut self.stats[i], 2 * out)?;
+                d.bn_forward(
+                    h,
+                    &mut self.xhat[i],
+                    &mut self.inv[i],
+                    &mut self.stats[i],
+                    &self.dense[bn].w,
+                    &self.dense[bn + 1].w,
+                    n,
+                    out,
+                    weight,
+                )?;
+            } else {
+                d.bias_act(h, n, out, &self.dense[nl + i].w, hidden)?;
+            }
+            if hidden && training && l.dropout > 0.0 {
+                d.mul(h, &self.masks[i], n * out)?;
+            }
         }
         // The wide sum starts at the bias; the logit is the deep output plus it.
         d.zero(&mut self.wide_acc, n)?;
@@ -279,6 +426,22 @@ impl<D: Device> Replica<D> {
         match self.hs.last() {
             Some(last) => {
                 d.copy_add(&mut self.logits, last, n, 0.0)?;
+                if let Some(c) = l.cross.filter(|c| c.parallel) {
+                    // The cross network's output weights: logits += x_L · w.
+                    let g = Gemm {
+                        m: n,
+                        n: 1,
+                        k,
+                        ta: false,
+                        tb: false,
+                        lda: k,
+                        ldb: 1,
+                        ldc: 1,
+                        beta: 1.0,
+                    };
+                    let w = &self.dense[2 * nl + self.cross_tensors - 1].w;
+                    d.gemm(g, &self.xs[c.layers], w, &mut self.logits)?;
+                }
                 if l.has_wide {
                     d.ensure(&mut self.dz, n.max(1))?;
                     d.copy_add(&mut self.dz, &self.wide_acc, n, bias)?;
@@ -304,87 +467,274 @@ impl<D: Device> Replica<D> {
         Ok(())
     }
 
-    /// Predicted logits of a pulled share (for tests and eval on the device).
+    /// Predicted logits of a pulled share (tests; evaluation runs on the CPU).
     pub fn logits(&mut self, l: &Layout, share: &Share, wide_bias: f32) -> DResult<Vec<f32>> {
-        self.forward(l, share, wide_bias)?;
+        self.forward(l, share, wide_bias, false, 1.0)?;
         let mut out = vec![0.0; share.n];
         self.dev.get(&self.logits, &mut out)?;
         Ok(out)
     }
 
-    /// Forward and backward of a pulled share, its mean gradient weighted by `weight` (its part
-    /// of the batch): dense gradients stay on the device for the all-reduce; the sparse ones and
-    /// the loss are queued for [`Replica::push`].
-    pub fn step(&mut self, l: &Layout, share: &Share, wide_bias: f32, weight: f32) -> DResult {
-        let n = share.n;
-        for t in self.weights.iter_mut().chain(self.biases.iter_mut()) {
-            self.dev.zero(&mut t.g, t.len)?;
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        self.forward(l, share, wide_bias)?;
-        let k = l.deep_in;
-        let d = &mut self.dev;
-        d.ensure(&mut self.dlogit, n)?;
-        d.ensure(&mut self.loss, n)?;
-        d.loss_grad(
-            &self.logits,
-            &self.labels,
-            n,
-            weight / n as f32,
-            &mut self.dlogit,
-            &mut self.loss,
-        )?;
-        let emb_width: usize = l.emb.iter().map(|e| e.dim).sum();
-        d.ensure(&mut self.dx, (n * k).max(1))?;
-        d.zero(&mut self.dx, n * k)?;
-        if !l.layers.is_empty() {
-            d.ensure(&mut self.dz, n)?;
-            d.copy_add(&mut self.dz, &self.dlogit, n, 0.0)?;
-            for i in (0..l.layers.len()).rev() {
-                let (inp, out) = l.layers[i];
-                let input = if i == 0 { &self.x } else { &self.hs[i - 1] };
-                // dW = dZᵀ H_in.
-                let g = Gemm {
-                    m: out,
-                    n: inp,
+    /// The cross layers' gradients from `cross_g` (the gradient of the last layer's output);
+    /// adds the deep input's gradient to `dx`.
+    fn cross_backward(&mut self, c: &CrossSpec, d: usize, n: usize) -> DResult {
+        let per = c.per_layer();
+        let len = n * d;
+        let dev = &mut self.dev;
+        dev.ensure(&mut self.cross_dt, len)?;
+        dev.ensure(&mut self.cross_prev, len)?;
+        for li in (0..c.layers).rev() {
+            let base = 2 * self.layers + li * per;
+            let (g, prev, dt) = (&mut self.cross_g, &mut self.cross_prev, &mut self.cross_dt);
+            dev.cross_back(dt, &mut self.dx, g, &self.x, &self.ts[li], len)?;
+            dev.col_sum(dt, n, d, &mut self.dense[base + per - 1].g)?;
+            let xl = &self.xs[li];
+            if c.rank == 0 {
+                // dW = dtᵀ x_l; prev = dt W.
+                let g1 = Gemm {
+                    m: d,
+                    n: d,
                     k: n,
                     ta: true,
                     tb: false,
-                    lda: out,
-                    ldb: inp,
-                    ldc: inp,
+                    lda: d,
+                    ldb: d,
+                    ldc: d,
                     beta: 0.0,
                 };
-                d.gemm(g, &self.dz, input, &mut self.weights[i].g)?;
-                d.col_sum(&self.dz, n, out, &mut self.biases[i].g)?;
-                // dH_in = dZ W; below the first layer only the embedding columns.
-                let width = if i == 0 { emb_width } else { inp };
-                if width == 0 {
-                    continue;
-                }
-                let g = Gemm {
+                dev.gemm(g1, dt, xl, &mut self.dense[base].g)?;
+                let g2 = Gemm {
                     m: n,
-                    n: width,
-                    k: out,
+                    n: d,
+                    k: d,
                     ta: false,
                     tb: false,
-                    lda: out,
-                    ldb: inp,
-                    ldc: if i == 0 { k } else { width },
+                    lda: d,
+                    ldb: d,
+                    ldc: d,
                     beta: 0.0,
                 };
-                if i == 0 {
-                    d.gemm(g, &self.dz, &self.weights[i].w, &mut self.dx)?;
-                } else {
+                dev.gemm(g2, dt, &self.dense[base].w, prev)?;
+            } else {
+                let r = c.rank;
+                let pm = &self.ps[li];
+                dev.ensure(&mut self.cross_dp, n * r)?;
+                // dU = dtᵀ p; dp = dt U; dV = x_lᵀ dp; prev = dp Vᵀ.
+                let gu = Gemm {
+                    m: d,
+                    n: r,
+                    k: n,
+                    ta: true,
+                    tb: false,
+                    lda: d,
+                    ldb: r,
+                    ldc: r,
+                    beta: 0.0,
+                };
+                dev.gemm(gu, dt, pm, &mut self.dense[base].g)?;
+                let gp = Gemm {
+                    m: n,
+                    n: r,
+                    k: d,
+                    ta: false,
+                    tb: false,
+                    lda: d,
+                    ldb: r,
+                    ldc: r,
+                    beta: 0.0,
+                };
+                dev.gemm(gp, dt, &self.dense[base].w, &mut self.cross_dp)?;
+                let gv = Gemm {
+                    m: d,
+                    n: r,
+                    k: n,
+                    ta: true,
+                    tb: false,
+                    lda: d,
+                    ldb: r,
+                    ldc: r,
+                    beta: 0.0,
+                };
+                dev.gemm(gv, xl, &self.cross_dp, &mut self.dense[base + 1].g)?;
+                let gx = Gemm {
+                    m: n,
+                    n: d,
+                    k: r,
+                    ta: false,
+                    tb: true,
+                    lda: r,
+                    ldb: r,
+                    ldc: d,
+                    beta: 0.0,
+                };
+                dev.gemm(gx, &self.cross_dp, &self.dense[base + 1].w, prev)?;
+            }
+            dev.add(prev, g, len)?;
+            std::mem::swap(&mut self.cross_g, &mut self.cross_prev);
+        }
+        // x_0 is the deep input itself.
+        dev.add(&mut self.dx, &self.cross_g, len)
+    }
+
+    /// Forward and backward of a pulled share, its mean gradient weighted by `weight` (its part
+    /// of the batch): dense gradients (and batch statistics) stay on the device for the
+    /// all-reduce; the sparse ones and the loss are queued for [`Replica::push`].
+    pub fn step(&mut self, l: &Layout, share: &Share, wide_bias: f32, weight: f32) -> DResult {
+        let n = share.n;
+        for t in &mut self.dense {
+            self.dev.zero(&mut t.g, t.len)?;
+        }
+        if n == 0 {
+            for (s, &(_, out)) in self.stats.iter_mut().zip(&l.layers) {
+                self.dev.ensure(s, 2 * out)?;
+                self.dev.zero(s, 2 * out)?;
+            }
+            return Ok(());
+        }
+        self.forward(l, share, wide_bias, true, weight)?;
+        let k = l.deep_in;
+        let nl = self.layers;
+        let keep = 1.0 / (1.0 - l.dropout);
+        let stacked = l.cross.filter(|c| !c.parallel).map(|c| c.layers);
+        {
+            let d = &mut self.dev;
+            d.ensure(&mut self.dlogit, n)?;
+            d.ensure(&mut self.loss, n)?;
+            d.loss_grad(
+                &self.logits,
+                &self.labels,
+                n,
+                weight / n as f32,
+                &mut self.dlogit,
+                &mut self.loss,
+            )?;
+            let emb_width: usize = l.emb.iter().map(|e| e.dim).sum();
+            d.ensure(&mut self.dx, (n * k).max(1))?;
+            d.zero(&mut self.dx, n * k)?;
+            if !l.layers.is_empty() {
+                d.ensure(&mut self.dz, n)?;
+                d.copy_add(&mut self.dz, &self.dlogit, n, 0.0)?;
+                for i in (0..l.layers.len()).rev() {
+                    let (inp, out) = l.layers[i];
+                    let input = match (i, stacked) {
+                        (0, Some(last)) => &self.xs[last],
+                        (0, None) => &self.x,
+                        _ => &self.hs[i - 1],
+                    };
+                    // dW = dZᵀ H_in.
+                    let g = Gemm {
+                        m: out,
+                        n: inp,
+                        k: n,
+                        ta: true,
+                        tb: false,
+                        lda: out,
+                        ldb: inp,
+                        ldc: inp,
+                        beta: 0.0,
+                    };
+                    d.gemm(g, &self.dz, input, &mut self.dense[i].g)?;
+                    d.col_sum(&self.dz, n, out, &mut self.dense[nl + i].g)?;
+                    // dH_in = dZ W; below the first layer only the embedding columns, unless
+                    // cross layers take it (every column).
+                    let width = if i == 0 && l.cross.is_none() {
+                        emb_width
+                    } else {
+                        inp
+                    };
+                    if width == 0 {
+                        continue;
+                    }
+                    let g = Gemm {
+                        m: n,
+                        n: width,
+                        k: out,
+                        ta: false,
+                        tb: false,
+                        lda: out,
+                        ldb: inp,
+                        ldc: if i == 0 && l.cross.is_none() {
+                            k
+                        } else {
+                            width
+                        },
+                        beta: 0.0,
+                    };
+                    if i == 0 && l.cross.is_none() {
+                        d.gemm(g, &self.dz, &self.dense[i].w, &mut self.dx)?;
+                        continue;
+                    }
                     d.ensure(&mut self.dh, n * width)?;
-                    d.gemm(g, &self.dz, &self.weights[i].w, &mut self.dh)?;
+                    d.gemm(g, &self.dz, &self.dense[i].w, &mut self.dh)?;
+                    if i == 0 {
+                        continue;
+                    }
+                    // Through the dropout and the ReLU of the layer below, then its batch
+                    // normalization.
                     d.ensure(&mut self.dz, n * width)?;
-                    d.relu_back(&mut self.dz, &self.dh, &self.hs[i - 1], n * width)?;
+                    d.relu_back(&mut self.dz, &self.dh, &self.hs[i - 1], n * width, keep)?;
+                    if l.batch_norm {
+                        let j = i - 1;
+                        let bn = 2 * nl + self.cross_tensors + 2 * j;
+                        let (a, b) = self.dense.split_at_mut(bn + 1);
+                        let (gamma, beta) = (&mut a[bn], &mut b[0]);
+                        d.bn_backward(
+                            &mut self.dz,
+                            &self.xhat[j],
+                            &self.inv[j],
+                            &gamma.w,
+                            &mut gamma.g,
+                            &mut beta.g,
+                            n,
+                            width,
+                        )?;
+                    }
                 }
             }
         }
+        // Cross layers: stacked, their output's gradient is the deep layers' input gradient;
+        // parallel, the deep input gets that and the output weights carry the logit's.
+        if let Some(c) = l.cross {
+            let d = &mut self.dev;
+            d.ensure(&mut self.cross_g, n * k)?;
+            if c.parallel {
+                d.copy_add(&mut self.dx, &self.dh, n * k, 0.0)?;
+                let last = 2 * nl + self.cross_tensors - 1;
+                let gw = Gemm {
+                    m: 1,
+                    n: k,
+                    k: n,
+                    ta: true,
+                    tb: false,
+                    lda: 1,
+                    ldb: k,
+                    ldc: k,
+                    beta: 0.0,
+                };
+                d.gemm(
+                    gw,
+                    &self.dlogit,
+                    &self.xs[c.layers],
+                    &mut self.dense[last].g,
+                )?;
+                let gl = Gemm {
+                    m: n,
+                    n: k,
+                    k: 1,
+                    ta: false,
+                    tb: false,
+                    lda: 1,
+                    ldb: k,
+                    ldc: k,
+                    beta: 0.0,
+                };
+                d.gemm(gl, &self.dlogit, &self.dense[last].w, &mut self.cross_g)?;
+            } else {
+                d.copy_add(&mut self.cross_g, &self.dh, n * k, 0.0)?;
+            }
+            self.cross_backward(&c, k, n)?;
+        }
+        let d = &mut self.dev;
         if l.fm {
             let dim = l.emb[0].dim;
             d.fm_backward(
@@ -434,30 +784,29 @@ impl<D: Device> Replica<D> {
         Ok(())
     }
 
-    /// The device and the dense gradients (to all-reduce across devices), with their lengths.
-    pub fn grads_mut(&mut self) -> (&mut D, Vec<(&mut D::F, usize)>) {
-        let grads = self
-            .weights
-            .iter_mut()
-            .chain(self.biases.iter_mut())
-            .map(|t| (&mut t.g, t.len))
-            .collect();
-        (&mut self.dev, grads)
+    /// The device and what the all-reduce sums, with lengths: the dense gradients and the
+    /// batch statistics.
+    #[allow(clippy::type_complexity)]
+    pub fn grads_mut(&mut self, l: &Layout) -> (&mut D, Vec<(&mut D::F, usize)>) {
+        let mut list: Vec<(&mut D::F, usize)> =
+            self.dense.iter_mut().map(|t| (&mut t.g, t.len)).collect();
+        list.extend(
+            self.stats
+                .iter_mut()
+                .zip(&l.layers)
+                .map(|(s, &(_, out))| (s, 2 * out)),
+        );
+        (&mut self.dev, list)
     }
 
-    /// Adam on every dense tensor with the step's constants (weights with L2, biases without).
+    /// Adam on every dense tensor with the step's constants (L2 where it applies).
     pub fn adam(&mut self, h: &Hyper) -> DResult {
-        for (t, decay) in self
-            .weights
-            .iter_mut()
-            .map(|t| (t, true))
-            .chain(self.biases.iter_mut().map(|t| (t, false)))
-        {
+        for t in &mut self.dense {
             let a = AdamStep {
                 c1: h.c1,
                 c2: h.c2,
                 lr: h.lr_dense,
-                l2: if decay { h.l2 } else { 0.0 },
+                l2: if t.decay { h.l2 } else { 0.0 },
             };
             self.dev
                 .adam(a, &mut t.w, &t.g, &mut t.m, &mut t.v, t.len)?;

@@ -11,23 +11,64 @@ use rankd_feature_ops::SlotBatch;
 use rankd_formats::config::ModelConfig;
 
 /// The model kinds the device step computes: every part; no FM; no wide part; wide and FM
-/// without deep layers; deep layers over dense inputs and embeddings only.
+/// without deep layers; deep layers alone; DCN-v2 cross layers (full-rank stacked, low-rank
+/// parallel); batch normalization; dropout; both.
 fn kinds() -> Vec<(&'static str, Layout, Params, SlotBatch, Vec<f32>)> {
     type Edit = fn(&mut ModelConfig);
-    let edits: [(&str, Edit); 5] = [
-        ("wide & deep & fm", |_| {}),
-        ("wide & deep", |c| c.fm = false),
-        ("deep & fm", |c| c.wide = None),
-        ("wide & fm", |c| c.deep = None),
-        ("deep", |c| {
-            c.fm = false;
-            c.wide = None;
-        }),
+    let cross = |rank, parallel| {
+        Some(rankd_formats::config::CrossConfig {
+            layers: 2,
+            rank,
+            structure: if parallel {
+                rankd_formats::CrossStructure::Parallel
+            } else {
+                rankd_formats::CrossStructure::Stacked
+            },
+        })
+    };
+    let edits: [(&str, Edit, _, bool, f32); 10] = [
+        ("wide & deep & fm", |_| {}, None, false, 0.0),
+        ("wide & deep", |c| c.fm = false, None, false, 0.0),
+        ("deep & fm", |c| c.wide = None, None, false, 0.0),
+        ("wide & fm", |c| c.deep = None, None, false, 0.0),
+        (
+            "deep",
+            |c| {
+                c.fm = false;
+                c.wide = None;
+            },
+            None,
+            false,
+            0.0,
+        ),
+        (
+            "cross, full rank, stacked",
+            |_| {},
+            cross(0, false),
+            false,
+            0.0,
+        ),
+        (
+            "cross, rank 2, parallel",
+            |_| {},
+            cross(2, true),
+            false,
+            0.0,
+        ),
+        ("batch norm", |_| {}, None, true, 0.0),
+        ("dropout", |_| {}, None, false, 0.3),
+        (
+            "batch norm, dropout, cross",
+            |_| {},
+            cross(2, false),
+            true,
+            0.2,
+        ),
     ];
     edits
         .into_iter()
-        .map(|(name, edit)| {
-            let (l, p, s, y) = setup_config(None, false, 0.0, edit);
+        .map(|(name, edit, cross, bn, dropout)| {
+            let (l, p, s, y) = setup_config(cross, bn, dropout, edit);
             (name, l, p, s, y)
         })
         .collect()
@@ -49,25 +90,35 @@ fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
 /// One step's loss and gradients on `dev` equal the CPU's within `tol`, for every model kind.
 fn step_equals_cpu<D: Device>(mut open: impl FnMut() -> D, tol: f32) {
     for (name, l, p, s, y) in kinds() {
-        let mut cpu = CpuCompute::default();
+        let mut cpu = CpuCompute::with_seed(5);
         let mut g = Grads::new(&l);
         let loss = cpu.step(&l, &p, &s, &y, &ROWS, &mut g);
         let mut r = Replica::new(open(), &l, &p).unwrap();
         let mut share = Share::build(&l, &s, &y, &ROWS);
         share.pull(&l, &p);
+        share.draw_masks(&l, &mut crate::model::dropout_state(5));
         r.step(&l, &share, p.wide_bias, 1.0).unwrap();
-        let (gw, gb) = r.dense_grads().unwrap();
+        let grads = r.dense_grads().unwrap();
         let pushed = r.push(&l, &share).unwrap();
         assert!(
             (pushed.loss - loss).abs() <= f64::from(tol) * loss.abs(),
             "{name}: loss {} vs {loss}",
             pushed.loss
         );
-        for (i, (a, b)) in gw.iter().zip(&g.w).enumerate() {
-            close(&format!("{name}: dW{i}"), a, b, tol);
+        let cpu_dense = g.w.iter().chain(&g.b).chain(&g.cross).chain(&g.bn);
+        assert_eq!(grads.len(), cpu_dense.clone().count(), "{name}");
+        for (i, (a, b)) in grads.iter().zip(cpu_dense).enumerate() {
+            close(&format!("{name}: dense tensor {i}"), a, b, tol);
         }
-        for (i, (a, b)) in gb.iter().zip(&g.b).enumerate() {
-            close(&format!("{name}: db{i}"), a, b, tol);
+        let stats = r.bn_stats(&l).unwrap();
+        for (i, st) in stats.iter().enumerate() {
+            let cpu_stats = [g.bn_batch[2 * i].clone(), g.bn_batch[2 * i + 1].clone()].concat();
+            close(
+                &format!("{name}: batch statistics {i}"),
+                st,
+                &cpu_stats,
+                tol,
+            );
         }
         let tables = share.emb.iter().zip(&pushed.emb).zip(&g.emb);
         let wide = share.wide.iter().zip(&pushed.wide).zip(&g.wide);
@@ -96,7 +147,12 @@ fn step_equals_cpu<D: Device>(mut open: impl FnMut() -> D, tol: f32) {
                 tol,
             );
         }
-        // The logits of a prediction are the CPU's.
+        // The logits of a prediction are the CPU's (a batch-normalized network predicts on
+        // the CPU only).
+        if l.batch_norm {
+            assert!(r.logits(&l, &share, p.wide_bias).is_err());
+            continue;
+        }
         let mut preds = Vec::new();
         cpu.predict(&l, &p, &s, &ROWS, &mut preds);
         let logits = r.logits(&l, &share, p.wide_bias).unwrap();
@@ -105,18 +161,37 @@ fn step_equals_cpu<D: Device>(mut open: impl FnMut() -> D, tol: f32) {
     }
 }
 
-/// Three steps of a fleet of `k` devices equal three CPU steps (one worker, Adam and Adagrad)
-/// within `tol` on every parameter.
+/// Three steps of a fleet of `k` devices equal three synchronous steps of `k` CPU workers
+/// (`parallel::sync_epoch`: each worker's share, batch statistics and dropout masks as each
+/// device's) within `tol` on every parameter.
 fn steps_equal_cpu<D: Device>(open: impl Fn(usize) -> D, k: usize, tol: f32) {
     for (name, l, p, s, y) in kinds() {
-        let mut cpu = (p.clone(), Optimizer::new(&p, 0.01, 0.1, 1e-3));
-        let mut dev = (p.clone(), Optimizer::new(&p, 0.01, 0.1, 1e-3));
-        let mut fleet = Fleet::new((0..k).map(&open).collect(), &l, &dev.0, &mut dev.1).unwrap();
-        let mut compute = CpuCompute::default();
-        let mut g = Grads::new(&l);
+        let opt = || Optimizer::new(&p, 0.01, 0.1, 1e-3).with_layout(&l);
+        let mut cpu = (p.clone(), opt());
+        let mut dev = (p.clone(), opt());
+        let devices = (0..k).map(&open).collect();
+        let mut fleet = Fleet::new(devices, &l, &dev.0, &mut dev.1, 5).unwrap();
+        let mut workers: Vec<(CpuCompute, Grads)> = (0..k)
+            .map(|w| (CpuCompute::with_seed(5 + w as u64), Grads::new(&l)))
+            .collect();
+        let data = crate::data::Dataset {
+            rows: Vec::new(),
+            labels: y.clone(),
+            slots: s.clone(),
+        };
+        let done = std::sync::atomic::AtomicUsize::new(0);
         for _ in 0..3 {
-            let cpu_loss = compute.step(&l, &cpu.0, &s, &y, &ROWS, &mut g);
-            cpu.1.apply(&mut cpu.0, &g);
+            let cpu_loss = crate::parallel::sync_epoch(
+                &l,
+                &mut cpu.0,
+                &mut cpu.1,
+                &data,
+                &ROWS,
+                ROWS.len(),
+                &mut workers,
+                k,
+                &done,
+            );
             let mut shares: Vec<Share> = prep::split(&ROWS, k)
                 .into_iter()
                 .map(|part| Share::build(&l, &s, &y, part))
@@ -124,11 +199,28 @@ fn steps_equal_cpu<D: Device>(open: impl Fn(usize) -> D, k: usize, tol: f32) {
             let loss = fleet
                 .step(&l, &mut dev.0, &mut dev.1, &mut shares, ROWS.len())
                 .unwrap();
-            assert!((loss - cpu_loss).abs() <= 1e-4 * cpu_loss, "{name}: loss");
+            assert!(
+                (loss - cpu_loss).abs() <= 1e-4 * cpu_loss,
+                "{name}: loss {loss} vs {cpu_loss}"
+            );
         }
         fleet.store(&mut dev.0, &mut dev.1).unwrap();
+        // Under batch normalization a hidden layer's bias has no gradient but rounding noise,
+        // which Adam scales up to steps of the learning rate, and the running means follow
+        // those biases: neither is compared (the biases' gradients are, near zero, and the
+        // batch statistics are, by the single-step test).
+        let noise: Vec<*const f32> = if l.batch_norm {
+            let biases = dev.0.b[..l.hidden()].iter();
+            let means = dev.0.bn_stats.iter().step_by(2);
+            biases.chain(means).map(|b| b.as_ptr()).collect()
+        } else {
+            Vec::new()
+        };
         let (a, b) = (&mut dev.0, &mut cpu.0);
         for (i, (x, y)) in a.tensors_mut().into_iter().zip(b.tensors_mut()).enumerate() {
+            if noise.contains(&x.as_ptr()) {
+                continue;
+            }
             close(&format!("{name}: tensor {i} after three steps"), x, y, tol);
         }
         assert_eq!(dev.1.steps(), 3);
@@ -246,26 +338,35 @@ fn where_a_run_trains() {
     );
     // What the device step does not compute: auto trains on the CPU, saying so; explicit
     // devices are refused.
-    let cross = Some(rankd_formats::config::CrossConfig {
-        layers: 1,
-        rank: 0,
-        structure: rankd_formats::CrossStructure::Parallel,
+    let (multitask, ..) = setup_config(None, false, 0.0, |c| {
+        c.wide = None;
+        c.fm = false;
+        c.heads = ["a", "b"]
+            .iter()
+            .map(|n| rankd_formats::config::HeadConfig {
+                name: (*n).into(),
+                label: None,
+                threshold: None,
+                weight: 1.0,
+            })
+            .collect();
+        c.multitask = Some(rankd_formats::config::MultiTaskConfig {
+            experts: 2,
+            tower: vec![3, 1],
+        });
     });
-    let (with_cross, ..) = setup_config(cross, false, 0.0, |_| {});
-    let (with_bn, ..) = setup_config(None, true, 0.0, |_| {});
-    let (with_dropout, ..) = setup_config(None, false, 0.1, |_| {});
-    for (l, what) in [
-        (&with_cross, "cross layers"),
-        (&with_bn, "batch_norm"),
-        (&with_dropout, "dropout"),
-    ] {
-        match choose("auto", l, &two, true).unwrap() {
-            Choice::Cpu(why) => assert!(why.contains(what), "{why}"),
-            other => panic!("{what}: {other:?}"),
-        }
-        let e = choose("emulated:1", l, &none, true).unwrap_err();
-        assert!(e.to_string().contains(what), "{e}");
+    match choose("auto", &multitask, &two, true).unwrap() {
+        Choice::Cpu(why) => assert!(why.contains("multi-task"), "{why}"),
+        other => panic!("{other:?}"),
     }
+    let e = choose("emulated:1", &multitask, &none, true).unwrap_err();
+    assert!(e.to_string().contains("multi-task"), "{e}");
+    // Cross layers, batch normalization and dropout train on the devices.
+    let (with_bn, ..) = setup_config(None, true, 0.1, |_| {});
+    assert_eq!(
+        choose("emulated:1", &with_bn, &none, true).unwrap(),
+        Choice::Emulated(1)
+    );
     let mut s = settings("auto");
     s.mode = Mode::Async;
     match super::choose(&s, &plain, &two, true).unwrap() {
