@@ -260,15 +260,17 @@ impl Params {
         v
     }
 
-    /// Every dense tensor trained with Adam but the multi-task ones, in a fixed order: the
-    /// layers' weights, their biases, the cross tensors, batch normalization's γ and β per
-    /// hidden layer ([`Optimizer::dense_moments_mut`] gives their state in the same order).
+    /// Every dense tensor trained with Adam, in a fixed order: the layers' weights, their
+    /// biases, the cross tensors, batch normalization's γ and β per hidden layer, the
+    /// multi-task tensors ([`Optimizer::dense_moments_mut`] gives their state in the same
+    /// order).
     pub fn dense(&self) -> Vec<&Vec<f32>> {
         self.w
             .iter()
             .chain(&self.b)
             .chain(&self.cross)
             .chain(&self.bn)
+            .chain(&self.mt)
             .collect()
     }
 
@@ -279,6 +281,7 @@ impl Params {
             .chain(self.b.iter_mut())
             .chain(self.cross.iter_mut())
             .chain(self.bn.iter_mut())
+            .chain(self.mt.iter_mut())
             .collect()
     }
 
@@ -1573,10 +1576,11 @@ impl Optimizer {
         (&mut self.acc_emb, &mut self.acc_wide, &mut self.acc_bias)
     }
 
-    /// Adam's state of every dense tensor but the multi-task ones, in [`Params::dense`] order:
+    /// Adam's state of every dense tensor, in [`Params::dense`] order:
     /// the moments `(m, v)` and whether L2 applies (the GPU trainer keeps them on the devices
     /// and brings them back for checkpoints).
     pub fn dense_moments_mut(&mut self) -> Vec<(&mut Vec<f32>, &mut Vec<f32>, bool)> {
+        let cross = self.mc.len();
         let mut out = Vec::new();
         out.extend(
             self.m
@@ -1603,6 +1607,13 @@ impl Optimizer {
                 .iter_mut()
                 .zip(self.vbn.iter_mut())
                 .map(|(m, v)| (m, v, false)),
+        );
+        out.extend(
+            self.mm
+                .iter_mut()
+                .zip(self.vm.iter_mut())
+                .enumerate()
+                .map(|(i, (m, v))| (m, v, decay.get(cross + i).copied().unwrap_or(true))),
         );
         out
     }
@@ -1717,7 +1728,7 @@ pub(crate) mod tests {
 
     /// A multi-task variant: no wide part or FM, `[5, 4]` experts, three heads with labels
     /// row by row.
-    fn setup_mt(experts: u32, tower: &[u32]) -> (Layout, Params, SlotBatch, Vec<f32>) {
+    pub(crate) fn setup_mt(experts: u32, tower: &[u32]) -> (Layout, Params, SlotBatch, Vec<f32>) {
         let (l, p, s, _) = setup_config(None, false, 0.0, |c| {
             c.wide = None;
             c.fm = false;

@@ -65,13 +65,28 @@ fn head(src: &Path, n: usize, dir: &Path, name: &str) -> PathBuf {
 /// The Adult example config on the first `train_rows` / `eval_rows` rows of the official split,
 /// copied into `dir`.
 fn slice_config(data: &Path, dir: &Path, train_rows: usize, eval_rows: usize) -> TrainConfig {
+    example_slice("train.toml", data, dir, train_rows, eval_rows)
+}
+
+/// [`slice_config`] of another Adult example config (its test files and held-out split off).
+fn example_slice(
+    name: &str,
+    data: &Path,
+    dir: &Path,
+    train_rows: usize,
+    eval_rows: usize,
+) -> TrainConfig {
     let train = head(&data.join("train.csv"), train_rows, dir, "train.csv");
     let eval = head(&data.join("test.csv"), eval_rows, dir, "test.csv");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/adult/train.toml");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/adult")
+        .join(name);
     let text = std::fs::read_to_string(&example).unwrap();
     let mut config = TrainConfig::from_toml(&text, example.parent().unwrap()).unwrap();
     config.train.train_files = vec![train];
     config.train.eval_files = vec![eval];
+    config.train.eval_split = None;
+    config.train.test_files = vec![];
     config
 }
 
@@ -474,12 +489,17 @@ fn multitask_heads_serve_what_the_trainer_evaluated() {
 /// (test AUC within 0.002, predictions close) and its written file serves exactly what it
 /// evaluated.
 fn device_trains_like_the_cpu(device: &str, names: &str) {
+    example_on_device_like_the_cpu("train.toml", 3000, device, names);
+}
+
+/// [`device_trains_like_the_cpu`] for the example config `example` on `rows` training rows.
+fn example_on_device_like_the_cpu(example: &str, rows: usize, device: &str, names: &str) {
     let Some(data) = adult() else {
         println!("skipped: ../shared/data/adult is not beside the repository");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut config = slice_config(&data, dir.path(), 3000, 1000);
+    let mut config = example_slice(example, &data, dir.path(), rows, 1000);
     config.train.epochs = 2;
     config.train.batch_size = 128;
     config.train.early_stopping = 0;
@@ -514,10 +534,20 @@ fn emulated_devices_train_like_the_cpu_and_serve_what_they_evaluated() {
 }
 
 #[test]
+fn cross_and_multitask_models_train_on_emulated_devices_like_the_cpu() {
+    let names = "training on 2 devices: emulated:0, emulated:1";
+    example_on_device_like_the_cpu("dcn.toml", 1500, "emulated:2", names);
+    example_on_device_like_the_cpu("multitask.toml", 1500, "emulated:2", names);
+}
+
+#[test]
 fn a_gpu_trains_like_the_cpu_and_serves_what_it_evaluated() {
     match rankd_engine::gpu::probe() {
         Ok(d) if !d.is_empty() => {
-            device_trains_like_the_cpu("cuda:0", "training on 1 device: cuda:0")
+            let names = "training on 1 device: cuda:0";
+            device_trains_like_the_cpu("cuda:0", names);
+            example_on_device_like_the_cpu("dcn.toml", 3000, "cuda:0", names);
+            example_on_device_like_the_cpu("multitask.toml", 3000, "cuda:0", names);
         }
         Ok(_) => println!("skipped: the CUDA driver sees no GPU"),
         Err(why) => println!("skipped: no GPU: {why}"),

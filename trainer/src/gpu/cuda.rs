@@ -17,7 +17,7 @@ use cudarc::driver::{
 };
 use cudarc::nccl::{Comm, ReduceOp};
 
-use super::device::{AdamStep, DResult, Device, DeviceError, Gemm, Pool, Seg};
+use super::device::{AdamStep, DResult, Device, DeviceError, Gemm, Head, Pool, Seg};
 
 /// The device code: one thread per element, example, column or row; a block per example for the
 /// pooling. Every reduction runs in a fixed order (deterministic, as the host executor).
@@ -114,11 +114,17 @@ extern "C" __global__ void tr_fm_backward(float* __restrict__ dx, const float* _
 extern "C" __global__ void tr_loss_grad(const float* __restrict__ logits,
                                         const float* __restrict__ labels,
                                         float* __restrict__ dlogit, float* __restrict__ loss,
-                                        unsigned n, float scale) {
+                                        unsigned n, unsigned stride, unsigned at, float w,
+                                        float scale) {
     unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= n) return;
-    float z = logits[b], y = labels[b];
-    loss[b] = log1pf(expf(-fabsf(z))) + fmaxf(z, 0.0f) - y * z;
+    float z = logits[b], y = labels[(unsigned long long)b * stride + at];
+    if (isnan(y)) {
+        loss[b] = 0.0f;
+        dlogit[b] = 0.0f;
+        return;
+    }
+    loss[b] = w * (log1pf(expf(-fabsf(z))) + fmaxf(z, 0.0f) - y * z);
     float p;
     if (z >= 0.0f) {
         p = 1.0f / (1.0f + expf(-z));
@@ -126,7 +132,54 @@ extern "C" __global__ void tr_loss_grad(const float* __restrict__ logits,
         float e = expf(z);
         p = e / (1.0f + e);
     }
-    dlogit[b] = (p - y) * scale;
+    dlogit[b] = w * (p - y) * scale;
+}
+
+extern "C" __global__ void tr_softmax_rows(float* __restrict__ x, unsigned n, unsigned k) {
+    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n) return;
+    float* row = x + (unsigned long long)b * k;
+    float max = -INFINITY;
+    for (unsigned e = 0; e < k; ++e) max = fmaxf(max, row[e]);
+    float sum = 0.0f;
+    for (unsigned e = 0; e < k; ++e) {
+        row[e] = expf(row[e] - max);
+        sum += row[e];
+    }
+    for (unsigned e = 0; e < k; ++e) row[e] /= sum;
+}
+
+extern "C" __global__ void tr_axpy_rows(float* __restrict__ dst, const float* __restrict__ p,
+                                        const float* __restrict__ src, unsigned e, unsigned k,
+                                        unsigned n, unsigned width) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (i >= (unsigned long long)n * width) return;
+    unsigned b = (unsigned)(i / width);
+    dst[i] += p[(unsigned long long)b * k + e] * src[i];
+}
+
+extern "C" __global__ void tr_row_dot(float* __restrict__ ds, const float* __restrict__ a,
+                                      const float* __restrict__ c, unsigned e, unsigned k,
+                                      unsigned n, unsigned width) {
+    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n) return;
+    const float* x = a + (unsigned long long)b * width;
+    const float* y = c + (unsigned long long)b * width;
+    float s = 0.0f;
+    for (unsigned j = 0; j < width; ++j) s += x[j] * y[j];
+    ds[(unsigned long long)b * k + e] = s;
+}
+
+extern "C" __global__ void tr_softmax_back(float* __restrict__ da, const float* __restrict__ p,
+                                           const float* __restrict__ ds, unsigned n,
+                                           unsigned k) {
+    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= n) return;
+    const float* s = p + (unsigned long long)b * k;
+    const float* d = ds + (unsigned long long)b * k;
+    float mean = 0.0f;
+    for (unsigned e = 0; e < k; ++e) mean += s[e] * d[e];
+    for (unsigned e = 0; e < k; ++e) da[(unsigned long long)b * k + e] = s[e] * (d[e] - mean);
 }
 
 extern "C" __global__ void tr_col_sum(const float* __restrict__ src, float* __restrict__ dst,
@@ -278,6 +331,10 @@ struct Kernels {
     fm_forward: CudaFunction,
     fm_backward: CudaFunction,
     loss_grad: CudaFunction,
+    softmax_rows: CudaFunction,
+    axpy_rows: CudaFunction,
+    row_dot: CudaFunction,
+    softmax_back: CudaFunction,
     col_sum: CudaFunction,
     relu_back: CudaFunction,
     mul: CudaFunction,
@@ -364,6 +421,10 @@ fn open_one(ordinal: usize) -> DResult<CudaDevice> {
         fm_forward: f("tr_fm_forward")?,
         fm_backward: f("tr_fm_backward")?,
         loss_grad: f("tr_loss_grad")?,
+        softmax_rows: f("tr_softmax_rows")?,
+        axpy_rows: f("tr_axpy_rows")?,
+        row_dot: f("tr_row_dot")?,
+        softmax_back: f("tr_softmax_back")?,
         col_sum: f("tr_col_sum")?,
         relu_back: f("tr_relu_back")?,
         mul: f("tr_mul")?,
@@ -676,16 +737,87 @@ impl Device for CudaDevice {
         &mut self,
         logits: &CudaSlice<f32>,
         labels: &CudaSlice<f32>,
+        head: Head,
         n: usize,
         scale: f32,
         dlogit: &mut CudaSlice<f32>,
         loss: &mut CudaSlice<f32>,
     ) -> DResult {
-        let nn = u(n);
+        let (nn, stride, at, w) = (u(n), u(head.stride), u(head.at), head.weight);
         launch!(self, loss_grad, per_item(n as u64), "loss", |b| {
             b.arg(logits).arg(labels).arg(dlogit).arg(loss);
-            b.arg(&nn).arg(&scale);
+            b.arg(&nn).arg(&stride).arg(&at).arg(&w).arg(&scale);
         })
+    }
+
+    fn softmax_rows(&mut self, x: &mut CudaSlice<f32>, n: usize, k: usize) -> DResult {
+        let (nn, kk) = (u(n), u(k));
+        launch!(self, softmax_rows, per_item(n as u64), "softmax", |b| {
+            b.arg(x).arg(&nn).arg(&kk);
+        })
+    }
+
+    fn axpy_rows(
+        &mut self,
+        dst: &mut CudaSlice<f32>,
+        p: &CudaSlice<f32>,
+        e: usize,
+        k: usize,
+        src: &CudaSlice<f32>,
+        n: usize,
+        width: usize,
+    ) -> DResult {
+        let total = (n * width) as u64;
+        if total == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ee, kk, nn, w) = (u(e), u(k), u(n), u(width));
+        launch!(self, axpy_rows, cfg, "gated mixture", |b| {
+            b.arg(dst).arg(p).arg(src);
+            b.arg(&ee).arg(&kk).arg(&nn).arg(&w);
+        })
+    }
+
+    fn row_dot(
+        &mut self,
+        ds: &mut CudaSlice<f32>,
+        e: usize,
+        k: usize,
+        a: &CudaSlice<f32>,
+        c: &CudaSlice<f32>,
+        n: usize,
+        width: usize,
+    ) -> DResult {
+        let (ee, kk, nn, w) = (u(e), u(k), u(n), u(width));
+        launch!(self, row_dot, per_item(n as u64), "gate gradient", |b| {
+            b.arg(ds).arg(a).arg(c);
+            b.arg(&ee).arg(&kk).arg(&nn).arg(&w);
+        })
+    }
+
+    fn softmax_back(
+        &mut self,
+        da: &mut CudaSlice<f32>,
+        p: &CudaSlice<f32>,
+        ds: &CudaSlice<f32>,
+        n: usize,
+        k: usize,
+    ) -> DResult {
+        let (nn, kk) = (u(n), u(k));
+        launch!(
+            self,
+            softmax_back,
+            per_item(n as u64),
+            "softmax backward",
+            |b| {
+                b.arg(da).arg(p).arg(ds).arg(&nn).arg(&kk);
+            }
+        )
     }
 
     fn col_sum(

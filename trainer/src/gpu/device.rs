@@ -79,6 +79,28 @@ pub struct Seg {
     pub col: usize,
 }
 
+/// Whose labels a loss reads: example `b`'s label at `labels[b · stride + at]` (a multi-task
+/// model's head `at` of `stride`; NaN: no label, no loss and no gradient), and the head's
+/// weight in the loss.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Head {
+    /// Labels per example.
+    pub stride: usize,
+    /// This head's.
+    pub at: usize,
+    /// Its weight.
+    pub weight: f32,
+}
+
+impl Head {
+    /// A single-task model's.
+    pub const ONE: Head = Head {
+        stride: 1,
+        at: 0,
+        weight: 1.0,
+    };
+}
+
 /// Adam's constants for one tensor at one step (see `model::adam`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
@@ -189,16 +211,55 @@ pub trait Device {
         fields: usize,
         dim: usize,
     ) -> DResult;
-    /// The log loss of `n` logits against `labels`: each example's loss (the stable form
-    /// `log(1 + e^-|z|) + max(z, 0) - y z`) into `loss` and `(σ(z) - y) · scale` into `dlogit`.
+    /// The log loss of `n` logits against `head`'s labels: each example's loss (`w ·` the stable
+    /// form `log(1 + e^-|z|) + max(z, 0) - y z`) into `loss` and `w (σ(z) - y) · scale` into
+    /// `dlogit`; both 0 where the label is NaN.
+    #[allow(clippy::too_many_arguments)]
     fn loss_grad(
         &mut self,
         logits: &Self::F,
         labels: &Self::F,
+        head: Head,
         n: usize,
         scale: f32,
         dlogit: &mut Self::F,
         loss: &mut Self::F,
+    ) -> DResult;
+    /// The softmax of each of the `n` rows of `x` (`k` wide), in place (max subtracted first).
+    fn softmax_rows(&mut self, x: &mut Self::F, n: usize, k: usize) -> DResult;
+    /// `dst[b][j] += p[b][e] · src[b][j]` (`p` is `n × k`, `dst` and `src` `n × width`): an
+    /// expert's share of a gated mixture, or of its gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn axpy_rows(
+        &mut self,
+        dst: &mut Self::F,
+        p: &Self::F,
+        e: usize,
+        k: usize,
+        src: &Self::F,
+        n: usize,
+        width: usize,
+    ) -> DResult;
+    /// `ds[b][e] = Σ_j a[b][j] · c[b][j]` (`ds` is `n × k`).
+    #[allow(clippy::too_many_arguments)]
+    fn row_dot(
+        &mut self,
+        ds: &mut Self::F,
+        e: usize,
+        k: usize,
+        a: &Self::F,
+        c: &Self::F,
+        n: usize,
+        width: usize,
+    ) -> DResult;
+    /// Through a softmax: `da[b][e] = p[b][e] · (ds[b][e] - Σ_f p[b][f] ds[b][f])`.
+    fn softmax_back(
+        &mut self,
+        da: &mut Self::F,
+        p: &Self::F,
+        ds: &Self::F,
+        n: usize,
+        k: usize,
     ) -> DResult;
     /// `dst[o] = Σ_b src[b][o]` (rows in order).
     fn col_sum(&mut self, src: &Self::F, n: usize, width: usize, dst: &mut Self::F) -> DResult;
@@ -530,15 +591,90 @@ impl Device for HostDevice {
         &mut self,
         logits: &Vec<f32>,
         labels: &Vec<f32>,
+        head: Head,
         n: usize,
         scale: f32,
         dlogit: &mut Vec<f32>,
         loss: &mut Vec<f32>,
     ) -> DResult {
+        let w = head.weight;
         for b in 0..n {
-            let (z, y) = (logits[b], labels[b]);
-            loss[b] = (-z.abs()).exp().ln_1p() + z.max(0.0) - y * z;
-            dlogit[b] = (rankd_engine::sigmoid(z) - y) * scale;
+            let (z, y) = (logits[b], labels[b * head.stride + head.at]);
+            if y.is_nan() {
+                loss[b] = 0.0;
+                dlogit[b] = 0.0;
+                continue;
+            }
+            loss[b] = w * ((-z.abs()).exp().ln_1p() + z.max(0.0) - y * z);
+            dlogit[b] = w * (rankd_engine::sigmoid(z) - y) * scale;
+        }
+        Ok(())
+    }
+
+    fn softmax_rows(&mut self, x: &mut Vec<f32>, n: usize, k: usize) -> DResult {
+        for row in x[..n * k].chunks_exact_mut(k) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            row.iter_mut().for_each(|v| *v = (*v - max).exp());
+            let sum: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
+        Ok(())
+    }
+
+    fn axpy_rows(
+        &mut self,
+        dst: &mut Vec<f32>,
+        p: &Vec<f32>,
+        e: usize,
+        k: usize,
+        src: &Vec<f32>,
+        n: usize,
+        width: usize,
+    ) -> DResult {
+        for b in 0..n {
+            let pe = p[b * k + e];
+            let row = &src[b * width..(b + 1) * width];
+            for (d, v) in dst[b * width..(b + 1) * width].iter_mut().zip(row) {
+                *d += pe * v;
+            }
+        }
+        Ok(())
+    }
+
+    fn row_dot(
+        &mut self,
+        ds: &mut Vec<f32>,
+        e: usize,
+        k: usize,
+        a: &Vec<f32>,
+        c: &Vec<f32>,
+        n: usize,
+        width: usize,
+    ) -> DResult {
+        for b in 0..n {
+            let (x, y) = (
+                &a[b * width..(b + 1) * width],
+                &c[b * width..(b + 1) * width],
+            );
+            ds[b * k + e] = x.iter().zip(y).map(|(x, y)| x * y).sum();
+        }
+        Ok(())
+    }
+
+    fn softmax_back(
+        &mut self,
+        da: &mut Vec<f32>,
+        p: &Vec<f32>,
+        ds: &Vec<f32>,
+        n: usize,
+        k: usize,
+    ) -> DResult {
+        for b in 0..n {
+            let (s, d) = (&p[b * k..(b + 1) * k], &ds[b * k..(b + 1) * k]);
+            let mean: f32 = s.iter().zip(d).map(|(a, b)| a * b).sum();
+            for e in 0..k {
+                da[b * k + e] = s[e] * (d[e] - mean);
+            }
         }
         Ok(())
     }

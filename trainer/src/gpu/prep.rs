@@ -95,7 +95,7 @@ pub struct Share {
     pub wide: Vec<TableShare>,
     /// Dense inputs, slot by slot (`dense slots × n`).
     pub dense: Vec<f32>,
-    /// Labels.
+    /// Labels (a multi-task model's: one per head, example by example).
     pub labels: Vec<f32>,
     /// Dropout masks per hidden layer (`n × out`, 0 or `1 / (1 - dropout)`); empty without
     /// dropout. Drawn by [`Share::draw_masks`].
@@ -128,7 +128,13 @@ impl Share {
                 .iter()
                 .flat_map(|&(slot, _)| examples.iter().map(move |&r| slots.dense(slot, r)))
                 .collect(),
-            labels: examples.iter().map(|&r| labels[r]).collect(),
+            labels: {
+                let h = layout.heads();
+                examples
+                    .iter()
+                    .flat_map(|&r| labels[r * h..(r + 1) * h].iter().copied())
+                    .collect()
+            },
             masks: Vec::new(),
         }
     }

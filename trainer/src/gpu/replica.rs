@@ -3,9 +3,9 @@
 //! passes of `model::CpuCompute` for wide, deep, wide & deep, DeepFM and DCN-v2 models, with
 //! batch normalization and dropout.
 
-use super::device::{AdamStep, DResult, Device, DeviceError, Gemm, Pool, Seg};
+use super::device::{AdamStep, DResult, Device, DeviceError, Gemm, Head, Pool, Seg};
 use super::prep::{Share, TableShare};
-use crate::model::{CrossSpec, Hyper, Layout, Optimizer, Params};
+use crate::model::{CrossSpec, Hyper, Layout, MtSpec, Optimizer, Params};
 
 /// A sparse table's buffers on the device.
 struct TableBufs<D: Device> {
@@ -66,6 +66,22 @@ pub struct Pushed {
     pub wide_bias: f32,
 }
 
+/// A multi-task model's buffers: per expert and layer its output (`e * L + i`), per head the
+/// gate's softmax, the head's input, its tower's outputs (`h * T + i`) and loss; per expert the
+/// gradient of its output; the gate's gradients.
+struct MtBufs<D: Device> {
+    expert: Vec<D::F>,
+    probs: Vec<D::F>,
+    input: Vec<D::F>,
+    tower: Vec<D::F>,
+    loss: Vec<D::F>,
+    d_expert: Vec<D::F>,
+    ds: D::F,
+    da: D::F,
+    /// Index of the first multi-task tensor in the dense list.
+    base: usize,
+}
+
 /// One device's state.
 pub struct Replica<D: Device> {
     /// The device.
@@ -94,6 +110,7 @@ pub struct Replica<D: Device> {
     cross_prev: D::F,
     cross_dt: D::F,
     cross_dp: D::F,
+    mt: MtBufs<D>,
     logits: D::F,
     wide_acc: D::F,
     fm_sum: D::F,
@@ -118,9 +135,7 @@ impl<D: Device> std::fmt::Debug for Replica<D> {
 
 /// Whether the device step computes `layout` (else the CPU does, and this says why).
 pub fn unsupported(layout: &Layout) -> Option<&'static str> {
-    if layout.mt.is_some() {
-        Some("multi-task heads")
-    } else if layout.cross.is_some() && layout.layers.is_empty() {
+    if layout.cross.is_some() && layout.layers.is_empty() {
         Some("cross layers without deep layers")
     } else {
         None
@@ -168,7 +183,27 @@ impl<D: Device> Replica<D> {
         let bn = if layout.batch_norm { hidden } else { 0 };
         let drop = if layout.dropout > 0.0 { hidden } else { 0 };
         let cross = layout.cross.map_or(0, |c| c.layers);
+        let (experts, heads) = layout
+            .mt
+            .as_ref()
+            .map_or((0, 0), |m| (m.experts, m.heads.len()));
+        let (nl, nt) = layout
+            .mt
+            .as_ref()
+            .map_or((0, 0), |m| (m.layers.len(), m.tower.len()));
+        let mt = MtBufs {
+            expert: bufs(&mut dev, experts * nl)?,
+            probs: bufs(&mut dev, heads)?,
+            input: bufs(&mut dev, heads)?,
+            tower: bufs(&mut dev, heads * nt)?,
+            loss: bufs(&mut dev, heads)?,
+            d_expert: bufs(&mut dev, experts)?,
+            ds: dev.zeros(1)?,
+            da: dev.zeros(1)?,
+            base: dense.len() - params.mt.len(),
+        };
         Ok(Replica {
+            mt,
             dense,
             layers: layout.layers.len(),
             cross_tensors: params.cross.len(),
@@ -246,6 +281,142 @@ impl<D: Device> Replica<D> {
             out.push(v);
         }
         Ok(out)
+    }
+
+    /// The experts, gates and towers of a multi-task model on the deep input `x` (`n` rows of
+    /// `d`): each head's logits end in its tower's last output.
+    fn mt_forward(&mut self, m: &MtSpec, d: usize, n: usize) -> DResult {
+        let (k, nl, nt) = (m.experts, m.layers.len(), m.tower.len());
+        let base = self.mt.base;
+        let (dev, mt, dense) = (&mut self.dev, &mut self.mt, &self.dense);
+        for e in 0..k {
+            for (i, &shape) in m.layers.iter().enumerate() {
+                let (done, rest) = mt.expert.split_at_mut(e * nl + i);
+                let input = if i == 0 {
+                    &self.x
+                } else {
+                    &done[e * nl + i - 1]
+                };
+                let t = base + m.expert(e, i);
+                layer_forward(dev, n, shape, input, dense, t, true, &mut rest[0])?;
+            }
+        }
+        let eo = m.layers[nl - 1].1;
+        for h in 0..m.heads.len() {
+            dev.ensure(&mut mt.input[h], n * eo)?;
+            if k == 1 {
+                dev.copy_add(&mut mt.input[h], &mt.expert[nl - 1], n * eo, 0.0)?;
+            } else {
+                let g = base + m.gate(h);
+                layer_forward(dev, n, (d, k), &self.x, dense, g, false, &mut mt.probs[h])?;
+                dev.softmax_rows(&mut mt.probs[h], n, k)?;
+                dev.zero(&mut mt.input[h], n * eo)?;
+                for e in 0..k {
+                    let out = &mt.expert[e * nl + nl - 1];
+                    dev.axpy_rows(&mut mt.input[h], &mt.probs[h], e, k, out, n, eo)?;
+                }
+            }
+            for (i, &shape) in m.tower.iter().enumerate() {
+                let (done, rest) = mt.tower.split_at_mut(h * nt + i);
+                let input = if i == 0 {
+                    &mt.input[h]
+                } else {
+                    &done[h * nt + i - 1]
+                };
+                let t = base + m.tower(h, i);
+                layer_forward(dev, n, shape, input, dense, t, i + 1 < nt, &mut rest[0])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A multi-task model's loss and gradients (the share's weighted by `weight`): every
+    /// multi-task tensor's, and the deep input's into `dx`.
+    fn mt_backward(&mut self, m: &MtSpec, d: usize, n: usize, weight: f32) -> DResult {
+        let (k, nl, nt, nh) = (m.experts, m.layers.len(), m.tower.len(), m.heads.len());
+        let base = self.mt.base;
+        let eo = m.layers[nl - 1].1;
+        let (dev, mt, dense) = (&mut self.dev, &mut self.mt, &mut self.dense);
+        dev.ensure(&mut self.dx, (n * d).max(1))?;
+        dev.zero(&mut self.dx, n * d)?;
+        for g in &mut mt.d_expert {
+            dev.ensure(g, n * eo)?;
+            dev.zero(g, n * eo)?;
+        }
+        let scale = weight / n as f32;
+        for h in 0..nh {
+            let head = Head {
+                stride: nh,
+                at: h,
+                weight: m.weights[h],
+            };
+            dev.ensure(&mut self.dz, n)?;
+            dev.ensure(&mut mt.loss[h], n)?;
+            let z = &mt.tower[h * nt + nt - 1];
+            dev.loss_grad(
+                z,
+                &self.labels,
+                head,
+                n,
+                scale,
+                &mut self.dz,
+                &mut mt.loss[h],
+            )?;
+            for i in (0..nt).rev() {
+                let input = if i == 0 {
+                    &mt.input[h]
+                } else {
+                    &mt.tower[h * nt + i - 1]
+                };
+                let t = base + m.tower(h, i);
+                let shape = m.tower[i];
+                layer_backward(dev, n, shape, input, dense, t, &self.dz, &mut self.dh)?;
+                if i > 0 {
+                    dev.ensure(&mut self.dz, n * shape.0)?;
+                    dev.relu_back(&mut self.dz, &self.dh, input, n * shape.0, 1.0)?;
+                } else {
+                    std::mem::swap(&mut self.dz, &mut self.dh);
+                }
+            }
+            // `dz` is now the gradient of the head's input.
+            if k == 1 {
+                dev.add(&mut mt.d_expert[0], &self.dz, n * eo)?;
+                continue;
+            }
+            dev.ensure(&mut mt.ds, n * k)?;
+            dev.ensure(&mut mt.da, n * k)?;
+            for e in 0..k {
+                let out = &mt.expert[e * nl + nl - 1];
+                dev.row_dot(&mut mt.ds, e, k, &self.dz, out, n, eo)?;
+                dev.axpy_rows(&mut mt.d_expert[e], &mt.probs[h], e, k, &self.dz, n, eo)?;
+            }
+            dev.softmax_back(&mut mt.da, &mt.probs[h], &mt.ds, n, k)?;
+            let g = base + m.gate(h);
+            layer_backward(dev, n, (d, k), &self.x, dense, g, &mt.da, &mut self.dh)?;
+            dev.add(&mut self.dx, &self.dh, n * d)?;
+        }
+        for e in 0..k {
+            let last = &mt.expert[e * nl + nl - 1];
+            dev.ensure(&mut self.dz, n * eo)?;
+            dev.relu_back(&mut self.dz, &mt.d_expert[e], last, n * eo, 1.0)?;
+            for i in (0..nl).rev() {
+                let input = if i == 0 {
+                    &self.x
+                } else {
+                    &mt.expert[e * nl + i - 1]
+                };
+                let t = base + m.expert(e, i);
+                let shape = m.layers[i];
+                layer_backward(dev, n, shape, input, dense, t, &self.dz, &mut self.dh)?;
+                if i > 0 {
+                    dev.ensure(&mut self.dz, n * shape.0)?;
+                    dev.relu_back(&mut self.dz, &self.dh, input, n * shape.0, 1.0)?;
+                } else {
+                    dev.add(&mut self.dx, &self.dh, n * d)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The cross layers on the deep input `x` (`n` rows of `d`).
@@ -359,6 +530,9 @@ impl<D: Device> Replica<D> {
                 d.set_col(&mut self.x, n, k, col, &self.dense_in, j * n)?;
             }
         }
+        if let Some(m) = &l.mt {
+            return self.mt_forward(m, k, n);
+        }
         if let Some(c) = &l.cross {
             self.cross_forward(c, k, n)?;
         }
@@ -470,8 +644,22 @@ impl<D: Device> Replica<D> {
     /// Predicted logits of a pulled share (tests; evaluation runs on the CPU).
     pub fn logits(&mut self, l: &Layout, share: &Share, wide_bias: f32) -> DResult<Vec<f32>> {
         self.forward(l, share, wide_bias, false, 1.0)?;
-        let mut out = vec![0.0; share.n];
-        self.dev.get(&self.logits, &mut out)?;
+        let n = share.n;
+        let Some(m) = &l.mt else {
+            let mut out = vec![0.0; n];
+            self.dev.get(&self.logits, &mut out)?;
+            return Ok(out);
+        };
+        // Head by head, interleaved: example `b`'s head `h` at `b * heads + h`.
+        let (nh, nt) = (m.heads.len(), m.tower.len());
+        let mut out = vec![0.0; n * nh];
+        let mut head = vec![0.0; n];
+        for h in 0..nh {
+            self.dev.get(&self.mt.tower[h * nt + nt - 1], &mut head)?;
+            for (b, &z) in head.iter().enumerate() {
+                out[b * nh + h] = z;
+            }
+        }
         Ok(out)
     }
 
@@ -593,6 +781,10 @@ impl<D: Device> Replica<D> {
         }
         self.forward(l, share, wide_bias, true, weight)?;
         let k = l.deep_in;
+        if let Some(m) = &l.mt {
+            self.mt_backward(m, k, n, weight)?;
+            return self.sparse_grads(l, share);
+        }
         let nl = self.layers;
         let keep = 1.0 / (1.0 - l.dropout);
         let stacked = l.cross.filter(|c| !c.parallel).map(|c| c.layers);
@@ -603,6 +795,7 @@ impl<D: Device> Replica<D> {
             d.loss_grad(
                 &self.logits,
                 &self.labels,
+                Head::ONE,
                 n,
                 weight / n as f32,
                 &mut self.dlogit,
@@ -734,8 +927,8 @@ impl<D: Device> Replica<D> {
             }
             self.cross_backward(&c, k, n)?;
         }
-        let d = &mut self.dev;
         if l.fm {
+            let d = &mut self.dev;
             let dim = l.emb[0].dim;
             d.fm_backward(
                 &mut self.dx,
@@ -749,6 +942,14 @@ impl<D: Device> Replica<D> {
                 dim,
             )?;
         }
+        self.sparse_grads(l, share)
+    }
+
+    /// The sparse gradients from the deep input's (`dx`) and the logits' (`dlogit`): each
+    /// pulled row's, reduced over its occurrences.
+    fn sparse_grads(&mut self, l: &Layout, share: &Share) -> DResult {
+        let k = l.deep_in;
+        let d = &mut self.dev;
         for ((bufs, t), e) in self.emb.iter_mut().zip(&share.emb).zip(&l.emb) {
             let s = Seg {
                 rows: t.rows.len(),
@@ -818,7 +1019,15 @@ impl<D: Device> Replica<D> {
     pub fn push(&mut self, l: &Layout, share: &Share) -> DResult<Pushed> {
         let n = share.n;
         let mut out = Pushed::default();
-        if n > 0 {
+        if n > 0 && l.mt.is_some() {
+            self.host.resize(n, 0.0);
+            for loss in &self.mt.loss {
+                self.dev.get(loss, &mut self.host)?;
+                for &v in &self.host {
+                    out.loss += f64::from(v);
+                }
+            }
+        } else if n > 0 {
             self.host.resize(n, 0.0);
             self.dev.get(&self.loss, &mut self.host)?;
             out.loss = self.host.iter().map(|&v| f64::from(v)).sum();
@@ -843,4 +1052,74 @@ impl<D: Device> Replica<D> {
         }
         Ok(out)
     }
+}
+
+/// `out = act(input Wᵀ + b)` for `n` rows, `W` and `b` dense tensors `t` and `t + 1`.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward<D: Device>(
+    dev: &mut D,
+    n: usize,
+    (inp, out): (usize, usize),
+    input: &D::F,
+    dense: &[Dense<D>],
+    t: usize,
+    relu: bool,
+    dst: &mut D::F,
+) -> DResult {
+    dev.ensure(dst, (n * out).max(1))?;
+    let g = Gemm {
+        m: n,
+        n: out,
+        k: inp,
+        ta: false,
+        tb: true,
+        lda: inp,
+        ldb: inp,
+        ldc: out,
+        beta: 0.0,
+    };
+    dev.gemm(g, input, &dense[t].w, dst)?;
+    dev.bias_act(dst, n, out, &dense[t + 1].w, relu)
+}
+
+/// A layer's gradients from `dz` (`n × out`, its pre-activation's): `dW = dzᵀ input` and `db`
+/// (the column sums) into dense tensors `t` and `t + 1`, and the input's gradient `dz W` into
+/// `dinput`.
+#[allow(clippy::too_many_arguments)]
+fn layer_backward<D: Device>(
+    dev: &mut D,
+    n: usize,
+    (inp, out): (usize, usize),
+    input: &D::F,
+    dense: &mut [Dense<D>],
+    t: usize,
+    dz: &D::F,
+    dinput: &mut D::F,
+) -> DResult {
+    let g = Gemm {
+        m: out,
+        n: inp,
+        k: n,
+        ta: true,
+        tb: false,
+        lda: out,
+        ldb: inp,
+        ldc: inp,
+        beta: 0.0,
+    };
+    dev.gemm(g, dz, input, &mut dense[t].g)?;
+    dev.col_sum(dz, n, out, &mut dense[t + 1].g)?;
+    dev.ensure(dinput, (n * inp).max(1))?;
+    let g = Gemm {
+        m: n,
+        n: inp,
+        k: out,
+        ta: false,
+        tb: false,
+        lda: out,
+        ldb: inp,
+        ldc: inp,
+        beta: 0.0,
+    };
+    dev.gemm(g, dz, &dense[t].w, dinput)
 }

@@ -5,7 +5,7 @@ use super::device::{Device, HostDevice};
 use super::prep::Share;
 use super::replica::Replica;
 use super::*;
-use crate::model::tests::setup_config;
+use crate::model::tests::{setup_config, setup_mt};
 use crate::model::{Compute, CpuCompute, Grads};
 use rankd_feature_ops::SlotBatch;
 use rankd_formats::config::ModelConfig;
@@ -65,13 +65,23 @@ fn kinds() -> Vec<(&'static str, Layout, Params, SlotBatch, Vec<f32>)> {
             0.2,
         ),
     ];
-    edits
+    let mut out: Vec<_> = edits
         .into_iter()
         .map(|(name, edit, cross, bn, dropout)| {
             let (l, p, s, y) = setup_config(cross, bn, dropout, edit);
             (name, l, p, s, y)
         })
-        .collect()
+        .collect();
+    // Multi-task: a shared bottom with towers, and MMoE; one label missing (NaN).
+    for (name, experts, tower) in [
+        ("shared bottom, 3 heads", 1, &[3, 1][..]),
+        ("MMoE, 3 experts, 3 heads", 3, &[1][..]),
+    ] {
+        let (l, p, s, mut y) = setup_mt(experts, tower);
+        y[5] = f32::NAN;
+        out.push((name, l, p, s, y));
+    }
+    out
 }
 
 /// Examples of a step: every row, some twice (repeated ids in the sparse gradients).
@@ -105,7 +115,12 @@ fn step_equals_cpu<D: Device>(mut open: impl FnMut() -> D, tol: f32) {
             "{name}: loss {} vs {loss}",
             pushed.loss
         );
-        let cpu_dense = g.w.iter().chain(&g.b).chain(&g.cross).chain(&g.bn);
+        let cpu_dense =
+            g.w.iter()
+                .chain(&g.b)
+                .chain(&g.cross)
+                .chain(&g.bn)
+                .chain(&g.mt);
         assert_eq!(grads.len(), cpu_dense.clone().count(), "{name}");
         for (i, (a, b)) in grads.iter().zip(cpu_dense).enumerate() {
             close(&format!("{name}: dense tensor {i}"), a, b, tol);
@@ -336,31 +351,12 @@ fn where_a_run_trains() {
         choose("emulated:2", &plain, &none, true).unwrap(),
         Choice::Emulated(2)
     );
-    // What the device step does not compute: auto trains on the CPU, saying so; explicit
-    // devices are refused.
-    let (multitask, ..) = setup_config(None, false, 0.0, |c| {
-        c.wide = None;
-        c.fm = false;
-        c.heads = ["a", "b"]
-            .iter()
-            .map(|n| rankd_formats::config::HeadConfig {
-                name: (*n).into(),
-                label: None,
-                threshold: None,
-                weight: 1.0,
-            })
-            .collect();
-        c.multitask = Some(rankd_formats::config::MultiTaskConfig {
-            experts: 2,
-            tower: vec![3, 1],
-        });
-    });
-    match choose("auto", &multitask, &two, true).unwrap() {
-        Choice::Cpu(why) => assert!(why.contains("multi-task"), "{why}"),
-        other => panic!("{other:?}"),
-    }
-    let e = choose("emulated:1", &multitask, &none, true).unwrap_err();
-    assert!(e.to_string().contains("multi-task"), "{e}");
+    // Multi-task models train on the devices.
+    let (multitask, ..) = setup_mt(2, &[3, 1]);
+    assert_eq!(
+        choose("emulated:1", &multitask, &none, true).unwrap(),
+        Choice::Emulated(1)
+    );
     // Cross layers, batch normalization and dropout train on the devices.
     let (with_bn, ..) = setup_config(None, true, 0.1, |_| {});
     assert_eq!(
