@@ -108,16 +108,27 @@ impl<D: Device> Fleet<D> {
         total: usize,
     ) -> DResult<f64> {
         prep::pull(shares, layout, params, self.threads);
+        let h = self.launch(layout, params, opt, shares, total)?;
+        Ok(self.finish(layout, params, opt, &h, shares)?.0)
+    }
+
+    /// Starts a step over pulled shares: dropout masks, forward and backward on every device,
+    /// the dense all-reduce and Adam (queued on GPUs: the host is free until
+    /// [`Fleet::finish`]). Returns the step's constants.
+    fn launch(
+        &mut self,
+        layout: &Layout,
+        params: &Params,
+        opt: &mut Optimizer,
+        shares: &mut [Share],
+        total: usize,
+    ) -> DResult<Hyper> {
         for (s, state) in shares.iter_mut().zip(&mut self.rng) {
             s.draw_masks(layout, state);
         }
         for (r, s) in self.replicas.iter_mut().zip(shares.iter()) {
-            r.step(
-                layout,
-                s,
-                params.wide_bias,
-                s.n as f32 / total.max(1) as f32,
-            )?;
+            let weight = s.n as f32 / total.max(1) as f32;
+            r.step(layout, s, params.wide_bias, weight)?;
         }
         if self.replicas.len() > 1 {
             let mut group: Vec<_> = self
@@ -126,6 +137,27 @@ impl<D: Device> Fleet<D> {
                 .map(|r| r.grads_mut(layout))
                 .collect();
             D::all_reduce(&mut group)?;
+        }
+        let h = opt.begin_step();
+        for r in &mut self.replicas {
+            r.adam(&h)?;
+        }
+        Ok(h)
+    }
+
+    /// Waits for the step [`Fleet::launch`] started over `shares`, applies its sparse update
+    /// and the running statistics; returns the loss and, per table, the rows it updated.
+    fn finish(
+        &mut self,
+        layout: &Layout,
+        params: &mut Params,
+        opt: &mut Optimizer,
+        h: &Hyper,
+        shares: &[Share],
+    ) -> DResult<(f64, Vec<Vec<u32>>)> {
+        let mut pushed = Vec::with_capacity(shares.len());
+        for (r, s) in self.replicas.iter_mut().zip(shares.iter()) {
+            pushed.push(r.push(layout, s)?);
         }
         // Batch normalization's running statistics follow the batch's (the shares' weighted).
         if layout.batch_norm {
@@ -140,17 +172,9 @@ impl<D: Device> Fleet<D> {
                 }
             }
         }
-        let h = opt.begin_step();
-        for r in &mut self.replicas {
-            r.adam(&h)?;
-        }
-        let mut pushed = Vec::with_capacity(shares.len());
-        for (r, s) in self.replicas.iter_mut().zip(shares.iter()) {
-            pushed.push(r.push(layout, s)?);
-        }
         let loss = pushed.iter().map(|p| p.loss).sum();
-        apply_pushed(layout, params, opt, &h, shares, &pushed, self.threads);
-        Ok(loss)
+        let touched = apply_pushed(layout, params, opt, h, shares, &pushed, self.threads);
+        Ok((loss, touched))
     }
 
     /// One synchronous epoch over `order` in batches of `batch_size`; returns the summed loss.
@@ -184,16 +208,37 @@ impl<D: Device> Fleet<D> {
                 });
                 inputs.push(rx);
             }
-            let mut loss = 0f64;
-            for b in &batches {
+            let recv = || -> DResult<Vec<Share>> {
                 let mut shares = Vec::with_capacity(k);
                 for rx in &inputs {
-                    shares.push(
-                        rx.recv()
-                            .map_err(|_| DeviceError("an input thread stopped".into()))?,
-                    );
+                    let s = rx.recv();
+                    shares.push(s.map_err(|_| DeviceError("an input thread stopped".into()))?);
                 }
-                loss += self.step(layout, params, opt, &mut shares, b.len())?;
+                Ok(shares)
+            };
+            // The next batch's rows are pulled while the devices compute this one; those this
+            // step updates are pulled again after its update, so every step reads exactly the
+            // rows a step-by-step run reads.
+            let mut loss = 0f64;
+            let mut next = None;
+            if !batches.is_empty() {
+                let mut first = recv()?;
+                prep::pull(&mut first, layout, params, self.threads);
+                next = Some(first);
+            }
+            for (i, b) in batches.iter().enumerate() {
+                let Some(mut shares) = next.take() else { break };
+                let h = self.launch(layout, params, opt, &mut shares, b.len())?;
+                if i + 1 < batches.len() {
+                    let mut ahead = recv()?;
+                    prep::pull(&mut ahead, layout, params, self.threads);
+                    next = Some(ahead);
+                }
+                let (l, touched) = self.finish(layout, params, opt, &h, &shares)?;
+                loss += l;
+                if let Some(ahead) = next.as_mut() {
+                    prep::refresh(ahead, layout, params, &touched);
+                }
                 done.fetch_add(b.len(), Ordering::Relaxed);
             }
             Ok(loss)
@@ -211,7 +256,8 @@ impl<D: Device> std::fmt::Debug for Fleet<D> {
 
 /// The host's half of a step's sparse update (the parameter server's): every device's pushed
 /// rows of every table merged in device order, Adagrad on them with the step's constants `h`
-/// (tables spread over `threads` threads), and the wide bias.
+/// (tables spread over `threads` threads), and the wide bias. Returns the rows updated, per
+/// table (embedding tables, then wide slots), ascending.
 pub fn apply_pushed(
     layout: &Layout,
     params: &mut Params,
@@ -220,7 +266,7 @@ pub fn apply_pushed(
     shares: &[Share],
     pushed: &[Pushed],
     threads: usize,
-) {
+) -> Vec<Vec<u32>> {
     let bias_grad: f32 = pushed.iter().map(|p| p.wide_bias).sum();
     // Per table (embedding tables, then wide slots): its rows and their gradients, summed
     // over the devices in device order.
@@ -257,6 +303,7 @@ pub fn apply_pushed(
         crate::model::adagrad_rows(h, w, acc, *dim, rows, values);
     });
     crate::model::adagrad_bias(h, &mut params.wide_bias, acc_bias, bias_grad);
+    merged.into_iter().map(|(rows, _, _)| rows).collect()
 }
 
 /// The devices a run trains on.

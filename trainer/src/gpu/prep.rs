@@ -158,6 +158,28 @@ pub fn pull(shares: &mut [Share], layout: &Layout, params: &Params, threads: usi
     par_each(work, threads, |(t, table, dim)| t.pull(table, dim));
 }
 
+/// Pulls again the rows of `shares` that a step updated after they were pulled (`touched`: per
+/// table, embedding tables then wide slots, ascending).
+pub fn refresh(shares: &mut [Share], layout: &Layout, params: &Params, touched: &[Vec<u32>]) {
+    for s in shares {
+        let emb = s.emb.iter_mut().zip(&layout.emb).zip(&params.emb);
+        let emb = emb.map(|((t, e), table)| (t, table.as_slice(), e.dim));
+        let wide = s.wide.iter_mut().zip(&params.wide);
+        let wide = wide.map(|(t, w)| (t, w.as_slice(), 1));
+        for ((t, table, dim), updated) in emb.chain(wide).zip(touched) {
+            // Both lists ascending: one pass.
+            let mut u = updated.iter().peekable();
+            for (j, &row) in t.rows.iter().enumerate() {
+                while u.next_if(|&&r| r < row).is_some() {}
+                if u.peek() == Some(&&row) {
+                    let at = row as usize * dim;
+                    t.values[j * dim..(j + 1) * dim].copy_from_slice(&table[at..at + dim]);
+                }
+            }
+        }
+    }
+}
+
 /// Runs `f` on every item, the items dealt round-robin to at most `threads` scoped threads (the
 /// calling thread takes the first share).
 pub fn par_each<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync) {

@@ -370,3 +370,48 @@ fn where_a_run_trains() {
         other => panic!("{other:?}"),
     }
 }
+
+/// An epoch, whose next batch's rows are pulled while the devices compute (and pulled again
+/// where the step updated them), equals the same batches stepped one by one, bit for bit.
+#[test]
+fn an_epoch_with_its_pulls_overlapped_equals_step_by_step() {
+    // Few distinct examples: consecutive batches share most of their rows.
+    let order = [0, 1, 2, 3, 3, 2, 1, 0, 2, 2, 1, 3, 0];
+    for (name, l, p, s, y) in kinds() {
+        let data = crate::data::Dataset {
+            rows: Vec::new(),
+            labels: y.clone(),
+            slots: s.clone(),
+        };
+        let opt = || Optimizer::new(&p, 0.01, 0.1, 1e-3).with_layout(&l);
+        let devices = || vec![HostDevice::new(0), HostDevice::new(1)];
+        let (mut pa, mut oa) = (p.clone(), opt());
+        let mut fa = Fleet::new(devices(), &l, &pa, &mut oa, 5).unwrap();
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let la = fa
+            .epoch(&l, &mut pa, &mut oa, &data, &order, 3, &done)
+            .unwrap();
+        fa.store(&mut pa, &mut oa).unwrap();
+        let (mut pb, mut ob) = (p.clone(), opt());
+        let mut fb = Fleet::new(devices(), &l, &pb, &mut ob, 5).unwrap();
+        let mut lb = 0.0;
+        for b in order.chunks(3) {
+            let mut shares: Vec<Share> = prep::split(b, 2)
+                .into_iter()
+                .map(|part| Share::build(&l, &s, &y, part))
+                .collect();
+            lb += fb.step(&l, &mut pb, &mut ob, &mut shares, b.len()).unwrap();
+        }
+        fb.store(&mut pb, &mut ob).unwrap();
+        assert_eq!(la, lb, "{name}: loss");
+        assert_eq!(done.into_inner(), order.len());
+        for (i, (a, b)) in pa
+            .tensors_mut()
+            .into_iter()
+            .zip(pb.tensors_mut())
+            .enumerate()
+        {
+            assert_eq!(a, b, "{name}: tensor {i}");
+        }
+    }
+}
