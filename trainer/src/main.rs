@@ -44,8 +44,9 @@ struct Cli {
     /// Parameter-server shard processes started with --processes (default [train].ps_shards).
     #[arg(long)]
     ps_shards: Option<usize>,
-    /// Where to train: auto, cpu, cuda, cuda:0,1 or emulated:N (default [train].device).
-    #[arg(long)]
+    /// Where to train: auto, cpu, cuda, cuda:0,1 or emulated:N (default [train].device). A
+    /// worker process of a job trains on one of them (worker i on the (i mod count)-th).
+    #[arg(long, global = true)]
     device: Option<String>,
     /// The cluster description (TF_CONFIG JSON) in a file, instead of the TF_CONFIG variable.
     #[arg(long)]
@@ -175,8 +176,12 @@ fn run_worker(
     output: Option<PathBuf>,
     resume: bool,
     patience: Duration,
+    device: Option<String>,
 ) -> Result<()> {
-    let config = load(config_path)?;
+    let mut config = load(config_path)?;
+    if let Some(d) = device {
+        config.train.device = d;
+    }
     let output = output_of(&config, output)?;
     let checkpoint = checkpoint_of(&config, &output);
     let job = Job {
@@ -291,7 +296,10 @@ fn run(cli: Cli) -> Result<()> {
             if index >= workers || ps.is_empty() {
                 bail!("give --ps ADDR[,ADDR...] and --index below --workers");
             }
-            return run_worker(&config, &ps, index, workers, output, resume, patience);
+            let device = cli.device.clone();
+            return run_worker(
+                &config, &ps, index, workers, output, resume, patience, device,
+            );
         }
         None => {}
     }
@@ -325,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
                     cli.output,
                     cli.resume,
                     patience,
+                    cli.device,
                 )
             }
             Task::Idle => {
@@ -346,6 +355,8 @@ fn run(cli: Cli) -> Result<()> {
         if cli.resume {
             args.push("--resume".into());
         }
+        args.push("--device".into());
+        args.push(config.train.device.clone().into());
         args.push("--connect-timeout".into());
         args.push(cli.connect_timeout.to_string().into());
         let shards = cli.ps_shards.unwrap_or(config.train.ps_shards).max(1);

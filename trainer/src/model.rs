@@ -599,6 +599,18 @@ impl Grads {
         }
     }
 
+    /// The dense gradients, in `Params::dense` order (layers' weights, biases, cross tensors,
+    /// batch normalization's γ and β, multi-task tensors).
+    pub fn dense_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        self.w
+            .iter_mut()
+            .chain(self.b.iter_mut())
+            .chain(self.cross.iter_mut())
+            .chain(self.bn.iter_mut())
+            .chain(self.mt.iter_mut())
+            .collect()
+    }
+
     /// Multiplies every gradient by `scale`.
     pub fn scale(&mut self, scale: f32) {
         for g in self.emb.iter_mut().chain(self.wide.iter_mut()) {

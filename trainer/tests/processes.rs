@@ -19,7 +19,8 @@ fn head(src: &Path, n: usize, dst: &Path) {
     std::fs::write(dst, text.lines().take(n + 1).collect::<Vec<_>>().join("\n")).unwrap();
 }
 
-/// The Adult example config on slices of the data, with checkpoints every epoch.
+/// The Adult example config on slices of the data, with checkpoints every epoch, on the CPU
+/// (the tests compare jobs with one process bit for bit; `--device` overrides it).
 fn config(dir: &Path, data: &Path) -> PathBuf {
     head(&data.join("train.csv"), 4000, &dir.join("train.csv"));
     head(&data.join("test.csv"), 1500, &dir.join("test.csv"));
@@ -28,7 +29,7 @@ fn config(dir: &Path, data: &Path) -> PathBuf {
     let i = text.find("\n[train]\n").unwrap() + 1;
     let fits = &text[text.find("\n[[train.fit]]\n").unwrap() + 1..];
     let body = format!(
-        "{}[train]\ntrain_files = [\"train.csv\"]\neval_files = [\"test.csv\"]\nepochs = 4\nbatch_size = 32\nseed = 11\ncheckpoint_every = 1\nname = \"adult\"\n\n{}",
+        "{}[train]\ntrain_files = [\"train.csv\"]\neval_files = [\"test.csv\"]\nepochs = 4\nbatch_size = 32\nseed = 11\ncheckpoint_every = 1\nname = \"adult\"\ndevice = \"cpu\"\n\n{}",
         &text[..i],
         fits
     );
@@ -204,6 +205,46 @@ fn one_process_one_shard_and_two_shards_train_the_same_model() {
     }
     assert_eq!(weights(&k1), weights(&k2), "2 workers: 1 shard vs 2 shards");
     assert!(eval_auc(&k2) > 0.85, "{}", eval_auc(&k2));
+}
+
+/// Worker processes computing on (emulated) devices, one each: the shards hold and update every
+/// parameter as for CPU workers, and the job learns the CPU job's model.
+#[test]
+fn workers_on_devices_train_like_cpu_workers() {
+    let Some(data) = adult() else {
+        println!("skipped: ../shared/data/adult is not beside the repository");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &data);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("epochs = 4", "epochs = 2")).unwrap();
+    let job = ["--processes", "2", "--ps-shards", "2"];
+    let cpu = dir.path().join("cpu.rkm");
+    train(&cfg, &cpu, &job);
+    let dev = dir.path().join("dev.rkm");
+    let log = train(
+        &cfg,
+        &dev,
+        &[&job[..], &["--device", "emulated:2"]].concat(),
+    );
+    assert!(log.contains("worker 0: training on emulated:0"), "{log}");
+    assert!(log.contains("worker 1: training on emulated:1"), "{log}");
+    let (a, b) = (eval_auc(&cpu), eval_auc(&dev));
+    assert!(
+        (a - b).abs() < 0.002,
+        "auc: CPU workers {a}, device workers {b}"
+    );
+    let worst = weights(&cpu)
+        .iter()
+        .flatten()
+        .zip(weights(&dev).iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 0.05,
+        "device workers drifted from CPU workers by {worst}"
+    );
 }
 
 /// DCN-v2 cross tensors live on the shards like the deep layers: a job with low-rank cross

@@ -558,15 +558,6 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
                 .into(),
         ));
     }
-    match s.device.parse::<crate::gpu::DeviceSpec>() {
-        Ok(crate::gpu::DeviceSpec::Auto | crate::gpu::DeviceSpec::Cpu) => {}
-        Ok(other) => {
-            return Err(TrainError::Config(format!(
-                "device = \"{other}\": a worker process of a multi-process job trains on the CPU (GPU workers train in one process: `rankd-train --config F --device cuda`)"
-            )))
-        }
-        Err(e) => return Err(TrainError::Config(e)),
-    }
     let chief = job.index == 0;
     let mut shards = Shards::connect(job.ps, job.patience)?;
     // Async: a second connection to every shard for the prefetching pulls.
@@ -672,7 +663,10 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
     let mut best = resumed.map_or((f64::NEG_INFINITY, 0usize), |p| {
         (p.best_score, p.best_epoch)
     });
-    let mut compute = CpuCompute::default();
+    // This worker's steps: on its GPU (or emulated device) when `[train] device` says so, else
+    // the CPU; the shards apply every update either way. Dropout masks are drawn as the
+    // in-process trainer's worker of the same index draws them.
+    let mut compute = crate::gpu::compute::WorkerCompute::start(s, &plan.layout, job.index, log)?;
     let mut grads = Grads::new(&plan.layout);
     let mut params = Params::default();
     let mut round = 0u64;
@@ -725,7 +719,7 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
                             &local.labels,
                             &r,
                             &mut grads,
-                        );
+                        )?;
                         rows += n as u64;
                         plan.push(&mut shards, 0, job.index, n, false, &local, &grads)?;
                     }
@@ -763,7 +757,7 @@ pub fn run(job: &Job<'_>, log: &mut dyn Write) -> Result<Option<Summary>> {
                             &local.labels,
                             &r,
                             &mut grads,
-                        );
+                        )?;
                         rows += n as u64;
                     } else {
                         grads = Grads::new(&plan.layout);

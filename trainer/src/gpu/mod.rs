@@ -17,6 +17,7 @@
 //! the host applies the sparse gradients, summed device by device, with Adagrad. The result is
 //! the CPU trainer's within float rounding.
 
+pub mod compute;
 pub mod device;
 pub mod prep;
 pub mod replica;
@@ -377,6 +378,18 @@ pub fn choose(
     found: &std::result::Result<Vec<rankd_engine::gpu::DeviceInfo>, rankd_engine::gpu::Unavailable>,
     nccl: bool,
 ) -> Result<Choice> {
+    choose_for(s, layout, found, nccl, false)
+}
+
+/// [`choose`] for one process of a run (`worker`: a worker process of a multi-process job,
+/// which computes on one device in either mode and leaves the updates to the shards).
+pub fn choose_for(
+    s: &TrainSettings,
+    layout: &Layout,
+    found: &std::result::Result<Vec<rankd_engine::gpu::DeviceInfo>, rankd_engine::gpu::Unavailable>,
+    nccl: bool,
+    worker: bool,
+) -> Result<Choice> {
     let spec: DeviceSpec = s.device.parse().map_err(TrainError::Config)?;
     let auto = spec == DeviceSpec::Auto;
     let picked = rankd_engine::gpu::select(&spec, found).map_err(TrainError::Config)?;
@@ -385,7 +398,7 @@ pub fn choose(
         Selection::Cuda(list) => Choice::Cuda(list),
         Selection::Emulated(n) => Choice::Emulated(n),
     };
-    let why_not = unsupported(s, layout);
+    let why_not = unsupported(s, layout, worker);
     match (why_not, auto) {
         (Some(why), true) => {
             return Ok(Choice::Cpu(format!(
@@ -415,11 +428,11 @@ pub fn choose(
 }
 
 /// Why the GPU trainer cannot take this run, if it cannot.
-fn unsupported(s: &TrainSettings, layout: &Layout) -> Option<String> {
+fn unsupported(s: &TrainSettings, layout: &Layout, worker: bool) -> Option<String> {
     if let Some(what) = replica::unsupported(layout) {
         return Some(what.into());
     }
-    if s.mode == Mode::Async {
+    if s.mode == Mode::Async && !worker {
         return Some("mode = \"async\"".into());
     }
     None

@@ -249,6 +249,15 @@ impl<D: Device> Replica<D> {
         Ok(())
     }
 
+    /// Loads the dense tensors only (a worker process's pulled parameters: the shards keep the
+    /// moments and apply the updates).
+    pub fn load_weights(&mut self, params: &Params) -> DResult {
+        for (t, w) in self.dense.iter_mut().zip(params.dense()) {
+            self.dev.put(&mut t.w, w)?;
+        }
+        Ok(())
+    }
+
     /// Brings the dense tensors and their moments back to the host.
     pub fn store(&mut self, params: &mut Params, opt: &mut Optimizer) -> DResult {
         let moments = opt.dense_moments_mut();

@@ -415,3 +415,55 @@ fn an_epoch_with_its_pulls_overlapped_equals_step_by_step() {
         }
     }
 }
+
+/// A worker process's step on a device (the shards hold the parameters and apply the updates)
+/// gives the CPU worker's loss and gradients, dense, sparse and batch statistics, for every
+/// model kind, step after step (the second on changed weights, which the device reloads).
+#[test]
+fn a_worker_step_on_a_device_equals_the_cpu_workers() {
+    for (name, l, mut p, s, y) in kinds() {
+        let mut cpu = CpuCompute::with_seed(9);
+        let mut dev = super::compute::DeviceCompute::new(HostDevice::new(0), 9);
+        for round in 0..2 {
+            let (mut g, mut gd) = (Grads::new(&l), Grads::new(&l));
+            let loss = cpu.step(&l, &p, &s, &y, &ROWS, &mut g);
+            let loss_d = dev.step(&l, &p, &s, &y, &ROWS, &mut gd).unwrap();
+            let name = format!("{name}, step {round}");
+            assert!((loss - loss_d).abs() <= 1e-5 * loss, "{name}: loss");
+            let (a, b) = (&mut gd, &mut g);
+            for (i, (x, y)) in a.dense_mut().into_iter().zip(b.dense_mut()).enumerate() {
+                close(&format!("{name}: dense gradient {i}"), x, y, 1e-5);
+            }
+            for (x, y) in a.bn_batch.iter().zip(&b.bn_batch) {
+                close(&format!("{name}: batch statistics"), x, y, 1e-5);
+            }
+            let tables = a.emb.iter().chain(&a.wide).zip(b.emb.iter().chain(&b.wide));
+            for (t, (x, y)) in tables.enumerate() {
+                let dim = x.dim().max(1);
+                let mut rows = x.rows.clone();
+                let mut cpu_rows = y.rows.clone();
+                rows.sort_unstable();
+                cpu_rows.sort_unstable();
+                assert_eq!(rows, cpu_rows, "{name}: table {t}");
+                for (j, row) in x.rows.iter().enumerate() {
+                    let at = y.rows.iter().position(|r| r == row).unwrap();
+                    close(
+                        &format!("{name}: table {t} row {row}"),
+                        &x.values[j * dim..(j + 1) * dim],
+                        &y.values[at * dim..(at + 1) * dim],
+                        1e-5,
+                    );
+                }
+            }
+            close(
+                &format!("{name}: wide bias"),
+                &[a.wide_bias],
+                &[b.wide_bias],
+                1e-5,
+            );
+            for t in p.dense_mut() {
+                t.iter_mut().for_each(|v| *v *= 0.5);
+            }
+        }
+    }
+}
