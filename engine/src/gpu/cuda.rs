@@ -1076,33 +1076,8 @@ mod tests {
     /// NVRTC are (NVRTC compiles them for real when a device starts).
     #[test]
     fn the_kernels_compile_as_c_with_cuda_stubs() {
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-        let prelude = "#include <math.h>\n#define __global__\n#define __restrict__ restrict\n\
-                       typedef struct { unsigned x, y, z; } dim3;\n\
-                       static dim3 blockIdx, threadIdx, blockDim, gridDim;\n\
-                       static float __uint_as_float(unsigned u) { union { unsigned u; float f; } \
-                       v; v.u = u; return v.f; }\n";
-        let source = format!("{prelude}{}", super::KERNELS.replace("extern \"C\" ", ""));
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kernels.c");
-        std::fs::write(&path, source).unwrap();
-        let out = match std::process::Command::new(&cc)
-            .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-fsyntax-only"])
-            .arg(&path)
-            .output()
-        {
-            Ok(o) => o,
-            // CI has one (it links Rust); elsewhere the check is skipped, saying why.
-            Err(e) if std::env::var_os("CI").is_none() => {
-                eprintln!("skipped: no C compiler `{cc}`: {e}");
-                return;
-            }
-            Err(e) => panic!("no C compiler `{cc}` in CI: {e}"),
-        };
-        assert!(
-            out.status.success(),
-            "the kernels do not compile:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = crate::gpu::check_kernels_as_c(super::KERNELS) {
+            panic!("the kernels do not compile:\n{e}");
+        }
     }
 }

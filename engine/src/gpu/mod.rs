@@ -146,6 +146,40 @@ impl fmt::Display for Unavailable {
     }
 }
 
+/// Compiles CUDA C kernels as C11 with the machine's C compiler (`$CC`, else `cc`), the CUDA
+/// built-ins stubbed, warnings as errors, syntax only: every kernel parses and type-checks where
+/// no GPU and no NVRTC are (NVRTC compiles them for real when a device starts). `Ok(false)`: no C
+/// compiler here, outside CI (CI has one: it links Rust); `Err`: the compiler's complaints.
+/// For tests (this crate's and the trainer's).
+#[doc(hidden)]
+pub fn check_kernels_as_c(source: &str) -> Result<bool, String> {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let prelude = "#include <math.h>\n#define __global__\n#define __restrict__ restrict\n\
+                   typedef struct { unsigned x, y, z; } dim3;\n\
+                   static dim3 blockIdx, threadIdx, blockDim, gridDim;\n\
+                   static float __uint_as_float(unsigned u) { union { unsigned u; float f; } \
+                   v; v.u = u; return v.f; }\n";
+    let source = format!("{prelude}{}", source.replace("extern \"C\" ", ""));
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("rankd-kernels-{}-{n}.c", std::process::id()));
+    std::fs::write(&path, source).map_err(|e| format!("{}: {e}", path.display()))?;
+    let out = std::process::Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-fsyntax-only"])
+        .arg(&path)
+        .output();
+    let _ = std::fs::remove_file(&path);
+    match out {
+        Ok(o) if o.status.success() => Ok(true),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: no C compiler `{cc}`: {e}");
+            Ok(false)
+        }
+        Err(e) => Err(format!("no C compiler `{cc}` in CI: {e}")),
+    }
+}
+
 /// Looks for the CUDA libraries and devices without ever panicking.
 pub fn probe() -> Result<Vec<DeviceInfo>, Unavailable> {
     cuda::probe()

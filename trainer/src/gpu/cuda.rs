@@ -102,12 +102,13 @@ extern "C" __global__ void tr_fm_backward(float* __restrict__ dx, const float* _
                                           const float* __restrict__ dlogit,
                                           const unsigned* __restrict__ cols, unsigned n,
                                           unsigned width, unsigned fields, unsigned dim) {
-    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    if (i >= (unsigned long long)n * dim) return;
-    unsigned b = (unsigned)(i / dim), d = (unsigned)(i % dim);
-    for (unsigned f = 0; f < fields; ++f) {
-        unsigned long long at = (unsigned long long)b * width + cols[f] + d;
-        dx[at] += dlogit[b] * (sum[i] - x[at]);
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < (unsigned long long)n * dim; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned b = (unsigned)(i / dim), d = (unsigned)(i % dim);
+        for (unsigned f = 0; f < fields; ++f) {
+            unsigned long long at = (unsigned long long)b * width + cols[f] + d;
+            dx[at] += dlogit[b] * (sum[i] - x[at]);
+        }
     }
 }
 
@@ -152,10 +153,11 @@ extern "C" __global__ void tr_softmax_rows(float* __restrict__ x, unsigned n, un
 extern "C" __global__ void tr_axpy_rows(float* __restrict__ dst, const float* __restrict__ p,
                                         const float* __restrict__ src, unsigned e, unsigned k,
                                         unsigned n, unsigned width) {
-    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    if (i >= (unsigned long long)n * width) return;
-    unsigned b = (unsigned)(i / width);
-    dst[i] += p[(unsigned long long)b * k + e] * src[i];
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < (unsigned long long)n * width; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned b = (unsigned)(i / width);
+        dst[i] += p[(unsigned long long)b * k + e] * src[i];
+    }
 }
 
 extern "C" __global__ void tr_row_dot(float* __restrict__ ds, const float* __restrict__ a,
@@ -290,14 +292,15 @@ extern "C" __global__ void tr_seg_reduce(float* __restrict__ out,
                                          const float* __restrict__ scale,
                                          const float* __restrict__ src, unsigned rows,
                                          unsigned dim, unsigned width, unsigned col) {
-    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    if (i >= (unsigned long long)rows * dim) return;
-    unsigned u = (unsigned)(i / dim), d = (unsigned)(i % dim);
-    float acc = 0.0f;
-    for (unsigned j = offsets[u]; j < offsets[u + 1]; ++j) {
-        acc += scale[j] * src[(unsigned long long)ex[j] * width + col + d];
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < (unsigned long long)rows * dim; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned u = (unsigned)(i / dim), d = (unsigned)(i % dim);
+        float acc = 0.0f;
+        for (unsigned j = offsets[u]; j < offsets[u + 1]; ++j) {
+            acc += scale[j] * src[(unsigned long long)ex[j] * width + col + d];
+        }
+        out[i] = acc;
     }
-    out[i] = acc;
 }
 
 extern "C" __global__ void tr_adam(float* __restrict__ w, const float* __restrict__ g,
@@ -448,7 +451,8 @@ fn open_one(ordinal: usize) -> DResult<CudaDevice> {
     })
 }
 
-/// One thread per item, 256 per block.
+/// One thread per item, 256 per block, at most 65,535 blocks (the kernels whose items can be
+/// more than 16.7 million loop over them with a grid stride).
 fn per_item(n: u64) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
@@ -722,15 +726,16 @@ impl Device for CudaDevice {
             return Ok(());
         }
         let (nn, w, f, d) = (u(n), u(width), u(fields), u(dim));
-        let cfg = LaunchConfig {
-            grid_dim: (((n * dim) as u64).div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, fm_backward, cfg, "fm backward", |b| {
-            b.arg(dx).arg(x).arg(sum).arg(dlogit).arg(cols);
-            b.arg(&nn).arg(&w).arg(&f).arg(&d);
-        })
+        launch!(
+            self,
+            fm_backward,
+            per_item((n * dim) as u64),
+            "fm backward",
+            |b| {
+                b.arg(dx).arg(x).arg(sum).arg(dlogit).arg(cols);
+                b.arg(&nn).arg(&w).arg(&f).arg(&d);
+            }
+        )
     }
 
     fn loss_grad(
@@ -771,11 +776,7 @@ impl Device for CudaDevice {
         if total == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = per_item(total);
         let (ee, kk, nn, w) = (u(e), u(k), u(n), u(width));
         launch!(self, axpy_rows, cfg, "gated mixture", |b| {
             b.arg(dst).arg(p).arg(src);
@@ -944,11 +945,7 @@ impl Device for CudaDevice {
         if total == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = per_item(total);
         let (rows, dim, width, col) = (u(s.rows), u(s.dim), u(s.width), u(s.col));
         launch!(self, seg_reduce, cfg, "sparse gradient", |b| {
             b.arg(out).arg(offsets).arg(ex).arg(scale).arg(src);
@@ -1007,30 +1004,8 @@ mod tests {
     /// are (NVRTC compiles them for real when a device starts).
     #[test]
     fn the_kernels_compile_as_c_with_cuda_stubs() {
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-        let prelude = "#include <math.h>\n#define __global__\n#define __restrict__ restrict\n\
-                       typedef struct { unsigned x, y, z; } dim3;\n\
-                       static dim3 blockIdx, threadIdx, blockDim, gridDim;\n";
-        let source = format!("{prelude}{}", super::KERNELS.replace("extern \"C\" ", ""));
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kernels.c");
-        std::fs::write(&path, source).unwrap();
-        let out = match std::process::Command::new(&cc)
-            .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-fsyntax-only"])
-            .arg(&path)
-            .output()
-        {
-            Ok(o) => o,
-            Err(e) if std::env::var_os("CI").is_none() => {
-                eprintln!("skipped: no C compiler `{cc}`: {e}");
-                return;
-            }
-            Err(e) => panic!("no C compiler `{cc}` in CI: {e}"),
-        };
-        assert!(
-            out.status.success(),
-            "the kernels do not compile:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = rankd_engine::gpu::check_kernels_as_c(super::KERNELS) {
+            panic!("the kernels do not compile:\n{e}");
+        }
     }
 }

@@ -48,6 +48,58 @@ pub struct Gemm {
     pub beta: f32,
 }
 
+impl Gemm {
+    /// `C = A Bᵀ`: A `[m×k]`, B `[n×k]` (a layer's forward product), packed.
+    pub fn nt(m: usize, n: usize, k: usize) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            ta: false,
+            tb: true,
+            lda: k,
+            ldb: k,
+            ldc: n,
+            beta: 0.0,
+        }
+    }
+
+    /// `C = Aᵀ B`: A `[k×m]`, B `[k×n]` (a weight gradient), packed.
+    pub fn tn(m: usize, n: usize, k: usize) -> Gemm {
+        Gemm {
+            ta: true,
+            tb: false,
+            lda: m,
+            ldb: n,
+            ..Gemm::nt(m, n, k)
+        }
+    }
+
+    /// `C = A B`: A `[m×k]`, B `[k×n]` (an input gradient), packed.
+    pub fn nn(m: usize, n: usize, k: usize) -> Gemm {
+        Gemm {
+            tb: false,
+            ldb: n,
+            ..Gemm::nt(m, n, k)
+        }
+    }
+
+    /// With B's rows `ldb` apart (B read as the first columns of a wider matrix).
+    pub fn ldb(self, ldb: usize) -> Gemm {
+        Gemm { ldb, ..self }
+    }
+
+    /// With C's rows `ldc` apart (C written as the first columns of a wider matrix).
+    pub fn ldc(self, ldc: usize) -> Gemm {
+        Gemm { ldc, ..self }
+    }
+
+    /// Adding to C.
+    pub fn add(self) -> Gemm {
+        Gemm { beta: 1.0, ..self }
+    }
+}
+
 /// Sum or mean pooling of one table into columns `col..col + dim` of the `n × width` input:
 /// example `b` pools the rows `ids[offsets[b]..offsets[b + 1]]` of `table` (`dim` wide).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -440,46 +440,16 @@ impl<D: Device> Replica<D> {
             dev.ensure(t, n * d)?;
             if c.rank == 0 {
                 // t = x_l Wᵀ.
-                let g = Gemm {
-                    m: n,
-                    n: d,
-                    k: d,
-                    ta: false,
-                    tb: true,
-                    lda: d,
-                    ldb: d,
-                    ldc: d,
-                    beta: 0.0,
-                };
+                let g = Gemm::nt(n, d, d);
                 dev.gemm(g, &self.xs[li], &self.dense[base].w, t)?;
             } else {
                 let r = c.rank;
                 // p = x_l V (V is [d][r]); t = p Uᵀ (U is [d][r]).
                 let pm = &mut self.ps[li];
                 dev.ensure(pm, n * r)?;
-                let g = Gemm {
-                    m: n,
-                    n: r,
-                    k: d,
-                    ta: false,
-                    tb: false,
-                    lda: d,
-                    ldb: r,
-                    ldc: r,
-                    beta: 0.0,
-                };
+                let g = Gemm::nn(n, r, d);
                 dev.gemm(g, &self.xs[li], &self.dense[base + 1].w, pm)?;
-                let g = Gemm {
-                    m: n,
-                    n: d,
-                    k: r,
-                    ta: false,
-                    tb: true,
-                    lda: r,
-                    ldb: r,
-                    ldc: d,
-                    beta: 0.0,
-                };
+                let g = Gemm::nt(n, d, r);
                 dev.gemm(g, pm, &self.dense[base].w, t)?;
             }
             dev.bias_act(t, n, d, &self.dense[base + per - 1].w, false)?;
@@ -557,17 +527,7 @@ impl<D: Device> Replica<D> {
                 (0, None) => &self.x,
                 _ => &prev[i - 1],
             };
-            let g = Gemm {
-                m: n,
-                n: out,
-                k: inp,
-                ta: false,
-                tb: true,
-                lda: inp,
-                ldb: inp,
-                ldc: out,
-                beta: 0.0,
-            };
+            let g = Gemm::nt(n, out, inp);
             d.gemm(g, input, &self.dense[i].w, h)?;
             let hidden = i + 1 < l.layers.len();
             if hidden && l.batch_norm {
@@ -611,17 +571,7 @@ impl<D: Device> Replica<D> {
                 d.copy_add(&mut self.logits, last, n, 0.0)?;
                 if let Some(c) = l.cross.filter(|c| c.parallel) {
                     // The cross network's output weights: logits += x_L · w.
-                    let g = Gemm {
-                        m: n,
-                        n: 1,
-                        k,
-                        ta: false,
-                        tb: false,
-                        lda: k,
-                        ldb: 1,
-                        ldc: 1,
-                        beta: 1.0,
-                    };
+                    let g = Gemm::nn(n, 1, k).add();
                     let w = &self.dense[2 * nl + self.cross_tensors - 1].w;
                     d.gemm(g, &self.xs[c.layers], w, &mut self.logits)?;
                 }
@@ -688,82 +638,22 @@ impl<D: Device> Replica<D> {
             let xl = &self.xs[li];
             if c.rank == 0 {
                 // dW = dtᵀ x_l; prev = dt W.
-                let g1 = Gemm {
-                    m: d,
-                    n: d,
-                    k: n,
-                    ta: true,
-                    tb: false,
-                    lda: d,
-                    ldb: d,
-                    ldc: d,
-                    beta: 0.0,
-                };
+                let g1 = Gemm::tn(d, d, n);
                 dev.gemm(g1, dt, xl, &mut self.dense[base].g)?;
-                let g2 = Gemm {
-                    m: n,
-                    n: d,
-                    k: d,
-                    ta: false,
-                    tb: false,
-                    lda: d,
-                    ldb: d,
-                    ldc: d,
-                    beta: 0.0,
-                };
+                let g2 = Gemm::nn(n, d, d);
                 dev.gemm(g2, dt, &self.dense[base].w, prev)?;
             } else {
                 let r = c.rank;
                 let pm = &self.ps[li];
                 dev.ensure(&mut self.cross_dp, n * r)?;
                 // dU = dtᵀ p; dp = dt U; dV = x_lᵀ dp; prev = dp Vᵀ.
-                let gu = Gemm {
-                    m: d,
-                    n: r,
-                    k: n,
-                    ta: true,
-                    tb: false,
-                    lda: d,
-                    ldb: r,
-                    ldc: r,
-                    beta: 0.0,
-                };
+                let gu = Gemm::tn(d, r, n);
                 dev.gemm(gu, dt, pm, &mut self.dense[base].g)?;
-                let gp = Gemm {
-                    m: n,
-                    n: r,
-                    k: d,
-                    ta: false,
-                    tb: false,
-                    lda: d,
-                    ldb: r,
-                    ldc: r,
-                    beta: 0.0,
-                };
+                let gp = Gemm::nn(n, r, d);
                 dev.gemm(gp, dt, &self.dense[base].w, &mut self.cross_dp)?;
-                let gv = Gemm {
-                    m: d,
-                    n: r,
-                    k: n,
-                    ta: true,
-                    tb: false,
-                    lda: d,
-                    ldb: r,
-                    ldc: r,
-                    beta: 0.0,
-                };
+                let gv = Gemm::tn(d, r, n);
                 dev.gemm(gv, xl, &self.cross_dp, &mut self.dense[base + 1].g)?;
-                let gx = Gemm {
-                    m: n,
-                    n: d,
-                    k: r,
-                    ta: false,
-                    tb: true,
-                    lda: r,
-                    ldb: r,
-                    ldc: d,
-                    beta: 0.0,
-                };
+                let gx = Gemm::nt(n, d, r);
                 dev.gemm(gx, &self.cross_dp, &self.dense[base + 1].w, prev)?;
             }
             dev.add(prev, g, len)?;
@@ -824,17 +714,7 @@ impl<D: Device> Replica<D> {
                         _ => &self.hs[i - 1],
                     };
                     // dW = dZᵀ H_in.
-                    let g = Gemm {
-                        m: out,
-                        n: inp,
-                        k: n,
-                        ta: true,
-                        tb: false,
-                        lda: out,
-                        ldb: inp,
-                        ldc: inp,
-                        beta: 0.0,
-                    };
+                    let g = Gemm::tn(out, inp, n);
                     d.gemm(g, &self.dz, input, &mut self.dense[i].g)?;
                     d.col_sum(&self.dz, n, out, &mut self.dense[nl + i].g)?;
                     // dH_in = dZ W; below the first layer only the embedding columns, unless
@@ -847,21 +727,13 @@ impl<D: Device> Replica<D> {
                     if width == 0 {
                         continue;
                     }
-                    let g = Gemm {
-                        m: n,
-                        n: width,
-                        k: out,
-                        ta: false,
-                        tb: false,
-                        lda: out,
-                        ldb: inp,
-                        ldc: if i == 0 && l.cross.is_none() {
+                    let g = Gemm::nn(n, width, out)
+                        .ldb(inp)
+                        .ldc(if i == 0 && l.cross.is_none() {
                             k
                         } else {
                             width
-                        },
-                        beta: 0.0,
-                    };
+                        });
                     if i == 0 && l.cross.is_none() {
                         d.gemm(g, &self.dz, &self.dense[i].w, &mut self.dx)?;
                         continue;
@@ -902,34 +774,14 @@ impl<D: Device> Replica<D> {
             if c.parallel {
                 d.copy_add(&mut self.dx, &self.dh, n * k, 0.0)?;
                 let last = 2 * nl + self.cross_tensors - 1;
-                let gw = Gemm {
-                    m: 1,
-                    n: k,
-                    k: n,
-                    ta: true,
-                    tb: false,
-                    lda: 1,
-                    ldb: k,
-                    ldc: k,
-                    beta: 0.0,
-                };
+                let gw = Gemm::tn(1, k, n);
                 d.gemm(
                     gw,
                     &self.dlogit,
                     &self.xs[c.layers],
                     &mut self.dense[last].g,
                 )?;
-                let gl = Gemm {
-                    m: n,
-                    n: k,
-                    k: 1,
-                    ta: false,
-                    tb: false,
-                    lda: 1,
-                    ldb: k,
-                    ldc: k,
-                    beta: 0.0,
-                };
+                let gl = Gemm::nn(n, k, 1);
                 d.gemm(gl, &self.dlogit, &self.dense[last].w, &mut self.cross_g)?;
             } else {
                 d.copy_add(&mut self.cross_g, &self.dh, n * k, 0.0)?;
@@ -1076,17 +928,7 @@ fn layer_forward<D: Device>(
     dst: &mut D::F,
 ) -> DResult {
     dev.ensure(dst, (n * out).max(1))?;
-    let g = Gemm {
-        m: n,
-        n: out,
-        k: inp,
-        ta: false,
-        tb: true,
-        lda: inp,
-        ldb: inp,
-        ldc: out,
-        beta: 0.0,
-    };
+    let g = Gemm::nt(n, out, inp);
     dev.gemm(g, input, &dense[t].w, dst)?;
     dev.bias_act(dst, n, out, &dense[t + 1].w, relu)
 }
@@ -1105,30 +947,10 @@ fn layer_backward<D: Device>(
     dz: &D::F,
     dinput: &mut D::F,
 ) -> DResult {
-    let g = Gemm {
-        m: out,
-        n: inp,
-        k: n,
-        ta: true,
-        tb: false,
-        lda: out,
-        ldb: inp,
-        ldc: inp,
-        beta: 0.0,
-    };
+    let g = Gemm::tn(out, inp, n);
     dev.gemm(g, dz, input, &mut dense[t].g)?;
     dev.col_sum(dz, n, out, &mut dense[t + 1].g)?;
     dev.ensure(dinput, (n * inp).max(1))?;
-    let g = Gemm {
-        m: n,
-        n: inp,
-        k: out,
-        ta: false,
-        tb: false,
-        lda: out,
-        ldb: inp,
-        ldc: inp,
-        beta: 0.0,
-    };
+    let g = Gemm::nn(n, inp, out);
     dev.gemm(g, dz, &dense[t].w, dinput)
 }
