@@ -156,7 +156,7 @@ extern "C" __global__ void rk_mix(const float* __restrict__ g, const float* __re
          i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long r = i / width, j = i % width;
         const float* z = g + r * gate_ld + gate_col;
-        float mx = -INFINITY;
+        float mx = -__uint_as_float(0x7f800000u); /* -inf: NVRTC has no INFINITY */
         for (unsigned e = 0; e < k; ++e) mx = fmaxf(mx, z[e]);
         float sum = 0.0f;
         for (unsigned e = 0; e < k; ++e) sum += expf(z[e] - mx);

@@ -154,7 +154,12 @@ impl fmt::Display for Unavailable {
 #[doc(hidden)]
 pub fn check_kernels_as_c(source: &str) -> Result<bool, String> {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let prelude = "#include <math.h>\n#define __global__\n#define __restrict__ restrict\n\
+    // What NVRTC has without headers: the device math functions, `isnan`; no `<math.h>` (so no
+    // `INFINITY` or `NAN`, which NVRTC lacks too).
+    let prelude = "float expf(float); float log1pf(float); float fabsf(float); \
+                   float fmaxf(float, float); float sqrtf(float);\n\
+                   #define isnan(x) __builtin_isnan(x)\n\
+                   #define __global__\n#define __restrict__ restrict\n\
                    typedef struct { unsigned x, y, z; } dim3;\n\
                    static dim3 blockIdx, threadIdx, blockDim, gridDim;\n\
                    static float __uint_as_float(unsigned u) { union { unsigned u; float f; } \

@@ -19,8 +19,10 @@ use cudarc::nccl::{Comm, ReduceOp};
 
 use super::device::{AdamStep, DResult, Device, DeviceError, Gemm, Head, Pool, Seg};
 
-/// The device code: one thread per element, example, column or row; a block per example for the
-/// pooling. Every reduction runs in a fixed order (deterministic, as the host executor).
+/// The device code: one thread per element, example, column or row, each kernel looping over its
+/// items with a grid stride; a block per example for the pooling. Every reduction runs in a
+/// fixed order (deterministic, as the host executor). No `<math.h>` under NVRTC: no `INFINITY`
+/// (the C check of the tests declares only what NVRTC has).
 pub const KERNELS: &str = r#"
 extern "C" __global__ void tr_pool(float* __restrict__ x, const unsigned* __restrict__ offsets,
                                    const unsigned* __restrict__ ids,
@@ -39,8 +41,10 @@ extern "C" __global__ void tr_pool(float* __restrict__ x, const unsigned* __rest
 
 extern "C" __global__ void tr_set_col(float* __restrict__ x, const float* __restrict__ src,
                                       unsigned n, unsigned width, unsigned col) {
-    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b < n) x[(unsigned long long)b * width + col] = src[b];
+    for (unsigned b = blockIdx.x * blockDim.x + threadIdx.x; b < n;
+         b += gridDim.x * blockDim.x) {
+        x[(unsigned long long)b * width + col] = src[b];
+    }
 }
 
 extern "C" __global__ void tr_bias_act(float* __restrict__ h, const float* __restrict__ bias,
@@ -57,44 +61,50 @@ extern "C" __global__ void tr_add_rows(float* __restrict__ acc,
                                        const unsigned* __restrict__ offsets,
                                        const unsigned* __restrict__ ids,
                                        const float* __restrict__ w, unsigned n) {
-    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= n) return;
-    float a = acc[b];
-    for (unsigned i = offsets[b]; i < offsets[b + 1]; ++i) a += w[ids[i]];
-    acc[b] = a;
+    for (unsigned b = blockIdx.x * blockDim.x + threadIdx.x; b < n;
+         b += gridDim.x * blockDim.x) {
+        float a = acc[b];
+        for (unsigned i = offsets[b]; i < offsets[b + 1]; ++i) a += w[ids[i]];
+        acc[b] = a;
+    }
 }
 
 extern "C" __global__ void tr_copy_add(float* __restrict__ dst, const float* __restrict__ src,
                                        unsigned n, float add) {
-    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = src[i] + add;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += gridDim.x * blockDim.x) {
+        dst[i] = src[i] + add;
+    }
 }
 
 extern "C" __global__ void tr_add(float* __restrict__ dst, const float* __restrict__ src,
                                   unsigned n) {
-    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] += src[i];
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += gridDim.x * blockDim.x) {
+        dst[i] += src[i];
+    }
 }
 
 extern "C" __global__ void tr_fm_forward(float* __restrict__ logits, float* __restrict__ sum,
                                          const float* __restrict__ x,
                                          const unsigned* __restrict__ cols, unsigned n,
                                          unsigned width, unsigned fields, unsigned dim) {
-    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= n) return;
-    float* s = sum + (unsigned long long)b * dim;
-    for (unsigned d = 0; d < dim; ++d) s[d] = 0.0f;
-    float sq = 0.0f;
-    for (unsigned f = 0; f < fields; ++f) {
-        const float* v = x + (unsigned long long)b * width + cols[f];
-        for (unsigned d = 0; d < dim; ++d) {
-            s[d] += v[d];
-            sq += v[d] * v[d];
+    for (unsigned b = blockIdx.x * blockDim.x + threadIdx.x; b < n;
+         b += gridDim.x * blockDim.x) {
+        float* s = sum + (unsigned long long)b * dim;
+        for (unsigned d = 0; d < dim; ++d) s[d] = 0.0f;
+        float sq = 0.0f;
+        for (unsigned f = 0; f < fields; ++f) {
+            const float* v = x + (unsigned long long)b * width + cols[f];
+            for (unsigned d = 0; d < dim; ++d) {
+                s[d] += v[d];
+                sq += v[d] * v[d];
+            }
         }
+        float total = 0.0f;
+        for (unsigned d = 0; d < dim; ++d) total += s[d] * s[d];
+        logits[b] += 0.5f * (total - sq);
     }
-    float total = 0.0f;
-    for (unsigned d = 0; d < dim; ++d) total += s[d] * s[d];
-    logits[b] += 0.5f * (total - sq);
 }
 
 extern "C" __global__ void tr_fm_backward(float* __restrict__ dx, const float* __restrict__ x,
@@ -117,37 +127,39 @@ extern "C" __global__ void tr_loss_grad(const float* __restrict__ logits,
                                         float* __restrict__ dlogit, float* __restrict__ loss,
                                         unsigned n, unsigned stride, unsigned at, float w,
                                         float scale) {
-    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= n) return;
-    float z = logits[b], y = labels[(unsigned long long)b * stride + at];
-    if (isnan(y)) {
-        loss[b] = 0.0f;
-        dlogit[b] = 0.0f;
-        return;
+    for (unsigned b = blockIdx.x * blockDim.x + threadIdx.x; b < n;
+         b += gridDim.x * blockDim.x) {
+        float z = logits[b], y = labels[(unsigned long long)b * stride + at];
+        if (isnan(y)) {
+            loss[b] = 0.0f;
+            dlogit[b] = 0.0f;
+            continue;
+        }
+        loss[b] = w * (log1pf(expf(-fabsf(z))) + fmaxf(z, 0.0f) - y * z);
+        float p;
+        if (z >= 0.0f) {
+            p = 1.0f / (1.0f + expf(-z));
+        } else {
+            float e = expf(z);
+            p = e / (1.0f + e);
+        }
+        dlogit[b] = w * (p - y) * scale;
     }
-    loss[b] = w * (log1pf(expf(-fabsf(z))) + fmaxf(z, 0.0f) - y * z);
-    float p;
-    if (z >= 0.0f) {
-        p = 1.0f / (1.0f + expf(-z));
-    } else {
-        float e = expf(z);
-        p = e / (1.0f + e);
-    }
-    dlogit[b] = w * (p - y) * scale;
 }
 
 extern "C" __global__ void tr_softmax_rows(float* __restrict__ x, unsigned n, unsigned k) {
-    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= n) return;
-    float* row = x + (unsigned long long)b * k;
-    float max = -INFINITY;
-    for (unsigned e = 0; e < k; ++e) max = fmaxf(max, row[e]);
-    float sum = 0.0f;
-    for (unsigned e = 0; e < k; ++e) {
-        row[e] = expf(row[e] - max);
-        sum += row[e];
+    for (unsigned b = blockIdx.x * blockDim.x + threadIdx.x; b < n;
+         b += gridDim.x * blockDim.x) {
+        float* row = x + (unsigned long long)b * k;
+        float max = -__uint_as_float(0x7f800000u); /* -inf: NVRTC has no INFINITY */
+        for (unsigned e = 0; e < k; ++e) max = fmaxf(max, row[e]);
+        float sum = 0.0f;
+        for (unsigned e = 0; e < k; ++e) {
+            row[e] = expf(row[e] - max);
+            sum += row[e];
+        }
+        for (unsigned e = 0; e < k; ++e) row[e] /= sum;
     }
-    for (unsigned e = 0; e < k; ++e) row[e] /= sum;
 }
 
 extern "C" __global__ void tr_axpy_rows(float* __restrict__ dst, const float* __restrict__ p,
@@ -163,34 +175,37 @@ extern "C" __global__ void tr_axpy_rows(float* __restrict__ dst, const float* __
 extern "C" __global__ void tr_row_dot(float* __restrict__ ds, const float* __restrict__ a,
                                       const float* __restrict__ c, unsigned e, unsigned k,
                                       unsigned n, unsigned width) {
-    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= n) return;
-    const float* x = a + (unsigned long long)b * width;
-    const float* y = c + (unsigned long long)b * width;
-    float s = 0.0f;
-    for (unsigned j = 0; j < width; ++j) s += x[j] * y[j];
-    ds[(unsigned long long)b * k + e] = s;
+    for (unsigned b = blockIdx.x * blockDim.x + threadIdx.x; b < n;
+         b += gridDim.x * blockDim.x) {
+        const float* x = a + (unsigned long long)b * width;
+        const float* y = c + (unsigned long long)b * width;
+        float s = 0.0f;
+        for (unsigned j = 0; j < width; ++j) s += x[j] * y[j];
+        ds[(unsigned long long)b * k + e] = s;
+    }
 }
 
 extern "C" __global__ void tr_softmax_back(float* __restrict__ da, const float* __restrict__ p,
                                            const float* __restrict__ ds, unsigned n,
                                            unsigned k) {
-    unsigned b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= n) return;
-    const float* s = p + (unsigned long long)b * k;
-    const float* d = ds + (unsigned long long)b * k;
-    float mean = 0.0f;
-    for (unsigned e = 0; e < k; ++e) mean += s[e] * d[e];
-    for (unsigned e = 0; e < k; ++e) da[(unsigned long long)b * k + e] = s[e] * (d[e] - mean);
+    for (unsigned b = blockIdx.x * blockDim.x + threadIdx.x; b < n;
+         b += gridDim.x * blockDim.x) {
+        const float* s = p + (unsigned long long)b * k;
+        const float* d = ds + (unsigned long long)b * k;
+        float mean = 0.0f;
+        for (unsigned e = 0; e < k; ++e) mean += s[e] * d[e];
+        for (unsigned e = 0; e < k; ++e) da[(unsigned long long)b * k + e] = s[e] * (d[e] - mean);
+    }
 }
 
 extern "C" __global__ void tr_col_sum(const float* __restrict__ src, float* __restrict__ dst,
                                       unsigned n, unsigned width) {
-    unsigned o = blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= width) return;
-    float s = 0.0f;
-    for (unsigned b = 0; b < n; ++b) s += src[(unsigned long long)b * width + o];
-    dst[o] = s;
+    for (unsigned o = blockIdx.x * blockDim.x + threadIdx.x; o < width;
+         o += gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (unsigned b = 0; b < n; ++b) s += src[(unsigned long long)b * width + o];
+        dst[o] = s;
+    }
 }
 
 extern "C" __global__ void tr_relu_back(float* __restrict__ dz, const float* __restrict__ dh,
@@ -216,27 +231,28 @@ extern "C" __global__ void tr_bn_forward(float* __restrict__ h, float* __restric
                                          const float* __restrict__ gamma,
                                          const float* __restrict__ beta, unsigned n,
                                          unsigned out, float weight) {
-    unsigned o = blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= out) return;
-    float mean = 0.0f;
-    for (unsigned b = 0; b < n; ++b) mean += h[(unsigned long long)b * out + o];
-    mean /= (float)n;
-    float var = 0.0f;
-    for (unsigned b = 0; b < n; ++b) {
-        float d = h[(unsigned long long)b * out + o] - mean;
-        var += d * d;
+    for (unsigned o = blockIdx.x * blockDim.x + threadIdx.x; o < out;
+         o += gridDim.x * blockDim.x) {
+        float mean = 0.0f;
+        for (unsigned b = 0; b < n; ++b) mean += h[(unsigned long long)b * out + o];
+        mean /= (float)n;
+        float var = 0.0f;
+        for (unsigned b = 0; b < n; ++b) {
+            float d = h[(unsigned long long)b * out + o] - mean;
+            var += d * d;
+        }
+        var /= (float)n;
+        float iv = 1.0f / sqrtf(var + 1e-5f);
+        inv[o] = iv;
+        for (unsigned b = 0; b < n; ++b) {
+            unsigned long long at = (unsigned long long)b * out + o;
+            float xh = (h[at] - mean) * iv;
+            xhat[at] = xh;
+            h[at] = fmaxf(gamma[o] * xh + beta[o], 0.0f);
+        }
+        stats[o] = mean * weight;
+        stats[out + o] = var * weight;
     }
-    var /= (float)n;
-    float iv = 1.0f / sqrtf(var + 1e-5f);
-    inv[o] = iv;
-    for (unsigned b = 0; b < n; ++b) {
-        unsigned long long at = (unsigned long long)b * out + o;
-        float xh = (h[at] - mean) * iv;
-        xhat[at] = xh;
-        h[at] = fmaxf(gamma[o] * xh + beta[o], 0.0f);
-    }
-    stats[o] = mean * weight;
-    stats[out + o] = var * weight;
 }
 
 extern "C" __global__ void tr_bn_backward(float* __restrict__ dz, const float* __restrict__ xhat,
@@ -244,25 +260,26 @@ extern "C" __global__ void tr_bn_backward(float* __restrict__ dz, const float* _
                                           const float* __restrict__ gamma,
                                           float* __restrict__ dgamma, float* __restrict__ dbeta,
                                           unsigned n, unsigned out) {
-    unsigned o = blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= out) return;
-    float dg = 0.0f, db = 0.0f, sum_dx = 0.0f, sum_dx_x = 0.0f;
-    for (unsigned b = 0; b < n; ++b) {
-        unsigned long long at = (unsigned long long)b * out + o;
-        float dy = dz[at], xh = xhat[at];
-        dg += dy * xh;
-        db += dy;
-        float dx = dy * gamma[o];
-        sum_dx += dx;
-        sum_dx_x += dx * xh;
-    }
-    dgamma[o] = dg;
-    dbeta[o] = db;
-    float nf = (float)n;
-    for (unsigned b = 0; b < n; ++b) {
-        unsigned long long at = (unsigned long long)b * out + o;
-        float dx = dz[at] * gamma[o];
-        dz[at] = inv[o] / nf * (nf * dx - sum_dx - xhat[at] * sum_dx_x);
+    for (unsigned o = blockIdx.x * blockDim.x + threadIdx.x; o < out;
+         o += gridDim.x * blockDim.x) {
+        float dg = 0.0f, db = 0.0f, sum_dx = 0.0f, sum_dx_x = 0.0f;
+        for (unsigned b = 0; b < n; ++b) {
+            unsigned long long at = (unsigned long long)b * out + o;
+            float dy = dz[at], xh = xhat[at];
+            dg += dy * xh;
+            db += dy;
+            float dx = dy * gamma[o];
+            sum_dx += dx;
+            sum_dx_x += dx * xh;
+        }
+        dgamma[o] = dg;
+        dbeta[o] = db;
+        float nf = (float)n;
+        for (unsigned b = 0; b < n; ++b) {
+            unsigned long long at = (unsigned long long)b * out + o;
+            float dx = dz[at] * gamma[o];
+            dz[at] = inv[o] / nf * (nf * dx - sum_dx - xhat[at] * sum_dx_x);
+        }
     }
 }
 
@@ -451,8 +468,8 @@ fn open_one(ordinal: usize) -> DResult<CudaDevice> {
     })
 }
 
-/// One thread per item, 256 per block, at most 65,535 blocks (the kernels whose items can be
-/// more than 16.7 million loop over them with a grid stride).
+/// One thread per item, 256 per block, at most 65,535 blocks (every kernel launched with it
+/// loops over its items with a grid stride).
 fn per_item(n: u64) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
@@ -474,6 +491,10 @@ macro_rules! launch {
 }
 
 fn u(n: usize) -> u32 {
+    debug_assert!(
+        u32::try_from(n).is_ok(),
+        "{n} does not fit the kernels' 32-bit counts"
+    );
     n as u32
 }
 
@@ -970,25 +991,28 @@ impl Device for CudaDevice {
     }
 
     fn all_reduce(group: &mut [(&mut Self, Vec<(&mut CudaSlice<f32>, usize)>)]) -> DResult {
+        // Every rank's communicator first: a group that some ranks join and others do not would
+        // leave the joined ones waiting forever.
+        if let Some((dev, _)) = group.iter().find(|(d, _)| d.comm.is_none()) {
+            return Err(DeviceError(format!(
+                "GPU {}: no NCCL communicator",
+                dev.ordinal
+            )));
+        }
         let nccl = |e| DeviceError(format!("NCCL all-reduce: {e:?}"));
         cudarc::nccl::result::group_start().map_err(nccl)?;
         let mut out = Ok(());
-        'all: for (dev, bufs) in group.iter_mut() {
-            let Some(comm) = dev.comm.as_ref() else {
-                out = Err(DeviceError(format!(
-                    "GPU {}: no NCCL communicator",
-                    dev.ordinal
-                )));
-                break;
-            };
+        for (dev, bufs) in group.iter_mut() {
+            let comm = dev.comm.as_ref().expect("checked above");
             for (buf, len) in bufs.iter_mut() {
-                if *len == 0 {
+                if *len == 0 || out.is_err() {
                     continue;
                 }
-                if let Err(e) = comm.all_reduce_in_place(&mut buf.slice_mut(..*len), &ReduceOp::Sum)
-                {
+                let mut view = buf.slice_mut(..*len);
+                if let Err(e) = comm.all_reduce_in_place(&mut view, &ReduceOp::Sum) {
+                    // Enqueueing failed (NCCL checks its arguments): the group still ends, and
+                    // the error fails the run, whose devices are not used again.
                     out = Err(nccl(e));
-                    break 'all;
                 }
             }
         }

@@ -287,14 +287,15 @@ fn two_gpus_equal_one_with_the_whole_batch() {
         println!("skipped: NCCL (libnccl.so) could not be loaded");
         return;
     }
-    let mut opened = cuda::open(&list[..2]).unwrap().into_iter();
-    let devices = [opened.next(), opened.next()];
-    let devices = std::sync::Mutex::new(devices);
+    // Each model kind opens the pair afresh (its fleet owns them).
+    let pair = std::cell::RefCell::new(Vec::new());
     steps_equal_cpu(
         |i| {
-            devices.lock().unwrap()[i]
-                .take()
-                .expect("two GPUs, each used once")
+            let mut p = pair.borrow_mut();
+            if i == 0 {
+                *p = cuda::open(&list[..2]).unwrap();
+            }
+            p.remove(0)
         },
         2,
         1e-5,
@@ -375,6 +376,16 @@ fn where_a_run_trains() {
 /// where the step updated them), equals the same batches stepped one by one, bit for bit.
 #[test]
 fn an_epoch_with_its_pulls_overlapped_equals_step_by_step() {
+    epoch_equals_steps(|| vec![HostDevice::new(0), HostDevice::new(1)]);
+}
+
+#[test]
+fn on_a_gpu_an_epoch_with_its_pulls_overlapped_equals_step_by_step() {
+    let Some(list) = gpus() else { return };
+    epoch_equals_steps(|| cuda::open(&list[..1]).unwrap());
+}
+
+fn epoch_equals_steps<D: Device>(devices: impl Fn() -> Vec<D>) {
     // Few distinct examples: consecutive batches share most of their rows.
     let order = [0, 1, 2, 3, 3, 2, 1, 0, 2, 2, 1, 3, 0];
     for (name, l, p, s, y) in kinds() {
@@ -384,7 +395,6 @@ fn an_epoch_with_its_pulls_overlapped_equals_step_by_step() {
             slots: s.clone(),
         };
         let opt = || Optimizer::new(&p, 0.01, 0.1, 1e-3).with_layout(&l);
-        let devices = || vec![HostDevice::new(0), HostDevice::new(1)];
         let (mut pa, mut oa) = (p.clone(), opt());
         let mut fa = Fleet::new(devices(), &l, &pa, &mut oa, 5).unwrap();
         let done = std::sync::atomic::AtomicUsize::new(0);
@@ -396,7 +406,7 @@ fn an_epoch_with_its_pulls_overlapped_equals_step_by_step() {
         let mut fb = Fleet::new(devices(), &l, &pb, &mut ob, 5).unwrap();
         let mut lb = 0.0;
         for b in order.chunks(3) {
-            let mut shares: Vec<Share> = prep::split(b, 2)
+            let mut shares: Vec<Share> = prep::split(b, fb.names().len())
                 .into_iter()
                 .map(|part| Share::build(&l, &s, &y, part))
                 .collect();
@@ -421,9 +431,19 @@ fn an_epoch_with_its_pulls_overlapped_equals_step_by_step() {
 /// model kind, step after step (the second on changed weights, which the device reloads).
 #[test]
 fn a_worker_step_on_a_device_equals_the_cpu_workers() {
+    worker_step_equals_cpu(|| HostDevice::new(0));
+}
+
+#[test]
+fn a_worker_step_on_a_gpu_equals_the_cpu_workers() {
+    let Some(list) = gpus() else { return };
+    worker_step_equals_cpu(|| cuda::open(&list[..1]).unwrap().remove(0));
+}
+
+fn worker_step_equals_cpu<D: Device>(open: impl Fn() -> D) {
     for (name, l, mut p, s, y) in kinds() {
         let mut cpu = CpuCompute::with_seed(9);
-        let mut dev = super::compute::DeviceCompute::new(HostDevice::new(0), 9);
+        let mut dev = super::compute::DeviceCompute::new(open(), 9);
         for round in 0..2 {
             let (mut g, mut gd) = (Grads::new(&l), Grads::new(&l));
             let loss = cpu.step(&l, &p, &s, &y, &ROWS, &mut g);
