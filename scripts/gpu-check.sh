@@ -36,6 +36,10 @@ for line in sys.stdin:
     --bin rankd --bin rankd-load --bin gpu_bench --bin gpu_train_bench
   cp target/release/rankd target/release/rankd-load target/release/gpu_bench \
     target/release/gpu_train_bench benches/torch_train_gpu.py "$out/"
+  # The Adult data for the trainer's GPU tests (they read $RANKD_ADULT_DIR), when it is here.
+  if [ -f ../shared/data/adult/train.csv ]; then
+    mkdir -p "$out/adult" && cp ../shared/data/adult/train.csv ../shared/data/adult/test.csv "$out/adult/"
+  fi
   strip "$out"/* 2>/dev/null || true
   du -sh "$out"
   set +e
@@ -67,6 +71,7 @@ fi
 [ -n "$extra" ] && export LD_LIBRARY_PATH="$extra${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 
+[ -f "$out/adult/train.csv" ] && export RANKD_ADULT_DIR="$PWD/$out/adult"
 start=$(date +%s)
 summary=()
 failed=0

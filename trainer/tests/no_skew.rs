@@ -9,8 +9,13 @@ use rankd_engine::{BatchOutput, InferenceBackend, Model};
 use rankd_feature_ops::Value;
 use rankd_trainer::TrainConfig;
 
+/// The Adult data: `$RANKD_ADULT_DIR` (scripts/gpu-check.sh carries a copy to GPU machines),
+/// else `../shared/data/adult` beside the repository.
 fn adult() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/adult");
+    let p = std::env::var_os("RANKD_ADULT_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/adult"),
+        PathBuf::from,
+    );
     p.join("train.csv").exists().then_some(p)
 }
 
