@@ -1327,25 +1327,27 @@ pub fn adagrad_row(h: &Hyper, w: &mut [f32], acc: &mut [f32], g: &[f32]) {
     }
 }
 
-/// Adagrad on the rows `rows` (distinct) of a table of width `dim`, whose gradients are
-/// `values` (`rows.len() × dim`, row by row): [`adagrad_row`] on each, the rows a few ahead
-/// asked of the cache first (a row of a large table is a miss to memory).
+/// Adagrad on the rows `rows` (distinct) of a table of width `dim` whose weights and
+/// accumulators from row `first` on are `w` and `acc`, the rows' gradients `values`
+/// (`rows.len() × dim`, row by row): [`adagrad_row`] on each, the rows a few ahead asked of the
+/// cache first (a row of a large table is a miss to memory).
 pub fn adagrad_rows(
     h: &Hyper,
     w: &mut [f32],
     acc: &mut [f32],
     dim: usize,
     rows: &[u32],
+    first: u32,
     values: &[f32],
 ) {
     const AHEAD: usize = 8;
     for (j, &r) in rows.iter().enumerate() {
         if let Some(&next) = rows.get(j + AHEAD) {
-            let at = next as usize * dim;
+            let at = (next - first) as usize * dim;
             rankd_engine::cpu::prefetch(&w[at..at + dim]);
             rankd_engine::cpu::prefetch(&acc[at..at + dim]);
         }
-        let at = r as usize * dim;
+        let at = (r - first) as usize * dim;
         adagrad_row(
             h,
             &mut w[at..at + dim],

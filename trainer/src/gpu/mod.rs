@@ -270,14 +270,17 @@ pub fn apply_pushed(
 ) -> Vec<Vec<u32>> {
     let bias_grad: f32 = pushed.iter().map(|p| p.wide_bias).sum();
     // Per table (embedding tables, then wide slots): its rows and their gradients, summed
-    // over the devices in device order.
-    let dims = layout
+    // over the devices in device order; the tables merged in parallel.
+    let dims: Vec<usize> = layout
         .emb
         .iter()
         .map(|e| e.dim)
-        .chain(layout.wide.iter().map(|_| 1));
-    let mut merged = Vec::new();
-    for (t, dim) in dims.enumerate() {
+        .chain(layout.wide.iter().map(|_| 1))
+        .collect();
+    let mut merged: Vec<(Vec<u32>, Vec<f32>, usize)> =
+        dims.iter().map(|&d| (Vec::new(), Vec::new(), d)).collect();
+    let work: Vec<_> = merged.iter_mut().enumerate().collect();
+    prep::par_each(work, threads, |(t, out)| {
         let runs: Vec<(&[u32], &[f32])> = shares
             .iter()
             .zip(pushed)
@@ -289,19 +292,25 @@ pub fn apply_pushed(
                 (share.rows.as_slice(), values.as_slice())
             })
             .collect();
-        let (rows, values) = prep::merge(&runs, dim);
-        merged.push((rows, values, dim));
-    }
-    // The sparse update, tables spread over the cores.
+        let (rows, values) = prep::merge(&runs, out.2);
+        (out.0, out.1) = (rows, values);
+    });
+    // The sparse update: each table cut into row ranges (its rows ascending, so each range's
+    // weights are a slice of their own), the ranges spread over the cores.
     let (acc_emb, acc_wide, acc_bias) = opt.sparse_state_mut();
     let tables = params
         .emb
         .iter_mut()
         .zip(acc_emb.iter_mut())
         .chain(params.wide.iter_mut().zip(acc_wide.iter_mut()));
-    let work: Vec<_> = tables.zip(&merged).collect();
-    prep::par_each(work, threads, |((w, acc), (rows, values, dim))| {
-        crate::model::adagrad_rows(h, w, acc, *dim, rows, values);
+    let total: usize = merged.iter().map(|m| m.0.len()).sum();
+    let per = total.div_ceil(threads.max(1)).max(1024);
+    let mut work = Vec::new();
+    for ((w, acc), (rows, values, dim)) in tables.zip(&merged) {
+        work.extend(prep::row_ranges(w, acc, rows, values, *dim, per));
+    }
+    prep::par_each(work, threads, |(w, acc, first, rows, values, dim)| {
+        crate::model::adagrad_rows(h, w, acc, dim, rows, first, values);
     });
     crate::model::adagrad_bias(h, &mut params.wide_bias, acc_bias, bias_grad);
     merged.into_iter().map(|(rows, _, _)| rows).collect()

@@ -180,6 +180,45 @@ pub fn refresh(shares: &mut [Share], layout: &Layout, params: &Params, touched: 
     }
 }
 
+/// A range of a table's rows to update: its weights and accumulators from row `first` on, the
+/// rows (ascending), their gradients, the width.
+pub type RowRange<'a> = (
+    &'a mut [f32],
+    &'a mut [f32],
+    u32,
+    &'a [u32],
+    &'a [f32],
+    usize,
+);
+
+/// Cuts the update of `rows` (ascending, distinct; gradients `values`, `dim` wide) of a table
+/// (`w`, `acc`) into ranges of at most `per` rows, each with the slices of the table it touches
+/// alone, so that the ranges can be updated in parallel.
+pub fn row_ranges<'a>(
+    w: &'a mut [f32],
+    acc: &'a mut [f32],
+    rows: &'a [u32],
+    values: &'a [f32],
+    dim: usize,
+    per: usize,
+) -> Vec<RowRange<'a>> {
+    let per = per.max(1);
+    let (mut w, mut acc) = (w, acc);
+    let mut first = 0u32;
+    let mut out = Vec::new();
+    for (k, chunk) in rows.chunks(per).enumerate() {
+        // This range's weights: from its first row up to the next range's first row.
+        let end = rows.get((k + 1) * per).map_or(u32::MAX, |&r| r);
+        let cut = (end.min((w.len() / dim) as u32 + first) - first) as usize * dim;
+        let (wa, wb) = std::mem::take(&mut w).split_at_mut(cut);
+        let (aa, ab) = std::mem::take(&mut acc).split_at_mut(cut);
+        let vals = &values[k * per * dim..(k * per + chunk.len()) * dim];
+        out.push((wa, aa, first, chunk, vals, dim));
+        (w, acc, first) = (wb, ab, end);
+    }
+    out
+}
+
 /// Runs `f` on every item, the items dealt round-robin to at most `threads` scoped threads (the
 /// calling thread takes the first share).
 pub fn par_each<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync) {
@@ -292,6 +331,29 @@ mod tests {
         par_each((0..10).collect(), 3, |i| seen.lock().unwrap().push(i));
         seen.get_mut().unwrap().sort_unstable();
         assert_eq!(seen.into_inner().unwrap(), (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_update_cut_into_row_ranges_equals_the_whole() {
+        let h = crate::model::Optimizer::new(&Params::default(), 0.01, 0.1, 1e-3).hyper(1);
+        let (dim, table) = (3, 40);
+        let rows: Vec<u32> = vec![0, 2, 3, 9, 10, 11, 25, 39];
+        let values: Vec<f32> = (0..rows.len() * dim)
+            .map(|i| i as f32 * 0.1 - 1.0)
+            .collect();
+        let w0: Vec<f32> = (0..table * dim).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (mut w1, mut a1) = (w0.clone(), vec![0.1; table * dim]);
+        crate::model::adagrad_rows(&h, &mut w1, &mut a1, dim, &rows, 0, &values);
+        for per in [1, 2, 3, 7, 8, 100] {
+            let (mut w2, mut a2) = (w0.clone(), vec![0.1; table * dim]);
+            let ranges = row_ranges(&mut w2, &mut a2, &rows, &values, dim, per);
+            assert_eq!(ranges.len(), rows.len().div_ceil(per));
+            for (w, acc, first, r, v, d) in ranges {
+                crate::model::adagrad_rows(&h, w, acc, d, r, first, v);
+            }
+            assert_eq!((&w1, &a1), (&w2, &a2), "{per} rows per range");
+        }
+        assert!(w1 != w0);
     }
 
     #[test]
