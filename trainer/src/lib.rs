@@ -3,7 +3,8 @@
 //!
 //! Workers ([`model::CpuCompute`] behind the [`model::Compute`] trait) run as threads of one
 //! process, synchronously or asynchronously ([`parallel`]), or as processes talking to a
-//! parameter server over TCP ([`dist`]).
+//! parameter server over TCP ([`dist`]); on GPUs, one worker per GPU in one process or one GPU
+//! per worker process ([`gpu`], `[train] device`).
 // Unsafe only in `gpu::cuda` (kernel launches, cuBLAS, NCCL), which allows it.
 #![deny(unsafe_code)]
 
