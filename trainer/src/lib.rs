@@ -174,6 +174,7 @@ fn train_with(
     log: &mut dyn std::io::Write,
 ) -> Result<Trained> {
     let s = &config.train;
+    gpu::precheck(s)?;
     let Prepared {
         model: fitted,
         spec,

@@ -447,6 +447,17 @@ fn unsupported(s: &TrainSettings, layout: &Layout, worker: bool) -> Option<Strin
     None
 }
 
+/// Refuses, before any data is read, a device setting that cannot work whatever the model: one
+/// that does not parse, or an explicit `cuda` where CUDA or the listed GPUs are missing.
+pub fn precheck(s: &TrainSettings) -> Result<()> {
+    let spec: DeviceSpec = s.device.parse().map_err(TrainError::Config)?;
+    if let DeviceSpec::Cuda(_) = spec {
+        rankd_engine::gpu::select(&spec, &rankd_engine::gpu::probe())
+            .map_err(TrainError::Config)?;
+    }
+    Ok(())
+}
+
 /// Starts the devices `s` asks for, or `None` for the CPU trainer; says which in `log`.
 pub fn start(
     s: &TrainSettings,

@@ -364,6 +364,12 @@ fn where_a_run_trains() {
         choose("emulated:1", &with_bn, &none, true).unwrap(),
         Choice::Emulated(1)
     );
+    // Settings that cannot work are refused before the data is read.
+    assert!(precheck(&settings("gpu")).is_err());
+    assert!(precheck(&settings("emulated:0")).is_err());
+    assert!(precheck(&settings("cpu")).is_ok());
+    assert!(precheck(&settings("emulated:2")).is_ok());
+    assert!(precheck(&settings("auto")).is_ok());
     let mut s = settings("auto");
     s.mode = Mode::Async;
     match super::choose(&s, &plain, &two, true).unwrap() {
