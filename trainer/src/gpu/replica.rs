@@ -147,23 +147,19 @@ fn bufs<D: Device>(dev: &mut D, n: usize) -> DResult<Vec<D::F>> {
 }
 
 impl<D: Device> Replica<D> {
-    /// A replica of `params`' dense tensors (and zero moments) on `dev`.
+    /// A replica of `params`' dense tensors (and zero moments) on `dev`. Its Adam needs the
+    /// optimizer's state first ([`Replica::load`]: moments and which tensors L2 applies to); a
+    /// worker process's replica only computes gradients and never runs it.
     pub fn new(mut dev: D, layout: &Layout, params: &Params) -> DResult<Self> {
         let mut dense = Vec::new();
-        let decay = Optimizer::new(params, 0.0, 0.0, 0.0)
-            .with_layout(layout)
-            .dense_moments_mut()
-            .into_iter()
-            .map(|(_, _, d)| d)
-            .collect::<Vec<_>>();
-        for (v, decay) in params.dense().into_iter().zip(decay) {
+        for v in params.dense() {
             let mut t = Dense {
                 w: dev.zeros(v.len().max(1))?,
                 g: dev.zeros(v.len().max(1))?,
                 m: dev.zeros(v.len().max(1))?,
                 v: dev.zeros(v.len().max(1))?,
                 len: v.len(),
-                decay,
+                decay: false,
             };
             dev.put(&mut t.w, v)?;
             dense.push(t);
@@ -238,10 +234,12 @@ impl<D: Device> Replica<D> {
         })
     }
 
-    /// Loads the dense tensors and their Adam moments onto the device.
+    /// Loads the dense tensors and their Adam moments onto the device, and which tensors L2
+    /// applies to.
     pub fn load(&mut self, params: &Params, opt: &mut Optimizer) -> DResult {
         let moments = opt.dense_moments_mut();
-        for ((t, w), (m, v, _)) in self.dense.iter_mut().zip(params.dense()).zip(moments) {
+        for ((t, w), (m, v, decay)) in self.dense.iter_mut().zip(params.dense()).zip(moments) {
+            t.decay = decay;
             self.dev.put(&mut t.w, w)?;
             self.dev.put(&mut t.m, m)?;
             self.dev.put(&mut t.v, v)?;
