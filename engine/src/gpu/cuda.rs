@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, CudaView, DriverError,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DriverError,
     LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 
@@ -279,6 +279,30 @@ struct Kernels {
     cross_update: CudaFunction,
 }
 
+/// Compiles CUDA C `source` with NVRTC for the architecture of `ctx`'s device and loads it: exact
+/// division and square root, no flush to zero and no fused multiply-adds, so that the kernels
+/// round like the host executors they are tested against (the engine's and the trainer's). The
+/// error names the step that failed.
+pub fn load_kernels(ctx: &Arc<CudaContext>, source: &str) -> Result<Arc<CudaModule>, String> {
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| format!("capability: {e:?}"))?;
+    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+        source,
+        cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            ftz: Some(false),
+            fmad: Some(false),
+            prec_div: Some(true),
+            prec_sqrt: Some(true),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("NVRTC: {e:?}"))?;
+    ctx.load_module(ptx).map_err(|e| format!("module: {e:?}"))
+}
+
 /// Starts device `ordinal`: context, kernels, streams, cuBLAS handles.
 pub(super) fn open(ordinal: usize) -> Result<(CudaExecutor, CudaUploader, String), GpuError> {
     let start = |what: &str, e: DriverError| {
@@ -293,25 +317,8 @@ pub(super) fn open(ordinal: usize) -> Result<(CudaExecutor, CudaUploader, String
         "cuda:{ordinal} ({})",
         ctx.name().unwrap_or_else(|_| "unknown".into())
     );
-    let (major, minor) = ctx
-        .compute_capability()
-        .map_err(|e| start("capability", e))?;
-    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-        KERNELS,
-        cudarc::nvrtc::CompileOptions {
-            arch: Some(arch),
-            // Exact division and sqrt, no flush to zero: scores must match the CPU's.
-            ftz: Some(false),
-            // No fused multiply-adds: the kernels round like the host executor.
-            fmad: Some(false),
-            prec_div: Some(true),
-            prec_sqrt: Some(true),
-            ..Default::default()
-        },
-    )
-    .map_err(|e| GpuError::new(GpuErrorKind::Start, format!("GPU {ordinal}: NVRTC: {e:?}")))?;
-    let module = ctx.load_module(ptx).map_err(|e| start("module", e))?;
+    let module = load_kernels(&ctx, KERNELS)
+        .map_err(|e| GpuError::new(GpuErrorKind::Start, format!("GPU {ordinal}: {e}")))?;
     let f = |n: &str| module.load_function(n).map_err(|e| start(n, e));
     let kernels = Kernels {
         fill: f("rk_fill")?,

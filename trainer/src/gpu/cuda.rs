@@ -413,23 +413,8 @@ fn open_one(ordinal: usize) -> DResult<CudaDevice> {
         "cuda:{ordinal} ({})",
         ctx.name().unwrap_or_else(|_| "unknown".into())
     );
-    let (major, minor) = ctx
-        .compute_capability()
-        .map_err(|e| start("capability", e))?;
-    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-        KERNELS,
-        cudarc::nvrtc::CompileOptions {
-            arch: Some(arch),
-            ftz: Some(false),
-            fmad: Some(false),
-            prec_div: Some(true),
-            prec_sqrt: Some(true),
-            ..Default::default()
-        },
-    )
-    .map_err(|e| DeviceError(format!("GPU {ordinal}: NVRTC: {e:?}")))?;
-    let module = ctx.load_module(ptx).map_err(|e| start("module", e))?;
+    let module = rankd_engine::gpu::cuda::load_kernels(&ctx, KERNELS)
+        .map_err(|e| DeviceError(format!("GPU {ordinal}: {e}")))?;
     let f = |n: &str| module.load_function(n).map_err(|e| start(n, e));
     let k = Kernels {
         pool: f("tr_pool")?,
