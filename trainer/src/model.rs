@@ -276,13 +276,40 @@ impl Params {
 
     /// [`Params::dense`], to write.
     pub fn dense_mut(&mut self) -> Vec<&mut Vec<f32>> {
-        self.w
+        self.split_mut().0
+    }
+
+    /// [`Params::dense_mut`] and, beside it, the sparse tables, the wide bias and the running
+    /// statistics: `(dense, emb, wide, wide_bias, bn_stats)`.
+    #[allow(clippy::type_complexity)]
+    fn split_mut(
+        &mut self,
+    ) -> (
+        Vec<&mut Vec<f32>>,
+        &mut [Vec<f32>],
+        &mut [Vec<f32>],
+        &mut f32,
+        &mut [Vec<f32>],
+    ) {
+        let Params {
+            emb,
+            wide,
+            wide_bias,
+            w,
+            b,
+            cross,
+            bn,
+            bn_stats,
+            mt,
+        } = self;
+        let dense = w
             .iter_mut()
-            .chain(self.b.iter_mut())
-            .chain(self.cross.iter_mut())
-            .chain(self.bn.iter_mut())
-            .chain(self.mt.iter_mut())
-            .collect()
+            .chain(b.iter_mut())
+            .chain(cross.iter_mut())
+            .chain(bn.iter_mut())
+            .chain(mt.iter_mut())
+            .collect();
+        (dense, emb, wide, wide_bias, bn_stats)
     }
 
     /// Deep layer `i`'s weights and bias as served: with batch normalization folded in
@@ -601,6 +628,17 @@ impl Grads {
 
     /// The dense gradients, in `Params::dense` order (layers' weights, biases, cross tensors,
     /// batch normalization's γ and β, multi-task tensors).
+    pub fn dense(&self) -> Vec<&Vec<f32>> {
+        self.w
+            .iter()
+            .chain(&self.b)
+            .chain(&self.cross)
+            .chain(&self.bn)
+            .chain(&self.mt)
+            .collect()
+    }
+
+    /// [`Grads::dense`], to write.
     pub fn dense_mut(&mut self) -> Vec<&mut Vec<f32>> {
         self.w
             .iter_mut()
@@ -1587,112 +1625,93 @@ impl Optimizer {
     /// The sparse state: Adagrad's accumulators of the embedding tables, of the wide weights,
     /// and of the wide bias (the GPU trainer updates the rows its devices pushed).
     pub fn sparse_state_mut(&mut self) -> (&mut [Vec<f32>], &mut [Vec<f32>], &mut f32) {
-        (&mut self.acc_emb, &mut self.acc_wide, &mut self.acc_bias)
+        let (_, emb, wide, bias) = self.state_mut();
+        (emb, wide, bias)
     }
 
-    /// Adam's state of every dense tensor, in [`Params::dense`] order:
-    /// the moments `(m, v)` and whether L2 applies (the GPU trainer keeps them on the devices
-    /// and brings them back for checkpoints).
+    /// Adam's state of every dense tensor, in [`Params::dense`] order: the moments `(m, v)` and
+    /// whether L2 applies (the GPU trainer keeps them on the devices and brings them back for
+    /// checkpoints).
     pub fn dense_moments_mut(&mut self) -> Vec<(&mut Vec<f32>, &mut Vec<f32>, bool)> {
-        let cross = self.mc.len();
-        let mut out = Vec::new();
+        self.state_mut().0
+    }
+
+    /// [`Self::dense_moments_mut`] and, beside it, [`Self::sparse_state_mut`].
+    #[allow(clippy::type_complexity)]
+    fn state_mut(
+        &mut self,
+    ) -> (
+        Vec<(&mut Vec<f32>, &mut Vec<f32>, bool)>,
+        &mut [Vec<f32>],
+        &mut [Vec<f32>],
+        &mut f32,
+    ) {
+        let Optimizer {
+            m,
+            v,
+            mb,
+            vb,
+            mc,
+            vc,
+            mbn,
+            vbn,
+            mm,
+            vm,
+            named_decay,
+            acc_emb,
+            acc_wide,
+            acc_bias,
+            ..
+        } = self;
+        // Cross tensors, then multi-task tensors: L2 as the layout says (`with_layout`).
+        let named = |i: usize| named_decay.get(i).copied().unwrap_or(true);
+        let cross = mc.len();
+        let mut out: Vec<(&mut Vec<f32>, &mut Vec<f32>, bool)> = Vec::new();
+        out.extend(m.iter_mut().zip(v.iter_mut()).map(|(m, v)| (m, v, true)));
+        out.extend(mb.iter_mut().zip(vb.iter_mut()).map(|(m, v)| (m, v, false)));
+        let crosses = mc.iter_mut().zip(vc.iter_mut()).enumerate();
+        out.extend(crosses.map(|(i, (m, v))| (m, v, named(i))));
         out.extend(
-            self.m
-                .iter_mut()
-                .zip(self.v.iter_mut())
-                .map(|(m, v)| (m, v, true)),
-        );
-        out.extend(
-            self.mb
-                .iter_mut()
-                .zip(self.vb.iter_mut())
+            mbn.iter_mut()
+                .zip(vbn.iter_mut())
                 .map(|(m, v)| (m, v, false)),
         );
-        let decay = &self.named_decay;
-        out.extend(
-            self.mc
-                .iter_mut()
-                .zip(self.vc.iter_mut())
-                .enumerate()
-                .map(|(i, (m, v))| (m, v, decay.get(i).copied().unwrap_or(true))),
-        );
-        out.extend(
-            self.mbn
-                .iter_mut()
-                .zip(self.vbn.iter_mut())
-                .map(|(m, v)| (m, v, false)),
-        );
-        out.extend(
-            self.mm
-                .iter_mut()
-                .zip(self.vm.iter_mut())
-                .enumerate()
-                .map(|(i, (m, v))| (m, v, decay.get(cross + i).copied().unwrap_or(true))),
-        );
-        out
+        let tasks = mm.iter_mut().zip(vm.iter_mut()).enumerate();
+        out.extend(tasks.map(|(i, (m, v))| (m, v, named(cross + i))));
+        (out, acc_emb, acc_wide, acc_bias)
     }
 
     /// Applies one step of gradients.
     pub fn apply(&mut self, p: &mut Params, g: &Grads) {
         self.t += 1;
         let h = self.hyper(self.t);
-        // Dense tensors, dealt to the shards by name (their index).
-        let mut dense: Vec<Vec<DenseWork<'_>>> = (0..self.shards).map(|_| Vec::new()).collect();
-        let layers =
-            p.w.iter_mut()
-                .zip(&g.w)
-                .zip(self.m.iter_mut().zip(self.v.iter_mut()));
-        for (i, ((w, g), (m, v))) in layers.enumerate() {
-            dense[(2 * i) % self.shards].push((w, g, m, v, true));
-        }
-        let biases =
-            p.b.iter_mut()
-                .zip(&g.b)
-                .zip(self.mb.iter_mut().zip(self.vb.iter_mut()));
-        for (i, ((w, g), (m, v))) in biases.enumerate() {
-            dense[(2 * i + 1) % self.shards].push((w, g, m, v, false));
-        }
-        // The cross tensors, then the multi-task tensors, with L2 as their layout says.
-        let named = p
-            .cross
-            .iter_mut()
-            .chain(p.mt.iter_mut())
-            .zip(g.cross.iter().chain(&g.mt))
-            .zip(
-                self.mc
-                    .iter_mut()
-                    .chain(self.mm.iter_mut())
-                    .zip(self.vc.iter_mut().chain(self.vm.iter_mut())),
-            );
-        for (i, ((w, g), (m, v))) in named.enumerate() {
-            let decay = self.named_decay.get(i).copied().unwrap_or(true);
-            dense[i % self.shards].push((w, g, m, v, decay));
-        }
-        let bn =
-            p.bn.iter_mut()
-                .zip(&g.bn)
-                .zip(self.mbn.iter_mut().zip(self.vbn.iter_mut()));
-        for (i, ((w, g), (m, v))) in bn.enumerate() {
-            dense[i % self.shards].push((w, g, m, v, false));
+        let shards = self.shards;
+        let (moments, acc_emb, acc_wide, acc_bias) = self.state_mut();
+        // Dense tensors, dealt to the shards by their place in the list (every tensor's update
+        // is independent of the others').
+        let mut dense: Vec<Vec<DenseWork<'_>>> = (0..shards).map(|_| Vec::new()).collect();
+        let (params, emb, wide, wide_bias, bn_stats) = p.split_mut();
+        let work = params.into_iter().zip(g.dense()).zip(moments);
+        for (k, ((w, g), (m, v, decay))) in work.enumerate() {
+            dense[k % shards].push((w, g, m, v, decay));
         }
         // The running statistics follow the batches.
-        for (s, b) in p.bn_stats.iter_mut().zip(&g.bn_batch) {
+        for (s, b) in bn_stats.iter_mut().zip(&g.bn_batch) {
             for (s, b) in s.iter_mut().zip(b) {
                 *s = BN_MOMENTUM * *s + (1.0 - BN_MOMENTUM) * b;
             }
         }
         // Sparse tables, cut into one contiguous row range per shard.
-        let mut sparse: Vec<Vec<SparseWork<'_>>> = (0..self.shards).map(|_| Vec::new()).collect();
-        let tables = p
-            .emb
+        let mut sparse: Vec<Vec<SparseWork<'_>>> = (0..shards).map(|_| Vec::new()).collect();
+        let tables = emb
             .iter_mut()
-            .zip(self.acc_emb.iter_mut())
+            .zip(acc_emb.iter_mut())
             .zip(&g.emb)
-            .chain(p.wide.iter_mut().zip(self.acc_wide.iter_mut()).zip(&g.wide));
+            .chain(wide.iter_mut().zip(acc_wide.iter_mut()).zip(&g.wide));
         for ((w, acc), sg) in tables {
             let dim = sg.dim.max(1);
             let rows = w.len() / dim;
-            let per = rows.div_ceil(self.shards).max(1);
+            let per = rows.div_ceil(shards).max(1);
             for (s, (wc, ac)) in w
                 .chunks_mut(per * dim)
                 .zip(acc.chunks_mut(per * dim))
@@ -1701,7 +1720,7 @@ impl Optimizer {
                 sparse[s].push((wc, ac, (s * per) as u32, sg));
             }
         }
-        if self.shards == 1 {
+        if shards == 1 {
             run_shard(
                 &h,
                 dense.pop().unwrap_or_default(),
@@ -1715,7 +1734,7 @@ impl Optimizer {
                 }
             });
         }
-        adagrad_bias(&h, &mut p.wide_bias, &mut self.acc_bias, g.wide_bias);
+        adagrad_bias(&h, wide_bias, acc_bias, g.wide_bias);
     }
 }
 
