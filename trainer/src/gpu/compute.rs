@@ -5,7 +5,7 @@
 use super::device::{Device, DeviceError, HostDevice};
 use super::prep::Share;
 use super::replica::Replica;
-use super::{Choice, DeviceSpec};
+use super::Choice;
 use crate::config::TrainSettings;
 use crate::error::{Result, TrainError};
 use crate::model::{Compute, CpuCompute, Grads, Layout, Params};
@@ -103,12 +103,8 @@ impl WorkerCompute {
         index: usize,
         log: &mut dyn std::io::Write,
     ) -> Result<WorkerCompute> {
-        let spec: DeviceSpec = s.device.parse().map_err(TrainError::Config)?;
-        let found = match spec {
-            DeviceSpec::Auto | DeviceSpec::Cuda(_) => rankd_engine::gpu::probe(),
-            _ => Ok(Vec::new()),
-        };
         let seed = s.seed.wrapping_add(index as u64);
+        let found = super::probe_for(s)?;
         let compute = match super::choose_for(s, layout, &found, true, true)? {
             Choice::Cpu(reason) => {
                 let _ = writeln!(log, "worker {index}: training on the CPU: {reason}");

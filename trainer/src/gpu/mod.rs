@@ -93,11 +93,6 @@ impl<D: Device> Fleet<D> {
         self.replicas[0].store(params, opt)
     }
 
-    /// The replica on device `i` (tests).
-    pub fn replica(&mut self, i: usize) -> &mut Replica<D> {
-        &mut self.replicas[i]
-    }
-
     /// One synchronous step over `shares` (one per device, unpulled), `total` examples in all;
     /// returns the summed loss.
     pub fn step(
@@ -381,12 +376,7 @@ pub enum Choice {
 /// Decides where `layout` trains from the configured device (`[train] device`, `--device`),
 /// what [`rankd_engine::gpu::probe`] found and whether NCCL loads. `auto` falls back to the CPU
 /// with a reason; an explicit `cuda` or `emulated:N` that cannot be honoured is an error.
-pub fn choose(
-    s: &TrainSettings,
-    layout: &Layout,
-    found: &std::result::Result<Vec<rankd_engine::gpu::DeviceInfo>, rankd_engine::gpu::Unavailable>,
-    nccl: bool,
-) -> Result<Choice> {
+pub fn choose(s: &TrainSettings, layout: &Layout, found: &Found, nccl: bool) -> Result<Choice> {
     choose_for(s, layout, found, nccl, false)
 }
 
@@ -395,7 +385,7 @@ pub fn choose(
 pub fn choose_for(
     s: &TrainSettings,
     layout: &Layout,
-    found: &std::result::Result<Vec<rankd_engine::gpu::DeviceInfo>, rankd_engine::gpu::Unavailable>,
+    found: &Found,
     nccl: bool,
     worker: bool,
 ) -> Result<Choice> {
@@ -458,6 +448,20 @@ pub fn precheck(s: &TrainSettings) -> Result<()> {
     Ok(())
 }
 
+/// What [`rankd_engine::gpu::probe`] finds, when `s`'s device may be a GPU (`auto`, `cuda`);
+/// nothing is probed for `cpu` or emulated devices.
+pub(crate) fn probe_for(s: &TrainSettings) -> Result<Found> {
+    let spec: DeviceSpec = s.device.parse().map_err(TrainError::Config)?;
+    Ok(match spec {
+        DeviceSpec::Auto | DeviceSpec::Cuda(_) => rankd_engine::gpu::probe(),
+        _ => Ok(Vec::new()),
+    })
+}
+
+/// What the probe found: the GPUs, or why there are none.
+pub type Found =
+    std::result::Result<Vec<rankd_engine::gpu::DeviceInfo>, rankd_engine::gpu::Unavailable>;
+
 /// Starts the devices `s` asks for, or `None` for the CPU trainer; says which in `log`.
 pub fn start(
     s: &TrainSettings,
@@ -466,12 +470,7 @@ pub fn start(
     opt: &mut Optimizer,
     log: &mut dyn Write,
 ) -> Result<Option<Gpus>> {
-    let spec: DeviceSpec = s.device.parse().map_err(TrainError::Config)?;
-    let found = match spec {
-        DeviceSpec::Auto | DeviceSpec::Cuda(_) => rankd_engine::gpu::probe(),
-        _ => Ok(Vec::new()),
-    };
-    let choice = choose(s, layout, &found, nccl_present())?;
+    let choice = choose(s, layout, &probe_for(s)?, nccl_present())?;
     let gpus = match choice {
         Choice::Cpu(reason) => {
             let _ = writeln!(log, "training on the CPU: {reason}");
