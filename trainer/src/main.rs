@@ -194,8 +194,10 @@ fn run_worker(
         resume,
         patience,
     };
-    let summary =
-        worker::run(&job, &mut std::io::stderr()).with_context(|| format!("worker {index}"))?;
+    // One write per line: the launcher's workers share its stderr, and a line written in pieces
+    // would interleave with another worker's.
+    let mut log = std::io::LineWriter::new(std::io::stderr());
+    let summary = worker::run(&job, &mut log).with_context(|| format!("worker {index}"))?;
     match summary {
         Some(s) => {
             let test = s.test.map_or(String::new(), |t| {
