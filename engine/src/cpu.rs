@@ -47,9 +47,11 @@ struct Scratch {
     fm_sum: Vec<f32>,
     h: Vec<f32>,
     h2: Vec<f32>,
-    /// Each row's first-layer bias when tables are folded: the request-level part plus the
-    /// folded tables' rows.
-    hb: Vec<f32>,
+    /// With folded tables, a chunk's folded rows (with their scales) for the kernel to add to
+    /// each row's first layer, and where each row's start (see [`kernel::RowAdds`]). Empty
+    /// between calls: it only keeps its allocation (see [`recycle`]).
+    adds: Vec<(&'static [f32], f32)>,
+    add_starts: Vec<u32>,
     /// Cross layers: the running output `x_l`, a layer's product, a low-rank layer's middle.
     xc: Vec<f32>,
     ct: Vec<f32>,
@@ -461,41 +463,47 @@ impl CpuEngine {
                         &mut s.h,
                     );
                 } else {
-                    // Each row's bias: its request's part plus its folded tables' rows, the
-                    // rows of a later item asked for ahead.
-                    grow(&mut s.hb, n * out1);
-                    for (i, hb) in s.hb[..n * out1].chunks_exact_mut(out1).enumerate() {
-                        if i + FOLDED_AHEAD < n {
-                            // A folded row is 16 lines: into the L2, not the L1's few miss
-                            // buffers.
-                            for &ei in lay.folded {
-                                let e = &model.emb[ei];
-                                let ids = s.items.column(e.slot).row_ids(r0 + i + FOLDED_AHEAD);
-                                if let Some(p) = model.folded(ei) {
-                                    prefetch_rows(p, ids, out1, prefetch_l2);
-                                }
-                            }
-                        }
-                        let g = row_seg[r0 + i] as usize;
-                        hb.copy_from_slice(&u[g * out1..(g + 1) * out1]);
+                    // Each row's bias: its request's part plus its folded tables' rows, which
+                    // the kernel adds as it finishes the row's blocks (asking for the next
+                    // block's rows ahead, so that they arrive under the multiply-adds).
+                    let mut adds = recycle(std::mem::take(&mut s.adds));
+                    s.add_starts.clear();
+                    s.add_starts.push(0);
+                    for r in r0..r1 {
                         for &ei in lay.folded {
                             let e = &model.emb[ei];
-                            let ids = s.items.column(e.slot).row_ids(r0 + i);
+                            let ids = s.items.column(e.slot).row_ids(r);
                             let p = model.folded(ei).expect("the plan folds only folded tables");
-                            crate::fold::add_pooled(p, ids, e.mean, hb);
+                            let scale = if e.mean && ids.len() > 1 {
+                                1.0 / ids.len() as f32
+                            } else {
+                                1.0
+                            };
+                            for &id in ids {
+                                let at = id as usize * out1;
+                                adds.push((&p[at..at + out1], scale));
+                            }
                         }
+                        s.add_starts.push(adds.len() as u32);
                     }
-                    let hb = &s.hb;
-                    kernel::dense(
+                    kernel::dense_plus(
                         self.isa,
                         n,
                         &s.x,
                         k,
                         lay.w1,
-                        |i| &hb[i * out1..(i + 1) * out1],
+                        |i| {
+                            let g = row_seg[r0 + i] as usize;
+                            &u[g * out1..(g + 1) * out1]
+                        },
+                        kernel::RowAdds {
+                            starts: &s.add_starts,
+                            rows: &adds,
+                        },
                         l0.relu,
                         &mut s.h,
                     );
+                    s.adds = recycle(adds);
                 }
                 match &model.mt {
                     Some(mt) => multitask_heads(
@@ -906,17 +914,6 @@ pub fn prefetch<T>(data: &[T]) {
     let _ = data;
 }
 
-/// [`prefetch`] into the second-level cache only: for data read a little later and in
-/// quantity (a folded row is 16 lines), so that the requests queue at the L2, not in the few
-/// first-level miss buffers the core's own loads need.
-#[inline(always)]
-fn prefetch_l2<T>(data: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T1 }, T>(data);
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = data;
-}
-
 /// Asks the cache, with `line`, for rows `ids` of `values` (`width` values a row); ids past
 /// the end are skipped (the gather reports them).
 #[inline(always)]
@@ -938,6 +935,16 @@ fn prefetch_lines<const HINT: i32, T>(data: &[T]) {
         // inside `data` anyway.
         unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(start.wrapping_add(off)) };
     }
+}
+
+/// Empties `v` and returns its allocation as a vector of references of another lifetime: the
+/// scratch of rows borrowed from one call's model keeps its capacity for the next call without
+/// holding any reference past the call. The element types have one layout, so collecting from
+/// the emptied vector reuses its buffer (std's in-place collect; `tests/no_alloc.rs` checks that
+/// the folded path allocates nothing).
+fn recycle<'b>(mut v: Vec<(&[f32], f32)>) -> Vec<(&'b [f32], f32)> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("emptied")).collect()
 }
 
 /// Makes `v` at least `n` long without touching existing elements: for buffers whose first `n`
@@ -982,9 +989,9 @@ fn pool(table: Table<'_>, dim: usize, ids: &[u32], mean: bool, dst: &mut [f32]) 
 /// over megabytes, and a row read only when needed waits on memory.
 const AHEAD: usize = 16;
 
-/// The same for the folded rows (a row's folded tables are added together: fewer rows ahead
-/// cover the same time) and for the wide weights (one addition a row: more).
-const FOLDED_AHEAD: usize = 4;
+/// The same for the wide weights (one addition a row: more rows ahead cover the same time).
+/// (The folded rows are asked for by the kernel, a block of rows ahead: see
+/// [`kernel::RowAdds`].)
 const WIDE_AHEAD: usize = 32;
 
 /// Pools `rows` of a chunk into X (row stride `k`, `dim` columns from `xoff`) with `pool_one`,

@@ -53,8 +53,35 @@ pub(crate) fn choose(model: &Model, budget: usize) -> Vec<bool> {
     pick
 }
 
+/// A folded table: `rows x out` floats whose first element is 64-byte aligned, so that a row of
+/// a multiple of 16 floats covers whole cache lines (one line fewer per row than a row straddling
+/// them, and no vector load split across two lines). The buffer is over-allocated by up to a
+/// line and `start` skips to the first aligned float.
+#[derive(Clone, Debug)]
+pub(crate) struct FoldedTable {
+    buf: Arc<[f32]>,
+    start: usize,
+    len: usize,
+}
+
+impl FoldedTable {
+    /// A zeroed table of `len` floats.
+    fn zeroed(len: usize) -> FoldedTable {
+        const LINE: usize = 64 / std::mem::size_of::<f32>();
+        let buf: Arc<[f32]> = vec![0f32; len + LINE - 1].into();
+        let misaligned = (buf.as_ptr() as usize % 64) / std::mem::size_of::<f32>();
+        let start = (LINE - misaligned) % LINE;
+        FoldedTable { buf, start, len }
+    }
+
+    /// The table's floats.
+    pub(crate) fn as_slice(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
 /// The folded tables of `model` for the tables in `which` (`None` elsewhere).
-pub(crate) fn build(model: &Model, which: impl Fn(usize) -> bool) -> Vec<Option<Arc<[f32]>>> {
+pub(crate) fn build(model: &Model, which: impl Fn(usize) -> bool) -> Vec<Option<FoldedTable>> {
     (0..model.emb.len())
         .map(|ei| which(ei).then(|| project(model, ei)))
         .collect()
@@ -68,7 +95,7 @@ pub(crate) fn rebuild(
     old: &Model,
     touched: &[bool],
     first_changed: bool,
-) -> Vec<Option<Arc<[f32]>>> {
+) -> Vec<Option<FoldedTable>> {
     old.folded
         .iter()
         .enumerate()
@@ -81,7 +108,7 @@ pub(crate) fn rebuild(
 
 /// `P = E W1[:, cols]ᵀ` for embedding table `ei`: its rows as served (through the model's
 /// overlay of changed rows) times the first layer's weights for its columns, `rows x out`.
-fn project(model: &Model, ei: usize) -> Arc<[f32]> {
+fn project(model: &Model, ei: usize) -> FoldedTable {
     let e = &model.emb[ei];
     let l0 = &model.layers[0];
     let (dim, out) = (e.dim, l0.out_dim);
@@ -91,7 +118,9 @@ fn project(model: &Model, ei: usize) -> Arc<[f32]> {
     let table = model.table(e);
     let overlay = model.emb_overlay(ei);
     let rows = e.rows as usize;
-    let mut p = vec![0f32; rows * out];
+    let mut table_out = FoldedTable::zeroed(rows * out);
+    let p = Arc::get_mut(&mut table_out.buf).expect("a new table has one owner");
+    let p = &mut p[table_out.start..table_out.start + rows * out];
     let mut x = vec![0f32; BLOCK.min(rows) * dim];
     for r0 in (0..rows).step_by(BLOCK) {
         let n = BLOCK.min(rows - r0);
@@ -113,25 +142,20 @@ fn project(model: &Model, ei: usize) -> Arc<[f32]> {
             &mut p[r0 * out..(r0 + n) * out],
         );
     }
-    p.into()
+    table_out
 }
 
-/// `dst += pool(P[ids])`: the folded rows of `ids` summed, or averaged for a mean-pooled slot
-/// (an empty list adds nothing, as an all-zero pooled embedding would).
-#[inline]
-pub(crate) fn add_pooled(p: &[f32], ids: &[u32], mean: bool, dst: &mut [f32]) {
-    let out = dst.len();
-    let scale = if mean && ids.len() > 1 {
-        1.0 / ids.len() as f32
-    } else {
-        1.0
-    };
-    for &id in ids {
-        let row = &p[id as usize * out..(id as usize + 1) * out];
-        if scale == 1.0 {
-            dst.iter_mut().zip(row).for_each(|(d, v)| *d += v);
-        } else {
-            dst.iter_mut().zip(row).for_each(|(d, v)| *d += v * scale);
+#[cfg(test)]
+mod tests {
+    use super::FoldedTable;
+
+    #[test]
+    fn folded_tables_start_on_a_cache_line() {
+        for len in [1, 15, 16, 17, 256, 4096 + 3] {
+            let t = FoldedTable::zeroed(len);
+            assert_eq!(t.as_slice().len(), len);
+            assert_eq!(t.as_slice().as_ptr() as usize % 64, 0, "len {len}");
+            assert!(t.as_slice().iter().all(|&x| x == 0.0));
         }
     }
 }

@@ -132,6 +132,52 @@ pub fn dense<'b>(
     relu: bool,
     c: &mut [f32],
 ) {
+    dense_plus(isa, m, a, a_rs, b, bias, RowAdds::default(), relu, c);
+}
+
+/// Rows added to the output rows of [`dense_plus`] before the activation: output row `i` adds
+/// `scale · row[j]` to column `j` for every `(row, scale)` of `rows[starts[i]..starts[i + 1]]`
+/// (each `row` at least `b.n()` long). The CPU engine adds its folded tables' rows
+/// ([`crate::fold`]) to the first layer this way: read while the kernel computes (each block asks
+/// for the next block's rows ahead) instead of in a memory-bound pass of their own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RowAdds<'a> {
+    /// `m + 1` offsets into `rows` (or none at all: nothing is added).
+    pub starts: &'a [u32],
+    /// The rows with their scales.
+    pub rows: &'a [(&'a [f32], f32)],
+}
+
+impl<'a> RowAdds<'a> {
+    /// The rows added to output row `i`.
+    #[inline(always)]
+    fn of(&self, i: usize) -> &'a [(&'a [f32], f32)] {
+        if self.starts.is_empty() {
+            &[]
+        } else {
+            &self.rows[self.starts[i] as usize..self.starts[i + 1] as usize]
+        }
+    }
+}
+
+/// [`dense`] with `adds` added to each output row with its bias:
+/// `c[i][j] = act(Σ_kk a[i][kk] · B[kk][j] + (bias(i)[j] + Σ scale · row[j]))`, the bracket
+/// summed in the order of `adds`.
+///
+/// # Panics
+/// As [`dense`], and if `adds` has offsets but not `m + 1` of them, or a row is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_plus<'b>(
+    isa: Isa,
+    m: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &Packed,
+    bias: impl Fn(usize) -> &'b [f32],
+    adds: RowAdds<'_>,
+    relu: bool,
+    c: &mut [f32],
+) {
     if m == 0 || b.n == 0 {
         return;
     }
@@ -140,20 +186,24 @@ pub fn dense<'b>(
         "a too short"
     );
     assert!(c.len() >= m * b.n, "c too short");
+    assert!(
+        adds.starts.is_empty() || adds.starts.len() == m + 1,
+        "one start per output row and an end"
+    );
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             assert!(isa.supported());
             // SAFETY: the CPU has AVX-512F, checked just above.
-            unsafe { x86::dense_avx512(m, a, a_rs, b, &bias, relu, c) }
+            unsafe { x86::dense_avx512(m, a, a_rs, b, &bias, adds, relu, c) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             assert!(isa.supported());
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
-            unsafe { x86::dense_avx2(m, a, a_rs, b, &bias, relu, c) }
+            unsafe { x86::dense_avx2(m, a, a_rs, b, &bias, adds, relu, c) }
         }
-        _ => dense_generic(m, a, a_rs, b, &bias, relu, c),
+        _ => dense_generic(m, a, a_rs, b, &bias, adds, relu, c),
     }
 }
 
@@ -227,23 +277,37 @@ fn for_blocks(
     }
 }
 
-/// The epilogue of one output row: `out[j] = act(acc[j] + bias[j])` for the first `out.len()`
-/// columns of a block (a panel, or half of one).
+/// The epilogue of one output row: `out[j] = act(acc[j] + (bias[j] + Σ scale · row[col0 + j]))`
+/// for the first `out.len()` columns of a block (a panel, or half of one) starting at column
+/// `col0`.
 #[inline(always)]
-fn finish_row(acc: &[f32], bias: &[f32], relu: bool, out: &mut [f32]) {
-    for ((o, &a), &b) in out.iter_mut().zip(acc).zip(bias) {
-        let v = a + b;
+fn finish_row(
+    acc: &[f32],
+    bias: &[f32],
+    adds: &[(&[f32], f32)],
+    col0: usize,
+    relu: bool,
+    out: &mut [f32],
+) {
+    for (j, ((o, &a), &b)) in out.iter_mut().zip(acc).zip(bias).enumerate() {
+        let mut t = b;
+        for &(row, scale) in adds {
+            t += row[col0 + j] * scale;
+        }
+        let v = a + t;
         *o = if relu { v.max(0.0) } else { v };
     }
 }
 
 /// Portable kernel (no SIMD assumed): the reference the vector kernels are tested against.
+#[allow(clippy::too_many_arguments)]
 fn dense_generic<'b>(
     m: usize,
     a: &[f32],
     a_rs: usize,
     b: &Packed,
     bias: &impl Fn(usize) -> &'b [f32],
+    adds: RowAdds<'_>,
     relu: bool,
     c: &mut [f32],
 ) {
@@ -261,6 +325,8 @@ fn dense_generic<'b>(
         finish_row(
             &acc,
             &bias(i)[col0..col0 + cols],
+            adds.of(i),
+            col0,
             relu,
             &mut c[i * n + col0..i * n + col0 + cols],
         );
@@ -275,13 +341,14 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{finish_row, for_blocks, Lane, Packed, NR};
+    use super::{finish_row, for_blocks, Lane, Packed, RowAdds, NR};
 
     /// Rows per block: 8 x 2 zmm accumulators.
     const MR_512: usize = 8;
     /// Rows per block of the AVX2 kernel: 6 rows x 2 ymm accumulators (16 columns).
     const MR_256: usize = 6;
 
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) fn dense_avx512<'b>(
         m: usize,
@@ -289,6 +356,7 @@ mod x86 {
         a_rs: usize,
         b: &Packed,
         bias: &impl Fn(usize) -> &'b [f32],
+        adds: RowAdds<'_>,
         relu: bool,
         c: &mut [f32],
     ) {
@@ -296,6 +364,7 @@ mod x86 {
         for_blocks(m, b, MR_512, |i0, rows, panel, p| {
             let col0 = p * NR;
             let cols = NR.min(n - col0);
+            prefetch_adds(&adds, i0 + rows..(i0 + 2 * rows).min(m), col0);
             macro_rules! go {
                 ($r:literal) => {{
                     let acc = block512::<$r>(a, a_rs, i0, k, panel);
@@ -303,7 +372,7 @@ mod x86 {
                         let i = i0 + r;
                         let out = &mut c[i * n + col0..i * n + col0 + cols];
                         let bias = &bias(i)[col0..col0 + cols];
-                        store512(acc, bias, relu, out);
+                        store512(acc, bias, adds.of(i), col0, relu, out);
                     }
                 }};
             }
@@ -351,12 +420,26 @@ mod x86 {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn store512(acc: &[__m512; 2], bias: &[f32], relu: bool, out: &mut [f32]) {
+    fn store512(
+        acc: &[__m512; 2],
+        bias: &[f32],
+        adds: &[(&[f32], f32)],
+        col0: usize,
+        relu: bool,
+        out: &mut [f32],
+    ) {
         if out.len() == NR && bias.len() == NR {
             for (h, acc) in acc.iter().enumerate() {
-                // SAFETY: `bias` and `out` hold NR = 32 floats: two full unaligned vectors.
+                // SAFETY: `bias` and `out` hold NR = 32 floats: two full unaligned vectors, and
+                // so does each added row's slice from `col0`.
                 unsafe {
-                    let mut v = _mm512_add_ps(*acc, _mm512_loadu_ps(bias.as_ptr().add(16 * h)));
+                    let mut t = _mm512_loadu_ps(bias.as_ptr().add(16 * h));
+                    for &(row, scale) in adds {
+                        let row = &row[col0..col0 + NR];
+                        let x = _mm512_loadu_ps(row.as_ptr().add(16 * h));
+                        t = _mm512_fmadd_ps(x, _mm512_set1_ps(scale), t);
+                    }
+                    let mut v = _mm512_add_ps(*acc, t);
                     if relu {
                         v = _mm512_max_ps(v, _mm512_setzero_ps());
                     }
@@ -370,7 +453,7 @@ mod x86 {
                 _mm512_storeu_ps(tmp.as_mut_ptr(), acc[0]);
                 _mm512_storeu_ps(tmp.as_mut_ptr().add(16), acc[1]);
             }
-            finish_row(&tmp, bias, relu, out);
+            finish_row(&tmp, bias, adds, col0, relu, out);
         }
     }
 
@@ -453,6 +536,7 @@ mod x86 {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dense_avx2<'b>(
         m: usize,
@@ -460,6 +544,7 @@ mod x86 {
         a_rs: usize,
         b: &Packed,
         bias: &impl Fn(usize) -> &'b [f32],
+        adds: RowAdds<'_>,
         relu: bool,
         c: &mut [f32],
     ) {
@@ -478,6 +563,7 @@ mod x86 {
                 let mut i0 = 0;
                 while i0 < m {
                     let rows = MR_256.min(m - i0);
+                    prefetch_adds(&adds, i0 + rows..(i0 + 2 * rows).min(m), c0);
                     macro_rules! go {
                         ($r:literal) => {{
                             let acc = block256::<$r>(a, a_rs, i0, k, panel, half);
@@ -487,14 +573,19 @@ mod x86 {
                                     // A full half: bias and ReLU in registers, stored in place.
                                     let bias = &bias(i)[c0..c0 + HALF];
                                     let out = &mut c[i * n + c0..i * n + c0 + HALF];
+                                    let adds = adds.of(i);
                                     for (h, v) in acc.iter().enumerate() {
                                         // SAFETY: `bias` and `out` hold HALF = 16 floats: two
-                                        // full vectors at 0 and 8.
+                                        // full vectors at 0 and 8, and so does each added
+                                        // row's slice from `c0`.
                                         unsafe {
-                                            let mut v = _mm256_add_ps(
-                                                *v,
-                                                _mm256_loadu_ps(bias.as_ptr().add(8 * h)),
-                                            );
+                                            let mut t = _mm256_loadu_ps(bias.as_ptr().add(8 * h));
+                                            for &(row, scale) in adds {
+                                                let row = &row[c0..c0 + HALF];
+                                                let x = _mm256_loadu_ps(row.as_ptr().add(8 * h));
+                                                t = _mm256_fmadd_ps(x, _mm256_set1_ps(scale), t);
+                                            }
+                                            let mut v = _mm256_add_ps(*v, t);
                                             if relu {
                                                 v = _mm256_max_ps(v, _mm256_setzero_ps());
                                             }
@@ -511,6 +602,8 @@ mod x86 {
                                 finish_row(
                                     &tmp,
                                     &bias(i)[c0..c0 + width],
+                                    adds.of(i),
+                                    c0,
                                     relu,
                                     &mut c[i * n + c0..i * n + c0 + width],
                                 );
@@ -533,6 +626,24 @@ mod x86 {
 
     /// Half a panel's columns.
     const HALF: usize = NR / 2;
+
+    /// Asks for the cache line at column `col0` of every row added to the output rows `rows` (a
+    /// block's: the next one's are asked for while this one computes, so that the lines of
+    /// rows read from L3 or memory arrive under the block's multiply-adds).
+    #[inline(always)]
+    fn prefetch_adds(adds: &RowAdds<'_>, rows: std::ops::Range<usize>, col0: usize) {
+        if adds.starts.is_empty() {
+            return;
+        }
+        for i in rows {
+            for &(row, _) in adds.of(i) {
+                if let Some(x) = row.get(col0) {
+                    // SAFETY: a prefetch reads nothing; the address is inside `row`.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>((x as *const f32).cast()) };
+                }
+            }
+        }
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -618,6 +729,66 @@ mod tests {
                     dense(isa, m, &a, k, &packed, |_| &bias, relu, &mut c);
                     for (x, y) in c.iter().zip(&want) {
                         assert!((x - y).abs() < 1e-4, "{isa:?} {m}x{k}x{n}: {x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn added_rows_join_the_bias_on_every_isa() {
+        // Shapes with full and partial panels and halves, blocks of every height; rows with no,
+        // one and three added rows, scaled and not.
+        for &(m, k, n) in &[(1, 3, 16), (7, 5, 40), (13, 17, 64), (20, 9, 100)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+                .collect();
+            let packed = Packed::from_out_in(&w, n, k);
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.02 - 0.4).collect();
+            let table: Vec<f32> = (0..4 * n)
+                .map(|i| ((i * 3) % 17) as f32 * 0.05 - 0.4)
+                .collect();
+            let row = |r: usize| &table[r * n..(r + 1) * n];
+            let mut starts = vec![0u32];
+            let mut rows = Vec::new();
+            for i in 0..m {
+                match i % 3 {
+                    0 => {}
+                    1 => rows.push((row(i % 4), 1.0)),
+                    _ => {
+                        for r in 0..3 {
+                            rows.push((row((i + r) % 4), 1.0 / 3.0));
+                        }
+                    }
+                }
+                starts.push(rows.len() as u32);
+            }
+            let adds = RowAdds {
+                starts: &starts,
+                rows: &rows,
+            };
+            for isa in Isa::available() {
+                for relu in [false, true] {
+                    let mut c = vec![f32::NAN; m * n];
+                    dense_plus(isa, m, &a, k, &packed, |_| &bias, adds, relu, &mut c);
+                    for i in 0..m {
+                        let (s, e) = (starts[i] as usize, starts[i + 1] as usize);
+                        for j in 0..n {
+                            let mut want: f32 = bias[j]
+                                + (0..k).map(|kk| a[i * k + kk] * w[j * k + kk]).sum::<f32>();
+                            want += rows[s..e].iter().map(|(r, x)| r[j] * x).sum::<f32>();
+                            if relu {
+                                want = want.max(0.0);
+                            }
+                            let got = c[i * n + j];
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{isa:?} {m}x{k}x{n} ({i},{j}): {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

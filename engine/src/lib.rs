@@ -372,7 +372,7 @@ pub struct Model {
     pub(crate) updates: overlay::Updates,
     /// Per embedding table, the table folded into the first layer when the CPU engine folds it
     /// (see [`fold`]).
-    pub(crate) folded: Vec<Option<std::sync::Arc<[f32]>>>,
+    pub(crate) folded: Vec<Option<fold::FoldedTable>>,
 }
 
 /// How a model is prepared for the engines ([`Model::with_options`]).
@@ -670,12 +670,19 @@ impl Model {
     /// Embedding table `ei` folded into the first layer, when the CPU engine folds it.
     #[inline]
     pub(crate) fn folded(&self, ei: usize) -> Option<&[f32]> {
-        self.folded.get(ei)?.as_deref()
+        self.folded
+            .get(ei)?
+            .as_ref()
+            .map(fold::FoldedTable::as_slice)
     }
 
     /// Bytes held by the folded tables.
     pub fn folded_bytes(&self) -> usize {
-        self.folded.iter().flatten().map(|p| p.len() * 4).sum()
+        self.folded
+            .iter()
+            .flatten()
+            .map(|p| p.as_slice().len() * 4)
+            .sum()
     }
 
     pub(crate) fn num_slots(&self) -> usize {
