@@ -600,24 +600,61 @@ impl CompiledSpec {
                     m,
                 } => {
                     let (n, m) = (*n, *m);
-                    let map = |v: &str| {
-                        let h = hash_str(self.seed, v);
-                        match vocab.get_hashed(v, h) {
-                            Some(i) => i,
-                            None => n + (h % u64::from(m)) as u32,
-                        }
+                    let map = |v: &str, h: u64| match vocab.get_hashed(v, h) {
+                        Some(i) => i,
+                        None => n + (h % u64::from(m)) as u32,
                     };
-                    each_row!(|r| {
-                        match self.value(rows, r, *feature)? {
-                            Value::Str(v) => col.ids.push(map(v)),
-                            Value::StrList(l) if !l.is_empty() => {
-                                self.check_row_len(s, l.len() as u64)?;
-                                col.ids.extend((0..l.len()).map(|i| map(l.get(i))));
+                    // Rows a group at a time: first each row's value and the hash of a string,
+                    // its table slot asked for, then the lookups, which find most slots in the
+                    // cache instead of waiting on each in turn (a vocabulary's table is read at
+                    // random, and a large request's other data has pushed it out of the core's
+                    // caches since the last request).
+                    let mut group = [(Value::Missing, 0u64); LOOKUP_GROUP];
+                    let mut r0 = 0;
+                    while r0 < count {
+                        let r1 = (r0 + LOOKUP_GROUP).min(count);
+                        let mut failed = None;
+                        let mut end = r0;
+                        for r in r0..r1 {
+                            match self.value(rows, r, *feature) {
+                                Ok(v) => {
+                                    let h = match v {
+                                        Value::Str(v) => {
+                                            let h = hash_str(self.seed, v);
+                                            vocab.prefetch(h);
+                                            h
+                                        }
+                                        _ => 0,
+                                    };
+                                    group[r - r0] = (v, h);
+                                    end = r + 1;
+                                }
+                                Err(e) => {
+                                    failed = Some((r, e));
+                                    break;
+                                }
                             }
-                            _ => col.ids.push(n + m),
                         }
-                        Ok(())
-                    })
+                        // The rows before a failed one first: an error of theirs comes first.
+                        for (r, &(v, h)) in (r0..end).zip(&group) {
+                            match v {
+                                Value::Str(v) => col.ids.push(map(v, h)),
+                                Value::StrList(l) if !l.is_empty() => {
+                                    self.check_row_len(s, l.len() as u64).map_err(|e| (r, e))?;
+                                    col.ids.extend((0..l.len()).map(|i| {
+                                        let v = l.get(i);
+                                        map(v, hash_str(self.seed, v))
+                                    }));
+                                }
+                                _ => col.ids.push(n + m),
+                            }
+                            col.offsets.push(col.ids.len() as u32);
+                        }
+                        if let Some(failed) = failed {
+                            return Err(failed);
+                        }
+                        r0 = r1;
+                    }
                 }
                 Op::Descartes { inputs, strides } => each_row!(|r| {
                     let row_idx = base + r;
@@ -735,6 +772,9 @@ impl CompiledSpec {
         Ok(())
     }
 }
+
+/// Rows whose string vocabulary slots are asked for before any of them is looked up.
+const LOOKUP_GROUP: usize = 16;
 
 /// `normalize`: computed in f64, rounded to f32 once at the end.
 #[inline]

@@ -193,6 +193,13 @@ impl StrVocab {
         self.seed
     }
 
+    /// Asks the cache for the table slot where the lookup of a value hashed to `h` starts (no
+    /// effect on the result of any lookup).
+    #[inline]
+    pub fn prefetch(&self, h: u64) {
+        crate::prefetch::line(&self.table[h as usize & self.mask]);
+    }
+
     /// Position of `v`, given `h = H(v)` computed with [`StrVocab::seed`].
     #[inline]
     pub fn get_hashed(&self, v: &str, h: u64) -> Option<u32> {

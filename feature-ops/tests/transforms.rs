@@ -763,3 +763,59 @@ fn hash_and_prefix_config_errors() {
     .unwrap();
     assert!(CompiledSpec::compile(&spec).is_ok());
 }
+
+/// Rows of a batch as a plain table (row-major, by feature).
+struct Table<'a>(Vec<Vec<Value<'a>>>);
+
+impl rankd_feature_ops::Rows for Table<'_> {
+    fn num_rows(&self) -> usize {
+        self.0.len()
+    }
+    fn value(&self, row: usize, feature: usize) -> Value<'_> {
+        self.0[row][feature]
+    }
+}
+
+#[test]
+fn a_batch_of_string_lookups_equals_its_rows_one_by_one_and_fails_at_the_first_bad_row() {
+    // Over several groups of rows that are looked up together: known, unknown and missing
+    // values and lists (empty, known, unknown) in both slots.
+    let spec = pickcat_str(7).with_max_ids_per_row(3);
+    let cities = ["Paris", "Tokyo", "Lima", "", "Tokyo", "Oslo"];
+    let tags: Vec<Vec<&str>> = vec![vec![], vec!["a"], vec!["c", "zz", "b"], vec!["q"]];
+    let rows: Vec<Vec<Value<'_>>> = (0..53)
+        .map(|r| {
+            let city = if r % 7 == 3 {
+                Value::Missing
+            } else {
+                Value::Str(cities[r % cities.len()])
+            };
+            vec![city, Value::StrList(&tags[r % tags.len()])]
+        })
+        .collect();
+    let mut batch = SlotBatch::new();
+    spec.transform_rows_masked(&Table(rows.clone()), None, &mut batch)
+        .unwrap();
+    assert_eq!(batch.rows(), rows.len());
+    for (r, row) in rows.iter().enumerate() {
+        for s in 0..2 {
+            assert_eq!(batch.ids(s, r), ids(&spec, row, s), "row {r} slot {s}");
+        }
+    }
+
+    // In one slot, a list over the limit and a wrong type, in the same group of rows and in
+    // different groups: the first row is reported, and the batch is left as it was.
+    let long = vec!["a", "b", "c", "a"];
+    for (bad_type_at, too_long_at, want) in [(25, 20, 20), (17, 30, 17), (40, 10, 10), (3, 50, 3)] {
+        let mut bad = rows.clone();
+        bad[too_long_at][1] = Value::StrList(&long);
+        bad[bad_type_at][1] = Value::Int(4);
+        let mut out = batch.clone();
+        let err = spec
+            .transform_rows_masked(&Table(bad), None, &mut out)
+            .unwrap_err();
+        assert_eq!(err.row, want, "{err:?}");
+        assert_eq!(out.rows(), batch.rows());
+        assert_eq!(out.column(0).ids, batch.column(0).ids);
+    }
+}
