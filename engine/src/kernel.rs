@@ -563,7 +563,13 @@ mod x86 {
                 let mut i0 = 0;
                 while i0 < m {
                     let rows = MR_256.min(m - i0);
-                    prefetch_adds(&adds, i0 + rows..(i0 + 2 * rows).min(m), c0);
+                    // The next block's added rows (after the last block of a half, the first
+                    // block's in the next half).
+                    if i0 + rows < m {
+                        prefetch_adds(&adds, i0 + rows..(i0 + 2 * rows).min(m), c0);
+                    } else if c0 + HALF < n {
+                        prefetch_adds(&adds, 0..MR_256.min(m), c0 + HALF);
+                    }
                     macro_rules! go {
                         ($r:literal) => {{
                             let acc = block256::<$r>(a, a_rs, i0, k, panel, half);
@@ -573,18 +579,24 @@ mod x86 {
                                     // A full half: bias and ReLU in registers, stored in place.
                                     let bias = &bias(i)[c0..c0 + HALF];
                                     let out = &mut c[i * n + c0..i * n + c0 + HALF];
-                                    let adds = adds.of(i);
-                                    for (h, v) in acc.iter().enumerate() {
-                                        // SAFETY: `bias` and `out` hold HALF = 16 floats: two
-                                        // full vectors at 0 and 8, and so does each added
-                                        // row's slice from `c0`.
-                                        unsafe {
-                                            let mut t = _mm256_loadu_ps(bias.as_ptr().add(8 * h));
-                                            for &(row, scale) in adds {
-                                                let row = &row[c0..c0 + HALF];
+                                    // SAFETY: `bias` and `out` hold HALF = 16 floats: two
+                                    // full vectors at 0 and 8, and so does each added row's
+                                    // slice from `c0`.
+                                    unsafe {
+                                        let mut t = [
+                                            _mm256_loadu_ps(bias.as_ptr()),
+                                            _mm256_loadu_ps(bias.as_ptr().add(8)),
+                                        ];
+                                        // Each added row's line once, both vectors from it.
+                                        for &(row, scale) in adds.of(i) {
+                                            let row = &row[c0..c0 + HALF];
+                                            let scale = _mm256_set1_ps(scale);
+                                            for (h, t) in t.iter_mut().enumerate() {
                                                 let x = _mm256_loadu_ps(row.as_ptr().add(8 * h));
-                                                t = _mm256_fmadd_ps(x, _mm256_set1_ps(scale), t);
+                                                *t = _mm256_fmadd_ps(x, scale, *t);
                                             }
+                                        }
+                                        for (h, (v, t)) in acc.iter().zip(t).enumerate() {
                                             let mut v = _mm256_add_ps(*v, t);
                                             if relu {
                                                 v = _mm256_max_ps(v, _mm256_setzero_ps());
