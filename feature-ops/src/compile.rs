@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::hash::{hash_int, hash_str, FastMod, ValueHasher};
+use crate::hash::{encode_int, encode_str, hash_encoded, hash_int, hash_str, FastMod, ValueHasher};
 use crate::spec::{FeatureSpec, RawFeature, Transform, Vocabulary};
 use crate::value::{FeatureType, OneRow, Row, Rows, Value};
 use crate::vocab::{IntVocab, StrVocab, StrVocabError};
@@ -609,30 +609,40 @@ impl CompiledSpec {
                     // cache instead of waiting on each in turn (a vocabulary's table is read at
                     // random, and a large request's other data has pushed it out of the core's
                     // caches since the last request).
+                    // Per row of a group: the value and, for a string, its encoding's length,
+                    // then its hash.
                     let mut group = [(Value::Missing, 0u64); LOOKUP_GROUP];
+                    let mut encoded = [[0u8; 64]; LOOKUP_GROUP];
                     let mut r0 = 0;
                     while r0 < count {
                         let r1 = (r0 + LOOKUP_GROUP).min(count);
                         let mut failed = None;
                         let mut end = r0;
+                        // Every string encoded, then hashed: a hash right after its encoding
+                        // would wait for the encoding's bytes to reach the cache.
                         for r in r0..r1 {
                             match self.value(rows, r, *feature) {
                                 Ok(v) => {
-                                    let h = match v {
-                                        Value::Str(v) => {
-                                            let h = hash_str(self.seed, v);
-                                            vocab.prefetch(h);
-                                            h
-                                        }
-                                        _ => 0,
+                                    let n = match v {
+                                        Value::Str(v) => encode_str(v, &mut encoded[r - r0]),
+                                        _ => None,
                                     };
-                                    group[r - r0] = (v, h);
+                                    group[r - r0] = (v, n.unwrap_or(0) as u64);
                                     end = r + 1;
                                 }
                                 Err(e) => {
                                     failed = Some((r, e));
                                     break;
                                 }
+                            }
+                        }
+                        for ((v, h), enc) in group[..end - r0].iter_mut().zip(&encoded) {
+                            if let Value::Str(s) = *v {
+                                *h = match *h {
+                                    0 => hash_str(self.seed, s),
+                                    n => hash_encoded(self.seed, &enc[..n as usize]),
+                                };
+                                vocab.prefetch(*h);
                             }
                         }
                         // The rows before a failed one first: an error of theirs comes first.
@@ -670,19 +680,53 @@ impl CompiledSpec {
                     // One scalar input: hash it directly, without the incremental builder.
                     let (feature, buckets) = (features[0], *buckets);
                     let missing = buckets.divisor();
-                    each_row!(|r| {
-                        let h = match self.value(rows, r, feature)? {
-                            Value::Int(v) => Some(hash_int(self.seed, v)),
-                            Value::Str(v) => Some(hash_str(self.seed, v)),
-                            Value::Missing => None,
-                            v => Some(self.hash_values(&[v])),
-                        };
-                        col.ids.push(match h {
-                            Some(h) => buckets.rem(h),
-                            None => missing,
-                        });
-                        Ok(())
-                    })
+                    // Rows a group at a time, every scalar encoded before the first is hashed
+                    // (as for string lookups above).
+                    let mut group = [(Value::Missing, 0usize); LOOKUP_GROUP];
+                    let mut encoded = [[0u8; 64]; LOOKUP_GROUP];
+                    let mut r0 = 0;
+                    while r0 < count {
+                        let r1 = (r0 + LOOKUP_GROUP).min(count);
+                        let mut failed = None;
+                        let mut end = r0;
+                        for r in r0..r1 {
+                            match self.value(rows, r, feature) {
+                                Ok(v) => {
+                                    let enc = &mut encoded[r - r0];
+                                    let n = match v {
+                                        Value::Int(x) => encode_int(x, enc),
+                                        Value::Str(x) => encode_str(x, enc).unwrap_or(0),
+                                        _ => 0,
+                                    };
+                                    group[r - r0] = (v, n);
+                                    end = r + 1;
+                                }
+                                Err(e) => {
+                                    failed = Some((r, e));
+                                    break;
+                                }
+                            }
+                        }
+                        for (&(v, n), enc) in group[..end - r0].iter().zip(&encoded) {
+                            let h = match v {
+                                Value::Missing => None,
+                                Value::Int(_) | Value::Str(_) if n > 0 => {
+                                    Some(hash_encoded(self.seed, &enc[..n]))
+                                }
+                                Value::Str(x) => Some(hash_str(self.seed, x)),
+                                v => Some(self.hash_values(&[v])),
+                            };
+                            col.ids.push(match h {
+                                Some(h) => buckets.rem(h),
+                                None => missing,
+                            });
+                            col.offsets.push(col.ids.len() as u32);
+                        }
+                        if let Some(failed) = failed {
+                            return Err(failed);
+                        }
+                        r0 = r1;
+                    }
                 }
                 Op::Combinehash { features, buckets } => each_row!(|r| {
                     let mut hasher = ValueHasher::new(self.seed);

@@ -106,26 +106,54 @@ impl ValueHasher {
 /// `H(v)` for one integer.
 #[inline]
 pub fn hash_int(seed: u64, v: i64) -> u64 {
-    let mut enc = [0u8; 9];
+    let mut enc = [0u8; 64];
+    let n = encode_int(v, &mut enc);
+    hash_encoded(seed, &enc[..n])
+}
+
+/// Writes what `H` hashes for the integer `v` (its tag and 8 bytes) to the start of `enc` and
+/// returns its length, as [`encode_str`] does for strings.
+#[inline]
+pub(crate) fn encode_int(v: i64, enc: &mut [u8; 64]) -> usize {
     enc[0] = TAG_INT;
-    enc[1..].copy_from_slice(&v.to_le_bytes());
-    xxh3_64_with_seed(&enc, seed)
+    enc[1..9].copy_from_slice(&v.to_le_bytes());
+    9
 }
 
 /// `H(v)` for one string.
 #[inline]
 pub fn hash_str(seed: u64, v: &str) -> u64 {
-    if v.len() + 5 <= 64 {
-        let mut enc = [0u8; 64];
-        enc[0] = TAG_STR;
-        enc[1..5].copy_from_slice(&(v.len() as u32).to_le_bytes());
-        enc[5..5 + v.len()].copy_from_slice(v.as_bytes());
-        xxh3_64_with_seed(&enc[..5 + v.len()], seed)
-    } else {
-        let mut h = ValueHasher::new(seed);
-        h.str(v);
-        h.finish()
+    let mut enc = [0u8; 64];
+    match encode_str(v, &mut enc) {
+        Some(n) => hash_encoded(seed, &enc[..n]),
+        None => {
+            let mut h = ValueHasher::new(seed);
+            h.str(v);
+            h.finish()
+        }
     }
+}
+
+/// Writes what `H` hashes for the string `v` (its tag, length and bytes) to the start of `enc`
+/// and returns its length, when it fits (strings of up to 59 bytes); [`hash_encoded`] then
+/// gives `H(v)`. Callers hashing many strings encode several before hashing the first, so that
+/// the hash reads bytes already in the cache instead of waiting for the encoding's stores.
+#[inline]
+pub(crate) fn encode_str(v: &str, enc: &mut [u8; 64]) -> Option<usize> {
+    let n = v.len() + 5;
+    if n > enc.len() {
+        return None;
+    }
+    enc[0] = TAG_STR;
+    enc[1..5].copy_from_slice(&(v.len() as u32).to_le_bytes());
+    enc[5..n].copy_from_slice(v.as_bytes());
+    Some(n)
+}
+
+/// `H` of a value encoded by [`encode_str`] or [`encode_int`].
+#[inline]
+pub(crate) fn hash_encoded(seed: u64, enc: &[u8]) -> u64 {
+    xxh3_64_with_seed(enc, seed)
 }
 
 /// `x mod d` for a fixed divisor `d`, without a division instruction: with

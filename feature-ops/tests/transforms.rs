@@ -819,3 +819,85 @@ fn a_batch_of_string_lookups_equals_its_rows_one_by_one_and_fails_at_the_first_b
         assert_eq!(out.column(0).ids, batch.column(0).ids);
     }
 }
+
+#[test]
+fn a_batch_of_single_input_hashes_equals_its_rows_one_by_one_and_fails_at_the_first_bad_row() {
+    // Integers, strings short and too long to encode in one block, missing values and lists,
+    // over several groups of rows hashed together.
+    let spec = compile(
+        vec![
+            feature("item", FeatureType::Int),
+            feature("name", FeatureType::String),
+            feature("tags", FeatureType::IntList),
+        ],
+        ["item", "name", "tags"]
+            .iter()
+            .map(|input| {
+                slot(
+                    &format!("{input}_h"),
+                    Transform::Combinehash {
+                        inputs: vec![(*input).into()],
+                        buckets: 1000,
+                    },
+                )
+            })
+            .collect(),
+    )
+    .unwrap();
+    let long = "x".repeat(70);
+    let names = [
+        "a",
+        "",
+        "Tokyo",
+        long.as_str(),
+        "exactly-fifty-nine-bytes-long-string-for-the-edge-case-1234",
+    ];
+    assert_eq!(names[4].len(), 59);
+    let lists: Vec<Vec<i64>> = vec![vec![], vec![3], vec![-1, 5, 7]];
+    let rows: Vec<Vec<Value<'_>>> = (0..41i64)
+        .map(|r| {
+            let item = if r % 5 == 2 {
+                Value::Missing
+            } else {
+                Value::Int(r * 7_919 - 100)
+            };
+            let name = if r % 6 == 5 {
+                Value::Missing
+            } else {
+                Value::Str(names[r as usize % names.len()])
+            };
+            vec![item, name, Value::IntList(&lists[r as usize % lists.len()])]
+        })
+        .collect();
+    let mut batch = SlotBatch::new();
+    spec.transform_rows_masked(&Table(rows.clone()), None, &mut batch)
+        .unwrap();
+    for (r, row) in rows.iter().enumerate() {
+        for s in 0..3 {
+            assert_eq!(batch.ids(s, r), ids(&spec, row, s), "row {r} slot {s}");
+        }
+        // Against the incremental hasher, which encodes values its own way.
+        let mut h = ValueHasher::new(0);
+        match row[1] {
+            Value::Str(v) => h.str(v),
+            _ => continue,
+        }
+        assert_eq!(batch.ids(1, r), [(h.finish() % 1000) as u32], "row {r}");
+        if let Value::Int(v) = row[0] {
+            let mut h = ValueHasher::new(0);
+            h.int(v);
+            assert_eq!(batch.ids(0, r), [(h.finish() % 1000) as u32], "row {r}");
+        }
+    }
+    for bad_at in [0, 15, 16, 40] {
+        let mut bad = rows.clone();
+        bad[bad_at][1] = Value::Int(1);
+        let mut out = batch.clone();
+        let err = spec
+            .transform_rows_masked(&Table(bad), None, &mut out)
+            .unwrap_err();
+        assert_eq!(err.row, bad_at, "{err:?}");
+        assert_eq!(out.rows(), batch.rows());
+        assert_eq!(out.column(1).ids, batch.column(1).ids);
+    }
+}
