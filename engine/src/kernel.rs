@@ -364,7 +364,13 @@ mod x86 {
         for_blocks(m, b, MR_512, |i0, rows, panel, p| {
             let col0 = p * NR;
             let cols = NR.min(n - col0);
-            prefetch_adds(&adds, i0 + rows..(i0 + 2 * rows).min(m), col0);
+            // The next block's added rows (after a panel's last block, the first block's in
+            // the next panel): two lines of each.
+            if i0 + rows < m {
+                prefetch_adds(&adds, i0 + rows..(i0 + 2 * rows).min(m), col0, NR);
+            } else if col0 + NR < n {
+                prefetch_adds(&adds, 0..MR_512.min(m), col0 + NR, NR);
+            }
             macro_rules! go {
                 ($r:literal) => {{
                     let acc = block512::<$r>(a, a_rs, i0, k, panel);
@@ -566,9 +572,9 @@ mod x86 {
                     // The next block's added rows (after the last block of a half, the first
                     // block's in the next half).
                     if i0 + rows < m {
-                        prefetch_adds(&adds, i0 + rows..(i0 + 2 * rows).min(m), c0);
+                        prefetch_adds(&adds, i0 + rows..(i0 + 2 * rows).min(m), c0, HALF);
                     } else if c0 + HALF < n {
-                        prefetch_adds(&adds, 0..MR_256.min(m), c0 + HALF);
+                        prefetch_adds(&adds, 0..MR_256.min(m), c0 + HALF, HALF);
                     }
                     macro_rules! go {
                         ($r:literal) => {{
@@ -639,17 +645,17 @@ mod x86 {
     /// Half a panel's columns.
     const HALF: usize = NR / 2;
 
-    /// Asks for the cache line at column `col0` of every row added to the output rows `rows` (a
-    /// block's: the next one's are asked for while this one computes, so that the lines of
-    /// rows read from L3 or memory arrive under the block's multiply-adds).
+    /// Asks for the cache lines of columns `col0..col0 + width` of every row added to the
+    /// output rows `rows` (a block's: the next one's are asked for while this one computes, so
+    /// that the lines of rows read from L3 or memory arrive under the block's multiply-adds).
     #[inline(always)]
-    fn prefetch_adds(adds: &RowAdds<'_>, rows: std::ops::Range<usize>, col0: usize) {
+    fn prefetch_adds(adds: &RowAdds<'_>, rows: std::ops::Range<usize>, col0: usize, width: usize) {
         if adds.starts.is_empty() {
             return;
         }
         for i in rows {
             for &(row, _) in adds.of(i) {
-                if let Some(x) = row.get(col0) {
+                for x in (col0..col0 + width).step_by(16).filter_map(|j| row.get(j)) {
                     // SAFETY: a prefetch reads nothing; the address is inside `row`.
                     unsafe { _mm_prefetch::<_MM_HINT_T0>((x as *const f32).cast()) };
                 }

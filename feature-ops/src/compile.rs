@@ -612,7 +612,7 @@ impl CompiledSpec {
                     // Per row of a group: the value and, for a string, its encoding's length,
                     // then its hash.
                     let mut group = [(Value::Missing, 0u64); LOOKUP_GROUP];
-                    let mut encoded = [[0u8; 64]; LOOKUP_GROUP];
+                    let mut encoded = [[0u8; ENCODED]; LOOKUP_GROUP];
                     let mut r0 = 0;
                     while r0 < count {
                         let r1 = (r0 + LOOKUP_GROUP).min(count);
@@ -623,11 +623,11 @@ impl CompiledSpec {
                         for r in r0..r1 {
                             match self.value(rows, r, *feature) {
                                 Ok(v) => {
-                                    let n = match v {
+                                    let len = match v {
                                         Value::Str(v) => encode_str(v, &mut encoded[r - r0]),
                                         _ => None,
                                     };
-                                    group[r - r0] = (v, n.unwrap_or(0) as u64);
+                                    group[r - r0] = (v, len.unwrap_or(0) as u64);
                                     end = r + 1;
                                 }
                                 Err(e) => {
@@ -637,10 +637,10 @@ impl CompiledSpec {
                             }
                         }
                         for ((v, h), enc) in group[..end - r0].iter_mut().zip(&encoded) {
-                            if let Value::Str(s) = *v {
+                            if let Value::Str(x) = *v {
                                 *h = match *h {
-                                    0 => hash_str(self.seed, s),
-                                    n => hash_encoded(self.seed, &enc[..n as usize]),
+                                    0 => hash_str(self.seed, x),
+                                    len => hash_encoded(self.seed, &enc[..len as usize]),
                                 };
                                 vocab.prefetch(*h);
                             }
@@ -683,7 +683,7 @@ impl CompiledSpec {
                     // Rows a group at a time, every scalar encoded before the first is hashed
                     // (as for string lookups above).
                     let mut group = [(Value::Missing, 0usize); LOOKUP_GROUP];
-                    let mut encoded = [[0u8; 64]; LOOKUP_GROUP];
+                    let mut encoded = [[0u8; ENCODED]; LOOKUP_GROUP];
                     let mut r0 = 0;
                     while r0 < count {
                         let r1 = (r0 + LOOKUP_GROUP).min(count);
@@ -693,12 +693,12 @@ impl CompiledSpec {
                             match self.value(rows, r, feature) {
                                 Ok(v) => {
                                     let enc = &mut encoded[r - r0];
-                                    let n = match v {
+                                    let len = match v {
                                         Value::Int(x) => encode_int(x, enc),
                                         Value::Str(x) => encode_str(x, enc).unwrap_or(0),
                                         _ => 0,
                                     };
-                                    group[r - r0] = (v, n);
+                                    group[r - r0] = (v, len);
                                     end = r + 1;
                                 }
                                 Err(e) => {
@@ -707,11 +707,11 @@ impl CompiledSpec {
                                 }
                             }
                         }
-                        for (&(v, n), enc) in group[..end - r0].iter().zip(&encoded) {
+                        for (&(v, len), enc) in group[..end - r0].iter().zip(&encoded) {
                             let h = match v {
                                 Value::Missing => None,
-                                Value::Int(_) | Value::Str(_) if n > 0 => {
-                                    Some(hash_encoded(self.seed, &enc[..n]))
+                                Value::Int(_) | Value::Str(_) if len > 0 => {
+                                    Some(hash_encoded(self.seed, &enc[..len]))
                                 }
                                 Value::Str(x) => Some(hash_str(self.seed, x)),
                                 v => Some(self.hash_values(&[v])),
@@ -819,6 +819,10 @@ impl CompiledSpec {
 
 /// Rows whose string vocabulary slots are asked for before any of them is looked up.
 const LOOKUP_GROUP: usize = 16;
+
+/// Bytes per row for a group's encoded values (strings of up to 27 bytes; a longer one is
+/// hashed on its own): small, since a call zeroes a group's worth even for one row.
+const ENCODED: usize = 32;
 
 /// `normalize`: computed in f64, rounded to f32 once at the end.
 #[inline]

@@ -106,15 +106,15 @@ impl ValueHasher {
 /// `H(v)` for one integer.
 #[inline]
 pub fn hash_int(seed: u64, v: i64) -> u64 {
-    let mut enc = [0u8; 64];
+    let mut enc = [0u8; 9];
     let n = encode_int(v, &mut enc);
     hash_encoded(seed, &enc[..n])
 }
 
-/// Writes what `H` hashes for the integer `v` (its tag and 8 bytes) to the start of `enc` and
-/// returns its length, as [`encode_str`] does for strings.
+/// Writes what `H` hashes for the integer `v` (its tag and 8 bytes) to the start of `enc` (at
+/// least 9 bytes) and returns its length, as [`encode_str`] does for strings.
 #[inline]
-pub(crate) fn encode_int(v: i64, enc: &mut [u8; 64]) -> usize {
+pub(crate) fn encode_int(v: i64, enc: &mut [u8]) -> usize {
     enc[0] = TAG_INT;
     enc[1..9].copy_from_slice(&v.to_le_bytes());
     9
@@ -135,11 +135,11 @@ pub fn hash_str(seed: u64, v: &str) -> u64 {
 }
 
 /// Writes what `H` hashes for the string `v` (its tag, length and bytes) to the start of `enc`
-/// and returns its length, when it fits (strings of up to 59 bytes); [`hash_encoded`] then
+/// and returns its length, when it fits (in `enc.len() - 5` bytes); [`hash_encoded`] then
 /// gives `H(v)`. Callers hashing many strings encode several before hashing the first, so that
 /// the hash reads bytes already in the cache instead of waiting for the encoding's stores.
 #[inline]
-pub(crate) fn encode_str(v: &str, enc: &mut [u8; 64]) -> Option<usize> {
+pub(crate) fn encode_str(v: &str, enc: &mut [u8]) -> Option<usize> {
     let n = v.len() + 5;
     if n > enc.len() {
         return None;

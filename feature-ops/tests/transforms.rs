@@ -822,8 +822,8 @@ fn a_batch_of_string_lookups_equals_its_rows_one_by_one_and_fails_at_the_first_b
 
 #[test]
 fn a_batch_of_single_input_hashes_equals_its_rows_one_by_one_and_fails_at_the_first_bad_row() {
-    // Integers, strings short and too long to encode in one block, missing values and lists,
-    // over several groups of rows hashed together.
+    // Integers, strings short and too long to encode with the group (27 bytes fit, 28 do not),
+    // missing values and lists, over several groups of rows hashed together.
     let spec = compile(
         vec![
             feature("item", FeatureType::Int),
@@ -844,13 +844,15 @@ fn a_batch_of_single_input_hashes_equals_its_rows_one_by_one_and_fails_at_the_fi
             .collect(),
     )
     .unwrap();
-    let long = "x".repeat(70);
+    let (long, edge, past) = ("x".repeat(70), "y".repeat(27), "z".repeat(28));
     let names = [
         "a",
         "",
         "Tokyo",
         long.as_str(),
         "exactly-fifty-nine-bytes-long-string-for-the-edge-case-1234",
+        edge.as_str(),
+        past.as_str(),
     ];
     assert_eq!(names[4].len(), 59);
     let lists: Vec<Vec<i64>> = vec![vec![], vec![3], vec![-1, 5, 7]];
