@@ -604,51 +604,26 @@ impl CompiledSpec {
                         Some(i) => i,
                         None => n + (h % u64::from(m)) as u32,
                     };
-                    // Rows a group at a time: first each row's value and the hash of a string,
-                    // its table slot asked for, then the lookups, which find most slots in the
-                    // cache instead of waiting on each in turn (a vocabulary's table is read at
-                    // random, and a large request's other data has pushed it out of the core's
-                    // caches since the last request).
-                    // Per row of a group: the value and, for a string, its encoding's length,
-                    // then its hash.
-                    let mut group = [(Value::Missing, 0u64); LOOKUP_GROUP];
-                    let mut encoded = [[0u8; ENCODED]; LOOKUP_GROUP];
+                    // Rows a group at a time: each row's value read and hashed (see
+                    // `read_group`), its table slot asked for, then the lookups, which find most
+                    // slots in the cache instead of waiting on each in turn (a vocabulary's table
+                    // is read at random, and a large request's other data has pushed it out of
+                    // the core's caches since the last request).
+                    let mut g = Group::default();
+                    let mut hashes = [0u64; LOOKUP_GROUP];
                     let mut r0 = 0;
                     while r0 < count {
-                        let r1 = (r0 + LOOKUP_GROUP).min(count);
-                        let mut failed = None;
-                        let mut end = r0;
-                        // Every string encoded, then hashed: a hash right after its encoding
-                        // would wait for the encoding's bytes to reach the cache.
-                        for r in r0..r1 {
-                            match self.value(rows, r, *feature) {
-                                Ok(v) => {
-                                    let len = match v {
-                                        Value::Str(v) => encode_str(v, &mut encoded[r - r0]),
-                                        _ => None,
-                                    };
-                                    group[r - r0] = (v, len.unwrap_or(0) as u64);
-                                    end = r + 1;
-                                }
-                                Err(e) => {
-                                    failed = Some((r, e));
-                                    break;
-                                }
-                            }
-                        }
-                        for ((v, h), enc) in group[..end - r0].iter_mut().zip(&encoded) {
-                            if let Value::Str(x) = *v {
-                                *h = match *h {
-                                    0 => hash_str(self.seed, x),
-                                    len => hash_encoded(self.seed, &enc[..len as usize]),
-                                };
-                                vocab.prefetch(*h);
+                        let (end, failed) = self.read_group(rows, *feature, r0..count, &mut g);
+                        for (j, h) in hashes[..end - r0].iter_mut().enumerate() {
+                            if let Some(x) = self.group_hash(&g, j) {
+                                *h = x;
+                                vocab.prefetch(x);
                             }
                         }
                         // The rows before a failed one first: an error of theirs comes first.
-                        for (r, &(v, h)) in (r0..end).zip(&group) {
-                            match v {
-                                Value::Str(v) => col.ids.push(map(v, h)),
+                        for (j, r) in (r0..end).enumerate() {
+                            match g.values[j].0 {
+                                Value::Str(v) => col.ids.push(map(v, hashes[j])),
                                 Value::StrList(l) if !l.is_empty() => {
                                     self.check_row_len(s, l.len() as u64).map_err(|e| (r, e))?;
                                     col.ids.extend((0..l.len()).map(|i| {
@@ -663,7 +638,7 @@ impl CompiledSpec {
                         if let Some(failed) = failed {
                             return Err(failed);
                         }
-                        r0 = r1;
+                        r0 = end;
                     }
                 }
                 Op::Descartes { inputs, strides } => each_row!(|r| {
@@ -680,40 +655,15 @@ impl CompiledSpec {
                     // One scalar input: hash it directly, without the incremental builder.
                     let (feature, buckets) = (features[0], *buckets);
                     let missing = buckets.divisor();
-                    // Rows a group at a time, every scalar encoded before the first is hashed
-                    // (as for string lookups above).
-                    let mut group = [(Value::Missing, 0usize); LOOKUP_GROUP];
-                    let mut encoded = [[0u8; ENCODED]; LOOKUP_GROUP];
+                    // Rows a group at a time, read and hashed as for string lookups above.
+                    let mut g = Group::default();
                     let mut r0 = 0;
                     while r0 < count {
-                        let r1 = (r0 + LOOKUP_GROUP).min(count);
-                        let mut failed = None;
-                        let mut end = r0;
-                        for r in r0..r1 {
-                            match self.value(rows, r, feature) {
-                                Ok(v) => {
-                                    let enc = &mut encoded[r - r0];
-                                    let len = match v {
-                                        Value::Int(x) => encode_int(x, enc),
-                                        Value::Str(x) => encode_str(x, enc).unwrap_or(0),
-                                        _ => 0,
-                                    };
-                                    group[r - r0] = (v, len);
-                                    end = r + 1;
-                                }
-                                Err(e) => {
-                                    failed = Some((r, e));
-                                    break;
-                                }
-                            }
-                        }
-                        for (&(v, len), enc) in group[..end - r0].iter().zip(&encoded) {
-                            let h = match v {
+                        let (end, failed) = self.read_group(rows, feature, r0..count, &mut g);
+                        for j in 0..end - r0 {
+                            let h = match g.values[j].0 {
                                 Value::Missing => None,
-                                Value::Int(_) | Value::Str(_) if len > 0 => {
-                                    Some(hash_encoded(self.seed, &enc[..len]))
-                                }
-                                Value::Str(x) => Some(hash_str(self.seed, x)),
+                                Value::Int(_) | Value::Str(_) => self.group_hash(&g, j),
                                 v => Some(self.hash_values(&[v])),
                             };
                             col.ids.push(match h {
@@ -725,7 +675,7 @@ impl CompiledSpec {
                         if let Some(failed) = failed {
                             return Err(failed);
                         }
-                        r0 = r1;
+                        r0 = end;
                     }
                 }
                 Op::Combinehash { features, buckets } => each_row!(|r| {
@@ -790,6 +740,50 @@ impl CompiledSpec {
         Ok(())
     }
 
+    /// Reads feature `feature` of the rows `rows` (at most [`LOOKUP_GROUP`] of them, from the
+    /// start) into `g`, each integer and string encoded for `H`. Returns the end of the rows
+    /// read and, when a row's value is refused, that row with its error (the rows before it
+    /// are read). The hashes come after the whole group is encoded ([`Self::group_hash`]): a
+    /// hash right after its encoding's byte-sized stores would wait for them to reach the cache
+    /// (its 8-byte loads cannot take their data from the pending stores).
+    fn read_group<'r, R: Rows + ?Sized>(
+        &self,
+        rows: &'r R,
+        feature: usize,
+        range: std::ops::Range<usize>,
+        g: &mut Group<'r>,
+    ) -> (usize, Option<(usize, Error)>) {
+        let r0 = range.start;
+        let r1 = range.end.min(r0 + LOOKUP_GROUP);
+        for r in r0..r1 {
+            match self.value(rows, r, feature) {
+                Ok(v) => {
+                    let enc = &mut g.encoded[r - r0];
+                    let len = match v {
+                        Value::Int(x) => encode_int(x, enc),
+                        Value::Str(x) => encode_str(x, enc).unwrap_or(0),
+                        _ => 0,
+                    };
+                    g.values[r - r0] = (v, len);
+                }
+                Err(e) => return (r, Some((r, e))),
+            }
+        }
+        (r1, None)
+    }
+
+    /// `H` of row `j` of a group read by [`Self::read_group`], for an integer or a string.
+    #[inline]
+    fn group_hash(&self, g: &Group<'_>, j: usize) -> Option<u64> {
+        match g.values[j] {
+            (Value::Int(_) | Value::Str(_), len) if len > 0 => {
+                Some(hash_encoded(self.seed, &g.encoded[j][..len]))
+            }
+            (Value::Str(x), _) => Some(hash_str(self.seed, x)),
+            _ => None,
+        }
+    }
+
     /// `H` over the elements of `values` (scalars and lists), in order.
     fn hash_values(&self, values: &[Value<'_>]) -> u64 {
         let mut hasher = ValueHasher::new(self.seed);
@@ -823,6 +817,22 @@ const LOOKUP_GROUP: usize = 16;
 /// Bytes per row for a group's encoded values (strings of up to 27 bytes; a longer one is
 /// hashed on its own): small, since a call zeroes a group's worth even for one row.
 const ENCODED: usize = 32;
+
+/// A group of rows read for hashing: each row's value and, for an integer or a string that
+/// fits, the length of its encoding for `H` in `encoded` (0: not encoded).
+struct Group<'r> {
+    values: [(Value<'r>, usize); LOOKUP_GROUP],
+    encoded: [[u8; ENCODED]; LOOKUP_GROUP],
+}
+
+impl Default for Group<'_> {
+    fn default() -> Self {
+        Group {
+            values: [(Value::Missing, 0); LOOKUP_GROUP],
+            encoded: [[0; ENCODED]; LOOKUP_GROUP],
+        }
+    }
+}
 
 /// `normalize`: computed in f64, rounded to f32 once at the end.
 #[inline]
