@@ -367,8 +367,8 @@ impl CpuEngine {
         }
         // The item rows go through gather, deep layers and FM a chunk at a time, so that a
         // chunk's input and layer outputs stay in the core's L2 whatever the request size.
-        // With folded tables each row's folded rows pass through the cache alongside X (a first
-        // layer's width per row, as the bias matrix the kernel now does without took).
+        // With folded tables each row's folded rows (a first layer's width) pass through the
+        // cache alongside X.
         let chunk = chunk_rows(if lay.folded.is_empty() { k } else { k + out1 });
         // Every element of X and H of a chunk is written before it is read: grow only.
         grow(&mut s.x, chunk.min(rows) * k);

@@ -69,9 +69,8 @@ impl ValueHasher {
     #[inline]
     pub fn int(&mut self, v: i64) {
         let mut enc = [0u8; 9];
-        enc[0] = TAG_INT;
-        enc[1..].copy_from_slice(&v.to_le_bytes());
-        self.push(&enc);
+        let n = encode_int(v, &mut enc);
+        self.push(&enc[..n]);
     }
 
     /// Appends a string.
@@ -81,11 +80,7 @@ impl ValueHasher {
     /// The length is saturated rather than checked, which is unreachable in practice.
     #[inline]
     pub fn str(&mut self, v: &str) {
-        let len = u32::try_from(v.len()).unwrap_or(u32::MAX);
-        let mut head = [0u8; 5];
-        head[0] = TAG_STR;
-        head[1..].copy_from_slice(&len.to_le_bytes());
-        self.push(&head);
+        self.push(&str_head(v));
         self.push(v.as_bytes());
     }
 
@@ -144,10 +139,20 @@ pub(crate) fn encode_str(v: &str, enc: &mut [u8]) -> Option<usize> {
     if n > enc.len() {
         return None;
     }
-    enc[0] = TAG_STR;
-    enc[1..5].copy_from_slice(&(v.len() as u32).to_le_bytes());
+    enc[..5].copy_from_slice(&str_head(v));
     enc[5..n].copy_from_slice(v.as_bytes());
     Some(n)
+}
+
+/// What `H` hashes before a string's bytes: its tag and its length (saturated at `u32::MAX`,
+/// which no string the serving path can see reaches).
+#[inline]
+fn str_head(v: &str) -> [u8; 5] {
+    let len = u32::try_from(v.len()).unwrap_or(u32::MAX);
+    let mut head = [0u8; 5];
+    head[0] = TAG_STR;
+    head[1..].copy_from_slice(&len.to_le_bytes());
+    head
 }
 
 /// `H` of a value encoded by [`encode_str`] or [`encode_int`].
