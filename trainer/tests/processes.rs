@@ -420,8 +420,11 @@ fn peaks(log: &str) -> Vec<f64> {
 #[test]
 fn memory_stays_bounded_on_data_larger_than_the_limit() {
     // 160 MiB of training data (rows padded with a column no feature reads) against a limit of
-    // 40 MiB per process (measured: about 29 MiB for the chief, 15-17 MiB for the others).
-    const LIMIT_MIB: f64 = 40.0;
+    // 40 MiB per process in an optimised build (measured: about 26 MiB for the chief, 8-10 MiB
+    // for the others). An unoptimised build's resident code and data are larger (the chief
+    // measured 35-41 MiB, 16 MiB of it the binary's pages, its heap peaking at 15 MiB under
+    // heaptrack), so a debug test run gets 56 MiB: still a third of the data.
+    const LIMIT_MIB: f64 = if cfg!(debug_assertions) { 56.0 } else { 40.0 };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("big.csv");
     {
