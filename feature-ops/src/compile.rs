@@ -605,23 +605,19 @@ impl CompiledSpec {
                         None => n + (h % u64::from(m)) as u32,
                     };
                     // Rows a group at a time: each row's value read and hashed (see
-                    // `read_group`), its table slot asked for, then the lookups, which find most
+                    // `each_group`), its table slot asked for, then the lookups, which find most
                     // slots in the cache instead of waiting on each in turn (a vocabulary's table
                     // is read at random, and a large request's other data has pushed it out of
                     // the core's caches since the last request).
-                    let mut g = Group::default();
-                    let mut hashes = [0u64; LOOKUP_GROUP];
-                    let mut r0 = 0;
-                    while r0 < count {
-                        let (end, failed) = self.read_group(rows, *feature, r0..count, &mut g);
-                        for (j, h) in hashes[..end - r0].iter_mut().enumerate() {
-                            if let Some(x) = self.group_hash(&g, j) {
+                    self.each_group(rows, *feature, |g, group| {
+                        let mut hashes = [0u64; LOOKUP_GROUP];
+                        for (j, h) in hashes[..group.len()].iter_mut().enumerate() {
+                            if let Some(x) = self.group_hash(g, j) {
                                 *h = x;
                                 vocab.prefetch(x);
                             }
                         }
-                        // The rows before a failed one first: an error of theirs comes first.
-                        for (j, r) in (r0..end).enumerate() {
+                        for (j, r) in group.enumerate() {
                             match g.values[j].0 {
                                 Value::Str(v) => col.ids.push(map(v, hashes[j])),
                                 Value::StrList(l) if !l.is_empty() => {
@@ -635,11 +631,8 @@ impl CompiledSpec {
                             }
                             col.offsets.push(col.ids.len() as u32);
                         }
-                        if let Some(failed) = failed {
-                            return Err(failed);
-                        }
-                        r0 = end;
-                    }
+                        Ok(())
+                    })?;
                 }
                 Op::Descartes { inputs, strides } => each_row!(|r| {
                     let row_idx = base + r;
@@ -656,14 +649,11 @@ impl CompiledSpec {
                     let (feature, buckets) = (features[0], *buckets);
                     let missing = buckets.divisor();
                     // Rows a group at a time, read and hashed as for string lookups above.
-                    let mut g = Group::default();
-                    let mut r0 = 0;
-                    while r0 < count {
-                        let (end, failed) = self.read_group(rows, feature, r0..count, &mut g);
-                        for j in 0..end - r0 {
+                    self.each_group(rows, feature, |g, group| {
+                        for j in 0..group.len() {
                             let h = match g.values[j].0 {
                                 Value::Missing => None,
-                                Value::Int(_) | Value::Str(_) => self.group_hash(&g, j),
+                                Value::Int(_) | Value::Str(_) => self.group_hash(g, j),
                                 v => Some(self.hash_values(&[v])),
                             };
                             col.ids.push(match h {
@@ -672,11 +662,8 @@ impl CompiledSpec {
                             });
                             col.offsets.push(col.ids.len() as u32);
                         }
-                        if let Some(failed) = failed {
-                            return Err(failed);
-                        }
-                        r0 = end;
-                    }
+                        Ok(())
+                    })?;
                 }
                 Op::Combinehash { features, buckets } => each_row!(|r| {
                     let mut hasher = ValueHasher::new(self.seed);
@@ -740,39 +727,52 @@ impl CompiledSpec {
         Ok(())
     }
 
-    /// Reads feature `feature` of the rows `rows` (at most [`LOOKUP_GROUP`] of them, from the
-    /// start) into `g`, each integer and string encoded for `H`. Returns the end of the rows
-    /// read and, when a row's value is refused, that row with its error (the rows before it
-    /// are read). The hashes come after the whole group is encoded ([`Self::group_hash`]): a
-    /// hash right after its encoding's byte-sized stores would wait for them to reach the cache
-    /// (its 8-byte loads cannot take their data from the pending stores).
-    fn read_group<'r, R: Rows + ?Sized>(
+    /// Runs `f` over every row of `rows` a group at a time: at most [`LOOKUP_GROUP`] rows, whose
+    /// feature `feature` is read into a [`Group`] (row `r0 + j` of the range `f` is given at
+    /// `j`), each integer and string encoded for `H`. The hashes come after the whole group is
+    /// encoded ([`Self::group_hash`]): a hash right after its encoding's byte-sized stores would
+    /// wait for them to reach the cache (its 8-byte loads cannot take their data from the pending
+    /// stores). When a row's value is refused, `f` runs over the rows before it first (an error
+    /// of theirs comes first), then that row's error is returned.
+    fn each_group<'r, R: Rows + ?Sized>(
         &self,
         rows: &'r R,
         feature: usize,
-        range: std::ops::Range<usize>,
-        g: &mut Group<'r>,
-    ) -> (usize, Option<(usize, Error)>) {
-        let r0 = range.start;
-        let r1 = range.end.min(r0 + LOOKUP_GROUP);
-        for r in r0..r1 {
-            match self.value(rows, r, feature) {
-                Ok(v) => {
-                    let enc = &mut g.encoded[r - r0];
-                    let len = match v {
-                        Value::Int(x) => encode_int(x, enc),
-                        Value::Str(x) => encode_str(x, enc).unwrap_or(0),
-                        _ => 0,
-                    };
-                    g.values[r - r0] = (v, len);
+        mut f: impl FnMut(&Group<'r>, std::ops::Range<usize>) -> std::result::Result<(), (usize, Error)>,
+    ) -> std::result::Result<(), (usize, Error)> {
+        let count = rows.num_rows();
+        let mut g = Group::default();
+        let mut r0 = 0;
+        while r0 < count {
+            let r1 = count.min(r0 + LOOKUP_GROUP);
+            let mut failed = None;
+            for r in r0..r1 {
+                match self.value(rows, r, feature) {
+                    Ok(v) => {
+                        let enc = &mut g.encoded[r - r0];
+                        let len = match v {
+                            Value::Int(x) => encode_int(x, enc),
+                            Value::Str(x) => encode_str(x, enc).unwrap_or(0),
+                            _ => 0,
+                        };
+                        g.values[r - r0] = (v, len);
+                    }
+                    Err(e) => {
+                        failed = Some((r, e));
+                        break;
+                    }
                 }
-                Err(e) => return (r, Some((r, e))),
             }
+            f(&g, r0..failed.as_ref().map_or(r1, |&(r, _)| r))?;
+            if let Some(failed) = failed {
+                return Err(failed);
+            }
+            r0 = r1;
         }
-        (r1, None)
+        Ok(())
     }
 
-    /// `H` of row `j` of a group read by [`Self::read_group`], for an integer or a string.
+    /// `H` of row `j` of a group read by [`Self::each_group`], for an integer or a string.
     #[inline]
     fn group_hash(&self, g: &Group<'_>, j: usize) -> Option<u64> {
         match g.values[j] {
