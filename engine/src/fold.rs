@@ -78,6 +78,12 @@ impl FoldedTable {
     pub(crate) fn as_slice(&self) -> &[f32] {
         &self.buf[self.start..self.start + self.len]
     }
+
+    /// The table's floats, to write while it has one owner (before it is shared).
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        let buf = Arc::get_mut(&mut self.buf).expect("a table is written before it is shared");
+        &mut buf[self.start..self.start + self.len]
+    }
 }
 
 /// The folded tables of `model` for the tables in `which` (`None` elsewhere).
@@ -119,8 +125,7 @@ fn project(model: &Model, ei: usize) -> FoldedTable {
     let overlay = model.emb_overlay(ei);
     let rows = e.rows as usize;
     let mut table_out = FoldedTable::zeroed(rows * out);
-    let p = Arc::get_mut(&mut table_out.buf).expect("a new table has one owner");
-    let p = &mut p[table_out.start..table_out.start + rows * out];
+    let p = table_out.as_mut_slice();
     let mut x = vec![0f32; BLOCK.min(rows) * dim];
     for r0 in (0..rows).step_by(BLOCK) {
         let n = BLOCK.min(rows - r0);
